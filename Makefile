@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make up     install everything, then start local Triton workers and the router
+#   make test   install everything, then run the whole suite (compiled core, then the twin)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test test-compiled test-twin bench-core clean
+
+$(STAMP): pyproject.toml setup.py _core/_outstanding_c.pyx
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[local,test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/tritonmesh up $(ARGS)
+
+test: test-compiled test-twin
+
+test-compiled: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-twin: install
+	TRITONMESH_NO_EXTENSIONS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-core: install
+	$(BIN)/python bench/core_bench.py
+
+clean:
+	rm -rf build *.egg-info _core/*.c _core/*.so

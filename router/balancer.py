@@ -1,0 +1,252 @@
+"""Variants, their instances, and the choice of an instance for each request.
+
+The data path asks two things of this module: :meth:`Balancer.pick` (which
+instance serves this request; its outstanding count goes up) and
+:meth:`Balancer.release` (the request ended; the count goes down). Both run on
+the event-loop thread and touch only the native outstanding table and plain
+attributes, so they need no locks. Membership and health change the same
+tables from control-plane tasks on the same loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Final
+
+from tritonmesh._core import OutstandingTable
+from tritonmesh.config import RoutingStrategy, VariantConfig
+from tritonmesh.workers.upstream import Upstream
+
+__all__ = ["Balancer", "Instance", "NoInstanceError", "Variant"]
+
+# Bucket upper bounds (seconds) for the per-instance latency histogram.
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+)
+
+
+class NoInstanceError(LookupError):
+    """No instance can take the request; ``code_name`` is the gRPC status to answer with."""
+
+    def __init__(self, message: str, code_name: str = "UNAVAILABLE"):
+        super().__init__(message)
+        self.code_name = code_name
+
+
+class Instance:
+    """One Triton server inside a variant, with what the router has seen of it."""
+
+    __slots__ = (
+        "address", "drained", "errors", "healthy", "latency_buckets", "latency_sum", "requests",
+        "slot", "state", "upstream", "variant",
+    )
+
+    def __init__(self, variant: Variant, slot: int, upstream: Upstream):
+        self.variant = variant
+        self.slot = slot
+        self.upstream = upstream
+        self.address = upstream.address
+        self.healthy = True
+        self.state = "ACTIVE"
+        # Set while draining; released once the last outstanding request ends.
+        self.drained: asyncio.Event | None = None
+        self.requests = 0
+        self.errors = 0
+        self.latency_sum = 0.0
+        self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    @property
+    def outstanding(self) -> int:
+        return self.variant.table.outstanding(self.slot)
+
+    def observe(self, seconds: float, ok: bool) -> None:
+        """Record one finished request (called from the release path)."""
+        self.requests += 1
+        if not ok:
+            self.errors += 1
+        self.latency_sum += seconds
+        i = 0
+        for bound in LATENCY_BUCKETS:
+            if seconds <= bound:
+                break
+            i += 1
+        self.latency_buckets[i] += 1
+
+    def __repr__(self) -> str:
+        return f"<Instance {self.variant.name}/{self.slot} {self.address} {self.state}>"
+
+
+class Variant:
+    """A production variant: a weight, a routing strategy and a table of instances."""
+
+    def __init__(self, config: VariantConfig, *, seed: int | None = None):
+        self.config = config
+        self.name = config.name
+        self.weight = config.weight
+        self.strategy = config.routing_strategy
+        self.models = config.models
+        self.table = OutstandingTable(seed)
+        # Indexed by slot: the hot path turns a slot into an instance with one list index.
+        self.instances: list[Instance | None] = []
+        picks: dict[RoutingStrategy, Callable[[], int]] = {
+            RoutingStrategy.RANDOM: self.table.pick_random,
+            RoutingStrategy.LEAST_OUTSTANDING_REQUESTS: self.table.pick,
+            RoutingStrategy.ROUND_ROBIN: self.table.pick_round_robin,
+            RoutingStrategy.POWER_OF_TWO_CHOICES: self.table.pick_two,
+        }
+        self._pick = picks[self.strategy]
+
+    def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
+        slot = self.table.add(weight)
+        instance = Instance(self, slot, upstream)
+        while len(self.instances) <= slot:
+            self.instances.append(None)
+        self.instances[slot] = instance
+        return instance
+
+    def pick(self) -> Instance | None:
+        slot = self._pick()
+        return None if slot < 0 else self.instances[slot]
+
+    def serves(self, model_name: str) -> bool:
+        return self.models is None or model_name in self.models
+
+    def live_instances(self) -> Iterator[Instance]:
+        return (i for i in self.instances if i is not None and i.state != "REMOVED")
+
+    def set_healthy(self, instance: Instance, healthy: bool) -> None:
+        instance.healthy = healthy
+        self._sync(instance)
+
+    def set_draining(self, instance: Instance) -> asyncio.Event:
+        """Stop new picks; the returned event is set when no request is outstanding."""
+        instance.state = "DRAINING"
+        self._sync(instance)
+        instance.drained = asyncio.Event()
+        if not self.table.outstanding(instance.slot):
+            instance.drained.set()
+        return instance.drained
+
+    def _sync(self, instance: Instance) -> None:
+        self.table.set_available(instance.slot, instance.healthy and instance.state == "ACTIVE")
+
+    def remove(self, instance: Instance) -> None:
+        """Take the instance out of the table; its slot is freed once its requests finish."""
+        instance.state = "REMOVED"
+        self.table.remove(instance.slot)
+
+
+class Balancer:
+    """All variants of one endpoint, and sticky sequences."""
+
+    def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None):
+        self.variants = list(variants)
+        self.by_name = {v.name: v for v in self.variants}
+        self._rng = rng or random.Random()
+        self._serving: dict[str, list[Variant]] = {}
+        # (variant, model, sequence id) -> (instance, last use); see pick().
+        self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
+
+    def instances(self) -> Iterator[Instance]:
+        for variant in self.variants:
+            yield from variant.live_instances()
+
+    def _variants_for(self, model_name: str) -> list[Variant]:
+        found = self._serving.get(model_name)
+        if found is None:
+            found = [v for v in self.variants if v.serves(model_name)]
+            # Models outside every variant's list go where Triton can answer for them.
+            if not found:
+                found = [v for v in self.variants if v.models is None] or self.variants
+            self._serving[model_name] = found
+        return found
+
+    def choose_variant(self, model_name: str, target_variant: str | None = None) -> Variant:
+        """The variant for a request: the named one, else weighted random among servers."""
+        if target_variant is not None:
+            variant = self.by_name.get(target_variant)
+            if variant is None:
+                names = ", ".join(sorted(self.by_name))
+                raise NoInstanceError(
+                    f"unknown target variant '{target_variant}' (this endpoint has: {names})",
+                    "INVALID_ARGUMENT",
+                )
+            return variant
+        candidates = self._variants_for(model_name)
+        if len(candidates) == 1:
+            return candidates[0]
+        ready = [v for v in candidates if v.table.pickable()] or candidates
+        total = sum(v.weight for v in ready)
+        r = self._rng.random() * total
+        for variant in ready:
+            r -= variant.weight
+            if r < 0:
+                return variant
+        return ready[-1]
+
+    def pick(
+        self,
+        model_name: str,
+        target_variant: str | None = None,
+        sequence_id: int | str | None = None,
+        sequence_start: bool = False,
+        sequence_end: bool = False,
+    ) -> Instance:
+        """Choose the instance for one request and count it as outstanding there.
+
+        Requests of one sequence (same ``sequence_id``) go to the instance chosen
+        at the sequence's start, since Triton keeps sequence state per server.
+        """
+        variant = self.choose_variant(model_name, target_variant)
+        if sequence_id is not None:
+            return self._pick_sequence(variant, model_name, sequence_id, sequence_start,
+                                       sequence_end)
+        instance = variant.pick()
+        if instance is None:
+            raise NoInstanceError(
+                f"no healthy instance in variant '{variant.name}' can serve model "
+                f"'{model_name}' right now"
+            )
+        return instance
+
+    def _pick_sequence(self, variant: Variant, model_name: str, sequence_id: int | str,
+                       start: bool, end: bool) -> Instance:
+        key = (variant.name, model_name, sequence_id)
+        pinned = None if start else self.sequences.get(key)
+        if pinned is not None and pinned[0].state != "REMOVED":
+            instance = pinned[0]
+            variant.table.acquire(instance.slot)
+        else:
+            instance = variant.pick()  # type: ignore[assignment]
+            if instance is None:
+                raise NoInstanceError(
+                    f"no healthy instance in variant '{variant.name}' can start sequence "
+                    f"{sequence_id} of model '{model_name}'"
+                )
+        if end:
+            self.sequences.pop(key, None)
+        else:
+            self.sequences[key] = (instance, time.monotonic())
+        return instance
+
+    @staticmethod
+    def release(instance: Instance) -> None:
+        table = instance.variant.table
+        table.release(instance.slot)
+        if instance.drained is not None and not table.outstanding(instance.slot):
+            instance.drained.set()
+
+    def expire_sequences(self, idle_s: float) -> int:
+        """Forget sequences idle for longer than ``idle_s``; returns how many."""
+        cutoff = time.monotonic() - idle_s
+        stale = [k for k, (_, last) in self.sequences.items() if last < cutoff]
+        for key in stale:
+            del self.sequences[key]
+        return len(stale)
+
+    def total_outstanding(self) -> int:
+        return sum(v.table.total_outstanding() for v in self.variants)

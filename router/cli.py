@@ -1,0 +1,172 @@
+"""The ``tritonmesh`` command: up, serve, workers, status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from tritonmesh.config import (
+    ConfigError,
+    EndpointConfig,
+    LocalWorkers,
+    RoutingStrategy,
+    VariantConfig,
+    load_config,
+)
+
+__all__ = ["main"]
+
+EXAMPLE = """\
+Try it (in another shell, same virtualenv):
+
+  python - <<'PY'
+  import numpy as np, queue, tritonclient.grpc as g
+  c = g.InferenceServerClient("{address}")
+  print("ready:", c.is_server_ready())
+  print("models:", [m.name for m in c.get_model_repository_index().models])
+  x = g.InferInput("INPUT0", [4], "FP32"); x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+  print("identity:", c.infer("identity", [x]).as_numpy("OUTPUT0"))
+  q = queue.Queue(); c.start_stream(callback=lambda result, error: q.put(error or result.as_numpy("TOKEN")))
+  p = g.InferInput("PROMPT_TOKENS", [1], "INT32"); p.set_data_from_numpy(np.array([16], np.int32))
+  m = g.InferInput("MAX_TOKENS", [1], "INT32"); m.set_data_from_numpy(np.array([8], np.int32))
+  c.async_stream_infer("generate", [p, m])
+  print("streamed tokens:", [int(q.get(timeout=30)[0]) for _ in range(8)]); c.stop_stream()
+  PY
+
+  tritonmesh status --address {address}     # instances and their outstanding counts
+  curl -s http://{metrics}/metrics | grep tritonmesh_   # Prometheus metrics
+Stop with Ctrl-C (in-flight requests finish, workers stop).
+"""
+
+
+def _banner(router: object) -> None:
+    from tritonmesh.server import Router
+
+    assert isinstance(router, Router)
+    assert router.balancer is not None
+    print(f"tritonmesh is serving Triton's gRPC protocol on {router.address}", flush=True)
+    for variant in router.balancer.variants:
+        print(f"  variant {variant.name!r}: {variant.strategy.value}, weight {variant.weight:g}")
+        for inst in variant.live_instances():
+            health = "healthy" if inst.healthy else "UNHEALTHY"
+            print(f"    instance {inst.address} ({health})")
+    metrics = f"127.0.0.1:{router.metrics_port}" if router.metrics_port else "(metrics off)"
+    print(EXAMPLE.format(address=router.address, metrics=metrics), flush=True)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from tritonmesh.endpoint import run_endpoint
+
+    config = EndpointConfig(
+        name="local",
+        listen=f"{args.host}:{args.port}",
+        metrics_listen=f"{args.host}:{args.metrics_port}" if args.metrics_port else None,
+        variants=(VariantConfig(
+            name="AllTraffic",
+            routing_strategy=RoutingStrategy(args.strategy),
+            local_workers=LocalWorkers(args.workers, args.model_repository),
+        ),),
+    )
+    print(f"starting {args.workers} local Triton workers and the router...", flush=True)
+    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from tritonmesh.endpoint import run_endpoint
+
+    config = load_config(args.config)
+    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner))
+    return 0
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    from tritonmesh.workers.launcher import serve_workers
+
+    asyncio.run(serve_workers(args.count, args.model_repository, args.log_dir, args.restart))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+    from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+    from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = apb_grpc.AdminStub(channel)
+        try:
+            response = stub.ListInstances(apb.ListInstancesRequest(), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"cannot reach tritonmesh at {args.address}: {exc.details()}", file=sys.stderr)
+            return 1
+    for v in response.variants:
+        models = ", ".join(v.models) or "all models"
+        print(f"variant {v.name}: {v.routing_strategy}, weight {v.weight:g}, {models}")
+        print(f"  {'slot':>4}  {'address':<22} {'state':<9} {'health':<9} "
+              f"{'outstanding':>11} {'requests':>9} {'errors':>7}")
+        for i in response.instances:
+            if i.variant != v.name:
+                continue
+            health = "healthy" if i.healthy else "unhealthy"
+            print(f"  {i.slot:>4}  {i.address:<22} {i.state:<9} {health:<9} "
+                  f"{i.outstanding:>11} {i.requests:>9} {i.errors:>7}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tritonmesh", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start local Triton workers with the demo models, and the "
+                                   "router in front of them")
+    up.add_argument("--workers", type=int, default=4, help="number of Triton instances")
+    up.add_argument("--strategy", default="LEAST_OUTSTANDING_REQUESTS",
+                    choices=[s.value for s in RoutingStrategy])
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8001, help="router gRPC port (0: any free)")
+    up.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (0: off)")
+    up.add_argument("--model-repository", default=None,
+                    help="Triton model repository (default: the bundled demo models)")
+    up.add_argument("--log-dir", default=None, help="where Triton logs go (default: a temp dir)")
+    up.set_defaults(func=_cmd_up)
+
+    serve = sub.add_parser("serve", help="serve an endpoint from a config file "
+                                         "(YAML, TOML or SageMaker JSON)")
+    serve.add_argument("--config", required=True)
+    serve.add_argument("--log-dir", default=None)
+    serve.set_defaults(func=_cmd_serve)
+
+    workers = sub.add_parser("workers", help="start local Triton workers only")
+    workers.add_argument("--count", type=int, default=2)
+    workers.add_argument("--model-repository", default=None)
+    workers.add_argument("--log-dir", default=None)
+    workers.add_argument("--restart", action="store_true", help="restart workers that exit")
+    workers.set_defaults(func=_cmd_workers)
+
+    status = sub.add_parser("status", help="list a running router's instances")
+    status.add_argument("--address", default="127.0.0.1:8001")
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"tritonmesh: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

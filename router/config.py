@@ -1,0 +1,273 @@
+"""Endpoint configuration, shaped like SageMaker's ``CreateEndpointConfig``.
+
+An endpoint has production variants. Each variant serves some (or all) models,
+takes a share of traffic by weight, routes within itself by a strategy, and is
+backed by instances: static Triton addresses, local workers started by
+tritonmesh, or both. Three spellings are accepted:
+
+* tritonmesh YAML or TOML (snake_case keys, documented in ``docs/config.md``);
+* SageMaker's own ``CreateEndpointConfig`` JSON (``ProductionVariants``...), as is:
+  ``InitialInstanceCount`` becomes that many local workers.
+
+Every error names the offending key, e.g. ``variants[1].routing_strategy``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "EndpointConfig",
+    "HealthCheckConfig",
+    "LocalWorkers",
+    "RoutingStrategy",
+    "VariantConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+class RoutingStrategy(enum.StrEnum):
+    RANDOM = "RANDOM"
+    LEAST_OUTSTANDING_REQUESTS = "LEAST_OUTSTANDING_REQUESTS"
+    ROUND_ROBIN = "ROUND_ROBIN"
+    POWER_OF_TWO_CHOICES = "POWER_OF_TWO_CHOICES"
+
+
+@dataclass(frozen=True)
+class LocalWorkers:
+    count: int
+    model_repository: str | None = None  # None: the bundled demo repository
+
+
+@dataclass(frozen=True)
+class VariantConfig:
+    name: str
+    weight: float = 1.0
+    routing_strategy: RoutingStrategy = RoutingStrategy.RANDOM
+    models: frozenset[str] | None = None  # None: serves every model
+    instances: tuple[str, ...] = ()
+    local_workers: LocalWorkers | None = None
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    name: str = "tritonmesh"
+    listen: str = "127.0.0.1:8001"
+    metrics_listen: str | None = "127.0.0.1:8002"
+    variants: tuple[VariantConfig, ...] = ()
+    health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    shutdown_grace_s: float = 5.0
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
+    # bool is an int in Python; a weight of `true` is a typo, not 1.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{key}: expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {str: "a string", int: "an integer", float: "a number", list: "a list",
+             dict: "a mapping", bool: "true or false"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _no_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(f"{where}{key}: unknown key (known keys: {known})")
+
+
+def _address(value: Any, key: str) -> str:
+    text = _expect(value, str, key)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _strategy(value: Any, key: str) -> RoutingStrategy:
+    text = _expect(value, str, key)
+    try:
+        return RoutingStrategy(text.upper())
+    except ValueError:
+        options = ", ".join(s.value for s in RoutingStrategy)
+        raise ConfigError(f"{key}: unknown strategy {text!r} (expected one of {options})") from None
+
+
+def _weight(value: Any, key: str) -> float:
+    number = float(_expect(value, (int, float), key))
+    if not number > 0 or number != number or number == float("inf"):
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+    return number
+
+
+def _positive_int(value: Any, key: str) -> int:
+    number = _expect(value, int, key)
+    if number < 1:
+        raise ConfigError(f"{key}: must be at least 1, got {number}")
+    return int(number)
+
+
+def _variant(data: Any, where: str) -> VariantConfig:
+    _expect(data, dict, where.rstrip("."))
+    _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
+                       "local_workers"}, where)
+    if "name" not in data:
+        raise ConfigError(f"{where}name: required")
+    name = _expect(data["name"], str, f"{where}name")
+    if not name:
+        raise ConfigError(f"{where}name: must not be empty")
+    models = None
+    if "models" in data:
+        items = _expect(data["models"], list, f"{where}models")
+        models = frozenset(_expect(m, str, f"{where}models[{i}]") for i, m in enumerate(items))
+    instances = tuple(
+        _address(a, f"{where}instances[{i}]")
+        for i, a in enumerate(_expect(data.get("instances", []), list, f"{where}instances"))
+    )
+    local = None
+    if "local_workers" in data:
+        lw = data["local_workers"]
+        key = f"{where}local_workers"
+        if isinstance(lw, int) and not isinstance(lw, bool):
+            local = LocalWorkers(_positive_int(lw, key))
+        else:
+            _expect(lw, dict, key)
+            _no_unknown(lw, {"count", "model_repository"}, f"{key}.")
+            if "count" not in lw:
+                raise ConfigError(f"{key}.count: required")
+            repo = lw.get("model_repository")
+            if repo is not None:
+                _expect(repo, str, f"{key}.model_repository")
+            local = LocalWorkers(_positive_int(lw["count"], f"{key}.count"), repo)
+    if not instances and local is None:
+        raise ConfigError(f"{where}instances: a variant needs instances or local_workers")
+    return VariantConfig(
+        name=name,
+        weight=_weight(data.get("weight", 1.0), f"{where}weight"),
+        routing_strategy=_strategy(data.get("routing_strategy", "RANDOM"),
+                                   f"{where}routing_strategy"),
+        models=models,
+        instances=instances,
+        local_workers=local,
+    )
+
+
+def _health(data: Any) -> HealthCheckConfig:
+    _expect(data, dict, "health_check")
+    _no_unknown(data, {"interval_s", "timeout_s", "unhealthy_threshold", "healthy_threshold"},
+                "health_check.")
+    defaults = HealthCheckConfig()
+    return HealthCheckConfig(
+        interval_s=_weight(data.get("interval_s", defaults.interval_s), "health_check.interval_s"),
+        timeout_s=_weight(data.get("timeout_s", defaults.timeout_s), "health_check.timeout_s"),
+        unhealthy_threshold=_positive_int(
+            data.get("unhealthy_threshold", defaults.unhealthy_threshold),
+            "health_check.unhealthy_threshold"),
+        healthy_threshold=_positive_int(
+            data.get("healthy_threshold", defaults.healthy_threshold),
+            "health_check.healthy_threshold"),
+    )
+
+
+def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Translate ``CreateEndpointConfig`` JSON into tritonmesh's own keys."""
+    variants = []
+    pvs = _expect(data["ProductionVariants"], list, "ProductionVariants")
+    for i, pv in enumerate(pvs):
+        where = f"ProductionVariants[{i}]"
+        _expect(pv, dict, where)
+        if "VariantName" not in pv:
+            raise ConfigError(f"{where}.VariantName: required")
+        routing = pv.get("RoutingConfig", {})
+        _expect(routing, dict, f"{where}.RoutingConfig")
+        variant: dict[str, Any] = {
+            "name": pv["VariantName"],
+            "weight": pv.get("InitialVariantWeight", 1.0),
+            "routing_strategy": routing.get("RoutingStrategy", "RANDOM"),
+            "local_workers": pv.get("InitialInstanceCount", 1),
+        }
+        variants.append(variant)
+    out: dict[str, Any] = {"variants": variants}
+    if "EndpointConfigName" in data:
+        out["endpoint"] = data["EndpointConfigName"]
+    return out
+
+
+def parse_config(data: Any) -> EndpointConfig:
+    """Validate a parsed document (YAML, TOML or SageMaker JSON) into an EndpointConfig."""
+    _expect(data, dict, "the configuration")
+    if "ProductionVariants" in data:
+        data = _from_sagemaker(data)
+    _no_unknown(data, {"endpoint", "listen", "metrics_listen", "variants", "health_check",
+                       "shutdown_grace_s"}, "")
+    items = _expect(data.get("variants"), list, "variants") if "variants" in data else None
+    if not items:
+        raise ConfigError("variants: at least one production variant is required")
+    variants = tuple(_variant(v, f"variants[{i}].") for i, v in enumerate(items))
+    seen: set[str] = set()
+    for i, v in enumerate(variants):
+        if v.name in seen:
+            raise ConfigError(f"variants[{i}].name: duplicate variant name {v.name!r}")
+        seen.add(v.name)
+    metrics = data.get("metrics_listen", EndpointConfig.metrics_listen)
+    return EndpointConfig(
+        name=_expect(data.get("endpoint", "tritonmesh"), str, "endpoint"),
+        listen=_address(data.get("listen", EndpointConfig.listen), "listen"),
+        metrics_listen=None if metrics is None else _address(metrics, "metrics_listen"),
+        variants=variants,
+        health_check=_health(data["health_check"]) if "health_check" in data
+        else HealthCheckConfig(),
+        shutdown_grace_s=_weight(data.get("shutdown_grace_s", 5.0), "shutdown_grace_s"),
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> EndpointConfig:
+    """Read and validate a YAML, TOML or JSON configuration file."""
+    p = Path(path)
+    text = p.read_text()
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except ConfigError:
+        raise
+    except Exception as exc:  # each parser raises its own error type
+        raise ConfigError(f"{p}: cannot parse: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None

@@ -1,0 +1,94 @@
+"""Active health checks: each instance's ServerReady, on an interval, with thresholds.
+
+An instance that fails ``unhealthy_threshold`` checks in a row leaves the pick
+set (its outstanding requests still release normally); one that passes
+``healthy_threshold`` in a row comes back. The router's own ``grpc.health.v1``
+status follows: SERVING while any instance is healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2
+from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.balancer import Balancer, Instance
+from tritonmesh.config import HealthCheckConfig
+
+__all__ = ["HealthChecker"]
+
+log = logging.getLogger("tritonmesh.health")
+
+_SERVER_READY = pb.ServerReadyRequest().SerializeToString()
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+
+
+class HealthChecker:
+    """Probe every instance; mark it healthy or not in its variant's table."""
+
+    def __init__(self, balancer: Balancer, config: HealthCheckConfig,
+                 servicer: health.aio.HealthServicer | None = None):
+        self.balancer = balancer
+        self.config = config
+        self.servicer = servicer
+        self._streak: dict[Instance, int] = {}  # >0: consecutive passes, <0: failures
+        self._task: asyncio.Task[None] | None = None
+
+    async def probe(self, instance: Instance) -> bool:
+        try:
+            raw = await instance.upstream.unary["ServerReady"](
+                _SERVER_READY, timeout=self.config.timeout_s
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(pb.ServerReadyResponse.FromString(raw).ready)
+
+    async def check_once(self) -> None:
+        instances = [i for i in self.balancer.instances() if i.state != "REMOVED"]
+        results = await asyncio.gather(*(self.probe(i) for i in instances))
+        for instance, ok in zip(instances, results, strict=True):
+            self.record(instance, ok)
+        await self._publish()
+
+    def record(self, instance: Instance, ok: bool) -> None:
+        streak = self._streak.get(instance, 0)
+        streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
+        self._streak[instance] = streak
+        if instance.healthy and streak <= -self.config.unhealthy_threshold:
+            log.warning("instance %s is unhealthy; no new requests go to it", instance.address)
+            instance.variant.set_healthy(instance, False)
+        elif not instance.healthy and streak >= self.config.healthy_threshold:
+            log.info("instance %s is healthy again", instance.address)
+            instance.variant.set_healthy(instance, True)
+
+    async def _publish(self) -> None:
+        if self.servicer is None:
+            return
+        serving = any(i.healthy and i.state == "ACTIVE" for i in self.balancer.instances())
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.servicer.set("", status)
+        await self.servicer.set(INFERENCE_SERVICE, status)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_once()
+            except Exception:  # a probe bug must not end health checking
+                log.exception("health check round failed")
+            await asyncio.sleep(self.config.interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

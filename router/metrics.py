@@ -1,0 +1,62 @@
+"""Prometheus metrics, collected at scrape time from the balancer's own state.
+
+The request path only bumps plain integers on its instance (see
+``Instance.observe``); this collector turns them into metric families when
+Prometheus asks, so scraping costs the data path nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from tritonmesh.balancer import LATENCY_BUCKETS, Balancer
+
+__all__ = ["BalancerCollector"]
+
+
+class BalancerCollector(Collector):
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["variant", "instance"]
+        outstanding = GaugeMetricFamily(
+            "tritonmesh_instance_outstanding_requests",
+            "Requests sent to the instance whose final response has not arrived.", labels=labels)
+        healthy = GaugeMetricFamily(
+            "tritonmesh_instance_healthy", "1 if the instance passes health checks.",
+            labels=labels)
+        requests = CounterMetricFamily(
+            "tritonmesh_instance_requests", "Requests finished on the instance.", labels=labels)
+        errors = CounterMetricFamily(
+            "tritonmesh_instance_errors", "Requests on the instance that ended in an error.",
+            labels=labels)
+        latency = HistogramMetricFamily(
+            "tritonmesh_instance_request_duration_seconds",
+            "Time from routing a request to its final response.", labels=labels)
+        variant_outstanding = GaugeMetricFamily(
+            "tritonmesh_variant_outstanding_requests", "Outstanding requests in the variant.",
+            labels=["variant"])
+        for variant in self.balancer.variants:
+            variant_outstanding.add_metric([variant.name], variant.table.total_outstanding())
+            for inst in variant.live_instances():
+                lv = [variant.name, inst.address]
+                outstanding.add_metric(lv, inst.outstanding)
+                healthy.add_metric(lv, 1.0 if inst.healthy else 0.0)
+                requests.add_metric(lv, inst.requests)
+                errors.add_metric(lv, inst.errors)
+                cumulative = 0
+                buckets = []
+                for bound, n in zip(LATENCY_BUCKETS, inst.latency_buckets, strict=False):
+                    cumulative += n
+                    buckets.append((repr(bound), cumulative))
+                buckets.append(("+Inf", inst.requests))
+                latency.add_metric(lv, buckets, inst.latency_sum)
+        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding)

@@ -1,0 +1,270 @@
+"""The data path: forward inference bytes to the chosen instance and account for them.
+
+Accounting rule: one pick, one release, in ``finally``. A unary call releases
+when it ends, however it ends. A request inside a stream releases when its
+final response (or an error response for it) arrives, when its upstream
+stream dies, or when the client's stream ends — whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
+
+import grpc
+import grpc.aio
+from tritonmesh.balancer import Balancer, Instance, NoInstanceError
+from tritonmesh.wire import (
+    WireError,
+    error_stream_response,
+    inject_empty_final,
+    peek_request,
+    peek_stream_response,
+)
+
+__all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
+
+log = logging.getLogger("tritonmesh.proxy")
+
+TARGET_VARIANT_KEY: Final = "x-target-variant"
+# Connection-level and routing keys stay at this hop; everything else the client
+# sent (auth tokens, tracing headers) goes upstream as is.
+_HOP_BY_HOP: Final = frozenset({
+    "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding",
+    "grpc-accept-encoding", "grpc-internal-encoding-request", "connection", "keep-alive",
+    "host", "proxy-connection", "transfer-encoding", "upgrade", TARGET_VARIANT_KEY,
+})
+
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def forwardable_metadata(context: grpc.aio.ServicerContext) -> tuple[Metadata, str | None]:
+    """Split the client's metadata into what goes upstream and the target variant."""
+    forward = []
+    target = None
+    for key, value in context.invocation_metadata() or ():
+        if key == TARGET_VARIANT_KEY:
+            target = value if isinstance(value, str) else value.decode()
+        elif key not in _HOP_BY_HOP and not key.startswith(":"):
+            forward.append((key, value))
+    return tuple(forward), target
+
+
+def _status(code_name: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code_name)  # type: ignore[no-any-return]
+
+
+class Proxy:
+    """Handlers for ``ModelInfer`` and ``ModelStreamInfer`` over a :class:`Balancer`."""
+
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            info = peek_request(request)
+        except WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"malformed ModelInferRequest: {exc}")
+        metadata, target = forwardable_metadata(context)
+        balancer = self.balancer
+        try:
+            instance = balancer.pick(info.model_name, target, info.sequence_id,
+                                     info.sequence_start, info.sequence_end)
+        except NoInstanceError as exc:
+            await context.abort(_status(exc.code_name), str(exc))
+        started = time.perf_counter()
+        ok = False
+        try:
+            response: bytes = await instance.upstream.model_infer(
+                request, timeout=context.time_remaining(), metadata=metadata
+            )
+            ok = True
+            return response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
+        finally:
+            balancer.release(instance)
+            instance.observe(time.perf_counter() - started, ok)
+
+    async def model_stream_infer(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        await _StreamSession(self.balancer, context).run(requests)
+
+
+class _Pending:
+    """A request sent on an upstream stream whose final response has not arrived."""
+
+    __slots__ = ("client_wants_empty_final", "id", "model_name", "started")
+
+    def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool):
+        self.id = request_id
+        self.model_name = model_name
+        self.client_wants_empty_final = client_wants_empty_final
+        self.started = time.perf_counter()
+
+
+class _Upstream:
+    """One upstream ``ModelStreamInfer`` call of a client stream, to one instance."""
+
+    __slots__ = ("call", "instance", "pending", "pump")
+
+    def __init__(self, instance: Instance, call: grpc.aio.StreamStreamCall):
+        self.instance = instance
+        self.call = call
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.pump: asyncio.Task[None] | None = None
+
+
+class _StreamSession:
+    """One client ``ModelStreamInfer`` stream fanned out over per-instance upstream streams.
+
+    Each request is routed on its own. Upstream streams open lazily, one per
+    instance used; their responses merge into the client stream. Responses of one
+    request travel on one upstream stream in order, so per-request order holds.
+    """
+
+    def __init__(self, balancer: Balancer, context: grpc.aio.ServicerContext):
+        self.balancer = balancer
+        self.context = context
+        self.metadata, self.target = forwardable_metadata(context)
+        self.upstreams: dict[Instance, _Upstream] = {}
+        self.write_lock = asyncio.Lock()
+
+    async def run(self, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for request in requests:
+                await self._forward(request)
+            # The client half-closed: so do we, then wait for every outstanding final.
+            for up in list(self.upstreams.values()):
+                if up.pump is not None and not up.pump.done():
+                    await up.call.done_writing()
+            pumps = [up.pump for up in self.upstreams.values() if up.pump is not None]
+            if pumps:
+                await asyncio.gather(*pumps)
+        finally:
+            await self._close()
+
+    async def _forward(self, request: bytes) -> None:
+        try:
+            info = peek_request(request)
+        except WireError as exc:
+            # Triton answers a bad request inside a stream in-stream and keeps the stream open.
+            await self._write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
+            return
+        try:
+            instance = self.balancer.pick(info.model_name, self.target, info.sequence_id,
+                                          info.sequence_start, info.sequence_end)
+        except NoInstanceError as exc:
+            await self._write(error_stream_response(str(exc), info.id, info.model_name))
+            return
+        up = self.upstreams.get(instance)
+        if up is None:
+            up = self._open(instance)
+        up.pending.append(_Pending(info.id, info.model_name, info.empty_final))
+        try:
+            await up.call.write(request if info.empty_final else inject_empty_final(request))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            # The upstream stream is already gone; its pump fails every pending request.
+            log.debug("write to %s failed: %s", instance.address, exc)
+
+    def _open(self, instance: Instance) -> _Upstream:
+        call = instance.upstream.stream_infer(
+            timeout=self.context.time_remaining(), metadata=self.metadata
+        )
+        up = _Upstream(instance, call)
+        self.upstreams[instance] = up
+        up.pump = asyncio.get_running_loop().create_task(self._pump(up))
+        return up
+
+    async def _pump(self, up: _Upstream) -> None:
+        instance = up.instance
+        try:
+            async for response in up.call:
+                await self._on_response(up, response)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
+                return
+            await self._fail_pending(
+                up, f"upstream instance {instance.address} failed: "
+                    f"[{exc.code().name}] {exc.details()}"
+            )
+        except asyncio.CancelledError:
+            raise
+        finally:
+            if self.upstreams.get(instance) is up:
+                del self.upstreams[instance]
+        # The upstream ended cleanly; anything still pending never got its final.
+        if up.pending:
+            await self._fail_pending(
+                up, f"upstream instance {instance.address} closed the stream before the final "
+                    "response"
+            )
+
+    async def _on_response(self, up: _Upstream, response: bytes) -> None:
+        try:
+            info = peek_stream_response(response)
+        except WireError:
+            await self._write(response)
+            return
+        if not info.terminal:
+            await self._write(response)
+            return
+        pending = self._settle(up, info.id, ok=not info.error_message)
+        if (
+            info.final and not info.has_outputs and not info.error_message
+            and pending is not None and not pending.client_wants_empty_final
+        ):
+            return  # an empty final the router asked for; the client did not
+        await self._write(response)
+
+    def _settle(self, up: _Upstream, request_id: str, ok: bool) -> _Pending | None:
+        """Close the oldest pending request with this id on this upstream, and release it."""
+        pending = up.pending
+        found = None
+        for i, p in enumerate(pending):
+            if p.id == request_id:
+                found = p
+                del pending[i]
+                break
+        if found is None:
+            if not pending:
+                return None
+            found = pending.popleft()
+        self.balancer.release(up.instance)
+        up.instance.observe(time.perf_counter() - found.started, ok)
+        return found
+
+    async def _fail_pending(self, up: _Upstream, message: str) -> None:
+        while up.pending:
+            p = up.pending[0]
+            self._settle(up, p.id, ok=False)
+            await self._write(error_stream_response(message, p.id, p.model_name))
+
+    async def _write(self, response: bytes) -> None:
+        async with self.write_lock:
+            await self.context.write(response)
+
+    async def _close(self) -> None:
+        """Release everything still pending and end every upstream call."""
+        ups: Sequence[_Upstream] = list(self.upstreams.values())
+        self.upstreams.clear()
+        for up in ups:
+            up.call.cancel()
+            if up.pump is not None:
+                up.pump.cancel()
+            while up.pending:
+                p = up.pending.popleft()
+                self.balancer.release(up.instance)
+                up.instance.observe(time.perf_counter() - p.started, False)
+        for up in ups:
+            if up.pump is not None:
+                try:
+                    await up.pump
+                except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                    pass

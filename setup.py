@@ -1,0 +1,36 @@
+"""The extension list and two switches; everything else is in pyproject.toml.
+
+TRITONMESH_NO_EXTENSIONS=1  build and install the pure-Python twin only.
+TRITONMESH_DEBUG=1          compile the core with its invariant checks after every operation.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+NO_EXTENSIONS = os.environ.get("TRITONMESH_NO_EXTENSIONS", "") not in ("", "0")
+DEBUG = os.environ.get("TRITONMESH_DEBUG", "") not in ("", "0")
+
+ext_modules = []
+if not NO_EXTENSIONS:
+    from Cython.Build import cythonize
+
+    ext_modules = cythonize(
+        [
+            Extension(
+                "tritonmesh._core._outstanding_c",
+                ["_core/_outstanding_c.pyx"],
+                include_dirs=["_core"],
+                define_macros=[("TRITONMESH_DEBUG", "1" if DEBUG else "0")],
+                extra_compile_args=["-O3"],
+            ),
+            Extension(
+                "tritonmesh._core._wire_c",
+                ["_core/_wire_c.pyx"],
+                extra_compile_args=["-O3"],
+            ),
+        ],
+        compiler_directives={"language_level": "3"},
+    )
+
+setup(ext_modules=ext_modules)

@@ -1,0 +1,103 @@
+"""Test harness: an asyncio loop in a thread, hosting real Triton workers and routers.
+
+Tests drive the router with unmodified, blocking tritonclient from the main thread
+while the router (a grpc.aio server) runs on this loop, as it would in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from tritonmesh.balancer import Balancer, Instance
+from tritonmesh.config import EndpointConfig, HealthCheckConfig, RoutingStrategy, VariantConfig
+from tritonmesh.server import Router
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class RouterHandle:
+    """A running Router and the thread-safe views of it that tests assert on."""
+
+    def __init__(self, loop: LoopThread, router: Router):
+        self.loop = loop
+        self.router = router
+
+    @property
+    def address(self) -> str:
+        return self.router.address
+
+    @property
+    def balancer(self) -> Balancer:
+        assert self.router.balancer is not None
+        return self.router.balancer
+
+    def instances(self) -> list[Instance]:
+        return list(self.balancer.instances())
+
+    def total_outstanding(self) -> int:
+        return self.balancer.total_outstanding()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Wait until every outstanding count is zero; fail with the counts if not."""
+        deadline = time.monotonic() + timeout
+        while self.total_outstanding():
+            if time.monotonic() > deadline:
+                counts = {i.address: i.outstanding for i in self.instances()}
+                raise AssertionError(f"outstanding counts never returned to zero: {counts}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.loop.run(self.router.stop(grace=1.0))
+
+
+def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_REQUESTS",
+                variants: Sequence[tuple[str, float, str, int]] | None = None,
+                workers: int | None = None) -> tuple[EndpointConfig, dict[str, list[str]]]:
+    """A router config over the given Triton addresses.
+
+    ``variants`` lists (name, weight, strategy, index of the worker address); without it,
+    one variant "AllTraffic" over the first ``workers`` addresses (default: all).
+    """
+    if variants is None:
+        chosen = list(addresses[: workers or len(addresses)])
+        spec = [VariantConfig("AllTraffic", 1.0, RoutingStrategy(strategy), None,
+                              tuple(chosen))]
+        instances = {"AllTraffic": chosen}
+    else:
+        spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))
+                for name, weight, s, i in variants]
+        instances = {name: [addresses[i]] for name, _, _, i in variants}
+    config = EndpointConfig(
+        name="test", listen="127.0.0.1:0", metrics_listen=None, variants=tuple(spec),
+        health_check=HealthCheckConfig(interval_s=0.5, timeout_s=1.0), shutdown_grace_s=1.0,
+    )
+    return config, instances
+
+
+def start_router(loop: LoopThread, config: EndpointConfig,
+                 instances: dict[str, list[str]], seed: int | None = 1234) -> RouterHandle:
+    router = Router(config, instances, seed=seed)
+    loop.run(router.start())
+    return RouterHandle(loop, router)

@@ -1,0 +1,94 @@
+"""Configuration: every spelling parses, every mistake names its key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tritonmesh.config import ConfigError, RoutingStrategy, load_config, parse_config
+
+
+def test_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "endpoint.yaml"
+    path.write_text("""
+endpoint: llm
+listen: 127.0.0.1:9001
+variants:
+  - name: a
+    weight: 3
+    routing_strategy: least_outstanding_requests
+    models: [generate]
+    instances: ["127.0.0.1:8001", "127.0.0.1:8011"]
+  - name: b
+    local_workers: {count: 2}
+""")
+    config = load_config(path)
+    assert config.name == "llm" and config.listen == "127.0.0.1:9001"
+    a, b = config.variants
+    assert a.routing_strategy is RoutingStrategy.LEAST_OUTSTANDING_REQUESTS
+    assert a.weight == 3 and a.models == frozenset({"generate"}) and len(a.instances) == 2
+    assert b.routing_strategy is RoutingStrategy.RANDOM  # SageMaker's default
+    assert b.local_workers is not None and b.local_workers.count == 2
+
+
+def test_toml(tmp_path: Path) -> None:
+    path = tmp_path / "endpoint.toml"
+    path.write_text("""
+[[variants]]
+name = "AllTraffic"
+routing_strategy = "POWER_OF_TWO_CHOICES"
+instances = ["localhost:8001"]
+""")
+    assert load_config(path).variants[0].routing_strategy is RoutingStrategy.POWER_OF_TWO_CHOICES
+
+
+def test_sagemaker_create_endpoint_config_json(tmp_path: Path) -> None:
+    path = tmp_path / "sm.json"
+    path.write_text(json.dumps({
+        "EndpointConfigName": "codegen",
+        "ProductionVariants": [{
+            "VariantName": "AllTraffic", "ModelName": "codegen2-7b",
+            "InitialInstanceCount": 5, "InstanceType": "ml.g5.2xlarge",
+            "InitialVariantWeight": 1.0,
+            "RoutingConfig": {"RoutingStrategy": "LEAST_OUTSTANDING_REQUESTS"},
+        }],
+    }))
+    config = load_config(path)
+    (variant,) = config.variants
+    assert config.name == "codegen" and variant.name == "AllTraffic"
+    assert variant.routing_strategy is RoutingStrategy.LEAST_OUTSTANDING_REQUESTS
+    assert variant.local_workers is not None and variant.local_workers.count == 5
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({}, "variants: at least one"),
+    ({"variants": [{"name": "a"}]}, "variants[0].instances: a variant needs"),
+    ({"variants": [{"name": "a", "instances": ["x"]}]}, "variants[0].instances[0]: expected HOST:PORT"),
+    ({"variants": [{"name": "a", "instances": ["h:1"], "routing_strategy": "FASTEST"}]},
+     "variants[0].routing_strategy: unknown strategy 'FASTEST'"),
+    ({"variants": [{"name": "a", "instances": ["h:1"], "weight": 0}]},
+     "variants[0].weight: must be a positive number"),
+    ({"variants": [{"name": "a", "instances": ["h:1"], "wieght": 2}]},
+     "variants[0].wieght: unknown key"),
+    ({"variants": [{"name": "a", "instances": ["h:1"]}, {"name": "a", "instances": ["h:2"]}]},
+     "variants[1].name: duplicate"),
+    ({"variants": [{"name": "a", "local_workers": {"count": 0}}]},
+     "variants[0].local_workers.count: must be at least 1"),
+    ({"listen": "nowhere", "variants": [{"name": "a", "instances": ["h:1"]}]},
+     "listen: expected HOST:PORT"),
+    ({"ProductionVariants": [{"InitialInstanceCount": 1}]},
+     "ProductionVariants[0].VariantName: required"),
+])
+def test_errors_name_the_key(doc: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(doc)
+    assert message in str(info.value)
+
+
+def test_unparseable_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("variants: [\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(path)

@@ -1,0 +1,78 @@
+"""One gRPC channel per Triton instance, with every multicallable bound once.
+
+The router forwards request bytes untouched, so no multicallable has a
+serializer: requests and responses stay ``bytes`` end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import grpc
+import grpc.aio
+
+__all__ = ["CHANNEL_OPTIONS", "SERVICE", "Upstream", "method_path"]
+
+SERVICE: Final = "inference.GRPCInferenceService"
+INT32_MAX: Final = 2**31 - 1
+
+# tritonclient lifts message limits to INT32_MAX; so must every hop. Keepalive pings stay
+# within Triton's defaults (min ping interval without data 5 min, pings only with calls open)
+# so that Triton never answers with GOAWAY too_many_pings.
+CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
+    ("grpc.max_send_message_length", INT32_MAX),
+    ("grpc.max_receive_message_length", INT32_MAX),
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 2),
+    # Each instance gets its own channel even when two addresses resolve alike.
+    ("grpc.use_local_subchannel_pool", 1),
+)
+
+UNARY_METHODS: Final = (
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelConfig",
+    "ModelStatistics",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "TraceSetting",
+    "LogSettings",
+)
+
+
+def method_path(name: str) -> str:
+    return f"/{SERVICE}/{name}"
+
+
+class Upstream:
+    """A Triton instance as the router sees it: an address and a ready-bound channel.
+
+    ``unary[name]`` is the bytes-in, bytes-out multicallable for each unary RPC of
+    ``GRPCInferenceService``; ``stream_infer`` opens a ``ModelStreamInfer`` stream.
+    """
+
+    __slots__ = ("address", "channel", "model_infer", "stream_infer", "unary")
+
+    def __init__(self, address: str, *, options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.unary: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {
+            name: self.channel.unary_unary(method_path(name)) for name in UNARY_METHODS
+        }
+        self.model_infer = self.unary["ModelInfer"]
+        self.stream_infer: grpc.aio.StreamStreamMultiCallable = self.channel.stream_stream(
+            method_path("ModelStreamInfer")
+        )
+
+    async def close(self, grace: float | None = None) -> None:
+        await self.channel.close(grace)
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.address!r})"
