@@ -18,6 +18,7 @@ from typing import Final
 
 from tritonmesh._core import OutstandingTable
 from tritonmesh.config import RoutingStrategy, VariantConfig
+from tritonmesh.outlier import OutlierDetector
 from tritonmesh.workers.upstream import Upstream
 
 __all__ = ["Balancer", "Instance", "NoInstanceError", "Variant"]
@@ -41,8 +42,8 @@ class Instance:
     """One Triton server inside a variant, with what the router has seen of it."""
 
     __slots__ = (
-        "address", "drained", "errors", "healthy", "latency_buckets", "latency_sum", "requests",
-        "slot", "state", "upstream", "variant",
+        "address", "drained", "ejected_until", "ejections", "errors", "failures", "healthy",
+        "latency_buckets", "latency_sum", "requests", "slot", "state", "upstream", "variant",
     )
 
     def __init__(self, variant: Variant, slot: int, upstream: Upstream):
@@ -56,6 +57,10 @@ class Instance:
         self.drained: asyncio.Event | None = None
         self.requests = 0
         self.errors = 0
+        # Passive outlier detection (tritonmesh.outlier): failures in a row, times ejected.
+        self.failures = 0
+        self.ejections = 0
+        self.ejected_until = 0.0
         self.latency_sum = 0.0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
 
@@ -143,8 +148,10 @@ class Variant:
 class Balancer:
     """All variants of one endpoint, and sticky sequences."""
 
-    def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None):
+    def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None,
+                 outliers: OutlierDetector | None = None):
         self.variants = list(variants)
+        self.outliers = outliers or OutlierDetector()
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
         self._serving: dict[str, list[Variant]] = {}

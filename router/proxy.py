@@ -54,6 +54,14 @@ def forwardable_metadata(context: grpc.aio.ServicerContext) -> tuple[Metadata, s
     return tuple(forward), target
 
 
+def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether the call failed before any byte could reach Triton (no connection)."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = exc.details() or ""
+    return "failed to connect" in details or "Connection refused" in details
+
+
 def _status(code_name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, code_name)  # type: ignore[no-any-return]
 
@@ -61,8 +69,9 @@ def _status(code_name: str) -> grpc.StatusCode:
 class Proxy:
     """Handlers for ``ModelInfer`` and ``ModelStreamInfer`` over a :class:`Balancer`."""
 
-    def __init__(self, balancer: Balancer):
+    def __init__(self, balancer: Balancer, *, max_retries: int = 2):
         self.balancer = balancer
+        self.max_retries = max_retries
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -72,24 +81,37 @@ class Proxy:
                                 f"malformed ModelInferRequest: {exc}")
         metadata, target = forwardable_metadata(context)
         balancer = self.balancer
-        try:
-            instance = balancer.pick(info.model_name, target, info.sequence_id,
-                                     info.sequence_start, info.sequence_end)
-        except NoInstanceError as exc:
-            await context.abort(_status(exc.code_name), str(exc))
-        started = time.perf_counter()
-        ok = False
-        try:
-            response: bytes = await instance.upstream.model_infer(
-                request, timeout=context.time_remaining(), metadata=metadata
-            )
-            ok = True
-            return response
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "", tuple(exc.trailing_metadata() or ()))
-        finally:
-            balancer.release(instance)
-            instance.observe(time.perf_counter() - started, ok)
+        retries = 0
+        while True:
+            try:
+                instance = balancer.pick(info.model_name, target, info.sequence_id,
+                                         info.sequence_start, info.sequence_end)
+            except NoInstanceError as exc:
+                await context.abort(_status(exc.code_name), str(exc))
+            started = time.perf_counter()
+            ok = False
+            try:
+                response: bytes = await instance.upstream.model_infer(
+                    request, timeout=context.time_remaining(), metadata=metadata
+                )
+                ok = True
+                balancer.outliers.success(instance)
+                return response
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if _never_reached(exc):
+                    balancer.outliers.connect_failure(instance)
+                    # Provably never reached Triton: safe to send elsewhere, within budget.
+                    if retries < self.max_retries and info.sequence_id is None:
+                        retries += 1
+                        continue
+                else:
+                    balancer.outliers.failure(instance, code.name)
+                await context.abort(code, exc.details() or "",
+                                    tuple(exc.trailing_metadata() or ()))
+            finally:
+                balancer.release(instance)
+                instance.observe(time.perf_counter() - started, ok)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -190,6 +212,10 @@ class _StreamSession:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
                 return
+            if _never_reached(exc):
+                self.balancer.outliers.connect_failure(instance)
+            else:
+                self.balancer.outliers.failure(instance, exc.code().name)
             await self._fail_pending(
                 up, f"upstream instance {instance.address} failed: "
                     f"[{exc.code().name}] {exc.details()}"

@@ -1,0 +1,77 @@
+"""Passive outlier detection: instances that fail requests leave the pick set for a while.
+
+Least-outstanding routing has a known failure: an instance that fails fast looks
+idle and attracts everything. So failures that say "this instance is broken"
+(UNAVAILABLE, INTERNAL, a connection that cannot be made) count against it; after
+``consecutive_failures`` in a row it is ejected for a back-off that doubles with each
+ejection (capped), and at most ``max_ejected_fraction`` of a variant is ejected this
+way. A connection that cannot be made is proof on its own and ejects at once,
+without the cap: when every instance is down, requests get UNAVAILABLE immediately
+instead of waiting on dead connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from tritonmesh.balancer import Instance
+
+__all__ = ["OutlierDetector"]
+
+log = logging.getLogger("tritonmesh.outlier")
+
+# gRPC status codes (by name) that blame the instance rather than the request.
+INSTANCE_FAILURES: Final = frozenset({"UNAVAILABLE", "INTERNAL"})
+
+
+class OutlierDetector:
+    def __init__(self, *, consecutive_failures: int = 5, base_ejection_s: float = 1.0,
+                 max_ejection_s: float = 30.0, max_ejected_fraction: float = 0.5):
+        self.consecutive_failures = consecutive_failures
+        self.base_ejection_s = base_ejection_s
+        self.max_ejection_s = max_ejection_s
+        self.max_ejected_fraction = max_ejected_fraction
+
+    def success(self, instance: Instance) -> None:
+        instance.failures = 0
+
+    def failure(self, instance: Instance, code_name: str) -> None:
+        if code_name not in INSTANCE_FAILURES:
+            instance.failures = 0
+            return
+        instance.failures += 1
+        if instance.failures >= self.consecutive_failures and self._may_eject(instance):
+            self.eject(instance, f"{instance.failures} consecutive {code_name} failures")
+
+    def connect_failure(self, instance: Instance) -> None:
+        self.eject(instance, "connection failed")
+
+    def is_ejected(self, instance: Instance) -> bool:
+        return instance.ejected_until > time.monotonic()
+
+    def _may_eject(self, instance: Instance) -> bool:
+        variant = instance.variant
+        members = [i for i in variant.live_instances() if i.state == "ACTIVE"]
+        ejected = sum(1 for i in members if self.is_ejected(i))
+        return ejected + 1 <= self.max_ejected_fraction * len(members)
+
+    def eject(self, instance: Instance, reason: str) -> None:
+        if self.is_ejected(instance):
+            return
+        seconds = min(self.base_ejection_s * 2 ** instance.ejections, self.max_ejection_s)
+        instance.ejections += 1
+        instance.failures = 0
+        instance.ejected_until = time.monotonic() + seconds
+        log.warning("ejecting %s for %.1fs: %s", instance.address, seconds, reason)
+        instance.variant.set_healthy(instance, False)
+        asyncio.get_running_loop().call_later(seconds, self._readmit, instance)
+
+    @staticmethod
+    def _readmit(instance: Instance) -> None:
+        # Back in the pick set; the health checker ejects it again if it is still down.
+        if instance.state == "ACTIVE" and not instance.healthy:
+            instance.variant.set_healthy(instance, True)
