@@ -1,0 +1,430 @@
+"""The outstanding-request table, in pure Python: the reference twin of ``_outstanding_c``.
+
+Both implementations run the same algorithm with the same random number generator,
+so for the same seed and the same operations they return the same slots; the test
+suite checks that pick by pick.
+
+Layout. Slots are small integers. Slots of equal weight share a *weight class*;
+each class keeps its pickable slots in ``order``, sorted by outstanding count, and
+``bstart[c]`` = index in ``order`` of the first slot whose count is >= c (the
+bucket layout of an O(1) LFU cache). Incrementing or decrementing a count swaps
+the slot with the edge of its bucket and moves one boundary: O(1). The least
+loaded slots of a class are ``order[0:bstart[min + 1]]``, so a uniformly random
+one among all tied slots is one index away. A binary heap cannot do that: with
+random tie-break keys, slots that lose keep their (large) keys and the winner
+draws a fresh one, so the same slot wins again and again at low load.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+__all__ = ["OutstandingTable"]
+
+_MASK: Final = 0xFFFFFFFFFFFFFFFF
+FREE, ACTIVE, UNAVAILABLE, REMOVED = 0, 1, 2, 3
+STATE_NAMES: Final = ("FREE", "ACTIVE", "UNAVAILABLE", "REMOVED")
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+class _Class:
+    __slots__ = ("bstart", "order", "refs", "weight")
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.order: list[int] = []
+        self.bstart: list[int] = [0, 0]
+        self.refs = 0
+
+
+class OutstandingTable:
+    """Outstanding-request counts per upstream slot, and the picks that read them.
+
+    Lock-free by design: every method runs on the event-loop thread, so no
+    operation can interleave with another. State lives in flat arrays so that a
+    shared-memory variant can reuse the layout.
+    """
+
+    def __init__(self, seed: int | None = None):
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        self._rng = splitmix64(seed & _MASK) or 1
+        self._count: list[int] = []
+        self._weight: list[float] = []
+        self._cls: list[int] = []
+        self._state: list[int] = []
+        self._opos: list[int] = []
+        self._apos: list[int] = []
+        self._avail: list[int] = []
+        self._classes: list[_Class] = []
+        self._class_of: dict[float, int] = {}
+        self._rr = 0
+        self._total = 0
+        self._used = 0
+
+    # -- random numbers (xorshift64*), identical in the C twin ------------------------
+
+    def _next(self) -> int:
+        x = self._rng
+        x ^= x >> 12
+        x ^= (x << 25) & _MASK
+        x ^= x >> 27
+        self._rng = x
+        return (x * 0x2545F4914F6CDD1D) & _MASK
+
+    def _below(self, k: int) -> int:
+        return self._next() % k
+
+    def _uniform(self) -> float:
+        return (self._next() >> 11) * (1.0 / 9007199254740992.0)
+
+    # -- argument checks ---------------------------------------------------------------
+
+    def _slot(self, slot: int) -> int:
+        if not 0 <= slot < len(self._state) or self._state[slot] == FREE:
+            raise IndexError(f"slot {slot} is not in the table")
+        return slot
+
+    @staticmethod
+    def _check_weight(weight: float) -> float:
+        weight = float(weight)
+        if not weight > 0 or weight == float("inf"):
+            raise ValueError(f"weight must be a positive finite number, got {weight!r}")
+        return weight
+
+    # -- class bucket moves --------------------------------------------------------------
+
+    def _swap(self, k: _Class, i: int, j: int) -> None:
+        order = k.order
+        a, b = order[i], order[j]
+        order[i], order[j] = b, a
+        self._opos[a] = j
+        self._opos[b] = i
+
+    def _grow_buckets(self, k: _Class, count: int) -> None:
+        # bstart must cover index count + 1; new entries point past the end.
+        while len(k.bstart) < count + 2:
+            k.bstart.append(len(k.order))
+
+    def _class_insert(self, slot: int) -> None:
+        k = self._classes[self._cls[slot]]
+        c = self._count[slot]
+        self._grow_buckets(k, c)
+        p = len(k.order)
+        k.order.append(slot)
+        self._opos[slot] = p
+        bstart = k.bstart
+        for b in range(len(bstart) - 1, c, -1):
+            j = bstart[b]
+            if j < p:
+                self._swap(k, p, j)
+                p = j
+            bstart[b] += 1
+
+    def _class_remove(self, slot: int) -> None:
+        k = self._classes[self._cls[slot]]
+        c = self._count[slot]
+        bstart = k.bstart
+        n = len(k.order)
+        # To the end of its own bucket, then across each higher bucket to the very end.
+        self._swap(k, self._opos[slot], bstart[c + 1] - 1)
+        for b in range(c + 1, len(bstart)):
+            end = bstart[b + 1] if b + 1 < len(bstart) else n
+            self._swap(k, self._opos[slot], end - 1)
+            bstart[b] -= 1
+        k.order.pop()
+        self._opos[slot] = -1
+
+    def _bump(self, slot: int) -> None:
+        c = self._count[slot]
+        if self._opos[slot] >= 0:
+            k = self._classes[self._cls[slot]]
+            self._grow_buckets(k, c + 1)
+            self._swap(k, self._opos[slot], k.bstart[c + 1] - 1)
+            k.bstart[c + 1] -= 1
+        self._count[slot] = c + 1
+        self._total += 1
+
+    def _drop(self, slot: int) -> None:
+        c = self._count[slot]
+        if self._opos[slot] >= 0:
+            k = self._classes[self._cls[slot]]
+            self._swap(k, self._opos[slot], k.bstart[c])
+            k.bstart[c] += 1
+        self._count[slot] = c - 1
+        self._total -= 1
+
+    def _avail_add(self, slot: int) -> None:
+        self._apos[slot] = len(self._avail)
+        self._avail.append(slot)
+        self._class_insert(slot)
+
+    def _avail_remove(self, slot: int) -> None:
+        i = self._apos[slot]
+        last = self._avail.pop()
+        if last != slot:
+            self._avail[i] = last
+            self._apos[last] = i
+        self._apos[slot] = -1
+        self._class_remove(slot)
+
+    def _class_for(self, weight: float) -> int:
+        index = self._class_of.get(weight)
+        if index is None:
+            for i, k in enumerate(self._classes):
+                if k.refs == 0:
+                    del self._class_of[k.weight]
+                    self._classes[i] = _Class(weight)
+                    index = i
+                    break
+            else:
+                index = len(self._classes)
+                self._classes.append(_Class(weight))
+            self._class_of[weight] = index
+        self._classes[index].refs += 1
+        return index
+
+    # -- membership ------------------------------------------------------------------
+
+    def add(self, weight: float = 1.0) -> int:
+        """Add a pickable slot with no outstanding requests; returns its id.
+
+        Ids of removed slots are reused (lowest first) once their count is zero.
+        """
+        weight = self._check_weight(weight)
+        for slot, state in enumerate(self._state):
+            if state == FREE:
+                break
+        else:
+            slot = len(self._state)
+            self._count.append(0)
+            self._weight.append(0.0)
+            self._cls.append(-1)
+            self._state.append(FREE)
+            self._opos.append(-1)
+            self._apos.append(-1)
+        self._count[slot] = 0
+        self._weight[slot] = weight
+        self._cls[slot] = self._class_for(weight)
+        self._state[slot] = ACTIVE
+        self._used += 1
+        self._avail_add(slot)
+        return slot
+
+    def _free(self, slot: int) -> None:
+        self._classes[self._cls[slot]].refs -= 1
+        self._cls[slot] = -1
+        self._state[slot] = FREE
+        self._used -= 1
+
+    def remove(self, slot: int) -> None:
+        """Never pick this slot again; its id is reused only after its last release."""
+        self._slot(slot)
+        if self._state[slot] == REMOVED:
+            return
+        if self._state[slot] == ACTIVE:
+            self._avail_remove(slot)
+        self._state[slot] = REMOVED
+        if self._count[slot] == 0:
+            self._free(slot)
+
+    def set_weight(self, slot: int, weight: float) -> None:
+        self._slot(slot)
+        weight = self._check_weight(weight)
+        active = self._state[slot] == ACTIVE
+        if active:
+            self._avail_remove(slot)
+        self._classes[self._cls[slot]].refs -= 1
+        self._weight[slot] = weight
+        self._cls[slot] = self._class_for(weight)
+        if active:
+            self._avail_add(slot)
+
+    def weight(self, slot: int) -> float:
+        return self._weight[self._slot(slot)]
+
+    def set_available(self, slot: int, available: bool) -> None:
+        """Take a slot out of the pick set (draining, unhealthy) or put it back."""
+        self._slot(slot)
+        state = self._state[slot]
+        if state == REMOVED:
+            raise ValueError(f"slot {slot} was removed")
+        if available and state == UNAVAILABLE:
+            self._state[slot] = ACTIVE
+            self._avail_add(slot)
+        elif not available and state == ACTIVE:
+            self._state[slot] = UNAVAILABLE
+            self._avail_remove(slot)
+
+    def is_available(self, slot: int) -> bool:
+        return self._state[self._slot(slot)] == ACTIVE
+
+    # -- picks -------------------------------------------------------------------------
+
+    def pick(self) -> int:
+        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + 1) / weight.
+
+        Ties are broken uniformly at random over every tied slot. Counts the pick as
+        outstanding. Returns -1 when no slot can be picked.
+        """
+        best: _Class | None = None
+        best_min = 0
+        tied = 0
+        for k in self._classes:
+            if not k.order:
+                continue
+            m = self._count[k.order[0]]
+            if best is None:
+                best, best_min, tied = k, m, k.bstart[m + 1]
+                continue
+            lhs = (m + 1) * best.weight
+            rhs = (best_min + 1) * k.weight
+            if lhs < rhs:
+                best, best_min, tied = k, m, k.bstart[m + 1]
+            elif lhs == rhs:
+                ties = k.bstart[m + 1]
+                tied += ties
+                if self._below(tied) < ties:
+                    best, best_min = k, m
+        if best is None:
+            return -1
+        slot = best.order[self._below(best.bstart[best_min + 1])]
+        self._bump(slot)
+        return slot
+
+    def pick_random(self) -> int:
+        """RANDOM (SageMaker's default): a slot with probability proportional to its weight."""
+        total = 0.0
+        for k in self._classes:
+            total += k.weight * len(k.order)
+        if total == 0.0:
+            return -1
+        r = self._uniform() * total
+        chosen: _Class | None = None
+        for k in self._classes:
+            if not k.order:
+                continue
+            chosen = k
+            r -= k.weight * len(k.order)
+            if r < 0.0:
+                break
+        assert chosen is not None
+        slot = chosen.order[self._below(len(chosen.order))]
+        self._bump(slot)
+        return slot
+
+    def pick_round_robin(self) -> int:
+        """ROUND_ROBIN over the pickable slots (weights are not applied)."""
+        n = len(self._avail)
+        if n == 0:
+            return -1
+        self._rr = (self._rr + 1) % n
+        slot = self._avail[self._rr]
+        self._bump(slot)
+        return slot
+
+    def pick_two(self) -> int:
+        """POWER_OF_TWO_CHOICES: the less loaded of two distinct uniform samples."""
+        avail = self._avail
+        n = len(avail)
+        if n == 0:
+            return -1
+        if n == 1:
+            slot = avail[0]
+        else:
+            i = self._below(n)
+            j = self._below(n - 1)
+            if j >= i:
+                j += 1
+            a, b = avail[i], avail[j]
+            lhs = (self._count[a] + 1) * self._weight[b]
+            rhs = (self._count[b] + 1) * self._weight[a]
+            if lhs < rhs:
+                slot = a
+            elif rhs < lhs:
+                slot = b
+            else:
+                slot = a if self._next() & 1 else b
+        self._bump(slot)
+        return slot
+
+    # -- accounting --------------------------------------------------------------------
+
+    def acquire(self, slot: int) -> None:
+        """Count one more request on a slot chosen by the caller (a pinned sequence)."""
+        self._slot(slot)
+        if self._state[slot] == REMOVED:
+            raise ValueError(f"slot {slot} was removed")
+        self._bump(slot)
+
+    def release(self, slot: int) -> None:
+        """One request on the slot ended."""
+        self._slot(slot)
+        if self._count[slot] == 0:
+            raise ValueError(f"release of slot {slot} with no outstanding requests")
+        self._drop(slot)
+        if self._state[slot] == REMOVED and self._count[slot] == 0:
+            self._free(slot)
+
+    def outstanding(self, slot: int) -> int:
+        return self._count[self._slot(slot)]
+
+    def total_outstanding(self) -> int:
+        return self._total
+
+    def pickable(self) -> int:
+        return len(self._avail)
+
+    def __len__(self) -> int:
+        return self._used
+
+    def snapshot(self) -> list[tuple[int, int, float, str]]:
+        """(slot, outstanding, weight, state) for every slot in use, by slot id."""
+        return [
+            (slot, self._count[slot], self._weight[slot], STATE_NAMES[state])
+            for slot, state in enumerate(self._state) if state != FREE
+        ]
+
+    def check(self) -> None:
+        """Verify every invariant; raises AssertionError naming the first one broken."""
+        total = 0
+        active = 0
+        for slot, state in enumerate(self._state):
+            if state == FREE:
+                continue
+            c = self._count[slot]
+            assert c >= 0, f"slot {slot} count {c} < 0"
+            total += c
+            in_order = self._opos[slot] >= 0
+            assert in_order == (state == ACTIVE), f"slot {slot} order membership vs state"
+            assert (self._apos[slot] >= 0) == (state == ACTIVE), f"slot {slot} avail vs state"
+            if state == ACTIVE:
+                active += 1
+                assert self._avail[self._apos[slot]] == slot, f"slot {slot} apos broken"
+                k = self._classes[self._cls[slot]]
+                assert k.order[self._opos[slot]] == slot, f"slot {slot} opos broken"
+                assert k.weight == self._weight[slot], f"slot {slot} in the wrong class"
+            if state == REMOVED:
+                assert c > 0, f"removed slot {slot} with no requests should be free"
+        assert total == self._total, f"sum of counts {total} != total {self._total}"
+        assert active == len(self._avail), "avail size"
+        refs = [0] * len(self._classes)
+        for slot, state in enumerate(self._state):
+            if state != FREE:
+                refs[self._cls[slot]] += 1
+        for i, k in enumerate(self._classes):
+            assert k.refs == refs[i], f"class {i} refs {k.refs} != {refs[i]}"
+            n = len(k.order)
+            counts = [self._count[s] for s in k.order]
+            assert counts == sorted(counts), f"class {i} order not sorted: {counts}"
+            assert len(k.bstart) >= (max(counts) + 2 if counts else 2), f"class {i} bstart short"
+            for c, start in enumerate(k.bstart):
+                want = sum(1 for x in counts if x < c)
+                assert start == want, f"class {i} bstart[{c}] = {start}, expected {want} (n={n})"
