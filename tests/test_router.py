@@ -135,8 +135,8 @@ def test_deadline_exceeded_releases(make_router: Any) -> None:
     router = make_router()
     with grpcclient.InferenceServerClient(router.address) as client, \
             pytest.raises(InferenceServerException) as info:
-        # 2000 tokens at the model's per-token time take far longer than 0.3 s.
-        client.infer("generate_unary", _generate_inputs(1, 2000), client_timeout=0.3)
+        # 200 tokens at the default 5 ms per token take 1 s, far longer than 0.3 s.
+        client.infer("generate_unary", _generate_inputs(1, 200), client_timeout=0.3)
     assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
     router.wait_idle()
 

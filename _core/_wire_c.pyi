@@ -1,0 +1,6 @@
+"""Stub for the compiled wire peek; behaviour is documented in _wire_py."""
+
+from tritonmesh._core._wire_py import RequestInfo, ResponseInfo
+
+def peek_request(buf: bytes) -> RequestInfo: ...
+def peek_stream_response(buf: bytes) -> ResponseInfo: ...

@@ -1,0 +1,83 @@
+"""ns per pick+release pair of the outstanding table: compiled vs pure-Python twin.
+
+    python bench/core_bench.py [--rounds N]
+
+Prints JSON. "from_python" times the pair called from a Python loop (what the
+router pays, interpreter overhead included); "in_c" times the same pair in a C
+loop (the data structure alone). Both implementations run in the same process,
+side by side, with half the slots already holding one request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from typing import Any
+
+from tritonmesh._core import COutstandingTable, PyOutstandingTable
+
+SIZES = (4, 64, 1024)
+STRATEGIES = ("pick", "pick_random", "pick_two")
+
+
+def _table(cls: Any, n: int) -> Any:
+    t = cls(seed=1)
+    for _ in range(n):
+        t.add()
+    for _ in range(n // 2):
+        t.pick()
+    return t
+
+
+def from_python(cls: Any, n: int, strategy: str, rounds: int) -> float:
+    t = _table(cls, n)
+    pick = getattr(t, strategy)
+    release = t.release
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        for _ in range(rounds):
+            release(pick())
+        best = min(best, (time.perf_counter_ns() - start) / rounds)
+    return best
+
+
+def in_c(n: int, strategy: str, rounds: int) -> float:
+    from tritonmesh._core._outstanding_c import _bench_pick_release
+
+    t = _table(COutstandingTable, n)
+    code = STRATEGIES.index(strategy)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        _bench_pick_release(t, rounds, code)
+        best = min(best, (time.perf_counter_ns() - start) / rounds)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=200_000)
+    args = parser.parse_args()
+    if COutstandingTable is None:
+        raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
+    results = []
+    for strategy in STRATEGIES:
+        for n in SIZES:
+            c = from_python(COutstandingTable, n, strategy, args.rounds)
+            py = from_python(PyOutstandingTable, n, strategy, max(args.rounds // 20, 1000))
+            results.append({
+                "strategy": strategy, "instances": n,
+                "c_ns_from_python": round(c, 1),
+                "c_ns_in_c": round(in_c(n, strategy, args.rounds * 5), 1),
+                "twin_ns": round(py, 1),
+                "twin_over_c": round(py / c, 1),
+            })
+    print(json.dumps({"machine": platform.processor() or platform.machine(),
+                      "python": platform.python_version(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

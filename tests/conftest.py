@@ -1,0 +1,55 @@
+"""Shared fixtures: real Triton workers on loopback and routers in front of them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from harness import LoopThread, RouterHandle, make_config, start_router
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def worker_pool(loop_thread: LoopThread) -> Iterator[Any]:
+    """Three real Triton workers with the demo models, shared by the whole session."""
+    from tritonmesh.workers.launcher import WorkerPool
+
+    async def start() -> WorkerPool:
+        pool = WorkerPool(3, restart=True)
+        await pool.start()
+        return pool
+
+    pool = loop_thread.run(start(), timeout=180)
+    yield pool
+    loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+@pytest.fixture
+def worker_addresses(worker_pool: Any) -> list[str]:
+    return list(worker_pool.addresses)
+
+
+@pytest.fixture
+def make_router(loop_thread: LoopThread, worker_addresses: list[str]) -> Iterator[Any]:
+    """Start routers over the session's workers; at teardown every count must be zero."""
+    routers: list[RouterHandle] = []
+
+    def make(**kwargs: Any) -> RouterHandle:
+        config, instances = make_config(worker_addresses, **kwargs)
+        handle = start_router(loop_thread, config, instances)
+        routers.append(handle)
+        return handle
+
+    yield make
+    for handle in routers:
+        try:
+            handle.wait_idle()
+        finally:
+            handle.stop()

@@ -1,0 +1,291 @@
+"""Start, supervise and stop real Triton Inference Server processes.
+
+``WorkerPool`` is an async context manager: it starts N ``tritonserver`` processes on
+free loopback ports, waits until each is ready (ServerReady and ModelReady for every
+model of the repository), watches them, restarts those that die when asked to, and
+stops them all on exit: SIGTERM to each process group, SIGKILL after a grace period.
+Each worker runs in its own process group (its Python backend stubs with it), dies
+with its parent (PR_SET_PDEATHSIG), and an ``atexit`` hook kills any group still
+alive, so neither Ctrl-C nor a crash of the parent leaves an orphan behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from tritonclient.grpc import service_pb2 as pb
+
+from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
+from tritonmesh.workers.upstream import method_path
+
+__all__ = ["TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
+
+log = logging.getLogger("tritonmesh.workers")
+
+_LIVE_GROUPS: set[int] = set()
+_PR_SET_PDEATHSIG = 1
+
+
+def _kill_live_groups() -> None:
+    for pgid in list(_LIVE_GROUPS):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    _LIVE_GROUPS.clear()
+
+
+atexit.register(_kill_live_groups)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class WorkerStartError(RuntimeError):
+    """A worker did not become ready; the message ends with the tail of its log."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def repository_models(repository: Path) -> list[str]:
+    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+
+
+class TritonWorker:
+    """One tritonserver process serving a model repository on loopback ports."""
+
+    def __init__(self, index: int, model_repository: Path, log_path: Path):
+        self.index = index
+        self.model_repository = model_repository
+        self.log_path = log_path
+        self.grpc_port = self.http_port = self.metrics_port = 0
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def start(self, timeout: float = 120.0) -> None:
+        """Start the process and wait until it and every model are ready."""
+        if not self.grpc_port:
+            self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+        install = find_tritonserver()
+        args = [
+            str(install.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={install.backend_dir}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            "--model-control-mode=explicit", "--load-model=*",
+            "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logfile:
+            self.process = await asyncio.create_subprocess_exec(
+                *args, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT, env=install.env, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        _LIVE_GROUPS.add(self.process.pid)
+        await self._wait_ready(timeout)
+
+    async def _wait_ready(self, timeout: float) -> None:
+        models = repository_models(self.model_repository)
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            server_ready = channel.unary_unary(
+                method_path("ServerReady"),
+                request_serializer=pb.ServerReadyRequest.SerializeToString,
+                response_deserializer=pb.ServerReadyResponse.FromString)
+            model_ready = channel.unary_unary(
+                method_path("ModelReady"),
+                request_serializer=pb.ModelReadyRequest.SerializeToString,
+                response_deserializer=pb.ModelReadyResponse.FromString)
+            while True:
+                if self.returncode is not None:
+                    raise WorkerStartError(
+                        f"Triton worker {self.index} exited with code {self.returncode} "
+                        f"while starting; last lines of {self.log_path}:\n{self.log_tail()}")
+                try:
+                    if (await server_ready(pb.ServerReadyRequest(), timeout=1)).ready and all(
+                        [(await model_ready(pb.ModelReadyRequest(name=m), timeout=1)).ready
+                         for m in models]
+                    ):
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    await self.stop(grace=1.0)
+                    raise WorkerStartError(
+                        f"Triton worker {self.index} was not ready after {timeout:.0f}s; "
+                        f"last lines of {self.log_path}:\n{self.log_tail()}")
+                await asyncio.sleep(0.1)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process group, SIGKILL it after ``grace`` seconds."""
+        process = self.process
+        if process is None:
+            return
+        pgid = process.pid
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), grace)
+            except TimeoutError:
+                log.warning("Triton worker %d ignored SIGTERM for %.0fs; killing it",
+                            self.index, grace)
+        # The stubs live in the same group; take down whatever is left of it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        await process.wait()
+        _LIVE_GROUPS.discard(pgid)
+
+    def __repr__(self) -> str:
+        return f"<TritonWorker {self.index} {self.address} pid={self.pid}>"
+
+
+class WorkerPool:
+    """N local Triton workers: started together, supervised, stopped together.
+
+    ``on_exit(worker, returncode)`` is called when a worker dies unexpectedly; with
+    ``restart=True`` the worker is then started again on the same ports.
+    """
+
+    def __init__(self, count: int, model_repository: str | Path | None = None, *,
+                 log_dir: str | Path | None = None, restart: bool = False,
+                 start_timeout: float = 120.0,
+                 on_exit: Callable[[TritonWorker, int], None] | None = None):
+        if count < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self.model_repository = Path(model_repository or default_model_repository()).resolve()
+        if not repository_models(self.model_repository):
+            raise ValueError(f"{self.model_repository} holds no model (no */config.pbtxt)")
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="tritonmesh-workers-"))
+        self.restart = restart
+        self.start_timeout = start_timeout
+        self.on_exit = on_exit
+        self.workers = [
+            TritonWorker(i, self.model_repository, self.log_dir / f"triton-{i}.log")
+            for i in range(count)
+        ]
+        self.exits: asyncio.Queue[tuple[TritonWorker, int]] = asyncio.Queue()
+        self._watchers: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]
+
+    async def start(self) -> None:
+        results = await asyncio.gather(
+            *(w.start(self.start_timeout) for w in self.workers), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.stop(grace=2.0)
+            raise failures[0]
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._watch(w)) for w in self.workers]
+        log.info("%d Triton workers ready: %s", len(self.workers), ", ".join(self.addresses))
+
+    async def _watch(self, worker: TritonWorker) -> None:
+        while not self._stopping:
+            assert worker.process is not None
+            code = await worker.process.wait()
+            _LIVE_GROUPS.discard(worker.process.pid)
+            if self._stopping:
+                return
+            log.error("Triton worker %d (%s) exited with code %d; last lines:\n%s",
+                      worker.index, worker.address, code, worker.log_tail(10))
+            self.exits.put_nowait((worker, code))
+            if self.on_exit is not None:
+                self.on_exit(worker, code)
+            if not self.restart:
+                return
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.process.pid, signal.SIGKILL)  # its stubs, if any remain
+            worker.restarts += 1
+            try:
+                await worker.start(self.start_timeout)
+                log.info("Triton worker %d restarted on %s", worker.index, worker.address)
+            except Exception:
+                log.exception("Triton worker %d could not be restarted", worker.index)
+                return
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(w.stop(grace) for w in self.workers))
+
+    async def __aenter__(self) -> WorkerPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        await self.stop()
+        # Logs of a temporary directory go with it, unless something went wrong.
+        if self._own_log_dir and exc_type is None and self.exits.empty():
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+async def serve_workers(count: int, model_repository: str | None, log_dir: str | None,
+                        restart: bool) -> None:
+    """``tritonmesh workers``: start the pool, print the addresses, run until Ctrl-C."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with WorkerPool(count, model_repository, log_dir=log_dir, restart=restart) as pool:
+        print(f"{count} Triton workers ready (logs in {pool.log_dir}):", flush=True)
+        for worker in pool.workers:
+            print(f"  worker {worker.index}: grpc {worker.address}  "
+                  f"http 127.0.0.1:{worker.http_port}  "
+                  f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}", flush=True)
+        print("Stop with Ctrl-C.", flush=True)
+        await stop.wait()
