@@ -5,7 +5,7 @@ touched on pick and release.
 """
 
 cimport cython
-from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.string cimport memset
 
@@ -579,8 +579,8 @@ cdef class OutstandingTable:
 
 def _bench_pick_release(OutstandingTable table, Py_ssize_t rounds, int strategy=0):
     """Time-free loop for benchmarks: ``rounds`` pick+release pairs, entirely in C."""
-    cdef Py_ssize_t i, slot
-    for i in range(rounds):
+    cdef Py_ssize_t _, slot
+    for _ in range(rounds):
         if strategy == 0:
             slot = table.pick()
         elif strategy == 1:

@@ -199,10 +199,8 @@ class OutstandingTable:
         Ids of removed slots are reused (lowest first) once their count is zero.
         """
         weight = self._check_weight(weight)
-        for slot, state in enumerate(self._state):
-            if state == FREE:
-                break
-        else:
+        slot = next((i for i, state in enumerate(self._state) if state == FREE), -1)
+        if slot < 0:
             slot = len(self._state)
             self._count.append(0)
             self._weight.append(0.0)

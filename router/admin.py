@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import NoReturn
 
 import grpc
 import grpc.aio
@@ -24,7 +25,13 @@ def instance_message(instance: Instance) -> apb.Instance:
     )
 
 
-class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+                 ) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("context.abort returned")
+
+
+class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
     def __init__(self, balancer: Balancer):
         self.balancer = balancer
 
@@ -33,7 +40,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]
         variants = [v for v in self.balancer.variants
                     if not request.variant or v.name == request.variant]
         if request.variant and not variants:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
         return apb.ListInstancesResponse(
             variants=[apb.Variant(name=v.name, weight=v.weight,
                                   routing_strategy=v.strategy.value,
@@ -45,16 +52,16 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]
                           context: grpc.aio.ServicerContext) -> apb.Instance:
         variant = self.balancer.by_name.get(request.variant)
         if variant is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
         try:
             address = _address(request.address, "address")
         except ConfigError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if any(i.address == address for i in variant.live_instances()):
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
                                 f"{address} is already in variant '{variant.name}'")
         if request.weight < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "weight must be positive")
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "weight must be positive")
         instance = variant.add(Upstream(address), request.weight or 1.0)
         return instance_message(instance)
 
@@ -62,10 +69,10 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]
                              context: grpc.aio.ServicerContext) -> apb.RemoveInstanceResponse:
         variant = self.balancer.by_name.get(request.variant)
         if variant is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
         found = [i for i in variant.live_instances() if i.address == request.address]
         if not found:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
+            await _abort(context, grpc.StatusCode.NOT_FOUND,
                                 f"{request.address} is not in variant '{variant.name}'")
         instance = found[0]
         drained = await drain(instance, request.drain_timeout_s or 30.0)

@@ -103,7 +103,7 @@ def _no_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
 
 
 def _address(value: Any, key: str) -> str:
-    text = _expect(value, str, key)
+    text: str = _expect(value, str, key)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")

@@ -197,7 +197,7 @@ class Fanout:
         failed = [(i, r) for i, r in results if isinstance(r, grpc.aio.AioRpcError)]
         if failed:
             detail = "; ".join(f"{i.address}: {r.details()}" for i, r in failed)
-            code = failed[0][1].code()  # type: ignore[union-attr]
+            code = failed[0][1].code()
             await context.abort(
                 code, f"{method} failed on {len(failed)} of {len(results)} instances: {detail}"
             )

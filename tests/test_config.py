@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tritonmesh.config import ConfigError, RoutingStrategy, load_config, parse_config
 
 
@@ -65,7 +64,8 @@ def test_sagemaker_create_endpoint_config_json(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("doc", "message"), [
     ({}, "variants: at least one"),
     ({"variants": [{"name": "a"}]}, "variants[0].instances: a variant needs"),
-    ({"variants": [{"name": "a", "instances": ["x"]}]}, "variants[0].instances[0]: expected HOST:PORT"),
+    ({"variants": [{"name": "a", "instances": ["x"]}]},
+     "variants[0].instances[0]: expected HOST:PORT"),
     ({"variants": [{"name": "a", "instances": ["h:1"], "routing_strategy": "FASTEST"}]},
      "variants[0].routing_strategy: unknown strategy 'FASTEST'"),
     ({"variants": [{"name": "a", "instances": ["h:1"], "weight": 0}]},

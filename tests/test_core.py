@@ -8,10 +8,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import tritonmesh._core as core
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import tritonmesh._core as core
 
 IMPLEMENTATIONS = [
     pytest.param(core.PyOutstandingTable, id="py"),

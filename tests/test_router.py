@@ -232,7 +232,7 @@ def test_stream_unknown_model_in_stream_same_as_triton(make_router: Any,
         with grpcclient.InferenceServerClient(address) as client:
             client.start_stream(callback=collect)
             client.async_stream_infer("no_such_model", _generate_inputs(1, 1), request_id="u1")
-            ((result, error),) = collect.take(1)
+            ((_, error),) = collect.take(1)
             # The stream stays usable after the error.
             client.async_stream_infer("identity", _identity_inputs(np.ones(1, np.float32)))
             ((ok, ok_error),) = collect.take(1)
@@ -409,7 +409,6 @@ def test_log_settings_broadcast(make_router: Any) -> None:
 
 def test_grpc_health_and_admin(make_router: Any) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     from tritonmesh._pb import tritonmesh_admin_pb2 as apb
     from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2 as pb
-
 from tritonmesh import wire
 from tritonmesh._core import NO_EXTENSIONS
 from tritonmesh.wire import WireError, error_stream_response, inject_empty_final

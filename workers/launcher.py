@@ -28,7 +28,6 @@ from pathlib import Path
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
-
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path
 
@@ -123,7 +122,7 @@ class TritonWorker:
             "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as logfile:
+        with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
             self.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
                 stderr=asyncio.subprocess.STDOUT, env=install.env, start_new_session=True,

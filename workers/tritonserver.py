@@ -62,11 +62,12 @@ def find_tritonserver() -> TritonInstall:
     shutil.copy2(stub, backend_dir / "python" / "triton_python_backend_stub")
 
     site_packages = root.parent.parent
-    lib_dirs = [sysconfig.get_config_var("LIBDIR") or "", str(site_packages / "nvidia_pytriton.libs")]
+    # This interpreter's libpython first: the stub must not load the system's.
+    lib_dirs = [sysconfig.get_config_var("LIBDIR") or "",
+                str(site_packages / "nvidia_pytriton.libs")]
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        [d for d in lib_dirs if d] + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    )
+    inherited = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([d for d in lib_dirs if d] + inherited)
     # The stub finds its prefix (and so numpy) through the python3 first on PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return TritonInstall(binary, backend_dir, env)
