@@ -102,10 +102,12 @@ def _no_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
             raise ConfigError(f"{where}{key}: unknown key (known keys: {known})")
 
 
-def _address(value: Any, key: str) -> str:
+def _address(value: Any, key: str, *, listen: bool = False) -> str:
+    """HOST:PORT; a listening address may use port 0 for any free port."""
     text: str = _expect(value, str, key)
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     return text
 
@@ -238,8 +240,9 @@ def parse_config(data: Any) -> EndpointConfig:
     metrics = data.get("metrics_listen", EndpointConfig.metrics_listen)
     return EndpointConfig(
         name=_expect(data.get("endpoint", "tritonmesh"), str, "endpoint"),
-        listen=_address(data.get("listen", EndpointConfig.listen), "listen"),
-        metrics_listen=None if metrics is None else _address(metrics, "metrics_listen"),
+        listen=_address(data.get("listen", EndpointConfig.listen), "listen", listen=True),
+        metrics_listen=None if metrics is None else _address(metrics, "metrics_listen",
+                                                             listen=True),
         variants=variants,
         health_check=_health(data["health_check"]) if "health_check" in data
         else HealthCheckConfig(),

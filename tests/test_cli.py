@@ -1,0 +1,133 @@
+"""The commands a user types: `tritonmesh up`, `serve`, `status`, run as real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+pytestmark = pytest.mark.triton
+
+TRITONMESH = str(Path(sys.executable).parent / "tritonmesh")
+
+
+class Running:
+    """A tritonmesh process whose output is read until its banner says where it serves."""
+
+    def __init__(self, args: list[str], timeout: float = 180.0):
+        self.process = subprocess.Popen(
+            [TRITONMESH, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        try:
+            self._read_banner(timeout)
+        except BaseException:
+            self.process.kill()
+            self.process.communicate()
+            raise
+
+    def _read_banner(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        assert self.process.stdout is not None
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise AssertionError("tritonmesh exited early:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if line.startswith("Stop with Ctrl-C"):
+                break
+            assert time.monotonic() < deadline, "no banner:\n" + "".join(self.lines)
+        text = "".join(self.lines)
+        found = re.search(r"serving Triton's gRPC protocol on (\S+)", text)
+        assert found, text
+        self.address = found.group(1)
+        metrics = re.search(r"curl -s http://(\S+)/metrics", text)
+        self.metrics = metrics.group(1) if metrics else None
+
+    def children(self, name: str) -> list[int]:
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            comm = text[text.index("(") + 1:text.rindex(")")]
+            ppid = int(text.rsplit(")", 1)[1].split()[1])
+            if ppid == self.process.pid and comm == name:
+                pids.append(int(stat.parent.name))
+        return pids
+
+    def interrupt(self, timeout: float = 60.0) -> str:
+        self.process.send_signal(signal.SIGINT)
+        out, _ = self.process.communicate(timeout=timeout)
+        return "".join(self.lines) + out
+
+
+def _identity(address: str) -> list[float]:
+    with grpcclient.InferenceServerClient(address) as client:
+        x = grpcclient.InferInput("INPUT0", [3], "FP32")
+        x.set_data_from_numpy(np.array([1, 2, 3], dtype=np.float32))
+        return client.infer("identity", [x]).as_numpy("OUTPUT0").tolist()
+
+
+def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
+    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0"])
+    try:
+        workers = running.children("tritonserver")
+        assert len(workers) == 1
+        assert _identity(running.address) == [1, 2, 3]
+        status = subprocess.run([TRITONMESH, "status", "--address", running.address],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert "LEAST_OUTSTANDING_REQUESTS" in status.stdout and "healthy" in status.stdout
+    finally:
+        out = running.interrupt()
+    assert running.process.returncode == 0, out
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} survived"
+
+
+def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[str]) -> None:
+    config = tmp_path / "endpoint.yaml"
+    config.write_text(
+        "listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nvariants:\n"
+        "  - name: AllTraffic\n    routing_strategy: POWER_OF_TWO_CHOICES\n"
+        f"    instances: {worker_addresses[:2]!r}\n"
+    )
+    running = Running(["serve", "--config", str(config)])
+    try:
+        for _ in range(4):
+            assert _identity(running.address) == [1, 2, 3]
+        assert running.metrics is not None
+        with urllib.request.urlopen(f"http://{running.metrics}/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        finished = re.findall(r'^tritonmesh_instance_requests_total\{[^}]*\} (\S+)$', metrics,
+                              re.MULTILINE)
+        assert sum(float(v) for v in finished) == 4.0, metrics
+        assert "tritonmesh_instance_outstanding_requests" in metrics
+    finally:
+        running.interrupt()
+    assert running.process.returncode == 0
+
+
+def test_invalid_config_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("variants:\n  - name: a\n    instances: [nowhere]\n")
+    result = subprocess.run([TRITONMESH, "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "variants[0].instances[0]: expected HOST:PORT" in result.stderr
+
+
+def test_status_of_nothing_says_so() -> None:
+    result = subprocess.run([TRITONMESH, "status", "--address", "127.0.0.1:9", "--timeout", "2"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "cannot reach tritonmesh" in result.stderr
