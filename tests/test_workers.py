@@ -16,7 +16,6 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from harness import LoopThread
 from tritonclient.utils import InferenceServerException
-
 from tritonmesh.workers.launcher import WorkerPool, WorkerStartError
 
 pytestmark = pytest.mark.triton
