@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-compiled test-twin bench-core clean
+.PHONY: install up test test-compiled test-twin test-debug bench-core clean
 
 $(STAMP): pyproject.toml setup.py _core/_outstanding_c.pyx
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ test-compiled: install
 test-twin: install
 	TRITONMESH_NO_EXTENSIONS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The core with its invariant check compiled in after every mutation, then rebuilt for speed.
+test-debug: install
+	TRITONMESH_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py
+	$(BIN)/python setup.py -q build_ext --inplace --force
+
 bench-core: install
 	$(BIN)/python bench/core_bench.py
+	$(BIN)/python bench/wire_bench.py
 
 clean:
 	rm -rf build *.egg-info _core/*.c _core/*.so
