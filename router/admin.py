@@ -21,7 +21,7 @@ def instance_message(instance: Instance) -> apb.Instance:
         variant=instance.variant.name, slot=instance.slot, address=instance.address,
         state=instance.state, healthy=instance.healthy, outstanding=instance.outstanding,
         requests=instance.requests, errors=instance.errors,
-        weight=instance.variant.table.weight(instance.slot),
+        weight=instance.weight,
     )
 
 

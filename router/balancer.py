@@ -44,11 +44,13 @@ class Instance:
     __slots__ = (
         "address", "drained", "ejected_until", "ejections", "errors", "failures", "healthy",
         "latency_buckets", "latency_sum", "requests", "slot", "state", "upstream", "variant",
+        "weight",
     )
 
-    def __init__(self, variant: Variant, slot: int, upstream: Upstream):
+    def __init__(self, variant: Variant, slot: int, upstream: Upstream, weight: float = 1.0):
         self.variant = variant
         self.slot = slot
+        self.weight = weight
         self.upstream = upstream
         self.address = upstream.address
         self.healthy = True
@@ -66,6 +68,12 @@ class Instance:
 
     @property
     def outstanding(self) -> int:
+        if self.state == "REMOVED":
+            # Once its last request ends, a removed instance's slot is freed (and may be
+            # reused by a newer instance): nothing of it is outstanding any more.
+            if self.variant.instances[self.slot] is not self or not self.variant.table_has(
+                    self.slot):
+                return 0
         return self.variant.table.outstanding(self.slot)
 
     def observe(self, seconds: float, ok: bool) -> None:
@@ -107,11 +115,14 @@ class Variant:
 
     def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
         slot = self.table.add(weight)
-        instance = Instance(self, slot, upstream)
+        instance = Instance(self, slot, upstream, weight)
         while len(self.instances) <= slot:
             self.instances.append(None)
         self.instances[slot] = instance
         return instance
+
+    def table_has(self, slot: int) -> bool:
+        return any(s == slot for s, _, _, _ in self.table.snapshot())
 
     def pick(self) -> Instance | None:
         slot = self._pick()

@@ -80,7 +80,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tritonmesh.endpoint import run_endpoint
 
     config = load_config(args.config)
-    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner))
+    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
+                             config_path=args.config))
     return 0
 
 

@@ -9,7 +9,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from tritonmesh.config import EndpointConfig
+from tritonmesh.config import ConfigError, EndpointConfig, load_config
 from tritonmesh.server import Router
 
 __all__ = ["open_endpoint", "run_endpoint"]
@@ -42,19 +42,55 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
 
 
 async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = None,
-                       on_ready: Callable[[Router], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included)."""
+                       on_ready: Callable[[Router], None] | None = None,
+                       config_path: str | Path | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included).
+
+    With ``config_path``, SIGHUP re-reads it and applies each variant's static
+    ``instances``: new ones join, removed ones drain first.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads: set[asyncio.Task[None]] = set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         async with open_endpoint(config, log_dir=log_dir) as router:
+            if config_path is not None:
+                running = [config]
+
+                def on_hup() -> None:
+                    task = loop.create_task(_reload(router, config_path, running))
+                    reloads.add(task)
+                    task.add_done_callback(reloads.discard)
+                loop.add_signal_handler(signal.SIGHUP, on_hup)
             if on_ready is not None:
                 on_ready(router)
             await stop.wait()
             log.info("shutting down: finishing in-flight requests (up to %ss)",
                      config.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _reload(router: Router, path: str | Path, running: list[EndpointConfig]) -> None:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        log.error("reload: keeping the running configuration: %s", exc)
+        return
+    assert router.balancer is not None
+    # Local workers stay as they are; only the static instances are re-read.
+    static = {i for v in running[0].variants for i in v.instances}
+    running[0] = config
+    instances = {}
+    for variant in config.variants:
+        live = router.balancer.by_name.get(variant.name)
+        keep = [] if live is None else [
+            i.address for i in live.live_instances()
+            if i.state == "ACTIVE" and i.address not in static
+        ]
+        instances[variant.name] = [*keep, *variant.instances]
+    added, removed = await router.update_instances(instances)
+    log.info("reloaded %s: %d instances added, %d drained and removed", path, added, removed)

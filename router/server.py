@@ -9,6 +9,7 @@ server reflection and tritonmesh's admin service.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -19,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
-from tritonmesh.admin import AdminService
+from tritonmesh.admin import AdminService, drain
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import EndpointConfig
 from tritonmesh.fanout import Fanout
@@ -133,6 +134,34 @@ class Router:
         if self.balancer is not None:
             for instance in self.balancer.instances():
                 await instance.upstream.close(grace=0)
+
+    async def update_instances(self, instances: Mapping[str, Sequence[str]],
+                               drain_timeout_s: float = 30.0) -> tuple[int, int]:
+        """Make each variant's instances exactly ``instances[variant]``, without restart.
+
+        New addresses join at once; addresses no longer listed drain (no new picks,
+        in-flight requests finish up to ``drain_timeout_s``) and are then removed.
+        Variants not named are left alone. Returns (added, removed).
+        """
+        assert self.balancer is not None
+        added = 0
+        drains = []
+        for name, addresses in instances.items():
+            variant = self.balancer.by_name.get(name)
+            if variant is None:
+                log.warning("reload: variant %r is not in the running config; adding "
+                            "variants needs a restart", name)
+                continue
+            current = {i.address: i for i in variant.live_instances() if i.state == "ACTIVE"}
+            for address in addresses:
+                if address not in current:
+                    variant.add(Upstream(address))
+                    added += 1
+            drains += [drain(i, drain_timeout_s) for a, i in current.items()
+                       if a not in addresses]
+        if drains:
+            await asyncio.gather(*drains)
+        return added, len(drains)
 
     async def wait_for_termination(self) -> None:
         if self.server is not None:

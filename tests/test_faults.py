@@ -1,0 +1,229 @@
+"""Staying up: dead and dying workers, draining, membership changes, shutdown.
+
+Load here is bounded in count and time and goes only to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from harness import LoopThread, make_config, start_router
+from tritonclient.utils import InferenceServerException
+from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+from tritonmesh.workers.launcher import WorkerPool, free_ports
+
+pytestmark = pytest.mark.triton
+
+
+def _unary_generate(address: str, max_tokens: int, timeout: float = 60) -> list[int]:
+    with grpcclient.InferenceServerClient(address) as client:
+        inputs = []
+        for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
+            t = grpcclient.InferInput(name, [1], "INT32")
+            t.set_data_from_numpy(np.array([value], dtype=np.int32))
+            inputs.append(t)
+        result = client.infer("generate_unary", inputs, client_timeout=timeout)
+        return [int(v) for v in result.as_numpy("TOKENS")]
+
+
+def _identity(address: str) -> None:
+    with grpcclient.InferenceServerClient(address) as client:
+        x = grpcclient.InferInput("INPUT0", [1], "FP32")
+        x.set_data_from_numpy(np.ones(1, dtype=np.float32))
+        client.infer("identity", [x], client_timeout=30)
+
+
+def _admin(address: str) -> Any:
+    return apb_grpc.AdminStub(grpc.insecure_channel(address))
+
+
+def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list[str]) -> None:
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
+    leaving = worker_addresses[1]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        work = [pool.submit(_unary_generate, router.address, 8) for _ in range(24)]
+        time.sleep(0.2)  # requests are in flight on both instances
+        admin = _admin(router.address)
+        removed = admin.RemoveInstance(
+            apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving,
+                                      drain_timeout_s=60), timeout=90)
+        results = [f.result(timeout=120) for f in work]
+    assert removed.drained and removed.instance.outstanding == 0
+    assert all(r == list(range(8)) for r in results)
+    listing = admin.ListInstances(apb.ListInstancesRequest(), timeout=10)
+    assert [i.address for i in listing.instances] == [worker_addresses[0]]
+    # And back again: the instance serves new requests.
+    added = admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=leaving),
+                              timeout=10)
+    assert added.state == "ACTIVE"
+    for _ in range(6):
+        _identity(router.address)
+    served = {i.address: i.requests for i in router.instances()}
+    assert served[leaving] > 0
+    with pytest.raises(grpc.RpcError) as info:
+        admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=leaving),
+                          timeout=10)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_dead_instance_is_ejected_and_requests_go_elsewhere(loop_thread: LoopThread,
+                                                           worker_addresses: list[str]
+                                                           ) -> None:
+    dead = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    config, instances = make_config([dead, worker_addresses[0]],
+                                    strategy="LEAST_OUTSTANDING_REQUESTS")
+    router = start_router(loop_thread, config, instances)
+    try:
+        for _ in range(20):
+            _identity(router.address)  # every one succeeds: never-sent requests retry
+        by_address = {i.address: i for i in router.instances()}
+        assert not by_address[dead].healthy
+        assert by_address[dead].requests <= 2  # it failed fast, then left the pick set
+        assert by_address[worker_addresses[0]].requests == 20
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_every_instance_down_is_an_immediate_clear_unavailable(loop_thread: LoopThread) -> None:
+    dead = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    config, instances = make_config(dead)
+    router = start_router(loop_thread, config, instances)
+    try:
+        for _ in range(3):
+            start = time.monotonic()
+            with pytest.raises(InferenceServerException) as info:
+                _identity(router.address)
+            assert info.value.status() == "StatusCode.UNAVAILABLE"
+            assert time.monotonic() - start < 10  # no hang waiting on dead connections
+        assert "no healthy instance" in info.value.message()
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight(loop_thread: LoopThread,
+                                              worker_addresses: list[str]) -> None:
+    config, instances = make_config(worker_addresses[:1])
+    router = start_router(loop_thread, config, instances)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_unary_generate, router.address, 100)  # about 0.5 s of work
+        deadline = time.monotonic() + 30
+        while router.total_outstanding() == 0:
+            assert time.monotonic() < deadline, "the request never reached the router"
+            time.sleep(0.01)
+        loop_thread.run(router.router.stop(grace=30))
+        assert pending.result(timeout=60) == list(range(100))
+    assert router.total_outstanding() == 0
+
+
+def test_sigkill_under_load_fails_only_in_flight(loop_thread: LoopThread) -> None:
+    async def start() -> WorkerPool:
+        pool = WorkerPool(3, restart=True)
+        await pool.start()
+        return pool
+
+    pool = loop_thread.run(start(), timeout=180)
+    config, instances = make_config(pool.addresses, strategy="LEAST_OUTSTANDING_REQUESTS")
+    router = start_router(loop_thread, config, instances)
+    victim = pool.workers[0]
+    outcomes: queue.Queue[tuple[float, str]] = queue.Queue()
+    stop_at = time.monotonic() + 8.0
+
+    def user() -> None:
+        while time.monotonic() < stop_at:
+            try:
+                _unary_generate(router.address, 20, timeout=30)  # about 0.1 s each
+                outcomes.put((time.monotonic(), "ok"))
+            except InferenceServerException as exc:
+                outcomes.put((time.monotonic(), f"{exc.status()} {exc.message()}"))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as threads:
+            users = [threads.submit(user) for _ in range(6)]
+            time.sleep(2.0)
+            in_flight = next(i for i in router.instances()
+                             if i.address == victim.address).outstanding
+            assert victim.pid is not None
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            for u in users:
+                u.result(timeout=60)  # no client hangs
+        results = []
+        while not outcomes.empty():
+            results.append(outcomes.get())
+        failures = [(t, r) for t, r in results if r != "ok"]
+        # Only requests in flight on the killed worker fail, and they say UNAVAILABLE.
+        assert failures, "the killed worker had requests in flight"
+        assert len(failures) <= in_flight + 1, (in_flight, failures)
+        assert all(r.startswith("StatusCode.UNAVAILABLE") for _, r in failures), failures
+        # Traffic moved to the others within a second.
+        late_ok = [t for t, r in results if r == "ok" and t > killed_at + 1.0]
+        assert late_ok and all(t < killed_at + 1.0 for t, _ in failures)
+        # The supervisor restarts the worker; health checks bring it back into the pick set.
+        deadline = time.monotonic() + 120
+        while True:
+            instance = next(i for i in router.instances() if i.address == victim.address)
+            if instance.healthy and victim.returncode is None and victim.pid is not None:
+                try:
+                    _identity(victim.address)
+                    break
+                except InferenceServerException:
+                    pass
+            assert time.monotonic() < deadline, "the restarted worker never rejoined"
+            time.sleep(0.2)
+        router.wait_idle()
+    finally:
+        router.stop()
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[str]) -> None:
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    config = tmp_path / "endpoint.yaml"
+
+    def write(addresses: list[str]) -> None:
+        config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nvariants:\n"
+                          f"  - name: AllTraffic\n    instances: {addresses!r}\n")
+
+    def listed(address: str) -> list[str]:
+        response = _admin(address).ListInstances(apb.ListInstancesRequest(), timeout=10)
+        return sorted(i.address for i in response.instances)
+
+    write(worker_addresses[:1])
+    process = subprocess.Popen([tritonmesh, "serve", "--config", str(config)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        address = ""
+        for line in process.stdout:
+            if "serving Triton's gRPC protocol on" in line:
+                address = line.split()[-1]
+                break
+        assert address, "no banner"
+        assert listed(address) == worker_addresses[:1]
+        for wanted in (sorted(worker_addresses[1:3]), sorted(worker_addresses[:1])):
+            write(wanted)
+            process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while listed(address) != wanted:
+                assert time.monotonic() < deadline, f"reload did not apply {wanted}"
+                time.sleep(0.1)
+            _identity(address)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    assert process.returncode == 0
