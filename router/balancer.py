@@ -11,6 +11,8 @@ tables from control-plane tasks on the same loop.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +23,7 @@ from tritonmesh.config import RoutingStrategy, VariantConfig
 from tritonmesh.outlier import OutlierDetector
 from tritonmesh.workers.upstream import Upstream
 
-__all__ = ["Balancer", "Instance", "NoInstanceError", "Variant"]
+__all__ = ["Balancer", "Instance", "NoInstanceError", "Variant", "VariantFull"]
 
 # Bucket upper bounds (seconds) for the per-instance latency histogram.
 LATENCY_BUCKETS: Final = (
@@ -36,6 +38,15 @@ class NoInstanceError(LookupError):
     def __init__(self, message: str, code_name: str = "UNAVAILABLE"):
         super().__init__(message)
         self.code_name = code_name
+
+
+class VariantFull(NoInstanceError):
+    """Every healthy instance is at its concurrency limit: wait with ``variant.wait()``."""
+
+    def __init__(self, variant: Variant):
+        super().__init__(f"every instance of variant '{variant.name}' is at its concurrency "
+                         f"limit ({variant.limit})", "RESOURCE_EXHAUSTED")
+        self.variant = variant
 
 
 class Instance:
@@ -112,6 +123,12 @@ class Variant:
             RoutingStrategy.POWER_OF_TWO_CHOICES: self.table.pick_two,
         }
         self._pick = picks[self.strategy]
+        # Late binding: with a per-instance concurrency limit, requests beyond it wait here
+        # (FIFO) and go to the first instance that frees a slot, instead of queueing inside
+        # one Triton behind a long generation.
+        self.limit = config.max_concurrency
+        self.max_queue = config.max_queue
+        self.waiters: collections.deque[asyncio.Future[Instance]] = collections.deque()
 
     def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
         slot = self.table.add(weight)
@@ -119,14 +136,58 @@ class Variant:
         while len(self.instances) <= slot:
             self.instances.append(None)
         self.instances[slot] = instance
+        self.dispatch()
         return instance
 
     def table_has(self, slot: int) -> bool:
         return any(s == slot for s, _, _, _ in self.table.snapshot())
 
     def pick(self) -> Instance | None:
+        """The strategy's choice, counted as outstanding; None if nothing can take it now."""
         slot = self._pick()
-        return None if slot < 0 else self.instances[slot]
+        if slot < 0:
+            return None
+        limit = self.limit
+        if limit is not None and self.table.outstanding(slot) > limit:
+            # The strategy's choice is full; the least loaded instance may not be.
+            self.table.release(slot)
+            slot = self.table.pick()
+            if self.table.outstanding(slot) > limit:
+                self.table.release(slot)
+                return None
+        return self.instances[slot]
+
+    async def wait(self, timeout: float | None) -> Instance:
+        """Wait (FIFO, up to ``timeout`` seconds) for an instance below its limit."""
+        if len(self.waiters) >= self.max_queue:
+            raise NoInstanceError(
+                f"variant '{self.name}': every instance is at its concurrency limit "
+                f"({self.limit}) and {len(self.waiters)} requests are already waiting",
+                "RESOURCE_EXHAUSTED")
+        waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                Balancer.release(waiter.result())  # handed over as we gave up: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove(waiter)
+            raise
+
+    def dispatch(self) -> None:
+        """Hand free capacity to waiting requests, oldest first."""
+        waiters = self.waiters
+        while waiters:
+            if waiters[0].done():
+                waiters.popleft()
+                continue
+            instance = self.pick()
+            if instance is None:
+                return
+            waiters.popleft().set_result(instance)
 
     def serves(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -137,6 +198,8 @@ class Variant:
     def set_healthy(self, instance: Instance, healthy: bool) -> None:
         instance.healthy = healthy
         self._sync(instance)
+        if healthy:
+            self.dispatch()
 
     def set_draining(self, instance: Instance) -> asyncio.Event:
         """Stop new picks; the returned event is set when no request is outstanding."""
@@ -225,6 +288,8 @@ class Balancer:
                                        sequence_end)
         instance = variant.pick()
         if instance is None:
+            if variant.limit is not None and variant.table.pickable():
+                raise VariantFull(variant)
             raise NoInstanceError(
                 f"no healthy instance in variant '{variant.name}' can serve model "
                 f"'{model_name}' right now"
@@ -253,9 +318,11 @@ class Balancer:
 
     @staticmethod
     def release(instance: Instance) -> None:
-        table = instance.variant.table
-        table.release(instance.slot)
-        if instance.drained is not None and not table.outstanding(instance.slot):
+        variant = instance.variant
+        variant.table.release(instance.slot)
+        if variant.waiters:
+            variant.dispatch()
+        if instance.drained is not None and not variant.table.outstanding(instance.slot):
             instance.drained.set()
 
     def expire_sequences(self, idle_s: float) -> int:

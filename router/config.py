@@ -59,6 +59,10 @@ class VariantConfig:
     models: frozenset[str] | None = None  # None: serves every model
     instances: tuple[str, ...] = ()
     local_workers: LocalWorkers | None = None
+    # Late binding: at most this many requests in flight per instance; the rest wait in the
+    # router (FIFO, up to max_queue, within their deadline) for the first free instance.
+    max_concurrency: int | None = None
+    max_queue: int = 1024
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,7 @@ def _positive_int(value: Any, key: str) -> int:
 def _variant(data: Any, where: str) -> VariantConfig:
     _expect(data, dict, where.rstrip("."))
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
-                       "local_workers"}, where)
+                       "local_workers", "max_concurrency_per_instance", "max_queue"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -177,6 +181,10 @@ def _variant(data: Any, where: str) -> VariantConfig:
         models=models,
         instances=instances,
         local_workers=local,
+        max_concurrency=None if data.get("max_concurrency_per_instance") is None
+        else _positive_int(data["max_concurrency_per_instance"],
+                           f"{where}max_concurrency_per_instance"),
+        max_queue=_positive_int(data.get("max_queue", 1024), f"{where}max_queue"),
     )
 
 

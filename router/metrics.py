@@ -44,8 +44,14 @@ class BalancerCollector(Collector):
         variant_outstanding = GaugeMetricFamily(
             "tritonmesh_variant_outstanding_requests", "Outstanding requests in the variant.",
             labels=["variant"])
+        queued = GaugeMetricFamily(
+            "tritonmesh_variant_queued_requests",
+            "Requests waiting in the router for an instance below its concurrency limit.",
+            labels=["variant"])
         for variant in self.balancer.variants:
             variant_outstanding.add_metric([variant.name], variant.table.total_outstanding())
+            # len() only: this runs on the scrape thread while the loop mutates the deque.
+            queued.add_metric([variant.name], len(variant.waiters))
             for inst in variant.live_instances():
                 lv = [variant.name, inst.address]
                 outstanding.add_metric(lv, inst.outstanding)
@@ -59,4 +65,4 @@ class BalancerCollector(Collector):
                     buckets.append((repr(bound), cumulative))
                 buckets.append(("+Inf", inst.requests))
                 latency.add_metric(lv, buckets, inst.latency_sum)
-        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding)
+        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding, queued)

@@ -17,7 +17,7 @@ from typing import Final
 
 import grpc
 import grpc.aio
-from tritonmesh.balancer import Balancer, Instance, NoInstanceError
+from tritonmesh.balancer import Balancer, Instance, NoInstanceError, VariantFull
 from tritonmesh.wire import (
     WireError,
     error_stream_response,
@@ -62,6 +62,20 @@ def _never_reached(exc: grpc.aio.AioRpcError) -> bool:
     return "failed to connect" in details or "Connection refused" in details
 
 
+_QUEUE_TIMEOUT: Final = ("deadline exceeded while waiting in tritonmesh's queue for an instance "
+                         "below its concurrency limit")
+
+
+async def _wait(full: VariantFull, context: grpc.aio.ServicerContext) -> Instance:
+    try:
+        return await full.variant.wait(context.time_remaining())
+    except NoInstanceError as exc:
+        await context.abort(_status(exc.code_name), str(exc))
+    except TimeoutError:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _QUEUE_TIMEOUT)
+    raise AssertionError("unreachable")
+
+
 def _status(code_name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, code_name)
 
@@ -86,6 +100,8 @@ class Proxy:
             try:
                 instance = balancer.pick(info.model_name, target, info.sequence_id,
                                          info.sequence_start, info.sequence_end)
+            except VariantFull as full:
+                instance = await _wait(full, context)
             except NoInstanceError as exc:
                 await context.abort(_status(exc.code_name), str(exc))
             started = time.perf_counter()
@@ -180,10 +196,16 @@ class _StreamSession:
             await self._write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
             return
         try:
-            instance = self.balancer.pick(info.model_name, self.target, info.sequence_id,
-                                          info.sequence_start, info.sequence_end)
+            try:
+                instance = self.balancer.pick(info.model_name, self.target, info.sequence_id,
+                                              info.sequence_start, info.sequence_end)
+            except VariantFull as full:
+                instance = await full.variant.wait(self.context.time_remaining())
         except NoInstanceError as exc:
             await self._write(error_stream_response(str(exc), info.id, info.model_name))
+            return
+        except TimeoutError:
+            await self._write(error_stream_response(_QUEUE_TIMEOUT, info.id, info.model_name))
             return
         up = self.upstreams.get(instance)
         if up is None:

@@ -74,7 +74,8 @@ class RouterHandle:
 
 def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_REQUESTS",
                 variants: Sequence[tuple[str, float, str, int]] | None = None,
-                workers: int | None = None) -> tuple[EndpointConfig, dict[str, list[str]]]:
+                workers: int | None = None, max_concurrency: int | None = None,
+                max_queue: int = 1024) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
     ``variants`` lists (name, weight, strategy, index of the worker address); without it,
@@ -83,7 +84,8 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
     if variants is None:
         chosen = list(addresses[: workers or len(addresses)])
         spec = [VariantConfig("AllTraffic", 1.0, RoutingStrategy(strategy), None,
-                              tuple(chosen))]
+                              tuple(chosen), max_concurrency=max_concurrency,
+                              max_queue=max_queue)]
         instances = {"AllTraffic": chosen}
     else:
         spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))

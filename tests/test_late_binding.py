@@ -1,0 +1,130 @@
+"""Late binding: with a per-instance concurrency limit, requests wait in the router and go to
+the first instance that frees up, instead of queueing inside one busy Triton."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+pytestmark = pytest.mark.triton
+
+
+def _inputs(max_tokens: int) -> list[Any]:
+    tensors = []
+    for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
+        t = grpcclient.InferInput(name, [1], "INT32")
+        t.set_data_from_numpy(np.array([value], dtype=np.int32))
+        tensors.append(t)
+    return tensors
+
+
+def _generate(address: str, max_tokens: int, timeout: float | None = 60) -> list[int]:
+    with grpcclient.InferenceServerClient(address) as client:
+        result = client.infer("generate_unary", _inputs(max_tokens), client_timeout=timeout)
+        return [int(v) for v in result.as_numpy("TOKENS")]
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class LongStream:
+    """A long streamed generation holding one instance busy until stopped."""
+
+    def __init__(self, address: str, max_tokens: int = 2000):
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(address)
+        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
+        self.client.async_stream_infer("generate", _inputs(max_tokens), request_id="long")
+        self.results.get(timeout=30)  # generating
+
+    def stop(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def test_queued_request_goes_to_the_first_free_instance(make_router: Any) -> None:
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2, max_concurrency=1)
+    variant = router.balancer.variants[0]
+    busy = LongStream(router.address)
+    try:
+        (held,) = [i for i in router.instances() if i.outstanding == 1]
+        (free,) = [i for i in router.instances() if i is not held]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(_generate, router.address, 40)  # ~0.2 s on the free instance
+            _wait_for(lambda: free.outstanding == 1, "the first request to start")
+            second = pool.submit(_generate, router.address, 5)
+            _wait_for(lambda: len(variant.waiters) == 1, "the second request to queue")
+            assert held.outstanding == 1  # not stacked behind the long generation
+            assert first.result(timeout=60) == list(range(40))
+            assert second.result(timeout=60) == list(range(5))
+        assert held.requests == 0 and free.requests == 2
+    finally:
+        busy.stop()
+    router.wait_idle()
+
+
+def test_full_queue_is_resource_exhausted(make_router: Any) -> None:
+    router = make_router(workers=1, max_concurrency=1, max_queue=1)
+    variant = router.balancer.variants[0]
+    busy = LongStream(router.address, max_tokens=400)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_generate, router.address, 2)
+            _wait_for(lambda: len(variant.waiters) == 1, "a request to queue")
+            with pytest.raises(InferenceServerException) as info:
+                _generate(router.address, 2)
+            assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert "1 requests are already waiting" in info.value.message()
+            busy.stop()
+            assert waiting.result(timeout=60) == [0, 1]
+    finally:
+        busy.stop()
+    router.wait_idle()
+
+
+def test_deadline_while_queued(make_router: Any) -> None:
+    router = make_router(workers=1, max_concurrency=1)
+    busy = LongStream(router.address, max_tokens=400)
+    try:
+        with pytest.raises(InferenceServerException) as info:
+            _generate(router.address, 2, timeout=0.3)
+        assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert not router.balancer.variants[0].waiters or all(
+            w.done() for w in router.balancer.variants[0].waiters)
+    finally:
+        busy.stop()
+    router.wait_idle()
+
+
+def test_stream_requests_wait_their_turn(make_router: Any) -> None:
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2, max_concurrency=1)
+    results: queue.Queue[Any] = queue.Queue()
+    peak = 0
+    with grpcclient.InferenceServerClient(router.address) as client:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        for k in range(5):
+            client.async_stream_infer("generate", _inputs(6), request_id=f"r{k}",
+                                      enable_empty_final_response=True)
+        got = []
+        while len(got) < 5 * 7:
+            got.append(results.get(timeout=60))
+            peak = max(peak, *(i.outstanding for i in router.instances()))
+        client.stop_stream()
+    assert all(error is None for _, error in got)
+    by_id: dict[str, int] = {}
+    for result, _ in got:
+        by_id[result.get_response().id] = by_id.get(result.get_response().id, 0) + 1
+    assert by_id == {f"r{k}": 7 for k in range(5)}
+    assert peak <= 1
+    router.wait_idle()
