@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--address", default="127.0.0.1:8001")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(func=_cmd_status)
+
+    from tritonmesh.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`tritonmesh bench`: routing experiments with real Triton workers, against real peers."""

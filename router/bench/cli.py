@@ -1,0 +1,89 @@
+"""`tritonmesh bench`: the SageMaker routing experiment and the overhead measurement."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tritonmesh.bench.experiment import (
+    FULL_SCALE,
+    QUICK_SCALE,
+    as_dicts,
+    progress_bar,
+    routing_experiment,
+)
+from tritonmesh.bench.loadgen import Workload
+from tritonmesh.bench.overhead import overhead_experiment
+from tritonmesh.bench.report import write_results
+from tritonmesh.bench.targets import available_targets
+
+__all__ = ["add_bench_parser"]
+
+
+def _scale(text: str) -> tuple[int, int]:
+    users, _, instances = text.partition("/")
+    return int(users), int(instances)
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = subparsers.add_parser(
+        "bench", help="reproduce SageMaker's routing experiment with real Triton, "
+                      "against nginx and HAProxy when installed")
+    bench.add_argument("--mode", choices=["routing", "overhead"], default="routing")
+    bench.add_argument("--full", action="store_true",
+                       help="the whole published table: 4/1, 20/5, 40/10, 60/15, 80/20")
+    bench.add_argument("--scale", type=_scale, nargs="+", metavar="USERS/INSTANCES",
+                       help="scale points (default: 4/1 20/5)")
+    bench.add_argument("--stream", action="store_true",
+                       help="stream tokens (ModelStreamInfer, also reports time to first "
+                            "token) instead of one response per request")
+    bench.add_argument("--targets", nargs="+", metavar="LABEL",
+                       help="only targets whose label contains one of these words")
+    bench.add_argument("--no-peers", action="store_true", help="tritonmesh strategies only")
+    bench.add_argument("--warmup", type=float, default=5.0, help="seconds excluded per cell")
+    bench.add_argument("--duration", type=float, default=30.0, help="measured seconds per cell")
+    bench.add_argument("--median-tokens", type=float, default=40.0)
+    bench.add_argument("--sigma", type=float, default=1.0, help="lognormal spread")
+    bench.add_argument("--decode-ms", type=float, default=2.0, help="per-token time")
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--users", type=int, nargs="+", default=[1, 8],
+                       help="overhead mode: concurrent users")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="results directory (default bench/results/<timestamp>)")
+    bench.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    targets, notes = available_targets(peers=not args.no_peers)
+    if args.targets:
+        targets = [t for t in targets if any(w.lower() in t.label.lower() for w in args.targets)]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    out = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
+    meta = {"command": "tritonmesh " + shlex.join(sys.argv[1:]),
+            "targets": [t.label for t in targets]}
+    if args.mode == "overhead":
+        rows = asyncio.run(overhead_experiment(
+            [t for t in targets if t.kind != "tritonmesh" or t.strategy == "RANDOM"],
+            args.users, args.duration))
+        meta.update(users=args.users, seconds_per_cell=args.duration)
+    else:
+        workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,
+                            decode_ms=args.decode_ms, seed=args.seed)
+        scale = args.scale or (FULL_SCALE if args.full else QUICK_SCALE)
+        results = asyncio.run(routing_experiment(
+            targets, scale, workload, args.warmup, args.duration, args.stream,
+            progress=progress_bar))
+        rows = as_dicts(results)
+        meta.update(workload=asdict(workload), scale=list(scale), warmup_s=args.warmup,
+                    measured_s=args.duration, mode="stream" if args.stream else "unary")
+    written = write_results(out, args.mode, rows, meta, notes)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+

@@ -1,0 +1,89 @@
+"""Results out: a terminal table, JSON, Markdown, and PNG plots like SageMaker's blog."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_table", "plot_routing", "write_results"]
+
+ROUTING_COLUMNS = (
+    ("users", "users", "{}"), ("instances", "inst", "{}"), ("target", "target", "{}"),
+    ("p50_s", "P50 s", "{:.3f}"), ("p90_s", "P90 s", "{:.3f}"), ("p99_s", "P99 s", "{:.3f}"),
+    ("max_s", "max s", "{:.3f}"), ("queued_p99_s", "queued P99 s", "{:.3f}"),
+    ("ttft_p99_s", "TTFT P99 s", "{:.3f}"), ("req_per_s", "req/s", "{:.1f}"),
+    ("req_per_min_per_instance", "req/min/inst", "{:.1f}"), ("errors", "errors", "{}"),
+    ("work_share_cv", "share CV", "{:.2f}"),
+)
+OVERHEAD_COLUMNS = (
+    ("users", "users", "{}"), ("target", "target", "{}"), ("p50_ms", "P50 ms", "{:.2f}"),
+    ("p99_ms", "P99 ms", "{:.2f}"), ("added_p50_ms", "+P50 ms", "{:.2f}"),
+    ("added_p99_ms", "+P99 ms", "{:.2f}"), ("req_per_s", "req/s", "{:.0f}"),
+    ("throughput_vs_direct", "x direct", "{:.2f}"), ("errors", "errors", "{}"),
+)
+
+
+def _cell(fmt: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]
+                   ) -> str:
+    head = "| " + " | ".join(title for _, title, _ in columns) + " |"
+    rule = "|" + "|".join(" --- " for _ in columns) + "|"
+    body = ["| " + " | ".join(_cell(fmt, row.get(key)) for key, _, fmt in columns) + " |"
+            for row in rows]
+    return "\n".join([head, rule, *body])
+
+
+def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
+    """P99 latency and throughput per instance vs instance count, a line per target."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    targets = sorted({r["target"] for r in rows})
+    for key, ylabel, name in (("p99_s", "end-to-end P99 latency (s)", "p99_latency.png"),
+                              ("req_per_min_per_instance", "requests / minute / instance",
+                               "throughput_per_instance.png")):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for target in targets:
+            points = sorted((r["instances"], r[key]) for r in rows if r["target"] == target)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=target)
+        ax.set_xlabel("instances (users = 4 x instances)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_results(out: Path, kind: str, rows: Sequence[dict[str, Any]],
+                  meta: dict[str, Any], notes: Sequence[str]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    columns = ROUTING_COLUMNS if kind == "routing" else OVERHEAD_COLUMNS
+    table = markdown_table(rows, columns)
+    (out / f"{kind}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# tritonmesh bench: {kind}", "", f"`{meta.get('command', '')}`", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items() if k != "command"]
+    lines += [f"- note: {n}" for n in notes]
+    lines += ["", table, ""]
+    (out / f"{kind}.md").write_text("\n".join(lines))
+    written = [out / f"{kind}.json", out / f"{kind}.md"]
+    if kind == "routing":
+        written += plot_routing(rows, out)
+    print(table)
+    return written

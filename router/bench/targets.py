@@ -1,0 +1,192 @@
+"""What the load is sent to: tritonmesh (a separate process), nginx, HAProxy, or one Triton.
+
+Every target is a process of its own on a free loopback port, started for one cell and
+stopped by PID after it, so the load generator never shares an interpreter with a router.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from tritonmesh.workers.launcher import free_ports
+
+__all__ = ["INSTALL_PEERS", "Target", "available_targets", "running"]
+
+INSTALL_PEERS = "apt-get install -y nginx haproxy"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A router under test: ``kind`` is tritonmesh, nginx, haproxy or direct."""
+
+    kind: str
+    strategy: str
+    max_concurrency: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "tritonmesh" and self.max_concurrency:
+            return f"tritonmesh {self.strategy} (late binding, {self.max_concurrency}/instance)"
+        return f"{self.kind} {self.strategy}".strip()
+
+
+TRITONMESH = [Target("tritonmesh", s) for s in
+              ("RANDOM", "ROUND_ROBIN", "POWER_OF_TWO_CHOICES", "LEAST_OUTSTANDING_REQUESTS")]
+LATE_BINDING = Target("tritonmesh", "LEAST_OUTSTANDING_REQUESTS", max_concurrency=1)
+NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
+HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
+                                           "leastconn maxconn 1")]
+
+
+def available_targets(peers: bool = True) -> tuple[list[Target], list[str]]:
+    """Every target this machine can run, and a note for each peer that is missing."""
+    targets = [*TRITONMESH, LATE_BINDING]
+    notes = []
+    if peers:
+        for binary, group in (("nginx", NGINX), ("haproxy", HAPROXY)):
+            if shutil.which(binary):
+                targets += group
+            else:
+                notes.append(f"{binary} is not installed: its columns are missing "
+                             f"(install with: {INSTALL_PEERS})")
+    return targets, notes
+
+
+def _nginx_conf(prefix: Path, port: int, workers: Sequence[str], strategy: str) -> str:
+    servers = "\n".join(f"    server {a} max_fails=0;" for a in workers)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return f"""daemon off;
+{user}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  upstream triton {{
+    zone triton 256k;
+    {strategy};
+{servers}
+    keepalive 256;
+  }}
+  server {{
+    listen 127.0.0.1:{port} http2;
+    client_max_body_size 0;
+    location / {{
+      grpc_pass grpc://triton;
+      grpc_read_timeout 600s;
+      grpc_send_timeout 600s;
+    }}
+  }}
+}}
+"""
+
+
+def _haproxy_conf(port: int, workers: Sequence[str], strategy: str) -> str:
+    balance, _, maxconn = strategy.partition(" maxconn ")
+    limit = f" maxconn {maxconn}" if maxconn else ""
+    servers = "\n".join(f"  server s{i} {a} proto h2{limit}" for i, a in enumerate(workers))
+    return f"""global
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 600s
+  timeout server 600s
+  timeout queue 600s
+frontend fe
+  bind 127.0.0.1:{port} proto h2
+  default_backend be
+backend be
+  balance {balance}
+{servers}
+"""
+
+
+def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
+    limit = (f"    max_concurrency_per_instance: {target.max_concurrency}\n"
+             if target.max_concurrency else "")
+    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nvariants:\n"
+            f"  - name: AllTraffic\n    routing_strategy: {target.strategy}\n{limit}"
+            f"    instances: {list(workers)!r}\n")
+
+
+async def _wait_serving(address: str, process: asyncio.subprocess.Process,
+                        timeout: float = 30.0) -> None:
+    """Until a ServerReady call passes through the target (its path to Triton is up)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ServerReady",
+            request_serializer=pb.ServerReadyRequest.SerializeToString,
+            response_deserializer=pb.ServerReadyResponse.FromString)
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(f"{address}: the target exited with {process.returncode}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                if (await ready(pb.ServerReadyRequest(), timeout=2)).ready:
+                    return
+            if loop.time() > deadline:
+                raise RuntimeError(f"{address}: the target did not come up in {timeout}s")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
+    """Start ``target`` in front of ``workers``; yields the address to send load to."""
+    if target.kind == "direct":
+        yield workers[0]
+        return
+    port = free_ports(1)[0]
+    address = f"127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory(prefix=f"tritonmesh-bench-{target.kind}-") as tmp:
+        prefix = Path(tmp)
+        if target.kind == "nginx":
+            conf = prefix / "nginx.conf"
+            conf.write_text(_nginx_conf(prefix, port, workers, target.strategy))
+            args = ["nginx", "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
+        elif target.kind == "haproxy":
+            conf = prefix / "haproxy.cfg"
+            conf.write_text(_haproxy_conf(port, workers, target.strategy))
+            args = ["haproxy", "-f", str(conf), "-db"]
+        else:
+            conf = prefix / "endpoint.yaml"
+            conf.write_text(_tritonmesh_conf(port, workers, target))
+            tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+            args = [tritonmesh, "--log-level", "WARNING", "serve", "--config", str(conf)]
+        log = open(prefix / "target.log", "wb")  # noqa: ASYNC230 (closed below)
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT)
+        try:
+            await _wait_serving(address, process)
+            yield address
+        except RuntimeError as exc:
+            log.flush()
+            raise RuntimeError(f"{exc}\n{(prefix / 'target.log').read_text()[-2000:]}") from None
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(process.wait(), 15)
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+            log.close()
