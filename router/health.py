@@ -60,7 +60,7 @@ class HealthChecker:
         if instance.healthy and streak <= -self.config.unhealthy_threshold:
             log.warning("instance %s is unhealthy; no new requests go to it", instance.address)
             instance.variant.set_healthy(instance, False)
-        elif (not instance.healthy and streak >= self.config.healthy_threshold
+        elif (not instance.healthy and ok and streak >= self.config.healthy_threshold
               and not self.balancer.outliers.is_ejected(instance)):
             log.info("instance %s is healthy again", instance.address)
             instance.variant.set_healthy(instance, True)

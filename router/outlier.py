@@ -7,12 +7,12 @@ idle and attracts everything. So failures that say "this instance is broken"
 ejection (capped), and at most ``max_ejected_fraction`` of a variant is ejected this
 way. A connection that cannot be made is proof on its own and ejects at once,
 without the cap: when every instance is down, requests get UNAVAILABLE immediately
-instead of waiting on dead connections.
+instead of waiting on dead connections. An ejected instance returns through the
+health checker: after its back-off, on the next passing ServerReady probe.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Final
@@ -67,11 +67,6 @@ class OutlierDetector:
         instance.failures = 0
         instance.ejected_until = time.monotonic() + seconds
         log.warning("ejecting %s for %.1fs: %s", instance.address, seconds, reason)
+        # Out of the pick set now; back only when the back-off is over *and* an active health
+        # check passes (a restarting Triton accepts connections before its models are ready).
         instance.variant.set_healthy(instance, False)
-        asyncio.get_running_loop().call_later(seconds, self._readmit, instance)
-
-    @staticmethod
-    def _readmit(instance: Instance) -> None:
-        # Back in the pick set; the health checker ejects it again if it is still down.
-        if instance.state == "ACTIVE" and not instance.healthy:
-            instance.variant.set_healthy(instance, True)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tritonmesh.bench.experiment import percentile
 from tritonmesh.bench.loadgen import Workload
 

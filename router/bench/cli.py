@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from tritonmesh.bench.experiment import (
     FULL_SCALE,
@@ -65,7 +66,7 @@ def run_bench(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     out = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
-    meta = {"command": "tritonmesh " + shlex.join(sys.argv[1:]),
+    meta: dict[str, Any] = {"command": "tritonmesh " + shlex.join(sys.argv[1:]),
             "targets": [t.label for t in targets]}
     if args.mode == "overhead":
         rows = asyncio.run(overhead_experiment(

@@ -45,12 +45,12 @@ async def overhead_experiment(targets: Sequence[Target], users: Sequence[int],
     rows: list[dict[str, Any]] = []
     async with WorkerPool(1, default_model_repository()) as pool:
         for n in users:
-            baseline: dict[str, float] = {}
+            baseline: dict[str, Any] = {}
             for target in [Target("direct", ""), *targets]:
                 async with running(target, pool.addresses) as address:
                     await _load(address, n, min(1.0, seconds))  # warm-up
                     latencies, errors = await _load(address, n, seconds)
-                row = {
+                row: dict[str, Any] = {
                     "target": target.label or "direct", "users": n,
                     "p50_ms": percentile(latencies, 50) * 1e3,
                     "p99_ms": percentile(latencies, 99) * 1e3,
