@@ -1,0 +1,190 @@
+"""Soak: a long, bounded mix of traffic and faults; at the end nothing may be outstanding.
+
+    python bench/soak.py [--requests 100000] [--max-seconds 900] [--users 16]
+
+Starts 3 real Triton workers (restarted when they die) and `tritonmesh serve` as its own
+process in front of them, then sends a mix of unary calls and streams with client
+cancels, too-short deadlines and a SIGKILL of a random worker every --kill-every
+seconds. It samples the router's RSS, and at the end asks the admin API for every
+instance's outstanding count: all must be zero. Prints a JSON report. Loopback only;
+stops by itself at --requests or --max-seconds, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as aioclient
+from tritonclient.utils import InferenceServerException
+from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+from tritonmesh.workers.launcher import WorkerPool, free_ports
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _tensor(name: str, dtype: str, values: np.ndarray) -> aioclient.InferInput:
+    t = aioclient.InferInput(name, list(values.shape), dtype)
+    t.set_data_from_numpy(values)
+    return t
+
+
+def _generate(tokens: int) -> list[aioclient.InferInput]:
+    return [_tensor("PROMPT_TOKENS", "INT32", np.array([4], np.int32)),
+            _tensor("MAX_TOKENS", "INT32", np.array([tokens], np.int32))]
+
+
+async def user(address: str, rng: random.Random, stop: asyncio.Event,
+               counts: collections.Counter[str], budget: list[int]) -> None:
+    async with aioclient.InferenceServerClient(address) as client:
+        while not stop.is_set() and budget[0] > 0:
+            budget[0] -= 1
+            roll = rng.random()
+            try:
+                if roll < 0.55:
+                    await client.infer("identity", [_tensor("INPUT0", "FP32",
+                                                            np.ones(8, np.float32))])
+                    counts["unary ok"] += 1
+                elif roll < 0.70:
+                    # 1 in 3 of these has a deadline shorter than its work.
+                    timeout = 0.02 if rng.random() < 0.33 else 30
+                    await client.infer("generate_unary", _generate(rng.randint(1, 10)),
+                                       client_timeout=timeout)
+                    counts["unary generate ok"] += 1
+                else:
+                    tokens = rng.randint(1, 12)
+                    cancel = rng.random() < 0.10
+
+                    async def one(n: int = tokens) -> Any:
+                        yield {"model_name": "generate", "inputs": _generate(n)}
+
+                    responses = client.stream_infer(one(), stream_timeout=60)
+                    got = 0
+                    async for _, error in responses:
+                        if error is not None:
+                            counts[f"stream error: {str(error)[:60]}"] += 1
+                            break
+                        got += 1
+                        if cancel:
+                            responses.cancel()
+                            counts["stream cancelled by client"] += 1
+                            break
+                    else:
+                        counts["stream ok" if got == tokens else "stream short"] += 1
+            except InferenceServerException as exc:
+                counts[str(exc.status())] += 1
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    async with WorkerPool(3, restart=True) as pool:
+        port = free_ports(1)[0]
+        address = f"127.0.0.1:{port}"
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "soak.yaml"
+            config.write_text(
+                f"listen: {address}\nmetrics_listen: null\nhealth_check: {{interval_s: 0.5}}\n"
+                "variants:\n  - name: AllTraffic\n"
+                "    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n"
+                f"    instances: {pool.addresses!r}\n")
+            tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+            router = await asyncio.create_subprocess_exec(
+                tritonmesh, "--log-level", "ERROR", "serve", "--config", str(config),
+                stdout=asyncio.subprocess.DEVNULL)
+            try:
+                return await soak(args, pool, router.pid, address)
+            finally:
+                router.send_signal(signal.SIGINT)
+                await asyncio.wait_for(router.wait(), 60)
+
+
+async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
+               address: str) -> dict[str, Any]:
+    admin = apb_grpc.AdminStub(grpc.aio.insecure_channel(address))
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await admin.ListInstances(apb.ListInstancesRequest(), timeout=2)
+            break
+        except grpc.aio.AioRpcError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    rng = random.Random(args.seed)
+    stop = asyncio.Event()
+    counts: collections.Counter[str] = collections.Counter()
+    budget = [args.requests]
+    samples: list[tuple[float, float, int]] = []
+    kills = 0
+    started = time.monotonic()
+    users = [asyncio.create_task(user(address, random.Random(rng.random()), stop, counts, budget))
+             for _ in range(args.users)]
+    next_kill = started + args.kill_every
+    while any(not u.done() for u in users):
+        await asyncio.sleep(1.0)
+        now = time.monotonic()
+        samples.append((round(now - started, 1), round(rss_mib(router_pid), 1),
+                        args.requests - budget[0]))
+        if now - started > args.max_seconds:
+            stop.set()
+        if now >= next_kill and not stop.is_set():
+            victim = rng.choice(pool.workers)
+            if victim.pid is not None and victim.returncode is None:
+                os.kill(victim.pid, signal.SIGKILL)
+                kills += 1
+            next_kill = now + args.kill_every
+    await asyncio.gather(*users, return_exceptions=True)
+    # Every request has ended; give cancelled calls a moment to be noticed upstream.
+    outstanding: dict[str, int] = {}
+    for _ in range(50):
+        listing = await admin.ListInstances(apb.ListInstancesRequest(), timeout=5)
+        outstanding = {i.address: i.outstanding for i in listing.instances}
+        if not any(outstanding.values()):
+            break
+        await asyncio.sleep(0.1)
+    after_warmup = [s for s in samples if s[0] >= 30] or samples
+    return {
+        "requests_sent": args.requests - budget[0],
+        "seconds": round(time.monotonic() - started, 1),
+        "worker_kills": kills,
+        "outcomes": dict(counts.most_common()),
+        "outstanding_at_end": outstanding,
+        "router_rss_mib": {"first_after_30s": after_warmup[0][1],
+                           "peak": max(s[1] for s in samples), "last": samples[-1][1]},
+        "rss_samples": samples[:: max(1, len(samples) // 20)],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--max-seconds", type=float, default=900)
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--kill-every", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=1)
+    report = asyncio.run(main_async(parser.parse_args()))
+    print(json.dumps(report, indent=2))
+    if any(report["outstanding_at_end"].values()):
+        raise SystemExit("outstanding counts did not return to zero")
+
+
+if __name__ == "__main__":
+    main()
