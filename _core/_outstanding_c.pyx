@@ -1,4 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: binding=False, always_allow_keywords=False
+# Plain method descriptors with METH_NOARGS / METH_O, rather than cyfunctions, are what
+# CPython's call specialization fast-paths: 10-25 ns less per pick + release from Python.
 """The outstanding-request table in C: same algorithm, same random numbers, same results
 as ``_outstanding_py`` (read its module docstring for the layout), with no Python objects
 touched on pick and release.
@@ -58,7 +61,7 @@ cdef class OutstandingTable:
 
     Lock-free by design: every method runs on the event-loop thread, so no
     operation can interleave with another. State lives in flat C arrays so that a
-    shared-memory variant can reuse the layout.
+    shared-memory variant can reuse the layout. Full API docs: _outstanding_c.pyi.
     """
 
     cdef uint64_t _rng
@@ -98,6 +101,7 @@ cdef class OutstandingTable:
         self._class_of = {}
 
     def __init__(self, seed=None):
+        """Create an empty table; ``seed`` (any int) fixes the random tie-breaking."""
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(<uint64_t>(seed & 0xFFFFFFFFFFFFFFFF))
@@ -313,9 +317,10 @@ cdef class OutstandingTable:
                 cap = self._slot_cap
                 self._apos = <Py_ssize_t*>_grow(self._apos, &cap, slot + 1, sizeof(Py_ssize_t))
                 self._slot_cap = cap
-            self._nslots += 1
+            self._state[slot] = FREE
             self._opos[slot] = -1
             self._apos[slot] = -1
+            self._nslots += 1
         self._count[slot] = 0
         self._weight[slot] = w
         self._cls[slot] = <int32_t>self._class_for(w)
@@ -331,21 +336,22 @@ cdef class OutstandingTable:
         self._state[slot] = FREE
         self._used -= 1
 
-    cpdef int remove(self, Py_ssize_t slot) except -1:
+    # Mutators are `void ... except *` so that Python callers get None, as from the twin.
+
+    cpdef void remove(self, Py_ssize_t slot) except *:
         """Never pick this slot again; its id is reused only after its last release."""
         self._slot(slot)
         if self._state[slot] == REMOVED:
-            return 0
+            return
         if self._state[slot] == ACTIVE:
             self._avail_remove(slot)
         self._state[slot] = REMOVED
         if self._count[slot] == 0:
             self._free(slot)
         self._debug_check()
-        return 0
 
-    cpdef int set_weight(self, Py_ssize_t slot, weight) except -1:
-        """Change a slot's weight (capacity)."""
+    cpdef void set_weight(self, Py_ssize_t slot, weight) except *:
+        """Change a slot's weight (relative capacity); its count is kept."""
         self._slot(slot)
         cdef double w = self._check_weight(weight)
         cdef bint active = self._state[slot] == ACTIVE
@@ -357,13 +363,13 @@ cdef class OutstandingTable:
         if active:
             self._avail_add(slot)
         self._debug_check()
-        return 0
 
     cpdef double weight(self, Py_ssize_t slot) except -1.0:
+        """The slot's weight."""
         self._slot(slot)
         return self._weight[slot]
 
-    cpdef int set_available(self, Py_ssize_t slot, bint available) except -1:
+    cpdef void set_available(self, Py_ssize_t slot, bint available) except *:
         """Take a slot out of the pick set (draining, unhealthy) or put it back."""
         self._slot(slot)
         cdef uint8_t state = self._state[slot]
@@ -376,9 +382,9 @@ cdef class OutstandingTable:
             self._state[slot] = UNAVAILABLE
             self._avail_remove(slot)
         self._debug_check()
-        return 0
 
     cpdef bint is_available(self, Py_ssize_t slot) except -1:
+        """Whether the slot can be picked."""
         self._slot(slot)
         return self._state[slot] == ACTIVE
 
@@ -426,7 +432,7 @@ cdef class OutstandingTable:
         return slot
 
     cpdef Py_ssize_t pick_random(self) except -2:
-        """RANDOM (SageMaker's default): a slot with probability proportional to its weight."""
+        """RANDOM (SageMaker's default): probability proportional to weight; -1 if none."""
         cdef double total = 0.0, r
         cdef Py_ssize_t i, slot
         cdef WeightClass* k
@@ -451,7 +457,7 @@ cdef class OutstandingTable:
         return slot
 
     cpdef Py_ssize_t pick_round_robin(self) except -2:
-        """ROUND_ROBIN over the pickable slots (weights are not applied)."""
+        """ROUND_ROBIN over the pickable slots (weights are not applied); -1 if none."""
         cdef Py_ssize_t slot
         if self._navail == 0:
             return -1
@@ -463,7 +469,7 @@ cdef class OutstandingTable:
         return slot
 
     cpdef Py_ssize_t pick_two(self) except -2:
-        """POWER_OF_TWO_CHOICES: the less loaded of two distinct uniform samples."""
+        """POWER_OF_TWO_CHOICES: the less loaded of two distinct uniform samples; -1 if none."""
         cdef Py_ssize_t n = self._navail, i, j, a, b, slot
         cdef double lhs, rhs
         if n == 0:
@@ -492,17 +498,16 @@ cdef class OutstandingTable:
 
     # -- accounting --------------------------------------------------------------------
 
-    cpdef int acquire(self, Py_ssize_t slot) except -1:
+    cpdef void acquire(self, Py_ssize_t slot) except *:
         """Count one more request on a slot chosen by the caller (a pinned sequence)."""
         self._slot(slot)
         if self._state[slot] == REMOVED:
             raise ValueError(f"slot {slot} was removed")
         self._bump(slot)
         self._debug_check()
-        return 0
 
-    cpdef int release(self, Py_ssize_t slot) except -1:
-        """One request on the slot ended."""
+    cpdef void release(self, Py_ssize_t slot) except *:
+        """One request on the slot ended; ValueError if it had none outstanding."""
         if slot < 0 or slot >= self._nslots or self._state[slot] == FREE:
             raise IndexError(f"slot {slot} is not in the table")
         if self._count[slot] == 0:
@@ -512,19 +517,22 @@ cdef class OutstandingTable:
             self._free(slot)
         if TRITONMESH_DEBUG:
             self.check()
-        return 0
 
     cpdef int64_t outstanding(self, Py_ssize_t slot) except -1:
+        """The slot's outstanding count."""
         self._slot(slot)
         return self._count[slot]
 
     cpdef int64_t total_outstanding(self):
+        """The sum of every slot's outstanding count."""
         return self._total
 
     cpdef Py_ssize_t pickable(self):
+        """The number of slots that can be picked."""
         return self._navail
 
     def __len__(self):
+        """Slots in the table: pickable, unavailable, or removed but still outstanding."""
         return self._used
 
     def snapshot(self):

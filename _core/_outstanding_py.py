@@ -47,12 +47,24 @@ class _Class:
 class OutstandingTable:
     """Outstanding-request counts per upstream slot, and the picks that read them.
 
-    Lock-free by design: every method runs on the event-loop thread, so no
-    operation can interleave with another. State lives in flat arrays so that a
-    shared-memory variant can reuse the layout.
+    A slot is one upstream instance, named by a small integer id. Each slot has an
+    outstanding count, a weight (its relative capacity) and a state: pickable, unavailable
+    (draining or unhealthy: never picked, still acquirable and releasable) or removed
+    (never picked again; its id is reused only after its last release).
+
+    Lock-free by design: every method runs on the event-loop thread, so no operation can
+    interleave with another. This is the reference twin of the compiled table: the same
+    API, the same layout in flat arrays, the same picks for the same seed.
     """
 
     def __init__(self, seed: int | None = None):
+        """Create an empty table.
+
+        Args:
+            seed: seeds the random tie-breaking (any int, reduced modulo 2**64). The same
+                seed and operations give the same picks, here and in the compiled table. None seeds
+                from ``os.urandom``.
+        """
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
@@ -194,9 +206,13 @@ class OutstandingTable:
     # -- membership ------------------------------------------------------------------
 
     def add(self, weight: float = 1.0) -> int:
-        """Add a pickable slot with no outstanding requests; returns its id.
+        """Add a pickable slot with no outstanding requests and return its id.
 
-        Ids of removed slots are reused (lowest first) once their count is zero.
+        The lowest free id is reused first; a removed slot's id is free only once its
+        count is back to zero.
+
+        Raises:
+            ValueError: ``weight`` is not a positive finite number.
         """
         weight = self._check_weight(weight)
         slot = next((i for i, state in enumerate(self._state) if state == FREE), -1)
@@ -223,7 +239,14 @@ class OutstandingTable:
         self._used -= 1
 
     def remove(self, slot: int) -> None:
-        """Never pick this slot again; its id is reused only after its last release."""
+        """Never pick ``slot`` again; its id is reused only after its last release.
+
+        Requests already outstanding on it stay releasable. Removing a removed slot
+        does nothing.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
         self._slot(slot)
         if self._state[slot] == REMOVED:
             return
@@ -234,6 +257,12 @@ class OutstandingTable:
             self._free(slot)
 
     def set_weight(self, slot: int, weight: float) -> None:
+        """Change ``slot``'s weight (relative capacity); its count is kept.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``weight`` is not a positive finite number.
+        """
         self._slot(slot)
         weight = self._check_weight(weight)
         active = self._state[slot] == ACTIVE
@@ -246,10 +275,22 @@ class OutstandingTable:
             self._avail_add(slot)
 
     def weight(self, slot: int) -> float:
+        """``slot``'s weight.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
         return self._weight[self._slot(slot)]
 
     def set_available(self, slot: int, available: bool) -> None:
-        """Take a slot out of the pick set (draining, unhealthy) or put it back."""
+        """Put ``slot`` back in the pick set, or take it out (draining, unhealthy).
+
+        An unavailable slot keeps its count and can still be acquired and released.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``slot`` was removed.
+        """
         self._slot(slot)
         state = self._state[slot]
         if state == REMOVED:
@@ -262,6 +303,11 @@ class OutstandingTable:
             self._avail_remove(slot)
 
     def is_available(self, slot: int) -> bool:
+        """Whether ``slot`` can be picked.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
         return self._state[self._slot(slot)] == ACTIVE
 
     # -- picks -------------------------------------------------------------------------
@@ -269,8 +315,12 @@ class OutstandingTable:
     def pick(self) -> int:
         """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + 1) / weight.
 
-        Ties are broken uniformly at random over every tied slot. Counts the pick as
-        outstanding. Returns -1 when no slot can be picked.
+        Ties are broken uniformly at random over every tied slot, across weights too.
+        Counts the pick as outstanding (release it when the request ends). O(number of
+        distinct weights): O(1) when all weights are equal.
+
+        Returns:
+            The slot, or -1 when no slot is pickable.
         """
         best: _Class | None = None
         best_min = 0
@@ -298,7 +348,13 @@ class OutstandingTable:
         return slot
 
     def pick_random(self) -> int:
-        """RANDOM (SageMaker's default): a slot with probability proportional to its weight."""
+        """RANDOM (SageMaker's default): a slot with probability proportional to its weight.
+
+        Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when no slot is pickable.
+        """
         total = 0.0
         for k in self._classes:
             total += k.weight * len(k.order)
@@ -319,7 +375,15 @@ class OutstandingTable:
         return slot
 
     def pick_round_robin(self) -> int:
-        """ROUND_ROBIN over the pickable slots (weights are not applied)."""
+        """ROUND_ROBIN over the pickable slots; weights are not applied.
+
+        The rotation follows an internal array that changes order when slots become
+        unpickable, so it is fair over time rather than in slot-id order. Counts the pick
+        as outstanding.
+
+        Returns:
+            The slot, or -1 when no slot is pickable.
+        """
         n = len(self._avail)
         if n == 0:
             return -1
@@ -329,7 +393,14 @@ class OutstandingTable:
         return slot
 
     def pick_two(self) -> int:
-        """POWER_OF_TWO_CHOICES: the less loaded of two distinct uniform samples."""
+        """POWER_OF_TWO_CHOICES: of two distinct uniformly sampled slots, the lower
+        (count + 1) / weight; a fair coin decides ties.
+
+        Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when no slot is pickable.
+        """
         avail = self._avail
         n = len(avail)
         if n == 0:
@@ -356,14 +427,28 @@ class OutstandingTable:
     # -- accounting --------------------------------------------------------------------
 
     def acquire(self, slot: int) -> None:
-        """Count one more request on a slot chosen by the caller (a pinned sequence)."""
+        """Count one more request on a slot the caller chose (a pinned sequence).
+
+        Allowed on pickable and unavailable slots.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``slot`` was removed.
+        """
         self._slot(slot)
         if self._state[slot] == REMOVED:
             raise ValueError(f"slot {slot} was removed")
         self._bump(slot)
 
     def release(self, slot: int) -> None:
-        """One request on the slot ended."""
+        """One request on ``slot`` ended: count one fewer.
+
+        A removed slot whose count reaches zero leaves the table (its id becomes free).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``slot`` has no outstanding requests (counts never go negative).
+        """
         self._slot(slot)
         if self._count[slot] == 0:
             raise ValueError(f"release of slot {slot} with no outstanding requests")
@@ -372,26 +457,46 @@ class OutstandingTable:
             self._free(slot)
 
     def outstanding(self, slot: int) -> int:
+        """``slot``'s outstanding count.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
         return self._count[self._slot(slot)]
 
     def total_outstanding(self) -> int:
+        """The sum of every slot's outstanding count (kept up to date, O(1))."""
         return self._total
 
     def pickable(self) -> int:
+        """The number of slots that can be picked."""
         return len(self._avail)
 
     def __len__(self) -> int:
+        """The number of slots in the table: pickable, unavailable, or removed with
+        requests still outstanding.
+        """
         return self._used
 
     def snapshot(self) -> list[tuple[int, int, float, str]]:
-        """(slot, outstanding, weight, state) for every slot in use, by slot id."""
+        """``(slot, outstanding, weight, state)`` for every slot in the table, by id.
+
+        ``state`` is ``"ACTIVE"`` (pickable), ``"UNAVAILABLE"`` or ``"REMOVED"``.
+        """
         return [
             (slot, self._count[slot], self._weight[slot], STATE_NAMES[state])
             for slot, state in enumerate(self._state) if state != FREE
         ]
 
     def check(self) -> None:
-        """Verify every invariant; raises AssertionError naming the first one broken."""
+        """Verify every invariant of the layout (O(slots x largest count)).
+
+        Built with ``TRITONMESH_DEBUG=1``, the compiled table runs this after every
+        mutation.
+
+        Raises:
+            AssertionError: naming the first invariant broken.
+        """
         total = 0
         active = 0
         for slot, state in enumerate(self._state):

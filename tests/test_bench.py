@@ -45,6 +45,10 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
     for row in rows:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["users"] == 2 and row["instances"] == 1
+        # Every request ran to its last token, and Triton executed each exactly once.
+        assert row["completed"] == row["requests"]
+        assert row["triton_executed"] == row["sent"]
+        assert row["utilization"] > 0
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
     assert (tmp_path / "routing.md").read_text().count("| 2 | 1 |") == 3

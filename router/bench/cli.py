@@ -69,9 +69,11 @@ def run_bench(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"command": "tritonmesh " + shlex.join(sys.argv[1:]),
             "targets": [t.label for t in targets]}
     if args.mode == "overhead":
+        # One backend: every strategy picks it, so one configuration per router says it all.
+        first = {t.kind: t for t in reversed(targets) if t.max_concurrency is None}
         rows = asyncio.run(overhead_experiment(
-            [t for t in targets if t.kind != "tritonmesh" or t.strategy == "RANDOM"],
-            args.users, args.duration))
+            [t for t in targets if first.get(t.kind) is t], args.users, args.duration,
+            progress=progress_bar))
         meta.update(users=args.users, seconds_per_cell=args.duration)
     else:
         workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,

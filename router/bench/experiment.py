@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import shutil
 import statistics
 import sys
@@ -45,7 +46,8 @@ class CellResult:
     instances: int
     target: str
     mode: str
-    requests: int
+    requests: int  # started in the measured window
+    completed: int  # of those, answered in full (every token)
     errors: int
     p50_s: float
     p90_s: float
@@ -58,6 +60,10 @@ class CellResult:
     req_per_s: float
     req_per_min_per_instance: float
     work_share_cv: float  # coefficient of variation of requests per instance (Triton's count)
+    busy_share_cv: float  # the same for compute time per instance (Triton's compute_infer)
+    utilization: float  # mean fraction of the measured window the instances spent computing
+    sent: int  # every request of the cell, warm-up and tail included
+    triton_executed: int  # what the workers' own statistics counted for the cell
     error_samples: list[str] = field(default_factory=list)
 
 
@@ -77,49 +83,90 @@ def timed_repository(workload: Workload, into: Path) -> Path:
     for model in ("generate", "generate_unary"):
         config = repo / model / "config.pbtxt"
         text = config.read_text()
-        text = text.replace('key: "prefill_ms_per_token" value: { string_value: "0.05" }',
-                            f'key: "prefill_ms_per_token" value: '
-                            f'{{ string_value: "{workload.prefill_ms}" }}')
-        text = text.replace('key: "decode_ms_per_token" value: { string_value: "5" }',
-                            f'key: "decode_ms_per_token" value: '
-                            f'{{ string_value: "{workload.decode_ms}" }}')
+        for key, value in (("prefill_ms_per_token", workload.prefill_ms),
+                           ("decode_ms_per_token", workload.decode_ms)):
+            pattern = rf'(key: "{key}" value: {{ string_value: )"[^"]*"'
+            text, found = re.subn(pattern, rf'\g<1>"{value}"', text)
+            if found != 1:  # a silent no-op would time the wrong workload
+                raise RuntimeError(f"{config}: no parameter {key!r} to rewrite")
         config.write_text(text)
     return repo
 
 
-async def _inference_counts(workers: Sequence[str], model: str) -> list[int]:
-    counts = []
-    for address in workers:
+async def _worker_stats(workers: Sequence[str], model: str) -> list[tuple[int, int]]:
+    """(requests, compute ns) per worker, from Triton's own statistics."""
+
+    async def one(address: str) -> tuple[int, int]:
         async with aioclient.InferenceServerClient(address) as client:
-            stats = await client.get_inference_statistics(model)
-            counts.append(sum(s.inference_stats.success.count + s.inference_stats.fail.count
-                              for s in stats.model_stats))
-    return counts
+            response = await client.get_inference_statistics(model)
+        count = busy = 0
+        for s in response.model_stats:
+            count += s.inference_stats.success.count + s.inference_stats.fail.count
+            busy += s.inference_stats.compute_infer.ns
+        return count, busy
+
+    return list(await asyncio.gather(*(one(a) for a in workers)))
+
+
+async def _settled_stats(workers: Sequence[str], model: str,
+                         timeout: float = 5.0) -> list[tuple[int, int]]:
+    """Statistics once the last requests are in them.
+
+    A decoupled model's request is counted when ``execute`` returns, just after its
+    final response has reached the client: read until two reads agree.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    previous = await _worker_stats(workers, model)
+    while True:
+        await asyncio.sleep(0.2)
+        current = await _worker_stats(workers, model)
+        if current == previous or loop.time() > deadline:
+            return current
+        previous = current
+
+
+def _cv(values: Sequence[float]) -> float:
+    mean = statistics.fmean(values) if values else 0.0
+    return round(statistics.pstdev(values) / mean, 3) if mean else 0.0
 
 
 def summarize(cell: Cell, outcomes: list[Outcome], window: tuple[float, float],
-              workload: Workload, shares: list[int], streaming: bool) -> CellResult:
+              workload: Workload, shares: list[tuple[int, int]], busy_ns: list[int],
+              busy_span_s: float, executed: int, streaming: bool) -> CellResult:
+    """One cell's figures.
+
+    Latency is over the requests started in the measured window (each ran to its end,
+    however long: nothing is cut off by the window's end); throughput counts the
+    requests completed inside the window.
+    """
     start, end = window
-    measured = [o for o in outcomes if o.start >= start and o.end <= end]
+    seconds = end - start
+    measured = [o for o in outcomes if start <= o.start < end]
     ok = [o for o in measured if o.error is None]
+    done = [o for o in outcomes if o.error is None and start <= o.end < end]
     latency = [o.end - o.start for o in ok]
     queued = [o.end - o.start - workload.service_s(o.tokens) for o in ok]
     ttft = [o.ttft for o in ok if o.ttft is not None]
-    seconds = end - start
-    mean_share = statistics.fmean(shares) if shares else 0.0
-    cv = statistics.pstdev(shares) / mean_share if mean_share else 0.0
+    busy = [ns / 1e9 for _, ns in shares]
+    cell_busy = [ns / 1e9 for ns in busy_ns]
     return CellResult(
         users=cell.users, instances=cell.instances, target=cell.target.label,
-        mode="stream" if streaming else "unary", requests=len(ok),
+        mode="stream" if streaming else "unary", requests=len(measured), completed=len(ok),
         errors=len(measured) - len(ok),
         p50_s=percentile(latency, 50), p90_s=percentile(latency, 90),
         p99_s=percentile(latency, 99), max_s=max(latency, default=float("nan")),
         queued_p50_s=percentile(queued, 50), queued_p99_s=percentile(queued, 99),
         ttft_p50_s=percentile(ttft, 50) if ttft else None,
         ttft_p99_s=percentile(ttft, 99) if ttft else None,
-        req_per_s=len(ok) / seconds,
-        req_per_min_per_instance=len(ok) / seconds * 60 / cell.instances,
-        work_share_cv=round(cv, 3),
+        req_per_s=len(done) / seconds,
+        req_per_min_per_instance=len(done) / seconds * 60 / cell.instances,
+        work_share_cv=_cv([float(n) for n, _ in shares]),
+        busy_share_cv=_cv(busy),
+        # Over the whole cell (warm-up and tail in it): a counter read mid-run holds the
+        # whole compute time of a request in flight, so only reads taken idle are exact.
+        utilization=round(statistics.fmean(cell_busy) / busy_span_s, 3) if cell_busy else 0.0,
+        sent=len(outcomes), triton_executed=executed,
         error_samples=sorted({o.error for o in measured if o.error})[:3],
     )
 
@@ -129,21 +176,26 @@ async def run_cell(cell: Cell, workers: Sequence[str], workload: Workload, warmu
     chosen = list(workers[: cell.instances])
     model = "generate" if streaming else "generate_unary"
     async with running(cell.target, chosen) as address:
+        initial = await _settled_stats(chosen, model)
         begin = time.monotonic()
-        before: list[int] = []
+        before: list[tuple[int, int]] = []
 
         async def snapshot_after_warmup() -> None:
             await asyncio.sleep(warmup_s)
-            before.extend(await _inference_counts(chosen, model))
+            before.extend(await _worker_stats(chosen, model))
 
         snap = asyncio.create_task(snapshot_after_warmup())
         outcomes = await run_users(address, cell.users, workload, warmup_s + measure_s,
                                    streaming)
         await snap
-        after = await _inference_counts(chosen, model)
-    shares = [a - b for a, b in zip(after, before, strict=True)]
+        after = await _settled_stats(chosen, model)
+    shares = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    executed = sum(a[0] - i[0] for a, i in zip(after, initial, strict=True))
+    busy = [a[1] - i[1] for a, i in zip(after, initial, strict=True)]
     window = (begin + warmup_s, begin + warmup_s + measure_s)
-    return summarize(cell, outcomes, window, workload, shares, streaming)
+    span = max((o.end for o in outcomes), default=window[1]) - begin
+    return summarize(cell, outcomes, window, workload, shares, busy, span, executed,
+                     streaming)
 
 
 async def routing_experiment(

@@ -72,8 +72,13 @@ async def _unary_user(address: str, user: int, workload: Workload, until: float,
             start = time.monotonic()
             error = None
             try:
-                await client.infer("generate_unary", _inputs(workload.prompt_tokens, tokens),
-                                   client_timeout=600)
+                result = await client.infer("generate_unary",
+                                            _inputs(workload.prompt_tokens, tokens),
+                                            client_timeout=600)
+                answer = result.as_numpy("TOKENS")
+                received = 0 if answer is None else answer.size
+                if received != tokens:
+                    error = f"expected {tokens} tokens, received {received}"
             except InferenceServerException as exc:
                 error = f"{exc.status()} {exc.message()}"
             out.append(Outcome(user, tokens, start, time.monotonic(), None, error))

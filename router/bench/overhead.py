@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,13 +40,24 @@ async def _load(address: str, users: int, seconds: float) -> tuple[list[float], 
     return latencies, errors
 
 
-async def overhead_experiment(targets: Sequence[Target], users: Sequence[int],
-                              seconds: float) -> list[dict[str, Any]]:
+async def overhead_experiment(
+    targets: Sequence[Target], users: Sequence[int], seconds: float,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Triton alone, then each target in front of it: P50/P99 and req/s per user count.
+
+    Each cell runs ``users`` closed-loop users for ``seconds`` after up to a second of
+    warm-up; added latency and throughput are relative to Triton alone at that count.
+    """
     rows: list[dict[str, Any]] = []
+    everything = [Target("direct", ""), *targets]
+    total = len(users) * len(everything)
     async with WorkerPool(1, default_model_repository()) as pool:
         for n in users:
             baseline: dict[str, Any] = {}
-            for target in [Target("direct", ""), *targets]:
+            for target in everything:
+                if progress:
+                    progress(len(rows), total, f"{n} users: {target.label or 'direct'}")
                 async with running(target, pool.addresses) as address:
                     await _load(address, n, min(1.0, seconds))  # warm-up
                     latencies, errors = await _load(address, n, seconds)
@@ -62,4 +73,6 @@ async def overhead_experiment(targets: Sequence[Target], users: Sequence[int],
                 row["added_p99_ms"] = row["p99_ms"] - baseline["p99_ms"]
                 row["throughput_vs_direct"] = row["req_per_s"] / baseline["req_per_s"]
                 rows.append(row)
+    if progress:
+        progress(total, total, "done")
     return rows

@@ -16,7 +16,8 @@ ROUTING_COLUMNS = (
     ("max_s", "max s", "{:.3f}"), ("queued_p99_s", "queued P99 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT P99 s", "{:.3f}"), ("req_per_s", "req/s", "{:.1f}"),
     ("req_per_min_per_instance", "req/min/inst", "{:.1f}"), ("errors", "errors", "{}"),
-    ("work_share_cv", "share CV", "{:.2f}"),
+    ("work_share_cv", "share CV", "{:.2f}"), ("busy_share_cv", "busy CV", "{:.2f}"),
+    ("utilization", "util", "{:.2f}"),
 )
 OVERHEAD_COLUMNS = (
     ("users", "users", "{}"), ("target", "target", "{}"), ("p50_ms", "P50 ms", "{:.2f}"),
@@ -42,7 +43,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
-    """P99 latency and throughput per instance vs instance count, a line per target."""
+    """P99 latency and throughput per instance vs instance count, a line per target.
+
+    A line style per family (tritonmesh solid, nginx dashed, HAProxy dotted) and a
+    colour per strategy within it, so a dozen lines stay apart.
+    """
     try:
         import matplotlib
 
@@ -52,17 +57,26 @@ def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
         return []
     written = []
     targets = sorted({r["target"] for r in rows})
+    styles = {"tritonmesh": ("-", "o"), "nginx": ("--", "s"), "haproxy": (":", "^")}
+    colours = [plt.get_cmap("tab20")(i) for i in range(20)]
+    ratios = {r["users"] / r["instances"] for r in rows}
+    xlabel = (f"instances (users = {ratios.pop():g} x instances)" if len(ratios) == 1
+              else "instances")
+    counts = sorted({r["instances"] for r in rows})
     for key, ylabel, name in (("p99_s", "end-to-end P99 latency (s)", "p99_latency.png"),
                               ("req_per_min_per_instance", "requests / minute / instance",
                                "throughput_per_instance.png")):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for target in targets:
+        fig, ax = plt.subplots(figsize=(10, 5))
+        for i, target in enumerate(targets):
+            line, marker = styles.get(target.split()[0], ("-.", "x"))
             points = sorted((r["instances"], r[key]) for r in rows if r["target"] == target)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=target)
-        ax.set_xlabel("instances (users = 4 x instances)")
+            ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=line,
+                    marker=marker, color=colours[i % len(colours)], label=target)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.set_xticks(counts)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=110)
