@@ -25,6 +25,13 @@ if not NO_EXTENSIONS:
                 extra_compile_args=["-O3"],
             ),
             Extension(
+                "tritonmesh._core._work_c",
+                ["_core/_work_c.pyx"],
+                include_dirs=["_core"],
+                define_macros=[("TRITONMESH_DEBUG", "1" if DEBUG else "0")],
+                extra_compile_args=["-O3"],
+            ),
+            Extension(
                 "tritonmesh._core._wire_c",
                 ["_core/_wire_c.pyx"],
                 extra_compile_args=["-O3"],

@@ -1,9 +1,11 @@
-"""tritonmesh's native core: the outstanding-request table and the wire peek.
+"""tritonmesh's native core: the outstanding-request and outstanding-work tables, and the
+wire peek.
 
-``OutstandingTable`` is the compiled implementation unless ``TRITONMESH_NO_EXTENSIONS=1``
-is set (or the package was installed without extensions), in which case it is the
-pure-Python twin. Both are always published under fixed names: ``COutstandingTable``
-(None when not built) and ``PyOutstandingTable``. Nothing here imports grpc.
+``OutstandingTable`` and ``WorkTable`` are the compiled implementations unless
+``TRITONMESH_NO_EXTENSIONS=1`` is set (or the package was installed without extensions),
+in which case they are the pure-Python twins. Both are always published under fixed
+names: ``COutstandingTable``/``CWorkTable`` (None when not built) and
+``PyOutstandingTable``/``PyWorkTable``. Nothing here imports grpc.
 """
 
 from __future__ import annotations
@@ -12,21 +14,37 @@ import os
 from typing import TYPE_CHECKING
 
 from tritonmesh._core._outstanding_py import OutstandingTable as PyOutstandingTable
+from tritonmesh._core._work_py import WorkTable as PyWorkTable
 
-__all__ = ["NO_EXTENSIONS", "COutstandingTable", "OutstandingTable", "PyOutstandingTable"]
+__all__ = [
+    "NO_EXTENSIONS",
+    "COutstandingTable",
+    "CWorkTable",
+    "OutstandingTable",
+    "PyOutstandingTable",
+    "PyWorkTable",
+    "WorkTable",
+]
 
 NO_EXTENSIONS: bool = os.environ.get("TRITONMESH_NO_EXTENSIONS", "") not in ("", "0")
 
 COutstandingTable: type[PyOutstandingTable] | None
+CWorkTable: type[PyWorkTable] | None
 if TYPE_CHECKING or NO_EXTENSIONS:
     COutstandingTable = None
+    CWorkTable = None
     OutstandingTable = PyOutstandingTable
+    WorkTable = PyWorkTable
 else:
     try:
         from tritonmesh._core._outstanding_c import OutstandingTable as COutstandingTable
-    except ImportError:  # installed with TRITONMESH_NO_EXTENSIONS=1: only the twin exists
+        from tritonmesh._core._work_c import WorkTable as CWorkTable
+    except ImportError:  # installed with TRITONMESH_NO_EXTENSIONS=1: only the twins exist
         COutstandingTable = None
+        CWorkTable = None
         NO_EXTENSIONS = True
         OutstandingTable = PyOutstandingTable
+        WorkTable = PyWorkTable
     else:
         OutstandingTable = COutstandingTable
+        WorkTable = CWorkTable

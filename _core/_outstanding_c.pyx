@@ -17,13 +17,7 @@ import os
 cdef extern from "debug.h":
     const int TRITONMESH_DEBUG
 
-cdef enum:
-    FREE = 0
-    ACTIVE = 1
-    UNAVAILABLE = 2
-    REMOVED = 3
-
-STATE_NAMES = ("FREE", "ACTIVE", "UNAVAILABLE", "REMOVED")
+include "_common.pxi"
 
 cdef struct WeightClass:
     double weight
@@ -34,25 +28,6 @@ cdef struct WeightClass:
     Py_ssize_t blen     # logical length, as the twin's list
     Py_ssize_t bcap
     Py_ssize_t refs
-
-
-cdef inline uint64_t splitmix64(uint64_t x) noexcept nogil:
-    x += <uint64_t>0x9E3779B97F4A7C15
-    x = (x ^ (x >> 30)) * <uint64_t>0xBF58476D1CE4E5B9
-    x = (x ^ (x >> 27)) * <uint64_t>0x94D049BB133111EB
-    return x ^ (x >> 31)
-
-
-cdef void* _grow(void* ptr, Py_ssize_t* cap, Py_ssize_t need, size_t item) except NULL:
-    cdef Py_ssize_t new_cap = cap[0] if cap[0] > 0 else 4
-    cdef void* out
-    while new_cap < need:
-        new_cap *= 2
-    out = PyMem_Realloc(ptr, new_cap * item)
-    if out == NULL:
-        raise MemoryError()
-    cap[0] = new_cap
-    return out
 
 
 @cython.final
@@ -128,12 +103,7 @@ cdef class OutstandingTable:
     # -- random numbers (xorshift64*), identical in the Python twin -------------------
 
     cdef inline uint64_t _next(self) noexcept nogil:
-        cdef uint64_t x = self._rng
-        x ^= x >> 12
-        x ^= x << 25
-        x ^= x >> 27
-        self._rng = x
-        return x * <uint64_t>0x2545F4914F6CDD1D
+        return xorshift64star(&self._rng)
 
     cdef inline Py_ssize_t _below(self, Py_ssize_t k) noexcept nogil:
         return <Py_ssize_t>(self._next() % <uint64_t>k)

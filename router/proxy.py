@@ -228,31 +228,30 @@ class _StreamSession:
 
     async def _pump(self, up: _Upstream) -> None:
         instance = up.instance
+        failure: str | None = "closed the stream before the final response"
         try:
             async for response in up.call:
                 await self._on_response(up, response)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
-                return
-            if _never_reached(exc):
-                self.balancer.outliers.connect_failure(instance)
+                failure = None
             else:
-                self.balancer.outliers.failure(instance, exc.code().name)
-            await self._fail_pending(
-                up, f"upstream instance {instance.address} failed: "
-                    f"[{exc.code().name}] {exc.details()}"
-            )
-        except asyncio.CancelledError:
-            raise
+                if _never_reached(exc):
+                    self.balancer.outliers.connect_failure(instance)
+                else:
+                    self.balancer.outliers.failure(instance, exc.code().name)
+                failure = f"failed: [{exc.code().name}] {exc.details()}"
         finally:
+            # Whatever ended this pump (upstream death, a write to a client that is gone,
+            # cancellation), nothing it carried may stay outstanding: release before any
+            # await, since _close() no longer sees an upstream once it leaves the dict.
             if self.upstreams.get(instance) is up:
                 del self.upstreams[instance]
-        # The upstream ended cleanly; anything still pending never got its final.
-        if up.pending:
-            await self._fail_pending(
-                up, f"upstream instance {instance.address} closed the stream before the final "
-                    "response"
-            )
+            orphans = self._settle_all(up)
+        if failure is not None:
+            for p in orphans:
+                await self._write(error_stream_response(
+                    f"upstream instance {instance.address} {failure}", p.id, p.model_name))
 
     async def _on_response(self, up: _Upstream, response: bytes) -> None:
         try:
@@ -288,11 +287,15 @@ class _StreamSession:
         up.instance.observe(time.perf_counter() - found.started, ok)
         return found
 
-    async def _fail_pending(self, up: _Upstream, message: str) -> None:
-        while up.pending:
-            p = up.pending[0]
-            self._settle(up, p.id, ok=False)
-            await self._write(error_stream_response(message, p.id, p.model_name))
+    def _settle_all(self, up: _Upstream) -> list[_Pending]:
+        """Release every request still pending on ``up`` as failed; return them."""
+        orphans = list(up.pending)
+        up.pending.clear()
+        now = time.perf_counter()
+        for p in orphans:
+            self.balancer.release(up.instance)
+            up.instance.observe(now - p.started, False)
+        return orphans
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:
@@ -306,13 +309,10 @@ class _StreamSession:
             up.call.cancel()
             if up.pump is not None:
                 up.pump.cancel()
-            while up.pending:
-                p = up.pending.popleft()
-                self.balancer.release(up.instance)
-                up.instance.observe(time.perf_counter() - p.started, False)
+            self._settle_all(up)
         for up in ups:
             if up.pump is not None:
                 try:
                     await up.pump
-                except (asyncio.CancelledError, grpc.aio.AioRpcError):
-                    pass
+                except (asyncio.CancelledError, Exception) as exc:  # the client may be gone
+                    log.debug("upstream %s ended with %r", up.instance.address, exc)

@@ -254,6 +254,39 @@ def test_client_cancel_mid_stream_releases(make_router: Any) -> None:
     router.wait_idle()
 
 
+def test_streams_cancelled_at_any_point_release_everything(make_router: Any) -> None:
+    """Clients that vanish mid-generation, at varied points while tokens are being written
+    back: whichever of the router's pump and its handler notices first, every count
+    returns to zero. (A pump that died writing to a gone client once took its pending
+    request with it.)"""
+    router = make_router(workers=2)
+
+    async def one(after_tokens: int) -> None:
+        async with aioclient.InferenceServerClient(router.address) as client:
+            async def requests() -> Any:
+                yield {"model_name": "generate", "inputs": _generate_inputs(1, 200, aioclient),
+                       "request_id": f"r{after_tokens}"}
+                yield {"model_name": "generate", "inputs": _generate_inputs(1, 3, aioclient)}
+                await asyncio.sleep(30)  # keep the stream open; the cancel ends it
+
+            stream = client.stream_infer(requests())
+            seen = 0
+            async for _result, error in stream:
+                assert error is None
+                seen += 1
+                if seen >= after_tokens:
+                    break
+            stream.cancel()  # type: ignore[attr-defined]
+
+    async def run() -> None:
+        for round_ in range(3):
+            await asyncio.gather(*(one(1 + 3 * k + round_) for k in range(8)))
+
+    asyncio.run(run())
+    router.wait_idle()
+    assert all(i.outstanding == 0 for i in router.instances())
+
+
 def test_stream_half_close_waits_for_finals(make_router: Any) -> None:
     router = make_router()
     collect = StreamCollector()

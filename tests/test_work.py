@@ -1,0 +1,245 @@
+"""The outstanding-work table (LEAST_OUTSTANDING_WORK): every behavioural test runs against
+the C class and the twin, each operation followed by the full invariant check."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import pytest
+import tritonmesh._core as core
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_core import CHI2_P001, NO_EXTENSIONS_ENV, _chi_square, checked, needs_c
+
+
+@pytest.fixture(params=[pytest.param("c", marks=needs_c), "py"])
+def table_cls(request: pytest.FixtureRequest) -> Any:
+    """The compiled class, then the pure-Python twin."""
+    if request.param == "py":
+        return core.PyWorkTable
+    if core.CWorkTable is None:
+        pytest.fail("the compiled core did not load and TRITONMESH_NO_EXTENSIONS is not set")
+    return core.CWorkTable
+
+
+def test_compiled_work_table_loaded() -> None:
+    if NO_EXTENSIONS_ENV:
+        assert core.WorkTable is core.PyWorkTable
+        return
+    assert core.CWorkTable is not None, "tritonmesh._core._work_c did not import"
+    assert core.WorkTable is core.CWorkTable
+    module = __import__(core.CWorkTable.__module__, fromlist=["_"])
+    assert module.__file__ is not None and module.__file__.endswith(".so")
+
+
+@needs_c
+def test_same_api_as_twin_and_stub() -> None:
+    import ast
+    from pathlib import Path
+
+    assert core.CWorkTable is not None
+    tree = ast.parse(Path(core.__file__).with_name("_work_c.pyi").read_text())
+    stub_cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
+    stubbed = {f.name for f in stub_cls.body if isinstance(f, ast.FunctionDef)}
+
+    def public(cls: type) -> set[str]:
+        return {n for n in vars(cls) if not n.startswith("_")} | {"__init__", "__len__"}
+
+    assert public(core.CWorkTable) == public(core.PyWorkTable) == stubbed
+
+
+# -- behaviour ---------------------------------------------------------------------------
+
+
+def test_pick_goes_to_least_work_not_fewest_requests(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1))
+    a, b = t.add(), t.add()
+    t.acquire(a, 400.0)  # one long generation
+    t.acquire(b, 10.0)
+    t.acquire(b, 10.0)  # two short ones
+    assert t.pick(20.0) == b  # fewer requests on a, but far less work on b
+    assert t.work(b) == 40.0 and t.outstanding(b) == 3
+
+
+def test_release_returns_work_and_resets_at_idle(table_cls: Any) -> None:
+    t = checked(table_cls(seed=2))
+    a = t.add()
+    for cost in (0.1, 0.2, 0.3):
+        t.acquire(a, cost)
+    t.release(a, 0.1)
+    t.release(a, 0.3)
+    assert t.work(a) == pytest.approx(0.2)
+    t.release(a, 0.2)
+    assert t.work(a) == 0.0 and t.outstanding(a) == 0 and t.total_outstanding() == 0
+    with pytest.raises(ValueError, match="no outstanding requests"):
+        t.release(a, 1.0)
+
+
+def test_estimates_steer_work(table_cls: Any) -> None:
+    """cost = estimate x (work + cost): a slot twice as slow gets a new request only when
+    the fast one holds more than twice its work."""
+    t = checked(table_cls(seed=3))
+    fast, slow = t.add(), t.add()
+    t.observe(fast, 0.01, 0.0)
+    t.observe(slow, 0.02, 0.0)
+    assert t.pick(1.0) == fast  # 1 x 0.01 < 1 x 0.02
+    t.acquire(fast, 1.0)  # fast: work 2
+    assert t.pick(1.0) == slow  # (2 + 1) x 0.01 = 0.03 > (0 + 1) x 0.02
+
+
+def test_peak_ewma(table_cls: Any) -> None:
+    t = checked(table_cls(seed=4, decay_s=10.0))
+    a = t.add()
+    assert t.estimate(a) == 0.0
+    t.observe(a, 0.5, 100.0)
+    assert t.estimate(a) == 0.5  # the first sample is taken as is
+    t.observe(a, 2.0, 101.0)
+    assert t.estimate(a) == 2.0  # a peak replaces it at once
+    t.observe(a, 1.0, 101.0)
+    assert t.estimate(a) == 2.0  # no time has passed: a lower sample weighs nothing
+    t.observe(a, 1.0, 111.0)  # decay_s later: weight 1 - e^-1 on the new sample
+    assert t.estimate(a) == pytest.approx(2.0 * math.exp(-1) + 1.0 * (1 - math.exp(-1)))
+    with pytest.raises(ValueError, match="positive finite"):
+        t.observe(a, 0.0, 112.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        t.observe(a, math.inf, 112.0)
+
+
+def test_new_slot_is_scored_with_the_mean_estimate(table_cls: Any) -> None:
+    t = checked(table_cls(seed=5))
+    a, b = t.add(), t.add()
+    t.observe(a, 1.0, 0.0)
+    t.observe(b, 3.0, 0.0)
+    c = t.add()  # no sample: scored as 2.0, so it beats b (3.0) but not a (1.0)
+    assert t.pick(1.0) == a
+    t.acquire(a, 1.0)  # a: work 2 -> 3 x 1.0 = 3 > c's 2
+    assert t.pick(1.0) == c
+
+
+def test_weights_divide_the_score(table_cls: Any) -> None:
+    t = checked(table_cls(seed=6))
+    small, big = t.add(1.0), t.add(4.0)
+    t.acquire(big, 2.5)
+    assert t.pick(1.0) == big  # (2.5 + 1) / 4 < (0 + 1) / 1: four times the capacity
+    assert t.pick(1.0) == small  # (3.5 + 1) / 4 > 1
+
+
+def test_limit_skips_full_slots(table_cls: Any) -> None:
+    t = checked(table_cls(seed=7))
+    a, b = t.add(), t.add()
+    t.acquire(a, 1.0)
+    t.acquire(b, 100.0)
+    assert t.pick(1.0, 1) == -1  # both at the limit of one in flight
+    assert t.pick(1.0, 2) == a
+    assert t.pick(1.0, 2) == b  # a is full now, however little work b's rival holds
+
+
+def test_unavailable_and_removed(table_cls: Any) -> None:
+    t = checked(table_cls(seed=8))
+    a, b = t.add(), t.add()
+    t.acquire(a, 5.0)
+    t.set_available(b, False)
+    assert t.pick(1.0) == a  # b holds no work, but it is draining
+    t.remove(a)
+    assert t.pick(1.0) == -1 and len(t) == 2
+    with pytest.raises(ValueError, match="was removed"):
+        t.set_available(a, True)
+    t.release(a, 5.0)
+    t.release(a, 1.0)
+    assert len(t) == 1 and t.add() == a  # the id is free only after the last release
+
+
+def test_bad_arguments(table_cls: Any) -> None:
+    t = table_cls(seed=9)
+    with pytest.raises(ValueError, match="decay_s"):
+        table_cls(decay_s=0.0)
+    with pytest.raises(ValueError, match="weight"):
+        t.add(-1.0)
+    a = t.add()
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="cost"):
+            t.pick(bad)
+        with pytest.raises(ValueError, match="cost"):
+            t.acquire(a, bad)
+    with pytest.raises(IndexError, match="not in the table"):
+        t.release(7, 1.0)
+    assert t.total_outstanding() == 0
+
+
+def test_ties_spread_uniformly(table_cls: Any) -> None:
+    """Idle slots with equal estimates tie: the pick must be uniform over them, not
+    "always the lowest index" (which sends all low-load traffic to one instance)."""
+    t = checked(table_cls(seed=10))
+    slots = [t.add() for _ in range(8)]
+    seen: Counter[int] = Counter()
+    for _ in range(8000):
+        slot = t.pick(3.0)
+        seen[slot] += 1
+        t.release(slot, 3.0)
+    counts = [seen[s] for s in slots]
+    assert _chi_square(counts, [1000.0] * 8) < CHI2_P001[7], counts
+
+
+# -- differential: C vs twin over any operation sequence ---------------------------------
+
+COSTS = st.sampled_from([0.0, 0.5, 1.0, 3.0, 40.0, 1e6])
+OPS = st.lists(st.tuples(
+    st.sampled_from(["pick", "pick", "pick", "release", "release", "release", "acquire",
+                     "observe", "observe", "add", "remove", "set_weight", "set_available"]),
+    st.integers(-1, 9),
+    COSTS,
+    st.sampled_from([1e-4, 0.01, 0.2, 5.0]),
+    st.integers(0, 3),
+), min_size=1, max_size=200)
+SETUP = st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=1, max_size=8)
+
+
+Op = tuple[str, int, float, float, int]
+
+
+def _apply(t: Any, weights: list[float], ops: list[Op]) -> list[Any]:
+    out: list[Any] = [t.add(w) for w in weights]
+    now = 0.0
+    for name, slot, cost, sample, limit in ops:
+        now += sample  # the clock moves by varied steps, so decay weights vary
+        try:
+            if name == "pick":
+                result = t.pick(cost, limit)
+            elif name in ("release", "acquire"):
+                result = getattr(t, name)(slot, cost)
+            elif name == "observe":
+                result = t.observe(slot, sample, now)
+            elif name == "add":
+                result = t.add(cost or 1.0)
+            elif name == "set_weight":
+                result = t.set_weight(slot, sample)
+            elif name == "set_available":
+                result = t.set_available(slot, bool(limit & 1))
+            else:
+                result = t.remove(slot)
+        except (ValueError, IndexError) as exc:
+            result = (type(exc).__name__, str(exc))
+        t.check()
+        estimates = [t.estimate(s) for s, *_ in t.snapshot()]
+        work = [t.work(s) for s, *_ in t.snapshot()]
+        out += [result, t.snapshot(), estimates, work, t.total_outstanding(), t.pickable()]
+    return out
+
+
+@needs_c
+@settings(max_examples=600, deadline=None)
+@given(seed=st.integers(-(2**70), 2**70), weights=SETUP, ops=OPS)
+def test_c_and_twin_agree(seed: int, weights: list[float], ops: list[Op]) -> None:
+    assert core.CWorkTable is not None, "the compiled core did not load"
+    assert _apply(core.CWorkTable(seed), weights, ops) == \
+        _apply(core.PyWorkTable(seed), weights, ops)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), weights=SETUP, ops=OPS)
+def test_invariants_hold_for_any_sequence(seed: int, weights: list[float], ops: list[Op]) -> None:
+    t = core.WorkTable(seed)
+    _apply(t, weights, ops)
+    assert sum(count for _, count, _, _ in t.snapshot()) == t.total_outstanding() >= 0
