@@ -5,7 +5,7 @@ until the result is built. Behaviour (results and errors) is identical; see _wir
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport int64_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 from tritonmesh._core._wire_py import RequestInfo, ResponseInfo, WireError
 
@@ -262,3 +262,132 @@ def peek_stream_response(bytes buf):
     if c.err:
         _fail(c.err)
     return ResponseInfo(_string(buf, es, ee), _string(buf, rs, re), final, has_outputs)
+
+
+cdef inline double _raw_sum(const unsigned char* p, Py_ssize_t n, int kind,
+                            Py_ssize_t size) noexcept nogil:
+    """Sum of n little-endian elements of one Triton datatype (see _RAW_KINDS)."""
+    cdef double total = 0.0
+    cdef Py_ssize_t i
+    cdef uint64_t u
+    cdef int j
+    cdef float f32
+    cdef double f64
+    for i in range(n):
+        u = 0
+        for j in range(size):
+            u |= (<uint64_t>p[i * size + j]) << (8 * j)
+        if kind == 0:  # signed integers: sign-extend from size bytes
+            if size < 8 and (u >> (8 * size - 1)) & 1:
+                u |= ~((<uint64_t>1 << (8 * size)) - 1)
+            total += <double><int64_t>u
+        elif kind == 1:
+            total += <double>u
+        elif kind == 2:
+            memcpy(&f32, &u, 4)
+            total += <double>f32
+        else:
+            memcpy(&f64, &u, 8)
+            total += f64
+    return total
+
+
+# datatype -> (kind: 0 signed, 1 unsigned, 2 FP32, 3 FP64; element size)
+_RAW_KINDS = {
+    b"INT8": (0, 1), b"INT16": (0, 2), b"INT32": (0, 4), b"INT64": (0, 8),
+    b"UINT8": (1, 1), b"UINT16": (1, 2), b"UINT32": (1, 4), b"UINT64": (1, 8),
+    b"FP32": (2, 4), b"FP64": (3, 8),
+}
+
+
+def peek_work(bytes buf, bytes input_name, bytes parameter):
+    """A request's cost hint for LEAST_OUTSTANDING_WORK, or None (see _wire_py)."""
+    cdef Cursor c, t, v
+    cdef Field f, g, h
+    cdef const unsigned char* data = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(parameter)
+    cdef Py_ssize_t ilen = PyBytes_GET_SIZE(input_name)
+    cdef const char* pkey = PyBytes_AS_STRING(parameter)
+    cdef const char* ikey = PyBytes_AS_STRING(input_name)
+    cdef Py_ssize_t index = -1, inputs = 0, raws = 0, raw_s = 0, raw_e = -1
+    cdef Py_ssize_t ks, ke, ns, ne, ds = 0, de = 0, ts, te, size
+    cdef bint matched, numeric
+    cdef double value = 0.0, found = 0.0
+    cdef bint have = False
+    cdef uint64_t raw
+    cdef int kind
+    c.buf = data
+    c.pos = 0
+    c.end = PyBytes_GET_SIZE(buf)
+    c.err = 0
+    while _next(&c, &f):
+        if f.wire != LEN:
+            continue
+        if f.number == 4 and plen:
+            t.buf = data
+            t.pos = f.s
+            t.end = f.e
+            t.err = 0
+            ks = ke = 0
+            numeric = False
+            while _next(&t, &g):
+                if g.number == 1 and g.wire == LEN:
+                    ks, ke = g.s, g.e
+                elif g.number == 2 and g.wire == LEN:
+                    numeric = False
+                    v.buf = data
+                    v.pos = g.s
+                    v.end = g.e
+                    v.err = 0
+                    while _next(&v, &h):
+                        if h.wire == VARINT and (h.number == 2 or h.number == 5):
+                            v.pos = h.s
+                            raw = _varint(&v)
+                            value = <double><int64_t>raw if h.number == 2 else <double>raw
+                            numeric = True
+                        elif h.wire == I64 and h.number == 4:
+                            memcpy(&value, data + h.s, 8)
+                            numeric = True
+                        else:
+                            numeric = False
+                    if v.err:
+                        _fail(v.err)
+            if t.err:
+                _fail(t.err)
+            if ke - ks == plen and memcmp(data + ks, pkey, plen) == 0:
+                have = numeric
+                found = value
+        elif f.number == 5 and not plen:
+            t.buf = data
+            t.pos = f.s
+            t.end = f.e
+            t.err = 0
+            ns = ne = ts = te = 0
+            while _next(&t, &g):
+                if g.wire == LEN and g.number == 1:
+                    ns, ne = g.s, g.e
+                elif g.wire == LEN and g.number == 2:
+                    ts, te = g.s, g.e
+            if t.err:
+                _fail(t.err)
+            if ne - ns == ilen and memcmp(data + ns, ikey, ilen) == 0:
+                index = inputs
+                ds, de = ts, te
+            inputs += 1
+        elif f.number == 7 and not plen:
+            if raws == index:
+                raw_s, raw_e = f.s, f.e
+            raws += 1
+    if c.err:
+        _fail(c.err)
+    if plen:
+        return found if have else None
+    if index < 0 or raw_e < 0:
+        return None
+    spec = _RAW_KINDS.get(buf[ds:de])
+    if spec is None:
+        return None
+    kind, size = spec
+    if (raw_e - raw_s) % size:
+        return None
+    return _raw_sum(data + raw_s, (raw_e - raw_s) // size, kind, size)

@@ -16,6 +16,7 @@ Field numbers are Triton's (``grpc_service.proto``)::
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Final, NamedTuple
 
@@ -28,6 +29,7 @@ __all__ = [
     "inject_empty_final",
     "peek_request",
     "peek_stream_response",
+    "peek_work",
 ]
 
 ENABLE_EMPTY_FINAL: Final = b"triton_enable_empty_final_response"
@@ -260,3 +262,84 @@ def error_stream_response(message: str, request_id: str = "", model_name: str = 
     if request_id:
         inner += _len_field(3, request_id.encode())
     return _len_field(1, message.encode()) + _len_field(2, inner)
+
+
+# Triton datatype -> struct format of one element (little-endian on the wire).
+_RAW_FORMATS: Final = {
+    b"INT8": "b", b"INT16": "h", b"INT32": "i", b"INT64": "q", b"UINT8": "B", b"UINT16": "H",
+    b"UINT32": "I", b"UINT64": "Q", b"FP32": "f", b"FP64": "d",
+}
+
+
+def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
+    """A request's cost hint for LEAST_OUTSTANDING_WORK, or None when it carries none.
+
+    With ``parameter`` (non-empty): the value of that request parameter (int64, uint64
+    or double). Otherwise the sum of the elements of the input tensor ``input_name``, read
+    from ``raw_input_contents`` (what tritonclient sends) for the integer and FP32/FP64
+    datatypes. None when the parameter or input is absent, of another type, or sent in
+    the typed ``contents`` field.
+
+    Raises :class:`WireError` for bytes that are not a well-formed message.
+    """
+    end = len(buf)
+    found: float | None = None
+    index = -1  # of input_name among the inputs
+    inputs = 0
+    datatype = b""
+    raw: tuple[int, int] | None = None
+    raws = 0
+    for field, wire_type, s, e in _fields(buf, 0, end):
+        if wire_type != _LEN:
+            continue
+        if field == 4 and parameter:
+            key, value = _work_parameter(buf, s, e)
+            if key == parameter:
+                found = value
+        elif field == 5 and not parameter:
+            name = dtype = b""
+            for ifield, iwire, is_, ie in _fields(buf, s, e):
+                if iwire == _LEN and ifield == 1:
+                    name = buf[is_:ie]
+                elif iwire == _LEN and ifield == 2:
+                    dtype = buf[is_:ie]
+            if name == input_name:
+                index, datatype = inputs, dtype
+            inputs += 1
+        elif field == 7 and not parameter:
+            if raws == index:
+                raw = (s, e)
+            raws += 1
+    if parameter:
+        return found
+    fmt = _RAW_FORMATS.get(datatype)
+    if index < 0 or fmt is None or raw is None:
+        return None
+    s, e = raw
+    size = struct.calcsize(fmt)
+    if (e - s) % size:
+        return None
+    total = 0.0
+    for (value,) in struct.iter_unpack("<" + fmt, buf[s:e]):
+        total += value
+    return total
+
+
+def _work_parameter(buf: bytes, start: int, end: int) -> tuple[bytes, float | None]:
+    """(key, numeric value) of one map<string, InferParameter> entry; None if not numeric."""
+    key = b""
+    value: float | None = None
+    for field, wire_type, s, e in _fields(buf, start, end):
+        if field == 1 and wire_type == _LEN:
+            key = buf[s:e]
+        elif field == 2 and wire_type == _LEN:
+            value = None
+            for pfield, pwire, ps, pe in _fields(buf, s, e):
+                if pwire == _VARINT and pfield in (2, 5):
+                    raw = _varint(buf, ps, pe)[0]
+                    value = float(raw - (1 << 64) if pfield == 2 and raw >= 1 << 63 else raw)
+                elif pwire == _I64 and pfield == 4:
+                    value = struct.unpack_from("<d", buf, ps)[0]
+                else:
+                    value = None
+    return key, value

@@ -18,6 +18,7 @@ from tritonmesh._core._wire_py import (
 )
 from tritonmesh._core._wire_py import peek_request as py_peek_request
 from tritonmesh._core._wire_py import peek_stream_response as py_peek_stream_response
+from tritonmesh._core._wire_py import peek_work as py_peek_work
 
 __all__ = [
     "ENABLE_EMPTY_FINAL",
@@ -29,11 +30,14 @@ __all__ = [
     "peek_request",
     "peek_stream_response",
     "py_peek_request",
+    "peek_work",
     "py_peek_stream_response",
+    "py_peek_work",
 ]
 
 if TYPE_CHECKING or NO_EXTENSIONS:
     peek_request = py_peek_request
     peek_stream_response = py_peek_stream_response
+    peek_work = py_peek_work
 else:
-    from tritonmesh._core._wire_c import peek_request, peek_stream_response
+    from tritonmesh._core._wire_c import peek_request, peek_stream_response, peek_work

@@ -189,3 +189,78 @@ def test_c_and_twin_agree_on_mutated_parameters(entries: list[tuple[bytes, bytes
     raw = ld(1, b"m") + b"".join(ld(4, ld(1, k) + ld(2, v)) for k, v in entries) + tail
     outcomes = _both(raw, 0)
     assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+# -- the cost hint (LEAST_OUTSTANDING_WORK) ------------------------------------------------
+
+def _peek_work_impls() -> list[Any]:
+    impls = [wire.py_peek_work]
+    if not NO_EXTENSIONS:
+        from tritonmesh._core import _wire_c
+
+        impls.append(_wire_c.peek_work)
+    return impls
+
+
+@pytest.mark.parametrize("peek_work", _peek_work_impls())
+def test_peek_work_reads_inputs_and_parameters(peek_work: Any) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    # Built by tritonclient itself, as a user's request reaches the router.
+    prompt = grpcclient.InferInput("PROMPT_TOKENS", [1], "INT32")
+    prompt.set_data_from_numpy(np.array([32], dtype=np.int32))
+    tokens = grpcclient.InferInput("MAX_TOKENS", [2], "INT64")
+    tokens.set_data_from_numpy(np.array([300, -4], dtype=np.int64))
+    req = pb.ModelInferRequest(model_name="generate", id="w")
+    for tensor in (prompt, tokens):
+        req.inputs.append(tensor._get_tensor())
+        req.raw_input_contents.append(tensor._get_content())
+    req.parameters["max_tokens"].int64_param = 77
+    req.parameters["budget"].double_param = 2.5
+    req.parameters["big"].uint64_param = 2**63 + 1
+    req.parameters["name"].string_param = "x"
+    raw = req.SerializeToString()
+    assert peek_work(raw, b"MAX_TOKENS", b"") == 296.0  # the sum of its elements
+    assert peek_work(raw, b"PROMPT_TOKENS", b"") == 32.0
+    assert peek_work(raw, b"MISSING", b"") is None
+    assert peek_work(raw, b"", b"max_tokens") == 77.0
+    assert peek_work(raw, b"", b"budget") == 2.5
+    assert peek_work(raw, b"", b"big") == float(2**63 + 1)
+    assert peek_work(raw, b"", b"name") is None  # not a number
+    for datatype, values in (("FP32", [0.5, 1.25]), ("UINT8", [200, 7]), ("INT8", [-3, 5]),
+                             ("FP64", [1e10]), ("UINT16", [65535])):
+        req = pb.ModelInferRequest(model_name="m")
+        req.inputs.add(name="N", datatype=datatype, shape=[len(values)])
+        req.raw_input_contents.append(np.array(
+            values, dtype=grpcclient.triton_to_np_dtype(datatype)).tobytes())
+        assert peek_work(req.SerializeToString(), b"N", b"") == sum(values), datatype
+    with pytest.raises(WireError):
+        peek_work(b"\x2a\x05ab", b"N", b"")
+
+
+@given(st.binary(max_size=96), st.sampled_from([b"N", b""]), st.sampled_from([b"p", b""]))
+def test_peek_work_c_and_twin_agree_on_any_bytes(raw: bytes, name: bytes, param: bytes) -> None:
+    outcomes = [_outcome(lambda b, f=f: f(b, name, param), raw) for f in _peek_work_impls()]
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"N", b"M"]),
+                          st.sampled_from([b"INT32", b"INT64", b"UINT64", b"FP32", b"FP64",
+                                           b"INT16", b"BYTES"]),
+                          st.binary(max_size=24)), max_size=4),
+       st.lists(st.tuples(st.sampled_from([b"p", b"q"]), st.binary(max_size=12)), max_size=3))
+def test_peek_work_c_and_twin_agree_on_tensors(tensors: list[tuple[bytes, bytes, bytes]],
+                                               params: list[tuple[bytes, bytes]]) -> None:
+    """Inputs with arbitrary raw contents and parameters with arbitrary value bytes."""
+    def ld(field: int, payload: bytes) -> bytes:
+        return bytes([field << 3 | 2, len(payload)]) + payload
+
+    raw = b"".join(ld(5, ld(1, n) + ld(2, d)) for n, d, _ in tensors)
+    raw += b"".join(ld(4, ld(1, k) + ld(2, v)) for k, v in params)
+    raw += b"".join(ld(7, contents) for _, _, contents in tensors)
+    for name, param in ((b"N", b""), (b"", b"p")):
+        # repr: the same NaN from both is agreement, though NaN != NaN.
+        outcomes = [repr(_outcome(lambda b, f=f: f(b, name, param), raw))
+                    for f in _peek_work_impls()]
+        assert all(o == outcomes[0] for o in outcomes), outcomes
