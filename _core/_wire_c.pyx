@@ -311,7 +311,7 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
     cdef const char* ikey = PyBytes_AS_STRING(input_name)
     cdef Py_ssize_t index = -1, inputs = 0, raws = 0, raw_s = 0, raw_e = -1
     cdef Py_ssize_t ks, ke, ns, ne, ds = 0, de = 0, ts, te, size
-    cdef bint matched, numeric
+    cdef bint numeric
     cdef double value = 0.0, found = 0.0
     cdef bint have = False
     cdef uint64_t raw

@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Final, Protocol
 
-from tritonmesh._core import OutstandingTable
-from tritonmesh.config import RoutingStrategy, VariantConfig
+from tritonmesh._core import OutstandingTable, WorkTable
+from tritonmesh.config import RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.outlier import OutlierDetector
+from tritonmesh.wire import WireError, peek_work
 from tritonmesh.workers.upstream import Upstream
 
 __all__ = ["Balancer", "Instance", "NoInstanceError", "Variant", "VariantFull"]
@@ -30,6 +32,21 @@ LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0,
 )
+
+
+class _Table(Protocol):
+    """What every variant's table answers: ``OutstandingTable`` and ``WorkTable`` alike."""
+
+    def add(self, weight: float = 1.0) -> int: ...
+    def remove(self, slot: int) -> None: ...
+    def set_available(self, slot: int, available: bool) -> None: ...
+    def outstanding(self, slot: int) -> int: ...
+    def pick(self) -> int: ...
+    def acquire(self, slot: int) -> None: ...
+    def release(self, slot: int) -> None: ...
+    def snapshot(self) -> list[tuple[int, int, float, str]]: ...
+    def total_outstanding(self) -> int: ...
+    def pickable(self) -> int: ...
 
 
 class NoInstanceError(LookupError):
@@ -87,8 +104,22 @@ class Instance:
                 return 0
         return self.variant.table.outstanding(self.slot)
 
-    def observe(self, seconds: float, ok: bool) -> None:
-        """Record one finished request (called from the release path)."""
+    def work_ahead(self) -> float:
+        """LEAST_OUTSTANDING_WORK: the work outstanding here, a just-picked request's own
+        included (what it will wait behind); 0.0 for other strategies."""
+        work = self.variant.work
+        return 0.0 if work is None else work.work(self.slot)
+
+    def observe(self, seconds: float, ok: bool, ahead: float = 0.0) -> None:
+        """Record one finished request (called from the release path, after release).
+
+        ``ahead``: the work it found here when picked (:meth:`work_ahead`); a success
+        teaches LEAST_OUTSTANDING_WORK this instance's seconds per unit of work.
+        """
+        work = self.variant.work
+        if work is not None and ok and ahead > 0.0 and seconds > 0.0 \
+                and self.state != "REMOVED":
+            work.observe(self.slot, seconds / ahead, time.monotonic())
         self.requests += 1
         if not ok:
             self.errors += 1
@@ -113,22 +144,32 @@ class Variant:
         self.weight = config.weight
         self.strategy = config.routing_strategy
         self.models = config.models
-        self.table = OutstandingTable(seed)
+        self.table: _Table
+        # LEAST_OUTSTANDING_WORK's table (the same object as ``table``), else None.
+        self.work: WorkTable | None = None
+        self._pick: Callable[[], int]
+        if self.strategy is RoutingStrategy.LEAST_OUTSTANDING_WORK:
+            self.table = self.work = WorkTable(seed)
+            self._pick = self.work.pick
+        else:
+            counts = OutstandingTable(seed)
+            self.table = counts
+            picks: dict[RoutingStrategy, Callable[[], int]] = {
+                RoutingStrategy.RANDOM: counts.pick_random,
+                RoutingStrategy.LEAST_OUTSTANDING_REQUESTS: counts.pick,
+                RoutingStrategy.ROUND_ROBIN: counts.pick_round_robin,
+                RoutingStrategy.POWER_OF_TWO_CHOICES: counts.pick_two,
+            }
+            self._pick = picks[self.strategy]
         # Indexed by slot: the hot path turns a slot into an instance with one list index.
         self.instances: list[Instance | None] = []
-        picks: dict[RoutingStrategy, Callable[[], int]] = {
-            RoutingStrategy.RANDOM: self.table.pick_random,
-            RoutingStrategy.LEAST_OUTSTANDING_REQUESTS: self.table.pick,
-            RoutingStrategy.ROUND_ROBIN: self.table.pick_round_robin,
-            RoutingStrategy.POWER_OF_TWO_CHOICES: self.table.pick_two,
-        }
-        self._pick = picks[self.strategy]
         # Late binding: with a per-instance concurrency limit, requests beyond it wait here
         # (FIFO) and go to the first instance that frees a slot, instead of queueing inside
         # one Triton behind a long generation.
         self.limit = config.max_concurrency
         self.max_queue = config.max_queue
-        self.waiters: collections.deque[asyncio.Future[Instance]] = collections.deque()
+        self.waiters: collections.deque[tuple[asyncio.Future[Instance], float]] = \
+            collections.deque()
 
     def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
         slot = self.table.add(weight)
@@ -142,8 +183,14 @@ class Variant:
     def table_has(self, slot: int) -> bool:
         return any(s == slot for s, _, _, _ in self.table.snapshot())
 
-    def pick(self) -> Instance | None:
-        """The strategy's choice, counted as outstanding; None if nothing can take it now."""
+    def pick(self, cost: float = 1.0) -> Instance | None:
+        """The strategy's choice, counted as outstanding; None if nothing can take it now.
+
+        ``cost`` weighs the request for LEAST_OUTSTANDING_WORK; other strategies count 1.
+        """
+        if self.work is not None:
+            slot = self.work.pick(cost, self.limit or 0)
+            return None if slot < 0 else self.instances[slot]
         slot = self._pick()
         if slot < 0:
             return None
@@ -157,7 +204,7 @@ class Variant:
                 return None
         return self.instances[slot]
 
-    async def wait(self, timeout: float | None) -> Instance:
+    async def wait(self, timeout: float | None, cost: float = 1.0) -> Instance:
         """Wait (FIFO, up to ``timeout`` seconds) for an instance below its limit."""
         if len(self.waiters) >= self.max_queue:
             raise NoInstanceError(
@@ -165,29 +212,33 @@ class Variant:
                 f"({self.limit}) and {len(self.waiters)} requests are already waiting",
                 "RESOURCE_EXHAUSTED")
         waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+        entry = (waiter, cost)
+        self.waiters.append(entry)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except BaseException:
             if waiter.done() and not waiter.cancelled():
-                Balancer.release(waiter.result())  # handed over as we gave up: pass it on
+                # Handed over as we gave up: pass it on.
+                Balancer.release(waiter.result(), cost)
             else:
                 waiter.cancel()
                 with contextlib.suppress(ValueError):
-                    self.waiters.remove(waiter)
+                    self.waiters.remove(entry)
             raise
 
     def dispatch(self) -> None:
         """Hand free capacity to waiting requests, oldest first."""
         waiters = self.waiters
         while waiters:
-            if waiters[0].done():
+            waiter, cost = waiters[0]
+            if waiter.done():
                 waiters.popleft()
                 continue
-            instance = self.pick()
+            instance = self.pick(cost)
             if instance is None:
                 return
-            waiters.popleft().set_result(instance)
+            waiters.popleft()
+            waiter.set_result(instance)
 
     def serves(self, model_name: str) -> bool:
         return self.models is None or model_name in self.models
@@ -223,14 +274,37 @@ class Balancer:
     """All variants of one endpoint, and sticky sequences."""
 
     def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None,
-                 outliers: OutlierDetector | None = None):
+                 outliers: OutlierDetector | None = None,
+                 work_hints: Mapping[str, WorkHint] | None = None):
         self.variants = list(variants)
+        # model -> (input name, parameter name, base), encoded once for the wire peek.
+        self._hints = {
+            model: ((h.input or "").encode(), (h.parameter or "").encode(), h.base)
+            for model, h in (work_hints or {}).items()
+        }
+        # Only LEAST_OUTSTANDING_WORK reads costs; nobody else pays for the peek.
+        self.work_aware = any(v.work is not None for v in self.variants)
         self.outliers = outliers or OutlierDetector()
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
         self._serving: dict[str, list[Variant]] = {}
         # (variant, model, sequence id) -> (instance, last use); see pick().
         self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
+
+    def cost(self, model_name: str, request: bytes) -> float:
+        """The request's cost for LEAST_OUTSTANDING_WORK: the model's hint plus its base;
+        ``max(base, 1)`` for a request without a usable hint value, 1.0 without a hint."""
+        hint = self._hints.get(model_name)
+        if hint is None:
+            return 1.0
+        input_name, parameter, base = hint
+        try:
+            value = peek_work(request, input_name, parameter)
+        except WireError:
+            value = None
+        if value is None or not math.isfinite(value):
+            return max(base, 1.0)
+        return max(base + value, 0.0)
 
     def instances(self) -> Iterator[Instance]:
         for variant in self.variants:
@@ -276,6 +350,7 @@ class Balancer:
         sequence_id: int | str | None = None,
         sequence_start: bool = False,
         sequence_end: bool = False,
+        cost: float = 1.0,
     ) -> Instance:
         """Choose the instance for one request and count it as outstanding there.
 
@@ -285,8 +360,8 @@ class Balancer:
         variant = self.choose_variant(model_name, target_variant)
         if sequence_id is not None:
             return self._pick_sequence(variant, model_name, sequence_id, sequence_start,
-                                       sequence_end)
-        instance = variant.pick()
+                                       sequence_end, cost)
+        instance = variant.pick(cost)
         if instance is None:
             if variant.limit is not None and variant.table.pickable():
                 raise VariantFull(variant)
@@ -297,14 +372,17 @@ class Balancer:
         return instance
 
     def _pick_sequence(self, variant: Variant, model_name: str, sequence_id: int | str,
-                       start: bool, end: bool) -> Instance:
+                       start: bool, end: bool, cost: float) -> Instance:
         key = (variant.name, model_name, sequence_id)
         pinned = None if start else self.sequences.get(key)
         if pinned is not None and pinned[0].state != "REMOVED":
             instance = pinned[0]
-            variant.table.acquire(instance.slot)
+            if variant.work is not None:
+                variant.work.acquire(instance.slot, cost)
+            else:
+                variant.table.acquire(instance.slot)
         else:
-            instance = variant.pick()  # type: ignore[assignment]
+            instance = variant.pick(cost)  # type: ignore[assignment]
             if instance is None:
                 raise NoInstanceError(
                     f"no healthy instance in variant '{variant.name}' can start sequence "
@@ -317,9 +395,13 @@ class Balancer:
         return instance
 
     @staticmethod
-    def release(instance: Instance) -> None:
+    def release(instance: Instance, cost: float = 1.0) -> None:
+        """One request on ``instance`` ended (``cost``: what it was picked with)."""
         variant = instance.variant
-        variant.table.release(instance.slot)
+        if variant.work is not None:
+            variant.work.release(instance.slot, cost)
+        else:
+            variant.table.release(instance.slot)
         if variant.waiters:
             variant.dispatch()
         if instance.drained is not None and not variant.table.outstanding(instance.slot):

@@ -29,6 +29,7 @@ __all__ = [
     "LocalWorkers",
     "RoutingStrategy",
     "VariantConfig",
+    "WorkHint",
     "load_config",
     "parse_config",
 ]
@@ -43,6 +44,18 @@ class RoutingStrategy(enum.StrEnum):
     LEAST_OUTSTANDING_REQUESTS = "LEAST_OUTSTANDING_REQUESTS"
     ROUND_ROBIN = "ROUND_ROBIN"
     POWER_OF_TWO_CHOICES = "POWER_OF_TWO_CHOICES"
+    LEAST_OUTSTANDING_WORK = "LEAST_OUTSTANDING_WORK"
+
+
+@dataclass(frozen=True)
+class WorkHint:
+    """Where LEAST_OUTSTANDING_WORK reads a model's request cost: ``base`` plus the sum of
+    input tensor ``input``'s elements, or plus request parameter ``parameter``. Requests
+    without it cost ``base`` (at least 1)."""
+
+    input: str | None = None
+    parameter: str | None = None
+    base: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +94,8 @@ class EndpointConfig:
     variants: tuple[VariantConfig, ...] = ()
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
     shutdown_grace_s: float = 5.0
+    # model name -> where its requests' cost is read (LEAST_OUTSTANDING_WORK variants)
+    work_hints: Mapping[str, WorkHint] = field(default_factory=dict)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -205,6 +220,26 @@ def _health(data: Any) -> HealthCheckConfig:
     )
 
 
+def _work_hints(data: Any) -> dict[str, WorkHint]:
+    _expect(data, dict, "work_hints")
+    hints = {}
+    for model, spec in data.items():
+        where = f"work_hints.{model}"
+        _expect(spec, dict, where)
+        _no_unknown(spec, {"input", "parameter", "base"}, f"{where}.")
+        if ("input" in spec) == ("parameter" in spec):
+            raise ConfigError(f"{where}: give exactly one of input or parameter")
+        source = "input" if "input" in spec else "parameter"
+        name = _expect(spec[source], str, f"{where}.{source}")
+        if not name:
+            raise ConfigError(f"{where}.{source}: must not be empty")
+        base = float(_expect(spec.get("base", 0.0), (int, float), f"{where}.base"))
+        if not 0 <= base < float("inf"):
+            raise ConfigError(f"{where}.base: must be a finite number >= 0, got {base!r}")
+        hints[model] = WorkHint(**{source: name}, base=base)
+    return hints
+
+
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
     """Translate ``CreateEndpointConfig`` JSON into tritonmesh's own keys."""
     variants = []
@@ -235,7 +270,7 @@ def parse_config(data: Any) -> EndpointConfig:
     if "ProductionVariants" in data:
         data = _from_sagemaker(data)
     _no_unknown(data, {"endpoint", "listen", "metrics_listen", "variants", "health_check",
-                       "shutdown_grace_s"}, "")
+                       "shutdown_grace_s", "work_hints"}, "")
     items = _expect(data.get("variants"), list, "variants") if "variants" in data else None
     if not items:
         raise ConfigError("variants: at least one production variant is required")
@@ -255,6 +290,7 @@ def parse_config(data: Any) -> EndpointConfig:
         health_check=_health(data["health_check"]) if "health_check" in data
         else HealthCheckConfig(),
         shutdown_grace_s=_weight(data.get("shutdown_grace_s", 5.0), "shutdown_grace_s"),
+        work_hints=_work_hints(data.get("work_hints", {})),
     )
 
 

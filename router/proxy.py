@@ -66,9 +66,9 @@ _QUEUE_TIMEOUT: Final = ("deadline exceeded while waiting in tritonmesh's queue 
                          "below its concurrency limit")
 
 
-async def _wait(full: VariantFull, context: grpc.aio.ServicerContext) -> Instance:
+async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: float) -> Instance:
     try:
-        return await full.variant.wait(context.time_remaining())
+        return await full.variant.wait(context.time_remaining(), cost)
     except NoInstanceError as exc:
         await context.abort(_status(exc.code_name), str(exc))
     except TimeoutError:
@@ -95,15 +95,17 @@ class Proxy:
                                 f"malformed ModelInferRequest: {exc}")
         metadata, target = forwardable_metadata(context)
         balancer = self.balancer
+        cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
         retries = 0
         while True:
             try:
                 instance = balancer.pick(info.model_name, target, info.sequence_id,
-                                         info.sequence_start, info.sequence_end)
+                                         info.sequence_start, info.sequence_end, cost)
             except VariantFull as full:
-                instance = await _wait(full, context)
+                instance = await _wait(full, context, cost)
             except NoInstanceError as exc:
                 await context.abort(_status(exc.code_name), str(exc))
+            ahead = instance.work_ahead()
             started = time.perf_counter()
             ok = False
             try:
@@ -126,8 +128,8 @@ class Proxy:
                 await context.abort(code, exc.details() or "",
                                     tuple(exc.trailing_metadata() or ()))
             finally:
-                balancer.release(instance)
-                instance.observe(time.perf_counter() - started, ok)
+                balancer.release(instance, cost)
+                instance.observe(time.perf_counter() - started, ok, ahead)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -138,12 +140,15 @@ class Proxy:
 class _Pending:
     """A request sent on an upstream stream whose final response has not arrived."""
 
-    __slots__ = ("client_wants_empty_final", "id", "model_name", "started")
+    __slots__ = ("ahead", "client_wants_empty_final", "cost", "id", "model_name", "started")
 
-    def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool):
+    def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool,
+                 cost: float, ahead: float):
         self.id = request_id
         self.model_name = model_name
         self.client_wants_empty_final = client_wants_empty_final
+        self.cost = cost  # what it was picked with, released with
+        self.ahead = ahead  # LEAST_OUTSTANDING_WORK: the work it found on its instance
         self.started = time.perf_counter()
 
 
@@ -195,12 +200,14 @@ class _StreamSession:
             # Triton answers a bad request inside a stream in-stream and keeps the stream open.
             await self._write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
             return
+        balancer = self.balancer
+        cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
         try:
             try:
-                instance = self.balancer.pick(info.model_name, self.target, info.sequence_id,
-                                              info.sequence_start, info.sequence_end)
+                instance = balancer.pick(info.model_name, self.target, info.sequence_id,
+                                         info.sequence_start, info.sequence_end, cost)
             except VariantFull as full:
-                instance = await full.variant.wait(self.context.time_remaining())
+                instance = await full.variant.wait(self.context.time_remaining(), cost)
         except NoInstanceError as exc:
             await self._write(error_stream_response(str(exc), info.id, info.model_name))
             return
@@ -210,7 +217,8 @@ class _StreamSession:
         up = self.upstreams.get(instance)
         if up is None:
             up = self._open(instance)
-        up.pending.append(_Pending(info.id, info.model_name, info.empty_final))
+        up.pending.append(_Pending(info.id, info.model_name, info.empty_final, cost,
+                                   instance.work_ahead()))
         try:
             await up.call.write(request if info.empty_final else inject_empty_final(request))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
@@ -283,8 +291,8 @@ class _StreamSession:
             if not pending:
                 return None
             found = pending.popleft()
-        self.balancer.release(up.instance)
-        up.instance.observe(time.perf_counter() - found.started, ok)
+        self.balancer.release(up.instance, found.cost)
+        up.instance.observe(time.perf_counter() - found.started, ok, found.ahead)
         return found
 
     def _settle_all(self, up: _Upstream) -> list[_Pending]:
@@ -293,7 +301,7 @@ class _StreamSession:
         up.pending.clear()
         now = time.perf_counter()
         for p in orphans:
-            self.balancer.release(up.instance)
+            self.balancer.release(up.instance, p.cost)
             up.instance.observe(now - p.started, False)
         return orphans
 

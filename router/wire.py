@@ -29,8 +29,8 @@ __all__ = [
     "inject_empty_final",
     "peek_request",
     "peek_stream_response",
-    "py_peek_request",
     "peek_work",
+    "py_peek_request",
     "py_peek_stream_response",
     "py_peek_work",
 ]

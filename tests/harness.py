@@ -13,7 +13,13 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from tritonmesh.balancer import Balancer, Instance
-from tritonmesh.config import EndpointConfig, HealthCheckConfig, RoutingStrategy, VariantConfig
+from tritonmesh.config import (
+    EndpointConfig,
+    HealthCheckConfig,
+    RoutingStrategy,
+    VariantConfig,
+    WorkHint,
+)
 from tritonmesh.server import Router
 
 T = TypeVar("T")
@@ -75,7 +81,8 @@ class RouterHandle:
 def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_REQUESTS",
                 variants: Sequence[tuple[str, float, str, int]] | None = None,
                 workers: int | None = None, max_concurrency: int | None = None,
-                max_queue: int = 1024) -> tuple[EndpointConfig, dict[str, list[str]]]:
+                max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
+                ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
     ``variants`` lists (name, weight, strategy, index of the worker address); without it,
@@ -94,6 +101,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
     config = EndpointConfig(
         name="test", listen="127.0.0.1:0", metrics_listen=None, variants=tuple(spec),
         health_check=HealthCheckConfig(interval_s=0.5, timeout_s=1.0), shutdown_grace_s=1.0,
+        work_hints=work_hints or {},
     )
     return config, instances
 

@@ -92,3 +92,30 @@ def test_unparseable_file(tmp_path: Path) -> None:
     path.write_text("variants: [\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(path)
+
+
+def test_work_hints() -> None:
+    from tritonmesh.config import WorkHint
+
+    config = parse_config({
+        "variants": [{"name": "a", "instances": ["h:1"],
+                      "routing_strategy": "least_outstanding_work"}],
+        "work_hints": {"generate": {"input": "MAX_TOKENS", "base": 32},
+                       "chat": {"parameter": "max_tokens"}},
+    })
+    assert config.variants[0].routing_strategy is RoutingStrategy.LEAST_OUTSTANDING_WORK
+    assert config.work_hints == {"generate": WorkHint(input="MAX_TOKENS", base=32.0),
+                                 "chat": WorkHint(parameter="max_tokens")}
+
+
+@pytest.mark.parametrize(("hints", "message"), [
+    ({"g": {}}, "work_hints.g: give exactly one of input or parameter"),
+    ({"g": {"input": "A", "parameter": "b"}}, "give exactly one"),
+    ({"g": {"input": ""}}, "work_hints.g.input: must not be empty"),
+    ({"g": {"input": "A", "base": -1}}, "work_hints.g.base: must be a finite number >= 0"),
+    ({"g": {"input": "A", "scale": 2}}, "work_hints.g.scale: unknown key"),
+    ({"g": "MAX_TOKENS"}, "work_hints.g: expected a mapping"),
+])
+def test_work_hint_errors_name_the_key(hints: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"variants": [{"name": "a", "instances": ["h:1"]}], "work_hints": hints})

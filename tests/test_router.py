@@ -325,6 +325,40 @@ def test_lor_sends_new_requests_to_the_idle_instance(make_router: Any) -> None:
     assert sum(gained.values()) == 10
 
 
+def test_least_outstanding_work_weighs_requests_by_their_hint(make_router: Any) -> None:
+    """One long generation on one instance outweighs several short ones on the other:
+    LEAST_OUTSTANDING_WORK sends every short request to the other instance, where
+    LEAST_OUTSTANDING_REQUESTS would alternate once the counts tie."""
+    from tritonmesh.config import WorkHint
+
+    hints = {m: WorkHint(input="MAX_TOKENS") for m in ("generate", "generate_unary")}
+    router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=2, work_hints=hints)
+    collect = StreamCollector()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        client.start_stream(callback=collect)
+        client.async_stream_infer("generate", _generate_inputs(1, 300), request_id="long")
+        collect.take(1)
+        (busy,) = [i for i in router.instances() if i.outstanding == 1]
+        assert busy.work_ahead() == 300.0
+
+        async def shorts() -> list[int]:
+            async with aioclient.InferenceServerClient(router.address) as aio:
+                results = await asyncio.gather(*(
+                    aio.infer("generate_unary", _generate_inputs(1, 20, aioclient))
+                    for _ in range(6)))
+            return [r.as_numpy("TOKENS").size for r in results]
+
+        before = _served_counts(router)
+        assert asyncio.run(shorts()) == [20] * 6  # 6 x 20 = 120 < 300 at every pick
+        after = _served_counts(router)
+        client.stop_stream(cancel_requests=True)
+    gained = {addr: after[addr] - before[addr] for addr in after}
+    assert gained[busy.address] == 0 and sum(gained.values()) == 6, gained
+    # Finished requests taught the idle instance its speed: seconds per token, > 0.
+    (other,) = [i for i in router.instances() if i is not busy]
+    assert other.variant.work is not None and other.variant.work.estimate(other.slot) > 0
+
+
 def test_random_spreads_by_variant_weight(make_router: Any) -> None:
     router = make_router(variants=[("light", 1.0, "RANDOM", 0), ("heavy", 3.0, "RANDOM", 1)])
     n = 400

@@ -261,6 +261,6 @@ def test_peek_work_c_and_twin_agree_on_tensors(tensors: list[tuple[bytes, bytes,
     raw += b"".join(ld(7, contents) for _, _, contents in tensors)
     for name, param in ((b"N", b""), (b"", b"p")):
         # repr: the same NaN from both is agreement, though NaN != NaN.
-        outcomes = [repr(_outcome(lambda b, f=f: f(b, name, param), raw))
+        outcomes = [repr(_outcome(lambda b, f=f, n=name, q=param: f(b, n, q), raw))
                     for f in _peek_work_impls()]
         assert all(o == outcomes[0] for o in outcomes), outcomes
