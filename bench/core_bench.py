@@ -1,4 +1,4 @@
-"""ns per pick+release pair of the outstanding table: compiled vs pure-Python twin.
+"""ns per pick+release pair of the outstanding tables: compiled vs pure-Python twin.
 
     python bench/core_bench.py [--rounds N]
 
@@ -7,7 +7,9 @@ router pays, interpreter overhead included); "in_c" times the same pair in a C
 loop (the data structure alone); "python_call_floor_ns" is the same Python loop
 over two trivial builtins, the part of "from_python" no implementation can remove.
 Both implementations run in the same process, side by side, with half the slots
-already holding one request. Each figure is the best of 5 runs.
+already holding one request. Each figure is the best of 5 runs. "pick_work" is the
+work table (LEAST_OUTSTANDING_WORK): pick(cost) + release(slot, cost), every slot with a
+learned estimate of its own, half of them holding one request of the same cost.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import platform
 import time
 from typing import Any
 
-from tritonmesh._core import COutstandingTable, PyOutstandingTable
+from tritonmesh._core import COutstandingTable, CWorkTable, PyOutstandingTable, PyWorkTable
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
@@ -42,6 +44,42 @@ def from_python(cls: Any, n: int, strategy: str, rounds: int) -> float:
         start = time.perf_counter_ns()
         for _ in range(rounds):
             release(pick())
+        best = min(best, (time.perf_counter_ns() - start) / rounds)
+    return best
+
+
+COST = 40.0
+
+
+def _work_table(cls: Any, n: int) -> Any:
+    t = cls(seed=1)
+    for i in range(n):
+        t.observe(t.add(), 0.002 + (i % 7) * 1e-4, 0.0)
+    for _ in range(n // 2):
+        t.pick(COST)
+    return t
+
+
+def work_from_python(cls: Any, n: int, rounds: int) -> float:
+    t = _work_table(cls, n)
+    pick, release = t.pick, t.release
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        for _ in range(rounds):
+            release(pick(COST), COST)
+        best = min(best, (time.perf_counter_ns() - start) / rounds)
+    return best
+
+
+def work_in_c(n: int, rounds: int) -> float:
+    from tritonmesh._core._work_c import _bench_pick_release
+
+    t = _work_table(CWorkTable, n)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter_ns()
+        _bench_pick_release(t, rounds, COST)
         best = min(best, (time.perf_counter_ns() - start) / rounds)
     return best
 
@@ -75,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=200_000)
     args = parser.parse_args()
-    if COutstandingTable is None:
+    if COutstandingTable is None or CWorkTable is None:
         raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
     results = []
     for strategy in STRATEGIES:
@@ -91,6 +129,18 @@ def main() -> None:
                 "twin_over_c": round(py / c, 1),
                 "twin_over_c_in_c": round(py / c_in_c, 1),
             })
+    for n in SIZES:
+        # The scan is O(n): fewer rounds at 1024 keep the run short.
+        rounds = max(args.rounds // max(n // 16, 1), 2000)
+        c = work_from_python(CWorkTable, n, rounds)
+        py = work_from_python(PyWorkTable, n, max(rounds // 20, 200))
+        c_in_c = work_in_c(n, rounds)
+        results.append({
+            "strategy": "pick_work", "instances": n,
+            "c_ns_from_python": round(c, 1), "c_ns_in_c": round(c_in_c, 1),
+            "twin_ns": round(py, 1), "twin_over_c": round(py / c, 1),
+            "twin_over_c_in_c": round(py / c_in_c, 1),
+        })
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "python": platform.python_version(),
                       "python_call_floor_ns": round(call_floor(args.rounds), 1),

@@ -41,7 +41,9 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
     rows = report["rows"]
     assert {r["target"] for r in rows} == {
         "tritonmesh RANDOM", "tritonmesh LEAST_OUTSTANDING_REQUESTS",
-        "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)"}
+        "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
+        "tritonmesh LEAST_OUTSTANDING_WORK",
+        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 2/instance)"}
     for row in rows:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["users"] == 2 and row["instances"] == 1
@@ -51,5 +53,5 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert row["utilization"] > 0
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
-    assert (tmp_path / "routing.md").read_text().count("| 2 | 1 |") == 3
+    assert (tmp_path / "routing.md").read_text().count("| 2 | 1 |") == 5
     assert (tmp_path / "p99_latency.png").stat().st_size > 0

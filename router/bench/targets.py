@@ -44,6 +44,9 @@ class Target:
 TRITONMESH = [Target("tritonmesh", s) for s in
               ("RANDOM", "ROUND_ROBIN", "POWER_OF_TWO_CHOICES", "LEAST_OUTSTANDING_REQUESTS")]
 LATE_BINDING = Target("tritonmesh", "LEAST_OUTSTANDING_REQUESTS", max_concurrency=1)
+# Work-aware: the demo models' cost is MAX_TOKENS (their service time is linear in it).
+WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
+              Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=2)]
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
@@ -51,7 +54,7 @@ HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
 
 def available_targets(peers: bool = True) -> tuple[list[Target], list[str]]:
     """Every target this machine can run, and a note for each peer that is missing."""
-    targets = [*TRITONMESH, LATE_BINDING]
+    targets = [*TRITONMESH, LATE_BINDING, *WORK_AWARE]
     notes = []
     if peers:
         for binary, group in (("nginx", NGINX), ("haproxy", HAPROXY)):
@@ -121,7 +124,12 @@ backend be
 def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
     limit = (f"    max_concurrency_per_instance: {target.max_concurrency}\n"
              if target.max_concurrency else "")
-    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nvariants:\n"
+    hints = ""
+    if target.strategy == "LEAST_OUTSTANDING_WORK":
+        hints = "".join(f"  {model}: {{input: MAX_TOKENS, base: 1}}\n"
+                        for model in ("generate", "generate_unary"))
+        hints = "work_hints:\n" + hints
+    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\n{hints}variants:\n"
             f"  - name: AllTraffic\n    routing_strategy: {target.strategy}\n{limit}"
             f"    instances: {list(workers)!r}\n")
 
