@@ -277,11 +277,7 @@ class Balancer:
                  outliers: OutlierDetector | None = None,
                  work_hints: Mapping[str, WorkHint] | None = None):
         self.variants = list(variants)
-        # model -> (input name, parameter name, base), encoded once for the wire peek.
-        self._hints = {
-            model: ((h.input or "").encode(), (h.parameter or "").encode(), h.base)
-            for model, h in (work_hints or {}).items()
-        }
+        self.set_work_hints(work_hints or {})
         # Only LEAST_OUTSTANDING_WORK reads costs; nobody else pays for the peek.
         self.work_aware = any(v.work is not None for v in self.variants)
         self.outliers = outliers or OutlierDetector()
@@ -290,6 +286,15 @@ class Balancer:
         self._serving: dict[str, list[Variant]] = {}
         # (variant, model, sequence id) -> (instance, last use); see pick().
         self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
+
+    def set_work_hints(self, work_hints: Mapping[str, WorkHint]) -> None:
+        """Where each model's request cost is read. Safe while serving: every request
+        is released with the cost it was picked with."""
+        # model -> (input name, parameter name, base), encoded once for the wire peek.
+        self._hints = {
+            model: ((h.input or "").encode(), (h.parameter or "").encode(), h.base)
+            for model, h in work_hints.items()
+        }
 
     def cost(self, model_name: str, request: bytes) -> float:
         """The request's cost for LEAST_OUTSTANDING_WORK: the model's hint plus its base;

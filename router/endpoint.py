@@ -47,7 +47,7 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
     """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included).
 
     With ``config_path``, SIGHUP re-reads it and applies each variant's static
-    ``instances``: new ones join, removed ones drain first.
+    ``instances`` (new ones join, removed ones drain first) and the ``work_hints``.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -92,5 +92,6 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
             if i.state == "ACTIVE" and i.address not in static
         ]
         instances[variant.name] = [*keep, *variant.instances]
+    router.balancer.set_work_hints(config.work_hints)
     added, removed = await router.update_instances(instances)
     log.info("reloaded %s: %d instances added, %d drained and removed", path, added, removed)

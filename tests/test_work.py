@@ -243,3 +243,34 @@ def test_invariants_hold_for_any_sequence(seed: int, weights: list[float], ops: 
     t = core.WorkTable(seed)
     _apply(t, weights, ops)
     assert sum(count for _, count, _, _ in t.snapshot()) == t.total_outstanding() >= 0
+
+
+def test_balancer_cost_from_hints() -> None:
+    """What the router charges a request: the hint plus base, fallbacks for requests that
+    carry no usable value, and hints replaced at run time (SIGHUP reload)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonmesh.balancer import Balancer
+    from tritonmesh.config import WorkHint
+
+    def request(model: str, **inputs: np.ndarray) -> bytes:
+        req = pb.ModelInferRequest(model_name=model)
+        for name, values in inputs.items():
+            tensor = grpcclient.InferInput(name, list(values.shape), "FP32" if
+                                           values.dtype == np.float32 else "INT32")
+            tensor.set_data_from_numpy(values)
+            req.inputs.append(tensor._get_tensor())
+            req.raw_input_contents.append(tensor._get_content())
+        return req.SerializeToString()
+
+    balancer = Balancer([], work_hints={"g": WorkHint(input="MAX_TOKENS", base=2.0)})
+    assert balancer.cost("g", request("g", MAX_TOKENS=np.array([40], np.int32))) == 42.0
+    assert balancer.cost("g", request("g", OTHER=np.array([40], np.int32))) == 2.0
+    assert balancer.cost("g", request("g", MAX_TOKENS=np.array([-50], np.int32))) == 0.0
+    assert balancer.cost("g", request("g", MAX_TOKENS=np.array([np.nan], np.float32))) == 2.0
+    assert balancer.cost("g", b"\xff\xff") == 2.0  # malformed: Triton will answer for it
+    assert balancer.cost("other", b"") == 1.0  # no hint: one request, one unit
+    balancer.set_work_hints({"g": WorkHint(input="MAX_TOKENS")})
+    assert balancer.cost("g", request("g", OTHER=np.array([40], np.int32))) == 1.0
+    assert balancer.cost("g", request("g", MAX_TOKENS=np.array([7, 8], np.int32))) == 15.0
