@@ -94,6 +94,10 @@ class WorkTable:
     def estimate(self, slot: int) -> float:
         """``slot``'s seconds per unit of work; 0.0 until its first sample."""
 
+    def mean_estimate(self) -> float:
+        """The mean seconds per unit of work over the pickable slots that have a sample;
+        0.0 when none has."""
+
     def total_outstanding(self) -> int:
         """The sum of every slot's outstanding count."""
 

@@ -296,6 +296,17 @@ cdef class WorkTable:
         self._slot(slot)
         return self._estimate[slot]
 
+    cpdef double mean_estimate(self):
+        """Mean seconds per unit over the pickable slots with a sample; 0.0 if none."""
+        cdef Py_ssize_t i, n_known = 0
+        cdef double known = 0.0, e
+        for i in range(self._navail):
+            e = self._estimate[self._avail[i]]
+            if e > 0.0:
+                known += e
+                n_known += 1
+        return known / n_known if n_known else 0.0
+
     cpdef int64_t total_outstanding(self):
         """The sum of every slot's outstanding count."""
         return self._total

@@ -360,6 +360,17 @@ class WorkTable:
         """
         return self._estimate[self._slot(slot)]
 
+    def mean_estimate(self) -> float:
+        """The mean seconds per unit of work over the pickable slots that have a sample;
+        0.0 when none has."""
+        known = 0.0
+        n_known = 0
+        for slot in self._avail:
+            if self._estimate[slot] > 0.0:
+                known += self._estimate[slot]
+                n_known += 1
+        return known / n_known if n_known else 0.0
+
     def total_outstanding(self) -> int:
         """The sum of every slot's outstanding count."""
         return self._total

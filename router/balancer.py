@@ -11,8 +11,6 @@ tables from control-plane tasks on the same loop.
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
 import math
 import random
 import time
@@ -20,8 +18,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Protocol
 
 from tritonmesh._core import OutstandingTable, WorkTable
-from tritonmesh.config import RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.outlier import OutlierDetector
+from tritonmesh.waitqueue import WaitQueue
 from tritonmesh.wire import WireError, peek_work
 from tritonmesh.workers.upstream import Upstream
 
@@ -164,12 +163,13 @@ class Variant:
         # Indexed by slot: the hot path turns a slot into an instance with one list index.
         self.instances: list[Instance | None] = []
         # Late binding: with a per-instance concurrency limit, requests beyond it wait here
-        # (FIFO) and go to the first instance that frees a slot, instead of queueing inside
-        # one Triton behind a long generation.
+        # and go to the first instance that frees a slot, instead of queueing inside one
+        # Triton behind a long generation; oldest first, or least slack first.
         self.limit = config.max_concurrency
         self.max_queue = config.max_queue
-        self.waiters: collections.deque[tuple[asyncio.Future[Instance], float]] = \
-            collections.deque()
+        self.least_slack = config.queue_order is QueueOrder.LEAST_SLACK
+        self.default_deadline_s = config.default_deadline_s
+        self.waiters = WaitQueue()
 
     def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
         slot = self.table.add(weight)
@@ -179,6 +179,20 @@ class Variant:
         self.instances[slot] = instance
         self.dispatch()
         return instance
+
+    def acquire(self, slot: int, cost: float = 1.0) -> None:
+        """Count a request of ``cost`` on a slot chosen by the caller (a pinned sequence)."""
+        if self.work is not None:
+            self.work.acquire(slot, cost)
+        else:
+            self.table.acquire(slot)
+
+    def release(self, slot: int, cost: float = 1.0) -> None:
+        """A request picked or acquired with ``cost`` ended."""
+        if self.work is not None:
+            self.work.release(slot, cost)
+        else:
+            self.table.release(slot)
 
     def table_has(self, slot: int) -> bool:
         return any(s == slot for s, _, _, _ in self.table.snapshot())
@@ -205,15 +219,24 @@ class Variant:
         return self.instances[slot]
 
     async def wait(self, timeout: float | None, cost: float = 1.0) -> Instance:
-        """Wait (FIFO, up to ``timeout`` seconds) for an instance below its limit."""
+        """Wait (up to ``timeout`` seconds) for an instance below its limit.
+
+        Oldest first; under LEAST_SLACK, lowest ``deadline - cost x seconds per unit``
+        first, the deadline being ``timeout`` capped at ``default_deadline_s``.
+        """
         if len(self.waiters) >= self.max_queue:
             raise NoInstanceError(
                 f"variant '{self.name}': every instance is at its concurrency limit "
                 f"({self.limit}) and {len(self.waiters)} requests are already waiting",
                 "RESOURCE_EXHAUSTED")
-        waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
-        entry = (waiter, cost)
-        self.waiters.append(entry)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Instance] = loop.create_future()
+        key = 0.0
+        if self.least_slack and self.work is not None:
+            budget = self.default_deadline_s if timeout is None \
+                else min(timeout, self.default_deadline_s)
+            key = loop.time() + budget - cost * self.work.mean_estimate()
+        entry = self.waiters.push(waiter, cost, key)
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except BaseException:
@@ -222,22 +245,21 @@ class Variant:
                 Balancer.release(waiter.result(), cost)
             else:
                 waiter.cancel()
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(entry)
+                self.waiters.discard(entry)
             raise
 
     def dispatch(self) -> None:
-        """Hand free capacity to waiting requests, oldest first."""
+        """Hand free capacity to waiting requests, in the queue's order."""
         waiters = self.waiters
         while waiters:
-            waiter, cost = waiters[0]
+            _, _, waiter, cost = waiters.head()
             if waiter.done():
-                waiters.popleft()
+                waiters.pop()
                 continue
             instance = self.pick(cost)
             if instance is None:
                 return
-            waiters.popleft()
+            waiters.pop()
             waiter.set_result(instance)
 
     def serves(self, model_name: str) -> bool:
@@ -382,10 +404,7 @@ class Balancer:
         pinned = None if start else self.sequences.get(key)
         if pinned is not None and pinned[0].state != "REMOVED":
             instance = pinned[0]
-            if variant.work is not None:
-                variant.work.acquire(instance.slot, cost)
-            else:
-                variant.table.acquire(instance.slot)
+            variant.acquire(instance.slot, cost)
         else:
             instance = variant.pick(cost)  # type: ignore[assignment]
             if instance is None:
@@ -403,10 +422,7 @@ class Balancer:
     def release(instance: Instance, cost: float = 1.0) -> None:
         """One request on ``instance`` ended (``cost``: what it was picked with)."""
         variant = instance.variant
-        if variant.work is not None:
-            variant.work.release(instance.slot, cost)
-        else:
-            variant.table.release(instance.slot)
+        variant.release(instance.slot, cost)
         if variant.waiters:
             variant.dispatch()
         if instance.drained is not None and not variant.table.outstanding(instance.slot):

@@ -27,6 +27,7 @@ __all__ = [
     "EndpointConfig",
     "HealthCheckConfig",
     "LocalWorkers",
+    "QueueOrder",
     "RoutingStrategy",
     "VariantConfig",
     "WorkHint",
@@ -45,6 +46,13 @@ class RoutingStrategy(enum.StrEnum):
     ROUND_ROBIN = "ROUND_ROBIN"
     POWER_OF_TWO_CHOICES = "POWER_OF_TWO_CHOICES"
     LEAST_OUTSTANDING_WORK = "LEAST_OUTSTANDING_WORK"
+
+
+class QueueOrder(enum.StrEnum):
+    """How late binding serves the requests waiting for a free instance."""
+
+    FIFO = "FIFO"
+    LEAST_SLACK = "LEAST_SLACK"
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,9 @@ class VariantConfig:
     # router (FIFO, up to max_queue, within their deadline) for the first free instance.
     max_concurrency: int | None = None
     max_queue: int = 1024
+    queue_order: QueueOrder = QueueOrder.FIFO
+    # LEAST_SLACK: the deadline of a request that carries none (or a later one).
+    default_deadline_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,8 @@ def _positive_int(value: Any, key: str) -> int:
 def _variant(data: Any, where: str) -> VariantConfig:
     _expect(data, dict, where.rstrip("."))
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
-                       "local_workers", "max_concurrency_per_instance", "max_queue"}, where)
+                       "local_workers", "max_concurrency_per_instance", "max_queue",
+                       "queue_order", "default_deadline_s"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -188,11 +200,24 @@ def _variant(data: Any, where: str) -> VariantConfig:
             local = LocalWorkers(_positive_int(lw["count"], f"{key}.count"), repo)
     if not instances and local is None:
         raise ConfigError(f"{where}instances: a variant needs instances or local_workers")
+    strategy = _strategy(data.get("routing_strategy", "RANDOM"), f"{where}routing_strategy")
+    order_text = _expect(data.get("queue_order", "FIFO"), str, f"{where}queue_order")
+    try:
+        order = QueueOrder(order_text.upper())
+    except ValueError:
+        options = ", ".join(o.value for o in QueueOrder)
+        raise ConfigError(f"{where}queue_order: unknown order {order_text!r} "
+                          f"(expected one of {options})") from None
+    if order is QueueOrder.LEAST_SLACK and (
+            strategy is not RoutingStrategy.LEAST_OUTSTANDING_WORK
+            or data.get("max_concurrency_per_instance") is None):
+        raise ConfigError(f"{where}queue_order: LEAST_SLACK orders waiting requests by their "
+                          "expected service time, so it needs routing_strategy "
+                          "LEAST_OUTSTANDING_WORK and max_concurrency_per_instance")
     return VariantConfig(
         name=name,
         weight=_weight(data.get("weight", 1.0), f"{where}weight"),
-        routing_strategy=_strategy(data.get("routing_strategy", "RANDOM"),
-                                   f"{where}routing_strategy"),
+        routing_strategy=strategy,
         models=models,
         instances=instances,
         local_workers=local,
@@ -200,6 +225,9 @@ def _variant(data: Any, where: str) -> VariantConfig:
         else _positive_int(data["max_concurrency_per_instance"],
                            f"{where}max_concurrency_per_instance"),
         max_queue=_positive_int(data.get("max_queue", 1024), f"{where}max_queue"),
+        queue_order=order,
+        default_deadline_s=_weight(data.get("default_deadline_s", 60.0),
+                                   f"{where}default_deadline_s"),
     )
 
 

@@ -16,6 +16,7 @@ from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
     EndpointConfig,
     HealthCheckConfig,
+    QueueOrder,
     RoutingStrategy,
     VariantConfig,
     WorkHint,
@@ -82,6 +83,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 variants: Sequence[tuple[str, float, str, int]] | None = None,
                 workers: int | None = None, max_concurrency: int | None = None,
                 max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
+                queue_order: str = "FIFO",
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
@@ -92,7 +94,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
         chosen = list(addresses[: workers or len(addresses)])
         spec = [VariantConfig("AllTraffic", 1.0, RoutingStrategy(strategy), None,
                               tuple(chosen), max_concurrency=max_concurrency,
-                              max_queue=max_queue)]
+                              max_queue=max_queue, queue_order=QueueOrder(queue_order))]
         instances = {"AllTraffic": chosen}
     else:
         spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))

@@ -43,7 +43,7 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         "tritonmesh RANDOM", "tritonmesh LEAST_OUTSTANDING_REQUESTS",
         "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
         "tritonmesh LEAST_OUTSTANDING_WORK",
-        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 2/instance)"}
+        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack)"}
     for row in rows:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["users"] == 2 and row["instances"] == 1

@@ -119,3 +119,25 @@ def test_work_hints() -> None:
 def test_work_hint_errors_name_the_key(hints: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({"variants": [{"name": "a", "instances": ["h:1"]}], "work_hints": hints})
+
+
+def test_queue_order() -> None:
+    from tritonmesh.config import QueueOrder
+
+    base = {"name": "a", "instances": ["h:1"], "routing_strategy": "LEAST_OUTSTANDING_WORK",
+            "max_concurrency_per_instance": 1}
+    config = parse_config({"variants": [{**base, "queue_order": "least_slack",
+                                         "default_deadline_s": 30}]})
+    assert config.variants[0].queue_order is QueueOrder.LEAST_SLACK
+    assert config.variants[0].default_deadline_s == 30.0
+    assert parse_config({"variants": [base]}).variants[0].queue_order is QueueOrder.FIFO
+    for bad, message in (
+        ({**base, "queue_order": "LIFO"}, "variants\\[0\\].queue_order: unknown order 'LIFO'"),
+        ({**base, "queue_order": "LEAST_SLACK", "routing_strategy": "RANDOM"},
+         "needs routing_strategy LEAST_OUTSTANDING_WORK and max_concurrency_per_instance"),
+        ({**base, "queue_order": "LEAST_SLACK", "max_concurrency_per_instance": None},
+         "needs routing_strategy"),
+        ({**base, "default_deadline_s": 0}, "default_deadline_s: must be a positive number"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"variants": [bad]})

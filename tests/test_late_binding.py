@@ -128,3 +128,35 @@ def test_stream_requests_wait_their_turn(make_router: Any) -> None:
     assert by_id == {f"r{k}": 7 for k in range(5)}
     assert peak <= 1
     router.wait_idle()
+
+
+@pytest.mark.parametrize("order", ["FIFO", "LEAST_SLACK"])
+def test_queue_order(make_router: Any, order: str) -> None:
+    """Two requests wait behind a busy instance: a short one, then a long one. FIFO serves
+    the short one first; LEAST_SLACK the long one, whose length leaves it less time to
+    spare (its latest start, deadline - expected service, is earlier)."""
+    from tritonmesh.config import WorkHint
+
+    hints = {m: WorkHint(input="MAX_TOKENS") for m in ("generate", "generate_unary")}
+    router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=1, max_concurrency=1,
+                         work_hints=hints, queue_order=order)
+    variant = router.balancer.variants[0]
+    assert _generate(router.address, 4) == list(range(4))  # teaches seconds per token
+    assert variant.work is not None and variant.work.mean_estimate() > 0
+    busy = LongStream(router.address)
+    finished: list[int] = []
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        def generate(n: int) -> None:
+            assert _generate(router.address, n) == list(range(n))
+            finished.append(n)
+
+        try:
+            short = pool.submit(generate, 2)
+            _wait_for(lambda: len(variant.waiters) == 1, "the short request to wait")
+            long = pool.submit(generate, 100)
+            _wait_for(lambda: len(variant.waiters) == 2, "the long request to wait")
+        finally:
+            busy.stop()
+        short.result(timeout=60)
+        long.result(timeout=60)
+    assert finished == ([2, 100] if order == "FIFO" else [100, 2])

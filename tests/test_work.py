@@ -118,6 +118,17 @@ def test_new_slot_is_scored_with_the_mean_estimate(table_cls: Any) -> None:
     assert t.pick(1.0) == c
 
 
+def test_mean_estimate_over_pickable_slots_with_a_sample(table_cls: Any) -> None:
+    t = checked(table_cls(seed=11))
+    a, b, _ = t.add(), t.add(), t.add()
+    assert t.mean_estimate() == 0.0
+    t.observe(a, 1.0, 0.0)
+    t.observe(b, 3.0, 0.0)
+    assert t.mean_estimate() == 2.0  # c has no sample yet
+    t.set_available(b, False)
+    assert t.mean_estimate() == 1.0
+
+
 def test_weights_divide_the_score(table_cls: Any) -> None:
     t = checked(table_cls(seed=6))
     small, big = t.add(1.0), t.add(4.0)
@@ -224,7 +235,8 @@ def _apply(t: Any, weights: list[float], ops: list[Op]) -> list[Any]:
         t.check()
         estimates = [t.estimate(s) for s, *_ in t.snapshot()]
         work = [t.work(s) for s, *_ in t.snapshot()]
-        out += [result, t.snapshot(), estimates, work, t.total_outstanding(), t.pickable()]
+        out += [result, t.snapshot(), estimates, work, t.total_outstanding(), t.pickable(),
+                t.mean_estimate()]
     return out
 
 

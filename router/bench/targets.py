@@ -33,11 +33,14 @@ class Target:
     kind: str
     strategy: str
     max_concurrency: int | None = None
+    least_slack: bool = False  # tritonmesh late binding: queue_order LEAST_SLACK
 
     @property
     def label(self) -> str:
         if self.kind == "tritonmesh" and self.max_concurrency:
-            return f"tritonmesh {self.strategy} (late binding, {self.max_concurrency}/instance)"
+            order = ", least slack" if self.least_slack else ""
+            return (f"tritonmesh {self.strategy} "
+                    f"(late binding, {self.max_concurrency}/instance{order})")
         return f"{self.kind} {self.strategy}".strip()
 
 
@@ -46,7 +49,8 @@ TRITONMESH = [Target("tritonmesh", s) for s in
 LATE_BINDING = Target("tritonmesh", "LEAST_OUTSTANDING_REQUESTS", max_concurrency=1)
 # Work-aware: the demo models' cost is MAX_TOKENS (their service time is linear in it).
 WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
-              Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=2)]
+              Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
+                     least_slack=True)]
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
@@ -124,6 +128,8 @@ backend be
 def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
     limit = (f"    max_concurrency_per_instance: {target.max_concurrency}\n"
              if target.max_concurrency else "")
+    if target.least_slack:
+        limit += "    queue_order: LEAST_SLACK\n"
     hints = ""
     if target.strategy == "LEAST_OUTSTANDING_WORK":
         hints = "".join(f"  {model}: {{input: MAX_TOKENS, base: 1}}\n"
