@@ -62,7 +62,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
                                 f"{address} is already in variant '{variant.name}'")
         if request.weight < 0:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "weight must be positive")
-        instance = variant.add(Upstream(address), request.weight or 1.0)
+        instance = variant.add(Upstream(address), request.weight or 1.0, slow_start=True)
         return instance_message(instance)
 
     async def RemoveInstance(self, request: apb.RemoveInstanceRequest,

@@ -26,6 +26,10 @@ from tritonmesh.workers.upstream import Upstream
 
 __all__ = ["Balancer", "Instance", "NoInstanceError", "Variant", "VariantFull"]
 
+# A new instance starts at this share of its weight and ramps to all of it over the
+# variant's slow_start_s, in steps of a tenth of the window.
+SLOW_START_FLOOR: Final = 0.1
+
 # Bucket upper bounds (seconds) for the per-instance latency histogram.
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -38,6 +42,7 @@ class _Table(Protocol):
 
     def add(self, weight: float = 1.0) -> int: ...
     def remove(self, slot: int) -> None: ...
+    def set_weight(self, slot: int, weight: float) -> None: ...
     def set_available(self, slot: int, available: bool) -> None: ...
     def outstanding(self, slot: int) -> int: ...
     def pick(self) -> int: ...
@@ -170,15 +175,47 @@ class Variant:
         self.least_slack = config.queue_order is QueueOrder.LEAST_SLACK
         self.default_deadline_s = config.default_deadline_s
         self.waiters = WaitQueue()
+        self._ramps: set[asyncio.Task[None]] = set()  # slow starts under way
 
-    def add(self, upstream: Upstream, weight: float = 1.0) -> Instance:
-        slot = self.table.add(weight)
+    def add(self, upstream: Upstream, weight: float = 1.0, *, slow_start: bool = False) -> Instance:
+        """Add an instance to the pick set.
+
+        With ``slow_start`` (instances joining a serving variant) it starts at
+        ``SLOW_START_FLOOR`` of its weight and ramps linearly to all of it over the
+        variant's ``slow_start_s``, so a cold instance is not handed every new request
+        at once because it has none outstanding.
+        """
+        window = self.config.slow_start_s if slow_start else 0.0
+        slot = self.table.add(weight * SLOW_START_FLOOR if window > 0 else weight)
         instance = Instance(self, slot, upstream, weight)
         while len(self.instances) <= slot:
             self.instances.append(None)
         self.instances[slot] = instance
+        if window > 0:
+            task = asyncio.get_running_loop().create_task(self._ramp(instance, window))
+            self._ramps.add(task)
+            task.add_done_callback(self._ramps.discard)
         self.dispatch()
         return instance
+
+    async def close(self) -> None:
+        """End the variant's background work (slow starts under way)."""
+        ramps = list(self._ramps)
+        for task in ramps:
+            task.cancel()
+        await asyncio.gather(*ramps, return_exceptions=True)
+
+    async def _ramp(self, instance: Instance, window: float) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while True:
+            await asyncio.sleep(window / 10)
+            if instance.state == "REMOVED":  # its slot may belong to another instance soon
+                return
+            share = min(1.0, (loop.time() - start) / window)
+            self.table.set_weight(instance.slot, instance.weight * max(share, SLOW_START_FLOOR))
+            if share >= 1.0:
+                return
 
     def acquire(self, slot: int, cost: float = 1.0) -> None:
         """Count a request of ``cost`` on a slot chosen by the caller (a pinned sequence)."""

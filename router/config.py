@@ -87,6 +87,8 @@ class VariantConfig:
     queue_order: QueueOrder = QueueOrder.FIFO
     # LEAST_SLACK: the deadline of a request that carries none (or a later one).
     default_deadline_s: float = 60.0
+    # Instances joining at run time ramp from a tenth of their weight over this; 0: off.
+    slow_start_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,13 @@ def _weight(value: Any, key: str) -> float:
     return number
 
 
+def _non_negative(value: Any, key: str) -> float:
+    number = float(_expect(value, (int, float), key))
+    if not 0 <= number < float("inf"):
+        raise ConfigError(f"{key}: must be a finite number >= 0, got {value!r}")
+    return number
+
+
 def _positive_int(value: Any, key: str) -> int:
     number = _expect(value, int, key)
     if number < 1:
@@ -169,7 +178,7 @@ def _variant(data: Any, where: str) -> VariantConfig:
     _expect(data, dict, where.rstrip("."))
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
                        "local_workers", "max_concurrency_per_instance", "max_queue",
-                       "queue_order", "default_deadline_s"}, where)
+                       "queue_order", "default_deadline_s", "slow_start_s"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -228,6 +237,7 @@ def _variant(data: Any, where: str) -> VariantConfig:
         queue_order=order,
         default_deadline_s=_weight(data.get("default_deadline_s", 60.0),
                                    f"{where}default_deadline_s"),
+        slow_start_s=_non_negative(data.get("slow_start_s", 5.0), f"{where}slow_start_s"),
     )
 
 

@@ -1,4 +1,5 @@
-"""Active health checks: each instance's ServerReady, on an interval, with thresholds.
+"""Active health checks: each instance's ServerReady, and ModelReady for each model its
+variant lists, on an interval, with thresholds.
 
 An instance that fails ``unhealthy_threshold`` checks in a row leaves the pick
 set (its outstanding requests still release normally); one that passes
@@ -9,6 +10,7 @@ status follows: SERVING while any instance is healthy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
@@ -26,6 +28,11 @@ _SERVER_READY = pb.ServerReadyRequest().SerializeToString()
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
+@functools.cache
+def _model_ready(model: str) -> bytes:
+    return pb.ModelReadyRequest(name=model).SerializeToString()
+
+
 class HealthChecker:
     """Probe every instance; mark it healthy or not in its variant's table."""
 
@@ -38,13 +45,22 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
 
     async def probe(self, instance: Instance) -> bool:
+        """Whether the instance is ready, and ready for every model its variant serves: a
+        Triton that lost one model answers ServerReady but fails that model's requests fast,
+        which is what least-outstanding routing must not be drawn to."""
+        unary = instance.upstream.unary
+        timeout = self.config.timeout_s
         try:
-            raw = await instance.upstream.unary["ServerReady"](
-                _SERVER_READY, timeout=self.config.timeout_s
-            )
+            raw = await unary["ServerReady"](_SERVER_READY, timeout=timeout)
+            if not pb.ServerReadyResponse.FromString(raw).ready:
+                return False
+            for model in sorted(instance.variant.models or ()):
+                raw = await unary["ModelReady"](_model_ready(model), timeout=timeout)
+                if not pb.ModelReadyResponse.FromString(raw).ready:
+                    return False
         except grpc.aio.AioRpcError:
             return False
-        return bool(pb.ServerReadyResponse.FromString(raw).ready)
+        return True
 
     async def check_once(self) -> None:
         instances = [i for i in self.balancer.instances() if i.state != "REMOVED"]

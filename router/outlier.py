@@ -8,7 +8,9 @@ ejection (capped), and at most ``max_ejected_fraction`` of a variant is ejected 
 way. A connection that cannot be made is proof on its own and ejects at once,
 without the cap: when every instance is down, requests get UNAVAILABLE immediately
 instead of waiting on dead connections. An ejected instance returns through the
-health checker: after its back-off, on the next passing ServerReady probe.
+health checker: after its back-off, on the next passing ServerReady probe. Its record
+of ejections is forgotten once it has served successfully for ``max_ejection_s`` past
+its last ejection, so one bad hour does not cost it the longest back-off forever.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class OutlierDetector:
 
     def success(self, instance: Instance) -> None:
         instance.failures = 0
+        if instance.ejections and \
+                time.monotonic() > instance.ejected_until + self.max_ejection_s:
+            instance.ejections = 0
 
     def failure(self, instance: Instance, code_name: str) -> None:
         if code_name not in INSTANCE_FAILURES:

@@ -132,6 +132,8 @@ class Router:
             self._metrics_server.server_close()
             self._metrics_server = None
         if self.balancer is not None:
+            for variant in self.balancer.variants:
+                await variant.close()
             for instance in self.balancer.instances():
                 await instance.upstream.close(grace=0)
 
@@ -155,7 +157,7 @@ class Router:
             current = {i.address: i for i in variant.live_instances() if i.state == "ACTIVE"}
             for address in addresses:
                 if address not in current:
-                    variant.add(Upstream(address))
+                    variant.add(Upstream(address), slow_start=True)
                     added += 1
             drains += [drain(i, drain_timeout_s) for a, i in current.items()
                        if a not in addresses]

@@ -83,7 +83,8 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 variants: Sequence[tuple[str, float, str, int]] | None = None,
                 workers: int | None = None, max_concurrency: int | None = None,
                 max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
-                queue_order: str = "FIFO",
+                queue_order: str = "FIFO", models: Sequence[str] | None = None,
+                slow_start_s: float = 0.0,
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
@@ -92,9 +93,11 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
     """
     if variants is None:
         chosen = list(addresses[: workers or len(addresses)])
-        spec = [VariantConfig("AllTraffic", 1.0, RoutingStrategy(strategy), None,
+        spec = [VariantConfig("AllTraffic", 1.0, RoutingStrategy(strategy),
+                              None if models is None else frozenset(models),
                               tuple(chosen), max_concurrency=max_concurrency,
-                              max_queue=max_queue, queue_order=QueueOrder(queue_order))]
+                              max_queue=max_queue, queue_order=QueueOrder(queue_order),
+                              slow_start_s=slow_start_s)]
         instances = {"AllTraffic": chosen}
     else:
         spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))

@@ -28,6 +28,26 @@ from tritonmesh.workers.launcher import WorkerPool, free_ports
 pytestmark = pytest.mark.triton
 
 
+class _LongStream:
+    """A long streamed generation holding one instance busy until stopped."""
+
+    def __init__(self, address: str, max_tokens: int = 2000):
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(address)
+        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
+        inputs = []
+        for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
+            t = grpcclient.InferInput(name, [1], "INT32")
+            t.set_data_from_numpy(np.array([value], dtype=np.int32))
+            inputs.append(t)
+        self.client.async_stream_infer("generate", inputs)
+        self.results.get(timeout=30)  # generating
+
+    def stop(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
 def _unary_generate(address: str, max_tokens: int, timeout: float = 60) -> list[int]:
     with grpcclient.InferenceServerClient(address) as client:
         inputs = []
@@ -77,6 +97,71 @@ def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list
         admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=leaving),
                           timeout=10)
     assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_instance_that_fails_fast_is_taken_out(make_router: Any,
+                                               worker_addresses: list[str]) -> None:
+    """A Triton that lost its model answers every request for it at once, with an error:
+    to least-outstanding routing it looks idle and would attract everything. It must leave
+    the pick set instead, and come back once the model is back."""
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2, models=["identity"])
+    bad_address = worker_addresses[0]
+    (bad,) = [i for i in router.instances() if i.address == bad_address]
+    values = np.ones(4, dtype=np.float32)
+    inputs = [grpcclient.InferInput("INPUT0", [4], "FP32")]
+    inputs[0].set_data_from_numpy(values)
+    with grpcclient.InferenceServerClient(bad_address) as direct, \
+            grpcclient.InferenceServerClient(router.address) as client:
+        direct.unload_model("identity")
+        try:
+            failed = sent = 0
+            deadline = time.monotonic() + 20
+            while bad.healthy:  # until a health check or the outlier detector sees it
+                assert time.monotonic() < deadline, f"still picked after {sent} requests"
+                sent += 1
+                try:
+                    client.infer("identity", inputs)
+                except InferenceServerException as exc:
+                    failed += 1
+                    assert "identity" in exc.message()
+            assert failed < sent  # the healthy instance served the rest meanwhile
+            before = bad.requests
+            for _ in range(50):  # raises on any failure
+                client.infer("identity", inputs)
+            assert bad.requests == before
+        finally:
+            direct.load_model("identity")
+    deadline = time.monotonic() + 30
+    while not bad.healthy:
+        assert time.monotonic() < deadline, "the instance did not come back"
+        time.sleep(0.05)
+
+
+def test_new_instance_slow_starts(make_router: Any, worker_addresses: list[str]) -> None:
+    """An instance added while serving is not handed every new request because it has none
+    outstanding: it starts at a tenth of its weight and ramps up over slow_start_s."""
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1, slow_start_s=2.0)
+    variant = router.balancer.variants[0]
+    (old,) = router.instances()
+    busy = _LongStream(router.address)
+    try:
+        router.loop.run(router.router.update_instances(
+            {"AllTraffic": worker_addresses[:2]}))
+        (new,) = [i for i in router.instances() if i is not old]
+        assert variant.table.snapshot()[new.slot][2] == pytest.approx(0.1)
+        # old: 1 outstanding, (1 + 1) / 1 = 2; new: (0 + 1) / 0.1 = 10. Without slow start
+        # these would all go to the new instance; with it they go to old while it ramps.
+        for _ in range(3):
+            assert _unary_generate(router.address, 1) == [0]
+        assert new.requests == 0 and old.requests == 3
+        deadline = time.monotonic() + 30
+        while variant.table.snapshot()[new.slot][2] < 1.0:
+            assert time.monotonic() < deadline, "the ramp did not finish"
+            time.sleep(0.05)
+        assert _unary_generate(router.address, 1) == [0]
+        assert new.requests == 1  # full weight, idle: least outstanding
+    finally:
+        busy.stop()
 
 
 def test_dead_instance_is_ejected_and_requests_go_elsewhere(loop_thread: LoopThread,

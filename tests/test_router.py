@@ -131,6 +131,33 @@ def test_malformed_bytes_get_invalid_argument_and_router_keeps_serving(make_rout
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), values)
 
 
+GARBAGE = (b"\x0a\xff\xff\xff\xff\x0f", b"\xff\xff", b"\x0b")  # huge length, bad varint, group
+
+
+@pytest.mark.parametrize("method", [m.name for m in
+                                    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+                                    if not m.client_streaming])
+def test_garbage_on_every_rpc_gets_a_clear_status(make_router: Any, worker_addresses: list[str],
+                                                  method: str) -> None:
+    """Bytes that are no protobuf message, on every unary RPC: the router answers at once with
+    an error status and a message (never OK, never a hang), and keeps serving."""
+    router = make_router()
+    path = f"/inference.GRPCInferenceService/{method}"
+    with grpc.insecure_channel(router.address) as channel:
+        call = channel.unary_unary(path)
+        for raw in GARBAGE:
+            with pytest.raises(grpc.RpcError) as info:
+                call(raw, timeout=10)
+            code = info.value.code()
+            assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED), \
+                (method, raw, code, info.value.details())
+            assert info.value.details(), (method, raw)
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.is_server_ready()
+        result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)))
+        assert result.as_numpy("OUTPUT0").tolist() == [1.0, 1.0]
+
+
 def test_deadline_exceeded_releases(make_router: Any) -> None:
     router = make_router()
     with grpcclient.InferenceServerClient(router.address) as client, \
