@@ -3,8 +3,9 @@
     python bench/soak.py [--requests 100000] [--max-seconds 900] [--users 16]
 
 Starts 3 real Triton workers (restarted when they die) and `tritonmesh serve` as its own
-process in front of them, then sends a mix of unary calls and streams with client
-cancels, too-short deadlines and a SIGKILL of a random worker every --kill-every
+process in front of them, then sends a mix of unary calls and streams: 10% cancelled
+by the client mid-call (half unary, half streams after their first token), 5% with a
+deadline shorter than their work, and a SIGKILL of a random worker every --kill-every
 seconds. It samples the router's RSS, and at the end asks the admin API for every
 instance's outstanding count: all must be zero. Prints a JSON report. Loopback only;
 stops by itself at --requests or --max-seconds, whichever comes first.
@@ -59,11 +60,30 @@ async def user(address: str, rng: random.Random, stop: asyncio.Event,
             budget[0] -= 1
             roll = rng.random()
             try:
-                if roll < 0.55:
+                if roll < 0.05:
+                    # A client that gives up mid-call: the call is cancelled under it.
+                    try:
+                        await asyncio.wait_for(client.infer(
+                            "generate_unary", _generate(rng.randint(5, 20))), 0.01)
+                        counts["unary ok before its cancel"] += 1
+                    except TimeoutError:
+                        counts["unary cancelled by client"] += 1
+                elif roll < 0.10:
+                    # A stream the client cancels after its first token.
+                    async def cancelled() -> Any:
+                        yield {"model_name": "generate", "inputs": _generate(12)}
+
+                    responses = client.stream_infer(cancelled(), stream_timeout=60)
+                    async for _, error in responses:
+                        responses.cancel()
+                        counts["stream cancelled by client" if error is None
+                               else f"stream error: {str(error)[:60]}"] += 1
+                        break
+                elif roll < 0.60:
                     await client.infer("identity", [_tensor("INPUT0", "FP32",
                                                             np.ones(8, np.float32))])
                     counts["unary ok"] += 1
-                elif roll < 0.70:
+                elif roll < 0.75:
                     # 1 in 3 of these has a deadline shorter than its work.
                     timeout = 0.02 if rng.random() < 0.33 else 30
                     await client.infer("generate_unary", _generate(rng.randint(1, 10)),
@@ -71,7 +91,6 @@ async def user(address: str, rng: random.Random, stop: asyncio.Event,
                     counts["unary generate ok"] += 1
                 else:
                     tokens = rng.randint(1, 12)
-                    cancel = rng.random() < 0.10
 
                     async def one(n: int = tokens) -> Any:
                         yield {"model_name": "generate", "inputs": _generate(n)}
@@ -83,10 +102,6 @@ async def user(address: str, rng: random.Random, stop: asyncio.Event,
                             counts[f"stream error: {str(error)[:60]}"] += 1
                             break
                         got += 1
-                        if cancel:
-                            responses.cancel()
-                            counts["stream cancelled by client"] += 1
-                            break
                     else:
                         counts["stream ok" if got == tokens else "stream short"] += 1
             except InferenceServerException as exc:
@@ -160,13 +175,16 @@ async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
             break
         await asyncio.sleep(0.1)
     after_warmup = [s for s in samples if s[0] >= 30] or samples
+    # Flat: after warm-up, what the router holds must not grow with the requests served.
+    growth = after_warmup[-1][1] - after_warmup[0][1]
     return {
+        "memory_flat": growth <= max(10.0, 0.1 * after_warmup[0][1]),
         "requests_sent": args.requests - budget[0],
         "seconds": round(time.monotonic() - started, 1),
         "worker_kills": kills,
         "outcomes": dict(counts.most_common()),
         "outstanding_at_end": outstanding,
-        "router_rss_mib": {"first_after_30s": after_warmup[0][1],
+        "router_rss_mib": {"first_after_30s": after_warmup[0][1], "growth": round(growth, 1),
                            "peak": max(s[1] for s in samples), "last": samples[-1][1]},
         "rss_samples": samples[:: max(1, len(samples) // 20)],
     }
@@ -184,6 +202,8 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     if any(report["outstanding_at_end"].values()):
         raise SystemExit("outstanding counts did not return to zero")
+    if not report["memory_flat"]:
+        raise SystemExit("the router's memory grew after warm-up")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 @functools.cache
 def _model_ready(model: str) -> bytes:
-    return pb.ModelReadyRequest(name=model).SerializeToString()
+    raw: bytes = pb.ModelReadyRequest(name=model).SerializeToString()
+    return raw
 
 
 class HealthChecker:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,41 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert (row["ttft_p99_s"] is not None) == stream
     assert (tmp_path / "routing.md").read_text().count("| 2 | 1 |") == 5
     assert (tmp_path / "p99_latency.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("haproxy")),
+                    reason="nginx and haproxy are not installed (.ci/run installs them)")
+def test_peers_side_by_side(tmp_path: Path) -> None:
+    """nginx and HAProxy, configured by the bench, serve the same requests with nothing
+    lost, as the peer columns of the published table need."""
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    args = [tritonmesh, "--log-level", "WARNING", "bench", "--scale", "2/1", "--warmup", "1",
+            "--duration", "3", "--targets", "nginx least_conn", "haproxy leastconn maxconn 1",
+            "--median-tokens", "10", "--out", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = json.loads((tmp_path / "routing.json").read_text())["rows"]
+    assert {r["target"] for r in rows} == {"nginx least_conn", "haproxy leastconn maxconn 1"}
+    for row in rows:
+        assert row["errors"] == 0, row["error_samples"]
+        assert row["requests"] > 0 and row["completed"] == row["requests"]
+        assert row["triton_executed"] == row["sent"]
+
+
+def test_comparison_ratios() -> None:
+    from tritonmesh.bench.report import comparison
+
+    def row(target: str, p99: float, thr: float, errors: int = 0) -> dict[str, object]:
+        return {"users": 20, "instances": 5, "target": target, "p99_s": p99,
+                "req_per_min_per_instance": thr, "errors": errors}
+
+    rows = [row("tritonmesh RANDOM", 3.0, 300.0), row("tritonmesh LEAST_OUTSTANDING_REQUESTS",
+                                                      2.0, 420.0),
+            row("tritonmesh X", 0.9, 410.0), row("tritonmesh BROKEN", 0.1, 999.0, errors=3),
+            row("haproxy a", 1.2, 400.0), row("nginx b", 1.0, 430.0)]
+    (cmp,) = comparison(rows)
+    assert cmp["best_tritonmesh"] == "X" and cmp["best_peer"] == "nginx b"  # errors disqualify
+    assert cmp["p99_vs_best_peer"] == pytest.approx(0.9)
+    assert cmp["throughput_vs_best_peer"] == pytest.approx(420 / 430)
+    assert cmp["lor_p99_vs_random"] == pytest.approx(2 / 3)
+    assert cmp["lor_throughput_vs_random"] == pytest.approx(1.4)

@@ -276,6 +276,65 @@ def test_sigkill_under_load_fails_only_in_flight(loop_thread: LoopThread) -> Non
         loop_thread.run(pool.stop(grace=5.0), timeout=60)
 
 
+def test_worker_killed_mid_stream_fails_only_its_request(loop_thread: LoopThread) -> None:
+    """Two long generations on one client stream, one per instance; the worker under one of
+    them is killed. That request ends with an in-stream error, the other runs to its last
+    token, the stream goes on serving, and nothing stays outstanding."""
+    async def start() -> WorkerPool:
+        pool = WorkerPool(2)
+        await pool.start()
+        return pool
+
+    pool = loop_thread.run(start(), timeout=180)
+    config, instances = make_config(pool.addresses, strategy="LEAST_OUTSTANDING_REQUESTS")
+    router = start_router(loop_thread, config, instances)
+    victim = pool.workers[0]
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    inputs = []
+    for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", 300)):
+        t = grpcclient.InferInput(name, [1], "INT32")
+        t.set_data_from_numpy(np.array([value], dtype=np.int32))
+        inputs.append(t)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            for rid in ("a", "b"):
+                client.async_stream_infer("generate", inputs, request_id=rid)
+            # Least outstanding puts them on different instances (1 vs 0 at the second pick).
+            assert sorted(i.outstanding for i in router.instances()) == [1, 1]
+            first = results.get(timeout=30)  # generation is under way
+            assert first[1] is None
+            assert victim.pid is not None
+            os.kill(victim.pid, signal.SIGKILL)
+            tokens: dict[str, int] = {}
+            errors = []
+            while sum(tokens.values()) < 300 or not errors:
+                result, error = results.get(timeout=60)
+                if error is not None:
+                    errors.append(str(error))
+                else:
+                    rid = result.get_response().id
+                    tokens[rid] = tokens.get(rid, 0) + 1
+            (survivor,) = [rid for rid, n in tokens.items() if n >= 300]
+            assert tokens[survivor] == 300, tokens  # every token, none lost or doubled
+            assert len(errors) == 1 and f"upstream instance {victim.address}" in errors[0], errors
+            # Health checks take the dead instance out; the same stream keeps serving.
+            (dead,) = [i for i in router.instances() if i.address == victim.address]
+            deadline = time.monotonic() + 30
+            while dead.healthy:
+                assert time.monotonic() < deadline, "the dead instance stayed in the pick set"
+                time.sleep(0.05)
+            client.async_stream_infer("generate", inputs, request_id="c")
+            more = [results.get(timeout=60) for _ in range(300)]
+            assert all(e is None for _, e in more)
+            assert {r.get_response().id for r, _ in more} == {"c"}
+            client.stop_stream()
+        router.wait_idle()
+    finally:
+        router.stop()
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
 def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[str]) -> None:
     tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
     config = tmp_path / "endpoint.yaml"

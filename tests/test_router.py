@@ -177,6 +177,50 @@ def test_metadata_passes_through_and_hop_by_hop_does_not(make_router: Any) -> No
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), values)
 
 
+def test_upstream_sees_user_metadata_and_deadline_not_hop_by_hop(loop_thread: Any) -> None:
+    """What reaches the instance: the client's own metadata and its deadline, not the
+    routing key or connection-level headers. Triton does not echo request metadata, so
+    the instance here is a gRPC server on loopback that records what arrives and answers
+    a valid ModelInferResponse."""
+    from harness import make_config, start_router
+
+    seen: list[tuple[dict[str, str], float | None]] = []
+
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        metadata = {k: v if isinstance(v, str) else v.decode()
+                    for k, v in context.invocation_metadata() or ()}
+        seen.append((metadata, context.time_remaining()))
+        return pb.ModelInferResponse(model_name="identity", id="m").SerializeToString()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService",
+            {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    upstream, port = loop_thread.run(start())
+    config, instances = make_config([f"127.0.0.1:{port}"], strategy="RANDOM")
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)),
+                                  headers={"authorization": "Bearer t", "x-trace": "7",
+                                           "x-target-variant": "AllTraffic"},
+                                  client_timeout=5.0)
+        assert result.get_response().id == "m"
+        ((metadata, remaining),) = seen
+        assert metadata["authorization"] == "Bearer t" and metadata["x-trace"] == "7"
+        assert "x-target-variant" not in metadata  # the routing key stays at the router
+        assert remaining is not None and 0 < remaining <= 5.0  # the deadline went upstream
+        router.wait_idle()
+    finally:
+        router.stop()
+        loop_thread.run(upstream.stop(0))
+
+
 # -- streaming -------------------------------------------------------------------------
 
 

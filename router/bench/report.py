@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["markdown_table", "plot_routing", "write_results"]
+__all__ = ["comparison", "markdown_table", "plot_routing", "write_results"]
 
 ROUTING_COLUMNS = (
     ("users", "users", "{}"), ("instances", "inst", "{}"), ("target", "target", "{}"),
@@ -25,6 +25,52 @@ OVERHEAD_COLUMNS = (
     ("added_p99_ms", "+P99 ms", "{:.2f}"), ("req_per_s", "req/s", "{:.0f}"),
     ("throughput_vs_direct", "x direct", "{:.2f}"), ("errors", "errors", "{}"),
 )
+
+
+COMPARISON_COLUMNS = (
+    ("users", "users", "{}"), ("instances", "inst", "{}"),
+    ("best_tritonmesh", "best tritonmesh (P99)", "{}"),
+    ("best_tritonmesh_p99_s", "P99 s", "{:.3f}"),
+    ("best_peer", "best peer (P99)", "{}"), ("best_peer_p99_s", "P99 s", "{:.3f}"),
+    ("p99_vs_best_peer", "P99 / peer's", "{:.2f}"),
+    ("throughput_vs_best_peer", "req/min/inst / best peer's", "{:.2f}"),
+    ("lor_p99_vs_random", "LOR / RANDOM P99", "{:.2f}"),
+    ("lor_throughput_vs_random", "LOR / RANDOM req/min/inst", "{:.2f}"),
+)
+
+
+def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scale point: tritonmesh's best P99 against the best peer's (and its throughput per
+    instance against the highest of the peers'), and LOR against RANDOM, as ratios of
+    figures measured in the same run. Ratios are None where a side did not run."""
+    out = []
+    for users, instances in sorted({(r["users"], r["instances"]) for r in rows}):
+        cell = [r for r in rows if (r["users"], r["instances"]) == (users, instances)
+                and r["errors"] == 0]
+        ours = [r for r in cell if r["target"].startswith("tritonmesh")]
+        peers = [r for r in cell if not r["target"].startswith("tritonmesh")]
+        by_name = {r["target"]: r for r in ours}
+        row: dict[str, Any] = {"users": users, "instances": instances}
+        if ours:
+            best = min(ours, key=lambda r: r["p99_s"])
+            row.update(best_tritonmesh=best["target"].removeprefix("tritonmesh "),
+                       best_tritonmesh_p99_s=best["p99_s"])
+        if peers:
+            best_peer = min(peers, key=lambda r: r["p99_s"])
+            row.update(best_peer=best_peer["target"], best_peer_p99_s=best_peer["p99_s"])
+        if ours and peers:
+            row["p99_vs_best_peer"] = best["p99_s"] / best_peer["p99_s"]
+            row["throughput_vs_best_peer"] = (
+                max(r["req_per_min_per_instance"] for r in ours)
+                / max(r["req_per_min_per_instance"] for r in peers))
+        lor = by_name.get("tritonmesh LEAST_OUTSTANDING_REQUESTS")
+        rnd = by_name.get("tritonmesh RANDOM")
+        if lor and rnd:
+            row["lor_p99_vs_random"] = lor["p99_s"] / rnd["p99_s"]
+            row["lor_throughput_vs_random"] = (lor["req_per_min_per_instance"]
+                                               / rnd["req_per_min_per_instance"])
+        out.append(row)
+    return out
 
 
 def _cell(fmt: str, value: Any) -> str:
@@ -95,6 +141,10 @@ def write_results(out: Path, kind: str, rows: Sequence[dict[str, Any]],
     lines += [f"- {k}: {v}" for k, v in meta.items() if k != "command"]
     lines += [f"- note: {n}" for n in notes]
     lines += ["", table, ""]
+    if kind == "routing":
+        summary = markdown_table(comparison(rows), COMPARISON_COLUMNS)
+        lines += ["## Side by side", "", summary, ""]
+        table += "\n\n" + summary
     (out / f"{kind}.md").write_text("\n".join(lines))
     written = [out / f"{kind}.json", out / f"{kind}.md"]
     if kind == "routing":
