@@ -46,7 +46,7 @@ class Fanout:
         self.timeout_s = timeout_s
 
     def handlers(self) -> dict[str, Handler]:
-        return {
+        handlers = {
             "ServerLive": self.server_live,
             "ServerReady": self.server_ready,
             "ModelReady": self.model_ready,
@@ -66,6 +66,13 @@ class Fanout:
             "CudaSharedMemoryRegister": self.shm_unimplemented("CUDA"),
             "CudaSharedMemoryUnregister": self.shm_unimplemented("CUDA"),
         }
+        # Handlers that read a field decode the request themselves; the others forward it or
+        # do not need it, so it is checked here: malformed bytes are INVALID_ARGUMENT from the
+        # router, not whatever each Triton makes of them (2.51: INTERNAL "Unable to parse
+        # request") nor an answer to a request nobody could read.
+        for name in handlers.keys() - _DECODED_BY_HANDLER:
+            handlers[name] = _validating(getattr(pb, f"{name}Request"), handlers[name])
+        return handlers
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -240,6 +247,17 @@ def _no_healthy(model_name: str | None) -> str:
     if model_name:
         return f"no healthy Triton instance serves model '{model_name}'"
     return "no healthy Triton instance behind this router"
+
+
+_DECODED_BY_HANDLER = frozenset({"ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics"})
+
+
+def _validating(message_type: Any, handler: Handler) -> Handler:
+    async def validated(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await _decode(message_type, request, context)
+        return await handler(request, context)
+
+    return validated
 
 
 async def _decode(message_type: Any, request: bytes, context: grpc.aio.ServicerContext) -> Any:

@@ -54,7 +54,10 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert row["utilization"] > 0
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
-    assert (tmp_path / "routing.md").read_text().count("| 2 | 1 |") == 5
+    report_md = (tmp_path / "routing.md").read_text()
+    assert report_md.count("| 2 | 1 | tritonmesh ") == 5  # a row per target
+    side_by_side = report_md.split("## Side by side")[1]
+    assert side_by_side.count("| 2 | 1 |") == 1  # and the comparison of the scale point
     assert (tmp_path / "p99_latency.png").stat().st_size > 0
 
 

@@ -301,15 +301,24 @@ def test_worker_killed_mid_stream_fails_only_its_request(loop_thread: LoopThread
             for rid in ("a", "b"):
                 client.async_stream_infer("generate", inputs, request_id=rid)
             # Least outstanding puts them on different instances (1 vs 0 at the second pick).
+            deadline = time.monotonic() + 30
+            while router.total_outstanding() < 2:
+                assert time.monotonic() < deadline, "the requests never reached the router"
+                time.sleep(0.01)
             assert sorted(i.outstanding for i in router.instances()) == [1, 1]
-            first = results.get(timeout=30)  # generation is under way
-            assert first[1] is None
+            first, error = results.get(timeout=30)  # generation is under way
+            assert error is None
             assert victim.pid is not None
             os.kill(victim.pid, signal.SIGKILL)
-            tokens: dict[str, int] = {}
+            tokens: dict[str, int] = {first.get_response().id: 1}
             errors = []
-            while sum(tokens.values()) < 300 or not errors:
-                result, error = results.get(timeout=60)
+            while max(tokens.values(), default=0) < 300 or not errors:
+                try:
+                    result, error = results.get(timeout=60)
+                except queue.Empty:
+                    counts = [i.outstanding for i in router.instances()]
+                    raise AssertionError(f"stuck: tokens {tokens}, errors {errors}, "
+                                         f"outstanding {counts}") from None
                 if error is not None:
                     errors.append(str(error))
                 else:
