@@ -76,6 +76,11 @@ async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: floa
     raise AssertionError("unreachable")
 
 
+def _client_gone(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
 def _status(code_name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, code_name)
 
@@ -125,6 +130,10 @@ class Proxy:
                         continue
                 else:
                     balancer.outliers.failure(instance, code.name)
+                if _client_gone(context):
+                    # gRPC has already answered the client (cancelled, deadline passed); a
+                    # status sent now fails in the core and is logged as an error.
+                    raise asyncio.CancelledError from None
                 await context.abort(code, exc.details() or "",
                                     tuple(exc.trailing_metadata() or ()))
             finally:
