@@ -3,8 +3,14 @@ variant lists, on an interval, with thresholds.
 
 An instance that fails ``unhealthy_threshold`` checks in a row leaves the pick
 set (its outstanding requests still release normally); one that passes
-``healthy_threshold`` in a row comes back. The router's own ``grpc.health.v1``
-status follows: SERVING while any instance is healthy.
+``healthy_threshold`` in a row comes back. Health checks fail open: they never take
+the last healthy instance of a variant out (Envoy's panic threshold, at its simplest).
+A probe that times out on a starved machine is weak evidence, and acting on it for
+every instance at once turns a slow fleet into no fleet; an instance that is really
+gone is taken out by the outlier detector at its first refused connection.
+
+The router's own ``grpc.health.v1`` status follows the probes: SERVING while any
+instance in the pick set passed its last one.
 """
 
 from __future__ import annotations
@@ -75,6 +81,13 @@ class HealthChecker:
         streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
         self._streak[instance] = streak
         if instance.healthy and streak <= -self.config.unhealthy_threshold:
+            if not any(i is not instance and i.healthy and i.state == "ACTIVE"
+                       for i in instance.variant.live_instances()):
+                if streak == -self.config.unhealthy_threshold:
+                    log.warning("instance %s fails its health checks, but it is the last healthy "
+                                "instance of variant '%s': it stays in (fail open)",
+                                instance.address, instance.variant.name)
+                return
             log.warning("instance %s is unhealthy; no new requests go to it", instance.address)
             instance.variant.set_healthy(instance, False)
         elif (not instance.healthy and ok and streak >= self.config.healthy_threshold
@@ -85,7 +98,10 @@ class HealthChecker:
     async def _publish(self) -> None:
         if self.servicer is None:
             return
-        serving = any(i.healthy and i.state == "ACTIVE" for i in self.balancer.instances())
+        # From the probes themselves: failing open keeps an instance in the pick set, but a
+        # router none of whose instances passes its last probe is not ready to serve.
+        serving = any(i.healthy and i.state == "ACTIVE" and self._streak.get(i, 1) > 0
+                      for i in self.balancer.instances())
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.servicer.set("", status)

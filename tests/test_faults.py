@@ -137,6 +137,45 @@ def test_instance_that_fails_fast_is_taken_out(make_router: Any,
         time.sleep(0.05)
 
 
+def test_health_checks_fail_open(make_router: Any, worker_addresses: list[str]) -> None:
+    """Failed health checks never take a variant's last healthy instance out: requests keep
+    going to it and get Triton's own answer, rather than the router's "no healthy instance"
+    for a whole fleet that a starved machine made miss its probes."""
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1, models=["identity"])
+    (only,) = router.instances()
+    inputs = [grpcclient.InferInput("INPUT0", [2], "FP32")]
+    inputs[0].set_data_from_numpy(np.ones(2, dtype=np.float32))
+    checker = router.router.health
+    assert checker is not None
+    with grpcclient.InferenceServerClient(worker_addresses[0]) as direct, \
+            grpcclient.InferenceServerClient(router.address) as client:
+        direct.unload_model("identity")
+        try:
+            for _ in range(3):  # more failed rounds than unhealthy_threshold
+                router.loop.run(checker.check_once())
+            assert checker._streak[only] <= -3 and only.healthy
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("identity", inputs)
+            assert "identity" in info.value.message()
+            assert "no healthy instance" not in info.value.message()  # Triton's own answer
+            assert _serving(router.address) is False  # readiness still tells the truth
+        finally:
+            direct.load_model("identity")
+    router.loop.run(checker.check_once())
+    assert _serving(router.address) is True
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.infer("identity", inputs).as_numpy("OUTPUT0").tolist() == [1.0, 1.0]
+
+
+def _serving(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5)
+    return bool(status.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def test_new_instance_slow_starts(make_router: Any, worker_addresses: list[str]) -> None:
     """An instance added while serving is not handed every new request because it has none
     outstanding: it starts at a tenth of its weight and ramps up over slow_start_s."""
