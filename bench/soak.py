@@ -121,7 +121,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 f"    instances: {pool.addresses!r}\n")
             tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
             router = await asyncio.create_subprocess_exec(
-                tritonmesh, "--log-level", "ERROR", "serve", "--config", str(config),
+                tritonmesh, "--log-level", args.router_log_level, "serve", "--config", str(config),
                 stdout=asyncio.subprocess.DEVNULL)
             try:
                 return await soak(args, pool, router.pid, address)
@@ -198,6 +198,8 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--router-log-level", default="ERROR",
+                        help="the router's log level (its log goes to stderr)")
     report = asyncio.run(main_async(parser.parse_args()))
     print(json.dumps(report, indent=2))
     if any(report["outstanding_at_end"].values()):

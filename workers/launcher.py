@@ -247,13 +247,23 @@ class WorkerPool:
                 return
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(worker.process.pid, signal.SIGKILL)  # its stubs, if any remain
-            worker.restarts += 1
-            try:
-                await worker.start(self.start_timeout)
+            # A restart can fail too (Triton 2.51 has been seen to segfault while starting right
+            # after a SIGKILL): keep trying, backing off, rather than leave the worker dead.
+            backoff = 1.0
+            while not self._stopping:
+                worker.restarts += 1
+                try:
+                    await worker.start(self.start_timeout)
+                except Exception:
+                    log.exception("Triton worker %d could not be restarted; trying again in "
+                                  "%.0fs", worker.index, backoff)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(worker.process.pid, signal.SIGKILL)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    continue
                 log.info("Triton worker %d restarted on %s", worker.index, worker.address)
-            except Exception:
-                log.exception("Triton worker %d could not be restarted", worker.index)
-                return
+                break
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
