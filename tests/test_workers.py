@@ -214,3 +214,38 @@ def test_bad_repository_fails_with_the_log_tail(tmp_path: Path, loop_thread: Loo
     with pytest.raises(WorkerStartError) as info:
         loop_thread.run(start(), timeout=120)
     assert "last lines of" in str(info.value)
+
+
+def test_first_start_moves_off_a_port_taken_meanwhile(loop_thread: LoopThread,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free ports are picked before Triton binds them; another process can take one in
+    between. The first start then picks other ports instead of failing the pool. (The
+    first pick is rigged to a port this test holds; the rest is real.)"""
+    import socket
+
+    import tritonmesh.workers.launcher as launcher
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    real_free_ports = launcher.free_ports
+    picks: list[list[int]] = []
+
+    def rigged(n: int) -> list[int]:
+        ports = real_free_ports(n)
+        if not picks:
+            ports[0] = busy  # the gRPC port is taken before Triton binds it
+        picks.append(ports)
+        return ports
+
+    monkeypatch.setattr(launcher, "free_ports", rigged)
+    pool = WorkerPool(1)
+    try:
+        loop_thread.run(pool.start(), timeout=180)
+        assert len(picks) == 2 and pool.workers[0].grpc_port == picks[1][0] != busy
+        with grpcclient.InferenceServerClient(pool.addresses[0]) as client:
+            assert client.is_server_ready()
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+        taken.close()

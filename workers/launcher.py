@@ -107,9 +107,27 @@ class TritonWorker:
         return "\n".join(text.splitlines()[-lines:])
 
     async def start(self, timeout: float = 120.0) -> None:
-        """Start the process and wait until it and every model are ready."""
-        if not self.grpc_port:
+        """Start the process and wait until it and every model are ready.
+
+        A first start picks free ports; if one is taken before Triton binds it (another
+        process's ephemeral port, say), it picks new ones, up to three times. A restart
+        keeps its ports: the router knows the worker by its address.
+        """
+        if self.grpc_port:
+            await self._launch(timeout)
+            return
+        for attempt in range(3):
             self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+            try:
+                await self._launch(timeout)
+                return
+            except WorkerStartError:
+                if attempt == 2 or "already in use" not in self.log_tail(5):
+                    raise
+                log.warning("Triton worker %d: a port was taken before it could bind; "
+                            "trying other ports", self.index)
+
+    async def _launch(self, timeout: float) -> None:
         install = find_tritonserver()
         args = [
             str(install.binary),
