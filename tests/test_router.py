@@ -393,13 +393,14 @@ def test_lor_sends_new_requests_to_the_idle_instance(make_router: Any) -> None:
     collect = StreamCollector()
     with grpcclient.InferenceServerClient(router.address) as client:
         client.start_stream(callback=collect)
-        client.async_stream_infer("generate", _generate_inputs(1, 300), request_id="long")
+        client.async_stream_infer("generate", _generate_inputs(1, 2000), request_id="long")
         collect.take(1)  # the long request is now outstanding on one instance
         (busy,) = [i for i in router.instances() if i.outstanding == 1]
         before = _served_counts(router)
         for _ in range(10):
             client.infer("identity", _identity_inputs(np.ones(1, np.float32)))
         after = _served_counts(router)
+        assert busy.outstanding == 1  # the long one was running throughout
         client.stop_stream(cancel_requests=True)
     gained = {addr: after[addr] - before[addr] for addr in after}
     assert gained[busy.address] == 0
@@ -417,10 +418,11 @@ def test_least_outstanding_work_weighs_requests_by_their_hint(make_router: Any) 
     collect = StreamCollector()
     with grpcclient.InferenceServerClient(router.address) as client:
         client.start_stream(callback=collect)
-        client.async_stream_infer("generate", _generate_inputs(1, 300), request_id="long")
+        # 2000 tokens: about 10 s, so it is still running when the short ones are done.
+        client.async_stream_infer("generate", _generate_inputs(1, 2000), request_id="long")
         collect.take(1)
         (busy,) = [i for i in router.instances() if i.outstanding == 1]
-        assert busy.work_ahead() == 300.0
+        assert busy.work_ahead() == 2000.0
 
         async def shorts() -> list[int]:
             async with aioclient.InferenceServerClient(router.address) as aio:
@@ -430,8 +432,9 @@ def test_least_outstanding_work_weighs_requests_by_their_hint(make_router: Any) 
             return [r.as_numpy("TOKENS").size for r in results]
 
         before = _served_counts(router)
-        assert asyncio.run(shorts()) == [20] * 6  # 6 x 20 = 120 < 300 at every pick
+        assert asyncio.run(shorts()) == [20] * 6  # 6 x 20 = 120 < 2000 at every pick
         after = _served_counts(router)
+        assert busy.outstanding == 1  # the long one was running throughout
         client.stop_stream(cancel_requests=True)
     gained = {addr: after[addr] - before[addr] for addr in after}
     assert gained[busy.address] == 0 and sum(gained.values()) == 6, gained
