@@ -53,6 +53,14 @@ cdef struct Field:
     Py_ssize_t e
 
 
+cdef inline void _open(Cursor* c, const unsigned char* buf, Py_ssize_t pos,
+                       Py_ssize_t end) noexcept nogil:
+    c.buf = buf
+    c.pos = pos
+    c.end = end
+    c.err = 0
+
+
 cdef inline uint64_t _varint(Cursor* c) noexcept nogil:
     cdef uint64_t result = 0
     cdef int shift = 0
@@ -121,10 +129,7 @@ cdef inline int _param(const unsigned char* buf, Py_ssize_t s, Py_ssize_t e,
     """Decode one map<string, InferParameter> entry in buf[s:e]; returns an error index."""
     cdef Cursor c, v
     cdef Field f, g
-    c.buf = buf
-    c.pos = s
-    c.end = e
-    c.err = 0
+    _open(&c, buf, s, e)
     p.kind = P_NONE
     p.ks = p.ke = 0
     while _next(&c, &f):
@@ -132,10 +137,7 @@ cdef inline int _param(const unsigned char* buf, Py_ssize_t s, Py_ssize_t e,
             p.ks = f.s
             p.ke = f.e
         elif f.number == 2 and f.wire == LEN:
-            v.buf = buf
-            v.pos = f.s
-            v.end = f.e
-            v.err = 0
+            _open(&v, buf, f.s, f.e)
             while _next(&v, &g):
                 if g.wire == VARINT and (g.number == 1 or g.number == 2 or g.number == 5):
                     v.pos = g.s
@@ -178,10 +180,7 @@ def peek_request(bytes buf):
     cdef object sequence_id = None
     cdef bint start_flag = False, end_flag = False, empty_final = False
     cdef Py_ssize_t ms = 0, me = 0, vs = 0, ve = 0, rs = 0, re = 0
-    c.buf = data
-    c.pos = 0
-    c.end = PyBytes_GET_SIZE(buf)
-    c.err = 0
+    _open(&c, data, 0, PyBytes_GET_SIZE(buf))
     while _next(&c, &f):
         if f.wire != LEN:
             if f.number <= 7:
@@ -230,20 +229,14 @@ def peek_stream_response(bytes buf):
     cdef Py_ssize_t es = 0, ee = 0, rs = 0, re = 0
     cdef object final = None
     cdef bint has_outputs = False
-    c.buf = data
-    c.pos = 0
-    c.end = PyBytes_GET_SIZE(buf)
-    c.err = 0
+    _open(&c, data, 0, PyBytes_GET_SIZE(buf))
     while _next(&c, &f):
         if f.wire != LEN:
             continue
         if f.number == 1:
             es, ee = f.s, f.e
         elif f.number == 2:
-            r.buf = data
-            r.pos = f.s
-            r.end = f.e
-            r.err = 0
+            _open(&r, data, f.s, f.e)
             while _next(&r, &g):
                 if g.wire != LEN:
                     continue
@@ -316,18 +309,12 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
     cdef bint have = False
     cdef uint64_t raw
     cdef int kind
-    c.buf = data
-    c.pos = 0
-    c.end = PyBytes_GET_SIZE(buf)
-    c.err = 0
+    _open(&c, data, 0, PyBytes_GET_SIZE(buf))
     while _next(&c, &f):
         if f.wire != LEN:
             continue
         if f.number == 4 and plen:
-            t.buf = data
-            t.pos = f.s
-            t.end = f.e
-            t.err = 0
+            _open(&t, data, f.s, f.e)
             ks = ke = 0
             numeric = False
             while _next(&t, &g):
@@ -335,10 +322,7 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
                     ks, ke = g.s, g.e
                 elif g.number == 2 and g.wire == LEN:
                     numeric = False
-                    v.buf = data
-                    v.pos = g.s
-                    v.end = g.e
-                    v.err = 0
+                    _open(&v, data, g.s, g.e)
                     while _next(&v, &h):
                         if h.wire == VARINT and (h.number == 2 or h.number == 5):
                             v.pos = h.s
@@ -358,10 +342,7 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
                 have = numeric
                 found = value
         elif f.number == 5 and not plen:
-            t.buf = data
-            t.pos = f.s
-            t.end = f.e
-            t.err = 0
+            _open(&t, data, f.s, f.e)
             ns = ne = ts = te = 0
             while _next(&t, &g):
                 if g.wire == LEN and g.number == 1:
