@@ -7,11 +7,14 @@ while the router (a grpc.aio server) runs on this loop, as it would in productio
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+import tritonclient.grpc as grpcclient
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
     EndpointConfig,
@@ -22,6 +25,7 @@ from tritonmesh.config import (
     WorkHint,
 )
 from tritonmesh.server import Router
+from tritonmesh.workers.launcher import WorkerPool
 
 T = TypeVar("T")
 
@@ -116,3 +120,38 @@ def start_router(loop: LoopThread, config: EndpointConfig,
     router = Router(config, instances, seed=seed)
     loop.run(router.start())
     return RouterHandle(loop, router)
+
+
+def generate_inputs(max_tokens: int, prompt_tokens: int = 1) -> list[Any]:
+    """The demo ``generate`` / ``generate_unary`` inputs, for the blocking client."""
+    tensors = []
+    for name, value in (("PROMPT_TOKENS", prompt_tokens), ("MAX_TOKENS", max_tokens)):
+        t = grpcclient.InferInput(name, [1], "INT32")
+        t.set_data_from_numpy(np.array([value], dtype=np.int32))
+        tensors.append(t)
+    return tensors
+
+
+class LongStream:
+    """A long streamed generation holding one instance busy until stopped."""
+
+    def __init__(self, address: str, max_tokens: int = 2000):
+        self.results: queue.Queue[Any] = queue.Queue()
+        self.client = grpcclient.InferenceServerClient(address)
+        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
+        self.client.async_stream_infer("generate", generate_inputs(max_tokens), request_id="long")
+        self.results.get(timeout=30)  # generating
+
+    def stop(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def start_pool(loop: LoopThread, count: int, *, restart: bool = False) -> WorkerPool:
+    """A private pool of real Triton workers, for tests that kill one."""
+    async def start() -> WorkerPool:
+        pool = WorkerPool(count, restart=restart)
+        await pool.start()
+        return pool
+
+    return loop.run(start(), timeout=180)

@@ -19,43 +19,26 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, make_config, start_router
+from harness import (
+    LongStream,
+    LoopThread,
+    generate_inputs,
+    make_config,
+    start_pool,
+    start_router,
+)
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
-from tritonmesh.workers.launcher import WorkerPool, free_ports
+from tritonmesh.workers.launcher import free_ports
 
 pytestmark = pytest.mark.triton
 
 
-class _LongStream:
-    """A long streamed generation holding one instance busy until stopped."""
-
-    def __init__(self, address: str, max_tokens: int = 2000):
-        self.results: queue.Queue[Any] = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(address)
-        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
-        inputs = []
-        for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
-            t = grpcclient.InferInput(name, [1], "INT32")
-            t.set_data_from_numpy(np.array([value], dtype=np.int32))
-            inputs.append(t)
-        self.client.async_stream_infer("generate", inputs)
-        self.results.get(timeout=30)  # generating
-
-    def stop(self) -> None:
-        self.client.stop_stream(cancel_requests=True)
-        self.client.close()
-
-
 def _unary_generate(address: str, max_tokens: int, timeout: float = 60) -> list[int]:
     with grpcclient.InferenceServerClient(address) as client:
-        inputs = []
-        for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
-            t = grpcclient.InferInput(name, [1], "INT32")
-            t.set_data_from_numpy(np.array([value], dtype=np.int32))
-            inputs.append(t)
-        result = client.infer("generate_unary", inputs, client_timeout=timeout)
+        result = client.infer("generate_unary", generate_inputs(max_tokens),
+                              client_timeout=timeout)
         return [int(v) for v in result.as_numpy("TOKENS")]
 
 
@@ -182,7 +165,7 @@ def test_new_instance_slow_starts(make_router: Any, worker_addresses: list[str])
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1, slow_start_s=2.0)
     variant = router.balancer.variants[0]
     (old,) = router.instances()
-    busy = _LongStream(router.address)
+    busy = LongStream(router.address)
     try:
         router.loop.run(router.router.update_instances(
             {"AllTraffic": worker_addresses[:2]}))
@@ -255,12 +238,7 @@ def test_graceful_shutdown_finishes_in_flight(loop_thread: LoopThread,
 
 
 def test_sigkill_under_load_fails_only_in_flight(loop_thread: LoopThread) -> None:
-    async def start() -> WorkerPool:
-        pool = WorkerPool(3, restart=True)
-        await pool.start()
-        return pool
-
-    pool = loop_thread.run(start(), timeout=180)
+    pool = start_pool(loop_thread, 3, restart=True)
     config, instances = make_config(pool.addresses, strategy="LEAST_OUTSTANDING_REQUESTS")
     router = start_router(loop_thread, config, instances)
     victim = pool.workers[0]
@@ -319,21 +297,12 @@ def test_worker_killed_mid_stream_fails_only_its_request(loop_thread: LoopThread
     """Two long generations on one client stream, one per instance; the worker under one of
     them is killed. That request ends with an in-stream error, the other runs to its last
     token, the stream goes on serving, and nothing stays outstanding."""
-    async def start() -> WorkerPool:
-        pool = WorkerPool(2)
-        await pool.start()
-        return pool
-
-    pool = loop_thread.run(start(), timeout=180)
+    pool = start_pool(loop_thread, 2)
     config, instances = make_config(pool.addresses, strategy="LEAST_OUTSTANDING_REQUESTS")
     router = start_router(loop_thread, config, instances)
     victim = pool.workers[0]
     results: queue.Queue[tuple[Any, Any]] = queue.Queue()
-    inputs = []
-    for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", 300)):
-        t = grpcclient.InferInput(name, [1], "INT32")
-        t.set_data_from_numpy(np.array([value], dtype=np.int32))
-        inputs.append(t)
+    inputs = generate_inputs(300)
     try:
         with grpcclient.InferenceServerClient(router.address) as client:
             client.start_stream(callback=lambda result, error: results.put((result, error)))

@@ -8,26 +8,17 @@ import queue
 import time
 from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from harness import LongStream, generate_inputs
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.triton
 
 
-def _inputs(max_tokens: int) -> list[Any]:
-    tensors = []
-    for name, value in (("PROMPT_TOKENS", 1), ("MAX_TOKENS", max_tokens)):
-        t = grpcclient.InferInput(name, [1], "INT32")
-        t.set_data_from_numpy(np.array([value], dtype=np.int32))
-        tensors.append(t)
-    return tensors
-
-
 def _generate(address: str, max_tokens: int, timeout: float | None = 60) -> list[int]:
     with grpcclient.InferenceServerClient(address) as client:
-        result = client.infer("generate_unary", _inputs(max_tokens), client_timeout=timeout)
+        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=timeout)
         return [int(v) for v in result.as_numpy("TOKENS")]
 
 
@@ -36,21 +27,6 @@ def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
-
-
-class LongStream:
-    """A long streamed generation holding one instance busy until stopped."""
-
-    def __init__(self, address: str, max_tokens: int = 2000):
-        self.results: queue.Queue[Any] = queue.Queue()
-        self.client = grpcclient.InferenceServerClient(address)
-        self.client.start_stream(callback=lambda result, error: self.results.put(error or result))
-        self.client.async_stream_infer("generate", _inputs(max_tokens), request_id="long")
-        self.results.get(timeout=30)  # generating
-
-    def stop(self) -> None:
-        self.client.stop_stream(cancel_requests=True)
-        self.client.close()
 
 
 def test_queued_request_goes_to_the_first_free_instance(make_router: Any) -> None:
@@ -114,7 +90,7 @@ def test_stream_requests_wait_their_turn(make_router: Any) -> None:
     with grpcclient.InferenceServerClient(router.address) as client:
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         for k in range(5):
-            client.async_stream_infer("generate", _inputs(6), request_id=f"r{k}",
+            client.async_stream_infer("generate", generate_inputs(6), request_id=f"r{k}",
                                       enable_empty_final_response=True)
         got = []
         while len(got) < 5 * 7:
