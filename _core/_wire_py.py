@@ -228,6 +228,19 @@ def inject_empty_final(buf: bytes) -> bytes:
     return buf + _EMPTY_FINAL_ENTRY
 
 
+# parameters["triton_final_response"] = InferParameter(bool_param=true): what Triton adds to
+# every response it sends on a stream.
+_FINAL_TRUE_ENTRY: Final = _len_field(
+    4, _len_field(1, _FINAL_RESPONSE) + _len_field(2, b"\x08\x01")
+)
+
+
+def stream_response_from_unary(response: bytes) -> bytes:
+    """Wrap a serialized ``ModelInferResponse`` as the ``ModelStreamInferResponse`` Triton
+    sends on a stream for a non-decoupled model: the same response, marked final."""
+    return _len_field(2, response + _FINAL_TRUE_ENTRY)
+
+
 def peek_stream_response(buf: bytes) -> ResponseInfo:
     """Read accounting fields from a serialized ``ModelStreamInferResponse``."""
     end = len(buf)

@@ -18,8 +18,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, Protocol
 
 from tritonmesh._core import OutstandingTable, WorkTable
-from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.outlier import OutlierDetector
+from tritonmesh.retry import RetryBudget
 from tritonmesh.waitqueue import WaitQueue
 from tritonmesh.wire import WireError, peek_work
 from tritonmesh.workers.upstream import Upstream
@@ -334,17 +336,26 @@ class Balancer:
 
     def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None,
                  outliers: OutlierDetector | None = None,
-                 work_hints: Mapping[str, WorkHint] | None = None):
+                 work_hints: Mapping[str, WorkHint] | None = None,
+                 retries: RetryConfig | None = None):
         self.variants = list(variants)
         self.set_work_hints(work_hints or {})
         # Only LEAST_OUTSTANDING_WORK reads costs; nobody else pays for the peek.
         self.work_aware = any(v.work is not None for v in self.variants)
         self.outliers = outliers or OutlierDetector()
+        self.decoupled = DecoupledModels()
+        self.set_retries(retries or RetryConfig())
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
         self._serving: dict[str, list[Variant]] = {}
         # (variant, model, sequence id) -> (instance, last use); see pick().
         self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
+
+    def set_retries(self, retries: RetryConfig) -> None:
+        """A fresh budget with these limits (a reload starts its window anew)."""
+        self.retry_budget = RetryBudget(max_per_request=retries.max_per_request,
+                                        ratio=retries.budget_ratio,
+                                        min_per_s=retries.min_per_s, ttl_s=retries.ttl_s)
 
     def set_work_hints(self, work_hints: Mapping[str, WorkHint]) -> None:
         """Where each model's request cost is read. Safe while serving: every request

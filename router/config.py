@@ -28,6 +28,7 @@ __all__ = [
     "HealthCheckConfig",
     "LocalWorkers",
     "QueueOrder",
+    "RetryConfig",
     "RoutingStrategy",
     "VariantConfig",
     "WorkHint",
@@ -100,12 +101,22 @@ class HealthCheckConfig:
 
 
 @dataclass(frozen=True)
+class RetryConfig:
+    """ModelInfer retries for requests that provably never reached Triton (tritonmesh.retry)."""
+    max_per_request: int = 2
+    budget_ratio: float = 0.2  # retries per request, over the last ttl_s
+    min_per_s: float = 10.0    # ... plus this many per second, however quiet the endpoint
+    ttl_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class EndpointConfig:
     name: str = "tritonmesh"
     listen: str = "127.0.0.1:8001"
     metrics_listen: str | None = "127.0.0.1:8002"
     variants: tuple[VariantConfig, ...] = ()
     health_check: HealthCheckConfig = field(default_factory=HealthCheckConfig)
+    retries: RetryConfig = field(default_factory=RetryConfig)
     shutdown_grace_s: float = 5.0
     # model name -> where its requests' cost is read (LEAST_OUTSTANDING_WORK variants)
     work_hints: Mapping[str, WorkHint] = field(default_factory=dict)
@@ -258,6 +269,23 @@ def _health(data: Any) -> HealthCheckConfig:
     )
 
 
+def _retries(data: Any) -> RetryConfig:
+    _expect(data, dict, "retries")
+    _no_unknown(data, {"max_per_request", "budget_ratio", "min_per_s", "ttl_s"}, "retries.")
+    defaults = RetryConfig()
+    max_per_request = _expect(data.get("max_per_request", defaults.max_per_request), int,
+                              "retries.max_per_request")
+    if max_per_request < 0:
+        raise ConfigError(f"retries.max_per_request: must be >= 0, got {max_per_request}")
+    return RetryConfig(
+        max_per_request=max_per_request,
+        budget_ratio=_non_negative(data.get("budget_ratio", defaults.budget_ratio),
+                                   "retries.budget_ratio"),
+        min_per_s=_non_negative(data.get("min_per_s", defaults.min_per_s), "retries.min_per_s"),
+        ttl_s=_weight(data.get("ttl_s", defaults.ttl_s), "retries.ttl_s"),
+    )
+
+
 def _work_hints(data: Any) -> dict[str, WorkHint]:
     _expect(data, dict, "work_hints")
     hints = {}
@@ -308,7 +336,7 @@ def parse_config(data: Any) -> EndpointConfig:
     if "ProductionVariants" in data:
         data = _from_sagemaker(data)
     _no_unknown(data, {"endpoint", "listen", "metrics_listen", "variants", "health_check",
-                       "shutdown_grace_s", "work_hints"}, "")
+                       "retries", "shutdown_grace_s", "work_hints"}, "")
     items = _expect(data.get("variants"), list, "variants") if "variants" in data else None
     if not items:
         raise ConfigError("variants: at least one production variant is required")
@@ -327,6 +355,7 @@ def parse_config(data: Any) -> EndpointConfig:
         variants=variants,
         health_check=_health(data["health_check"]) if "health_check" in data
         else HealthCheckConfig(),
+        retries=_retries(data.get("retries", {})),
         shutdown_grace_s=_weight(data.get("shutdown_grace_s", 5.0), "shutdown_grace_s"),
         work_hints=_work_hints(data.get("work_hints", {})),
     )

@@ -93,5 +93,6 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
         ]
         instances[variant.name] = [*keep, *variant.instances]
     router.balancer.set_work_hints(config.work_hints)
+    router.balancer.set_retries(config.retries)
     added, removed = await router.update_instances(instances)
     log.info("reloaded %s: %d instances added, %d drained and removed", path, added, removed)

@@ -197,6 +197,8 @@ class Fanout:
 
     async def _broadcast(self, method: str, request: bytes,
                          context: grpc.aio.ServicerContext) -> bytes:
+        # A model loaded anew may have a new transaction policy.
+        self.balancer.decoupled.forget()
         instances = self._all()
         if not instances:
             await context.abort(grpc.StatusCode.UNAVAILABLE, _no_healthy(None))

@@ -65,4 +65,16 @@ class BalancerCollector(Collector):
                     buckets.append((repr(bound), cumulative))
                 buckets.append(("+Inf", inst.requests))
                 latency.add_metric(lv, buckets, inst.latency_sum)
-        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding, queued)
+        budget = self.balancer.retry_budget
+        retries = CounterMetricFamily(
+            "tritonmesh_retries",
+            "ModelInfer requests sent again, elsewhere, after a connection could not be made.")
+        retries.add_metric([], budget.retried)
+        refused = CounterMetricFamily(
+            "tritonmesh_retries_refused",
+            "Retries not sent: per_request (limit), deadline, budget (the endpoint's retry "
+            "budget).", labels=["reason"])
+        for reason, n in list(budget.refused.items()):
+            refused.add_metric([reason], n)
+        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding, queued,
+                    retries, refused)

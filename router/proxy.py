@@ -4,12 +4,18 @@ Accounting rule: one pick, one release, in ``finally``. A unary call releases
 when it ends, however it ends. A request inside a stream releases when its
 final response (or an error response for it) arrives, when its upstream
 stream dies, or when the client's stream ends — whichever comes first.
+
+A stream's requests for non-decoupled models go upstream as ``ModelInfer``, not on
+the stream: Triton 2.51 crashes when non-decoupled and decoupled models answer on
+streams at once (:mod:`tritonmesh.decoupled` says more). The client cannot tell:
+the answer comes back on its stream exactly as Triton would have sent it there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +30,7 @@ from tritonmesh.wire import (
     inject_empty_final,
     peek_request,
     peek_stream_response,
+    stream_response_from_unary,
 )
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
@@ -76,6 +83,13 @@ async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: floa
     raise AssertionError("unreachable")
 
 
+_NOT_RETRIED: Final = {
+    "per_request": "this request's retries are used up",
+    "deadline": "its deadline has passed",
+    "budget": "the endpoint's retry budget is spent",
+}
+
+
 def _client_gone(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return context.cancelled() or (remaining is not None and remaining <= 0)
@@ -88,9 +102,8 @@ def _status(code_name: str) -> grpc.StatusCode:
 class Proxy:
     """Handlers for ``ModelInfer`` and ``ModelStreamInfer`` over a :class:`Balancer`."""
 
-    def __init__(self, balancer: Balancer, *, max_retries: int = 2):
+    def __init__(self, balancer: Balancer):
         self.balancer = balancer
-        self.max_retries = max_retries
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
@@ -100,8 +113,10 @@ class Proxy:
                                 f"malformed ModelInferRequest: {exc}")
         metadata, target = forwardable_metadata(context)
         balancer = self.balancer
+        budget = balancer.retry_budget
+        budget.deposit()
         cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
-        retries = 0
+        attempt = 0
         while True:
             try:
                 instance = balancer.pick(info.model_name, target, info.sequence_id,
@@ -122,20 +137,25 @@ class Proxy:
                 return response
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                details = exc.details() or ""
                 if _never_reached(exc):
                     balancer.outliers.connect_failure(instance)
-                    # Provably never reached Triton: safe to send elsewhere, within budget.
-                    if retries < self.max_retries and info.sequence_id is None:
-                        retries += 1
-                        continue
+                    # Provably never reached Triton: safe to send elsewhere, within the
+                    # per-request limit, the deadline and the endpoint's retry budget.
+                    # A sequence is pinned to its instance, so it is never moved.
+                    if info.sequence_id is None:
+                        attempt += 1
+                        refused = budget.withdraw(attempt, context.time_remaining())
+                        if refused is None:
+                            continue
+                        details = f"{details} (not retried: {_NOT_RETRIED[refused]})"
                 else:
                     balancer.outliers.failure(instance, code.name)
                 if _client_gone(context):
                     # gRPC has already answered the client (cancelled, deadline passed); a
                     # status sent now fails in the core and is logged as an error.
                     raise asyncio.CancelledError from None
-                await context.abort(code, exc.details() or "",
-                                    tuple(exc.trailing_metadata() or ()))
+                await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
             finally:
                 balancer.release(instance, cost)
                 instance.observe(time.perf_counter() - started, ok, ahead)
@@ -186,6 +206,8 @@ class _StreamSession:
         self.context = context
         self.metadata, self.target = forwardable_metadata(context)
         self.upstreams: dict[Instance, _Upstream] = {}
+        # Requests sent as ModelInfer, still running, and what each holds on its instance.
+        self.unary: dict[asyncio.Task[None], tuple[Instance, _Pending]] = {}
         self.write_lock = asyncio.Lock()
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
@@ -197,8 +219,8 @@ class _StreamSession:
                 if up.pump is not None and not up.pump.done():
                     await up.call.done_writing()
             pumps = [up.pump for up in self.upstreams.values() if up.pump is not None]
-            if pumps:
-                await asyncio.gather(*pumps)
+            if pumps or self.unary:
+                await asyncio.gather(*pumps, *self.unary)
         finally:
             await self._close()
 
@@ -223,16 +245,59 @@ class _StreamSession:
         except TimeoutError:
             await self._write(error_stream_response(_QUEUE_TIMEOUT, info.id, info.model_name))
             return
+        pending = _Pending(info.id, info.model_name, info.empty_final, cost, instance.work_ahead())
+        # Sequences stay on the stream: Triton keeps their order there, concurrent calls would not.
+        if info.sequence_id is None and await self._non_decoupled(instance, info.model_name,
+                                                                  info.model_version):
+            task = asyncio.get_running_loop().create_task(self._unary_call(request, pending))
+            self.unary[task] = (instance, pending)
+            return
         up = self.upstreams.get(instance)
         if up is None:
             up = self._open(instance)
-        up.pending.append(_Pending(info.id, info.model_name, info.empty_final, cost,
-                                   instance.work_ahead()))
+        up.pending.append(pending)
         try:
             await up.call.write(request if info.empty_final else inject_empty_final(request))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             # The upstream stream is already gone; its pump fails every pending request.
             log.debug("write to %s failed: %s", instance.address, exc)
+
+    async def _non_decoupled(self, instance: Instance, model_name: str, version: str) -> bool:
+        decoupled = self.balancer.decoupled.get(model_name, version)
+        if decoupled is None:
+            decoupled = await self.balancer.decoupled.ask(instance.upstream, model_name, version)
+        return decoupled is False  # unknown (no such model, say): Triton answers in-stream
+
+    async def _unary_call(self, request: bytes, pending: _Pending) -> None:
+        """Send one stream request as ``ModelInfer`` and answer it on the client's stream."""
+        task = asyncio.current_task()
+        assert task is not None
+        instance = self.unary[task][0]
+        ok = False
+        try:
+            response = await instance.upstream.model_infer(
+                request, timeout=self.context.time_remaining(), metadata=self.metadata)
+            ok = True
+            self.balancer.outliers.success(instance)
+            out = stream_response_from_unary(response)
+        except grpc.aio.AioRpcError as exc:
+            if _never_reached(exc):
+                self.balancer.outliers.connect_failure(instance)
+            else:
+                self.balancer.outliers.failure(instance, exc.code().name)
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and "decoupled" in (exc.details() or ""):
+                # Reloaded behind the router's back as decoupled: ask again next time.
+                self.balancer.decoupled.forget()
+            # Triton's in-stream error for a non-decoupled request: the message and the id.
+            out = error_stream_response(exc.details() or exc.code().name, pending.id)
+        finally:
+            if self.unary.pop(task, None) is not None:  # _close() may have released it
+                self.balancer.release(instance, pending.cost)
+                instance.observe(time.perf_counter() - pending.started, ok, pending.ahead)
+        try:
+            await self._write(out)
+        except Exception as exc:  # the client went; nothing to answer
+            log.debug("answer for %s not written: %r", pending.id, exc)
 
     def _open(self, instance: Instance) -> _Upstream:
         call = instance.upstream.stream_infer(
@@ -322,6 +387,12 @@ class _StreamSession:
         """Release everything still pending and end every upstream call."""
         ups: Sequence[_Upstream] = list(self.upstreams.values())
         self.upstreams.clear()
+        calls = list(self.unary.items())
+        self.unary.clear()
+        for task, (instance, pending) in calls:
+            task.cancel()  # a task cancelled before it ran has no finally: release here
+            self.balancer.release(instance, pending.cost)
+            instance.observe(time.perf_counter() - pending.started, False)
         for up in ups:
             up.call.cancel()
             if up.pump is not None:
@@ -333,3 +404,6 @@ class _StreamSession:
                     await up.pump
                 except (asyncio.CancelledError, Exception) as exc:  # the client may be gone
                     log.debug("upstream %s ended with %r", up.instance.address, exc)
+        for task, _ in calls:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -74,7 +74,8 @@ class Router:
             for address in self._instances.get(vc.name, ()):
                 variant.add(Upstream(address))
             variants.append(variant)
-        balancer = self.balancer = Balancer(variants, work_hints=self.config.work_hints)
+        balancer = self.balancer = Balancer(variants, work_hints=self.config.work_hints,
+                                            retries=self.config.retries)
 
         proxy = Proxy(balancer)
         fanout = Fanout(balancer)

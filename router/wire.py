@@ -15,6 +15,7 @@ from tritonmesh._core._wire_py import (
     WireError,
     error_stream_response,
     inject_empty_final,
+    stream_response_from_unary,
 )
 from tritonmesh._core._wire_py import peek_request as py_peek_request
 from tritonmesh._core._wire_py import peek_stream_response as py_peek_stream_response
@@ -33,6 +34,7 @@ __all__ = [
     "py_peek_request",
     "py_peek_stream_response",
     "py_peek_work",
+    "stream_response_from_unary",
 ]
 
 if TYPE_CHECKING or NO_EXTENSIONS:

@@ -121,6 +121,25 @@ def test_work_hint_errors_name_the_key(hints: dict[str, object], message: str) -
         parse_config({"variants": [{"name": "a", "instances": ["h:1"]}], "work_hints": hints})
 
 
+def test_retries() -> None:
+    from tritonmesh.config import RetryConfig
+
+    base = {"variants": [{"name": "a", "instances": ["h:1"]}]}
+    assert parse_config(base).retries == RetryConfig()
+    config = parse_config({**base, "retries": {"max_per_request": 1, "budget_ratio": 0.1,
+                                               "min_per_s": 0, "ttl_s": 30}})
+    assert config.retries == RetryConfig(max_per_request=1, budget_ratio=0.1, min_per_s=0.0,
+                                         ttl_s=30.0)
+    for bad, message in (
+        ({"max_per_request": -1}, "retries.max_per_request: must be >= 0"),
+        ({"budget_ratio": -0.5}, "retries.budget_ratio: must be a finite number >= 0"),
+        ({"ttl_s": 0}, "retries.ttl_s: must be a positive number"),
+        ({"ratio": 0.2}, "retries.ratio: unknown key"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "retries": bad})
+
+
 def test_queue_order() -> None:
     from tritonmesh.config import QueueOrder
 

@@ -118,6 +118,21 @@ def test_error_stream_response_round_trips() -> None:
     assert decoded.infer_response.model_name == "generate"
 
 
+def test_stream_response_from_unary_is_the_response_marked_final(
+        peek_stream_response: Any) -> None:
+    unary = pb.ModelInferResponse(model_name="identity", model_version="1", id="r1")
+    unary.parameters["user"].string_param = "kept"
+    unary.outputs.add(name="OUTPUT0", datatype="FP32", shape=[1])
+    unary.raw_output_contents.append(b"\0\0\x80?")
+    raw = wire.stream_response_from_unary(unary.SerializeToString())
+    expected = pb.ModelStreamInferResponse()
+    expected.infer_response.CopyFrom(unary)
+    expected.infer_response.parameters["triton_final_response"].bool_param = True
+    assert pb.ModelStreamInferResponse.FromString(raw) == expected
+    info = peek_stream_response(raw)
+    assert info.final is True and info.has_outputs and info.id == "r1"
+
+
 @pytest.mark.parametrize("raw", [
     b"\x0a\xff\xff\xff\xff\x0f",  # model_name declares 4 GiB
     b"\x0a\x05abc",                # truncated string
