@@ -23,6 +23,7 @@ import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+from tritonmesh.endpoint import MEMORY_SNAPSHOTS_ENV
 from tritonmesh.workers.launcher import WorkerPool, free_ports
 
 
@@ -120,14 +122,36 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n"
                 f"    instances: {pool.addresses!r}\n")
             tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+            env = dict(os.environ)
+            snapshots = Path(tmp) / "snapshots"
+            if args.tracemalloc:
+                env[MEMORY_SNAPSHOTS_ENV] = str(snapshots)
             router = await asyncio.create_subprocess_exec(
                 tritonmesh, "--log-level", args.router_log_level, "serve", "--config", str(config),
-                stdout=asyncio.subprocess.DEVNULL)
+                stdout=asyncio.subprocess.DEVNULL, env=env)
             try:
-                return await soak(args, pool, router.pid, address)
+                report = await soak(args, pool, router.pid, address)
+                if args.tracemalloc:
+                    report["tracemalloc_growth"] = await asyncio.to_thread(compare_snapshots,
+                                                                          snapshots)
+                return report
             finally:
                 router.send_signal(signal.SIGINT)
                 await asyncio.wait_for(router.wait(), 60)
+
+
+def compare_snapshots(directory: Path) -> list[str]:
+    """The lines whose live Python allocations grew most between the two snapshots."""
+    deadline = time.monotonic() + 60
+    while len(list(directory.glob("*.tracemalloc"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # a snapshot of a traced process takes a few seconds
+    first, last = sorted(directory.glob("*.tracemalloc"), key=lambda p: p.stat().st_mtime)[:2]
+    before = tracemalloc.Snapshot.load(str(first))
+    after = tracemalloc.Snapshot.load(str(last))
+    total = sum(s.size for s in after.statistics("filename")) - sum(
+        s.size for s in before.statistics("filename"))
+    top = after.compare_to(before, "lineno")[:12]
+    return [f"total {total / 1024:+.1f} KiB", *(str(s) for s in top)]
 
 
 async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
@@ -152,9 +176,13 @@ async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
     users = [asyncio.create_task(user(address, random.Random(rng.random()), stop, counts, budget))
              for _ in range(args.users)]
     next_kill = started + args.kill_every
+    snapshot_at_warmup = args.tracemalloc
     while any(not u.done() for u in users):
         await asyncio.sleep(1.0)
         now = time.monotonic()
+        if snapshot_at_warmup and now - started >= 30:
+            os.kill(router_pid, signal.SIGUSR1)  # the baseline, after the warm-up
+            snapshot_at_warmup = False
         samples.append((round(now - started, 1), round(rss_mib(router_pid), 1),
                         args.requests - budget[0]))
         if now - started > args.max_seconds:
@@ -174,6 +202,8 @@ async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
         if not any(outstanding.values()):
             break
         await asyncio.sleep(0.1)
+    if args.tracemalloc:
+        os.kill(router_pid, signal.SIGUSR1)
     after_warmup = [s for s in samples if s[0] >= 30] or samples
     # Flat: after warm-up, what the router holds must not grow with the requests served.
     growth = after_warmup[-1][1] - after_warmup[0][1]
@@ -198,6 +228,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="trace the router's Python allocations; report what grew "
+                             "between 30 s in and the end (slows the router)")
     parser.add_argument("--router-log-level", default="ERROR",
                         help="the router's log level (its log goes to stderr)")
     report = asyncio.run(main_async(parser.parse_args()))

@@ -347,7 +347,12 @@ class Balancer:
         self.set_retries(retries or RetryConfig())
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
-        self._serving: dict[str, list[Variant]] = {}
+        # Which variants serve a model, fixed with the variants. Built from the variants'
+        # model lists, never from request names: arbitrary names must not grow a map.
+        listed = {name for v in self.variants if v.models is not None for name in v.models}
+        self._serving = {name: [v for v in self.variants if v.serves(name)] for name in listed}
+        # Models outside every variant's list go where Triton can answer for them.
+        self._unlisted = [v for v in self.variants if v.models is None] or self.variants
         # (variant, model, sequence id) -> (instance, last use); see pick().
         self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
 
@@ -386,14 +391,7 @@ class Balancer:
             yield from variant.live_instances()
 
     def _variants_for(self, model_name: str) -> list[Variant]:
-        found = self._serving.get(model_name)
-        if found is None:
-            found = [v for v in self.variants if v.serves(model_name)]
-            # Models outside every variant's list go where Triton can answer for them.
-            if not found:
-                found = [v for v in self.variants if v.models is None] or self.variants
-            self._serving[model_name] = found
-        return found
+        return self._serving.get(model_name, self._unlisted)
 
     def choose_variant(self, model_name: str, target_variant: str | None = None) -> Variant:
         """The variant for a request: the named one, else weighted random among servers."""

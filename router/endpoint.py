@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import signal
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from tritonmesh.config import ConfigError, EndpointConfig, load_config
 from tritonmesh.server import Router
 
-__all__ = ["open_endpoint", "run_endpoint"]
+__all__ = ["MEMORY_SNAPSHOTS_ENV", "open_endpoint", "run_endpoint"]
 
 log = logging.getLogger("tritonmesh")
+
+MEMORY_SNAPSHOTS_ENV = "TRITONMESH_MEMORY_SNAPSHOTS"
 
 
 @contextlib.asynccontextmanager
@@ -54,6 +59,9 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
     reloads: set[asyncio.Task[None]] = set()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    snapshots = os.environ.get(MEMORY_SNAPSHOTS_ENV)
+    if snapshots:
+        _trace_memory(loop, Path(snapshots))
     try:
         async with open_endpoint(config, log_dir=log_dir) as router:
             if config_path is not None:
@@ -70,8 +78,25 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
             log.info("shutting down: finishing in-flight requests (up to %ss)",
                      config.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
+
+
+def _trace_memory(loop: asyncio.AbstractEventLoop, directory: Path) -> None:
+    """Diagnostics for a suspected leak: trace Python allocations (one frame each, so
+    the cost stays moderate) and write a snapshot on every SIGUSR1, for
+    ``tracemalloc.Snapshot.load(...).compare_to(...)`` (bench/soak.py --tracemalloc)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tracemalloc.start(1)
+    taken = itertools.count(1)
+
+    def dump() -> None:
+        path = directory / f"router-{os.getpid()}-{next(taken)}.tracemalloc"
+        partial = path.with_suffix(".partial")
+        tracemalloc.take_snapshot().dump(str(partial))
+        partial.replace(path)  # readers never see half a file
+        log.info("memory snapshot written to %s", path)
+    loop.add_signal_handler(signal.SIGUSR1, dump)
 
 
 async def _reload(router: Router, path: str | Path, running: list[EndpointConfig]) -> None:

@@ -23,9 +23,11 @@ TRITONMESH = str(Path(sys.executable).parent / "tritonmesh")
 class Running:
     """A tritonmesh process whose output is read until its banner says where it serves."""
 
-    def __init__(self, args: list[str], timeout: float = 180.0):
+    def __init__(self, args: list[str], timeout: float = 180.0,
+                 env: dict[str, str] | None = None):
         self.process = subprocess.Popen(
-            [TRITONMESH, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [TRITONMESH, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=env)
         self.lines: list[str] = []
         try:
             self._read_banner(timeout)
@@ -113,6 +115,35 @@ def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[s
                               re.MULTILINE)
         assert sum(float(v) for v in finished) == 4.0, metrics
         assert "tritonmesh_instance_outstanding_requests" in metrics
+    finally:
+        running.interrupt()
+    assert running.process.returncode == 0
+
+
+def test_memory_snapshots_on_sigusr1(tmp_path: Path, worker_addresses: list[str]) -> None:
+    import tracemalloc
+
+    config = tmp_path / "endpoint.yaml"
+    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nvariants:\n"
+                      f"  - name: AllTraffic\n    instances: {worker_addresses[:1]!r}\n")
+    snapshots = tmp_path / "snapshots"
+    running = Running(["serve", "--config", str(config)],
+                      env={**os.environ, "TRITONMESH_MEMORY_SNAPSHOTS": str(snapshots)})
+    try:
+        paths: list[Path] = []
+        for n in (1, 2):
+            assert _identity(running.address) == [1, 2, 3]
+            running.process.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + 60
+            while len(paths := sorted(snapshots.glob("*.tracemalloc"))) < n:
+                assert time.monotonic() < deadline, "no snapshot written"
+                time.sleep(0.1)
+        first, second = (tracemalloc.Snapshot.load(str(p)) for p in paths)
+        # Real traces of the router's own code, comparable line by line.
+        files = {s.traceback[0].filename for s in second.statistics("filename")}
+        assert any(f.endswith(os.path.join("router", "proxy.py")) or "tritonmesh" in f
+                   for f in files), sorted(files)[:20]
+        assert second.compare_to(first, "lineno")
     finally:
         running.interrupt()
     assert running.process.returncode == 0

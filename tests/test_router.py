@@ -100,6 +100,26 @@ def test_unknown_model_same_as_triton(make_router: Any, worker_addresses: list[s
     assert errors[0] == errors[1]
 
 
+def test_arbitrary_model_names_leave_no_state_behind(make_router: Any) -> None:
+    """A client sending made-up model names (a typo loop, a scanner) must not grow the
+    router's memory: nothing is kept per name the configuration does not list."""
+    router = make_router()
+    balancer = router.balancer
+    before = (dict(balancer._serving), len(balancer.decoupled._known))
+    collect = StreamCollector()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        client.start_stream(callback=collect)
+        for i in range(50):
+            with pytest.raises(InferenceServerException):
+                client.infer(f"made_up_{i}", _identity_inputs(np.zeros(1, np.float32)))
+            client.async_stream_infer(f"made_up_stream_{i}", _identity_inputs(
+                np.zeros(1, np.float32)), request_id=str(i))
+        got = collect.take(50)
+        client.stop_stream()
+    assert all(error is not None and "unknown model" in str(error) for _, error in got)
+    assert (dict(balancer._serving), len(balancer.decoupled._known)) == before
+
+
 def test_decoupled_model_on_model_infer_same_as_triton(make_router: Any,
                                                        worker_addresses: list[str]) -> None:
     router = make_router()
