@@ -55,12 +55,18 @@ def _generate(tokens: int) -> list[aioclient.InferInput]:
             _tensor("MAX_TOKENS", "INT32", np.array([tokens], np.int32))]
 
 
+# --mix: every kind of traffic, or one kind alone (to tell which path a growth lies on).
+MIXES = {"all": None, "identity": 0.3, "streams": 0.9, "unary-cancels": 0.02,
+         "stream-cancels": 0.07}
+
+
 async def user(address: str, rng: random.Random, stop: asyncio.Event,
-               counts: collections.Counter[str], budget: list[int]) -> None:
+               counts: collections.Counter[str], budget: list[int], mix: str = "all") -> None:
+    fixed = MIXES[mix]
     async with aioclient.InferenceServerClient(address) as client:
         while not stop.is_set() and budget[0] > 0:
             budget[0] -= 1
-            roll = rng.random()
+            roll = rng.random() if fixed is None else fixed
             try:
                 if roll < 0.05:
                     # A client that gives up mid-call: the call is cancelled under it.
@@ -173,7 +179,8 @@ async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
     samples: list[tuple[float, float, int]] = []
     kills = 0
     started = time.monotonic()
-    users = [asyncio.create_task(user(address, random.Random(rng.random()), stop, counts, budget))
+    users = [asyncio.create_task(user(address, random.Random(rng.random()), stop, counts, budget,
+                                      args.mix))
              for _ in range(args.users)]
     next_kill = started + args.kill_every
     snapshot_at_warmup = args.tracemalloc
@@ -187,7 +194,7 @@ async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
                         args.requests - budget[0]))
         if now - started > args.max_seconds:
             stop.set()
-        if now >= next_kill and not stop.is_set():
+        if args.kill_every > 0 and now >= next_kill and not stop.is_set():
             victim = rng.choice(pool.workers)
             if victim.pid is not None and victim.returncode is None:
                 os.kill(victim.pid, signal.SIGKILL)
@@ -226,8 +233,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100_000)
     parser.add_argument("--max-seconds", type=float, default=900)
     parser.add_argument("--users", type=int, default=16)
-    parser.add_argument("--kill-every", type=float, default=20.0)
+    parser.add_argument("--kill-every", type=float, default=20.0, help="seconds; 0: no kills")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--mix", choices=sorted(MIXES), default="all",
+                        help="all kinds of traffic (default), or one kind alone: identity "
+                             "unary, generate streams, or calls the client cancels")
     parser.add_argument("--tracemalloc", action="store_true",
                         help="trace the router's Python allocations; report what grew "
                              "between 30 s in and the end (slows the router)")

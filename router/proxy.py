@@ -32,6 +32,7 @@ from tritonmesh.wire import (
     peek_stream_response,
     stream_response_from_unary,
 )
+from tritonmesh.workers.upstream import await_call, cancel_in_core
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
 
@@ -83,6 +84,9 @@ async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: floa
     raise AssertionError("unreachable")
 
 
+# How long a cancelled upstream stream's pump may take to notice before it is cancelled.
+_PUMP_END_S: Final = 5.0
+
 _NOT_RETRIED: Final = {
     "per_request": "this request's retries are used up",
     "deadline": "its deadline has passed",
@@ -129,9 +133,9 @@ class Proxy:
             started = time.perf_counter()
             ok = False
             try:
-                response: bytes = await instance.upstream.model_infer(
+                response: bytes = await await_call(instance.upstream.model_infer(
                     request, timeout=context.time_remaining(), metadata=metadata
-                )
+                ))
                 ok = True
                 balancer.outliers.success(instance)
                 return response
@@ -220,7 +224,10 @@ class _StreamSession:
                     await up.call.done_writing()
             pumps = [up.pump for up in self.upstreams.values() if up.pump is not None]
             if pumps or self.unary:
-                await asyncio.gather(*pumps, *self.unary)
+                # wait(), not gather(): if the client goes now, this handler is cancelled and
+                # gather() would cancel the pumps mid-read (a native leak, see
+                # cancel_in_core); _close() ends them through their calls instead.
+                await asyncio.wait([*pumps, *self.unary])
         finally:
             await self._close()
 
@@ -275,8 +282,8 @@ class _StreamSession:
         instance = self.unary[task][0]
         ok = False
         try:
-            response = await instance.upstream.model_infer(
-                request, timeout=self.context.time_remaining(), metadata=self.metadata)
+            response = await await_call(instance.upstream.model_infer(
+                request, timeout=self.context.time_remaining(), metadata=self.metadata))
             ok = True
             self.balancer.outliers.success(instance)
             out = stream_response_from_unary(response)
@@ -394,16 +401,20 @@ class _StreamSession:
             self.balancer.release(instance, pending.cost)
             instance.observe(time.perf_counter() - pending.started, False)
         for up in ups:
-            up.call.cancel()
-            if up.pump is not None:
-                up.pump.cancel()
+            # In the core only: the pump's pending read then ends by itself, and its batch
+            # is freed (cancelling the pump task while it reads leaks it; see cancel_in_core).
+            cancel_in_core(up.call)
             self._settle_all(up)
-        for up in ups:
-            if up.pump is not None:
+        pumps = [up.pump for up in ups if up.pump is not None]
+        if pumps:
+            _, stuck = await asyncio.wait(pumps, timeout=_PUMP_END_S)
+            for pump in stuck:
+                pump.cancel()
+            for pump in pumps:
                 try:
-                    await up.pump
+                    await pump
                 except (asyncio.CancelledError, Exception) as exc:  # the client may be gone
-                    log.debug("upstream %s ended with %r", up.instance.address, exc)
+                    log.debug("upstream stream ended with %r", exc)
         for task, _ in calls:
             with contextlib.suppress(asyncio.CancelledError):
                 await task

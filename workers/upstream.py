@@ -6,12 +6,19 @@ serializer: requests and responses stay ``bytes`` end to end.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 import grpc
 import grpc.aio
 
-__all__ = ["CHANNEL_OPTIONS", "SERVICE", "Upstream", "method_path"]
+try:  # the concrete base of grpc.aio's calls; see cancel_in_core()
+    from grpc.aio._call import Call as _CoreCall
+except ImportError:  # pragma: no cover (a grpcio that moved it: plain cancel, leak and all)
+    _CoreCall = None
+
+__all__ = ["CHANNEL_OPTIONS", "SERVICE", "Upstream", "await_call", "cancel_in_core",
+           "method_path"]
 
 SERVICE: Final = "inference.GRPCInferenceService"
 INT32_MAX: Final = 2**31 - 1
@@ -49,6 +56,40 @@ UNARY_METHODS: Final = (
 
 def method_path(name: str) -> str:
     return f"/{SERVICE}/{name}"
+
+
+# Cancelling an upstream call the grpc.aio way leaks native memory: Call.cancel() also
+# cancels the asyncio task that awaits the call's batch, and a batch whose awaiter is
+# cancelled never frees its grpc_op array (grpc/grpc#43360, open in grpcio 1.85). Measured
+# here: about 2.4 KiB per cancelled unary call, and about 1 KiB per client-cancelled request
+# through the router (bench/soak.py --mix unary-cancels). Cancelling in the gRPC core only
+# ends the call just the same, and grpc.aio's own task then consumes the batch and frees it.
+def cancel_in_core(call: grpc.aio.Call) -> None:
+    """End ``call`` (Triton sees the cancellation) without leaking its native batch."""
+    if _CoreCall is not None and isinstance(call, _CoreCall):
+        _CoreCall.cancel(call)
+    else:  # pragma: no cover
+        call.cancel()
+
+
+async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
+    """``await call``, except that if the awaiting task is cancelled (the router's client
+    went away), the call is cancelled in the core only (see :func:`cancel_in_core`)
+    instead of through its asyncio task."""
+    finished = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    call.add_done_callback(wake)
+    try:
+        await finished
+    except asyncio.CancelledError:
+        cancel_in_core(call)
+        raise
+    response: bytes = await call  # this router's multicallables move bytes
+    return response
 
 
 class Upstream:
