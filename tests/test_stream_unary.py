@@ -10,15 +10,15 @@ through the router leaves real Triton standing.
 
 from __future__ import annotations
 
-import queue
+import importlib.util
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-import tritonclient.grpc as grpcclient
-from harness import generate_inputs, make_config, start_pool, start_router
+from harness import make_config, start_pool, start_router
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -169,38 +169,24 @@ def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) ->
 def test_mixed_streams_through_the_router_leave_triton_standing(loop_thread: Any) -> None:
     """The pattern that crashes Triton 2.51 within seconds when sent to it directly:
     streams carrying a non-decoupled and a decoupled model at once. Its own workers,
-    so a crash could not hurt other tests; every answer checked; no worker may exit."""
+    so a crash could not hurt other tests; every answer must come, none an error, and
+    no worker may exit."""
     pool = start_pool(loop_thread, 1)
     config, instances = make_config(pool.addresses)
     router = start_router(loop_thread, config, instances)
     failures: list[str] = []
-
-    def one_stream(k: int) -> None:
-        answers: queue.Queue[Any] = queue.Queue()
-        with grpcclient.InferenceServerClient(router.address) as client:
-            client.start_stream(callback=lambda result, error: answers.put(error or result))
-            for j in range(6):
-                if j % 2:
-                    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
-                    tensor.set_data_from_numpy(np.full(3, j, np.float32))
-                    client.async_stream_infer("identity", [tensor], request_id=f"{k}-{j}")
-                else:
-                    client.async_stream_infer("generate", generate_inputs(3),
-                                              request_id=f"{k}-{j}",
-                                              enable_empty_final_response=True)
-            for _ in range(3 * 1 + 3 * 4):
-                try:
-                    answer = answers.get(timeout=30)
-                except queue.Empty:
-                    failures.append(f"stream {k}: no answer in 30 s")
-                    break
-                if isinstance(answer, Exception):
-                    failures.append(f"stream {k}: {answer}")
-            client.stop_stream()
+    # The same traffic as the reproduction script, so the two cannot drift apart.
+    spec = importlib.util.spec_from_file_location(
+        "triton_stream_race", Path(__file__).parents[1] / "bench" / "triton_stream_race.py")
+    assert spec is not None and spec.loader is not None
+    race = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(race)
 
     try:
         for _ in range(60):  # Triton alone crashed within 0-40 such rounds in 4 of 4 tries
-            threads = [threading.Thread(target=one_stream, args=(k,)) for k in range(4)]
+            threads = [threading.Thread(target=race.one_stream,
+                                        args=(router.address, k, failures))
+                       for k in range(4)]
             for t in threads:
                 t.start()
             for t in threads:
