@@ -18,7 +18,7 @@ import logging
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
-from tritonmesh.workers.upstream import Upstream
+from tritonmesh.workers.upstream import Upstream, await_call
 
 __all__ = ["DecoupledModels"]
 
@@ -59,8 +59,8 @@ class DecoupledModels:
         answer: bool | None = None
         try:
             request = pb.ModelConfigRequest(name=model_name, version=version)
-            raw = await upstream.unary["ModelConfig"](
-                request.SerializeToString(), timeout=_ASK_TIMEOUT_S)
+            raw = await await_call(upstream.unary["ModelConfig"](
+                request.SerializeToString(), timeout=_ASK_TIMEOUT_S))
             response = pb.ModelConfigResponse.FromString(raw)
             answer = response.config.model_transaction_policy.decoupled
             self._known[key] = answer

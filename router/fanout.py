@@ -26,6 +26,7 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.proxy import forwardable_metadata
+from tritonmesh.workers.upstream import await_call
 
 __all__ = ["Fanout"]
 
@@ -92,10 +93,8 @@ class Fanout:
     async def _call(self, instance: Instance, method: str, request: bytes,
                     context: grpc.aio.ServicerContext) -> bytes:
         metadata, _ = forwardable_metadata(context)
-        response: bytes = await instance.upstream.unary[method](
-            request, timeout=self._timeout(context), metadata=metadata
-        )
-        return response
+        return await await_call(instance.upstream.unary[method](
+            request, timeout=self._timeout(context), metadata=metadata))
 
     async def _gather(self, instances: Iterable[Instance], method: str, request: bytes,
                       context: grpc.aio.ServicerContext

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import HealthCheckConfig
+from tritonmesh.workers.upstream import await_call
 
 __all__ = ["HealthChecker"]
 
@@ -58,11 +59,11 @@ class HealthChecker:
         unary = instance.upstream.unary
         timeout = self.config.timeout_s
         try:
-            raw = await unary["ServerReady"](_SERVER_READY, timeout=timeout)
+            raw = await await_call(unary["ServerReady"](_SERVER_READY, timeout=timeout))
             if not pb.ServerReadyResponse.FromString(raw).ready:
                 return False
             for model in sorted(instance.variant.models or ()):
-                raw = await unary["ModelReady"](_model_ready(model), timeout=timeout)
+                raw = await await_call(unary["ModelReady"](_model_ready(model), timeout=timeout))
                 if not pb.ModelReadyResponse.FromString(raw).ready:
                     return False
         except grpc.aio.AioRpcError:

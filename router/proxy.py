@@ -299,8 +299,7 @@ class _StreamSession:
             out = error_stream_response(exc.details() or exc.code().name, pending.id)
         finally:
             if self.unary.pop(task, None) is not None:  # _close() may have released it
-                self.balancer.release(instance, pending.cost)
-                instance.observe(time.perf_counter() - pending.started, ok, pending.ahead)
+                self._release(instance, pending, ok)
         try:
             await self._write(out)
         except Exception as exc:  # the client went; nothing to answer
@@ -372,19 +371,20 @@ class _StreamSession:
             if not pending:
                 return None
             found = pending.popleft()
-        self.balancer.release(up.instance, found.cost)
-        up.instance.observe(time.perf_counter() - found.started, ok, found.ahead)
+        self._release(up.instance, found, ok)
         return found
 
     def _settle_all(self, up: _Upstream) -> list[_Pending]:
         """Release every request still pending on ``up`` as failed; return them."""
         orphans = list(up.pending)
         up.pending.clear()
-        now = time.perf_counter()
         for p in orphans:
-            self.balancer.release(up.instance, p.cost)
-            up.instance.observe(now - p.started, False)
+            self._release(up.instance, p, False)
         return orphans
+
+    def _release(self, instance: Instance, p: _Pending, ok: bool) -> None:
+        self.balancer.release(instance, p.cost)
+        instance.observe(time.perf_counter() - p.started, ok, p.ahead)
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:
@@ -398,8 +398,7 @@ class _StreamSession:
         self.unary.clear()
         for task, (instance, pending) in calls:
             task.cancel()  # a task cancelled before it ran has no finally: release here
-            self.balancer.release(instance, pending.cost)
-            instance.observe(time.perf_counter() - pending.started, False)
+            self._release(instance, pending, False)
         for up in ups:
             # In the core only: the pump's pending read then ends by itself, and its batch
             # is freed (cancelling the pump task while it reads leaks it; see cancel_in_core).
