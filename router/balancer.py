@@ -357,10 +357,15 @@ class Balancer:
         self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
 
     def set_retries(self, retries: RetryConfig) -> None:
-        """A fresh budget with these limits (a reload starts its window anew)."""
-        self.retry_budget = RetryBudget(max_per_request=retries.max_per_request,
-                                        ratio=retries.budget_ratio,
-                                        min_per_s=retries.min_per_s, ttl_s=retries.ttl_s)
+        """A budget with these limits. A reload starts its window anew; the totals the
+        metrics report carry over (Prometheus counters must not go back)."""
+        budget = RetryBudget(max_per_request=retries.max_per_request,
+                             ratio=retries.budget_ratio,
+                             min_per_s=retries.min_per_s, ttl_s=retries.ttl_s)
+        previous: RetryBudget | None = getattr(self, "retry_budget", None)
+        if previous is not None:
+            budget.retried, budget.refused = previous.retried, previous.refused
+        self.retry_budget = budget
 
     def set_work_hints(self, work_hints: Mapping[str, WorkHint]) -> None:
         """Where each model's request cost is read. Safe while serving: every request

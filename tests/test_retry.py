@@ -59,6 +59,18 @@ def test_per_request_limit_and_deadline_come_first() -> None:
     assert budget.refused == {"per_request": 1, "deadline": 1, "budget": 0}
 
 
+def test_a_reload_keeps_the_totals_and_applies_the_limits() -> None:
+    from tritonmesh.balancer import Balancer
+
+    balancer = Balancer([])
+    assert balancer.retry_budget.withdraw(1, None) is None
+    assert balancer.retry_budget.withdraw(5, None) == "per_request"
+    balancer.set_retries(RetryConfig(max_per_request=5))
+    budget = balancer.retry_budget
+    assert budget.max_per_request == 5 and budget.withdraw(5, None) is None
+    assert budget.retried == 2 and budget.refused["per_request"] == 1
+
+
 @pytest.mark.parametrize(("retries", "failures"), [
     (RetryConfig(), 0),  # the default budget: the never-sent request goes elsewhere
     (RetryConfig(budget_ratio=0.0, min_per_s=0.0), 1),  # no budget: it fails, and says why
