@@ -76,20 +76,25 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
     """``await call``, except that if the awaiting task is cancelled (the router's client
     went away), the call is cancelled in the core only (see :func:`cancel_in_core`)
     instead of through its asyncio task."""
-    finished = asyncio.get_running_loop().create_future()
-
-    def wake(_: object) -> None:
-        if not finished.done():
-            finished.set_result(None)
-
-    call.add_done_callback(wake)
+    # The call runs in a task of its own that a cancellation here does not reach, so it
+    # always consumes its batch. Everything stays on the event loop: a done callback from
+    # the gRPC core is not guaranteed to run on the loop's thread.
+    inner = asyncio.ensure_future(call)
+    inner.add_done_callback(_consume)
     try:
-        await finished
+        response: bytes = await asyncio.shield(inner)  # this router's multicallables move bytes
     except asyncio.CancelledError:
-        cancel_in_core(call)
+        if not inner.done():
+            cancel_in_core(call)
         raise
-    response: bytes = await call  # this router's multicallables move bytes
     return response
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # After a cancel the call's own error has no reader; fetching it keeps asyncio from
+    # logging "exception was never retrieved".
+    if not task.cancelled():
+        task.exception()
 
 
 class Upstream:
