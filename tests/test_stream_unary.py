@@ -3,7 +3,7 @@
 Triton 2.51 crashes when non-decoupled and decoupled models answer on streams at the
 same time (bench/triton_stream_race.py reproduces it against Triton alone), so the
 router keeps non-decoupled requests off upstream streams. These tests check that the
-client cannot tell (answers and errors byte-for-byte what Triton sends on a stream),
+client cannot tell (answers and errors the same messages Triton sends on a stream),
 that the choice follows each model's transaction policy, and that mixed streaming
 through the router leaves real Triton standing.
 """
