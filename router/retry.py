@@ -77,6 +77,7 @@ class RetryBudget:
         return reason
 
     def available(self) -> float:
-        """Retries the budget would allow now (for tests and the metrics endpoint)."""
+        """Retries the budget would allow now. It moves the window, so call it on the
+        event loop only (the metrics endpoint, on its own thread, reads the totals)."""
         self._advance()
         return max(0.0, self.floor + self.ratio * self._request_sum - self._retry_sum)
