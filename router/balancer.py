@@ -22,6 +22,7 @@ from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantC
 from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.outlier import OutlierDetector
 from tritonmesh.retry import RetryBudget
+from tritonmesh.servicetime import ServiceTime
 from tritonmesh.waitqueue import WaitQueue
 from tritonmesh.wire import WireError, peek_work
 from tritonmesh.workers.upstream import Upstream
@@ -76,9 +77,9 @@ class Instance:
     """One Triton server inside a variant, with what the router has seen of it."""
 
     __slots__ = (
-        "address", "drained", "ejected_until", "ejections", "errors", "failures", "healthy",
-        "latency_buckets", "latency_sum", "requests", "slot", "state", "upstream", "variant",
-        "weight",
+        "address", "ahead_timer", "drained", "ejected_until", "ejections", "errors", "failures",
+        "free_at", "healthy", "last_end", "latency_buckets", "latency_sum", "next_s",
+        "requests", "service", "slot", "state", "upstream", "variant", "weight",
     )
 
     def __init__(self, variant: Variant, slot: int, upstream: Upstream, weight: float = 1.0):
@@ -99,6 +100,15 @@ class Instance:
         self.ejected_until = 0.0
         self.latency_sum = 0.0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        # Dispatch ahead (Variant.ahead_s > 0): the service-time line, when the last
+        # request sent here is expected to end (loop time; 0.0 when idle) and how long
+        # it is expected to take, the timer that hands it the next waiting request, and
+        # when its last request ended.
+        self.service: ServiceTime | None = None
+        self.free_at = 0.0
+        self.next_s = 0.0
+        self.ahead_timer: asyncio.TimerHandle | None = None
+        self.last_end = 0.0
 
     @property
     def outstanding(self) -> int:
@@ -116,14 +126,29 @@ class Instance:
         work = self.variant.work
         return 0.0 if work is None else work.work(self.slot)
 
-    def observe(self, seconds: float, ok: bool, ahead: float = 0.0) -> None:
+    def observe(self, seconds: float, ok: bool, ahead: float = 0.0, cost: float = 1.0) -> None:
         """Record one finished request (called from the release path, after release).
 
         ``ahead``: the work it found here when picked (:meth:`work_ahead`); a success
         teaches LEAST_OUTSTANDING_WORK this instance's seconds per unit of work.
+        ``cost``: what it was picked with (dispatch ahead learns service time from it).
         """
         work = self.variant.work
-        if work is not None and ok and ahead > 0.0 and seconds > 0.0 \
+        service = self.service
+        if service is not None:
+            # One request at a time here, in the order sent: a request handed over ahead
+            # started when the one before it ended, not when the router sent it.
+            # Failures are left out: a request given up on (cancelled, say) may still be
+            # queued in Triton, and its end says nothing about when the instance freed.
+            end = time.perf_counter()
+            seconds_here = min(seconds, end - self.last_end)
+            if ok:
+                self.last_end = end
+            if ok and seconds_here > 0.0 and self.state != "REMOVED":
+                service.observe(cost, seconds_here)
+                if work is not None and cost > 0.0:
+                    work.observe(self.slot, seconds_here / cost, time.monotonic())
+        elif work is not None and ok and ahead > 0.0 and seconds > 0.0 \
                 and self.state != "REMOVED":
             work.observe(self.slot, seconds / ahead, time.monotonic())
         self.requests += 1
@@ -177,6 +202,11 @@ class Variant:
         self.least_slack = config.queue_order is QueueOrder.LEAST_SLACK
         self.default_deadline_s = config.default_deadline_s
         self.waiters = WaitQueue()
+        # Dispatch ahead: hand an instance its next waiting request this long before its
+        # running one is expected to end (0: off). Instances whose moment came while
+        # nobody was waiting are kept in _due for the next request that has to wait.
+        self.ahead_s = config.dispatch_ahead_s
+        self._due: set[Instance] = set()
         self._ramps: set[asyncio.Task[None]] = set()  # slow starts under way
 
     def add(self, upstream: Upstream, weight: float = 1.0, *, slow_start: bool = False) -> Instance:
@@ -190,6 +220,8 @@ class Variant:
         window = self.config.slow_start_s if slow_start else 0.0
         slot = self.table.add(weight * SLOW_START_FLOOR if window > 0 else weight)
         instance = Instance(self, slot, upstream, weight)
+        if self.ahead_s > 0.0:
+            instance.service = ServiceTime()
         while len(self.instances) <= slot:
             self.instances.append(None)
         self.instances[slot] = instance
@@ -201,7 +233,12 @@ class Variant:
         return instance
 
     async def close(self) -> None:
-        """End the variant's background work (slow starts under way)."""
+        """End the variant's background work (slow starts under way, dispatch-ahead timers)."""
+        for instance in self.instances:
+            if instance is not None and instance.ahead_timer is not None:
+                instance.ahead_timer.cancel()
+                instance.ahead_timer = None
+        self._due.clear()
         ramps = list(self._ramps)
         for task in ramps:
             task.cancel()
@@ -225,6 +262,8 @@ class Variant:
             self.work.acquire(slot, cost)
         else:
             self.table.acquire(slot)
+        if self.ahead_s > 0.0:
+            self._booked(self.instances[slot], cost)  # type: ignore[arg-type]
 
     def release(self, slot: int, cost: float = 1.0) -> None:
         """A request picked or acquired with ``cost`` ended."""
@@ -232,6 +271,78 @@ class Variant:
             self.work.release(slot, cost)
         else:
             self.table.release(slot)
+        if self.ahead_s > 0.0:
+            instance = self.instances[slot]
+            if instance is not None:
+                left = self.table.outstanding(slot)
+                if left == 0:
+                    instance.free_at = 0.0
+                    self._due.discard(instance)
+                elif left == 1 and instance.free_at > 0.0:
+                    # The request sent ahead starts now. Anchor its end here, on the
+                    # observed end of the one before it, not on that one's prediction:
+                    # chained predictions would drift by their errors' sum.
+                    instance.free_at = asyncio.get_running_loop().time() + instance.next_s
+                self._arm(instance)
+
+    # -- dispatch ahead ------------------------------------------------------------------
+
+    def _booked(self, instance: Instance, cost: float) -> None:
+        """A request of ``cost`` was sent to ``instance``: when is it expected to end?"""
+        assert instance.service is not None
+        expected = instance.service.predict(cost)
+        self._due.discard(instance)
+        if expected is None:  # not learned yet: never hand over ahead on a guess
+            instance.free_at = 0.0
+        else:
+            now = asyncio.get_running_loop().time()
+            # Alone, it starts now; handed over ahead, when the running one ends.
+            start = now if self.table.outstanding(instance.slot) <= 1 \
+                else max(now, instance.free_at)
+            instance.free_at = start + expected
+            instance.next_s = expected
+        self._arm(instance)
+
+    def _arm(self, instance: Instance) -> None:
+        """(Re)set ``instance``'s timer: due ``ahead_s`` before its one request ends."""
+        if instance.ahead_timer is not None:
+            instance.ahead_timer.cancel()
+            instance.ahead_timer = None
+        if instance.free_at > 0.0 and self.table.outstanding(instance.slot) == 1:
+            instance.ahead_timer = asyncio.get_running_loop().call_at(
+                instance.free_at - self.ahead_s, self._ahead_due, instance)
+
+    def _can_take_ahead(self, instance: Instance) -> bool:
+        return (instance.state == "ACTIVE" and instance.healthy
+                and self.instances[instance.slot] is instance
+                and self.table.outstanding(instance.slot) == 1)
+
+    def _ahead_due(self, instance: Instance) -> None:
+        instance.ahead_timer = None
+        if not self._can_take_ahead(instance):
+            return
+        if not self._hand_ahead(instance):
+            self._due.add(instance)
+
+    def _hand_ahead(self, instance: Instance) -> bool:
+        """Give ``instance`` (one request running, about to end) the next waiting request,
+        one over its limit; False when nobody waits."""
+        waiters = self.waiters
+        while waiters:
+            _, _, waiter, cost = waiters.pop()
+            if waiter.done():
+                continue
+            self.acquire(instance.slot, cost)
+            waiter.set_result(instance)
+            return True
+        return False
+
+    def _take_due(self) -> None:
+        """A request has to wait: an instance already due takes it now."""
+        while self._due and self.waiters:
+            instance = self._due.pop()
+            if self._can_take_ahead(instance):
+                self._hand_ahead(instance)
 
     def table_has(self, slot: int) -> bool:
         return any(s == slot for s, _, _, _ in self.table.snapshot())
@@ -243,7 +354,12 @@ class Variant:
         """
         if self.work is not None:
             slot = self.work.pick(cost, self.limit or 0)
-            return None if slot < 0 else self.instances[slot]
+            if slot < 0:
+                return None
+            instance = self.instances[slot]
+            if self.ahead_s > 0.0:
+                self._booked(instance, cost)  # type: ignore[arg-type]
+            return instance
         slot = self._pick()
         if slot < 0:
             return None
@@ -276,6 +392,8 @@ class Variant:
                 else min(timeout, self.default_deadline_s)
             key = loop.time() + budget - cost * self.work.mean_estimate()
         entry = self.waiters.push(waiter, cost, key)
+        if self._due:
+            self._take_due()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except BaseException:
@@ -329,6 +447,10 @@ class Variant:
         """Take the instance out of the table; its slot is freed once its requests finish."""
         instance.state = "REMOVED"
         self.table.remove(instance.slot)
+        self._due.discard(instance)
+        if instance.ahead_timer is not None:
+            instance.ahead_timer.cancel()
+            instance.ahead_timer = None
 
 
 class Balancer:

@@ -90,6 +90,9 @@ class VariantConfig:
     default_deadline_s: float = 60.0
     # Instances joining at run time ramp from a tenth of their weight over this; 0: off.
     slow_start_s: float = 5.0
+    # Late binding, one request per instance: send an instance its next waiting request
+    # this long before its running one is expected to end; 0: off.
+    dispatch_ahead_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ def _variant(data: Any, where: str) -> VariantConfig:
     _expect(data, dict, where.rstrip("."))
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
                        "local_workers", "max_concurrency_per_instance", "max_queue",
-                       "queue_order", "default_deadline_s", "slow_start_s"}, where)
+                       "queue_order", "default_deadline_s", "slow_start_s",
+                       "dispatch_ahead_s"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -234,6 +238,13 @@ def _variant(data: Any, where: str) -> VariantConfig:
         raise ConfigError(f"{where}queue_order: LEAST_SLACK orders waiting requests by their "
                           "expected service time, so it needs routing_strategy "
                           "LEAST_OUTSTANDING_WORK and max_concurrency_per_instance")
+    ahead = _non_negative(data.get("dispatch_ahead_s", 0.0), f"{where}dispatch_ahead_s")
+    if ahead > 0.0 and (strategy is not RoutingStrategy.LEAST_OUTSTANDING_WORK
+                        or data.get("max_concurrency_per_instance") != 1):
+        raise ConfigError(f"{where}dispatch_ahead_s: sending the next request before the "
+                          "running one ends needs to know when that is, so it needs "
+                          "routing_strategy LEAST_OUTSTANDING_WORK and "
+                          "max_concurrency_per_instance: 1")
     return VariantConfig(
         name=name,
         weight=_weight(data.get("weight", 1.0), f"{where}weight"),
@@ -249,6 +260,7 @@ def _variant(data: Any, where: str) -> VariantConfig:
         default_deadline_s=_weight(data.get("default_deadline_s", 60.0),
                                    f"{where}default_deadline_s"),
         slow_start_s=_non_negative(data.get("slow_start_s", 5.0), f"{where}slow_start_s"),
+        dispatch_ahead_s=ahead,
     )
 
 

@@ -162,7 +162,7 @@ class Proxy:
                 await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
             finally:
                 balancer.release(instance, cost)
-                instance.observe(time.perf_counter() - started, ok, ahead)
+                instance.observe(time.perf_counter() - started, ok, ahead, cost)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -384,7 +384,7 @@ class _StreamSession:
 
     def _release(self, instance: Instance, p: _Pending, ok: bool) -> None:
         self.balancer.release(instance, p.cost)
-        instance.observe(time.perf_counter() - p.started, ok, p.ahead)
+        instance.observe(time.perf_counter() - p.started, ok, p.ahead, p.cost)
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:

@@ -88,7 +88,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 workers: int | None = None, max_concurrency: int | None = None,
                 max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
                 queue_order: str = "FIFO", models: Sequence[str] | None = None,
-                slow_start_s: float = 0.0,
+                slow_start_s: float = 0.0, dispatch_ahead_s: float = 0.0,
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
@@ -101,7 +101,8 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                               None if models is None else frozenset(models),
                               tuple(chosen), max_concurrency=max_concurrency,
                               max_queue=max_queue, queue_order=QueueOrder(queue_order),
-                              slow_start_s=slow_start_s)]
+                              slow_start_s=slow_start_s,
+                              dispatch_ahead_s=dispatch_ahead_s)]
         instances = {"AllTraffic": chosen}
     else:
         spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))

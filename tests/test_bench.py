@@ -44,7 +44,9 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         "tritonmesh RANDOM", "tritonmesh LEAST_OUTSTANDING_REQUESTS",
         "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
         "tritonmesh LEAST_OUTSTANDING_WORK",
-        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack)"}
+        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack)",
+        "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack, "
+        "dispatch ahead 5 ms)"}
     for row in rows:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["users"] == 2 and row["instances"] == 1
@@ -55,10 +57,30 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
     report_md = (tmp_path / "routing.md").read_text()
-    assert report_md.count("| 2 | 1 | tritonmesh ") == 5  # a row per target
+    assert report_md.count("| 2 | 1 | tritonmesh ") == 6  # a row per target
     side_by_side = report_md.split("## Side by side")[1]
     assert side_by_side.count("| 2 | 1 |") == 1  # and the comparison of the scale point
     assert (tmp_path / "p99_latency.png").stat().st_size > 0
+
+
+def test_repeated_runs(tmp_path: Path) -> None:
+    """--repeat runs the table again and reports each ratio's spread over the runs."""
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    args = [tritonmesh, "--log-level", "WARNING", "bench", "--scale", "2/1", "--warmup", "1",
+            "--duration", "2", "--no-peers", "--targets", "tritonmesh RANDOM",
+            "tritonmesh LEAST_OUTSTANDING_REQUESTS", "--median-tokens", "10", "--repeat", "2",
+            "--out", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "routing.json").read_text())
+    assert report["meta"]["runs"] == 2
+    assert sorted((r["run"], r["target"]) for r in report["rows"]) == [
+        (run, target) for run in (1, 2) for target in (
+            "tritonmesh LEAST_OUTSTANDING_REQUESTS",
+            "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
+            "tritonmesh RANDOM")]
+    over = (tmp_path / "routing.md").read_text().split("## Over the 2 runs")[1]
+    assert over.count("| 2 | 1 | 2 |") == 1  # one line for the scale point, over 2 runs
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("haproxy")),
@@ -97,3 +119,28 @@ def test_comparison_ratios() -> None:
     assert cmp["throughput_vs_best_peer"] == pytest.approx(420 / 430)
     assert cmp["lor_p99_vs_random"] == pytest.approx(2 / 3)
     assert cmp["lor_throughput_vs_random"] == pytest.approx(1.4)
+
+
+def test_spread_over_runs() -> None:
+    from tritonmesh.bench.report import comparison, spread
+
+    def row(run: int, target: str, p99: float, thr: float) -> dict[str, object]:
+        return {"run": run, "users": 20, "instances": 5, "target": target, "p99_s": p99,
+                "req_per_min_per_instance": thr, "errors": 0}
+
+    rows = []
+    for run, (ours, peer) in enumerate([((0.8, 500.0), (1.0, 510.0)),
+                                        ((0.7, 520.0), (1.0, 500.0))], start=1):
+        rows += [row(run, "tritonmesh X", *ours), row(run, "nginx b", *peer),
+                 row(run, "tritonmesh LEAST_OUTSTANDING_REQUESTS", 2.0, 505.0),
+                 row(run, "tritonmesh RANDOM", 4.0, 400.0)]
+    compared = comparison(rows)
+    assert [(c["run"], c["best_tritonmesh"]) for c in compared] == [(1, "X"), (2, "X")]
+    assert compared[0]["throughput_vs_best_peer"] == pytest.approx(505 / 510)  # LOR's
+    assert compared[0]["best_p99_throughput_vs_best_peer"] == pytest.approx(500 / 510)  # X's
+    (over,) = spread(compared)
+    assert over["runs"] == 2
+    assert over["p99_vs_best_peer"] == pytest.approx((0.75, 0.7, 0.8))
+    assert over["best_p99_throughput_vs_best_peer"] == pytest.approx(
+        ((500 / 510 + 520 / 500) / 2, 500 / 510, 520 / 500))
+    assert over["lor_p99_vs_random"] == pytest.approx((0.5, 0.5, 0.5))

@@ -160,3 +160,22 @@ def test_queue_order() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config({"variants": [bad]})
+
+
+def test_dispatch_ahead() -> None:
+    base = {"name": "a", "instances": ["h:1"], "routing_strategy": "LEAST_OUTSTANDING_WORK",
+            "max_concurrency_per_instance": 1, "dispatch_ahead_s": 0.004}
+    assert parse_config({"variants": [base]}).variants[0].dispatch_ahead_s == 0.004
+    assert parse_config({"variants": [{**base, "dispatch_ahead_s": 0}]}).variants[0] \
+        .dispatch_ahead_s == 0.0
+    needs = "dispatch_ahead_s: .* needs routing_strategy LEAST_OUTSTANDING_WORK and " \
+        "max_concurrency_per_instance: 1"
+    for bad, message in (
+        ({**base, "routing_strategy": "LEAST_OUTSTANDING_REQUESTS"}, needs),
+        ({**base, "max_concurrency_per_instance": 2}, needs),
+        ({**base, "max_concurrency_per_instance": None}, needs),
+        ({**base, "dispatch_ahead_s": -1}, "dispatch_ahead_s: must be a finite number >= 0"),
+        ({**base, "dispatch_ahead_s": "soon"}, "dispatch_ahead_s"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"variants": [bad]})

@@ -31,6 +31,13 @@ def _scale(text: str) -> tuple[int, int]:
     return int(users), int(instances)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bench = subparsers.add_parser(
         "bench", help="reproduce SageMaker's routing experiment with real Triton, "
@@ -49,9 +56,15 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     bench.add_argument("--warmup", type=float, default=5.0, help="seconds excluded per cell")
     bench.add_argument("--duration", type=float, default=30.0, help="measured seconds per cell")
     bench.add_argument("--median-tokens", type=float, default=40.0)
-    bench.add_argument("--sigma", type=float, default=1.0, help="lognormal spread")
+    bench.add_argument("--sigma", type=float, default=0.75,
+                       help="lognormal spread of output lengths (P99 / median = "
+                            "e^(2.33 sigma)); 0.75 reproduces the peers' ratios of the "
+                            "reference workload (docs/BENCHMARKS.md)")
     bench.add_argument("--decode-ms", type=float, default=2.0, help="per-token time")
     bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--repeat", type=_positive, default=1, metavar="N",
+                       help="run the whole table N times and report the spread of each "
+                            "ratio over the runs")
     bench.add_argument("--users", type=int, nargs="+", default=[1, 8],
                        help="overhead mode: concurrent users")
     bench.add_argument("--out", type=Path, default=None,
@@ -81,10 +94,11 @@ def run_bench(args: argparse.Namespace) -> int:
         scale = args.scale or (FULL_SCALE if args.full else QUICK_SCALE)
         results = asyncio.run(routing_experiment(
             targets, scale, workload, args.warmup, args.duration, args.stream,
-            progress=progress_bar))
+            progress=progress_bar, repeats=args.repeat))
         rows = as_dicts(results)
         meta.update(workload=asdict(workload), scale=list(scale), warmup_s=args.warmup,
-                    measured_s=args.duration, mode="stream" if args.stream else "unary")
+                    measured_s=args.duration, mode="stream" if args.stream else "unary",
+                    runs=args.repeat)
     written = write_results(out, args.mode, rows, meta, notes)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -38,6 +38,7 @@ class Cell:
     users: int
     instances: int
     target: Target
+    run: int = 1  # which pass over the table (``--repeat``)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class CellResult:
     sent: int  # every request of the cell, warm-up and tail included
     triton_executed: int  # what the workers' own statistics counted for the cell
     error_samples: list[str] = field(default_factory=list)
+    run: int = 1  # which pass over the table (``--repeat``)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -167,7 +169,7 @@ def summarize(cell: Cell, outcomes: list[Outcome], window: tuple[float, float],
         # whole compute time of a request in flight, so only reads taken idle are exact.
         utilization=round(statistics.fmean(cell_busy) / busy_span_s, 3) if cell_busy else 0.0,
         sent=len(outcomes), triton_executed=executed,
-        error_samples=sorted({o.error for o in measured if o.error})[:3],
+        error_samples=sorted({o.error for o in measured if o.error})[:3], run=cell.run,
     )
 
 
@@ -201,18 +203,24 @@ async def run_cell(cell: Cell, workers: Sequence[str], workload: Workload, warmu
 async def routing_experiment(
     targets: Sequence[Target], scale: Sequence[tuple[int, int]], workload: Workload,
     warmup_s: float, measure_s: float, streaming: bool,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None, repeats: int = 1,
 ) -> list[CellResult]:
-    """Every target at every (users, instances) point, on one pool of real workers."""
-    cells = [Cell(u, n, t) for u, n in scale for t in targets]
+    """Every target at every (users, instances) point, on one pool of real workers.
+
+    With ``repeats`` > 1 the whole table runs that many times, one pass after another,
+    so that a drift in the machine over the run spreads over every target alike.
+    """
+    cells = [Cell(u, n, t, run) for run in range(1, repeats + 1)
+             for u, n in scale for t in targets]
     results = []
     with tempfile.TemporaryDirectory(prefix="tritonmesh-bench-") as tmp:
         repo = timed_repository(workload, Path(tmp))
         async with WorkerPool(max(n for _, n in scale), repo) as pool:
             for i, cell in enumerate(cells):
                 if progress:
-                    progress(i, len(cells), f"{cell.users} users / {cell.instances} instances: "
-                                            f"{cell.target.label}")
+                    run = f"run {cell.run}/{repeats}: " if repeats > 1 else ""
+                    progress(i, len(cells), f"{run}{cell.users} users / {cell.instances} "
+                                            f"instances: {cell.target.label}")
                 results.append(await run_cell(cell, pool.addresses, workload, warmup_s,
                                               measure_s, streaming))
             if progress:

@@ -26,7 +26,7 @@ class Workload:
     """What each request asks for, and what it costs a worker with nothing queued."""
 
     median_tokens: float = 40.0
-    sigma: float = 1.0  # lognormal spread: P99 / median = exp(2.33 sigma)
+    sigma: float = 0.75  # lognormal spread: P99 / median = exp(2.33 sigma)
     max_tokens: int = 2000
     prompt_tokens: int = 32
     decode_ms: float = 2.0

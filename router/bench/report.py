@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["comparison", "markdown_table", "plot_routing", "write_results"]
+__all__ = ["comparison", "markdown_table", "plot_routing", "spread", "write_results"]
 
 ROUTING_COLUMNS = (
     ("users", "users", "{}"), ("instances", "inst", "{}"), ("target", "target", "{}"),
@@ -33,24 +33,28 @@ COMPARISON_COLUMNS = (
     ("best_tritonmesh_p99_s", "P99 s", "{:.3f}"),
     ("best_peer", "best peer (P99)", "{}"), ("best_peer_p99_s", "P99 s", "{:.3f}"),
     ("p99_vs_best_peer", "P99 / peer's", "{:.2f}"),
-    ("throughput_vs_best_peer", "req/min/inst / best peer's", "{:.2f}"),
+    ("throughput_vs_best_peer", "req/min/inst / best peer's", "{:.3f}"),
+    ("best_p99_throughput_vs_best_peer", "best-P99 target's req/min/inst / best peer's",
+     "{:.3f}"),
     ("lor_p99_vs_random", "LOR / RANDOM P99", "{:.2f}"),
     ("lor_throughput_vs_random", "LOR / RANDOM req/min/inst", "{:.2f}"),
 )
 
 
 def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scale point: tritonmesh's best P99 against the best peer's (and its throughput per
-    instance against the highest of the peers'), and LOR against RANDOM, as ratios of
-    figures measured in the same run. Ratios are None where a side did not run."""
+    """Per scale point (and run): tritonmesh's best P99 against the best peer's; the highest
+    tritonmesh throughput per instance against the highest of the peers', and the
+    best-P99 target's own; LOR against RANDOM. Ratios of figures measured in the same
+    run; None where a side did not run."""
     out = []
-    for users, instances in sorted({(r["users"], r["instances"]) for r in rows}):
-        cell = [r for r in rows if (r["users"], r["instances"]) == (users, instances)
-                and r["errors"] == 0]
+    for run, users, instances in sorted({(r.get("run", 1), r["users"], r["instances"])
+                                         for r in rows}):
+        cell = [r for r in rows if (r.get("run", 1), r["users"], r["instances"])
+                == (run, users, instances) and r["errors"] == 0]
         ours = [r for r in cell if r["target"].startswith("tritonmesh")]
         peers = [r for r in cell if not r["target"].startswith("tritonmesh")]
         by_name = {r["target"]: r for r in ours}
-        row: dict[str, Any] = {"users": users, "instances": instances}
+        row: dict[str, Any] = {"run": run, "users": users, "instances": instances}
         if ours:
             best = min(ours, key=lambda r: r["p99_s"])
             row.update(best_tritonmesh=best["target"].removeprefix("tritonmesh "),
@@ -60,9 +64,10 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row.update(best_peer=best_peer["target"], best_peer_p99_s=best_peer["p99_s"])
         if ours and peers:
             row["p99_vs_best_peer"] = best["p99_s"] / best_peer["p99_s"]
+            top_peer = max(r["req_per_min_per_instance"] for r in peers)
             row["throughput_vs_best_peer"] = (
-                max(r["req_per_min_per_instance"] for r in ours)
-                / max(r["req_per_min_per_instance"] for r in peers))
+                max(r["req_per_min_per_instance"] for r in ours) / top_peer)
+            row["best_p99_throughput_vs_best_peer"] = best["req_per_min_per_instance"] / top_peer
         lor = by_name.get("tritonmesh LEAST_OUTSTANDING_REQUESTS")
         rnd = by_name.get("tritonmesh RANDOM")
         if lor and rnd:
@@ -71,6 +76,43 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                                                / rnd["req_per_min_per_instance"])
         out.append(row)
     return out
+
+
+SPREAD_RATIOS = (
+    ("p99_vs_best_peer", "P99 / best peer's"),
+    ("throughput_vs_best_peer", "req/min/inst / best peer's"),
+    ("best_p99_throughput_vs_best_peer", "best-P99 target's req/min/inst / best peer's"),
+    ("lor_p99_vs_random", "LOR / RANDOM P99"),
+)
+
+
+def spread(compared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scale point, each ratio of :func:`comparison` over the runs: its mean, lowest
+    and highest, and how many runs had it."""
+    out = []
+    for users, instances in sorted({(c["users"], c["instances"]) for c in compared}):
+        runs = [c for c in compared if (c["users"], c["instances"]) == (users, instances)]
+        row: dict[str, Any] = {"users": users, "instances": instances, "runs": len(runs)}
+        for key, _ in SPREAD_RATIOS:
+            values = [c[key] for c in runs if c.get(key) is not None]
+            if values:
+                row[key] = (sum(values) / len(values), min(values), max(values))
+        out.append(row)
+    return out
+
+
+def spread_table(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["users", "inst", "runs"] + [title + " (mean, lowest to highest)"
+                                         for _, title in SPREAD_RATIOS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    for row in rows:
+        cells = [str(row["users"]), str(row["instances"]), str(row["runs"])]
+        for key, _ in SPREAD_RATIOS:
+            value = row.get(key)
+            cells.append("-" if value is None else
+                         f"{value[0]:.3f} ({value[1]:.3f} to {value[2]:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _cell(fmt: str, value: Any) -> str:
@@ -109,13 +151,18 @@ def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     xlabel = (f"instances (users = {ratios.pop():g} x instances)" if len(ratios) == 1
               else "instances")
     counts = sorted({r["instances"] for r in rows})
+    runs = len({r.get("run", 1) for r in rows})
+    if runs > 1:
+        xlabel += f"; mean of {runs} runs"
     for key, ylabel, name in (("p99_s", "end-to-end P99 latency (s)", "p99_latency.png"),
                               ("req_per_min_per_instance", "requests / minute / instance",
                                "throughput_per_instance.png")):
         fig, ax = plt.subplots(figsize=(10, 5))
         for i, target in enumerate(targets):
             line, marker = styles.get(target.split()[0], ("-.", "x"))
-            points = sorted((r["instances"], r[key]) for r in rows if r["target"] == target)
+            points = [(n, sum(ys) / len(ys)) for n in counts
+                      if (ys := [r[key] for r in rows
+                                 if r["target"] == target and r["instances"] == n])]
             ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=line,
                     marker=marker, color=colours[i % len(colours)], label=target)
         ax.set_xlabel(xlabel)
@@ -135,6 +182,9 @@ def write_results(out: Path, kind: str, rows: Sequence[dict[str, Any]],
                   meta: dict[str, Any], notes: Sequence[str]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     columns = ROUTING_COLUMNS if kind == "routing" else OVERHEAD_COLUMNS
+    runs = len({r.get("run", 1) for r in rows})
+    if runs > 1:
+        columns = (("run", "run", "{}"), *columns)
     table = markdown_table(rows, columns)
     (out / f"{kind}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     lines = [f"# tritonmesh bench: {kind}", "", f"`{meta.get('command', '')}`", ""]
@@ -142,9 +192,15 @@ def write_results(out: Path, kind: str, rows: Sequence[dict[str, Any]],
     lines += [f"- note: {n}" for n in notes]
     lines += ["", table, ""]
     if kind == "routing":
-        summary = markdown_table(comparison(rows), COMPARISON_COLUMNS)
+        compared = comparison(rows)
+        summary = markdown_table(compared, (("run", "run", "{}"), *COMPARISON_COLUMNS)
+                                 if runs > 1 else COMPARISON_COLUMNS)
         lines += ["## Side by side", "", summary, ""]
         table += "\n\n" + summary
+        if runs > 1:
+            over_runs = spread_table(spread(compared))
+            lines += [f"## Over the {runs} runs", "", over_runs, ""]
+            table += "\n\n" + over_runs
     (out / f"{kind}.md").write_text("\n".join(lines))
     written = [out / f"{kind}.json", out / f"{kind}.md"]
     if kind == "routing":

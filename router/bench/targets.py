@@ -34,11 +34,14 @@ class Target:
     strategy: str
     max_concurrency: int | None = None
     least_slack: bool = False  # tritonmesh late binding: queue_order LEAST_SLACK
+    dispatch_ahead_s: float = 0.0  # tritonmesh late binding: dispatch_ahead_s
 
     @property
     def label(self) -> str:
         if self.kind == "tritonmesh" and self.max_concurrency:
             order = ", least slack" if self.least_slack else ""
+            if self.dispatch_ahead_s:
+                order += f", dispatch ahead {self.dispatch_ahead_s * 1000:g} ms"
             return (f"tritonmesh {self.strategy} "
                     f"(late binding, {self.max_concurrency}/instance{order})")
         return f"{self.kind} {self.strategy}".strip()
@@ -50,7 +53,9 @@ LATE_BINDING = Target("tritonmesh", "LEAST_OUTSTANDING_REQUESTS", max_concurrenc
 # Work-aware: the demo models' cost is MAX_TOKENS (their service time is linear in it).
 WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
               Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
-                     least_slack=True)]
+                     least_slack=True),
+              Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
+                     least_slack=True, dispatch_ahead_s=0.005)]
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
@@ -130,6 +135,8 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
              if target.max_concurrency else "")
     if target.least_slack:
         limit += "    queue_order: LEAST_SLACK\n"
+    if target.dispatch_ahead_s:
+        limit += f"    dispatch_ahead_s: {target.dispatch_ahead_s}\n"
     hints = ""
     if target.strategy == "LEAST_OUTSTANDING_WORK":
         hints = "".join(f"  {model}: {{input: MAX_TOKENS, base: 1}}\n"

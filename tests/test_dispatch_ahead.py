@@ -1,0 +1,267 @@
+"""Dispatch ahead: late binding hands an instance its next waiting request shortly before the
+running one is expected to end, so the instance does not idle for the router's round trip.
+
+The service-time line and the variant's timers are checked on their own first (no Triton),
+then end to end through the router against a real worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import Any
+
+import pytest
+import tritonclient.grpc as grpcclient
+from harness import LongStream, generate_inputs
+from tritonclient.utils import InferenceServerException
+from tritonmesh.balancer import Balancer, Variant
+from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.servicetime import MIN_SAMPLES, ServiceTime
+from tritonmesh.workers.upstream import Upstream
+
+# -- the service-time line -----------------------------------------------------------------
+
+
+def test_line_fits_fixed_plus_per_unit_cost() -> None:
+    line = ServiceTime()
+    for cost in (3, 40, 7, 120, 15, 60, 1, 200, 33, 90):
+        line.observe(cost, 0.004 + 0.002 * cost)
+    for cost in (1, 50, 400):
+        assert line.predict(cost) == pytest.approx(0.004 + 0.002 * cost, rel=1e-6)
+
+
+def test_no_prediction_before_enough_samples() -> None:
+    line = ServiceTime()
+    for k in range(MIN_SAMPLES - 1):
+        line.observe(k + 1, 0.01 * (k + 1))
+        assert line.predict(10) is None
+    line.observe(MIN_SAMPLES, 0.01 * MIN_SAMPLES)
+    assert line.predict(10) == pytest.approx(0.1)
+
+
+def test_equal_costs_scale_the_mean() -> None:
+    line = ServiceTime()
+    for seconds in (0.09, 0.11) * MIN_SAMPLES:
+        line.observe(1.0, seconds)
+    # Exponentially weighted: the later samples count a little more.
+    assert line.predict(1.0) == pytest.approx(0.1, rel=0.01)
+    assert line.predict(2.0) == pytest.approx(0.2, rel=0.01)
+
+
+def test_a_falling_line_is_read_as_flat() -> None:
+    line = ServiceTime()
+    for cost, seconds in [(1, 0.3), (10, 0.2), (20, 0.1)] * 4:
+        line.observe(cost, seconds)
+    assert line.predict(100) == pytest.approx(0.2, rel=0.02)  # the mean, not a negative time
+
+
+def test_recent_requests_outweigh_old_ones() -> None:
+    line = ServiceTime(alpha=0.1)
+    for cost in range(1, 101):
+        line.observe(cost, 0.001 * cost)  # the instance was fast
+    for cost in range(1, 101):
+        line.observe(cost, 0.003 * cost)  # and turned three times slower
+    assert line.predict(100) == pytest.approx(0.3, rel=0.01)
+
+
+def test_alpha_is_checked() -> None:
+    for alpha in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="alpha"):
+            ServiceTime(alpha)
+
+
+# -- the variant's timers, without Triton -----------------------------------------------------
+
+
+def _variant(ahead_s: float) -> Variant:
+    config = VariantConfig("AllTraffic", routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK,
+                           instances=("127.0.0.1:1",), max_concurrency=1,
+                           queue_order=QueueOrder.FIFO, dispatch_ahead_s=ahead_s)
+    return Variant(config, seed=1)
+
+
+def _teach(variant: Variant, seconds_per_unit: float) -> None:
+    for instance in variant.live_instances():
+        assert instance.service is not None
+        for cost in range(1, MIN_SAMPLES + 1):
+            instance.service.observe(float(cost), seconds_per_unit * cost)
+
+
+def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
+    async def scenario() -> None:
+        variant = _variant(ahead_s=0.15)
+        upstream = Upstream("127.0.0.1:1")
+        try:
+            instance = variant.add(upstream)
+            _teach(variant, 0.1)  # 0.1 s per unit
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            assert variant.pick(2.0) is instance  # expected to end 0.2 s from now
+            waiting = loop.create_task(variant.wait(10.0, 1.0))
+            got = await asyncio.wait_for(waiting, 5.0)
+            handed = loop.time() - sent
+            assert got is instance
+            assert instance.outstanding == 2  # one over the limit: the first still runs
+            assert 0.04 <= handed < 0.2  # at 0.2 - 0.15 s, not when the first ended
+            Balancer.release(instance, 2.0)  # the first ends, earlier than predicted
+            assert instance.outstanding == 1
+            # The one sent ahead starts now: its expected end is anchored on this end (0.1 s
+            # from now), not chained on the first one's prediction (0.3 s after it was sent).
+            assert instance.free_at == pytest.approx(loop.time() + 0.1, abs=0.01)
+            Balancer.release(instance, 1.0)
+            assert instance.outstanding == 0 and instance.ahead_timer is None
+        finally:
+            await upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_instance_due_with_nobody_waiting_takes_the_next_arrival() -> None:
+    async def scenario() -> None:
+        variant = _variant(ahead_s=0.5)
+        upstream = Upstream("127.0.0.1:1")
+        try:
+            instance = variant.add(upstream)
+            _teach(variant, 0.1)
+            assert variant.pick(1.0) is instance  # ends in 0.1 s: due at once
+            await asyncio.sleep(0)  # let the timer run; nobody is waiting yet
+            assert variant.pick(1.0) is None  # the limit still holds for a plain pick
+            got = await asyncio.wait_for(variant.wait(10.0, 1.0), 5.0)
+            assert got is instance and instance.outstanding == 2
+            Balancer.release(instance, 1.0)
+            Balancer.release(instance, 1.0)
+            assert instance.outstanding == 0
+        finally:
+            await upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_nothing_is_handed_over_before_the_line_is_learned() -> None:
+    async def scenario() -> None:
+        variant = _variant(ahead_s=10.0)  # any prediction at all would be due at once
+        upstream = Upstream("127.0.0.1:1")
+        try:
+            instance = variant.add(upstream)
+            assert variant.pick(1.0) is instance
+            waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
+            await asyncio.sleep(0.05)
+            assert not waiting.done() and instance.ahead_timer is None
+            Balancer.release(instance, 1.0)  # the first ends: the waiter gets its turn
+            assert await asyncio.wait_for(waiting, 5.0) is instance
+            Balancer.release(instance, 1.0)
+        finally:
+            await upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unhealthy_instance_is_not_handed_anything_ahead() -> None:
+    async def scenario() -> None:
+        variant = _variant(ahead_s=0.5)
+        upstream = Upstream("127.0.0.1:1")
+        try:
+            instance = variant.add(upstream)
+            _teach(variant, 0.1)
+            assert variant.pick(1.0) is instance
+            variant.set_healthy(instance, False)
+            waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
+            await asyncio.sleep(0.05)
+            assert not waiting.done() and instance.outstanding == 1
+            waiting.cancel()
+            Balancer.release(instance, 1.0)
+        finally:
+            await upstream.close()
+
+    asyncio.run(scenario())
+
+
+def test_handed_over_requests_teach_their_own_service_time() -> None:
+    """A request handed over ahead waits for the one before it inside Triton; the line must
+    learn its service time from when that one ended, not from when the router sent it."""
+    async def scenario() -> None:
+        variant = _variant(ahead_s=0.1)
+        upstream = Upstream("127.0.0.1:1")
+        try:
+            instance = variant.add(upstream)
+            line = instance.service = ServiceTime(alpha=1.0)  # predicts the last sample
+            for _ in range(MIN_SAMPLES):
+                line.observe(1.0, 1.0)
+            started = time.perf_counter()
+            variant.acquire(instance.slot, 1.0)
+            variant.acquire(instance.slot, 1.0)  # sent while the first runs
+            await asyncio.sleep(0.05)
+            Balancer.release(instance, 1.0)
+            instance.observe(time.perf_counter() - started, True, cost=1.0)
+            assert line.predict(1.0) == pytest.approx(0.05, abs=0.02)
+            await asyncio.sleep(0.05)
+            Balancer.release(instance, 1.0)
+            instance.observe(time.perf_counter() - started, True, cost=1.0)  # 0.1 s after sent
+            assert line.predict(1.0) == pytest.approx(0.05, abs=0.02)
+        finally:
+            await upstream.close()
+
+    asyncio.run(scenario())
+
+
+# -- end to end, against a real Triton worker --------------------------------------------------
+
+
+def _generate(address: str, max_tokens: int) -> list[int]:
+    with grpcclient.InferenceServerClient(address) as client:
+        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=60)
+        return [int(v) for v in result.as_numpy("TOKENS")]
+
+
+@pytest.mark.triton
+def test_through_the_router(make_router: Any) -> None:
+    """A request waiting behind a 300-token generation goes to Triton before that ends
+    (the instance holds two), and both answers are whole."""
+    hints = {m: WorkHint(input="MAX_TOKENS", base=1) for m in ("generate", "generate_unary")}
+    router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=1, max_concurrency=1,
+                         work_hints=hints, dispatch_ahead_s=0.2)
+    (instance,) = router.instances()
+    for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15):  # teaches the line
+        assert _generate(router.address, tokens) == list(range(tokens))
+    assert instance.service is not None
+    expected = instance.service.predict(301.0)
+    assert expected is not None and 0.3 < expected < 3.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_generate, router.address, 300)
+        deadline = time.monotonic() + 30
+        while instance.outstanding == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        short = pool.submit(_generate, router.address, 4)
+        peak = 0
+        while not long.done():
+            peak = max(peak, instance.outstanding)
+            time.sleep(0.002)
+        assert long.result() == list(range(300))
+        assert short.result(timeout=60) == list(range(4))
+    assert peak == 2  # handed over while the long one still ran
+    router.wait_idle()
+
+
+@pytest.mark.triton
+def test_streams_and_cancels_leave_nothing_outstanding(make_router: Any) -> None:
+    """Stream requests and abandoned unary calls under dispatch ahead: every count returns
+    to zero and every answer that came is whole."""
+    hints = {m: WorkHint(input="MAX_TOKENS", base=1) for m in ("generate", "generate_unary")}
+    router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=2, max_concurrency=1,
+                         work_hints=hints, dispatch_ahead_s=0.05)
+    for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15) * 2:
+        assert _generate(router.address, tokens) == list(range(tokens))
+    busy = LongStream(router.address, max_tokens=60)
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for tokens in (3, 25, 7):
+            with pytest.raises(InferenceServerException) as info:  # while it waits or runs
+                client.infer("generate_unary", generate_inputs(tokens * 10), client_timeout=0.05)
+            assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda n: _generate(router.address, n), [6, 30, 2, 50, 9]))
+    busy.stop()
+    assert results == [list(range(n)) for n in (6, 30, 2, 50, 9)]
+    router.wait_idle()
