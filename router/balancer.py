@@ -78,8 +78,8 @@ class Instance:
 
     __slots__ = (
         "address", "ahead_timer", "drained", "ejected_until", "ejections", "errors", "failures",
-        "free_at", "healthy", "last_end", "latency_buckets", "latency_sum", "next_s",
-        "requests", "service", "slot", "state", "upstream", "variant", "weight",
+        "free_at", "healthy", "latency_buckets", "latency_sum", "next_s", "requests",
+        "sent_ahead", "service", "slot", "state", "upstream", "variant", "weight",
     )
 
     def __init__(self, variant: Variant, slot: int, upstream: Upstream, weight: float = 1.0):
@@ -102,13 +102,12 @@ class Instance:
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         # Dispatch ahead (Variant.ahead_s > 0): the service-time line, when the last
         # request sent here is expected to end (loop time; 0.0 when idle) and how long
-        # it is expected to take, the timer that hands it the next waiting request, and
-        # when its last request ended.
+        # it is expected to take, and the timer that hands it the next waiting request.
         self.service: ServiceTime | None = None
         self.free_at = 0.0
         self.next_s = 0.0
+        self.sent_ahead = 0  # requests sent here while the one before still ran
         self.ahead_timer: asyncio.TimerHandle | None = None
-        self.last_end = 0.0
 
     @property
     def outstanding(self) -> int:
@@ -134,23 +133,18 @@ class Instance:
         ``cost``: what it was picked with (dispatch ahead learns service time from it).
         """
         work = self.variant.work
-        service = self.service
-        if service is not None:
-            # One request at a time here, in the order sent: a request handed over ahead
-            # started when the one before it ended, not when the router sent it.
-            # Failures are left out: a request given up on (cancelled, say) may still be
-            # queued in Triton, and its end says nothing about when the instance freed.
-            end = time.perf_counter()
-            seconds_here = min(seconds, end - self.last_end)
-            if ok:
-                self.last_end = end
-            if ok and seconds_here > 0.0 and self.state != "REMOVED":
-                service.observe(cost, seconds_here)
-                if work is not None and cost > 0.0:
-                    work.observe(self.slot, seconds_here / cost, time.monotonic())
-        elif work is not None and ok and ahead > 0.0 and seconds > 0.0 \
-                and self.state != "REMOVED":
-            work.observe(self.slot, seconds / ahead, time.monotonic())
+        if ok and seconds > 0.0 and self.state != "REMOVED":
+            service = self.service
+            if service is not None:
+                # Timed from when it was sent, a request sent ahead included (its few
+                # milliseconds in Triton's queue count): the line errs long, the safe side,
+                # and stays right when Triton runs two requests side by side.
+                service.observe(cost, seconds)
+                rate = seconds / cost if cost > 0.0 else math.inf
+            else:
+                rate = seconds / ahead if ahead > 0.0 else math.inf
+            if work is not None and rate < math.inf:
+                work.observe(self.slot, rate, time.monotonic())
         self.requests += 1
         if not ok:
             self.errors += 1
@@ -235,10 +229,8 @@ class Variant:
     async def close(self) -> None:
         """End the variant's background work (slow starts under way, dispatch-ahead timers)."""
         for instance in self.instances:
-            if instance is not None and instance.ahead_timer is not None:
-                instance.ahead_timer.cancel()
-                instance.ahead_timer = None
-        self._due.clear()
+            if instance is not None:
+                self._stop_ahead(instance)
         ramps = list(self._ramps)
         for task in ramps:
             task.cancel()
@@ -273,7 +265,10 @@ class Variant:
             self.table.release(slot)
         if self.ahead_s > 0.0:
             instance = self.instances[slot]
-            if instance is not None:
+            if instance is not None and instance.state == "REMOVED":
+                # Its slot may be free now, and the table no longer answers for it.
+                self._stop_ahead(instance)
+            elif instance is not None:
                 left = self.table.outstanding(slot)
                 if left == 0:
                     instance.free_at = 0.0
@@ -303,12 +298,20 @@ class Variant:
             instance.next_s = expected
         self._arm(instance)
 
+    def _stop_ahead(self, instance: Instance) -> None:
+        self._due.discard(instance)
+        instance.free_at = 0.0
+        if instance.ahead_timer is not None:
+            instance.ahead_timer.cancel()
+            instance.ahead_timer = None
+
     def _arm(self, instance: Instance) -> None:
         """(Re)set ``instance``'s timer: due ``ahead_s`` before its one request ends."""
         if instance.ahead_timer is not None:
             instance.ahead_timer.cancel()
             instance.ahead_timer = None
-        if instance.free_at > 0.0 and self.table.outstanding(instance.slot) == 1:
+        if instance.free_at > 0.0 and instance.state == "ACTIVE" \
+                and self.table.outstanding(instance.slot) == 1:
             instance.ahead_timer = asyncio.get_running_loop().call_at(
                 instance.free_at - self.ahead_s, self._ahead_due, instance)
 
@@ -333,15 +336,20 @@ class Variant:
             if waiter.done():
                 continue
             self.acquire(instance.slot, cost)
+            instance.sent_ahead += 1
             waiter.set_result(instance)
             return True
         return False
 
     def _take_due(self) -> None:
-        """A request has to wait: an instance already due takes it now."""
+        """A request has to wait: an instance already due takes it now, the one expected
+        to free first. One whose request has run past its expected end is left alone:
+        nobody knows how much longer it runs."""
+        now = asyncio.get_running_loop().time()
         while self._due and self.waiters:
-            instance = self._due.pop()
-            if self._can_take_ahead(instance):
+            instance = min(self._due, key=lambda i: i.free_at)
+            self._due.discard(instance)
+            if self._can_take_ahead(instance) and now <= instance.free_at:
                 self._hand_ahead(instance)
 
     def table_has(self, slot: int) -> bool:
@@ -447,10 +455,7 @@ class Variant:
         """Take the instance out of the table; its slot is freed once its requests finish."""
         instance.state = "REMOVED"
         self.table.remove(instance.slot)
-        self._due.discard(instance)
-        if instance.ahead_timer is not None:
-            instance.ahead_timer.cancel()
-            instance.ahead_timer = None
+        self._stop_ahead(instance)
 
 
 class Balancer:
@@ -598,7 +603,7 @@ class Balancer:
         variant.release(instance.slot, cost)
         if variant.waiters:
             variant.dispatch()
-        if instance.drained is not None and not variant.table.outstanding(instance.slot):
+        if instance.drained is not None and not instance.outstanding:
             instance.drained.set()
 
     def expire_sequences(self, idle_s: float) -> int:

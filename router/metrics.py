@@ -44,6 +44,10 @@ class BalancerCollector(Collector):
         variant_outstanding = GaugeMetricFamily(
             "tritonmesh_variant_outstanding_requests", "Outstanding requests in the variant.",
             labels=["variant"])
+        ahead = CounterMetricFamily(
+            "tritonmesh_instance_dispatched_ahead",
+            "Requests sent to the instance before the one it was running ended "
+            "(dispatch_ahead_s).", labels=labels)
         queued = GaugeMetricFamily(
             "tritonmesh_variant_queued_requests",
             "Requests waiting in the router for an instance below its concurrency limit.",
@@ -58,6 +62,8 @@ class BalancerCollector(Collector):
                 healthy.add_metric(lv, 1.0 if inst.healthy else 0.0)
                 requests.add_metric(lv, inst.requests)
                 errors.add_metric(lv, inst.errors)
+                if variant.ahead_s > 0.0:
+                    ahead.add_metric(lv, inst.sent_ahead)
                 cumulative = 0
                 buckets = []
                 for bound, n in zip(LATENCY_BUCKETS, inst.latency_buckets, strict=False):
@@ -76,5 +82,5 @@ class BalancerCollector(Collector):
             "budget).", labels=["reason"])
         for reason, n in list(budget.refused.items()):
             refused.add_metric([reason], n)
-        yield from (outstanding, healthy, requests, errors, latency, variant_outstanding, queued,
-                    retries, refused)
+        yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
+                    queued, retries, refused)

@@ -32,7 +32,7 @@ from tritonmesh.wire import (
     peek_stream_response,
     stream_response_from_unary,
 )
-from tritonmesh.workers.upstream import await_call, cancel_in_core
+from tritonmesh.workers.upstream import await_call, cancel_in_core, upstream_cancelled
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
 
@@ -253,9 +253,17 @@ class _StreamSession:
             await self._write(error_stream_response(_QUEUE_TIMEOUT, info.id, info.model_name))
             return
         pending = _Pending(info.id, info.model_name, info.empty_final, cost, instance.work_ahead())
-        # Sequences stay on the stream: Triton keeps their order there, concurrent calls would not.
-        if info.sequence_id is None and await self._non_decoupled(instance, info.model_name,
-                                                                  info.model_version):
+        try:
+            # Sequences stay on the stream: Triton keeps their order there, concurrent calls
+            # would not.
+            as_unary = info.sequence_id is None and await self._non_decoupled(
+                instance, info.model_name, info.model_version)
+        except BaseException:
+            # The client went (or the question failed) before the request was anywhere
+            # _close() can see it: release here, or the count stays up for good.
+            self._release(instance, pending, False)
+            raise
+        if as_unary:
             task = asyncio.get_running_loop().create_task(self._unary_call(request, pending))
             self.unary[task] = (instance, pending)
             return
@@ -318,8 +326,14 @@ class _StreamSession:
         instance = up.instance
         failure: str | None = "closed the stream before the final response"
         try:
-            async for response in up.call:
-                await self._on_response(up, response)
+            try:
+                async for response in up.call:
+                    await self._on_response(up, response)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # _close() ended this pump
+                raise upstream_cancelled() from None  # the instance's channel closed
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
                 failure = None

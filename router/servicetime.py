@@ -10,14 +10,15 @@ plus a part per token. Off by a few percent on a 400 ms generation, the request 
 would wait behind it, or the dispatch would come after the instance already freed.
 
 So each instance keeps a least-squares line ``seconds = a + b * cost`` over its recent
-successful requests, exponentially weighted (``alpha`` per sample, a memory of about
-``1 / alpha`` requests). Five running sums; an update and a prediction are a few float
-operations, done in Python because they run once per request on the release path, beside
-work that already costs microseconds.
+successful requests (timed from when the router sent them), exponentially weighted
+(``alpha`` per sample, a memory of about ``1 / alpha`` requests). Five running sums; an
+update and a prediction are a few float operations, done in Python because they run once
+per request on the release path, beside work that already costs microseconds.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 __all__ = ["ServiceTime"]
@@ -39,7 +40,13 @@ class ServiceTime:
         self.samples = 0
 
     def observe(self, cost: float, seconds: float) -> None:
-        """One finished request: its cost and the seconds the instance spent on it."""
+        """One finished request: its cost and the seconds it took.
+
+        A sample whose square overflows is ignored: costs come from clients, and one
+        absurd value must not turn the sums into infinities for good.
+        """
+        if not (math.isfinite(cost * cost) and math.isfinite(cost * seconds)):
+            return
         keep = 1.0 - self._alpha
         self._n = self._n * keep + 1.0
         self._x = self._x * keep + cost
@@ -49,8 +56,9 @@ class ServiceTime:
         self.samples += 1
 
     def predict(self, cost: float) -> float | None:
-        """Expected seconds for a request of ``cost``; None before ``MIN_SAMPLES``."""
-        if self.samples < MIN_SAMPLES:
+        """Expected seconds for a request of ``cost``; None before ``MIN_SAMPLES``, or for
+        a cost no finite time can be predicted for."""
+        if self.samples < MIN_SAMPLES or not math.isfinite(cost):
             return None
         n, x, y = self._n, self._x, self._y
         spread = n * self._xx - x * x

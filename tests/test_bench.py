@@ -46,7 +46,7 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         "tritonmesh LEAST_OUTSTANDING_WORK",
         "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack)",
         "tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack, "
-        "dispatch ahead 5 ms)"}
+        "dispatch ahead 10 ms)"}
     for row in rows:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["users"] == 2 and row["instances"] == 1

@@ -53,6 +53,49 @@ def _admin(address: str) -> Any:
     return apb_grpc.AdminStub(grpc.insecure_channel(address))
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_drain_timeout_cancels_and_releases(make_router: Any, worker_addresses: list[str],
+                                            streamed: bool) -> None:
+    """A drain that times out removes the instance with requests still on it; they are
+    cancelled, every count returns to zero, and the router keeps serving."""
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
+    leaving = router.instances()[1]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        if streamed:
+            busy = LongStream(router.address)  # 2000 tokens, about 4 s
+        else:
+            slow = [pool.submit(_unary_generate, router.address, 2000) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while leaving.outstanding == 0:  # a long request runs on the leaving instance
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        removed = _admin(router.address).RemoveInstance(
+            apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving.address,
+                                      drain_timeout_s=0.2), timeout=30)
+        assert not removed.drained
+        if streamed:
+            # The stream stays open; its request on the removed instance fails in-stream.
+            deadline = time.monotonic() + 30
+            while not isinstance(outcome := busy.results.get(timeout=30),
+                                 InferenceServerException):
+                assert time.monotonic() < deadline, "no error for the cancelled request"
+            assert "was removed from the router" in outcome.message()
+            busy.stop()
+        else:
+            outcomes = []
+            for future in slow:
+                try:
+                    outcomes.append(len(future.result(timeout=60)))
+                except InferenceServerException as exc:
+                    outcomes.append(exc.status())
+            # The one on the removed instance is cancelled at once, with that status;
+            # the other runs to its end.
+            assert sorted(map(str, outcomes)) == ["2000", "StatusCode.CANCELLED"]
+    router.wait_idle()
+    assert leaving.outstanding == 0
+    assert _unary_generate(router.address, 3) == [0, 1, 2]
+
+
 def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list[str]) -> None:
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
     leaving = worker_addresses[1]

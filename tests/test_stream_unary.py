@@ -10,8 +10,10 @@ through the router leaves real Triton standing.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -197,3 +199,49 @@ def test_mixed_streams_through_the_router_leave_triton_standing(loop_thread: Any
     finally:
         router.stop()
         loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+def test_a_client_gone_while_the_policy_is_asked_leaves_no_count(loop_thread: Any) -> None:
+    """The router asks Triton for the model's policy after picking the instance; a client
+    that cancels its stream during that question must not leave the pick counted."""
+
+    class SlowConfig(_RecordingTriton):
+        answer = asyncio.Event()
+
+        async def model_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.config_asks.append(pb.ModelConfigRequest.FromString(request).name)
+            await self.answer.wait()  # until the test lets it go
+            return await super().model_config(request, context)
+
+    fake = SlowConfig()
+    upstream, port = loop_thread.run(fake.start())
+    config, instances = make_config([f"127.0.0.1:{port}"])
+    router = start_router(loop_thread, config, instances)
+    release = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        yield pb.ModelInferRequest(model_name="identity", id="i1")
+        release.wait(30)  # hold the stream open
+
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests(),
+                                                                              timeout=30)
+            deadline = time.monotonic() + 10
+            while "identity" not in fake.config_asks:  # the router is waiting for the answer
+                assert time.monotonic() < deadline, "the router never asked for the policy"
+                time.sleep(0.005)
+            assert router.total_outstanding() == 1
+            call.cancel()
+            release.set()
+            router.wait_idle()
+            assert fake.seen == []  # the request never went anywhere
+    finally:
+        release.set()
+        loop_thread.run(_set(SlowConfig.answer))
+        router.stop()
+        loop_thread.run(upstream.stop(0))
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()

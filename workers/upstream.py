@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover (a grpcio that moved it: plain cancel, l
     _CoreCall = None
 
 __all__ = ["CHANNEL_OPTIONS", "SERVICE", "Upstream", "await_call", "cancel_in_core",
-           "method_path"]
+           "method_path", "upstream_cancelled"]
 
 SERVICE: Final = "inference.GRPCInferenceService"
 INT32_MAX: Final = 2**31 - 1
@@ -87,8 +87,27 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
     except asyncio.CancelledError:
         if not inner.done():
             cancel_in_core(call)
+            raise
+        if inner.cancelled() and not _being_cancelled():
+            # Cancelled under us, not by our caller: its channel was closed (the instance
+            # was removed). A CancelledError would end the caller as if it were cancelled,
+            # and its client would get no status until its deadline.
+            raise upstream_cancelled() from None
         raise
     return response
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def upstream_cancelled() -> grpc.aio.AioRpcError:
+    """The error for an upstream call that its closed channel cancelled."""
+    return grpc.aio.AioRpcError(grpc.StatusCode.CANCELLED, grpc.aio.Metadata(),
+                                grpc.aio.Metadata(),
+                                details="the call to the instance was cancelled: the instance "
+                                        "was removed from the router")
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

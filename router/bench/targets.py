@@ -55,7 +55,7 @@ WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
               Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
                      least_slack=True),
               Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
-                     least_slack=True, dispatch_ahead_s=0.005)]
+                     least_slack=True, dispatch_ahead_s=0.01)]
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
