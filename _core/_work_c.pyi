@@ -4,16 +4,21 @@ The pure-Python twin, ``_work_py.WorkTable``, has the same API and returns the s
 for the same seed and operations; its module docstring describes the model.
 """
 
+SERVICE_MIN_SAMPLES: int
+
 class WorkTable:
     """Outstanding requests and work per upstream slot, a learned speed per slot, and the
     LEAST_OUTSTANDING_WORK pick that reads them. Lock-free: event-loop thread only."""
 
-    def __init__(self, seed: int | None = None, decay_s: float = 10.0) -> None:
+    def __init__(self, seed: int | None = None, decay_s: float = 10.0,
+                 service_alpha: float = 0.02) -> None:
         """Create an empty table; ``seed`` fixes the tie-breaking (None: ``os.urandom``),
-        ``decay_s`` is how fast the estimate forgets a slow sample.
+        ``decay_s`` is how fast the estimate forgets a slow sample, ``service_alpha`` the
+        weight of a new sample in the service-time line.
 
         Raises:
-            ValueError: ``decay_s`` is not a positive finite number.
+            ValueError: ``decay_s`` is not a positive finite number, or ``service_alpha``
+                is not in (0, 1].
         """
 
     def add(self, weight: float = 1.0) -> int:
@@ -84,6 +89,19 @@ class WorkTable:
         Raises:
             ValueError: the sample is not a positive finite number.
         """
+
+    def observe_service(self, slot: int, cost: float, seconds: float) -> None:
+        """Fold a finished request (its cost, the seconds it took) into ``slot``'s
+        service-time line (``seconds = a + b * cost``, exponentially weighted least
+        squares). A sample whose square is not finite is ignored.
+
+        Raises:
+            ValueError: ``cost`` or ``seconds`` is negative or not finite.
+        """
+
+    def service_time(self, slot: int, cost: float) -> float:
+        """Expected seconds for a request of ``cost`` on ``slot``; -1.0 before
+        ``SERVICE_MIN_SAMPLES`` samples."""
 
     def outstanding(self, slot: int) -> int:
         """``slot``'s outstanding count."""

@@ -17,6 +17,11 @@ cdef extern from "debug.h":
 
 include "_common.pxi"
 
+cdef enum:
+    _SERVICE_MIN = 8  # samples before a slot's service-time line is trusted (as the twin)
+
+SERVICE_MIN_SAMPLES = _SERVICE_MIN
+
 
 @cython.final
 cdef class WorkTable:
@@ -30,12 +35,20 @@ cdef class WorkTable:
 
     cdef uint64_t _rng
     cdef double _decay
+    cdef double _keep        # 1 - service_alpha
     # per slot
     cdef int64_t* _count
     cdef double* _work
     cdef double* _estimate   # seconds per unit of work; 0.0 = no sample yet
     cdef double* _last       # time of the last sample
     cdef double* _weight
+    # the service-time line's sums: weight, cost, seconds, cost², cost * seconds; samples
+    cdef double* _ln
+    cdef double* _lx
+    cdef double* _ly
+    cdef double* _lxx
+    cdef double* _lxy
+    cdef int64_t* _lsamples
     cdef uint8_t* _state
     cdef Py_ssize_t* _apos
     cdef Py_ssize_t _nslots
@@ -47,23 +60,30 @@ cdef class WorkTable:
     cdef int64_t _total
     cdef Py_ssize_t _used
 
-    def __cinit__(self, seed=None, decay_s=10.0):
+    def __cinit__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         self._count = NULL
         self._work = NULL
         self._estimate = NULL
         self._last = NULL
         self._weight = NULL
+        self._ln = self._lx = self._ly = self._lxx = self._lxy = NULL
+        self._lsamples = NULL
         self._state = NULL
         self._apos = NULL
         self._avail = NULL
         self._nslots = self._slot_cap = self._navail = self._avail_cap = 0
 
-    def __init__(self, seed=None, decay_s=10.0):
+    def __init__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         """Create an empty table; ``seed`` fixes the tie-breaking, ``decay_s`` how fast
-        the estimate forgets a slow sample."""
+        the estimate forgets a slow sample, ``service_alpha`` the weight of a new sample
+        in the service-time line."""
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._decay = _positive(decay_s, "decay_s")
+        cdef double alpha = float(service_alpha)
+        if not (0.0 < alpha <= 1.0):
+            raise ValueError(f"service_alpha must be in (0, 1], got {service_alpha!r}")
+        self._keep = 1.0 - alpha
         self._rng = splitmix64(<uint64_t>(seed & 0xFFFFFFFFFFFFFFFF))
         if self._rng == 0:
             self._rng = 1
@@ -76,6 +96,12 @@ cdef class WorkTable:
         PyMem_Free(self._estimate)
         PyMem_Free(self._last)
         PyMem_Free(self._weight)
+        PyMem_Free(self._ln)
+        PyMem_Free(self._lx)
+        PyMem_Free(self._ly)
+        PyMem_Free(self._lxx)
+        PyMem_Free(self._lxy)
+        PyMem_Free(self._lsamples)
         PyMem_Free(self._state)
         PyMem_Free(self._apos)
         PyMem_Free(self._avail)
@@ -137,6 +163,19 @@ cdef class WorkTable:
                 cap = self._slot_cap
                 self._weight = <double*>_grow(self._weight, &cap, slot + 1, sizeof(double))
                 cap = self._slot_cap
+                self._ln = <double*>_grow(self._ln, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._lx = <double*>_grow(self._lx, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._ly = <double*>_grow(self._ly, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._lxx = <double*>_grow(self._lxx, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._lxy = <double*>_grow(self._lxy, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._lsamples = <int64_t*>_grow(self._lsamples, &cap, slot + 1,
+                                                 sizeof(int64_t))
+                cap = self._slot_cap
                 self._state = <uint8_t*>_grow(self._state, &cap, slot + 1, sizeof(uint8_t))
                 cap = self._slot_cap
                 self._apos = <Py_ssize_t*>_grow(self._apos, &cap, slot + 1, sizeof(Py_ssize_t))
@@ -148,6 +187,12 @@ cdef class WorkTable:
         self._work[slot] = 0.0
         self._estimate[slot] = 0.0
         self._last[slot] = 0.0
+        self._ln[slot] = 0.0
+        self._lx[slot] = 0.0
+        self._ly[slot] = 0.0
+        self._lxx[slot] = 0.0
+        self._lxy[slot] = 0.0
+        self._lsamples[slot] = 0
         self._weight[slot] = w
         self._state[slot] = ACTIVE
         self._used += 1
@@ -278,6 +323,45 @@ cdef class WorkTable:
             w = exp(-elapsed / self._decay) if elapsed > 0.0 else 1.0
             self._estimate[slot] = current * w + seconds_per_unit * (1.0 - w)
         self._last[slot] = now
+
+    cpdef void observe_service(self, Py_ssize_t slot, double cost, double seconds) except *:
+        """Fold one finished request (cost, seconds taken) into the slot's service line."""
+        cdef double xx, xy, keep
+        self._slot(slot)
+        _check_cost(cost)
+        if not (seconds >= 0.0 and isfinite(seconds)):
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        xx = cost * cost
+        xy = cost * seconds
+        if not (isfinite(xx) and isfinite(xy)):
+            return
+        keep = self._keep
+        self._ln[slot] = self._ln[slot] * keep + 1.0
+        self._lx[slot] = self._lx[slot] * keep + cost
+        self._ly[slot] = self._ly[slot] * keep + seconds
+        self._lxx[slot] = self._lxx[slot] * keep + xx
+        self._lxy[slot] = self._lxy[slot] * keep + xy
+        self._lsamples[slot] += 1
+
+    cpdef double service_time(self, Py_ssize_t slot, double cost) except -2.0:
+        """Expected seconds for a request of ``cost`` on the slot; -1.0 until learned."""
+        cdef double n, x, y, xx, spread, slope, value
+        self._slot(slot)
+        _check_cost(cost)
+        if self._lsamples[slot] < _SERVICE_MIN:
+            return -1.0
+        n = self._ln[slot]
+        x = self._lx[slot]
+        y = self._ly[slot]
+        xx = self._lxx[slot]
+        spread = n * xx - x * x
+        if spread <= 1e-9 * n * xx:
+            return y / x * cost if x > 0.0 else y / n
+        slope = (n * self._lxy[slot] - x * y) / spread
+        if slope < 0.0:
+            return y / n
+        value = (y - slope * x) / n + slope * cost
+        return value if value > 0.0 else 0.0
 
     # -- reading -----------------------------------------------------------------------
 

@@ -14,6 +14,12 @@ the model has none. Per slot the table keeps
   turned slow is avoided at once and one that recovered wins its traffic back over a
   few ``decay_s``.
 
+Per slot it also keeps a line, ``service seconds = a + b * cost``, fitted by exponentially
+weighted least squares to the requests it was shown (``observe_service``): dispatch ahead
+needs *when* a running request will end, and the peak-EWMA speed is the wrong tool for
+that (pessimistic on purpose, and a ratio with no fixed part). Five running sums per slot;
+``service_time(slot, cost)`` reads the line.
+
 ``pick(cost)`` sends the request where it is expected to finish first: the pickable slot
 with the lowest ``(work + cost) * estimate / weight``. With no hint (cost 1 everywhere)
 that is peak-EWMA's ``estimate * (outstanding + 1)``. A slot with no sample yet is
@@ -43,9 +49,11 @@ from tritonmesh._core._outstanding_py import (
     splitmix64,
 )
 
-__all__ = ["WorkTable"]
+__all__ = ["SERVICE_MIN_SAMPLES", "WorkTable"]
 
 _INF: Final = float("inf")
+# Samples before a slot's service-time line is trusted.
+SERVICE_MIN_SAMPLES: Final = 8
 
 
 class WorkTable:
@@ -59,7 +67,8 @@ class WorkTable:
     flat arrays so that a shared-memory variant can reuse the layout.
     """
 
-    def __init__(self, seed: int | None = None, decay_s: float = 10.0):
+    def __init__(self, seed: int | None = None, decay_s: float = 10.0,
+                 service_alpha: float = 0.02):
         """Create an empty table.
 
         Args:
@@ -67,14 +76,28 @@ class WorkTable:
                 seeds from ``os.urandom``. The same seed and operations give the same
                 picks, here and in the compiled table.
             decay_s: how fast the estimate forgets a slow sample, in seconds.
+            service_alpha: the weight of each new sample in the service-time line, in
+                (0, 1]; its memory is about ``1 / service_alpha`` requests.
 
         Raises:
-            ValueError: ``decay_s`` is not a positive finite number.
+            ValueError: ``decay_s`` is not a positive finite number, or
+                ``service_alpha`` is not in (0, 1].
         """
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
         self._decay = self._positive(decay_s, "decay_s")
+        alpha = float(service_alpha)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"service_alpha must be in (0, 1], got {service_alpha!r}")
+        self._keep = 1.0 - alpha
+        # The service-time line's sums: weight, cost, seconds, cost², cost * seconds.
+        self._ln: list[float] = []
+        self._lx: list[float] = []
+        self._ly: list[float] = []
+        self._lxx: list[float] = []
+        self._lxy: list[float] = []
+        self._lsamples: list[int] = []
         self._count: list[int] = []
         self._work: list[float] = []
         self._estimate: list[float] = []  # seconds per unit of work; 0.0 = no sample yet
@@ -145,15 +168,19 @@ class WorkTable:
         slot = next((i for i, state in enumerate(self._state) if state == FREE), -1)
         if slot < 0:
             slot = len(self._state)
-            for ints in (self._count, self._state, self._apos):
+            for ints in (self._count, self._state, self._apos, self._lsamples):
                 ints.append(0)
-            for floats in (self._work, self._estimate, self._last, self._weight):
+            for floats in (self._work, self._estimate, self._last, self._weight, self._ln,
+                           self._lx, self._ly, self._lxx, self._lxy):
                 floats.append(0.0)
             self._apos[slot] = -1
         self._count[slot] = 0
         self._work[slot] = 0.0
         self._estimate[slot] = 0.0
         self._last[slot] = 0.0
+        self._ln[slot] = self._lx[slot] = self._ly[slot] = 0.0
+        self._lxx[slot] = self._lxy[slot] = 0.0
+        self._lsamples[slot] = 0
         self._weight[slot] = weight
         self._state[slot] = ACTIVE
         self._used += 1
@@ -333,6 +360,62 @@ class WorkTable:
             w = math.exp(-elapsed / self._decay) if elapsed > 0.0 else 1.0
             self._estimate[slot] = current * w + sample * (1.0 - w)
         self._last[slot] = now
+
+    def observe_service(self, slot: int, cost: float, seconds: float) -> None:
+        """Fold one finished request (its cost, and the seconds it took) into ``slot``'s
+        service-time line.
+
+        A sample whose square is not finite is ignored: costs come from clients, and one
+        absurd value must not turn the sums into infinities for good.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``cost`` or ``seconds`` is negative or not finite.
+        """
+        self._slot(slot)
+        cost = self._cost(cost)
+        seconds = float(seconds)
+        if not 0.0 <= seconds < _INF:
+            raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
+        xx = cost * cost
+        xy = cost * seconds
+        if not (xx < _INF and xy < _INF):
+            return
+        keep = self._keep
+        self._ln[slot] = self._ln[slot] * keep + 1.0
+        self._lx[slot] = self._lx[slot] * keep + cost
+        self._ly[slot] = self._ly[slot] * keep + seconds
+        self._lxx[slot] = self._lxx[slot] * keep + xx
+        self._lxy[slot] = self._lxy[slot] * keep + xy
+        self._lsamples[slot] += 1
+
+    def service_time(self, slot: int, cost: float) -> float:
+        """Expected seconds for a request of ``cost`` on ``slot``, from its line; -1.0
+        before ``SERVICE_MIN_SAMPLES`` samples.
+
+        With every recent cost equal there is no slope to fit: the mean seconds per
+        unit, times ``cost``. A falling line is noise on a flat one: the mean.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``cost`` is negative or not finite.
+        """
+        self._slot(slot)
+        cost = self._cost(cost)
+        if self._lsamples[slot] < SERVICE_MIN_SAMPLES:
+            return -1.0
+        n = self._ln[slot]
+        x = self._lx[slot]
+        y = self._ly[slot]
+        xx = self._lxx[slot]
+        spread = n * xx - x * x
+        if spread <= 1e-9 * n * xx:
+            return y / x * cost if x > 0.0 else y / n
+        slope = (n * self._lxy[slot] - x * y) / spread
+        if slope < 0.0:
+            return y / n
+        value = (y - slope * x) / n + slope * cost
+        return value if value > 0.0 else 0.0
 
     # -- reading -----------------------------------------------------------------------
 

@@ -62,9 +62,10 @@ async def _router(config_path: str, seconds: float) -> None:
 
     def counting_observe(self: Any, seconds: float, ok: bool, ahead: float = 0.0,
                          cost: float = 1.0) -> None:
-        if self.service is not None and ok:
-            predicted = self.service.predict(cost)
-            if predicted is not None:
+        work = self.variant.work
+        if work is not None and ok and self.state == "ACTIVE":
+            predicted = work.service_time(self.slot, cost)
+            if predicted >= 0.0:
                 stats["error"].append(predicted - seconds)
         observe(self, seconds, ok, ahead, cost)
 

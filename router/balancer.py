@@ -22,7 +22,6 @@ from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantC
 from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.outlier import OutlierDetector
 from tritonmesh.retry import RetryBudget
-from tritonmesh.servicetime import ServiceTime
 from tritonmesh.waitqueue import WaitQueue
 from tritonmesh.wire import WireError, peek_work
 from tritonmesh.workers.upstream import Upstream
@@ -79,7 +78,7 @@ class Instance:
     __slots__ = (
         "address", "ahead_timer", "drained", "ejected_until", "ejections", "errors", "failures",
         "free_at", "healthy", "latency_buckets", "latency_sum", "next_s", "requests",
-        "sent_ahead", "service", "slot", "state", "upstream", "variant", "weight",
+        "sent_ahead", "slot", "state", "upstream", "variant", "weight",
     )
 
     def __init__(self, variant: Variant, slot: int, upstream: Upstream, weight: float = 1.0):
@@ -100,10 +99,9 @@ class Instance:
         self.ejected_until = 0.0
         self.latency_sum = 0.0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        # Dispatch ahead (Variant.ahead_s > 0): the service-time line, when the last
-        # request sent here is expected to end (loop time; 0.0 when idle) and how long
-        # it is expected to take, and the timer that hands it the next waiting request.
-        self.service: ServiceTime | None = None
+        # Dispatch ahead (Variant.ahead_s > 0): when the last request sent here is
+        # expected to end (loop time; 0.0 when idle) and how long it is expected to take,
+        # and the timer that hands it the next waiting request.
         self.free_at = 0.0
         self.next_s = 0.0
         self.sent_ahead = 0  # requests sent here while the one before still ran
@@ -133,17 +131,17 @@ class Instance:
         ``cost``: what it was picked with (dispatch ahead learns service time from it).
         """
         work = self.variant.work
-        if ok and seconds > 0.0 and self.state != "REMOVED":
-            service = self.service
-            if service is not None:
-                # Timed from when it was sent, a request sent ahead included (its few
-                # milliseconds in Triton's queue count): the line errs long, the safe side,
-                # and stays right when Triton runs two requests side by side.
-                service.observe(cost, seconds)
+        if work is not None and ok and seconds > 0.0 and self.state != "REMOVED":
+            if self.variant.ahead_s > 0.0:
+                # Dispatch ahead's service-time line. Timed from when it was sent, a request
+                # sent ahead included (its few milliseconds in Triton's queue count): the
+                # line errs long, the safe side, and stays right when Triton runs two
+                # requests side by side.
+                work.observe_service(self.slot, cost, seconds)
                 rate = seconds / cost if cost > 0.0 else math.inf
             else:
                 rate = seconds / ahead if ahead > 0.0 else math.inf
-            if work is not None and rate < math.inf:
+            if rate < math.inf:
                 work.observe(self.slot, rate, time.monotonic())
         self.requests += 1
         if not ok:
@@ -214,8 +212,6 @@ class Variant:
         window = self.config.slow_start_s if slow_start else 0.0
         slot = self.table.add(weight * SLOW_START_FLOOR if window > 0 else weight)
         instance = Instance(self, slot, upstream, weight)
-        if self.ahead_s > 0.0:
-            instance.service = ServiceTime()
         while len(self.instances) <= slot:
             self.instances.append(None)
         self.instances[slot] = instance
@@ -284,10 +280,10 @@ class Variant:
 
     def _booked(self, instance: Instance, cost: float) -> None:
         """A request of ``cost`` was sent to ``instance``: when is it expected to end?"""
-        assert instance.service is not None
-        expected = instance.service.predict(cost)
+        assert self.work is not None  # dispatch ahead needs LEAST_OUTSTANDING_WORK
+        expected = self.work.service_time(instance.slot, cost)
         self._due.discard(instance)
-        if expected is None:  # not learned yet: never hand over ahead on a guess
+        if expected < 0.0:  # not learned yet: never hand over ahead on a guess
             instance.free_at = 0.0
         else:
             now = asyncio.get_running_loop().time()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -144,3 +146,65 @@ def test_spread_over_runs() -> None:
     assert over["best_p99_throughput_vs_best_peer"] == pytest.approx(
         ((500 / 510 + 520 / 500) / 2, 500 / 510, 520 / 500))
     assert over["lor_p99_vs_random"] == pytest.approx((0.5, 0.5, 0.5))
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """Every process under ``root``, by pid, with its name."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")]
+        ppid = int(text.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append((int(stat.parent.name), name))
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for pid, name in parents.get(todo.pop(), []):
+            found[pid] = name
+            todo.append(pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running, or stopped; a zombie (ended, not yet reaped by its parent) is not."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:
+    """A bench ended with SIGTERM (a CI timeout, say) stops what it started: the Triton
+    workers, their Python backend stubs and the router under test."""
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    bench = subprocess.Popen(
+        [tritonmesh, "--log-level", "WARNING", "bench", "--scale", "2/1", "--warmup", "1",
+         "--duration", "120", "--no-peers", "--targets", "tritonmesh RANDOM",
+         "--median-tokens", "10", "--out", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until a worker and the router under test run
+            started = _descendants(bench.pid)
+            if {"tritonserver", "tritonmesh"} <= set(started.values()):
+                break
+            assert bench.poll() is None, bench.communicate()[1]
+            assert time.monotonic() < deadline, f"not started: {started}"
+            time.sleep(0.2)
+        time.sleep(1.0)  # load is running
+        started = _descendants(bench.pid)
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err
+    deadline = time.monotonic() + 15
+    while left := {pid: name for pid, name in started.items() if _alive(pid)}:
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.1)

@@ -1,8 +1,9 @@
 """Dispatch ahead: late binding hands an instance its next waiting request shortly before the
 running one is expected to end, so the instance does not idle for the router's round trip.
 
-The service-time line and the variant's timers are checked on their own first (no Triton),
-then end to end through the router against a real worker.
+The variant's timers are checked on their own first (no Triton), then end to end through
+the router against a real worker. The service-time line they read is the core's
+(``WorkTable.service_time``, tested in test_work.py).
 """
 
 from __future__ import annotations
@@ -16,62 +17,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from harness import LongStream, generate_inputs
 from tritonclient.utils import InferenceServerException
+from tritonmesh._core import SERVICE_MIN_SAMPLES, WorkTable
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.metrics import BalancerCollector
-from tritonmesh.servicetime import MIN_SAMPLES, ServiceTime
 from tritonmesh.workers.upstream import Upstream
-
-# -- the service-time line -----------------------------------------------------------------
-
-
-def test_line_fits_fixed_plus_per_unit_cost() -> None:
-    line = ServiceTime()
-    for cost in (3, 40, 7, 120, 15, 60, 1, 200, 33, 90):
-        line.observe(cost, 0.004 + 0.002 * cost)
-    for cost in (1, 50, 400):
-        assert line.predict(cost) == pytest.approx(0.004 + 0.002 * cost, rel=1e-6)
-
-
-def test_no_prediction_before_enough_samples() -> None:
-    line = ServiceTime()
-    for k in range(MIN_SAMPLES - 1):
-        line.observe(k + 1, 0.01 * (k + 1))
-        assert line.predict(10) is None
-    line.observe(MIN_SAMPLES, 0.01 * MIN_SAMPLES)
-    assert line.predict(10) == pytest.approx(0.1)
-
-
-def test_equal_costs_scale_the_mean() -> None:
-    line = ServiceTime()
-    for seconds in (0.09, 0.11) * MIN_SAMPLES:
-        line.observe(1.0, seconds)
-    # Exponentially weighted: the later samples count a little more.
-    assert line.predict(1.0) == pytest.approx(0.1, rel=0.01)
-    assert line.predict(2.0) == pytest.approx(0.2, rel=0.01)
-
-
-def test_a_falling_line_is_read_as_flat() -> None:
-    line = ServiceTime()
-    for cost, seconds in [(1, 0.3), (10, 0.2), (20, 0.1)] * 4:
-        line.observe(cost, seconds)
-    assert line.predict(100) == pytest.approx(0.2, rel=0.02)  # the mean, not a negative time
-
-
-def test_recent_requests_outweigh_old_ones() -> None:
-    line = ServiceTime(alpha=0.1)
-    for cost in range(1, 101):
-        line.observe(cost, 0.001 * cost)  # the instance was fast
-    for cost in range(1, 101):
-        line.observe(cost, 0.003 * cost)  # and turned three times slower
-    assert line.predict(100) == pytest.approx(0.3, rel=0.01)
-
-
-def test_alpha_is_checked() -> None:
-    for alpha in (0.0, -0.5, 1.5):
-        with pytest.raises(ValueError, match="alpha"):
-            ServiceTime(alpha)
-
 
 # -- the variant's timers, without Triton -----------------------------------------------------
 
@@ -84,10 +34,10 @@ def _variant(ahead_s: float) -> Variant:
 
 
 def _teach(variant: Variant, seconds_per_unit: float) -> None:
+    assert variant.work is not None
     for instance in variant.live_instances():
-        assert instance.service is not None
-        for cost in range(1, MIN_SAMPLES + 1):
-            instance.service.observe(float(cost), seconds_per_unit * cost)
+        for cost in range(1, SERVICE_MIN_SAMPLES + 1):
+            variant.work.observe_service(instance.slot, float(cost), seconds_per_unit * cost)
 
 
 def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
@@ -186,23 +136,28 @@ def test_requests_teach_the_line_from_when_they_were_sent() -> None:
     a wait behind the running request), and stays right when Triton runs two requests side
     by side. Failures teach nothing."""
     async def scenario() -> None:
-        variant = _variant(ahead_s=0.1)
+        config = VariantConfig("AllTraffic",
+                               routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK,
+                               instances=("127.0.0.1:1",), max_concurrency=1,
+                               dispatch_ahead_s=0.1)
+        variant = Variant(config, seed=1)
+        # service_alpha 1: the line is the last sample, so each step is exact.
+        variant.table = variant.work = WorkTable(1, service_alpha=1.0)
         upstream = Upstream("127.0.0.1:1")
         try:
             instance = variant.add(upstream)
-            line = instance.service = ServiceTime(alpha=1.0)  # predicts the last sample
-            for _ in range(MIN_SAMPLES):
-                line.observe(1.0, 1.0)
+            for _ in range(SERVICE_MIN_SAMPLES):
+                variant.work.observe_service(instance.slot, 1.0, 1.0)
             variant.acquire(instance.slot, 1.0)
             variant.acquire(instance.slot, 1.0)  # sent while the first runs
             Balancer.release(instance, 1.0)
             instance.observe(0.05, True, cost=1.0)
-            assert line.predict(1.0) == pytest.approx(0.05)
+            assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.05)
             Balancer.release(instance, 1.0)
             instance.observe(0.09, True, cost=1.0)  # 0.04 of it behind the first
-            assert line.predict(1.0) == pytest.approx(0.09)
+            assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
             instance.observe(7.0, False, cost=1.0)
-            assert line.predict(1.0) == pytest.approx(0.09)
+            assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
         finally:
             await upstream.close()
 
@@ -252,9 +207,8 @@ def test_through_the_router(make_router: Any) -> None:
     (instance,) = router.instances()
     for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15):  # teaches the line
         assert _generate(router.address, tokens) == list(range(tokens))
-    assert instance.service is not None
-    expected = instance.service.predict(301.0)
-    assert expected is not None and 0.3 < expected < 3.0
+    work = router.balancer.variants[0].work
+    assert work is not None and 0.3 < work.service_time(instance.slot, 301.0) < 3.0
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         long = pool.submit(_generate, router.address, 300)
         deadline = time.monotonic() + 30

@@ -193,12 +193,72 @@ def test_ties_spread_uniformly(table_cls: Any) -> None:
     assert _chi_square(counts, [1000.0] * 8) < CHI2_P001[7], counts
 
 
+# -- the service-time line (dispatch ahead) -------------------------------------------------
+
+
+def test_service_line_fits_fixed_plus_per_unit_cost(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1))
+    slot = t.add()
+    for k, cost in enumerate((3, 40, 7, 120, 15, 60, 1, 200, 33, 90)):
+        assert t.service_time(slot, 10.0) == (-1.0 if k < core.SERVICE_MIN_SAMPLES else
+                                              pytest.approx(0.024))
+        t.observe_service(slot, cost, 0.004 + 0.002 * cost)
+    for cost in (0.0, 1.0, 50.0, 400.0):
+        assert t.service_time(slot, cost) == pytest.approx(0.004 + 0.002 * cost, rel=1e-6)
+
+
+def test_service_line_fallbacks(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1))
+    flat, falling, fresh = t.add(), t.add(), t.add()
+    for k in range(2 * core.SERVICE_MIN_SAMPLES):
+        t.observe_service(flat, 2.0, 0.2 if k % 2 else 0.1)  # one cost: no slope to fit
+        t.observe_service(falling, (1.0, 10.0, 20.0)[k % 3], (0.3, 0.2, 0.1)[k % 3])
+    # Exponentially weighted: the later samples count a little more.
+    assert t.service_time(flat, 2.0) == pytest.approx(0.15, rel=0.02)
+    assert t.service_time(flat, 4.0) == pytest.approx(0.3, rel=0.02)  # scaled by cost
+    assert t.service_time(falling, 100.0) == pytest.approx(0.2, rel=0.05)  # the mean
+    assert t.service_time(fresh, 1.0) == -1.0
+
+
+def test_service_line_forgets_and_resets(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1, service_alpha=0.1))
+    slot = t.add()
+    for cost in range(1, 101):
+        t.observe_service(slot, cost, 0.001 * cost)  # the instance was fast
+    for cost in range(1, 101):
+        t.observe_service(slot, cost, 0.003 * cost)  # and turned three times slower
+    assert t.service_time(slot, 100.0) == pytest.approx(0.3, rel=0.01)
+    t.remove(slot)
+    assert t.add() == slot  # the id is reused: nothing of the old line stays
+    assert t.service_time(slot, 100.0) == -1.0
+
+
+def test_service_line_ignores_absurd_costs_and_checks_arguments(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1))
+    slot = t.add()
+    for cost in range(1, 11):
+        t.observe_service(slot, cost, 0.01 * cost)
+    t.observe_service(slot, 1e200, 5.0)  # cost² overflows: ignored, not poisoning the sums
+    assert t.service_time(slot, 20.0) == pytest.approx(0.2)
+    for bad in ((-1.0, 0.1), (float("inf"), 0.1), (1.0, -0.1), (1.0, float("nan"))):
+        with pytest.raises(ValueError):
+            t.observe_service(slot, *bad)
+    with pytest.raises(ValueError, match="cost"):
+        t.service_time(slot, float("nan"))
+    with pytest.raises(IndexError):
+        t.service_time(7, 1.0)
+    for alpha in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="service_alpha"):
+            table_cls(service_alpha=alpha)
+
+
 # -- differential: C vs twin over any operation sequence ---------------------------------
 
 COSTS = st.sampled_from([0.0, 0.5, 1.0, 3.0, 40.0, 1e6])
 OPS = st.lists(st.tuples(
     st.sampled_from(["pick", "pick", "pick", "release", "release", "release", "acquire",
-                     "observe", "observe", "add", "remove", "set_weight", "set_available"]),
+                     "observe", "observe", "add", "remove", "set_weight", "set_available",
+                     "observe_service", "observe_service", "service_time"]),
     st.integers(-1, 9),
     COSTS,
     st.sampled_from([1e-4, 0.01, 0.2, 5.0]),
@@ -222,6 +282,10 @@ def _apply(t: Any, weights: list[float], ops: list[Op]) -> list[Any]:
                 result = getattr(t, name)(slot, cost)
             elif name == "observe":
                 result = t.observe(slot, sample, now)
+            elif name == "observe_service":
+                result = t.observe_service(slot, cost, sample * (1 + limit))
+            elif name == "service_time":
+                result = t.service_time(slot, cost)
             elif name == "add":
                 result = t.add(cost or 1.0)
             elif name == "set_weight":

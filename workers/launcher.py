@@ -6,7 +6,10 @@ model of the repository), watches them, restarts those that die when asked to, a
 stops them all on exit: SIGTERM to each process group, SIGKILL after a grace period.
 Each worker runs in its own process group (its Python backend stubs with it), dies
 with its parent (PR_SET_PDEATHSIG), and an ``atexit`` hook kills any group still
-alive, so neither Ctrl-C nor a crash of the parent leaves an orphan behind.
+alive, so neither Ctrl-C, SIGTERM nor an exception leaves an orphan behind. One gap: a
+parent killed outright (SIGKILL, the OOM killer) takes each tritonserver with it, but
+the Python backend stubs that tritonserver started outlive it (Triton 2.51 does not end
+them, and they ignore SIGTERM); ``kill -KILL -- -PGID`` ends them.
 """
 
 from __future__ import annotations

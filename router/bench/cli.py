@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tritonmesh.bench.experiment import (
     FULL_SCALE,
@@ -24,6 +26,8 @@ from tritonmesh.bench.report import write_results
 from tritonmesh.bench.targets import available_targets
 
 __all__ = ["add_bench_parser"]
+
+T = TypeVar("T")
 
 
 def _scale(text: str) -> tuple[int, int]:
@@ -72,7 +76,28 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     bench.set_defaults(func=run_bench)
 
 
+async def _terminable(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; SIGTERM cancels it, so workers and targets are stopped on the way out
+    (the default action would end the process at once and orphan them)."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    try:
+        return _run_bench(args)
+    except asyncio.CancelledError:
+        print("bench: terminated; workers and targets stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
+
+
+def _run_bench(args: argparse.Namespace) -> int:
     targets, notes = available_targets(peers=not args.no_peers)
     if args.targets:
         targets = [t for t in targets if any(w.lower() in t.label.lower() for w in args.targets)]
@@ -84,17 +109,17 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.mode == "overhead":
         # One backend: every strategy picks it, so one configuration per router says it all.
         first = {t.kind: t for t in reversed(targets) if t.max_concurrency is None}
-        rows = asyncio.run(overhead_experiment(
+        rows = asyncio.run(_terminable(overhead_experiment(
             [t for t in targets if first.get(t.kind) is t], args.users, args.duration,
-            progress=progress_bar))
+            progress=progress_bar)))
         meta.update(users=args.users, seconds_per_cell=args.duration)
     else:
         workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,
                             decode_ms=args.decode_ms, seed=args.seed)
         scale = args.scale or (FULL_SCALE if args.full else QUICK_SCALE)
-        results = asyncio.run(routing_experiment(
+        results = asyncio.run(_terminable(routing_experiment(
             targets, scale, workload, args.warmup, args.duration, args.stream,
-            progress=progress_bar, repeats=args.repeat))
+            progress=progress_bar, repeats=args.repeat)))
         rows = as_dicts(results)
         meta.update(workload=asdict(workload), scale=list(scale), warmup_s=args.warmup,
                     measured_s=args.duration, mode="stream" if args.stream else "unary",
