@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import processes
 from tritonmesh.bench.experiment import percentile
 from tritonmesh.bench.loadgen import Workload
 
@@ -150,31 +151,22 @@ def test_spread_over_runs() -> None:
 
 def _descendants(root: int) -> dict[int, str]:
     """Every process under ``root``, by pid, with its name."""
-    parents: dict[int, list[tuple[int, str]]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        ppid = int(text.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append((int(stat.parent.name), name))
+    table = processes()
     found: dict[int, str] = {}
     todo = [root]
     while todo:
-        for pid, name in parents.get(todo.pop(), []):
-            found[pid] = name
-            todo.append(pid)
+        parent = todo.pop()
+        for pid, (ppid, name, _) in table.items():
+            if ppid == parent:
+                found[pid] = name
+                todo.append(pid)
     return found
 
 
 def _alive(pid: int) -> bool:
     """Running, or stopped; a zombie (ended, not yet reaped by its parent) is not."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text.rsplit(")", 1)[1].split()[0] != "Z"
+    entry = processes().get(pid)
+    return entry is not None and entry[2] != "Z"
 
 
 def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:

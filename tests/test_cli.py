@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from harness import processes
 
 pytestmark = pytest.mark.triton
 
@@ -55,17 +56,8 @@ class Running:
         self.metrics = metrics.group(1) if metrics else None
 
     def children(self, name: str) -> list[int]:
-        pids = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            comm = text[text.index("(") + 1:text.rindex(")")]
-            ppid = int(text.rsplit(")", 1)[1].split()[1])
-            if ppid == self.process.pid and comm == name:
-                pids.append(int(stat.parent.name))
-        return pids
+        return [pid for pid, (ppid, comm, _) in processes().items()
+                if ppid == self.process.pid and comm == name]
 
     def interrupt(self, timeout: float = 60.0) -> str:
         self.process.send_signal(signal.SIGINT)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,7 +20,7 @@ import tritonclient.grpc as grpcclient
 from harness import LongStream, generate_inputs
 from tritonclient.utils import InferenceServerException
 from tritonmesh._core import SERVICE_MIN_SAMPLES, WorkTable
-from tritonmesh.balancer import Balancer, Variant
+from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.workers.upstream import Upstream
@@ -26,27 +28,31 @@ from tritonmesh.workers.upstream import Upstream
 # -- the variant's timers, without Triton -----------------------------------------------------
 
 
-def _variant(ahead_s: float) -> Variant:
+@contextlib.asynccontextmanager
+async def _one_instance(ahead_s: float, *, teach: bool = True, service_alpha: float = 0.02
+                        ) -> AsyncIterator[tuple[Variant, Instance]]:
+    """A dispatch-ahead variant with one instance (an address nothing listens on: these
+    tests never send), its line taught 0.1 s per unit of cost unless ``teach`` is False."""
     config = VariantConfig("AllTraffic", routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK,
                            instances=("127.0.0.1:1",), max_concurrency=1,
                            queue_order=QueueOrder.FIFO, dispatch_ahead_s=ahead_s)
-    return Variant(config, seed=1)
-
-
-def _teach(variant: Variant, seconds_per_unit: float) -> None:
-    assert variant.work is not None
-    for instance in variant.live_instances():
-        for cost in range(1, SERVICE_MIN_SAMPLES + 1):
-            variant.work.observe_service(instance.slot, float(cost), seconds_per_unit * cost)
+    variant = Variant(config, seed=1)
+    variant.table = variant.work = WorkTable(1, service_alpha=service_alpha)
+    upstream = Upstream("127.0.0.1:1")
+    try:
+        instance = variant.add(upstream)
+        if teach:
+            for cost in range(1, SERVICE_MIN_SAMPLES + 1):
+                variant.work.observe_service(instance.slot, float(cost), 0.1 * cost)
+        yield variant, instance
+    finally:
+        await variant.close()
+        await upstream.close()
 
 
 def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
     async def scenario() -> None:
-        variant = _variant(ahead_s=0.15)
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
-            _teach(variant, 0.1)  # 0.1 s per unit
+        async with _one_instance(0.15) as (variant, instance):
             loop = asyncio.get_running_loop()
             sent = loop.time()
             assert variant.pick(2.0) is instance  # expected to end 0.2 s from now
@@ -63,19 +69,13 @@ def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
             assert instance.free_at == pytest.approx(loop.time() + 0.1, abs=0.01)
             Balancer.release(instance, 1.0)
             assert instance.outstanding == 0 and instance.ahead_timer is None
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 
 
 def test_an_instance_due_with_nobody_waiting_takes_the_next_arrival() -> None:
     async def scenario() -> None:
-        variant = _variant(ahead_s=0.5)
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
-            _teach(variant, 0.1)
+        async with _one_instance(0.5) as (variant, instance):
             assert variant.pick(1.0) is instance  # ends in 0.1 s: due at once
             await asyncio.sleep(0.01)  # the timer runs; nobody is waiting yet
             assert instance in variant._due
@@ -85,18 +85,13 @@ def test_an_instance_due_with_nobody_waiting_takes_the_next_arrival() -> None:
             Balancer.release(instance, 1.0)
             Balancer.release(instance, 1.0)
             assert instance.outstanding == 0
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 
 
 def test_nothing_is_handed_over_before_the_line_is_learned() -> None:
     async def scenario() -> None:
-        variant = _variant(ahead_s=10.0)  # any prediction at all would be due at once
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
+        async with _one_instance(10.0, teach=False) as (variant, instance):
             assert variant.pick(1.0) is instance
             waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
             await asyncio.sleep(0.05)
@@ -104,19 +99,13 @@ def test_nothing_is_handed_over_before_the_line_is_learned() -> None:
             Balancer.release(instance, 1.0)  # the first ends: the waiter gets its turn
             assert await asyncio.wait_for(waiting, 5.0) is instance
             Balancer.release(instance, 1.0)
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 
 
 def test_an_unhealthy_instance_is_not_handed_anything_ahead() -> None:
     async def scenario() -> None:
-        variant = _variant(ahead_s=0.5)
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
-            _teach(variant, 0.1)
+        async with _one_instance(0.5) as (variant, instance):
             assert variant.pick(1.0) is instance
             variant.set_healthy(instance, False)
             waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
@@ -124,8 +113,6 @@ def test_an_unhealthy_instance_is_not_handed_anything_ahead() -> None:
             assert not waiting.done() and instance.outstanding == 1
             waiting.cancel()
             Balancer.release(instance, 1.0)
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 
@@ -136,16 +123,9 @@ def test_requests_teach_the_line_from_when_they_were_sent() -> None:
     a wait behind the running request), and stays right when Triton runs two requests side
     by side. Failures teach nothing."""
     async def scenario() -> None:
-        config = VariantConfig("AllTraffic",
-                               routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK,
-                               instances=("127.0.0.1:1",), max_concurrency=1,
-                               dispatch_ahead_s=0.1)
-        variant = Variant(config, seed=1)
         # service_alpha 1: the line is the last sample, so each step is exact.
-        variant.table = variant.work = WorkTable(1, service_alpha=1.0)
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
+        async with _one_instance(0.1, teach=False, service_alpha=1.0) as (variant, instance):
+            assert variant.work is not None
             for _ in range(SERVICE_MIN_SAMPLES):
                 variant.work.observe_service(instance.slot, 1.0, 1.0)
             variant.acquire(instance.slot, 1.0)
@@ -158,8 +138,6 @@ def test_requests_teach_the_line_from_when_they_were_sent() -> None:
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
             instance.observe(7.0, False, cost=1.0)
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 
@@ -168,11 +146,7 @@ def test_a_removed_instance_ends_its_timer_and_releases_cleanly() -> None:
     """Removed with a request still on it (a drain that timed out): its timer stops, and
     the last release (which frees the slot) neither fails nor re-arms anything."""
     async def scenario() -> None:
-        variant = _variant(ahead_s=0.05)
-        upstream = Upstream("127.0.0.1:1")
-        try:
-            instance = variant.add(upstream)
-            _teach(variant, 0.1)
+        async with _one_instance(0.05) as (variant, instance):
             assert variant.pick(5.0) is instance
             assert instance.ahead_timer is not None
             variant.set_draining(instance)
@@ -181,8 +155,6 @@ def test_a_removed_instance_ends_its_timer_and_releases_cleanly() -> None:
             Balancer.release(instance, 5.0)
             assert instance.outstanding == 0 and instance.ahead_timer is None
             assert variant.table.total_outstanding() == 0
-        finally:
-            await upstream.close()
 
     asyncio.run(scenario())
 

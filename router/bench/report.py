@@ -87,8 +87,8 @@ SPREAD_RATIOS = (
 
 
 def spread(compared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scale point, each ratio of :func:`comparison` over the runs: its mean, lowest
-    and highest, and how many runs had it."""
+    """Per scale point, each ratio of :func:`comparison` over the runs that have it (both
+    sides ran without errors): its mean, lowest and highest; and how many runs there were."""
     out = []
     for users, instances in sorted({(c["users"], c["instances"]) for c in compared}):
         runs = [c for c in compared if (c["users"], c["instances"]) == (users, instances)]
