@@ -171,3 +171,30 @@ def processes() -> dict[int, tuple[int, str, str]]:
         state, ppid = text.rsplit(")", 1)[1].split()[:2]
         found[int(stat.parent.name)] = (int(ppid), name, state)
     return found
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every process under ``root``, by pid, with its name."""
+    table = processes()
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, name, _) in table.items():
+            if ppid == parent:
+                found[pid] = name
+                todo.append(pid)
+    return found
+
+
+def wait_gone(pids: dict[int, str], timeout: float = 15.0) -> None:
+    """Until none of ``pids`` runs (a zombie, ended but not reaped, counts as gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        table = processes()
+        left = {pid: name for pid, name in pids.items()
+                if pid in table and table[pid][2] != "Z"}
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.1)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import processes
+from harness import descendants, wait_gone
 from tritonmesh.bench.experiment import percentile
 from tritonmesh.bench.loadgen import Workload
 
@@ -149,26 +149,6 @@ def test_spread_over_runs() -> None:
     assert over["lor_p99_vs_random"] == pytest.approx((0.5, 0.5, 0.5))
 
 
-def _descendants(root: int) -> dict[int, str]:
-    """Every process under ``root``, by pid, with its name."""
-    table = processes()
-    found: dict[int, str] = {}
-    todo = [root]
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, name, _) in table.items():
-            if ppid == parent:
-                found[pid] = name
-                todo.append(pid)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Running, or stopped; a zombie (ended, not yet reaped by its parent) is not."""
-    entry = processes().get(pid)
-    return entry is not None and entry[2] != "Z"
-
-
 def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:
     """A bench ended with SIGTERM (a CI timeout, say) stops what it started: the Triton
     workers, their Python backend stubs and the router under test."""
@@ -181,14 +161,14 @@ def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 120
         while True:  # until a worker and the router under test run
-            started = _descendants(bench.pid)
+            started = descendants(bench.pid)
             if {"tritonserver", "tritonmesh"} <= set(started.values()):
                 break
             assert bench.poll() is None, bench.communicate()[1]
             assert time.monotonic() < deadline, f"not started: {started}"
             time.sleep(0.2)
         time.sleep(1.0)  # load is running
-        started = _descendants(bench.pid)
+        started = descendants(bench.pid)
         bench.send_signal(signal.SIGTERM)
         _, err = bench.communicate(timeout=60)
     finally:
@@ -196,7 +176,4 @@ def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:
             bench.kill()
     assert bench.returncode == 128 + signal.SIGTERM, err
     assert "terminated" in err
-    deadline = time.monotonic() + 15
-    while left := {pid: name for pid, name in started.items() if _alive(pid)}:
-        assert time.monotonic() < deadline, f"left running: {left}"
-        time.sleep(0.1)
+    wait_gone(started)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import processes
+from harness import descendants, processes, wait_gone
 
 pytestmark = pytest.mark.triton
 
@@ -87,6 +87,22 @@ def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
     assert running.process.returncode == 0, out
     for pid in workers:
         assert not os.path.exists(f"/proc/{pid}"), f"worker {pid} survived"
+
+
+def test_sigkill_of_the_router_leaves_no_worker_process() -> None:
+    """SIGKILL (the OOM killer, say) runs no cleanup in the router: tritonserver dies by
+    its PDEATHSIG, and the guard in each worker's group takes the Python backend stubs."""
+    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0"])
+    try:
+        assert _identity(running.address) == [1, 2, 3]
+        tree = descendants(running.process.pid)
+        names = sorted(set(tree.values()))
+        assert "tritonserver" in names and "sh" in names, names  # the worker and its guard
+        assert any(name.startswith("triton_python") for name in names), names  # its stubs
+    finally:
+        running.process.kill()
+        running.process.communicate(timeout=30)
+    wait_gone(tree)
 
 
 def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[str]) -> None:

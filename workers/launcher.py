@@ -6,10 +6,11 @@ model of the repository), watches them, restarts those that die when asked to, a
 stops them all on exit: SIGTERM to each process group, SIGKILL after a grace period.
 Each worker runs in its own process group (its Python backend stubs with it), dies
 with its parent (PR_SET_PDEATHSIG), and an ``atexit`` hook kills any group still
-alive, so neither Ctrl-C, SIGTERM nor an exception leaves an orphan behind. One gap: a
-parent killed outright (SIGKILL, the OOM killer) takes each tritonserver with it, but
-the Python backend stubs that tritonserver started outlive it (Triton 2.51 does not end
-them, and they ignore SIGTERM); ``kill -KILL -- -PGID`` ends them.
+alive, so neither Ctrl-C, SIGTERM nor an exception leaves an orphan behind. A parent
+killed outright (SIGKILL, the OOM killer) runs no ``atexit``, and PDEATHSIG takes only
+tritonserver: Triton 2.51 leaves its Python backend stubs running (they ignore SIGTERM,
+and hold their shared-memory regions). So each worker's group also holds a guard, a
+``sh`` that sleeps until its own PDEATHSIG arrives and then kills the whole group.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import grpc
 import grpc.aio
@@ -52,9 +55,22 @@ def _kill_live_groups() -> None:
 atexit.register(_kill_live_groups)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _die_with_parent(sig: int = signal.SIGKILL) -> None:  # in the child, after fork
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+
+
+# Sleeps in the worker's process group. On SIGUSR1 (its PDEATHSIG: this process died) it
+# kills the group, the stubs included; on SIGTERM (the pool stopping) it just ends.
+_GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; exit 0" TERM; '
+                        'while :; do sleep 3600 & wait $!; done')
+
+
+def _guard_preexec(pgid: int) -> Callable[[], None]:
+    def join_group() -> None:  # in the child, after fork
+        os.setpgid(0, pgid)
+        _die_with_parent(signal.SIGUSR1)
+    return join_group
 
 
 class WorkerStartError(RuntimeError):
@@ -88,6 +104,7 @@ class TritonWorker:
         self.log_path = log_path
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: asyncio.subprocess.Process | None = None
+        self.guard: asyncio.subprocess.Process | None = None  # see _GUARD_SCRIPT
         self.restarts = 0
 
     @property
@@ -146,11 +163,35 @@ class TritonWorker:
         with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
             self.process = await asyncio.create_subprocess_exec(
                 *args, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT, env=install.env, start_new_session=True,
-                preexec_fn=_die_with_parent,
+                stderr=asyncio.subprocess.STDOUT, env=install.env,
+                # A group of its own (away from the terminal's Ctrl-C), in this session so
+                # that the guard can join it.
+                process_group=0, preexec_fn=_die_with_parent,
             )
         _LIVE_GROUPS.add(self.process.pid)
+        await self._start_guard()
         await self._wait_ready(timeout)
+
+    async def _start_guard(self) -> None:
+        assert self.process is not None
+        await self._reap_guard()
+        try:
+            self.guard = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _GUARD_SCRIPT, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                preexec_fn=_guard_preexec(self.process.pid))
+        except (OSError, subprocess.SubprocessError) as exc:
+            # tritonserver already gone (its group with it), or no /bin/sh: the worker
+            # runs, only without cover against a SIGKILL of this process.
+            log.warning("Triton worker %d: no process-group guard (%s)", self.index, exc)
+
+    async def _reap_guard(self) -> None:
+        """Wait for the guard of an ended group (the group's SIGKILL ended it too)."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            with contextlib.suppress(ProcessLookupError):
+                guard.kill()
+            await guard.wait()
 
     async def _wait_ready(self, timeout: float) -> None:
         models = repository_models(self.model_repository)
@@ -198,10 +239,11 @@ class TritonWorker:
             except TimeoutError:
                 log.warning("Triton worker %d ignored SIGTERM for %.0fs; killing it",
                             self.index, grace)
-        # The stubs live in the same group; take down whatever is left of it.
+        # The stubs and the guard live in the same group; take down whatever is left of it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         await process.wait()
+        await self._reap_guard()
         _LIVE_GROUPS.discard(pgid)
 
     def __repr__(self) -> str:
