@@ -10,7 +10,8 @@ alive, so neither Ctrl-C, SIGTERM nor an exception leaves an orphan behind. A pa
 killed outright (SIGKILL, the OOM killer) runs no ``atexit``, and PDEATHSIG takes only
 tritonserver: Triton 2.51 leaves its Python backend stubs running (they ignore SIGTERM,
 and hold their shared-memory regions). So each worker's group also holds a guard, a
-``sh`` that sleeps until its own PDEATHSIG arrives and then kills the whole group.
+``sh`` (under ``setpriv --pdeathsig``) that sleeps until its own PDEATHSIG arrives and
+then kills the whole group.
 """
 
 from __future__ import annotations
@@ -55,9 +56,17 @@ def _kill_live_groups() -> None:
 atexit.register(_kill_live_groups)
 
 
-def _die_with_parent(sig: int = signal.SIGKILL) -> None:  # in the child, after fork
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
+# Loaded here, in the parent: a forked child of this threaded process (gRPC's threads)
+# should do as little as possible before exec, and loading a library is not little.
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover (not glibc)
+    _LIBC = None
+
+
+def _die_with_parent() -> None:  # in the child, between fork and exec
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 # Sleeps in the worker's process group. On SIGUSR1 (its PDEATHSIG: this process died) it
@@ -66,11 +75,6 @@ _GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; ex
                         'while :; do sleep 3600 & wait $!; done')
 
 
-def _guard_preexec(pgid: int) -> Callable[[], None]:
-    def join_group() -> None:  # in the child, after fork
-        os.setpgid(0, pgid)
-        _die_with_parent(signal.SIGUSR1)
-    return join_group
 
 
 class WorkerStartError(RuntimeError):
@@ -175,14 +179,20 @@ class TritonWorker:
     async def _start_guard(self) -> None:
         assert self.process is not None
         await self._reap_guard()
+        setpriv = shutil.which("setpriv")  # util-linux: sets PDEATHSIG, then execs the guard
+        if setpriv is None:
+            log.warning("Triton worker %d: no process-group guard (setpriv, from util-linux, "
+                        "is not installed)", self.index)
+            return
         try:
+            # No preexec_fn: joining the group is done by subprocess itself, safely.
             self.guard = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _GUARD_SCRIPT, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                preexec_fn=_guard_preexec(self.process.pid))
+                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, process_group=self.process.pid)
         except (OSError, subprocess.SubprocessError) as exc:
-            # tritonserver already gone (its group with it), or no /bin/sh: the worker
-            # runs, only without cover against a SIGKILL of this process.
+            # tritonserver already gone (its group with it): the worker runs, only
+            # without cover against a SIGKILL of this process.
             log.warning("Triton worker %d: no process-group guard (%s)", self.index, exc)
 
     async def _reap_guard(self) -> None:
