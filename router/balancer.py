@@ -267,9 +267,9 @@ class Variant:
             elif instance is not None:
                 left = self.table.outstanding(slot)
                 if left == 0:
-                    instance.free_at = 0.0
-                    self._due.discard(instance)
-                elif left == 1 and instance.free_at > 0.0:
+                    self._stop_ahead(instance)
+                    return
+                if left == 1 and instance.free_at > 0.0:
                     # The request sent ahead starts now. Anchor its end here, on the
                     # observed end of the one before it, not on that one's prediction:
                     # chained predictions would drift by their errors' sum.

@@ -32,7 +32,12 @@ from tritonmesh.wire import (
     peek_stream_response,
     stream_response_from_unary,
 )
-from tritonmesh.workers.upstream import await_call, cancel_in_core, upstream_cancelled
+from tritonmesh.workers.upstream import (
+    await_call,
+    being_cancelled,
+    cancel_in_core,
+    upstream_cancelled,
+)
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
 
@@ -330,8 +335,7 @@ class _StreamSession:
                 async for response in up.call:
                     await self._on_response(up, response)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
+                if being_cancelled():
                     raise  # _close() ended this pump
                 raise upstream_cancelled() from None  # the instance's channel closed
         except grpc.aio.AioRpcError as exc:

@@ -17,8 +17,16 @@ try:  # the concrete base of grpc.aio's calls; see cancel_in_core()
 except ImportError:  # pragma: no cover (a grpcio that moved it: plain cancel, leak and all)
     _CoreCall = None
 
-__all__ = ["CHANNEL_OPTIONS", "SERVICE", "Upstream", "await_call", "cancel_in_core",
-           "method_path", "upstream_cancelled"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "SERVICE",
+    "Upstream",
+    "await_call",
+    "being_cancelled",
+    "cancel_in_core",
+    "method_path",
+    "upstream_cancelled",
+]
 
 SERVICE: Final = "inference.GRPCInferenceService"
 INT32_MAX: Final = 2**31 - 1
@@ -88,7 +96,7 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
         if not inner.done():
             cancel_in_core(call)
             raise
-        if inner.cancelled() and not _being_cancelled():
+        if inner.cancelled() and not being_cancelled():
             # Cancelled under us, not by our caller: its channel was closed (the instance
             # was removed). A CancelledError would end the caller as if it were cancelled,
             # and its client would get no status until its deadline.
@@ -97,7 +105,9 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
     return response
 
 
-def _being_cancelled() -> bool:
+def being_cancelled() -> bool:
+    """Whether the running task was asked to cancel (as opposed to a CancelledError that
+    came up from something it awaited being cancelled by someone else)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
