@@ -67,7 +67,8 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
 
 
 def test_repeated_runs(tmp_path: Path) -> None:
-    """--repeat runs the table again and reports each ratio's spread over the runs."""
+    """--repeat runs the table again, on a new draw, and reports each ratio's spread over
+    the runs."""
     tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
     args = [tritonmesh, "--log-level", "WARNING", "bench", "--scale", "2/1", "--warmup", "1",
             "--duration", "2", "--no-peers", "--targets", "tritonmesh RANDOM",
@@ -77,6 +78,8 @@ def test_repeated_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "routing.json").read_text())
     assert report["meta"]["runs"] == 2
+    # Each pass draws from its own seed (run r: seed + r - 1), every target of a pass alike.
+    assert {(r["run"], r["seed"]) for r in report["rows"]} == {(1, 7), (2, 8)}
     assert sorted((r["run"], r["target"]) for r in report["rows"]) == [
         (run, target) for run in (1, 2) for target in (
             "tritonmesh LEAST_OUTSTANDING_REQUESTS",

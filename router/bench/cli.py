@@ -67,8 +67,8 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
     bench.add_argument("--decode-ms", type=float, default=2.0, help="per-token time")
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--repeat", type=_positive, default=1, metavar="N",
-                       help="run the whole table N times and report the spread of each "
-                            "ratio over the runs")
+                       help="run the whole table N times (run r draws with seed + r - 1) and "
+                            "report the spread of each ratio over the runs")
     bench.add_argument("--users", type=int, nargs="+", default=[1, 8],
                        help="overhead mode: concurrent users")
     bench.add_argument("--out", type=Path, default=None,
@@ -123,7 +123,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         rows = as_dicts(results)
         meta.update(workload=asdict(workload), scale=list(scale), warmup_s=args.warmup,
                     measured_s=args.duration, mode="stream" if args.stream else "unary",
-                    runs=args.repeat)
+                    runs=args.repeat, seeds=[args.seed + r for r in range(args.repeat)])
     written = write_results(out, args.mode, rows, meta, notes)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

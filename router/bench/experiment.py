@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ class CellResult:
     triton_executed: int  # what the workers' own statistics counted for the cell
     error_samples: list[str] = field(default_factory=list)
     run: int = 1  # which pass over the table (``--repeat``)
+    seed: int = 7  # the lengths' seed this run drew from
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -170,6 +171,7 @@ def summarize(cell: Cell, outcomes: list[Outcome], window: tuple[float, float],
         utilization=round(statistics.fmean(cell_busy) / busy_span_s, 3) if cell_busy else 0.0,
         sent=len(outcomes), triton_executed=executed,
         error_samples=sorted({o.error for o in measured if o.error})[:3], run=cell.run,
+        seed=workload.seed,
     )
 
 
@@ -208,7 +210,10 @@ async def routing_experiment(
     """Every target at every (users, instances) point, on one pool of real workers.
 
     With ``repeats`` > 1 the whole table runs that many times, one pass after another,
-    so that a drift in the machine over the run spreads over every target alike.
+    so that a drift in the machine over the run spreads over every target alike. Pass r
+    draws its lengths with seed ``workload.seed + r - 1``: every target of a pass serves the
+    same requests, and the passes differ, so the spread covers the draw as well as the
+    machine (with one seed, two passes mostly repeat each other's tail).
     """
     cells = [Cell(u, n, t, run) for run in range(1, repeats + 1)
              for u, n in scale for t in targets]
@@ -221,7 +226,8 @@ async def routing_experiment(
                     run = f"run {cell.run}/{repeats}: " if repeats > 1 else ""
                     progress(i, len(cells), f"{run}{cell.users} users / {cell.instances} "
                                             f"instances: {cell.target.label}")
-                results.append(await run_cell(cell, pool.addresses, workload, warmup_s,
+                drawn = replace(workload, seed=workload.seed + cell.run - 1)
+                results.append(await run_cell(cell, pool.addresses, drawn, warmup_s,
                                               measure_s, streaming))
             if progress:
                 progress(len(cells), len(cells), "done")
