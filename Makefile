@@ -24,8 +24,9 @@ test: test-compiled test-twin
 test-compiled: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop).
 test-twin: install
-	TRITONMESH_NO_EXTENSIONS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	TRITONMESH_NO_EXTENSIONS=1 TRITONMESH_EVENT_LOOP=asyncio $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The core with its invariant check compiled in after every mutation, then rebuilt for speed.
 test-debug: install

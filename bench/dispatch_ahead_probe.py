@@ -119,7 +119,9 @@ async def _probe(args: argparse.Namespace) -> None:
 
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--router":
-        asyncio.run(_router(sys.argv[2], float(sys.argv[3])))
+        from tritonmesh.loop import run  # the router's own loop (uvloop by default)
+
+        run(_router(sys.argv[2], float(sys.argv[3])))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ahead-ms", type=float, default=5.0)

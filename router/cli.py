@@ -16,6 +16,8 @@ from tritonmesh.config import (
     VariantConfig,
     load_config,
 )
+from tritonmesh.loop import CHOICES, ENV, EventLoopError, loop_name
+from tritonmesh.loop import run as run_on_loop
 
 __all__ = ["main"]
 
@@ -49,6 +51,7 @@ def _banner(router: object) -> None:
     assert isinstance(router, Router)
     assert router.balancer is not None
     print(f"tritonmesh is serving Triton's gRPC protocol on {router.address}", flush=True)
+    print(f"  event loop: {loop_name(asyncio.get_running_loop())}")
     for variant in router.balancer.variants:
         print(f"  variant {variant.name!r}: {variant.strategy.value}, weight {variant.weight:g}")
         for inst in variant.live_instances():
@@ -72,7 +75,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ),),
     )
     print(f"starting {args.workers} local Triton workers and the router...", flush=True)
-    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner))
+    run_on_loop(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner), args.event_loop)
     return 0
 
 
@@ -80,15 +83,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from tritonmesh.endpoint import run_endpoint
 
     config = load_config(args.config)
-    asyncio.run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
-                             config_path=args.config))
+    run_on_loop(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
+                             config_path=args.config), args.event_loop)
     return 0
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
     from tritonmesh.workers.launcher import serve_workers
 
-    asyncio.run(serve_workers(args.count, args.model_repository, args.log_dir, args.restart))
+    run_on_loop(serve_workers(args.count, args.model_repository, args.log_dir, args.restart),
+                args.event_loop)
     return 0
 
 
@@ -121,6 +125,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonmesh", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--event-loop", choices=CHOICES, default=None,
+                        help=f"asyncio event loop (default: ${ENV}, else auto: uvloop when "
+                             "installed)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start local Triton workers with the demo models, and the "
@@ -166,6 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code: int = args.func(args)
+    except EventLoopError as exc:
+        print(f"tritonmesh: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         print(f"tritonmesh: invalid configuration: {exc}", file=sys.stderr)
         return 2

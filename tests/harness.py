@@ -25,6 +25,7 @@ from tritonmesh.config import (
     VariantConfig,
     WorkHint,
 )
+from tritonmesh.loop import new_event_loop
 from tritonmesh.server import Router
 from tritonmesh.workers.launcher import WorkerPool
 
@@ -32,10 +33,12 @@ T = TypeVar("T")
 
 
 class LoopThread:
-    """An event loop running forever in a daemon thread."""
+    """An event loop running forever in a daemon thread: the kind the router's command runs
+    on (uvloop; ``TRITONMESH_EVENT_LOOP=asyncio`` for the stdlib's, as `make test-twin`
+    does, so that both loops pass every test)."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="test-loop",
                                        daemon=True)
         self.thread.start()

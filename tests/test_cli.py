@@ -105,15 +105,19 @@ def test_sigkill_of_the_router_leaves_no_worker_process() -> None:
     wait_gone(tree)
 
 
-def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[str]) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[str],
+                                        loop: str) -> None:
+    """On either event loop (the default one is tests/test_loop.py's business)."""
     config = tmp_path / "endpoint.yaml"
     config.write_text(
         "listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nvariants:\n"
         "  - name: AllTraffic\n    routing_strategy: POWER_OF_TWO_CHOICES\n"
         f"    instances: {worker_addresses[:2]!r}\n"
     )
-    running = Running(["serve", "--config", str(config)])
+    running = Running(["--event-loop", loop, "serve", "--config", str(config)])
     try:
+        assert f"  event loop: {loop}\n" in running.lines
         for _ in range(4):
             assert _identity(running.address) == [1, 2, 3]
         assert running.metrics is not None
@@ -164,6 +168,14 @@ def test_invalid_config_is_reported(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "variants[0].instances[0]: expected HOST:PORT" in result.stderr
+
+
+def test_unknown_event_loop_is_reported(tmp_path: Path) -> None:
+    env = {**os.environ, "TRITONMESH_EVENT_LOOP": "trio"}
+    result = subprocess.run([TRITONMESH, "workers", "--count", "1"], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 2
+    assert "event loop must be one of auto, uvloop, asyncio, got 'trio'" in result.stderr
 
 
 def test_status_of_nothing_says_so() -> None:

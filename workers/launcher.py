@@ -5,13 +5,13 @@ free loopback ports, waits until each is ready (ServerReady and ModelReady for e
 model of the repository), watches them, restarts those that die when asked to, and
 stops them all on exit: SIGTERM to each process group, SIGKILL after a grace period.
 Each worker runs in its own process group (its Python backend stubs with it), dies
-with its parent (PR_SET_PDEATHSIG), and an ``atexit`` hook kills any group still
-alive, so neither Ctrl-C, SIGTERM nor an exception leaves an orphan behind. A parent
-killed outright (SIGKILL, the OOM killer) runs no ``atexit``, and PDEATHSIG takes only
-tritonserver: Triton 2.51 leaves its Python backend stubs running (they ignore SIGTERM,
-and hold their shared-memory regions). So each worker's group also holds a guard, a
-``sh`` (under ``setpriv --pdeathsig``) that sleeps until its own PDEATHSIG arrives and
-then kills the whole group.
+with its parent (PR_SET_PDEATHSIG, set by util-linux's ``setpriv``), and an ``atexit``
+hook kills any group still alive, so neither Ctrl-C, SIGTERM nor an exception leaves an
+orphan behind. A parent killed outright (SIGKILL, the OOM killer) runs no ``atexit``,
+and PDEATHSIG takes only tritonserver: Triton 2.51 leaves its Python backend stubs
+running (they ignore SIGTERM, and hold their shared-memory regions). So each worker's
+group also holds a guard, a ``sh`` (under ``setpriv --pdeathsig``) that sleeps until its
+own PDEATHSIG arrives and then kills the whole group.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
+import functools
 import logging
 import os
 import shutil
@@ -35,6 +35,7 @@ from typing import Final
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.workers.child import Child, spawn
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path
 
@@ -43,7 +44,6 @@ __all__ = ["TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
 log = logging.getLogger("tritonmesh.workers")
 
 _LIVE_GROUPS: set[int] = set()
-_PR_SET_PDEATHSIG = 1
 
 
 def _kill_live_groups() -> None:
@@ -56,25 +56,20 @@ def _kill_live_groups() -> None:
 atexit.register(_kill_live_groups)
 
 
-# Loaded here, in the parent: a forked child of this threaded process (gRPC's threads)
-# should do as little as possible before exec, and loading a library is not little.
-try:
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # pragma: no cover (not glibc)
-    _LIBC = None
-
-
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 # Sleeps in the worker's process group. On SIGUSR1 (its PDEATHSIG: this process died) it
 # kills the group, the stubs included; on SIGTERM (the pool stopping) it just ends.
 _GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; exit 0" TERM; '
                         'while :; do sleep 3600 & wait $!; done')
 
 
+@functools.cache
+def _setpriv() -> str | None:
+    """util-linux's setpriv, which sets PDEATHSIG and execs the command given to it."""
+    found = shutil.which("setpriv")
+    if found is None:
+        log.warning("setpriv (util-linux) is not installed: Triton workers will not die "
+                    "with this process if it is killed outright (SIGKILL, the OOM killer)")
+    return found
 
 
 class WorkerStartError(RuntimeError):
@@ -107,8 +102,8 @@ class TritonWorker:
         self.model_repository = model_repository
         self.log_path = log_path
         self.grpc_port = self.http_port = self.metrics_port = 0
-        self.process: asyncio.subprocess.Process | None = None
-        self.guard: asyncio.subprocess.Process | None = None  # see _GUARD_SCRIPT
+        self.process: Child | None = None
+        self.guard: Child | None = None  # see _GUARD_SCRIPT
         self.restarts = 0
 
     @property
@@ -153,7 +148,13 @@ class TritonWorker:
 
     async def _launch(self, timeout: float) -> None:
         install = find_tritonserver()
+        setpriv = _setpriv()
         args = [
+            # PDEATHSIG set by setpriv, which then execs tritonserver (kept across the exec),
+            # so the child runs no Python between fork and exec. With a preexec_fn Python
+            # runs its at-fork hooks in the child: one such child aborted in gRPC's poller
+            # before its exec ("epoll_wait error: Bad file descriptor", SIGABRT).
+            *([setpriv, "--pdeathsig", "KILL"] if setpriv else []),
             str(install.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={install.backend_dir}",
@@ -165,12 +166,12 @@ class TritonWorker:
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
-            self.process = await asyncio.create_subprocess_exec(
-                *args, stdin=asyncio.subprocess.DEVNULL, stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT, env=install.env,
+            self.process = spawn(
+                *args, stdin=subprocess.DEVNULL, stdout=logfile,
+                stderr=subprocess.STDOUT, env=install.env,
                 # A group of its own (away from the terminal's Ctrl-C), in this session so
                 # that the guard can join it.
-                process_group=0, preexec_fn=_die_with_parent,
+                process_group=0,
             )
         _LIVE_GROUPS.add(self.process.pid)
         await self._start_guard()
@@ -179,17 +180,15 @@ class TritonWorker:
     async def _start_guard(self) -> None:
         assert self.process is not None
         await self._reap_guard()
-        setpriv = shutil.which("setpriv")  # util-linux: sets PDEATHSIG, then execs the guard
+        setpriv = _setpriv()
         if setpriv is None:
-            log.warning("Triton worker %d: no process-group guard (setpriv, from util-linux, "
-                        "is not installed)", self.index)
             return
         try:
             # No preexec_fn: joining the group is done by subprocess itself, safely.
-            self.guard = await asyncio.create_subprocess_exec(
+            self.guard = spawn(
                 setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, process_group=self.process.pid)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, process_group=self.process.pid)
         except (OSError, subprocess.SubprocessError) as exc:
             # tritonserver already gone (its group with it): the worker runs, only
             # without cover against a SIGKILL of this process.

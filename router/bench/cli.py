@@ -23,7 +23,7 @@ from tritonmesh.bench.experiment import (
 from tritonmesh.bench.loadgen import Workload
 from tritonmesh.bench.overhead import overhead_experiment
 from tritonmesh.bench.report import write_results
-from tritonmesh.bench.targets import available_targets
+from tritonmesh.bench.targets import STDLIB_LOOP, available_targets
 
 __all__ = ["add_bench_parser"]
 
@@ -109,9 +109,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.mode == "overhead":
         # One backend: every strategy picks it, so one configuration per router says it all.
         first = {t.kind: t for t in reversed(targets) if t.max_concurrency is None}
+        chosen = [t for t in targets if first.get(t.kind) is t]
+        if "tritonmesh" in first:  # and the same router on the stdlib's event loop
+            chosen.insert(chosen.index(first["tritonmesh"]) + 1, STDLIB_LOOP)
         rows = asyncio.run(_terminable(overhead_experiment(
-            [t for t in targets if first.get(t.kind) is t], args.users, args.duration,
-            progress=progress_bar)))
+            chosen, args.users, args.duration, progress=progress_bar)))
         meta.update(users=args.users, seconds_per_cell=args.duration)
     else:
         workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 from tritonmesh.workers.launcher import free_ports
 
-__all__ = ["INSTALL_PEERS", "Target", "available_targets", "running"]
+__all__ = ["INSTALL_PEERS", "STDLIB_LOOP", "Target", "available_targets", "running"]
 
 INSTALL_PEERS = "apt-get install -y nginx haproxy"
 
@@ -35,6 +35,7 @@ class Target:
     max_concurrency: int | None = None
     least_slack: bool = False  # tritonmesh late binding: queue_order LEAST_SLACK
     dispatch_ahead_s: float = 0.0  # tritonmesh late binding: dispatch_ahead_s
+    event_loop: str = ""  # tritonmesh: --event-loop ("": the default, uvloop)
 
     @property
     def label(self) -> str:
@@ -44,6 +45,8 @@ class Target:
                 order += f", dispatch ahead {self.dispatch_ahead_s * 1000:g} ms"
             return (f"tritonmesh {self.strategy} "
                     f"(late binding, {self.max_concurrency}/instance{order})")
+        if self.event_loop:
+            return f"{self.kind} {self.strategy} ({self.event_loop} loop)"
         return f"{self.kind} {self.strategy}".strip()
 
 
@@ -56,6 +59,8 @@ WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
                      least_slack=True),
               Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
                      least_slack=True, dispatch_ahead_s=0.01)]
+# Overhead mode only: what uvloop (the default) is worth, side by side in one run.
+STDLIB_LOOP = Target("tritonmesh", "RANDOM", event_loop="asyncio")
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
@@ -193,6 +198,8 @@ async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
             conf.write_text(_tritonmesh_conf(port, workers, target))
             tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
             args = [tritonmesh, "--log-level", "WARNING", "serve", "--config", str(conf)]
+            if target.event_loop:
+                args[1:1] = ["--event-loop", target.event_loop]
         log = open(prefix / "target.log", "wb")  # noqa: ASYNC230 (closed below)
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT)
