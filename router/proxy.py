@@ -137,6 +137,7 @@ class Proxy:
             ahead = instance.work_ahead()
             started = time.perf_counter()
             ok = False
+            failed: tuple[grpc.StatusCode, str, Metadata] | None = None
             try:
                 response: bytes = await await_call(instance.upstream.model_infer(
                     request, timeout=context.time_remaining(), metadata=metadata
@@ -164,10 +165,14 @@ class Proxy:
                     # gRPC has already answered the client (cancelled, deadline passed); a
                     # status sent now fails in the core and is logged as an error.
                     raise asyncio.CancelledError from None
-                await context.abort(code, details, tuple(exc.trailing_metadata() or ()))
+                failed = (code, details, tuple(exc.trailing_metadata() or ()))
             finally:
                 balancer.release(instance, cost)
                 instance.observe(time.perf_counter() - started, ok, ahead, cost)
+            # Only now: abort() sends the status before it raises, and a client that has
+            # its answer must find the request released (its count back, its outcome seen).
+            assert failed is not None
+            await context.abort(*failed)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext

@@ -431,3 +431,19 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=60)
     assert process.returncode == 0
+
+
+def test_a_failed_request_is_released_before_its_client_hears(make_router: Any) -> None:
+    """grpc.aio's abort() sends the status before it raises: a release in a finally block
+    after it ran once the client already had its error (a count still 1, a failure not
+    yet recorded, as CI caught once). The answer must come after the release."""
+    router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1)
+    (instance,) = router.instances()
+    inputs = [grpcclient.InferInput("INPUT0", [4], "FP32")]
+    inputs[0].set_data_from_numpy(np.ones(4, dtype=np.float32))
+    before = instance.requests
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for n in range(1, 501):
+            with pytest.raises(InferenceServerException, match="no_such_model"):
+                client.infer("no_such_model", inputs)
+            assert (instance.outstanding, instance.requests - before) == (0, n)
