@@ -16,18 +16,32 @@ its last ejection, so one bad hour does not cost it the longest back-off forever
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from tritonmesh.balancer import Instance
 
-__all__ = ["OutlierDetector"]
+__all__ = ["INSTANCE_FAILURES", "OutlierDetector", "blames_instance"]
 
 log = logging.getLogger("tritonmesh.outlier")
 
 # gRPC status codes (by name) that blame the instance rather than the request.
 INSTANCE_FAILURES: Final = frozenset({"UNAVAILABLE", "INTERNAL"})
+
+# An error inside a stream carries Triton's message and no status code, so the instance is
+# blamed by the message. Only wordings known to mean "this server is broken" are listed:
+# Triton 2.51's Python backend, whose stub died, keeps reporting the model READY (so health
+# checks pass) and answers each request at once with this, INTERNAL in ModelInfer.
+_INSTANCE_FAILURE_MESSAGES: Final = (
+    re.compile(r"Stub process '[^']*' is not healthy"),
+)
+
+
+def blames_instance(message: str) -> bool:
+    """Whether an in-stream error message says the instance, not the request, failed."""
+    return any(p.search(message) for p in _INSTANCE_FAILURE_MESSAGES)
 
 
 class OutlierDetector:
@@ -51,6 +65,12 @@ class OutlierDetector:
         instance.failures += 1
         if instance.failures >= self.consecutive_failures and self._may_eject(instance):
             self.eject(instance, f"{instance.failures} consecutive {code_name} failures")
+
+    def stream_error(self, instance: Instance, message: str) -> None:
+        """A request inside a stream ended with an error: INTERNAL if its message blames
+        the instance; otherwise the request's fault, which breaks a run of failures as
+        any non-instance status does in ModelInfer."""
+        self.failure(instance, "INTERNAL" if blames_instance(message) else "UNKNOWN")
 
     def connect_failure(self, instance: Instance) -> None:
         self.eject(instance, "connection failed")

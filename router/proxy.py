@@ -373,6 +373,10 @@ class _StreamSession:
         if not info.terminal:
             await self._write(response)
             return
+        if info.error_message:
+            self.balancer.outliers.stream_error(up.instance, info.error_message)
+        else:
+            self.balancer.outliers.success(up.instance)
         pending = self._settle(up, info.id, ok=not info.error_message)
         if (
             info.final and not info.has_outputs and not info.error_message

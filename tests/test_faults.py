@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from harness import (
     LongStream,
     LoopThread,
+    descendants,
     generate_inputs,
     make_config,
     start_pool,
@@ -388,6 +389,69 @@ def test_worker_killed_mid_stream_fails_only_its_request(loop_thread: LoopThread
             more = [results.get(timeout=60) for _ in range(300)]
             assert all(e is None for _, e in more)
             assert {r.get_response().id for r, _ in more} == {"c"}
+            client.stop_stream()
+        router.wait_idle()
+    finally:
+        router.stop()
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+@pytest.mark.parametrize(("message", "blamed"), [
+    ("Stub process 'generate_0_0' is not healthy.", True),  # Triton 2.51, the stub died
+    ("Request for unknown model: 'x' is not found", False),  # the client's mistake
+    ("PROMPT_TOKENS must be >= 0 and MAX_TOKENS between 0 and 100000, got -1 and 4", False),
+    ("", False),
+])
+def test_which_in_stream_errors_blame_the_instance(message: str, blamed: bool) -> None:
+    from tritonmesh.outlier import blames_instance
+
+    assert blames_instance(message) is blamed
+
+
+def _stream_one(client: grpcclient.InferenceServerClient,
+                results: queue.Queue[tuple[Any, Any]], tokens: int) -> str | None:
+    """One generation on the client's stream: None if every token came, else the error."""
+    client.async_stream_infer("generate", generate_inputs(tokens))
+    for _ in range(tokens):
+        _, error = results.get(timeout=60)
+        if error is not None:
+            return str(error)
+    return None
+
+
+def test_in_stream_failures_of_a_broken_instance_eject_it(loop_thread: LoopThread) -> None:
+    """Triton's Python backend stub dies: the model still reports READY, so health checks
+    pass, and every stream request there fails at once, in-stream, with no status code.
+    To least-outstanding routing that instance looks idle; the outlier detector must read
+    the in-stream errors, take it out, and let the stream's requests go elsewhere."""
+    pool = start_pool(loop_thread, 2)
+    config, instances = make_config(pool.addresses, strategy="LEAST_OUTSTANDING_REQUESTS")
+    router = start_router(loop_thread, config, instances)
+    victim = pool.workers[0]
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    try:
+        assert victim.pid is not None
+        stubs = [pid for pid in descendants(victim.pid)
+                 if b"/generate/1/model.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(stubs) == 1, stubs
+        os.kill(stubs[0], signal.SIGKILL)
+        (bad,) = [i for i in router.instances() if i.address == victim.address]
+        with grpcclient.InferenceServerClient(router.address) as client:
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            failed = sent = 0
+            while bad.healthy:
+                assert sent < 50, f"still picked after {sent} requests ({failed} failed)"
+                sent += 1
+                error = _stream_one(client, results, 4)
+                if error is not None:
+                    failed += 1
+                    assert "is not healthy" in error, error
+            assert failed >= 5  # the detector's run of consecutive failures, no fewer
+            # Ejected for a second at least: the stream's next requests all succeed.
+            before = bad.requests
+            for _ in range(10):
+                assert _stream_one(client, results, 4) is None
+            assert bad.requests == before
             client.stop_stream()
         router.wait_idle()
     finally:
