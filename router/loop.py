@@ -40,9 +40,10 @@ def new_event_loop(choice: str | None = None) -> asyncio.AbstractEventLoop:
     if choice != "asyncio":
         try:
             import uvloop
-        except ImportError:
+        except ImportError as exc:
             if choice == "uvloop":
-                raise
+                raise EventLoopError("the uvloop event loop was asked for, but uvloop is not "
+                                     "installed (pip install uvloop)") from exc
         else:
             return uvloop.new_event_loop()
     return asyncio.new_event_loop()
@@ -54,5 +55,10 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
 
 def run(main: Coroutine[Any, Any, T], choice: str | None = None) -> T:
     """``asyncio.run`` on the chosen loop."""
-    with asyncio.Runner(loop_factory=lambda: new_event_loop(choice)) as runner:
+    try:
+        loop = new_event_loop(choice)
+    except BaseException:
+        main.close()  # never started: no "coroutine was never awaited" on the way out
+        raise
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
         return runner.run(main)

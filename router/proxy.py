@@ -183,7 +183,8 @@ class Proxy:
 class _Pending:
     """A request sent on an upstream stream whose final response has not arrived."""
 
-    __slots__ = ("ahead", "client_wants_empty_final", "cost", "id", "model_name", "started")
+    __slots__ = ("ahead", "client_wants_empty_final", "cost", "failed", "id", "model_name",
+                 "started")
 
     def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool,
                  cost: float, ahead: float):
@@ -193,6 +194,7 @@ class _Pending:
         self.cost = cost  # what it was picked with, released with
         self.ahead = ahead  # LEAST_OUTSTANDING_WORK: the work it found on its instance
         self.started = time.perf_counter()
+        self.failed = False  # an in-stream error came for it (final or not)
 
 
 class _Upstream:
@@ -371,13 +373,19 @@ class _StreamSession:
             await self._write(response)
             return
         if not info.terminal:
+            if info.error_message:
+                # A decoupled model's error need not be its final response: judge the
+                # request now, once, and never as a success at its (empty) final.
+                for p in up.pending:
+                    if p.id == info.id:
+                        if not p.failed:
+                            p.failed = True
+                            self.balancer.outliers.stream_error(up.instance,
+                                                                info.error_message)
+                        break
             await self._write(response)
             return
-        if info.error_message:
-            self.balancer.outliers.stream_error(up.instance, info.error_message)
-        else:
-            self.balancer.outliers.success(up.instance)
-        pending = self._settle(up, info.id, ok=not info.error_message)
+        pending = self._settle(up, info.id, info.error_message)
         if (
             info.final and not info.has_outputs and not info.error_message
             and pending is not None and not pending.client_wants_empty_final
@@ -385,8 +393,10 @@ class _StreamSession:
             return  # an empty final the router asked for; the client did not
         await self._write(response)
 
-    def _settle(self, up: _Upstream, request_id: str, ok: bool) -> _Pending | None:
-        """Close the oldest pending request with this id on this upstream, and release it."""
+    def _settle(self, up: _Upstream, request_id: str, error: str) -> _Pending | None:
+        """Close the oldest pending request with this id on this upstream, tell the outlier
+        detector how it went (``error``: its final response's, "" for none), and release
+        it."""
         pending = up.pending
         found = None
         for i, p in enumerate(pending):
@@ -398,7 +408,12 @@ class _StreamSession:
             if not pending:
                 return None
             found = pending.popleft()
-        self._release(up.instance, found, ok)
+        if error and not found.failed:
+            found.failed = True
+            self.balancer.outliers.stream_error(up.instance, error)
+        elif not found.failed:
+            self.balancer.outliers.success(up.instance)
+        self._release(up.instance, found, not found.failed)
         return found
 
     def _settle_all(self, up: _Upstream) -> list[_Pending]:

@@ -176,6 +176,7 @@ def test_unknown_event_loop_is_reported(tmp_path: Path) -> None:
                             text=True, timeout=60, env=env)
     assert result.returncode == 2
     assert "event loop must be one of auto, uvloop, asyncio, got 'trio'" in result.stderr
+    assert "Traceback" not in result.stderr and "never awaited" not in result.stderr
 
 
 def test_status_of_nothing_says_so() -> None:

@@ -434,6 +434,8 @@ def test_in_stream_failures_of_a_broken_instance_eject_it(loop_thread: LoopThrea
         stubs = [pid for pid in descendants(victim.pid)
                  if b"/generate/1/model.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(stubs) == 1, stubs
+        # Ejected for 30 s, not 1: the follow-up requests below must not race the back-off.
+        router.balancer.outliers.base_ejection_s = 30.0
         os.kill(stubs[0], signal.SIGKILL)
         (bad,) = [i for i in router.instances() if i.address == victim.address]
         with grpcclient.InferenceServerClient(router.address) as client:
@@ -447,7 +449,7 @@ def test_in_stream_failures_of_a_broken_instance_eject_it(loop_thread: LoopThrea
                     failed += 1
                     assert "is not healthy" in error, error
             assert failed >= 5  # the detector's run of consecutive failures, no fewer
-            # Ejected for a second at least: the stream's next requests all succeed.
+            # Out of the pick set: the stream's next requests all succeed elsewhere.
             before = bad.requests
             for _ in range(10):
                 assert _stream_one(client, results, 4) is None

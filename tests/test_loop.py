@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 import uvloop
@@ -38,3 +39,14 @@ def test_unknown_choice_names_the_choices(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv(ENV, "trio")
     with pytest.raises(EventLoopError, match="one of auto, uvloop, asyncio, got 'trio'"):
         new_event_loop()
+
+
+def test_uvloop_asked_for_but_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+
+    async def never() -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(EventLoopError, match="uvloop is not installed"):
+        run(never(), "uvloop")
+    assert run(_kind(), "auto") == "asyncio"  # auto falls back to the stdlib loop

@@ -32,10 +32,13 @@ class Child:
     async def wait(self) -> int:
         if self._popen.poll() is not None:
             return self._popen.returncode
+        pidfd_open = getattr(os, "pidfd_open", None)
         try:
             # Reaping happens only here and in poll(), on this thread: until then an
             # exited child is a zombie, so its pidfd can still be opened.
-            fd = os.pidfd_open(self.pid)
+            if pidfd_open is None:
+                raise OSError("no os.pidfd_open")
+            fd = pidfd_open(self.pid)
         except OSError:  # Linux before 5.3, or a kernel without pidfds
             return await asyncio.to_thread(self._popen.wait)
         loop = asyncio.get_running_loop()
@@ -45,11 +48,13 @@ class Child:
             if not exited.done():
                 exited.set_result(None)
 
-        loop.add_reader(fd, readable)
         try:
-            await exited
+            loop.add_reader(fd, readable)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(fd)
         finally:
-            loop.remove_reader(fd)
             os.close(fd)
         return self._popen.wait()
 

@@ -64,11 +64,21 @@ _GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; ex
 
 @functools.cache
 def _setpriv() -> str | None:
-    """util-linux's setpriv, which sets PDEATHSIG and execs the command given to it."""
+    """util-linux's setpriv, which sets PDEATHSIG and execs the command given to it; None
+    where it is missing or too old for ``--pdeathsig`` (util-linux before 2.33)."""
     found = shutil.which("setpriv")
+    if found is not None:
+        try:
+            usage = subprocess.run([found, "--help"], capture_output=True, text=True,
+                                   timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            usage = ""
+        if "--pdeathsig" not in usage:
+            found = None
     if found is None:
-        log.warning("setpriv (util-linux) is not installed: Triton workers will not die "
-                    "with this process if it is killed outright (SIGKILL, the OOM killer)")
+        log.warning("no setpriv with --pdeathsig (util-linux 2.33 or later): Triton workers "
+                    "and their stubs will not die with this process if it is killed outright "
+                    "(SIGKILL, the OOM killer)")
     return found
 
 
@@ -362,11 +372,18 @@ async def serve_workers(count: int, model_repository: str | None, log_dir: str |
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with WorkerPool(count, model_repository, log_dir=log_dir, restart=restart) as pool:
-        print(f"{count} Triton workers ready (logs in {pool.log_dir}):", flush=True)
-        for worker in pool.workers:
-            print(f"  worker {worker.index}: grpc {worker.address}  "
-                  f"http 127.0.0.1:{worker.http_port}  "
-                  f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}", flush=True)
-        print("Stop with Ctrl-C.", flush=True)
-        await stop.wait()
+    try:
+        async with WorkerPool(count, model_repository, log_dir=log_dir,
+                              restart=restart) as pool:
+            print(f"{count} Triton workers ready (logs in {pool.log_dir}):", flush=True)
+            for worker in pool.workers:
+                print(f"  worker {worker.index}: grpc {worker.address}  "
+                      f"http 127.0.0.1:{worker.http_port}  "
+                      f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}", flush=True)
+            print("Stop with Ctrl-C.", flush=True)
+            await stop.wait()
+    finally:
+        # While the loop runs: uvloop cannot remove them once it has stopped, and they
+        # would swallow SIGINT/SIGTERM for the rest of the process's life.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
