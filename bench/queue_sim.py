@@ -98,7 +98,8 @@ def trace(weight: float, users: int, instances: int, jobs: int, sigma: float,
     while len(done) < jobs:
         now, i, arrival = heapq.heappop(running)
         idle.append(i)
-        outstanding[i] -= 1
+        if placement != "central":
+            outstanding[i] -= 1
         done.append((now, now - arrival))
         arrive(now)
         start(now)
@@ -146,10 +147,13 @@ def cells(users: int, instances: int, jobs: int, sigma: float,
           cell_seconds: float) -> dict[str, object]:
     """What one bench cell's P99 does by chance. Two ratios, window by window over long
     traces cut into cells: FIFO against itself a cell later (the same schedule, so any
-    distance from 1 is the draw), and LEAST_OUTSTANDING_REQUESTS against RANDOM on the
-    same draw (the issue's 0.67 bar)."""
+    distance from 1 is the draw), and LEAST_OUTSTANDING_REQUESTS against RANDOM in the same
+    window of two traces drawn from one seed (the issue's 0.67 bar; their throughputs
+    differ, so a window holds different requests in each)."""
     fifo = _window_p99s(trace(0.0, users, instances, jobs, sigma), cell_seconds)
     p99s = [fifo[w] for w in sorted(fifo)]
+    if len(p99s) < 2:
+        raise SystemExit(f"{len(p99s)} full cell(s) of {cell_seconds:g} s: raise --jobs")
     pairs = len(p99s) // 2
     same = [p99s[2 * k] / p99s[2 * k + 1] for k in range(pairs)]
     least = _window_p99s(trace(0.0, users, instances, jobs, sigma, placement="least"),
