@@ -378,10 +378,7 @@ class _StreamSession:
                 # request now, once, and never as a success at its (empty) final.
                 for p in up.pending:
                     if p.id == info.id:
-                        if not p.failed:
-                            p.failed = True
-                            self.balancer.outliers.stream_error(up.instance,
-                                                                info.error_message)
+                        self._failed(up.instance, p, info.error_message)
                         break
             await self._write(response)
             return
@@ -408,13 +405,19 @@ class _StreamSession:
             if not pending:
                 return None
             found = pending.popleft()
-        if error and not found.failed:
-            found.failed = True
-            self.balancer.outliers.stream_error(up.instance, error)
+        if error:
+            self._failed(up.instance, found, error)
         elif not found.failed:
             self.balancer.outliers.success(up.instance)
         self._release(up.instance, found, not found.failed)
         return found
+
+    def _failed(self, instance: Instance, p: _Pending, error: str) -> None:
+        """An in-stream error came for ``p``: the outlier detector hears of it once per
+        request, however many error responses a decoupled model sends."""
+        if not p.failed:
+            p.failed = True
+            self.balancer.outliers.stream_error(instance, error)
 
     def _settle_all(self, up: _Upstream) -> list[_Pending]:
         """Release every request still pending on ``up`` as failed; return them."""
