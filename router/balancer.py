@@ -273,6 +273,12 @@ class Variant:
                     # The request sent ahead starts now. Anchor its end here, on the
                     # observed end of the one before it, not on that one's prediction:
                     # chained predictions would drift by their errors' sum.
+                    # A release does not say which request ended. If it was the one sent
+                    # ahead (its client left within those few milliseconds), the running
+                    # one was due anyway, and this anchor makes the next hand-over late,
+                    # never early: the worst case is one ordinary late-binding hand-over
+                    # when the running one ends. Assuming the other way round would send
+                    # a second request ahead after every normal end.
                     instance.free_at = asyncio.get_running_loop().time() + instance.next_s
                 self._arm(instance)
 
