@@ -7,6 +7,8 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from tritonmesh.config import (
     ConfigError,
@@ -50,7 +52,14 @@ def _banner(router: object) -> None:
 
     assert isinstance(router, Router)
     assert router.balancer is not None
+    tls = router.config.tls
     print(f"tritonmesh is serving Triton's gRPC protocol on {router.address}", flush=True)
+    if tls is not None:
+        mutual = tls.client_ca is not None
+        print(f"  {'mutual TLS' if mutual else 'TLS'}: clients pass ssl=True, "
+              "root_certificates=<CA file>"
+              f"{', private_key=..., certificate_chain=...' if mutual else ''} "
+              "to InferenceServerClient")
     print(f"  event loop: {loop_name(asyncio.get_running_loop())}")
     for variant in router.balancer.variants:
         print(f"  variant {variant.name!r}: {variant.strategy.value}, weight {variant.weight:g}")
@@ -96,12 +105,34 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_channel(args: argparse.Namespace) -> Any:
+    """A channel to the router's admin API: plaintext, or TLS when any TLS option is set."""
+    import grpc
+
+    if not (args.tls or args.ca_file or args.cert_file or args.key_file):
+        return grpc.insecure_channel(args.address)
+    if (args.cert_file is None) != (args.key_file is None):
+        raise ConfigError("--cert-file and --key-file go together (mutual TLS)")
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+    credentials = grpc.ssl_channel_credentials(read(args.ca_file), read(args.key_file),
+                                               read(args.cert_file))
+    return grpc.secure_channel(args.address, credentials)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from tritonmesh._pb import tritonmesh_admin_pb2 as apb
     from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _admin_channel(args) as channel:
         stub = apb_grpc.AdminStub(channel)
         try:
             response = stub.ListInstances(apb.ListInstancesRequest(), timeout=args.timeout)
@@ -159,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="list a running router's instances")
     status.add_argument("--address", default="127.0.0.1:8001")
     status.add_argument("--timeout", type=float, default=5.0)
+    status.add_argument("--tls", action="store_true",
+                        help="connect over TLS (implied by the three options below)")
+    status.add_argument("--ca-file", default=None,
+                        help="CA that signed the router's certificate (default: system roots)")
+    status.add_argument("--cert-file", default=None, help="client certificate (mutual TLS)")
+    status.add_argument("--key-file", default=None, help="client private key (mutual TLS)")
     status.set_defaults(func=_cmd_status)
 
     from tritonmesh.bench.cli import add_bench_parser

@@ -17,10 +17,11 @@ from __future__ import annotations
 import enum
 import json
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ConfigError",
@@ -30,6 +31,8 @@ __all__ = [
     "QueueOrder",
     "RetryConfig",
     "RoutingStrategy",
+    "ServerTLS",
+    "UpstreamTLS",
     "VariantConfig",
     "WorkHint",
     "load_config",
@@ -68,6 +71,31 @@ class WorkHint:
 
 
 @dataclass(frozen=True)
+class ServerTLS:
+    """The router's own port over TLS (PEM contents, read when the config is loaded). With
+    ``client_ca``, every client must present a certificate that CA signed (mutual TLS)."""
+
+    cert_chain: bytes
+    private_key: bytes = field(repr=False)
+    client_ca: bytes | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """How a variant reaches its Triton instances over TLS (Triton's ``--grpc-use-ssl``).
+
+    ``root_certificates`` None: the system's roots. ``cert_chain`` with ``private_key``:
+    the router's own certificate, for Triton's ``--grpc-use-ssl-mutual``. ``server_name``:
+    the name to verify instead of the address's host (an IP that is not in the
+    certificate)."""
+
+    root_certificates: bytes | None = None
+    cert_chain: bytes | None = None
+    private_key: bytes | None = field(default=None, repr=False)
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class LocalWorkers:
     count: int
     model_repository: str | None = None  # None: the bundled demo repository
@@ -93,6 +121,8 @@ class VariantConfig:
     # Late binding, one request per instance: send an instance its next waiting request
     # this long before its running one is expected to end; 0: off.
     dispatch_ahead_s: float = 0.0
+    # TLS to this variant's instances; None: plaintext.
+    upstream_tls: UpstreamTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +153,8 @@ class EndpointConfig:
     shutdown_grace_s: float = 5.0
     # model name -> where its requests' cost is read (LEAST_OUTSTANDING_WORK variants)
     work_hints: Mapping[str, WorkHint] = field(default_factory=dict)
+    # TLS on `listen` (Triton's protocol, the admin API, health); None: plaintext.
+    tls: ServerTLS | None = None
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -188,12 +220,80 @@ def _positive_int(value: Any, key: str) -> int:
     return int(number)
 
 
-def _variant(data: Any, where: str) -> VariantConfig:
+_CERTIFICATE: Final = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY: Final = b"PRIVATE KEY-----"  # PKCS#8, or the RSA/EC-specific header
+
+
+def _pem(value: Any, key: str, base: Path, marker: bytes) -> bytes:
+    """The PEM file at ``value`` (relative to ``base``), read now so that a wrong path
+    fails at start with the key's name, not at the first TLS handshake."""
+    path: Path = base / _expect(value, str, key)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    if marker not in data:
+        what = "certificate" if marker is _CERTIFICATE else "private key"
+        raise ConfigError(f"{key}: {path} holds no PEM {what}")
+    return data
+
+
+def _key_pair(data: Mapping[str, Any], where: str, base: Path,
+              required: bool) -> tuple[bytes | None, bytes | None]:
+    """``cert_file`` and ``key_file``: both or (unless ``required``) neither, and a match."""
+    has_cert, has_key = "cert_file" in data, "key_file" in data
+    if has_cert and not has_key:
+        raise ConfigError(f"{where}key_file: required with cert_file")
+    if has_key and not has_cert:
+        raise ConfigError(f"{where}cert_file: required with key_file")
+    if not has_cert:
+        if required:
+            raise ConfigError(f"{where}cert_file: required")
+        return None, None
+    cert = _pem(data["cert_file"], f"{where}cert_file", base, _CERTIFICATE)
+    key = _pem(data["key_file"], f"{where}key_file", base, _PRIVATE_KEY)
+    # The stdlib checks that the key belongs to the certificate; gRPC would only fail the
+    # first handshake.
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(base / data["cert_file"],
+                                                                base / data["key_file"])
+    except ssl.SSLError as exc:
+        raise ConfigError(f"{where}key_file: does not match {where}cert_file "
+                          f"({exc.reason or exc})") from None
+    return cert, key
+
+
+def _server_tls(data: Any, base: Path) -> ServerTLS:
+    _expect(data, dict, "tls")
+    _no_unknown(data, {"cert_file", "key_file", "client_ca_file"}, "tls.")
+    cert, key = _key_pair(data, "tls.", base, required=True)
+    assert cert is not None and key is not None
+    ca = None if data.get("client_ca_file") is None else _pem(
+        data["client_ca_file"], "tls.client_ca_file", base, _CERTIFICATE)
+    return ServerTLS(cert, key, ca)
+
+
+def _upstream_tls(data: Any, where: str, base: Path) -> UpstreamTLS:
+    key = f"{where}upstream_tls"
+    if data is True:  # TLS with the system's roots and nothing else
+        return UpstreamTLS()
+    _expect(data, dict, key)
+    _no_unknown(data, {"ca_file", "cert_file", "key_file", "server_name"}, f"{key}.")
+    cert, private = _key_pair(data, f"{key}.", base, required=False)
+    ca = None if data.get("ca_file") is None else _pem(
+        data["ca_file"], f"{key}.ca_file", base, _CERTIFICATE)
+    name = data.get("server_name")
+    if name is not None and not _expect(name, str, f"{key}.server_name"):
+        raise ConfigError(f"{key}.server_name: must not be empty")
+    return UpstreamTLS(ca, cert, private, name)
+
+
+def _variant(data: Any, where: str, base: Path) -> VariantConfig:
     _expect(data, dict, where.rstrip("."))
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
-                       "dispatch_ahead_s"}, where)
+                       "dispatch_ahead_s", "upstream_tls"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -245,6 +345,12 @@ def _variant(data: Any, where: str) -> VariantConfig:
                           "running one ends needs to know when that is, so it needs "
                           "routing_strategy LEAST_OUTSTANDING_WORK and "
                           "max_concurrency_per_instance: 1")
+    upstream_tls = None
+    if data.get("upstream_tls") not in (None, False):
+        if local is not None:
+            raise ConfigError(f"{where}upstream_tls: local workers serve plaintext on "
+                              "loopback; put TLS instances in a variant of their own")
+        upstream_tls = _upstream_tls(data["upstream_tls"], where, base)
     return VariantConfig(
         name=name,
         weight=_weight(data.get("weight", 1.0), f"{where}weight"),
@@ -261,6 +367,7 @@ def _variant(data: Any, where: str) -> VariantConfig:
                                    f"{where}default_deadline_s"),
         slow_start_s=_non_negative(data.get("slow_start_s", 5.0), f"{where}slow_start_s"),
         dispatch_ahead_s=ahead,
+        upstream_tls=upstream_tls,
     )
 
 
@@ -342,17 +449,21 @@ def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_config(data: Any) -> EndpointConfig:
-    """Validate a parsed document (YAML, TOML or SageMaker JSON) into an EndpointConfig."""
+def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> EndpointConfig:
+    """Validate a parsed document (YAML, TOML or SageMaker JSON) into an EndpointConfig.
+
+    Relative certificate paths are read from ``base`` (the config file's directory when
+    it comes from :func:`load_config`; otherwise the working directory)."""
     _expect(data, dict, "the configuration")
+    root = Path(base) if base is not None else Path()
     if "ProductionVariants" in data:
         data = _from_sagemaker(data)
     _no_unknown(data, {"endpoint", "listen", "metrics_listen", "variants", "health_check",
-                       "retries", "shutdown_grace_s", "work_hints"}, "")
+                       "retries", "shutdown_grace_s", "work_hints", "tls"}, "")
     items = _expect(data.get("variants"), list, "variants") if "variants" in data else None
     if not items:
         raise ConfigError("variants: at least one production variant is required")
-    variants = tuple(_variant(v, f"variants[{i}].") for i, v in enumerate(items))
+    variants = tuple(_variant(v, f"variants[{i}].", root) for i, v in enumerate(items))
     seen: set[str] = set()
     for i, v in enumerate(variants):
         if v.name in seen:
@@ -370,6 +481,7 @@ def parse_config(data: Any) -> EndpointConfig:
         retries=_retries(data.get("retries", {})),
         shutdown_grace_s=_weight(data.get("shutdown_grace_s", 5.0), "shutdown_grace_s"),
         work_hints=_work_hints(data.get("work_hints", {})),
+        tls=None if data.get("tls") is None else _server_tls(data["tls"], root),
     )
 
 
@@ -394,6 +506,6 @@ def load_config(path: str | os.PathLike[str]) -> EndpointConfig:
     except Exception as exc:  # each parser raises its own error type
         raise ConfigError(f"{p}: cannot parse: {exc}") from exc
     try:
-        return parse_config(data)
+        return parse_config(data, p.parent)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from None

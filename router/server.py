@@ -27,7 +27,8 @@ from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.proxy import Proxy
-from tritonmesh.workers.upstream import INT32_MAX, SERVICE, Upstream
+from tritonmesh.tls import connect, server_credentials
+from tritonmesh.workers.upstream import INT32_MAX, SERVICE
 
 __all__ = ["SERVER_OPTIONS", "Router"]
 
@@ -72,7 +73,7 @@ class Router:
         for i, vc in enumerate(self.config.variants):
             variant = Variant(vc, seed=None if self._seed is None else self._seed + i)
             for address in self._instances.get(vc.name, ()):
-                variant.add(Upstream(address))
+                variant.add(connect(address, vc.upstream_tls))
             variants.append(variant)
         balancer = self.balancer = Balancer(variants, work_hints=self.config.work_hints,
                                             retries=self.config.retries)
@@ -99,7 +100,9 @@ class Router:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), server)
-        self.port = server.add_insecure_port(self.config.listen)
+        tls = self.config.tls
+        self.port = server.add_insecure_port(self.config.listen) if tls is None \
+            else server.add_secure_port(self.config.listen, server_credentials(tls))
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
 
@@ -158,7 +161,8 @@ class Router:
             current = {i.address: i for i in variant.live_instances() if i.state == "ACTIVE"}
             for address in addresses:
                 if address not in current:
-                    variant.add(Upstream(address), slow_start=True)
+                    variant.add(connect(address, variant.config.upstream_tls),
+                                slow_start=True)
                     added += 1
             drains += [drain(i, drain_timeout_s) for a, i in current.items()
                        if a not in addresses]

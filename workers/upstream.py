@@ -136,9 +136,12 @@ class Upstream:
 
     __slots__ = ("address", "channel", "model_infer", "stream_infer", "unary")
 
-    def __init__(self, address: str, *, options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS):
+    def __init__(self, address: str, *, options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.channel = (grpc.aio.insecure_channel(address, options=options)
+                        if credentials is None
+                        else grpc.aio.secure_channel(address, credentials, options=options))
         self.unary: dict[str, grpc.aio.UnaryUnaryMultiCallable] = {
             name: self.channel.unary_unary(method_path(name)) for name in UNARY_METHODS
         }

@@ -1,0 +1,251 @@
+"""TLS on both sides of the router, with certificates made by openssl for each run.
+
+The router's own port (plain and mutual TLS) is driven by unmodified tritonclient; the
+upstream side is checked against an instance that demands TLS with client certificates:
+a second router in front of real Triton (the same gRPC TLS stack Triton's
+``--grpc-use-ssl-mutual`` uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from harness import LoopThread, RouterHandle, generate_inputs, make_config, start_router
+from tritonclient.utils import InferenceServerException
+from tritonmesh import cli
+from tritonmesh.config import (
+    ConfigError,
+    EndpointConfig,
+    RoutingStrategy,
+    ServerTLS,
+    UpstreamTLS,
+    VariantConfig,
+    load_config,
+)
+
+
+def _openssl(directory: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True,
+                   timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA with a server certificate (127.0.0.1, localhost) and a client certificate, and
+    a second CA, trusted by nobody, with a client certificate of its own."""
+    d = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    for ca in ("ca", "rogue-ca"):
+        _openssl(d, "req", "-x509", *ec, "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                 "-days", "2", "-subj", f"/CN=tritonmesh test {ca}")
+
+    def leaf(name: str, ca: str, extensions: str) -> None:
+        (d / f"{name}.ext").write_text(extensions)
+        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem",
+                 "-CAkey", f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem",
+                 "-days", "2", "-extfile", f"{name}.ext")
+
+    leaf("server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                         "extendedKeyUsage=serverAuth\n")
+    leaf("client", "ca", "extendedKeyUsage=clientAuth\n")
+    leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n")
+    return d
+
+
+def _server_tls(pki: Path, *, mutual: bool = False) -> ServerTLS:
+    return ServerTLS((pki / "server.pem").read_bytes(), (pki / "server.key").read_bytes(),
+                     (pki / "ca.pem").read_bytes() if mutual else None)
+
+
+def _tls_router(loop_thread: LoopThread, addresses: list[str], tls: ServerTLS) -> RouterHandle:
+    config, instances = make_config(addresses)
+    return start_router(loop_thread, dataclasses.replace(config, tls=tls), instances)
+
+
+def _client(address: str, pki: Path, *, ssl: bool = True, cert: str | None = None
+            ) -> grpcclient.InferenceServerClient:
+    if not ssl:
+        return grpcclient.InferenceServerClient(address)
+    return grpcclient.InferenceServerClient(
+        address, ssl=True, root_certificates=str(pki / "ca.pem"),
+        private_key=None if cert is None else str(pki / f"{cert}.key"),
+        certificate_chain=None if cert is None else str(pki / f"{cert}.pem"))
+
+
+def _serves(client: grpcclient.InferenceServerClient) -> None:
+    """A unary inference and a streamed generation, both answered in full."""
+    x = grpcclient.InferInput("INPUT0", [4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    out = client.infer("identity", [x], client_timeout=30).as_numpy("OUTPUT0")
+    assert out is not None and out.tolist() == [0.0, 1.0, 2.0, 3.0]
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("generate", generate_inputs(5))
+        tokens = []
+        for _ in range(5):
+            result, error = results.get(timeout=30)
+            assert error is None, error
+            tokens.append(int(result.as_numpy("TOKEN")[0]))
+        assert tokens == [0, 1, 2, 3, 4]
+    finally:
+        client.stop_stream()
+
+
+def _refused(client: grpcclient.InferenceServerClient) -> str:
+    with pytest.raises(InferenceServerException) as caught:
+        client.is_server_ready(client_timeout=10)
+    assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+    return str(caught.value)
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+def _write(directory: Path, text: str) -> Path:
+    path = directory / "endpoint.yaml"
+    path.write_text("variants:\n  - name: AllTraffic\n    instances: ['127.0.0.1:9']\n" + text)
+    return path
+
+
+def test_the_config_reads_certificates_relative_to_itself(pki: Path) -> None:
+    config = load_config(_write(pki, "tls:\n  cert_file: server.pem\n  key_file: server.key\n"
+                                     "  client_ca_file: ca.pem\n"))
+    assert config.tls == _server_tls(pki, mutual=True)
+    assert b"PRIVATE" not in repr(config).encode()  # keys stay out of logs and tracebacks
+    variant = load_config(_write(pki, "")).variants[0]
+    assert variant.upstream_tls is None
+    text = ("variants:\n  - name: Remote\n    instances: ['127.0.0.1:9']\n"
+            "    upstream_tls:\n      ca_file: ca.pem\n      cert_file: client.pem\n"
+            "      key_file: client.key\n      server_name: localhost\n")
+    (pki / "upstream.yaml").write_text(text)
+    upstream = load_config(pki / "upstream.yaml").variants[0].upstream_tls
+    assert upstream == UpstreamTLS((pki / "ca.pem").read_bytes(),
+                                   (pki / "client.pem").read_bytes(),
+                                   (pki / "client.key").read_bytes(), "localhost")
+    plain = text.split("    upstream_tls:")[0]
+    (pki / "system.yaml").write_text(plain + "    upstream_tls: true\n")
+    assert load_config(pki / "system.yaml").variants[0].upstream_tls == UpstreamTLS()
+
+
+@pytest.mark.parametrize(("tls", "message"), [
+    ("tls:\n  cert_file: missing.pem\n  key_file: server.key\n",
+     "tls.cert_file: cannot read"),
+    ("tls:\n  cert_file: server.pem\n", "tls.key_file: required with cert_file"),
+    ("tls:\n  client_ca_file: ca.pem\n", "tls.cert_file: required"),
+    ("tls:\n  cert_file: server.key\n  key_file: server.key\n",
+     "tls.cert_file: " + "{pki}/server.key holds no PEM certificate"),
+    ("tls:\n  cert_file: server.pem\n  key_file: client.key\n",
+     "tls.key_file: does not match tls.cert_file"),
+    ("tls:\n  cert_file: server.pem\n  key_file: server.key\n  verify: true\n",
+     "tls.verify: unknown key"),
+])
+def test_bad_tls_settings_name_the_key(pki: Path, tls: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + str(pki).replace(".", r"\.")) as caught:
+        load_config(_write(pki, tls))
+    assert message.format(pki=pki) in str(caught.value)
+
+
+def test_upstream_tls_is_refused_for_local_workers(pki: Path) -> None:
+    (pki / "local.yaml").write_text("variants:\n  - name: Local\n    local_workers: 2\n"
+                                    "    upstream_tls:\n      ca_file: ca.pem\n")
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.upstream_tls: local workers serve "
+                                          "plaintext"):
+        load_config(pki / "local.yaml")
+
+
+# -- the router's own port ---------------------------------------------------------------
+
+
+def test_tritonclient_reaches_a_tls_router_and_plaintext_is_refused(
+        loop_thread: LoopThread, worker_addresses: list[str], pki: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    router = _tls_router(loop_thread, worker_addresses, _server_tls(pki))
+    try:
+        with _client(router.address, pki) as client:
+            assert client.is_server_ready()
+            _serves(client)
+        with _client(router.address, pki, ssl=False) as client:
+            _refused(client)
+        # The admin API shares the port: `tritonmesh status` speaks TLS when told to.
+        assert cli.main(["status", "--address", router.address,
+                         "--ca-file", str(pki / "ca.pem")]) == 0
+        assert worker_addresses[0] in capsys.readouterr().out
+        assert cli.main(["status", "--address", router.address, "--timeout", "5"]) == 1
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_mutual_tls_admits_only_certificates_its_ca_signed(
+        loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
+    router = _tls_router(loop_thread, worker_addresses, _server_tls(pki, mutual=True))
+    try:
+        with _client(router.address, pki) as client:
+            _refused(client)  # no certificate
+        with _client(router.address, pki, cert="rogue-client") as client:
+            _refused(client)  # signed by a CA the router does not trust
+        with _client(router.address, pki, cert="client") as client:
+            _serves(client)
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+# -- the channels to Triton --------------------------------------------------------------
+
+
+def _fronting(loop_thread: LoopThread, instance: str, upstream_tls: UpstreamTLS
+              ) -> RouterHandle:
+    """A plaintext router whose one instance is reached over ``upstream_tls``."""
+    config = EndpointConfig(
+        name="front", listen="127.0.0.1:0", metrics_listen=None, shutdown_grace_s=1.0,
+        variants=(VariantConfig("AllTraffic", routing_strategy=RoutingStrategy.RANDOM,
+                                instances=(instance,), upstream_tls=upstream_tls),))
+    return start_router(loop_thread, config, {"AllTraffic": [instance]})
+
+
+def test_upstream_tls_reaches_an_instance_that_demands_client_certificates(
+        loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
+    inner = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki, mutual=True))
+    ca, cert, key = ((pki / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key"))
+    fronts = []
+    try:
+        good = _fronting(loop_thread, inner.address, UpstreamTLS(ca, cert, key))
+        fronts.append(good)
+        # The instance by a name in its certificate rather than the address's IP.
+        named = _fronting(loop_thread, inner.address, UpstreamTLS(ca, cert, key, "localhost"))
+        fronts.append(named)
+        # No client certificate: the handshake fails, and requests fail with UNAVAILABLE
+        # instead of hanging (health checks fail too, but the variant's last instance
+        # stays in: fail open).
+        anonymous = _fronting(loop_thread, inner.address, UpstreamTLS(ca))
+        fronts.append(anonymous)
+        for front in (good, named):
+            assert all(i.healthy for i in front.instances())
+            with _client(front.address, pki, ssl=False) as client:
+                _serves(client)
+        with _client(anonymous.address, pki, ssl=False) as client:
+            x = grpcclient.InferInput("INPUT0", [1], "FP32")
+            x.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("identity", [x], client_timeout=10)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+        # Each good front's unary and streamed request went through the TLS hop.
+        assert sum(i.requests for i in inner.instances()) == 4
+        for front in fronts:
+            front.wait_idle()
+        inner.wait_idle()
+    finally:
+        for front in fronts:
+            front.stop()
+        inner.stop()
