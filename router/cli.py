@@ -109,7 +109,7 @@ def _admin_channel(args: argparse.Namespace) -> Any:
     """A channel to the router's admin API: plaintext, or TLS when any TLS option is set."""
     import grpc
 
-    if not (args.tls or args.ca_file or args.cert_file or args.key_file):
+    if not (args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name):
         return grpc.insecure_channel(args.address)
     if (args.cert_file is None) != (args.key_file is None):
         raise ConfigError("--cert-file and --key-file go together (mutual TLS)")
@@ -124,7 +124,9 @@ def _admin_channel(args: argparse.Namespace) -> Any:
 
     credentials = grpc.ssl_channel_credentials(read(args.ca_file), read(args.key_file),
                                                read(args.cert_file))
-    return grpc.secure_channel(args.address, credentials)
+    options = [] if args.server_name is None \
+        else [("grpc.ssl_target_name_override", args.server_name)]
+    return grpc.secure_channel(args.address, credentials, options=options)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CA that signed the router's certificate (default: system roots)")
     status.add_argument("--cert-file", default=None, help="client certificate (mutual TLS)")
     status.add_argument("--key-file", default=None, help="client private key (mutual TLS)")
+    status.add_argument("--server-name", default=None,
+                        help="the name in the router's certificate, when the address's host "
+                             "is not")
     status.set_defaults(func=_cmd_status)
 
     from tritonmesh.bench.cli import add_bench_parser

@@ -75,7 +75,8 @@ class ServerTLS:
     """The router's own port over TLS (PEM contents, read when the config is loaded). With
     ``client_ca``, every client must present a certificate that CA signed (mutual TLS)."""
 
-    cert_chain: bytes
+    # Out of reprs: a certificate file may bundle its private key.
+    cert_chain: bytes = field(repr=False)
     private_key: bytes = field(repr=False)
     client_ca: bytes | None = None
 
@@ -90,7 +91,7 @@ class UpstreamTLS:
     certificate)."""
 
     root_certificates: bytes | None = None
-    cert_chain: bytes | None = None
+    cert_chain: bytes | None = field(default=None, repr=False)
     private_key: bytes | None = field(default=None, repr=False)
     server_name: str | None = None
 
@@ -173,7 +174,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _no_unknown(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _no_unknown(data: Mapping[str, Any], allowed: set[str] | frozenset[str],
+                where: str) -> None:
     for key in data:
         if key not in allowed:
             known = ", ".join(sorted(allowed))
@@ -235,13 +237,18 @@ def _pem(value: Any, key: str, base: Path, marker: bytes) -> bytes:
     if marker not in data:
         what = "certificate" if marker is _CERTIFICATE else "private key"
         raise ConfigError(f"{key}: {path} holds no PEM {what}")
+    if marker is _PRIVATE_KEY and b"ENCRYPTED" in data:
+        raise ConfigError(f"{key}: {path} is encrypted; gRPC needs the key unencrypted "
+                          "(e.g. openssl pkey -in KEY -out KEY.plain), readable only by "
+                          "the router")
     return data
 
 
 def _key_pair(data: Mapping[str, Any], where: str, base: Path,
               required: bool) -> tuple[bytes | None, bytes | None]:
     """``cert_file`` and ``key_file``: both or (unless ``required``) neither, and a match."""
-    has_cert, has_key = "cert_file" in data, "key_file" in data
+    # null is the same as absent, as for every other key.
+    has_cert, has_key = data.get("cert_file") is not None, data.get("key_file") is not None
     if has_cert and not has_key:
         raise ConfigError(f"{where}key_file: required with cert_file")
     if has_key and not has_cert:
@@ -255,12 +262,16 @@ def _key_pair(data: Mapping[str, Any], where: str, base: Path,
     # The stdlib checks that the key belongs to the certificate; gRPC would only fail the
     # first handshake.
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(base / data["cert_file"],
-                                                                base / data["key_file"])
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            base / data["cert_file"], base / data["key_file"], password=_no_password)
     except ssl.SSLError as exc:
         raise ConfigError(f"{where}key_file: does not match {where}cert_file "
                           f"({exc.reason or exc})") from None
     return cert, key
+
+
+def _no_password() -> bytes:
+    raise ConfigError("the private key asks for a password")  # never prompt on a terminal
 
 
 def _server_tls(data: Any, base: Path) -> ServerTLS:
@@ -346,7 +357,7 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                           "routing_strategy LEAST_OUTSTANDING_WORK and "
                           "max_concurrency_per_instance: 1")
     upstream_tls = None
-    if data.get("upstream_tls") not in (None, False):
+    if data.get("upstream_tls") is not None and data["upstream_tls"] is not False:
         if local is not None:
             raise ConfigError(f"{where}upstream_tls: local workers serve plaintext on "
                               "loopback; put TLS instances in a variant of their own")
@@ -425,6 +436,11 @@ def _work_hints(data: Any) -> dict[str, WorkHint]:
     return hints
 
 
+_ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
+                                   "health_check", "retries", "shutdown_grace_s",
+                                   "work_hints", "tls"})
+
+
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
     """Translate ``CreateEndpointConfig`` JSON into tritonmesh's own keys."""
     variants = []
@@ -444,6 +460,11 @@ def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
         }
         variants.append(variant)
     out: dict[str, Any] = {"variants": variants}
+    # tritonmesh's own endpoint keys beside SageMaker's: a `tls` dropped here would serve
+    # plaintext without a word.
+    for key in _ENDPOINT_KEYS - {"endpoint", "variants"}:
+        if key in data:
+            out[key] = data[key]
     if "EndpointConfigName" in data:
         out["endpoint"] = data["EndpointConfigName"]
     return out
@@ -458,8 +479,7 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
     root = Path(base) if base is not None else Path()
     if "ProductionVariants" in data:
         data = _from_sagemaker(data)
-    _no_unknown(data, {"endpoint", "listen", "metrics_listen", "variants", "health_check",
-                       "retries", "shutdown_grace_s", "work_hints", "tls"}, "")
+    _no_unknown(data, _ENDPOINT_KEYS, "")
     items = _expect(data.get("variants"), list, "variants") if "variants" in data else None
     if not items:
         raise ConfigError("variants: at least one production variant is required")
@@ -481,7 +501,8 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         retries=_retries(data.get("retries", {})),
         shutdown_grace_s=_weight(data.get("shutdown_grace_s", 5.0), "shutdown_grace_s"),
         work_hints=_work_hints(data.get("work_hints", {})),
-        tls=None if data.get("tls") is None else _server_tls(data["tls"], root),
+        tls=None if data.get("tls") is None or data["tls"] is False
+        else _server_tls(data["tls"], root),
     )
 
 

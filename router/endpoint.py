@@ -108,9 +108,11 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
     assert router.balancer is not None
     # Local workers stay as they are; only the static instances are re-read.
     static = {i for v in running[0].variants for i in v.instances}
-    before = {v.name: v.upstream_tls for v in running[0].variants}
-    if config.tls != running[0].tls or any(
-            v.name in before and v.upstream_tls != before[v.name] for v in config.variants):
+    # Against what is in effect (the running router's), not the last file read.
+    running_now = router.balancer.by_name
+    if config.tls != router.config.tls or any(
+            v.name in running_now and v.upstream_tls != running_now[v.name].config.upstream_tls
+            for v in config.variants):
         log.warning("reload: certificates and TLS settings are read at start; the running "
                     "ones stay until a restart")
     running[0] = config

@@ -1,19 +1,21 @@
 """TLS on both sides of the router, with certificates made by openssl for each run.
 
 The router's own port (plain and mutual TLS) is driven by unmodified tritonclient; the
-upstream side is checked against an instance that demands TLS with client certificates:
-a second router in front of real Triton (the same gRPC TLS stack Triton's
-``--grpc-use-ssl-mutual`` uses).
+upstream side is checked against a real Triton started with ``--grpc-use-ssl-mutual``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import queue
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -29,6 +31,7 @@ from tritonmesh.config import (
     VariantConfig,
     load_config,
 )
+from tritonmesh.workers.launcher import Probe, WorkerPool
 
 
 def _openssl(directory: Path, *args: str) -> None:
@@ -38,8 +41,9 @@ def _openssl(directory: Path, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA with a server certificate (127.0.0.1, localhost) and a client certificate, and
-    a second CA, trusted by nobody, with a client certificate of its own."""
+    """A CA with a server certificate (127.0.0.1, localhost), one for Triton that names
+    only localhost, and a client certificate; and a second CA, trusted by nobody, with a
+    client certificate of its own."""
     d = tmp_path_factory.mktemp("pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     for ca in ("ca", "rogue-ca"):
@@ -56,6 +60,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     leaf("server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
                          "extendedKeyUsage=serverAuth\n")
+    leaf("triton", "ca", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
     leaf("client", "ca", "extendedKeyUsage=clientAuth\n")
     leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n")
     return d
@@ -135,6 +140,9 @@ def test_the_config_reads_certificates_relative_to_itself(pki: Path) -> None:
     plain = text.split("    upstream_tls:")[0]
     (pki / "system.yaml").write_text(plain + "    upstream_tls: true\n")
     assert load_config(pki / "system.yaml").variants[0].upstream_tls == UpstreamTLS()
+    (pki / "off.yaml").write_text(plain + "    upstream_tls: false\n")
+    assert load_config(pki / "off.yaml").variants[0].upstream_tls is None
+    assert b"PRIVATE" not in repr(upstream).encode()
 
 
 @pytest.mark.parametrize(("tls", "message"), [
@@ -148,11 +156,25 @@ def test_the_config_reads_certificates_relative_to_itself(pki: Path) -> None:
      "tls.key_file: does not match tls.cert_file"),
     ("tls:\n  cert_file: server.pem\n  key_file: server.key\n  verify: true\n",
      "tls.verify: unknown key"),
+    ("tls:\n  cert_file: server.pem\n  key_file: encrypted.key\n",
+     "tls.key_file: {pki}/encrypted.key is encrypted"),
 ])
 def test_bad_tls_settings_name_the_key(pki: Path, tls: str, message: str) -> None:
-    with pytest.raises(ConfigError, match="^" + str(pki).replace(".", r"\.")) as caught:
+    if not (pki / "encrypted.key").exists():
+        _openssl(pki, "pkey", "-in", "server.key", "-aes256", "-passout", "pass:secret",
+                 "-out", "encrypted.key")
+    with pytest.raises(ConfigError, match="^" + re.escape(str(pki))) as caught:
         load_config(_write(pki, tls))
     assert message.format(pki=pki) in str(caught.value)
+
+
+def test_sagemaker_json_keeps_tritonmesh_tls(pki: Path) -> None:
+    (pki / "sagemaker.json").write_text(json.dumps({
+        "EndpointConfigName": "llm",
+        "ProductionVariants": [{"VariantName": "AllTraffic", "InitialInstanceCount": 1}],
+        "tls": {"cert_file": "server.pem", "key_file": "server.key"},
+    }))
+    assert load_config(pki / "sagemaker.json").tls == _server_tls(pki)
 
 
 def test_upstream_tls_is_refused_for_local_workers(pki: Path) -> None:
@@ -201,6 +223,32 @@ def test_mutual_tls_admits_only_certificates_its_ca_signed(
         router.stop()
 
 
+def test_a_reload_that_changes_tls_warns_and_keeps_the_running_settings(
+        loop_thread: LoopThread, worker_addresses: list[str], pki: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from tritonmesh.endpoint import _reload
+
+    router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki))
+    path = pki / "reload.yaml"
+    head = (f"listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
+            f"    instances: ['{worker_addresses[0]}']\n"
+            "tls:\n  cert_file: server.pem\n  key_file: server.key\n")
+    running = [router.router.config]
+    try:
+        with caplog.at_level(logging.WARNING, logger="tritonmesh"):
+            path.write_text(head)
+            loop_thread.run(_reload(router.router, path, running))
+            assert "TLS settings are read at start" not in caplog.text
+            path.write_text(head + "  client_ca_file: ca.pem\n")
+            loop_thread.run(_reload(router.router, path, running))
+            assert "TLS settings are read at start" in caplog.text
+        with _client(router.address, pki) as client:  # still no client certificate needed
+            _serves(client)
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
 # -- the channels to Triton --------------------------------------------------------------
 
 
@@ -214,38 +262,54 @@ def _fronting(loop_thread: LoopThread, instance: str, upstream_tls: UpstreamTLS
     return start_router(loop_thread, config, {"AllTraffic": [instance]})
 
 
-def test_upstream_tls_reaches_an_instance_that_demands_client_certificates(
-        loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
-    inner = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki, mutual=True))
+def _unavailable_through(front: RouterHandle) -> None:
+    with grpcclient.InferenceServerClient(front.address) as client:
+        x = grpcclient.InferInput("INPUT0", [1], "FP32")
+        x.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", [x], client_timeout=10)
+        assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+
+
+def test_upstream_tls_reaches_a_triton_that_demands_client_certificates(
+        loop_thread: LoopThread, pki: Path) -> None:
     ca, cert, key = ((pki / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key"))
-    fronts = []
+    pool = WorkerPool(1, extra_args=[
+        "--grpc-use-ssl-mutual=true", f"--grpc-server-cert={pki / 'triton.pem'}",
+        f"--grpc-server-key={pki / 'triton.key'}", f"--grpc-root-cert={pki / 'ca.pem'}",
+    ], probe=Probe(grpc.ssl_channel_credentials(ca, key, cert), "localhost"))
+    loop_thread.run(pool.start(), timeout=180)
+    (address,) = pool.addresses
+    fronts: list[RouterHandle] = []
     try:
-        good = _fronting(loop_thread, inner.address, UpstreamTLS(ca, cert, key))
-        fronts.append(good)
-        # The instance by a name in its certificate rather than the address's IP.
-        named = _fronting(loop_thread, inner.address, UpstreamTLS(ca, cert, key, "localhost"))
+        with grpcclient.InferenceServerClient(address) as direct:
+            _refused(direct)  # Triton itself takes no plaintext
+        # Triton's certificate names localhost only: the router verifies that name.
+        named = _fronting(loop_thread, address, UpstreamTLS(ca, cert, key, "localhost"))
         fronts.append(named)
-        # No client certificate: the handshake fails, and requests fail with UNAVAILABLE
-        # instead of hanging (health checks fail too, but the variant's last instance
-        # stays in: fail open).
-        anonymous = _fronting(loop_thread, inner.address, UpstreamTLS(ca))
+        unnamed = _fronting(loop_thread, address, UpstreamTLS(ca, cert, key))
+        fronts.append(unnamed)
+        anonymous = _fronting(loop_thread, address, UpstreamTLS(ca, server_name="localhost"))
         fronts.append(anonymous)
-        for front in (good, named):
-            assert all(i.healthy for i in front.instances())
-            with _client(front.address, pki, ssl=False) as client:
-                _serves(client)
-        with _client(anonymous.address, pki, ssl=False) as client:
-            x = grpcclient.InferInput("INPUT0", [1], "FP32")
-            x.set_data_from_numpy(np.zeros(1, dtype=np.float32))
-            with pytest.raises(InferenceServerException) as caught:
-                client.infer("identity", [x], client_timeout=10)
-            assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
-        # Each good front's unary and streamed request went through the TLS hop.
-        assert sum(i.requests for i in inner.instances()) == 4
+        with _client(named.address, pki, ssl=False) as client:
+            _serves(client)
+            # Server-wide RPCs (fanned out by the router) take the same channel.
+            models = {m.name for m in client.get_model_repository_index().models}
+            assert models == {"generate", "generate_unary", "identity"}
+        # 127.0.0.1 is not in Triton's certificate; no client certificate. Both fail with
+        # UNAVAILABLE instead of hanging (the instance stays in: health checks fail open
+        # for a variant's last instance).
+        _unavailable_through(unnamed)
+        _unavailable_through(anonymous)
+        # An instance that joins later (SIGHUP reload, admin AddInstance) gets TLS too.
+        assert loop_thread.run(named.router.update_instances({"AllTraffic": []})) == (0, 1)
+        assert loop_thread.run(named.router.update_instances({"AllTraffic": [address]})) \
+            == (1, 0)
+        with _client(named.address, pki, ssl=False) as client:
+            _serves(client)
         for front in fronts:
             front.wait_idle()
-        inner.wait_idle()
     finally:
         for front in fronts:
             front.stop()
-        inner.stop()
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)

@@ -28,7 +28,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
@@ -39,7 +40,7 @@ from tritonmesh.workers.child import Child, spawn
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path
 
-__all__ = ["TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
+__all__ = ["Probe", "TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
 
 log = logging.getLogger("tritonmesh.workers")
 
@@ -104,13 +105,28 @@ def repository_models(repository: Path) -> list[str]:
     return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
 
 
-class TritonWorker:
-    """One tritonserver process serving a model repository on loopback ports."""
+@dataclass(frozen=True)
+class Probe:
+    """How the readiness probe reaches a worker whose gRPC port demands TLS (started with
+    ``--grpc-use-ssl`` among its ``extra_args``): its credentials, and the name to verify
+    when the worker's certificate does not carry 127.0.0.1."""
 
-    def __init__(self, index: int, model_repository: Path, log_path: Path):
+    credentials: grpc.ChannelCredentials
+    server_name: str | None = None
+
+
+class TritonWorker:
+    """One tritonserver process serving a model repository on loopback ports.
+
+    ``extra_args`` go to tritonserver after tritonmesh's own (a later flag wins there)."""
+
+    def __init__(self, index: int, model_repository: Path, log_path: Path, *,
+                 extra_args: Sequence[str] = (), probe: Probe | None = None):
         self.index = index
         self.model_repository = model_repository
         self.log_path = log_path
+        self.extra_args = tuple(extra_args)
+        self.probe = probe
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: Child | None = None
         self.guard: Child | None = None  # see _GUARD_SCRIPT
@@ -173,6 +189,7 @@ class TritonWorker:
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
+            *self.extra_args,
         ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
@@ -215,7 +232,14 @@ class TritonWorker:
     async def _wait_ready(self, timeout: float) -> None:
         models = repository_models(self.model_repository)
         deadline = time.monotonic() + timeout
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        probe = self.probe
+        if probe is None:
+            opened = grpc.aio.insecure_channel(self.address)
+        else:
+            options = [] if probe.server_name is None \
+                else [("grpc.ssl_target_name_override", probe.server_name)]
+            opened = grpc.aio.secure_channel(self.address, probe.credentials, options=options)
+        async with opened as channel:
             server_ready = channel.unary_unary(
                 method_path("ServerReady"),
                 request_serializer=pb.ServerReadyRequest.SerializeToString,
@@ -274,12 +298,14 @@ class WorkerPool:
 
     ``on_exit(worker, returncode)`` is called when a worker dies unexpectedly; with
     ``restart=True`` the worker is then started again on the same ports.
+    ``extra_args`` and ``probe`` go to every worker (:class:`TritonWorker`, :class:`Probe`).
     """
 
     def __init__(self, count: int, model_repository: str | Path | None = None, *,
                  log_dir: str | Path | None = None, restart: bool = False,
                  start_timeout: float = 120.0,
-                 on_exit: Callable[[TritonWorker, int], None] | None = None):
+                 on_exit: Callable[[TritonWorker, int], None] | None = None,
+                 extra_args: Sequence[str] = (), probe: Probe | None = None):
         if count < 1:
             raise ValueError("a worker pool needs at least one worker")
         self.model_repository = Path(model_repository or default_model_repository()).resolve()
@@ -291,7 +317,8 @@ class WorkerPool:
         self.start_timeout = start_timeout
         self.on_exit = on_exit
         self.workers = [
-            TritonWorker(i, self.model_repository, self.log_dir / f"triton-{i}.log")
+            TritonWorker(i, self.model_repository, self.log_dir / f"triton-{i}.log",
+                         extra_args=extra_args, probe=probe)
             for i in range(count)
         ]
         self.exits: asyncio.Queue[tuple[TritonWorker, int]] = asyncio.Queue()
