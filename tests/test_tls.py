@@ -22,6 +22,8 @@ import tritonclient.grpc as grpcclient
 from harness import LoopThread, RouterHandle, generate_inputs, make_config, start_router
 from tritonclient.utils import InferenceServerException
 from tritonmesh import cli
+from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.config import (
     ConfigError,
     EndpointConfig,
@@ -301,7 +303,16 @@ def test_upstream_tls_reaches_a_triton_that_demands_client_certificates(
         # for a variant's last instance).
         _unavailable_through(unnamed)
         _unavailable_through(anonymous)
-        # An instance that joins later (SIGHUP reload, admin AddInstance) gets TLS too.
+        # An instance that joins later gets TLS too: through the admin API, and through a
+        # SIGHUP reload (update_instances).
+        with grpc.insecure_channel(named.address) as channel:
+            admin = apb_grpc.AdminStub(channel)
+            assert admin.RemoveInstance(apb.RemoveInstanceRequest(
+                variant="AllTraffic", address=address), timeout=30).drained
+            admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=address),
+                              timeout=10)
+        with _client(named.address, pki, ssl=False) as client:
+            _serves(client)
         assert loop_thread.run(named.router.update_instances({"AllTraffic": []})) == (0, 1)
         assert loop_thread.run(named.router.update_instances({"AllTraffic": [address]})) \
             == (1, 0)
