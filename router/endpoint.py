@@ -99,6 +99,26 @@ def _trace_memory(loop: asyncio.AbstractEventLoop, directory: Path) -> None:
     loop.add_signal_handler(signal.SIGUSR1, dump)
 
 
+def _reload_tls(router: Router, config: EndpointConfig) -> None:
+    """New certificates for the router's port take effect (new connections); the rest of
+    TLS is fixed at start. Compared with what is in effect, not with the last file read."""
+    assert router.balancer is not None
+    serving = router.certificates.tls if router.certificates is not None else None
+    if config.tls != serving:
+        if config.tls is not None and router.certificates is not None \
+                and router.certificates.replace(config.tls):
+            log.info("reload: new certificates on %s; new connections get them",
+                     router.address)
+        else:
+            log.warning("reload: turning TLS or client certificates on or off takes a "
+                        "restart; the running settings stay")
+    variants = router.balancer.by_name
+    if any(v.name in variants and v.upstream_tls != variants[v.name].config.upstream_tls
+           for v in config.variants):
+        log.warning("reload: upstream_tls is read at start; channels to Triton keep their "
+                    "credentials until a restart")
+
+
 async def _reload(router: Router, path: str | Path, running: list[EndpointConfig]) -> None:
     try:
         config = load_config(path)
@@ -108,13 +128,7 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
     assert router.balancer is not None
     # Local workers stay as they are; only the static instances are re-read.
     static = {i for v in running[0].variants for i in v.instances}
-    # Against what is in effect (the running router's), not the last file read.
-    running_now = router.balancer.by_name
-    if config.tls != router.config.tls or any(
-            v.name in running_now and v.upstream_tls != running_now[v.name].config.upstream_tls
-            for v in config.variants):
-        log.warning("reload: certificates and TLS settings are read at start; the running "
-                    "ones stay until a restart")
+    _reload_tls(router, config)
     running[0] = config
     instances = {}
     for variant in config.variants:

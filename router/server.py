@@ -27,7 +27,7 @@ from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.proxy import Proxy
-from tritonmesh.tls import connect, server_credentials
+from tritonmesh.tls import ServerCertificates, connect
 from tritonmesh.workers.upstream import INT32_MAX, SERVICE
 
 __all__ = ["SERVER_OPTIONS", "Router"]
@@ -61,6 +61,7 @@ class Router:
         self.health: HealthChecker | None = None
         self.port = 0
         self._metrics_server: Any = None
+        self.certificates: ServerCertificates | None = None  # with tls: replaceable
         self.metrics_port: int | None = None
 
     @property
@@ -100,9 +101,11 @@ class Router:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), server)
-        tls = self.config.tls
-        self.port = server.add_insecure_port(self.config.listen) if tls is None \
-            else server.add_secure_port(self.config.listen, server_credentials(tls))
+        if self.config.tls is None:
+            self.port = server.add_insecure_port(self.config.listen)
+        else:
+            self.certificates = ServerCertificates(self.config.tls)
+            self.port = server.add_secure_port(self.config.listen, self.certificates.credentials)
         if not self.port:
             raise OSError(f"cannot listen on {self.config.listen}")
 

@@ -45,7 +45,7 @@ def _openssl(directory: Path, *args: str) -> None:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA with a server certificate (127.0.0.1, localhost), one for Triton that names
     only localhost, and a client certificate; and a second CA, trusted by nobody, with a
-    client certificate of its own."""
+    client certificate and a server certificate of its own (what a renewal may bring)."""
     d = tmp_path_factory.mktemp("pki")
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     for ca in ("ca", "rogue-ca"):
@@ -65,6 +65,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     leaf("triton", "ca", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n")
     leaf("client", "ca", "extendedKeyUsage=clientAuth\n")
     leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n")
+    leaf("renewed", "rogue-ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
     return d
 
 
@@ -78,12 +79,12 @@ def _tls_router(loop_thread: LoopThread, addresses: list[str], tls: ServerTLS) -
     return start_router(loop_thread, dataclasses.replace(config, tls=tls), instances)
 
 
-def _client(address: str, pki: Path, *, ssl: bool = True, cert: str | None = None
-            ) -> grpcclient.InferenceServerClient:
+def _client(address: str, pki: Path, *, ssl: bool = True, cert: str | None = None,
+            ca: str = "ca") -> grpcclient.InferenceServerClient:
     if not ssl:
         return grpcclient.InferenceServerClient(address)
     return grpcclient.InferenceServerClient(
-        address, ssl=True, root_certificates=str(pki / "ca.pem"),
+        address, ssl=True, root_certificates=str(pki / f"{ca}.pem"),
         private_key=None if cert is None else str(pki / f"{cert}.key"),
         certificate_chain=None if cert is None else str(pki / f"{cert}.pem"))
 
@@ -225,7 +226,7 @@ def test_mutual_tls_admits_only_certificates_its_ca_signed(
         router.stop()
 
 
-def test_a_reload_that_changes_tls_warns_and_keeps_the_running_settings(
+def test_a_reload_replaces_the_certificates_for_new_connections(
         loop_thread: LoopThread, worker_addresses: list[str], pki: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     from tritonmesh.endpoint import _reload
@@ -233,19 +234,30 @@ def test_a_reload_that_changes_tls_warns_and_keeps_the_running_settings(
     router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki))
     path = pki / "reload.yaml"
     head = (f"listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
-            f"    instances: ['{worker_addresses[0]}']\n"
-            "tls:\n  cert_file: server.pem\n  key_file: server.key\n")
+            f"    instances: ['{worker_addresses[0]}']\ntls:\n")
     running = [router.router.config]
     try:
-        with caplog.at_level(logging.WARNING, logger="tritonmesh"):
-            path.write_text(head)
+        with _client(router.address, pki) as before, \
+                caplog.at_level(logging.INFO, logger="tritonmesh"):
+            assert before.is_server_ready()
+            # A renewed certificate, from another CA even: new connections get it, and a
+            # connection already open keeps serving.
+            path.write_text(head + "  cert_file: renewed.pem\n  key_file: renewed.key\n")
             loop_thread.run(_reload(router.router, path, running))
-            assert "TLS settings are read at start" not in caplog.text
-            path.write_text(head + "  client_ca_file: ca.pem\n")
+            assert "new certificates" in caplog.text
+            with _client(router.address, pki) as client:
+                _refused(client)
+            with _client(router.address, pki, ca="rogue-ca") as client:
+                _serves(client)
+            _serves(before)
+            # Client certificates cannot be turned on without a restart: a warning, and
+            # the running settings stay.
+            path.write_text(head + "  cert_file: server.pem\n  key_file: server.key\n"
+                                   "  client_ca_file: ca.pem\n")
             loop_thread.run(_reload(router.router, path, running))
-            assert "TLS settings are read at start" in caplog.text
-        with _client(router.address, pki) as client:  # still no client certificate needed
-            _serves(client)
+            assert "takes a restart" in caplog.text
+            with _client(router.address, pki, ca="rogue-ca") as client:
+                _serves(client)
         router.wait_idle()
     finally:
         router.stop()
