@@ -68,8 +68,13 @@ async def router(d: Path, name: str, worker: str, tls: bool) -> AsyncIterator[st
                 await asyncio.sleep(0.2)
         yield address
     finally:
-        process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(process.wait(), 30)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 def client(d: Path, address: str, tls: bool) -> aioclient.InferenceServerClient:
@@ -96,7 +101,13 @@ async def load(d: Path, address: str, tls: bool, users: int, seconds: float
                 latencies.append(time.perf_counter() - start)
 
     started = time.monotonic()
-    await asyncio.gather(*(user() for _ in range(users)))
+    tasks = [asyncio.ensure_future(user()) for _ in range(users)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # one user's failure ends the others too
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.monotonic() - started
     ms = np.array(latencies) * 1e3
     return len(latencies) / elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))

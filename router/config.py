@@ -260,13 +260,19 @@ def _key_pair(data: Mapping[str, Any], where: str, base: Path,
     cert = _pem(data["cert_file"], f"{where}cert_file", base, _CERTIFICATE)
     key = _pem(data["key_file"], f"{where}key_file", base, _PRIVATE_KEY)
     # The stdlib checks that the key belongs to the certificate; gRPC would only fail the
-    # first handshake.
+    # first handshake (and, on a reload, keep the old pair with a line in its own log).
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
             base / data["cert_file"], base / data["key_file"], password=_no_password)
     except ssl.SSLError as exc:
         raise ConfigError(f"{where}key_file: does not match {where}cert_file "
                           f"({exc.reason or exc})") from None
+    # The check read the files again: a renewal landing in between could pair a checked
+    # certificate with an unchecked key.
+    if (base / data["cert_file"]).read_bytes() != cert \
+            or (base / data["key_file"]).read_bytes() != key:
+        raise ConfigError(f"{where}cert_file: {base / data['cert_file']} or its key changed "
+                          "while being read; read the configuration again")
     return cert, key
 
 

@@ -107,8 +107,8 @@ def _reload_tls(router: Router, config: EndpointConfig) -> None:
     if config.tls != serving:
         if config.tls is not None and router.certificates is not None \
                 and router.certificates.replace(config.tls):
-            log.info("reload: new certificates on %s; new connections get them",
-                     router.address)
+            log.info("reload: new certificates for %s handed to gRPC; new connections "
+                     "get them, open ones keep theirs", router.address)
         else:
             log.warning("reload: turning TLS or client certificates on or off takes a "
                         "restart; the running settings stay")

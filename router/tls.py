@@ -24,7 +24,10 @@ def _configuration(tls: ServerTLS) -> grpc.ServerCertificateConfiguration:
 
 class ServerCertificates:
     """The credentials of the router's port, whose certificates can be replaced while it
-    serves. Client certificates are required when there is a client CA."""
+    serves. Client certificates are required when there is a client CA.
+
+    For one port only: gRPC asks each port's credentials separately, and only the first
+    to ask after a :meth:`replace` would get the new certificates."""
 
     def __init__(self, tls: ServerTLS):
         self.tls = tls

@@ -263,6 +263,42 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
         router.stop()
 
 
+def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
+        loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
+    """A client CA rotation: first a bundle of the old and the new CA (both kinds of
+    client certificates admitted), then the new CA alone."""
+    from tritonmesh.endpoint import _reload
+
+    router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki, mutual=True))
+    (pki / "both-cas.pem").write_bytes((pki / "ca.pem").read_bytes()
+                                       + (pki / "rogue-ca.pem").read_bytes())
+    path = pki / "rotate.yaml"
+    running = [router.router.config]
+
+    def reload(client_ca: str) -> None:
+        path.write_text(f"listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
+                        f"    instances: ['{worker_addresses[0]}']\n"
+                        "tls:\n  cert_file: server.pem\n  key_file: server.key\n"
+                        f"  client_ca_file: {client_ca}\n")
+        loop_thread.run(_reload(router.router, path, running))
+
+    try:
+        with _client(router.address, pki, cert="rogue-client") as client:
+            _refused(client)
+        reload("both-cas.pem")
+        for cert in ("client", "rogue-client"):
+            with _client(router.address, pki, cert=cert) as client:
+                _serves(client)
+        reload("rogue-ca.pem")
+        with _client(router.address, pki, cert="client") as client:
+            _refused(client)
+        with _client(router.address, pki, cert="rogue-client") as client:
+            _serves(client)
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
 # -- the channels to Triton --------------------------------------------------------------
 
 
