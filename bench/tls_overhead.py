@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc.aio as aioclient
+from tritonmesh.bench.targets import terminate
 from tritonmesh.workers.launcher import WorkerPool, free_ports
 
 EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -68,13 +68,7 @@ async def router(d: Path, name: str, worker: str, tls: bool) -> AsyncIterator[st
                 await asyncio.sleep(0.2)
         yield address
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process, 30.0)
 
 
 def client(d: Path, address: str, tls: bool) -> aioclient.InferenceServerClient:

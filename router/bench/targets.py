@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 from tritonmesh.workers.launcher import free_ports
 
-__all__ = ["INSTALL_PEERS", "STDLIB_LOOP", "Target", "available_targets", "running"]
+__all__ = ["INSTALL_PEERS", "STDLIB_LOOP", "Target", "available_targets", "running", "terminate"]
 
 INSTALL_PEERS = "apt-get install -y nginx haproxy"
 
@@ -152,6 +152,17 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
             f"    instances: {list(workers)!r}\n")
 
 
+async def terminate(process: asyncio.subprocess.Process, grace: float) -> None:
+    """SIGTERM a process this bench started (unless it has ended), SIGKILL after ``grace``."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
 async def _wait_serving(address: str, process: asyncio.subprocess.Process,
                         timeout: float = 30.0) -> None:
     """Until a ServerReady call passes through the target (its path to Triton is up)."""
@@ -210,11 +221,5 @@ async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
             log.flush()
             raise RuntimeError(f"{exc}\n{(prefix / 'target.log').read_text()[-2000:]}") from None
         finally:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 15)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await terminate(process, 15.0)
             log.close()
