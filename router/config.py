@@ -261,18 +261,21 @@ def _key_pair(data: Mapping[str, Any], where: str, base: Path,
     key = _pem(data["key_file"], f"{where}key_file", base, _PRIVATE_KEY)
     # The stdlib checks that the key belongs to the certificate; gRPC would only fail the
     # first handshake (and, on a reload, keep the old pair with a line in its own log).
+    # It reads the files again, so they must still hold what was read above: a renewal
+    # landing in between could pair a checked certificate with an unchecked key.
+    cert_path, key_path = base / data["cert_file"], base / data["key_file"]
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
-            base / data["cert_file"], base / data["key_file"], password=_no_password)
-    except ssl.SSLError as exc:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path,
+                                                                password=_no_password)
+        unchanged = cert_path.read_bytes() == cert and key_path.read_bytes() == key
+    except ssl.SSLError as exc:  # before OSError, its base class
         raise ConfigError(f"{where}key_file: does not match {where}cert_file "
                           f"({exc.reason or exc})") from None
-    # The check read the files again: a renewal landing in between could pair a checked
-    # certificate with an unchecked key.
-    if (base / data["cert_file"]).read_bytes() != cert \
-            or (base / data["key_file"]).read_bytes() != key:
-        raise ConfigError(f"{where}cert_file: {base / data['cert_file']} or its key changed "
-                          "while being read; read the configuration again")
+    except OSError:  # gone since
+        unchanged = False
+    if not unchanged:
+        raise ConfigError(f"{where}cert_file: {cert_path} or its key changed while being "
+                          "read; read the configuration again")
     return cert, key
 
 
