@@ -108,6 +108,7 @@ def _cmd_workers(args: argparse.Namespace) -> int:
 def _admin_channel(args: argparse.Namespace) -> Any:
     """A channel to the router's admin API: plaintext, or TLS when any TLS option is set."""
     import grpc
+    from tritonmesh.workers.upstream import name_override
 
     if not (args.tls or args.ca_file or args.cert_file or args.key_file or args.server_name):
         return grpc.insecure_channel(args.address)
@@ -124,9 +125,8 @@ def _admin_channel(args: argparse.Namespace) -> Any:
 
     credentials = grpc.ssl_channel_credentials(read(args.ca_file), read(args.key_file),
                                                read(args.cert_file))
-    options = [] if args.server_name is None \
-        else [("grpc.ssl_target_name_override", args.server_name)]
-    return grpc.secure_channel(args.address, credentials, options=options)
+    return grpc.secure_channel(args.address, credentials,
+                               options=name_override(args.server_name))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import threading
 
 import grpc
 from tritonmesh.config import ServerTLS, UpstreamTLS
-from tritonmesh.workers.upstream import CHANNEL_OPTIONS, Upstream
+from tritonmesh.workers.upstream import CHANNEL_OPTIONS, Upstream, name_override
 
 __all__ = ["ServerCertificates", "connect"]
 
@@ -66,7 +66,5 @@ def connect(address: str, tls: UpstreamTLS | None) -> Upstream:
         private_key=tls.private_key,
         certificate_chain=tls.cert_chain,
     )
-    options = CHANNEL_OPTIONS
-    if tls.server_name is not None:
-        options += (("grpc.ssl_target_name_override", tls.server_name),)
-    return Upstream(address, options=options, credentials=credentials)
+    return Upstream(address, options=CHANNEL_OPTIONS + name_override(tls.server_name),
+                    credentials=credentials)

@@ -206,6 +206,10 @@ def test_tritonclient_reaches_a_tls_router_and_plaintext_is_refused(
                          "--ca-file", str(pki / "ca.pem")]) == 0
         assert worker_addresses[0] in capsys.readouterr().out
         assert cli.main(["status", "--address", router.address, "--timeout", "5"]) == 1
+        # --server-name is the name verified: one not in the certificate is refused.
+        assert cli.main(["status", "--address", router.address, "--ca-file",
+                         str(pki / "ca.pem"), "--server-name", "elsewhere.example",
+                         "--timeout", "5"]) == 1
         router.wait_idle()
     finally:
         router.stop()

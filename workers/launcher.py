@@ -38,7 +38,7 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.workers.child import Child, spawn
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
-from tritonmesh.workers.upstream import method_path
+from tritonmesh.workers.upstream import method_path, name_override
 
 __all__ = ["Probe", "TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
 
@@ -236,9 +236,8 @@ class TritonWorker:
         if probe is None:
             opened = grpc.aio.insecure_channel(self.address)
         else:
-            options = [] if probe.server_name is None \
-                else [("grpc.ssl_target_name_override", probe.server_name)]
-            opened = grpc.aio.secure_channel(self.address, probe.credentials, options=options)
+            opened = grpc.aio.secure_channel(self.address, probe.credentials,
+                                             options=name_override(probe.server_name))
         async with opened as channel:
             server_ready = channel.unary_unary(
                 method_path("ServerReady"),

@@ -25,6 +25,7 @@ __all__ = [
     "being_cancelled",
     "cancel_in_core",
     "method_path",
+    "name_override",
     "upstream_cancelled",
 ]
 
@@ -60,6 +61,12 @@ UNARY_METHODS: Final = (
     "TraceSetting",
     "LogSettings",
 )
+
+
+def name_override(server_name: str | None) -> tuple[tuple[str, Any], ...]:
+    """Channel options that make TLS verify ``server_name`` instead of the address's host
+    (an IP that is not in the certificate); none for None."""
+    return () if server_name is None else (("grpc.ssl_target_name_override", server_name),)
 
 
 def method_path(name: str) -> str:
