@@ -92,9 +92,10 @@ async def _check_networks(host: str, port: int, networks: Sequence[IPNetwork],
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         if not any(ip in network for network in networks):
+            what = str(ip) if host == str(ip) else f"{host} resolves to {ip}, which is"
             raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
-                           f"{host} is {ip}, outside instance_networks ({allowed}): add its "
-                           "network to instance_networks in the router's config to allow it")
+                           f"{what} outside instance_networks ({allowed}): add its network "
+                           "to instance_networks in the router's config to allow it")
 
 
 async def _probe(upstream: Upstream, models: Sequence[str], timeout: float) -> None:

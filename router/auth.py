@@ -18,13 +18,15 @@ its own credential: it is not forwarded to Triton (:data:`CREDENTIAL_KEY`).
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Iterable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import grpc
 import grpc.aio
 
-__all__ = ["CONTROL_RPCS", "CREDENTIAL_KEY", "ControlAccess", "TokenInterceptor", "Tokens"]
+__all__ = ["CONTROL_RPCS", "CREDENTIAL_KEY", "ControlAccess", "TokenInterceptor", "Tokens",
+           "WithoutCredential"]
 
 CREDENTIAL_KEY: Final = "authorization"
 _SCHEME: Final = "bearer "
@@ -75,6 +77,43 @@ def presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> bytes
     return None
 
 
+class WithoutCredential:
+    """A call's context whose metadata lacks ``authorization``, for handlers that forward
+    the metadata to Triton: a token meant for the router does not reach every instance."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+
+    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        return tuple(item for item in self._context.invocation_metadata() or ()
+                     if item[0] != CREDENTIAL_KEY)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def _without_credential(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour given a :class:`WithoutCredential` context."""
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            break
+    wrapped: Callable[..., Any]
+    if inspect.isasyncgenfunction(behaviour):
+        async def generating(request: Any, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[Any]:
+            async for response in behaviour(request, WithoutCredential(context)):
+                yield response
+        wrapped = generating
+    else:
+        async def calling(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await behaviour(request, WithoutCredential(context))
+        wrapped = calling
+    return handler._replace(**{kind: wrapped})  # grpc's handlers are namedtuples
+
+
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
              message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that only refuses, without reading
@@ -94,14 +133,16 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
 class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
     """Let a call through if it carries a token of any of ``tokens``; else UNAUTHENTICATED.
 
-    Methods starting with one of ``open_prefixes`` need no token.
+    Methods starting with one of ``open_prefixes`` need no token. With ``strip``, the
+    handlers of the calls let through do not see (nor forward) ``authorization``.
     """
 
     def __init__(self, tokens: Iterable[Tokens], message: str,
-                 open_prefixes: tuple[str, ...] = ()):
+                 open_prefixes: tuple[str, ...] = (), *, strip: bool = False):
         self.tokens = tuple(tokens)
         self.message = message
         self.open_prefixes = open_prefixes
+        self.strip = strip
 
     async def intercept_service(
             self,
@@ -113,7 +154,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # unt
             return handler
         presented = presented_token(details.invocation_metadata)
         if any(t.accepts(presented) for t in self.tokens):
-            return handler
+            return _without_credential(handler) if self.strip else handler
         return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, self.message)
 
 

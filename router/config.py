@@ -482,7 +482,7 @@ def _admin_listen(value: Any, listen: str) -> str | None:
         if len(text) == len("unix:"):
             raise ConfigError("admin_listen: unix: needs a path, e.g. unix:/run/tritonmesh/admin")
         return text
-    if text == listen:
+    if text == listen and not text.endswith(":0"):  # port 0: two free ports
         raise ConfigError(f"admin_listen: must differ from listen ({listen}): the admin API "
                           "has a listener of its own")
     return _address(text, "admin_listen", listen=True)

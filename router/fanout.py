@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
-from tritonmesh.auth import CONTROL_RPCS, ControlAccess, Tokens
+from tritonmesh.auth import CONTROL_RPCS, ControlAccess, Tokens, WithoutCredential
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.proxy import forwardable_metadata
 from tritonmesh.workers.upstream import await_call
@@ -91,7 +91,8 @@ class Fanout:
         async def checked(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             if not reads or message_type.FromString(request).settings:
                 await self.access.check(method, context)
-            return await handler(request, context)
+            # The admin token is the router's: it is not broadcast to every instance.
+            return await handler(request, WithoutCredential(context))
         return checked
 
     # -- helpers ---------------------------------------------------------------------

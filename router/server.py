@@ -114,7 +114,8 @@ class Router:
         )
         # No interceptor without tokens: an open data plane costs nothing per call.
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
-            (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,))]
+            (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
+            strip=True)]
         server = self.server = grpc.aio.server(options=SERVER_OPTIONS,
                                                interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
