@@ -146,7 +146,7 @@ def test_memory_snapshots_on_sigusr1(tmp_path: Path, worker_addresses: list[str]
     import tracemalloc
 
     config = tmp_path / "endpoint.yaml"
-    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nadmin_listen: null\n"
+    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nadmin_listen: 127.0.0.1:0\n"
                       "variants:\n"
                       f"  - name: AllTraffic\n    instances: {worker_addresses[:1]!r}\n")
     snapshots = tmp_path / "snapshots"

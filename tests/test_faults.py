@@ -483,7 +483,7 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
         for line in process.stdout:
             if "serving Triton's gRPC protocol on" in line:
                 address = line.split()[-1]
-            if "admin API: " in line:
+            if line.startswith("  admin API: "):  # the banner's line, not the log's
                 admin = line.split()[-1]
                 break
         assert address and admin, "no banner"
