@@ -23,6 +23,7 @@ import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from harness import LoopThread, RouterHandle, generate_inputs, make_config, start_router
+from test_tls import pki  # noqa: F401  # the test CA and certificates, shared
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh import admin as admin_module
@@ -504,3 +505,39 @@ def test_remove_instance_refuses_a_bad_drain_timeout(make_router: Any) -> None:
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "drain_timeout_s must be a finite number" in (error.details() or "")
     assert router.instances()[0].state == "ACTIVE"
+
+
+# -- TLS and tokens -------------------------------------------------------------------------
+
+
+def test_tls_and_tokens_on_both_listeners(loop_thread: LoopThread, worker_addresses: list[str],
+                                          tmp_path: Path, request: pytest.FixtureRequest,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """The deployment docs/security.md shows: TLS and data tokens on the data port, the
+    admin API on a Unix socket with the same TLS and an admin token."""
+    from test_tls import _server_tls
+    from tritonmesh import cli
+
+    certs: Path = request.getfixturevalue("pki")
+
+    config, instances = make_config(worker_addresses[:1], auth=TOKENS)
+    socket_path = tmp_path / "admin.sock"
+    router = start_router(loop_thread, dataclasses.replace(
+        config, tls=_server_tls(certs), admin_listen=f"unix:{socket_path}"), instances)
+    (tmp_path / "admin-tokens").write_text("# operators\nadmin-1\n")
+    try:
+        with grpcclient.InferenceServerClient(router.address, ssl=True,
+                                              root_certificates=str(certs / "ca.pem")) as client:
+            _refused(lambda: client.is_server_ready(), "UNAUTHENTICATED")
+            assert client.is_server_ready(headers=DATA)
+        status = ["status", "--address", router.admin_address, "--ca-file", str(certs / "ca.pem"),
+                  "--server-name", "localhost", "--timeout", "10"]
+        assert cli.main([*status, "--token-file", str(tmp_path / "admin-tokens")]) == 0
+        assert worker_addresses[0] in capsys.readouterr().out
+        assert cli.main(status) == 1
+        assert "auth.admin_tokens_file" in capsys.readouterr().err
+        plaintext = [*status[:3], "--token-file", str(tmp_path / "admin-tokens"), "--timeout", "5"]
+        assert cli.main(plaintext) == 1
+        router.wait_idle()
+    finally:
+        router.stop()
