@@ -129,7 +129,7 @@ class Router:
         ), server)
         self.port, self.certificates = self._listen(server, self.config.listen)
         if self.config.admin_listen is not None:
-            self._start_admin_server(balancer, self.config.admin_listen)
+            self._open_admin_listener(balancer, self.config.admin_listen)
 
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
         await self.health.check_once()
@@ -156,7 +156,7 @@ class Router:
             raise OSError(f"cannot listen on {address}")
         return port, certificates
 
-    def _start_admin_server(self, balancer: Balancer, listen: str) -> None:
+    def _open_admin_listener(self, balancer: Balancer, listen: str) -> None:
         interceptors = [] if not self.admin_tokens.configured else [
             TokenInterceptor((self.admin_tokens,), admin_plane_message())]
         server = self.admin_server = grpc.aio.server(
