@@ -29,7 +29,7 @@ from tritonclient.utils import InferenceServerException
 from tritonmesh import admin as admin_module
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
-from tritonmesh.config import AuthConfig, ConfigError, parse_config
+from tritonmesh.config import AuthConfig, ConfigError, ServerTLS, parse_config
 from tritonmesh.workers.launcher import free_ports
 
 pytestmark = pytest.mark.triton
@@ -538,6 +538,13 @@ def test_tls_and_tokens_on_both_listeners(loop_thread: LoopThread, worker_addres
         assert "auth.admin_tokens_file" in capsys.readouterr().err
         plaintext = [*status[:3], "--token-file", str(tmp_path / "admin-tokens"), "--timeout", "5"]
         assert cli.main(plaintext) == 1
+        # A reload renews the admin listener's certificates too (a port of its own).
+        renewed = dataclasses.replace(router.router.config, tls=ServerTLS(
+            (certs / "renewed.pem").read_bytes(), (certs / "renewed.key").read_bytes()))
+        loop_thread.run(_reload_auth(router, renewed))
+        assert cli.main([*status[:3], "--token-file", str(tmp_path / "admin-tokens"),
+                         "--ca-file", str(certs / "rogue-ca.pem"), "--server-name",
+                         "127.0.0.1", "--timeout", "10"]) == 0
         router.wait_idle()
     finally:
         router.stop()
