@@ -94,7 +94,7 @@ async def _probe(args: argparse.Namespace) -> None:
             address = f"127.0.0.1:{free_ports(1)[0]}"
             config = Path(tmp) / "router.yaml"
             config.write_text(
-                f"listen: {address}\nmetrics_listen: null\n"
+                f"listen: {address}\nmetrics_listen: null\nadmin_listen: null\n"
                 "work_hints:\n  generate_unary: {input: MAX_TOKENS, base: 1}\n"
                 "variants:\n  - name: AllTraffic\n"
                 "    routing_strategy: LEAST_OUTSTANDING_WORK\n"

@@ -118,12 +118,14 @@ async def user(address: str, rng: random.Random, stop: asyncio.Event,
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     async with WorkerPool(3, restart=True) as pool:
-        port = free_ports(1)[0]
+        port, admin_port = free_ports(2)
         address = f"127.0.0.1:{port}"
+        admin_address = f"127.0.0.1:{admin_port}"
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "soak.yaml"
             config.write_text(
-                f"listen: {address}\nmetrics_listen: null\nhealth_check: {{interval_s: 0.5}}\n"
+                f"listen: {address}\nadmin_listen: {admin_address}\nmetrics_listen: null\n"
+                "health_check: {interval_s: 0.5}\n"
                 "variants:\n  - name: AllTraffic\n"
                 "    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n"
                 f"    instances: {pool.addresses!r}\n")
@@ -136,7 +138,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 tritonmesh, "--log-level", args.router_log_level, "serve", "--config", str(config),
                 stdout=asyncio.subprocess.DEVNULL, env=env)
             try:
-                report = await soak(args, pool, router.pid, address)
+                report = await soak(args, pool, router.pid, address, admin_address)
                 if args.tracemalloc:
                     report["tracemalloc_growth"] = await asyncio.to_thread(compare_snapshots,
                                                                           snapshots)
@@ -161,8 +163,8 @@ def compare_snapshots(directory: Path) -> list[str]:
 
 
 async def soak(args: argparse.Namespace, pool: WorkerPool, router_pid: int,
-               address: str) -> dict[str, Any]:
-    admin = apb_grpc.AdminStub(grpc.aio.insecure_channel(address))
+               address: str, admin_address: str) -> dict[str, Any]:
+    admin = apb_grpc.AdminStub(grpc.aio.insecure_channel(admin_address))
     deadline = time.monotonic() + 60
     while True:
         try:

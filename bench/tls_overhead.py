@@ -47,7 +47,8 @@ async def router(d: Path, name: str, worker: str, tls: bool) -> AsyncIterator[st
     (port,) = free_ports(1)
     config = d / f"{name}.yaml"
     config.write_text(
-        f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nvariants:\n  - name: AllTraffic\n"
+        f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
+        "variants:\n  - name: AllTraffic\n"
         f"    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n    instances: ['{worker}']\n"
         + ("tls: {cert_file: server.pem, key_file: server.key}\n" if tls else ""))
     tritonmesh = str(Path(sys.executable).parent / "tritonmesh")

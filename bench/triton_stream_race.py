@@ -65,7 +65,7 @@ async def main(rounds: int, via_router: bool) -> dict[str, Any]:
             variant = VariantConfig("AllTraffic", 1.0,
                                     RoutingStrategy.LEAST_OUTSTANDING_REQUESTS,
                                     instances=tuple(pool.addresses))
-            config = EndpointConfig(listen="127.0.0.1:0", metrics_listen=None,
+            config = EndpointConfig(listen="127.0.0.1:0", metrics_listen=None, admin_listen=None,
                                     variants=(variant,))
             router = Router(config, {"AllTraffic": list(pool.addresses)})
             await router.start()

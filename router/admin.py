@@ -1,19 +1,36 @@
-"""The admin gRPC service (proto/tritonmesh_admin.proto): inspect and change membership."""
+"""The admin gRPC service (proto/tritonmesh_admin.proto): inspect and change membership.
+
+Served on the router's admin listener only (``admin_listen``), never on the data port.
+An instance joins only after its address passed every check and Triton answered the
+probe: a TCP ``HOST:PORT`` (no ``unix:`` or other gRPC schemes) whose every resolved
+address is in ``instance_networks``, ready (ServerReady) and ready for each model its
+variant lists (ModelReady). A call refused at any step adds nothing and leaves no channel.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import math
+import re
+import socket
+from collections.abc import Sequence
 from typing import NoReturn
 
 import grpc
 import grpc.aio
+from tritonclient.grpc import service_pb2 as pb
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
-from tritonmesh.balancer import Balancer, Instance
-from tritonmesh.config import ConfigError, _address
+from tritonmesh.balancer import Balancer, Instance, Variant
+from tritonmesh.config import IPNetwork
 from tritonmesh.tls import connect
+from tritonmesh.workers.upstream import Upstream, await_call
 
-__all__ = ["AdminService", "instance_message"]
+__all__ = ["AdminService", "drain", "instance_message"]
+
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_SERVER_READY = pb.ServerReadyRequest().SerializeToString()
 
 
 def instance_message(instance: Instance) -> apb.Instance:
@@ -25,15 +42,97 @@ def instance_message(instance: Instance) -> apb.Instance:
     )
 
 
+class _Refused(Exception):
+    """AddInstance cannot go on: the status code and the message for the caller."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
                  ) -> NoReturn:
     await context.abort(code, message)
     raise AssertionError("context.abort returned")
 
 
+def _tcp_target(address: str) -> tuple[str, int]:
+    """HOST:PORT (``[v6]:PORT`` for IPv6) split; anything else, gRPC schemes included, is
+    refused, since the router would dial it as given."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    valid = bool(sep and port.isdigit() and 0 < int(port) < 65536)
+    if valid:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            valid = _HOST_NAME.fullmatch(host) is not None
+    if not valid:
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"address: expected HOST:PORT of a Triton gRPC endpoint over TCP "
+                       f"(no unix: or other schemes), got {address!r}")
+    return host, int(port)
+
+
+async def _check_networks(host: str, port: int, networks: Sequence[IPNetwork],
+                          timeout: float) -> None:
+    """Every address ``host`` resolves to must be in ``networks``: a name that also
+    resolves elsewhere could be dialled there."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise _Refused(grpc.StatusCode.UNAVAILABLE,
+                       f"cannot resolve {host!r}: {exc}; nothing was added") from None
+    allowed = ", ".join(map(str, networks)) or "none"
+    for info in infos:
+        ip = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if not any(ip in network for network in networks):
+            what = str(ip) if host == str(ip) else f"{host} resolves to {ip}, which is"
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"{what} outside instance_networks ({allowed}): add its network "
+                           "to instance_networks in the router's config to allow it")
+
+
+async def _probe(upstream: Upstream, models: Sequence[str], timeout: float) -> None:
+    """Triton at ``upstream`` must be ready, and ready for each of ``models``."""
+    unary = upstream.unary
+    where = upstream.address
+    try:
+        raw = await await_call(unary["ServerReady"](_SERVER_READY, timeout=timeout))
+        if not pb.ServerReadyResponse.FromString(raw).ready:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"Triton at {where} is not ready (ServerReady); nothing was added")
+        for model in models:
+            request = pb.ModelReadyRequest(name=model).SerializeToString()
+            raw = await await_call(unary["ModelReady"](request, timeout=timeout))
+            if not pb.ModelReadyResponse.FromString(raw).ready:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"model '{model}' is not ready on {where} (ModelReady), and "
+                               "the variant serves it; nothing was added")
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        raise _Refused(
+            grpc.StatusCode.UNAVAILABLE if unreachable else grpc.StatusCode.FAILED_PRECONDITION,
+            f"no ready Triton at {where}: its readiness probe failed with {code.name}: "
+            f"{exc.details()}; nothing was added") from None
+
+
 class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
-    def __init__(self, balancer: Balancer):
+    """``instance_networks``: what AddInstance accepts. ``probe_timeout_s``: the deadline of
+    each probe step (name resolution, ServerReady, each ModelReady) when the call has none."""
+
+    def __init__(self, balancer: Balancer, instance_networks: Sequence[IPNetwork],
+                 probe_timeout_s: float):
         self.balancer = balancer
+        self.instance_networks = tuple(instance_networks)
+        self.probe_timeout_s = probe_timeout_s
+        self._drains: set[asyncio.Task[bool]] = set()
 
     async def ListInstances(self, request: apb.ListInstancesRequest,
                             context: grpc.aio.ServicerContext) -> apb.ListInstancesResponse:
@@ -50,20 +149,35 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
 
     async def AddInstance(self, request: apb.AddInstanceRequest,
                           context: grpc.aio.ServicerContext) -> apb.Instance:
+        try:
+            return await self._add(request, context)
+        except _Refused as exc:
+            await _abort(context, exc.code, str(exc))
+
+    async def _add(self, request: apb.AddInstanceRequest,
+                   context: grpc.aio.ServicerContext) -> apb.Instance:
+        # Everything that needs no channel first: a refused call opens none.
         variant = self.balancer.by_name.get(request.variant)
         if variant is None:
-            await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+            raise _Refused(grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+        if not (math.isfinite(request.weight) and request.weight >= 0):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"weight must be a finite number > 0 (0 means 1), got "
+                           f"{request.weight}")
+        address = request.address
+        host, port = _tcp_target(address)
+        _check_absent(variant, address)
+        remaining = context.time_remaining()
+        timeout = self.probe_timeout_s if remaining is None else max(remaining, 0.0)
+        await _check_networks(host, port, self.instance_networks, timeout)
+        upstream = connect(address, variant.config.upstream_tls)
         try:
-            address = _address(request.address, "address")
-        except ConfigError as exc:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if any(i.address == address for i in variant.live_instances()):
-            await _abort(context, grpc.StatusCode.ALREADY_EXISTS,
-                                f"{address} is already in variant '{variant.name}'")
-        if request.weight < 0:
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "weight must be positive")
-        instance = variant.add(connect(address, variant.config.upstream_tls), request.weight or 1.0,
-                               slow_start=True)
+            await _probe(upstream, sorted(variant.models or ()), timeout)
+            _check_absent(variant, address)  # another call may have added it meanwhile
+        except BaseException:
+            await upstream.close(grace=0)
+            raise
+        instance = variant.add(upstream, request.weight or 1.0, slow_start=True)
         return instance_message(instance)
 
     async def RemoveInstance(self, request: apb.RemoveInstanceRequest,
@@ -71,14 +185,34 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         variant = self.balancer.by_name.get(request.variant)
         if variant is None:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+        timeout = request.drain_timeout_s or 30.0
+        if not (math.isfinite(timeout) and timeout > 0):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"drain_timeout_s must be a finite number > 0 (0 means 30), got "
+                         f"{request.drain_timeout_s}")
         found = [i for i in variant.live_instances() if i.address == request.address]
         if not found:
             await _abort(context, grpc.StatusCode.NOT_FOUND,
-                                f"{request.address} is not in variant '{variant.name}'")
+                         f"{request.address} is not in variant '{variant.name}'")
         instance = found[0]
-        drained = await drain(instance, request.drain_timeout_s or 30.0)
-        message = instance_message(instance)
-        return apb.RemoveInstanceResponse(instance=message, drained=drained)
+        # The drain runs to its end whatever happens to this call: an instance left
+        # DRAINING with nothing to wait for would never leave, nor could it be added again.
+        task = asyncio.get_running_loop().create_task(drain(instance, timeout))
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+        drained: bool = await asyncio.shield(task)
+        return apb.RemoveInstanceResponse(instance=instance_message(instance), drained=drained)
+
+    async def close(self) -> None:
+        """Wait for the drains that callers left behind (the router is stopping)."""
+        if self._drains:
+            await asyncio.gather(*self._drains, return_exceptions=True)
+
+
+def _check_absent(variant: Variant, address: str) -> None:
+    if any(i.address == address for i in variant.live_instances()):
+        raise _Refused(grpc.StatusCode.ALREADY_EXISTS,
+                       f"{address} is already in variant '{variant.name}'")
 
 
 async def drain(instance: Instance, timeout_s: float) -> bool:

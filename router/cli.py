@@ -41,7 +41,7 @@ Try it (in another shell, same virtualenv):
   print("streamed tokens:", [int(q.get(timeout=30)[0]) for _ in range(8)]); c.stop_stream()
   PY
 
-  tritonmesh status --address {address}     # instances and their outstanding counts
+  {status}
   curl -s http://{metrics}/metrics | grep tritonmesh_   # Prometheus metrics
 Stop with Ctrl-C (in-flight requests finish, workers stop).
 """
@@ -66,8 +66,17 @@ def _banner(router: object) -> None:
         for inst in variant.live_instances():
             health = "healthy" if inst.healthy else "UNHEALTHY"
             print(f"    instance {inst.address} ({health})")
+    admin = router.admin_address
+    token = router.admin_tokens.configured
+    print(f"  admin API: {admin or 'off (admin_listen: null)'}"
+          f"{', needs a token from auth.admin_tokens_file' if token else ''}")
+    status = ("tritonmesh status --address " + admin
+              + (" --token-file ADMIN_TOKEN_FILE" if token else "")
+              + ("" if tls is None else " --ca-file CA_FILE")
+              + "     # instances and their outstanding counts") if admin else \
+        "(tritonmesh status needs the admin API: set admin_listen)"
     metrics = f"127.0.0.1:{router.metrics_port}" if router.metrics_port else "(metrics off)"
-    print(EXAMPLE.format(address=router.address, metrics=metrics), flush=True)
+    print(EXAMPLE.format(address=router.address, metrics=metrics, status=status), flush=True)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -77,6 +86,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         name="local",
         listen=f"{args.host}:{args.port}",
         metrics_listen=f"{args.host}:{args.metrics_port}" if args.metrics_port else None,
+        # Loopback whatever --host says: the admin API changes the fleet.
+        admin_listen=f"127.0.0.1:{args.admin_port}" if args.admin_port >= 0 else None,
         variants=(VariantConfig(
             name="AllTraffic",
             routing_strategy=RoutingStrategy(args.strategy),
@@ -103,6 +114,20 @@ def _cmd_workers(args: argparse.Namespace) -> int:
     run_on_loop(serve_workers(args.count, args.model_repository, args.log_dir, args.restart),
                 args.event_loop)
     return 0
+
+
+def _admin_token(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """The call metadata with the first token of ``--token-file``, if given."""
+    if args.token_file is None:
+        return ()
+    try:
+        lines = Path(args.token_file).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {args.token_file}: {exc.strerror or exc}") from None
+    tokens = [t.strip() for t in lines if t.strip() and not t.strip().startswith("#")]
+    if not tokens:
+        raise ConfigError(f"{args.token_file} holds no token")
+    return (("authorization", f"Bearer {tokens[0]}"),)
 
 
 def _admin_channel(args: argparse.Namespace) -> Any:
@@ -134,10 +159,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from tritonmesh._pb import tritonmesh_admin_pb2 as apb
     from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 
+    metadata = _admin_token(args)
     with _admin_channel(args) as channel:
         stub = apb_grpc.AdminStub(channel)
         try:
-            response = stub.ListInstances(apb.ListInstancesRequest(), timeout=args.timeout)
+            response = stub.ListInstances(apb.ListInstancesRequest(), timeout=args.timeout,
+                                          metadata=metadata)
         except grpc.RpcError as exc:
             print(f"cannot reach tritonmesh at {args.address}: {exc.details()}", file=sys.stderr)
             return 1
@@ -171,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8001, help="router gRPC port (0: any free)")
     up.add_argument("--metrics-port", type=int, default=8002, help="Prometheus port (0: off)")
+    up.add_argument("--admin-port", type=int, default=8003,
+                    help="admin API port, on 127.0.0.1 whatever --host says (0: any free, "
+                         "-1: off)")
     up.add_argument("--model-repository", default=None,
                     help="Triton model repository (default: the bundled demo models)")
     up.add_argument("--log-dir", default=None, help="where Triton logs go (default: a temp dir)")
@@ -189,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     workers.add_argument("--restart", action="store_true", help="restart workers that exit")
     workers.set_defaults(func=_cmd_workers)
 
-    status = sub.add_parser("status", help="list a running router's instances")
-    status.add_argument("--address", default="127.0.0.1:8001")
+    status = sub.add_parser("status", help="list a running router's instances (admin API)")
+    status.add_argument("--address", default="127.0.0.1:8003",
+                        help="the router's admin_listen: HOST:PORT or unix:PATH")
+    status.add_argument("--token-file", default=None,
+                        help="a file whose first token is sent as 'authorization: Bearer' "
+                             "(auth.admin_tokens_file)")
     status.add_argument("--timeout", type=float, default=5.0)
     status.add_argument("--tls", action="store_true",
                         help="connect over TLS (implied by the three options below)")

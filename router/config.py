@@ -15,6 +15,7 @@ Every error names the offending key, e.g. ``variants[1].routing_strategy``.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import os
 import ssl
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 
 __all__ = [
+    "AuthConfig",
     "ConfigError",
     "EndpointConfig",
     "HealthCheckConfig",
@@ -143,6 +145,22 @@ class RetryConfig:
     ttl_s: float = 10.0
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer tokens the router accepts (tritonmesh.auth; docs/security.md), read from
+    the token files when the config is loaded. None: that plane takes no token."""
+
+    data_tokens: frozenset[str] | None = field(default=None, repr=False)
+    admin_tokens: frozenset[str] | None = field(default=None, repr=False)
+
+
+LOOPBACK_NETWORKS: Final[tuple[IPNetwork, ...]] = (
+    ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
 @dataclass(frozen=True)
 class EndpointConfig:
     name: str = "tritonmesh"
@@ -154,8 +172,14 @@ class EndpointConfig:
     shutdown_grace_s: float = 5.0
     # model name -> where its requests' cost is read (LEAST_OUTSTANDING_WORK variants)
     work_hints: Mapping[str, WorkHint] = field(default_factory=dict)
-    # TLS on `listen` (Triton's protocol, the admin API, health); None: plaintext.
+    # TLS on `listen` and `admin_listen`; None: plaintext.
     tls: ServerTLS | None = None
+    # -- security (docs/security.md) --
+    # The admin API's own listener (HOST:PORT or unix:PATH); None: no admin API.
+    admin_listen: str | None = "127.0.0.1:8003"
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    # Admin AddInstance accepts only addresses in these networks.
+    instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -445,9 +469,74 @@ def _work_hints(data: Any) -> dict[str, WorkHint]:
     return hints
 
 
+# -- security keys: admin_listen, auth, instance_networks --
+
+_SECURITY_KEYS: Final = frozenset({"admin_listen", "auth", "instance_networks"})
+
+
+def _admin_listen(value: Any, listen: str) -> str | None:
+    if value is None:
+        return None
+    text: str = _expect(value, str, "admin_listen")
+    if text.startswith("unix:"):
+        if len(text) == len("unix:"):
+            raise ConfigError("admin_listen: unix: needs a path, e.g. unix:/run/tritonmesh/admin")
+        return text
+    if text == listen and not text.endswith(":0"):  # port 0: two free ports
+        raise ConfigError(f"admin_listen: must differ from listen ({listen}): the admin API "
+                          "has a listener of its own")
+    return _address(text, "admin_listen", listen=True)
+
+
+def _tokens(value: Any, key: str, base: Path) -> frozenset[str]:
+    """One token per line; blank lines and lines starting with # are skipped."""
+    path: Path = base / _expect(value, str, key)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{key}: cannot read {path}: {reason or exc}") from None
+    tokens = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        # What a client can send in an `authorization` header: visible ASCII, no spaces.
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ConfigError(f"{key}: {path} line {number}: a token is printable ASCII "
+                              "without spaces")
+        tokens.add(token)
+    if not tokens:
+        raise ConfigError(f"{key}: {path} holds no token (one per line)")
+    return frozenset(tokens)
+
+
+def _auth(data: Any, base: Path) -> AuthConfig:
+    _expect(data, dict, "auth")
+    _no_unknown(data, {"data_tokens_file", "admin_tokens_file"}, "auth.")
+    return AuthConfig(**{
+        plane + "_tokens": _tokens(data[f"{plane}_tokens_file"], f"auth.{plane}_tokens_file",
+                                   base)
+        for plane in ("data", "admin") if data.get(f"{plane}_tokens_file") is not None
+    })
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = _expect(value, list, "instance_networks")
+    networks = []
+    for i, item in enumerate(items):
+        key = f"instance_networks[{i}]"
+        try:
+            networks.append(ipaddress.ip_network(_expect(item, str, key)))
+        except ValueError as exc:
+            raise ConfigError(f"{key}: expected a network such as 10.0.0.0/8 or "
+                              f"fd00::/8 ({exc})") from None
+    return tuple(networks)
+
+
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls"})
+                                   "work_hints", "tls"}) | _SECURITY_KEYS
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -499,9 +588,10 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
             raise ConfigError(f"variants[{i}].name: duplicate variant name {v.name!r}")
         seen.add(v.name)
     metrics = data.get("metrics_listen", EndpointConfig.metrics_listen)
+    listen = _address(data.get("listen", EndpointConfig.listen), "listen", listen=True)
     return EndpointConfig(
         name=_expect(data.get("endpoint", "tritonmesh"), str, "endpoint"),
-        listen=_address(data.get("listen", EndpointConfig.listen), "listen", listen=True),
+        listen=listen,
         metrics_listen=None if metrics is None else _address(metrics, "metrics_listen",
                                                              listen=True),
         variants=variants,
@@ -512,6 +602,11 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         work_hints=_work_hints(data.get("work_hints", {})),
         tls=None if data.get("tls") is None or data["tls"] is False
         else _server_tls(data["tls"], root),
+        admin_listen=_admin_listen(data.get("admin_listen", EndpointConfig.admin_listen),
+                                   listen),
+        auth=AuthConfig() if data.get("auth") is None else _auth(data["auth"], root),
+        instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
+        else LOOPBACK_NETWORKS,
     )
 
 

@@ -129,6 +129,7 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
     # Local workers stay as they are; only the static instances are re-read.
     static = {i for v in running[0].variants for i in v.instances}
     _reload_tls(router, config)
+    router.reload_auth(config)
     running[0] = config
     instances = {}
     for variant in config.variants:

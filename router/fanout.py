@@ -10,7 +10,10 @@ generated messages.
   the model, so errors (an unknown model) are Triton's own.
 * ModelStatistics: summed over instances. RepositoryIndex: the union.
 * RepositoryModelLoad/Unload, TraceSetting, LogSettings: sent to every instance;
-  a partial failure names the instances that failed.
+  a partial failure names the instances that failed. They, and shared-memory
+  registration, are control RPCs: refused without an admin token
+  (:class:`tritonmesh.auth.ControlAccess`), except a TraceSetting or LogSettings
+  that changes no setting (a read).
 * Shared memory: host-local memory cannot cross a router, so registration is
   UNIMPLEMENTED and status lists no regions.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.auth import CONTROL_RPCS, ControlAccess, Tokens, WithoutCredential
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.proxy import forwardable_metadata
 from tritonmesh.workers.upstream import await_call
@@ -42,9 +46,11 @@ SHM_MESSAGE = (
 class Fanout:
     """Handlers for every unary RPC of GRPCInferenceService except ModelInfer."""
 
-    def __init__(self, balancer: Balancer, *, timeout_s: float = 10.0):
+    def __init__(self, balancer: Balancer, *, timeout_s: float = 10.0,
+                 access: ControlAccess | None = None):
         self.balancer = balancer
         self.timeout_s = timeout_s
+        self.access = access if access is not None else ControlAccess(Tokens())
 
     def handlers(self) -> dict[str, Handler]:
         handlers = {
@@ -71,9 +77,23 @@ class Fanout:
         # do not need it, so it is checked here: malformed bytes are INVALID_ARGUMENT from the
         # router, not whatever each Triton makes of them (2.51: INTERNAL "Unable to parse
         # request") nor an answer to a request nobody could read.
+        for name in CONTROL_RPCS:
+            handlers[name] = self._restricted(name, handlers[name])
         for name in handlers.keys() - _DECODED_BY_HANDLER:
             handlers[name] = _validating(getattr(pb, f"{name}Request"), handlers[name])
         return handlers
+
+    def _restricted(self, method: str, handler: Handler) -> Handler:
+        # A TraceSetting or LogSettings without settings reads them: open, as in Triton.
+        reads = method in ("TraceSetting", "LogSettings")
+        message_type = getattr(pb, f"{method}Request")
+
+        async def checked(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            if not reads or message_type.FromString(request).settings:
+                await self.access.check(method, context)
+            # The admin token is the router's: it is not broadcast to every instance.
+            return await handler(request, WithoutCredential(context))
+        return checked
 
     # -- helpers ---------------------------------------------------------------------
 

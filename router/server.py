@@ -3,8 +3,9 @@
 ``inference.GRPCInferenceService`` is served by a generic handler keyed by method
 name, with no (de)serializers: ModelInfer and ModelStreamInfer bytes go to
 :mod:`tritonmesh.proxy` untouched, the server-wide RPCs to
-:mod:`tritonmesh.fanout`. Beside it on the same port: ``grpc.health.v1``,
-server reflection and tritonmesh's admin service.
+:mod:`tritonmesh.fanout`. Beside it on the same port: ``grpc.health.v1`` and server
+reflection. tritonmesh's admin service has a listener of its own (``admin_listen``),
+so that whoever can send inference cannot change the fleet (docs/security.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
 from tritonmesh.admin import AdminService, drain
+from tritonmesh.auth import (
+    HEALTH_PREFIX,
+    ControlAccess,
+    TokenInterceptor,
+    Tokens,
+    admin_plane_message,
+    data_plane_message,
+)
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import EndpointConfig
 from tritonmesh.fanout import Fanout
@@ -63,11 +72,25 @@ class Router:
         self._metrics_server: Any = None
         self.certificates: ServerCertificates | None = None  # with tls: replaceable
         self.metrics_port: int | None = None
+        self.admin_server: grpc.aio.Server | None = None
+        self.admin_service: AdminService | None = None
+        self.admin_certificates: ServerCertificates | None = None  # one per port
+        self.admin_port = 0
+        self.data_tokens = Tokens(config.auth.data_tokens)
+        self.admin_tokens = Tokens(config.auth.admin_tokens)
 
     @property
     def address(self) -> str:
         host = self.config.listen.rpartition(":")[0]
         return f"{host}:{self.port}"
+
+    @property
+    def admin_address(self) -> str | None:
+        """Where the admin API listens (``unix:PATH`` as configured); None when off."""
+        listen = self.config.admin_listen
+        if listen is None or listen.startswith("unix:"):
+            return listen
+        return f"{listen.rpartition(':')[0]}:{self.admin_port}"
 
     async def start(self) -> None:
         variants = []
@@ -80,7 +103,7 @@ class Router:
                                             retries=self.config.retries)
 
         proxy = Proxy(balancer)
-        fanout = Fanout(balancer)
+        fanout = Fanout(balancer, access=ControlAccess(self.admin_tokens))
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(fn)
             for name, fn in fanout.handlers().items()
@@ -89,33 +112,63 @@ class Router:
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             proxy.model_stream_infer
         )
-        server = self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # No interceptor without tokens: an open data plane costs nothing per call.
+        interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
+            (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
+            strip=True)]
+        server = self.server = grpc.aio.server(options=SERVER_OPTIONS,
+                                               interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(AdminService(balancer), server)
         reflection.enable_server_reflection((
             SERVICE,
-            tritonmesh_admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ), server)
-        if self.config.tls is None:
-            self.port = server.add_insecure_port(self.config.listen)
-        else:
-            self.certificates = ServerCertificates(self.config.tls)
-            self.port = server.add_secure_port(self.config.listen, self.certificates.credentials)
-        if not self.port:
-            raise OSError(f"cannot listen on {self.config.listen}")
+        self.port, self.certificates = self._listen(server, self.config.listen)
+        if self.config.admin_listen is not None:
+            self._open_admin_listener(balancer, self.config.admin_listen)
 
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
         await self.health.check_once()
         self.health.start()
         await server.start()
+        if self.admin_server is not None:
+            await self.admin_server.start()
         if self.config.metrics_listen is not None:
             self._start_metrics(balancer, self.config.metrics_listen)
-        log.info("tritonmesh listening on %s", self.address)
+        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
+                 self.admin_address or "off")
+
+    def _listen(self, server: grpc.aio.Server, address: str
+                ) -> tuple[int, ServerCertificates | None]:
+        """Open ``address`` on ``server``, over TLS when configured; the port and, with TLS,
+        the port's replaceable certificates."""
+        certificates = None
+        if self.config.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            certificates = ServerCertificates(self.config.tls)
+            port = server.add_secure_port(address, certificates.credentials)
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        return port, certificates
+
+    def _open_admin_listener(self, balancer: Balancer, listen: str) -> None:
+        interceptors = [] if not self.admin_tokens.configured else [
+            TokenInterceptor((self.admin_tokens,), admin_plane_message())]
+        server = self.admin_server = grpc.aio.server(
+            options=(("grpc.so_reuseport", 0),), interceptors=interceptors)
+        self.admin_service = AdminService(balancer, self.config.instance_networks,
+                                          self.config.health_check.timeout_s)
+        tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, server)
+        reflection.enable_server_reflection((
+            tritonmesh_admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+            reflection.SERVICE_NAME,
+        ), server)
+        self.admin_port, self.admin_certificates = self._listen(server, listen)
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
@@ -132,8 +185,11 @@ class Router:
         """
         if self.health is not None:
             await self.health.stop()
-        if self.server is not None:
-            await self.server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        await asyncio.gather(*(s.stop(grace) for s in (self.server, self.admin_server)
+                               if s is not None))
+        if self.admin_service is not None:
+            await self.admin_service.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -143,6 +199,28 @@ class Router:
                 await variant.close()
             for instance in self.balancer.instances():
                 await instance.upstream.close(grace=0)
+
+    def reload_auth(self, config: EndpointConfig) -> None:
+        """Apply a re-read config's tokens, ``instance_networks`` and, on the admin listener,
+        new certificates. Turning a plane's tokens on or off, or moving the admin
+        listener, takes a restart: the running settings stay, with a warning."""
+        for plane, tokens, new in (("data", self.data_tokens, config.auth.data_tokens),
+                                   ("admin", self.admin_tokens, config.auth.admin_tokens)):
+            if tokens.configured != (new is not None):
+                log.warning("reload: turning auth.%s_tokens_file on or off takes a restart; "
+                            "the running tokens stay", plane)
+            elif new is not None:
+                tokens.replace(new)
+                log.info("reload: %d %s tokens", len(new), plane)
+        if config.admin_listen != self.config.admin_listen:
+            log.warning("reload: admin_listen is read at start; it stays %s",
+                        self.admin_address or "off")
+        if self.admin_service is not None:
+            self.admin_service.instance_networks = config.instance_networks
+        certificates = self.admin_certificates
+        if certificates is not None and config.tls is not None \
+                and config.tls != certificates.tls:
+            certificates.replace(config.tls)
 
     async def update_instances(self, instances: Mapping[str, Sequence[str]],
                                drain_timeout_s: float = 30.0) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
+    AuthConfig,
     EndpointConfig,
     HealthCheckConfig,
     QueueOrder,
@@ -64,6 +65,12 @@ class RouterHandle:
         return self.router.address
 
     @property
+    def admin_address(self) -> str:
+        address = self.router.admin_address
+        assert address is not None, "the admin API is off"
+        return address
+
+    @property
     def balancer(self) -> Balancer:
         assert self.router.balancer is not None
         return self.router.balancer
@@ -93,6 +100,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
                 queue_order: str = "FIFO", models: Sequence[str] | None = None,
                 slow_start_s: float = 0.0, dispatch_ahead_s: float = 0.0,
+                auth: AuthConfig | None = None,
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
@@ -113,9 +121,10 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 for name, weight, s, i in variants]
         instances = {name: [addresses[i]] for name, _, _, i in variants}
     config = EndpointConfig(
-        name="test", listen="127.0.0.1:0", metrics_listen=None, variants=tuple(spec),
+        name="test", listen="127.0.0.1:0", metrics_listen=None, admin_listen="127.0.0.1:0",
+        variants=tuple(spec),
         health_check=HealthCheckConfig(interval_s=0.5, timeout_s=1.0), shutdown_grace_s=1.0,
-        work_hints=work_hints or {},
+        work_hints=work_hints or {}, auth=auth or AuthConfig(),
     )
     return config, instances
 

@@ -54,6 +54,8 @@ class Running:
         self.address = found.group(1)
         metrics = re.search(r"curl -s http://(\S+)/metrics", text)
         self.metrics = metrics.group(1) if metrics else None
+        admin = re.search(r"tritonmesh status --address (\S+)", text)
+        self.admin = admin.group(1) if admin else None
 
     def children(self, name: str) -> list[int]:
         return [pid for pid, (ppid, comm, _) in processes().items()
@@ -73,15 +75,21 @@ def _identity(address: str) -> list[float]:
 
 
 def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
-    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0"])
+    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0",
+                       "--admin-port", "0"])
     try:
         workers = running.children("tritonserver")
         assert len(workers) == 1
         assert _identity(running.address) == [1, 2, 3]
-        status = subprocess.run([TRITONMESH, "status", "--address", running.address],
+        # The banner's status command, on the admin listener; the data port has no admin API.
+        assert running.admin is not None and running.admin != running.address
+        status = subprocess.run([TRITONMESH, "status", "--address", running.admin],
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
         assert "LEAST_OUTSTANDING_REQUESTS" in status.stdout and "healthy" in status.stdout
+        status = subprocess.run([TRITONMESH, "status", "--address", running.address],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 1 and "Method not found" in status.stderr, status.stderr
     finally:
         out = running.interrupt()
     assert running.process.returncode == 0, out
@@ -92,7 +100,8 @@ def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
 def test_sigkill_of_the_router_leaves_no_worker_process() -> None:
     """SIGKILL (the OOM killer, say) runs no cleanup in the router: tritonserver dies by
     its PDEATHSIG, and the guard in each worker's group takes the Python backend stubs."""
-    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0"])
+    running = Running(["up", "--workers", "1", "--port", "0", "--metrics-port", "0",
+                       "--admin-port", "0"])
     try:
         assert _identity(running.address) == [1, 2, 3]
         tree = descendants(running.process.pid)
@@ -111,7 +120,8 @@ def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[s
     """On either event loop (the default one is tests/test_loop.py's business)."""
     config = tmp_path / "endpoint.yaml"
     config.write_text(
-        "listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nvariants:\n"
+        "listen: 127.0.0.1:0\nmetrics_listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+        "variants:\n"
         "  - name: AllTraffic\n    routing_strategy: POWER_OF_TWO_CHOICES\n"
         f"    instances: {worker_addresses[:2]!r}\n"
     )
@@ -136,7 +146,8 @@ def test_memory_snapshots_on_sigusr1(tmp_path: Path, worker_addresses: list[str]
     import tracemalloc
 
     config = tmp_path / "endpoint.yaml"
-    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nvariants:\n"
+    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nadmin_listen: 127.0.0.1:0\n"
+                      "variants:\n"
                       f"  - name: AllTraffic\n    instances: {worker_addresses[:1]!r}\n")
     snapshots = tmp_path / "snapshots"
     running = Running(["serve", "--config", str(config)],

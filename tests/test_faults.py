@@ -70,7 +70,7 @@ def test_drain_timeout_cancels_and_releases(make_router: Any, worker_addresses: 
         while leaving.outstanding == 0:  # a long request runs on the leaving instance
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        removed = _admin(router.address).RemoveInstance(
+        removed = _admin(router.admin_address).RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving.address,
                                       drain_timeout_s=0.2), timeout=30)
         assert not removed.drained
@@ -103,7 +103,7 @@ def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         work = [pool.submit(_unary_generate, router.address, 8) for _ in range(24)]
         time.sleep(0.2)  # requests are in flight on both instances
-        admin = _admin(router.address)
+        admin = _admin(router.admin_address)
         removed = admin.RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving,
                                       drain_timeout_s=60), timeout=90)
@@ -466,7 +466,8 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
     config = tmp_path / "endpoint.yaml"
 
     def write(addresses: list[str]) -> None:
-        config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nvariants:\n"
+        config.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+                          "metrics_listen: null\nvariants:\n"
                           f"  - name: AllTraffic\n    instances: {addresses!r}\n")
 
     def listed(address: str) -> list[str]:
@@ -478,18 +479,20 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert process.stdout is not None
-        address = ""
+        address = admin = ""
         for line in process.stdout:
             if "serving Triton's gRPC protocol on" in line:
                 address = line.split()[-1]
+            if line.startswith("  admin API: "):  # the banner's line, not the log's
+                admin = line.split()[-1]
                 break
-        assert address, "no banner"
-        assert listed(address) == worker_addresses[:1]
+        assert address and admin, "no banner"
+        assert listed(admin) == worker_addresses[:1]
         for wanted in (sorted(worker_addresses[1:3]), sorted(worker_addresses[:1])):
             write(wanted)
             process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 30
-            while listed(address) != wanted:
+            while listed(admin) != wanted:
                 assert time.monotonic() < deadline, f"reload did not apply {wanted}"
                 time.sleep(0.1)
             _identity(address)

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
+from tritonmesh.config import AuthConfig
 
 pytestmark = pytest.mark.triton
 
@@ -546,27 +547,30 @@ def test_statistics_sum_over_instances(make_router: Any, worker_addresses: list[
 
 def test_repository_load_unload_broadcast(make_router: Any,
                                           worker_addresses: list[str]) -> None:
-    router = make_router(workers=2)
+    # Control RPCs take an admin token (tests/test_security.py has the refusals).
+    router = make_router(workers=2, auth=AuthConfig(admin_tokens=frozenset({"admin-token"})))
+    admin = {"authorization": "Bearer admin-token"}
     with grpcclient.InferenceServerClient(router.address) as client:
-        client.unload_model("identity")
+        client.unload_model("identity", headers=admin)
         for address in worker_addresses[:2]:
             with grpcclient.InferenceServerClient(address) as direct:
                 assert not direct.is_model_ready("identity")
-        client.load_model("identity")
+        client.load_model("identity", headers=admin)
         for address in worker_addresses[:2]:
             with grpcclient.InferenceServerClient(address) as direct:
                 assert direct.is_model_ready("identity")
         with pytest.raises(InferenceServerException) as info:
-            client.load_model("no_such_model")
+            client.load_model("no_such_model", headers=admin)
     assert "failed on 2 of 2 instances" in info.value.message()
 
 
 def test_shared_memory_is_refused_clearly(make_router: Any) -> None:
-    router = make_router()
+    router = make_router(auth=AuthConfig(admin_tokens=frozenset({"admin-token"})))
     with grpcclient.InferenceServerClient(router.address) as client:
         assert client.get_system_shared_memory_status().regions == {}
         with pytest.raises(InferenceServerException) as info:
-            client.register_system_shared_memory("r", "/key", 64)
+            client.register_system_shared_memory("r", "/key", 64,
+                                                 headers={"authorization": "Bearer admin-token"})
     assert info.value.status() == "StatusCode.UNIMPLEMENTED"
     assert "local to one Triton host" in info.value.message()
 
@@ -588,6 +592,8 @@ def test_grpc_health_and_admin(make_router: Any) -> None:
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=5)
         assert status.status == health_pb2.HealthCheckResponse.SERVING
+    # The admin API has its own listener (tests/test_security.py: not on the data port).
+    with grpc.insecure_channel(router.admin_address) as channel:
         listing = apb_grpc.AdminStub(channel).ListInstances(apb.ListInstancesRequest(), timeout=5)
     assert len(listing.instances) == 2
     assert all(i.state == "ACTIVE" and i.healthy and i.outstanding == 0

@@ -201,13 +201,13 @@ def test_tritonclient_reaches_a_tls_router_and_plaintext_is_refused(
             _serves(client)
         with _client(router.address, pki, ssl=False) as client:
             _refused(client)
-        # The admin API shares the port: `tritonmesh status` speaks TLS when told to.
-        assert cli.main(["status", "--address", router.address,
+        # The admin listener takes the same TLS: `tritonmesh status` speaks it when told to.
+        assert cli.main(["status", "--address", router.admin_address,
                          "--ca-file", str(pki / "ca.pem")]) == 0
         assert worker_addresses[0] in capsys.readouterr().out
-        assert cli.main(["status", "--address", router.address, "--timeout", "5"]) == 1
+        assert cli.main(["status", "--address", router.admin_address, "--timeout", "5"]) == 1
         # --server-name is the name verified: one not in the certificate is refused.
-        assert cli.main(["status", "--address", router.address, "--ca-file",
+        assert cli.main(["status", "--address", router.admin_address, "--ca-file",
                          str(pki / "ca.pem"), "--server-name", "elsewhere.example",
                          "--timeout", "5"]) == 1
         router.wait_idle()
@@ -237,7 +237,7 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
 
     router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki))
     path = pki / "reload.yaml"
-    head = (f"listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
+    head = (f"listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
             f"    instances: ['{worker_addresses[0]}']\ntls:\n")
     running = [router.router.config]
     try:
@@ -280,7 +280,8 @@ def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
     running = [router.router.config]
 
     def reload(client_ca: str) -> None:
-        path.write_text(f"listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
+        path.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+                        "variants:\n  - name: AllTraffic\n"
                         f"    instances: ['{worker_addresses[0]}']\n"
                         "tls:\n  cert_file: server.pem\n  key_file: server.key\n"
                         f"  client_ca_file: {client_ca}\n")
@@ -310,7 +311,8 @@ def _fronting(loop_thread: LoopThread, instance: str, upstream_tls: UpstreamTLS
               ) -> RouterHandle:
     """A plaintext router whose one instance is reached over ``upstream_tls``."""
     config = EndpointConfig(
-        name="front", listen="127.0.0.1:0", metrics_listen=None, shutdown_grace_s=1.0,
+        name="front", listen="127.0.0.1:0", metrics_listen=None, admin_listen="127.0.0.1:0",
+        shutdown_grace_s=1.0,
         variants=(VariantConfig("AllTraffic", routing_strategy=RoutingStrategy.RANDOM,
                                 instances=(instance,), upstream_tls=upstream_tls),))
     return start_router(loop_thread, config, {"AllTraffic": [instance]})
@@ -357,7 +359,7 @@ def test_upstream_tls_reaches_a_triton_that_demands_client_certificates(
         _unavailable_through(anonymous)
         # An instance that joins later gets TLS too: through the admin API, and through a
         # SIGHUP reload (update_instances).
-        with grpc.insecure_channel(named.address) as channel:
+        with grpc.insecure_channel(named.admin_address) as channel:
             admin = apb_grpc.AdminStub(channel)
             assert admin.RemoveInstance(apb.RemoveInstanceRequest(
                 variant="AllTraffic", address=address), timeout=30).drained

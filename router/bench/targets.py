@@ -147,7 +147,8 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
         hints = "".join(f"  {model}: {{input: MAX_TOKENS, base: 1}}\n"
                         for model in ("generate", "generate_unary"))
         hints = "work_hints:\n" + hints
-    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\n{hints}variants:\n"
+    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
+            f"{hints}variants:\n"
             f"  - name: AllTraffic\n    routing_strategy: {target.strategy}\n{limit}"
             f"    instances: {list(workers)!r}\n")
 
