@@ -10,6 +10,7 @@ server reflection and tritonmesh's admin service.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -23,9 +24,10 @@ from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
 from tritonmesh.admin import AdminService, drain
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import EndpointConfig
+from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
-from tritonmesh.health import HealthChecker
-from tritonmesh.metrics import BalancerCollector
+from tritonmesh.health import HealthChecker, probe_ready
+from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.tls import ServerCertificates, connect
 from tritonmesh.workers.upstream import INT32_MAX, SERVICE
@@ -63,6 +65,7 @@ class Router:
         self._metrics_server: Any = None
         self.certificates: ServerCertificates | None = None  # with tls: replaceable
         self.metrics_port: int | None = None
+        self.discoveries: list[Discovery] = []
 
     @property
     def address(self) -> str:
@@ -110,6 +113,7 @@ class Router:
             raise OSError(f"cannot listen on {self.config.listen}")
 
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
+        await self._discover(balancer)
         await self.health.check_once()
         self.health.start()
         await server.start()
@@ -117,9 +121,26 @@ class Router:
             self._start_metrics(balancer, self.config.metrics_listen)
         log.info("tritonmesh listening on %s", self.address)
 
+    async def _discover(self, balancer: Balancer) -> None:
+        """Each DNS-discovered variant's first lookup (before the port serves), then its loop."""
+        timeout = self.config.health_check.timeout_s
+        for variant in balancer.variants:
+            spec = variant.config.discovery
+            if spec is None:
+                continue
+            discovery = Discovery(
+                variant, spec,
+                connect=functools.partial(connect, tls=variant.config.upstream_tls),
+                probe=functools.partial(probe_ready, models=variant.models, timeout=timeout),
+                drain=drain)
+            self.discoveries.append(discovery)
+            await discovery.refresh(slow_start=False)
+            discovery.start()
+
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(BalancerCollector(balancer))
+        registry.register(DiscoveryCollector(self.discoveries))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)
         self._metrics_server = server
@@ -130,6 +151,8 @@ class Router:
 
         Cancelled calls release their instances in their own ``finally`` blocks.
         """
+        for discovery in self.discoveries:
+            await discovery.stop()
         if self.health is not None:
             await self.health.stop()
         if self.server is not None:
