@@ -19,7 +19,7 @@ class Dnsmasq:
     """dnsmasq answering for the names in ``hosts`` and ``srv`` only (no upstream, no
     /etc/hosts). ``srv`` entries are (name, target, port, priority)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, ttl: int = 1):
         binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
         if not Path(binary).exists():
             raise RuntimeError("these tests need dnsmasq (apt-get install dnsmasq; .ci/run "
@@ -30,6 +30,7 @@ class Dnsmasq:
         self.port = free_ports(1)[0]
         self.process: subprocess.Popen[bytes] | None = None
         self.srv: list[tuple[str, str, int, int]] = []
+        self.ttl = ttl  # of every record served
 
     @property
     def resolver(self) -> str:
@@ -40,7 +41,7 @@ class Dnsmasq:
         args = [
             self.binary, "--keep-in-foreground", "--conf-file=/dev/null", "--user=root",
             "--pid-file=", f"--port={self.port}", "--listen-address=127.0.0.1",
-            "--bind-interfaces", "--no-resolv", "--no-hosts", "--local-ttl=1",
+            "--bind-interfaces", "--no-resolv", "--no-hosts", f"--local-ttl={self.ttl}",
             # Authoritative for .test: an unknown name there is NXDOMAIN, not REFUSED.
             "--local=/test/", "--host-record=ready.test,127.0.0.254",
             f"--addn-hosts={self.hosts_file}",
