@@ -19,18 +19,16 @@ from typing import NoReturn
 
 import grpc
 import grpc.aio
-from tritonclient.grpc import service_pb2 as pb
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import IPNetwork
+from tritonmesh.health import readiness
 from tritonmesh.tls import connect
-from tritonmesh.workers.upstream import Upstream, await_call
 
 __all__ = ["AdminService", "drain", "instance_message"]
 
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
-_SERVER_READY = pb.ServerReadyRequest().SerializeToString()
 
 
 def instance_message(instance: Instance) -> apb.Instance:
@@ -98,31 +96,6 @@ async def _check_networks(host: str, port: int, networks: Sequence[IPNetwork],
                            "to instance_networks in the router's config to allow it")
 
 
-async def _probe(upstream: Upstream, models: Sequence[str], timeout: float) -> None:
-    """Triton at ``upstream`` must be ready, and ready for each of ``models``."""
-    unary = upstream.unary
-    where = upstream.address
-    try:
-        raw = await await_call(unary["ServerReady"](_SERVER_READY, timeout=timeout))
-        if not pb.ServerReadyResponse.FromString(raw).ready:
-            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"Triton at {where} is not ready (ServerReady); nothing was added")
-        for model in models:
-            request = pb.ModelReadyRequest(name=model).SerializeToString()
-            raw = await await_call(unary["ModelReady"](request, timeout=timeout))
-            if not pb.ModelReadyResponse.FromString(raw).ready:
-                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                               f"model '{model}' is not ready on {where} (ModelReady), and "
-                               "the variant serves it; nothing was added")
-    except grpc.aio.AioRpcError as exc:
-        code = exc.code()
-        unreachable = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        raise _Refused(
-            grpc.StatusCode.UNAVAILABLE if unreachable else grpc.StatusCode.FAILED_PRECONDITION,
-            f"no ready Triton at {where}: its readiness probe failed with {code.name}: "
-            f"{exc.details()}; nothing was added") from None
-
-
 class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
     """``instance_networks``: what AddInstance accepts. ``probe_timeout_s``: the deadline of
     each probe step (name resolution, ServerReady, each ModelReady) when the call has none."""
@@ -172,7 +145,11 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         await _check_networks(host, port, self.instance_networks, timeout)
         upstream = connect(address, variant.config.upstream_tls)
         try:
-            await _probe(upstream, sorted(variant.models or ()), timeout)
+            not_ready = await readiness(upstream, variant.models, timeout)
+            if not_ready is not None:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION if not_ready.reachable
+                               else grpc.StatusCode.UNAVAILABLE,
+                               f"{not_ready.reason}; nothing was added")
             _check_absent(variant, address)  # another call may have added it meanwhile
         except BaseException:
             await upstream.close(grace=0)

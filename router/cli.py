@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=_cmd_status)
 
     from tritonmesh.bench.cli import add_bench_parser
+    from tritonmesh.probe import add_probe_parser
 
+    add_probe_parser(sub)
     add_bench_parser(sub)
     return parser
 

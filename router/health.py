@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
@@ -25,9 +27,9 @@ from grpc_health.v1 import health, health_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import HealthCheckConfig
-from tritonmesh.workers.upstream import await_call
+from tritonmesh.workers.upstream import Upstream, await_call
 
-__all__ = ["HealthChecker"]
+__all__ = ["HealthChecker", "NotReady", "probe_ready", "readiness"]
 
 log = logging.getLogger("tritonmesh.health")
 
@@ -39,6 +41,43 @@ INFERENCE_SERVICE = "inference.GRPCInferenceService"
 def _model_ready(model: str) -> bytes:
     raw: bytes = pb.ModelReadyRequest(name=model).SerializeToString()
     return raw
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """Why a Triton is not ready: ``reachable`` False when it could not be asked at all."""
+
+    reachable: bool
+    reason: str
+
+
+async def readiness(upstream: Upstream, models: Iterable[str] | None, timeout: float
+                    ) -> NotReady | None:
+    """None when the Triton behind ``upstream`` is ready, and ready for each of ``models``
+    (a Triton that lost one model answers ServerReady but fails that model's requests fast,
+    which is what least-outstanding routing must not be drawn to); else why not."""
+    unary = upstream.unary
+    where = upstream.address
+    try:
+        raw = await await_call(unary["ServerReady"](_SERVER_READY, timeout=timeout))
+        if not pb.ServerReadyResponse.FromString(raw).ready:
+            return NotReady(True, f"Triton at {where} is not ready (ServerReady)")
+        for model in sorted(models or ()):
+            raw = await await_call(unary["ModelReady"](_model_ready(model), timeout=timeout))
+            if not pb.ModelReadyResponse.FromString(raw).ready:
+                return NotReady(True, f"model '{model}' is not ready on {where} (ModelReady)")
+    except grpc.aio.AioRpcError as exc:
+        code = exc.code()
+        return NotReady(
+            code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED),
+            f"no ready Triton at {where}: its readiness probe failed with {code.name}: "
+            f"{exc.details()}")
+    return None
+
+
+async def probe_ready(upstream: Upstream, models: Iterable[str] | None, timeout: float) -> bool:
+    """Whether :func:`readiness` finds the Triton behind ``upstream`` ready."""
+    return await readiness(upstream, models, timeout) is None
 
 
 class HealthChecker:
@@ -53,22 +92,9 @@ class HealthChecker:
         self._task: asyncio.Task[None] | None = None
 
     async def probe(self, instance: Instance) -> bool:
-        """Whether the instance is ready, and ready for every model its variant serves: a
-        Triton that lost one model answers ServerReady but fails that model's requests fast,
-        which is what least-outstanding routing must not be drawn to."""
-        unary = instance.upstream.unary
-        timeout = self.config.timeout_s
-        try:
-            raw = await await_call(unary["ServerReady"](_SERVER_READY, timeout=timeout))
-            if not pb.ServerReadyResponse.FromString(raw).ready:
-                return False
-            for model in sorted(instance.variant.models or ()):
-                raw = await await_call(unary["ModelReady"](_model_ready(model), timeout=timeout))
-                if not pb.ModelReadyResponse.FromString(raw).ready:
-                    return False
-        except grpc.aio.AioRpcError:
-            return False
-        return True
+        """Whether the instance is ready, and ready for every model its variant serves."""
+        return await probe_ready(instance.upstream, instance.variant.models,
+                                 self.config.timeout_s)
 
     async def check_once(self) -> None:
         instances = [i for i in self.balancer.instances() if i.state != "REMOVED"]

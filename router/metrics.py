@@ -7,7 +7,8 @@ Prometheus asks, so scraping costs the data path nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -18,7 +19,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from tritonmesh.balancer import LATENCY_BUCKETS, Balancer
 
-__all__ = ["BalancerCollector"]
+if TYPE_CHECKING:
+    from tritonmesh.discovery import Discovery
+
+__all__ = ["BalancerCollector", "DiscoveryCollector"]
 
 
 class BalancerCollector(Collector):
@@ -84,3 +88,33 @@ class BalancerCollector(Collector):
             refused.add_metric([reason], n)
         yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
                     queued, retries, refused)
+
+
+class DiscoveryCollector(Collector):
+    """DNS discovery (tritonmesh.discovery), per variant that uses it."""
+
+    def __init__(self, discoveries: Sequence[Discovery]):
+        self.discoveries = discoveries
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["variant", "dns"]
+        instances = GaugeMetricFamily(
+            "tritonmesh_discovery_instances",
+            "Instances the variant has from DNS now (the last good answer's, once ready).",
+            labels=labels)
+        lookups = CounterMetricFamily(
+            "tritonmesh_discovery_lookups", "DNS lookups made.", labels=labels)
+        failures = CounterMetricFamily(
+            "tritonmesh_discovery_failures",
+            "Lookups that failed or came back empty; the last good set was kept.",
+            labels=labels)
+        success = GaugeMetricFamily(
+            "tritonmesh_discovery_last_success_timestamp_seconds",
+            "When the last good answer came (Unix time; 0: never).", labels=labels)
+        for d in self.discoveries:
+            lv = [d.variant.name, d.spec.dns]
+            instances.add_metric(lv, len(d.owned))
+            lookups.add_metric(lv, d.lookups)
+            failures.add_metric(lv, d.failures)
+            success.add_metric(lv, d.last_success)
+        yield from (instances, lookups, failures, success)

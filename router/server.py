@@ -11,6 +11,7 @@ so that whoever can send inference cannot change the fleet (docs/security.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -32,9 +33,10 @@ from tritonmesh.auth import (
 )
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import EndpointConfig
+from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
-from tritonmesh.health import HealthChecker
-from tritonmesh.metrics import BalancerCollector
+from tritonmesh.health import HealthChecker, probe_ready
+from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.tls import ServerCertificates, connect
 from tritonmesh.workers.upstream import INT32_MAX, SERVICE
@@ -78,6 +80,7 @@ class Router:
         self.admin_port = 0
         self.data_tokens = Tokens(config.auth.data_tokens)
         self.admin_tokens = Tokens(config.auth.admin_tokens)
+        self.discoveries: list[Discovery] = []
 
     @property
     def address(self) -> str:
@@ -132,6 +135,7 @@ class Router:
             self._open_admin_listener(balancer, self.config.admin_listen)
 
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
+        await self._discover(balancer)
         await self.health.check_once()
         self.health.start()
         await server.start()
@@ -170,9 +174,26 @@ class Router:
         ), server)
         self.admin_port, self.admin_certificates = self._listen(server, listen)
 
+    async def _discover(self, balancer: Balancer) -> None:
+        """Each DNS-discovered variant's first lookup (before the port serves), then its loop."""
+        timeout = self.config.health_check.timeout_s
+        for variant in balancer.variants:
+            spec = variant.config.discovery
+            if spec is None:
+                continue
+            discovery = Discovery(
+                variant, spec,
+                connect=functools.partial(connect, tls=variant.config.upstream_tls),
+                probe=functools.partial(probe_ready, models=variant.models, timeout=timeout),
+                drain=drain)
+            self.discoveries.append(discovery)
+            await discovery.refresh(slow_start=False)
+            discovery.start()
+
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(BalancerCollector(balancer))
+        registry.register(DiscoveryCollector(self.discoveries))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)
         self._metrics_server = server
@@ -183,6 +204,8 @@ class Router:
 
         Cancelled calls release their instances in their own ``finally`` blocks.
         """
+        for discovery in self.discoveries:
+            await discovery.stop()
         if self.health is not None:
             await self.health.stop()
         grace = self.config.shutdown_grace_s if grace is None else grace

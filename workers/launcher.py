@@ -87,13 +87,13 @@ class WorkerStartError(RuntimeError):
     """A worker did not become ready; the message ends with the tail of its log."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1 (held open together so they differ)."""
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports on ``host`` (held open together so they differ)."""
     sockets = []
     try:
         for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -118,11 +118,14 @@ class Probe:
 class TritonWorker:
     """One tritonserver process serving a model repository on loopback ports.
 
-    ``extra_args`` go to tritonserver after tritonmesh's own (a later flag wins there)."""
+    ``extra_args`` go to tritonserver after tritonmesh's own (a later flag wins there).
+    ``host``: the loopback address it binds (127.0.0.x stands in for other hosts)."""
 
     def __init__(self, index: int, model_repository: Path, log_path: Path, *,
-                 extra_args: Sequence[str] = (), probe: Probe | None = None):
+                 extra_args: Sequence[str] = (), probe: Probe | None = None,
+                 host: str = "127.0.0.1"):
         self.index = index
+        self.host = host
         self.model_repository = model_repository
         self.log_path = log_path
         self.extra_args = tuple(extra_args)
@@ -134,7 +137,7 @@ class TritonWorker:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.host}:{self.grpc_port}"
 
     @property
     def pid(self) -> int | None:
@@ -162,7 +165,7 @@ class TritonWorker:
             await self._launch(timeout)
             return
         for attempt in range(3):
-            self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
+            self.grpc_port, self.http_port, self.metrics_port = free_ports(3, self.host)
             try:
                 await self._launch(timeout)
                 return
@@ -184,9 +187,9 @@ class TritonWorker:
             str(install.binary),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={install.backend_dir}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-            "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+            f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+            f"--http-address={self.host}", f"--http-port={self.http_port}",
+            f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
             *self.extra_args,
