@@ -24,6 +24,7 @@ from harness import make_config, start_pool, start_router
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonmesh.config import AuthConfig
 
 
 def _identity_request(request_id: str, datatype: str = "FP32",
@@ -124,7 +125,8 @@ class _RecordingTriton:
 def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) -> None:
     fake = _RecordingTriton()
     upstream, port = loop_thread.run(fake.start())
-    config, instances = make_config([f"127.0.0.1:{port}"])
+    config, instances = make_config([f"127.0.0.1:{port}"],
+                                    auth=AuthConfig(admin_tokens=frozenset({"admin-token"})))
     router = start_router(loop_thread, config, instances)
 
     def requests(*specs: tuple[str, str, int]) -> Iterator[pb.ModelInferRequest]:
@@ -157,7 +159,8 @@ def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) ->
 
             # A model loaded through the router may come back with a new policy: ask again.
             stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="identity"),
-                                     timeout=10)
+                                     timeout=10,
+                                     metadata=(("authorization", "Bearer admin-token"),))
             fake.DECOUPLED = {"generate": True, "identity": True}
             list(stub.ModelStreamInfer(requests(("identity", "i3", 0)), timeout=10))
             assert fake.seen[-1] == ("ModelStreamInfer", "i3")
