@@ -232,8 +232,8 @@ def test_first_start_moves_off_a_port_taken_meanwhile(loop_thread: LoopThread,
     real_free_ports = launcher.free_ports
     picks: list[list[int]] = []
 
-    def rigged(n: int) -> list[int]:
-        ports = real_free_ports(n)
+    def rigged(n: int, host: str = "127.0.0.1") -> list[int]:
+        ports = real_free_ports(n, host)
         if not picks:
             ports[0] = busy  # the gRPC port is taken before Triton binds it
         picks.append(ports)
