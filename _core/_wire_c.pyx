@@ -147,8 +147,9 @@ cdef inline int _param(const unsigned char* buf, Py_ssize_t s, Py_ssize_t e,
                     p.kind = P_STR
                     p.s = g.s
                     p.e = g.e
-                else:
-                    p.kind = P_NONE
+                elif g.wire == I64 and g.number == 4:
+                    p.kind = P_NONE  # a double never steers routing
+                # Anything else is an unknown field to protobuf: the value stands.
             if v.err:
                 return v.err
     return c.err
@@ -332,8 +333,10 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
                         elif h.wire == I64 and h.number == 4:
                             memcpy(&value, data + h.s, 8)
                             numeric = True
-                        else:
-                            numeric = False
+                        elif (h.wire == VARINT and h.number == 1) or (
+                                h.wire == LEN and h.number == 3):
+                            numeric = False  # a bool or a string: not a cost
+                        # Anything else is an unknown field to protobuf: the value stands.
                     if v.err:
                         _fail(v.err)
             if t.err:
