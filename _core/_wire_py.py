@@ -309,6 +309,7 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
     inputs = 0
     datatype = b""
     raw: tuple[int, int] | None = None
+    raw_index = -1  # the input whose contents raw holds
     raws = 0
     for field, wire_type, s, e in _fields(buf, 0, end):
         if wire_type != _LEN:
@@ -329,12 +330,17 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
             inputs += 1
         elif field == 7 and not parameter:
             if raws == index:
-                raw = (s, e)
+                raw, raw_index = (s, e), index
             raws += 1
     if parameter:
         return found
     fmt = _RAW_FORMATS.get(datatype)
-    if index < 0 or fmt is None or raw is None:
+    if index < 0 or fmt is None:
+        return None
+    if raw_index != index:
+        # The input came after its contents (a merge of two messages): look them up again.
+        raw = _nth_raw_contents(buf, index)
+    if raw is None:
         return None
     s, e = raw
     size = struct.calcsize(fmt)
@@ -344,6 +350,16 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
     for (value,) in struct.iter_unpack("<" + fmt, buf[s:e]):
         total += value
     return total
+
+
+def _nth_raw_contents(buf: bytes, n: int) -> tuple[int, int] | None:
+    """The span of the n-th ``raw_input_contents`` (bytes already checked well-formed)."""
+    for field, wire_type, s, e in _fields(buf, 0, len(buf)):
+        if field == 7 and wire_type == _LEN:
+            if n == 0:
+                return s, e
+            n -= 1
+    return None
 
 
 def _work_parameter(buf: bytes, start: int, end: int) -> tuple[bytes, float | None]:
