@@ -15,7 +15,7 @@ the run, and, when atheris is installed, under atheris's coverage-guided mutator
 
     python tests/test_fuzz_wire.py -max_total_time=30 [libFuzzer options]
 
-``TRITONMESH_FUZZ_EXAMPLES`` sets the Hypothesis examples per test (default 300).
+``TRITONMESH_FUZZ_EXAMPLES`` sets the Hypothesis examples per test (default 200).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import os
 import struct
 import sys
 from collections.abc import Callable
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
@@ -39,7 +39,7 @@ from tritonmesh import wire
 from tritonmesh._core import NO_EXTENSIONS
 from tritonmesh.wire import WireError
 
-EXAMPLES = int(os.environ.get("TRITONMESH_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("TRITONMESH_FUZZ_EXAMPLES", "200"))
 fuzz_settings = settings(max_examples=EXAMPLES, deadline=None,
                          suppress_health_check=[HealthCheck.too_slow])
 
@@ -88,13 +88,9 @@ def _readers(module: Any) -> dict[str, Callable[[bytes], Any]]:
     return readers
 
 
-class _Twin:
-    peek_request = staticmethod(wire.py_peek_request)
-    peek_stream_response = staticmethod(wire.py_peek_stream_response)
-    peek_work = staticmethod(wire.py_peek_work)
-
-
-TWIN = _readers(_Twin)
+TWIN = _readers(SimpleNamespace(peek_request=wire.py_peek_request,
+                                 peek_stream_response=wire.py_peek_stream_response,
+                                 peek_work=wire.py_peek_work))
 COMPILED = _readers(NATIVE) if NATIVE is not None else {}
 
 
@@ -116,6 +112,31 @@ def check(raw: bytes) -> None:
             native = _outcome(COMPILED[name], raw)
             assert native == twin, (name, raw, native, twin)
     _check_against_protobuf(raw, strict=False)
+    _check_rewrites(raw)
+
+
+def _check_rewrites(raw: bytes) -> None:
+    """What the router writes around bytes reads back as meant: a request it asks empty
+    finals for reads as before with empty_final set, and a ModelInferResponse (one that
+    protobuf decodes) wrapped for a stream reads as final, unless it holds what the peek
+    refuses and protobuf skips (groups)."""
+    try:
+        pb.ModelInferResponse.FromString(raw)
+        response = True
+    except DecodeError:
+        response = False
+    peeks = [(wire.py_peek_request, wire.py_peek_stream_response)]
+    if NATIVE is not None:
+        peeks.append((NATIVE.peek_request, NATIVE.peek_stream_response))
+    for peek_request, peek_stream_response in peeks:
+        before = _outcome(peek_request, raw)
+        if isinstance(before, wire.RequestInfo):
+            after = peek_request(wire.inject_empty_final(raw))
+            assert after == before._replace(empty_final=True), (raw, after)
+        if response:
+            wrapped = _outcome(peek_stream_response, wire.stream_response_from_unary(raw))
+            assert wrapped == ("WireError", "unsupported wire type") or wrapped.final is True, (
+                raw, wrapped)
 
 
 # -- what protobuf reads ----------------------------------------------------------------------
