@@ -435,6 +435,9 @@ def test_edges(raw: bytes) -> None:
 
 # -- atheris: coverage-guided, over the same properties ---------------------------------------
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _seeds() -> list[bytes]:
     """A starting corpus: what tritonclient sends and Triton answers, protobuf-encoded."""
     req = pb.ModelInferRequest(model_name="generate", model_version="1", id="r")
@@ -452,17 +455,19 @@ def _seeds() -> list[bytes]:
 
 
 def _atheris_main() -> None:  # pragma: no cover (run by .ci/fuzz)
-    import tempfile
-
+    """libFuzzer's arguments; the first corpus directory (build/fuzz/corpus if none is
+    given) gets the seeds and keeps what the runs find."""
     import atheris
 
     argv = list(sys.argv)
-    if not any(not a.startswith("-") for a in argv[1:]):  # no corpus directory given
-        corpus = tempfile.mkdtemp(prefix="tritonmesh-fuzz-")
-        for i, seed in enumerate(_seeds()):
-            with open(os.path.join(corpus, f"seed{i}"), "wb") as f:
-                f.write(seed)
-        argv.append(corpus)
+    corpora = [a for a in argv[1:] if not a.startswith("-")]
+    if not corpora:
+        corpora = [os.path.join(ROOT, "build", "fuzz", "corpus")]
+        argv += corpora
+    os.makedirs(corpora[0], exist_ok=True)
+    for i, seed in enumerate(_seeds()):
+        with open(os.path.join(corpora[0], f"seed{i}"), "wb") as f:
+            f.write(seed)
     # Coverage from the twin's readers (the compiled peek is not instrumented for it):
     # instrumenting everything loaded (pytest, hypothesis, protobuf) takes minutes.
     from tritonmesh._core import _wire_py
