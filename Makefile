@@ -6,9 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-compiled test-twin test-debug bench-core clean
+.PHONY: install up test test-compiled test-twin test-debug fuzz bench-core clean
 
-$(STAMP): pyproject.toml setup.py _core/_outstanding_c.pyx
+$(STAMP): pyproject.toml setup.py $(wildcard _core/*.pyx _core/*.pxi _core/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[local,test]'
@@ -33,6 +33,10 @@ test-debug: install
 	TRITONMESH_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
+
+# The wire peek under Hypothesis and atheris, against an AddressSanitizer build (in build/asan).
+fuzz: install
+	.ci/fuzz
 
 bench-core: install
 	$(BIN)/python bench/core_bench.py

@@ -147,8 +147,9 @@ cdef inline int _param(const unsigned char* buf, Py_ssize_t s, Py_ssize_t e,
                     p.kind = P_STR
                     p.s = g.s
                     p.e = g.e
-                else:
-                    p.kind = P_NONE
+                elif g.wire == I64 and g.number == 4:
+                    p.kind = P_NONE  # a double never steers routing
+                # Anything else is an unknown field to protobuf: the value stands.
             if v.err:
                 return v.err
     return c.err
@@ -302,7 +303,7 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
     cdef Py_ssize_t ilen = PyBytes_GET_SIZE(input_name)
     cdef const char* pkey = PyBytes_AS_STRING(parameter)
     cdef const char* ikey = PyBytes_AS_STRING(input_name)
-    cdef Py_ssize_t index = -1, inputs = 0, raws = 0, raw_s = 0, raw_e = -1
+    cdef Py_ssize_t index = -1, inputs = 0, raws = 0, raw_s = 0, raw_e = -1, raw_index = -1
     cdef Py_ssize_t ks, ke, ns, ne, ds = 0, de = 0, ts, te, size
     cdef bint numeric
     cdef double value = 0.0, found = 0.0
@@ -332,8 +333,10 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
                         elif h.wire == I64 and h.number == 4:
                             memcpy(&value, data + h.s, 8)
                             numeric = True
-                        else:
-                            numeric = False
+                        elif (h.wire == VARINT and h.number == 1) or (
+                                h.wire == LEN and h.number == 3):
+                            numeric = False  # a bool or a string: not a cost
+                        # Anything else is an unknown field to protobuf: the value stands.
                     if v.err:
                         _fail(v.err)
             if t.err:
@@ -357,13 +360,26 @@ def peek_work(bytes buf, bytes input_name, bytes parameter):
             inputs += 1
         elif f.number == 7 and not plen:
             if raws == index:
-                raw_s, raw_e = f.s, f.e
+                raw_s, raw_e, raw_index = f.s, f.e, index
             raws += 1
     if c.err:
         _fail(c.err)
     if plen:
         return found if have else None
-    if index < 0 or raw_e < 0:
+    if index < 0:
+        return None
+    if raw_index != index:
+        # The input came after its contents (a merge of two messages): look them up again.
+        raw_e = -1
+        raws = 0
+        _open(&c, data, 0, PyBytes_GET_SIZE(buf))
+        while _next(&c, &f):
+            if f.number == 7 and f.wire == LEN:
+                if raws == index:
+                    raw_s, raw_e = f.s, f.e
+                    break
+                raws += 1
+    if raw_e < 0:
         return None
     spec = _RAW_KINDS.get(buf[ds:de])
     if spec is None:

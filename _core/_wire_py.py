@@ -39,6 +39,7 @@ _SEQUENCE_START: Final = b"sequence_start"
 _SEQUENCE_END: Final = b"sequence_end"
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_UINT64_MASK: Final = (1 << 64) - 1
 
 
 class WireError(ValueError):
@@ -81,7 +82,8 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         pos += 1
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return result, pos
+            # A 10th byte can carry bits past 64; protobuf (and _wire_c) keep the low 64.
+            return result & _UINT64_MASK, pos
         shift += 7
         if shift >= 70:
             raise WireError("varint longer than 10 bytes")
@@ -134,10 +136,11 @@ def _string(buf: bytes, start: int, end: int) -> str:
         raise WireError("string field is not valid UTF-8") from None
 
 
-def _parameter(buf: bytes, start: int, end: int) -> tuple[bytes, bool | int | str | float | None]:
-    """Decode one map<string, InferParameter> entry: (key, value)."""
+def _parameter(buf: bytes, start: int, end: int) -> tuple[bytes, bool | int | bytes | None]:
+    """Decode one map<string, InferParameter> entry: (key, value); a string value stays
+    bytes (decoded only where routing reads it, as in _wire_c)."""
     key = b""
-    value: bool | int | str | float | None = None
+    value: bool | int | bytes | None = None
     for field, wire_type, s, e in _fields(buf, start, end):
         if field == 1 and wire_type == _LEN:
             key = buf[s:e]
@@ -152,9 +155,10 @@ def _parameter(buf: bytes, start: int, end: int) -> tuple[bytes, bool | int | st
                     else:
                         value = raw
                 elif pwire == _LEN and pfield == 3:
-                    value = _string(buf, ps, pe)
-                else:
+                    value = buf[ps:pe]
+                elif pwire == _I64 and pfield == 4:
                     value = None  # a double never steers routing
+                # Anything else is an unknown field to protobuf: the value stands.
     return key, value
 
 
@@ -186,8 +190,12 @@ def peek_request(buf: bytes) -> RequestInfo:
             # Later map entries override earlier ones, as in protobuf itself.
             if key == _SEQUENCE_ID:
                 # Triton reads sequence id 0 (or "") as "not in a sequence".
-                valid = isinstance(value, (int, str)) and not isinstance(value, bool)
-                sequence_id = value if valid and value not in (0, "") else None  # type: ignore[assignment]
+                if isinstance(value, bytes):
+                    sequence_id = _string(value, 0, len(value)) or None
+                elif isinstance(value, int) and not isinstance(value, bool):
+                    sequence_id = value or None
+                else:
+                    sequence_id = None
             elif key == _SEQUENCE_START:
                 start_flag = value is True
             elif key == _SEQUENCE_END:
@@ -301,6 +309,7 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
     inputs = 0
     datatype = b""
     raw: tuple[int, int] | None = None
+    raw_index = -1  # the input whose contents raw holds
     raws = 0
     for field, wire_type, s, e in _fields(buf, 0, end):
         if wire_type != _LEN:
@@ -321,12 +330,17 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
             inputs += 1
         elif field == 7 and not parameter:
             if raws == index:
-                raw = (s, e)
+                raw, raw_index = (s, e), index
             raws += 1
     if parameter:
         return found
     fmt = _RAW_FORMATS.get(datatype)
-    if index < 0 or fmt is None or raw is None:
+    if index < 0 or fmt is None:
+        return None
+    if raw_index != index:
+        # The input came after its contents (a merge of two messages): look them up again.
+        raw = _nth_raw_contents(buf, index)
+    if raw is None:
         return None
     s, e = raw
     size = struct.calcsize(fmt)
@@ -336,6 +350,16 @@ def peek_work(buf: bytes, input_name: bytes, parameter: bytes) -> float | None:
     for (value,) in struct.iter_unpack("<" + fmt, buf[s:e]):
         total += value
     return total
+
+
+def _nth_raw_contents(buf: bytes, n: int) -> tuple[int, int] | None:
+    """The span of the n-th ``raw_input_contents`` (bytes already checked well-formed)."""
+    for field, wire_type, s, e in _fields(buf, 0, len(buf)):
+        if field == 7 and wire_type == _LEN:
+            if n == 0:
+                return s, e
+            n -= 1
+    return None
 
 
 def _work_parameter(buf: bytes, start: int, end: int) -> tuple[bytes, float | None]:
@@ -353,6 +377,7 @@ def _work_parameter(buf: bytes, start: int, end: int) -> tuple[bytes, float | No
                     value = float(raw - (1 << 64) if pfield == 2 and raw >= 1 << 63 else raw)
                 elif pwire == _I64 and pfield == 4:
                     value = struct.unpack_from("<d", buf, ps)[0]
-                else:
-                    value = None
+                elif (pwire, pfield) in ((_VARINT, 1), (_LEN, 3)):
+                    value = None  # a bool or a string: not a cost
+                # Anything else is an unknown field to protobuf: the value stands.
     return key, value

@@ -8,6 +8,33 @@ from typing import Any
 import pytest
 from harness import LoopThread, RouterHandle, make_config, start_router
 
+_UNMARKED = ("starts real Triton without @pytest.mark.triton: mark it (pytestmark for a "
+             "module), so that -m 'not triton' stays the fast pass")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # Before any fixture is set up: the session's worker_pool would start Triton.
+    if "worker_pool" in getattr(item, "fixturenames", ()) and not item.get_closest_marker(
+            "triton"):
+        pytest.fail(f"{item.nodeid} uses the worker_pool fixture and {_UNMARKED}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _triton_tests_are_marked(request: pytest.FixtureRequest,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test without the marker that starts Triton itself (a WorkerPool, a TritonWorker)
+    fails there."""
+    if request.node.get_closest_marker("triton"):
+        return
+    from tritonmesh.workers.launcher import TritonWorker, WorkerPool
+
+    async def refuse(self: object, *args: Any, **kwargs: Any) -> None:
+        pytest.fail(f"{request.node.nodeid} {_UNMARKED}", pytrace=False)
+
+    monkeypatch.setattr(WorkerPool, "start", refuse)
+    monkeypatch.setattr(TritonWorker, "start", refuse)
+
 
 @pytest.fixture(scope="session")
 def loop_thread() -> Iterator[LoopThread]:

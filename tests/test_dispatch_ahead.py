@@ -56,12 +56,26 @@ def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
             loop = asyncio.get_running_loop()
             sent = loop.time()
             assert variant.pick(2.0) is instance  # expected to end 0.2 s from now
+            expected = variant.work.service_time(instance.slot, 2.0)
+            assert expected == pytest.approx(0.2)
+            assert sent + expected <= instance.free_at <= loop.time() + expected
+            timer = instance.ahead_timer
+            assert timer is not None and timer.when() == instance.free_at - 0.15
             waiting = loop.create_task(variant.wait(10.0, 1.0))
+            behind = loop.create_task(variant.wait(10.0, 1.0))
             got = await asyncio.wait_for(waiting, 5.0)
-            handed = loop.time() - sent
+            # The router's record, not the clock: the first waiting request was handed over
+            # ahead, one over the limit while the first still runs (nothing released it),
+            # by the timer due 0.15 s before the first's expected end, not before it; the
+            # one behind it waits, as one request ahead is all an instance gets.
             assert got is instance
-            assert instance.outstanding == 2  # one over the limit: the first still runs
-            assert 0.04 <= handed < 0.2  # at 0.2 - 0.15 s, not when the first ended
+            assert instance.sent_ahead == 1
+            assert instance.outstanding == 2
+            assert loop.time() >= timer.when() - time.get_clock_info("monotonic").resolution
+            assert not behind.done() and instance.ahead_timer is None
+            behind.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await behind
             Balancer.release(instance, 2.0)  # the first ends, earlier than predicted
             assert instance.outstanding == 1
             # The one sent ahead starts now: its expected end is anchored on this end (0.1 s

@@ -97,19 +97,43 @@ def test_drain_timeout_cancels_and_releases(make_router: Any, worker_addresses: 
     assert _unary_generate(router.address, 3) == [0, 1, 2]
 
 
-def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list[str]) -> None:
+def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests running on the leaving instance when its drain begins all finish, and
+    successfully; the router's own record, taken on its loop as the drain begins, says
+    how many there were (at least one, or the test proves nothing)."""
+    from tritonmesh import admin as admin_module
+
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
     leaving = worker_addresses[1]
+    instance = next(i for i in router.instances() if i.address == leaving)
+    at_drain: list[tuple[int, int, int]] = []
+    drain = admin_module.drain
+
+    async def recorded_drain(drained: Any, timeout_s: float) -> bool:
+        # Nothing runs on the loop between this and the drain's stop of new picks.
+        at_drain.append((drained.outstanding, drained.requests, drained.errors))
+        return await drain(drained, timeout_s)
+
+    monkeypatch.setattr(admin_module, "drain", recorded_drain)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        work = [pool.submit(_unary_generate, router.address, 8) for _ in range(24)]
-        time.sleep(0.2)  # requests are in flight on both instances
+        # 100 tokens, about 0.5 s each: four clients keep both instances busy for seconds.
+        work = [pool.submit(_unary_generate, router.address, 100) for _ in range(24)]
+        deadline = time.monotonic() + 30
+        while instance.outstanding == 0:  # requests are in flight on the leaving instance
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
         admin = _admin(router.admin_address)
         removed = admin.RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving,
                                       drain_timeout_s=60), timeout=90)
         results = [f.result(timeout=120) for f in work]
+    ((in_flight, served, errors),) = at_drain
+    assert in_flight > 0
+    # Each of them ended there, none failed, and nothing new was sent there.
+    assert (instance.requests, instance.errors) == (served + in_flight, errors)
     assert removed.drained and removed.instance.outstanding == 0
-    assert all(r == list(range(8)) for r in results)
+    assert all(r == list(range(100)) for r in results)
     listing = admin.ListInstances(apb.ListInstancesRequest(), timeout=10)
     assert [i.address for i in listing.instances] == [worker_addresses[0]]
     # And back again: the instance serves new requests.

@@ -71,6 +71,7 @@ def test_a_reload_keeps_the_totals_and_applies_the_limits() -> None:
     assert budget.retried == 2 and budget.refused["per_request"] == 1
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize(("retries", "failures"), [
     (RetryConfig(), 0),  # the default budget: the never-sent request goes elsewhere
     (RetryConfig(budget_ratio=0.0, min_per_s=0.0), 1),  # no budget: it fails, and says why

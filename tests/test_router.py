@@ -194,13 +194,57 @@ def test_deadline_exceeded_releases(make_router: Any, caplog: pytest.LogCaptureF
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
 
 
-def test_metadata_passes_through_and_hop_by_hop_does_not(make_router: Any) -> None:
-    router = make_router()
-    with grpcclient.InferenceServerClient(router.address) as client:
-        values = np.ones(2, dtype=np.float32)
-        result = client.infer("identity", _identity_inputs(values),
-                              headers={"authorization": "Bearer t", "x-trace": "1"})
-        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), values)
+# Connection-level keys a gRPC client can send that do reach the server (gRPC itself drops
+# te, content-type, grpc-*), and the router's own routing key.
+_HOP_BY_HOP_SENT = ("connection", "keep-alive", "host", "proxy-connection",
+                    "transfer-encoding", "upgrade", "x-target-variant")
+
+
+def test_metadata_passes_through_and_hop_by_hop_does_not(loop_thread: Any) -> None:
+    """The metadata the instance receives: every key the client set, values unchanged,
+    and none of the hop-by-hop keys. Triton does not report request metadata, so the
+    instance is a gRPC server on loopback that records it; what is under test is the
+    router's forwarding, which is the same whatever answers upstream."""
+    from harness import make_config, start_router
+
+    received: list[dict[str, str]] = []
+
+    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        received.append({k: v if isinstance(v, str) else v.decode()
+                         for k, v in context.invocation_metadata() or ()})
+        return pb.ModelInferResponse(model_name="identity", id="m").SerializeToString()
+
+    async def server_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return pb.ServerReadyResponse(ready=True).SerializeToString()  # for health checks
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService",
+            {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer),
+             "ServerReady": grpc.unary_unary_rpc_method_handler(server_ready)})])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    upstream, port = loop_thread.run(start())
+    config, instances = make_config([f"127.0.0.1:{port}"], strategy="RANDOM")
+    router = start_router(loop_thread, config, instances)
+    user = {"authorization": "Bearer t", "x-trace": "7", "x-tenant": "a b,c"}
+    hop_by_hop = {key: "AllTraffic" if key == "x-target-variant" else "v"
+                  for key in _HOP_BY_HOP_SENT}
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)),
+                                  headers={**user, **hop_by_hop})
+        assert result.get_response().id == "m"
+        (metadata,) = received
+        assert {k: metadata.get(k) for k in user} == user
+        assert not set(hop_by_hop) & set(metadata), metadata
+        router.wait_idle()
+    finally:
+        router.stop()
+        loop_thread.run(upstream.stop(0))
 
 
 def test_upstream_sees_user_metadata_and_deadline_not_hop_by_hop(loop_thread: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from harness import make_config, start_pool, start_router
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
@@ -43,6 +44,7 @@ def _one_on_stream(address: str, request: pb.ModelInferRequest) -> list[Any]:
         return list(stub.ModelStreamInfer(iter([request]), timeout=30))
 
 
+@pytest.mark.triton
 def test_answers_and_errors_are_what_triton_sends_on_a_stream(make_router: Any,
                                                                worker_addresses: list[str]) -> None:
     router = make_router()
@@ -171,6 +173,7 @@ def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) ->
         loop_thread.run(upstream.stop(0))
 
 
+@pytest.mark.triton
 def test_mixed_streams_through_the_router_leave_triton_standing(loop_thread: Any) -> None:
     """The pattern that crashes Triton 2.51 within seconds when sent to it directly:
     streams carrying a non-decoupled and a decoupled model at once. Its own workers,

@@ -191,6 +191,7 @@ def test_upstream_tls_is_refused_for_local_workers(pki: Path) -> None:
 # -- the router's own port ---------------------------------------------------------------
 
 
+@pytest.mark.triton
 def test_tritonclient_reaches_a_tls_router_and_plaintext_is_refused(
         loop_thread: LoopThread, worker_addresses: list[str], pki: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -215,6 +216,7 @@ def test_tritonclient_reaches_a_tls_router_and_plaintext_is_refused(
         router.stop()
 
 
+@pytest.mark.triton
 def test_mutual_tls_admits_only_certificates_its_ca_signed(
         loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
     router = _tls_router(loop_thread, worker_addresses, _server_tls(pki, mutual=True))
@@ -230,6 +232,7 @@ def test_mutual_tls_admits_only_certificates_its_ca_signed(
         router.stop()
 
 
+@pytest.mark.triton
 def test_a_reload_replaces_the_certificates_for_new_connections(
         loop_thread: LoopThread, worker_addresses: list[str], pki: Path,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -267,6 +270,7 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
         router.stop()
 
 
+@pytest.mark.triton
 def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
         loop_thread: LoopThread, worker_addresses: list[str], pki: Path) -> None:
     """A client CA rotation: first a bundle of the old and the new CA (both kinds of
@@ -327,6 +331,7 @@ def _unavailable_through(front: RouterHandle) -> None:
         assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
 
 
+@pytest.mark.triton
 def test_upstream_tls_reaches_a_triton_that_demands_client_certificates(
         loop_thread: LoopThread, pki: Path) -> None:
     ca, cert, key = ((pki / f).read_bytes() for f in ("ca.pem", "client.pem", "client.key"))

@@ -21,6 +21,7 @@ from tritonmesh.workers.upstream import await_call
 
 async def _slow_server(seen: list[str]) -> tuple[grpc.aio.Server, grpc.aio.Channel]:
     async def slow(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append("started")
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -37,28 +38,40 @@ async def _slow_server(seen: list[str]) -> tuple[grpc.aio.Server, grpc.aio.Chann
 
 
 def test_a_cancelled_awaiter_ends_the_call_in_the_core_only() -> None:
+    """What tells the two cancels apart from Python: grpc.aio's ``call.cancel()`` also
+    cancels the call's response task (the task awaiting the batch whose awaiter, once
+    cancelled, never frees it), so that task's ``cancelling()`` count goes to 1. Its
+    coroutine swallows the CancelledError and returns EOF either way, so ``done()`` and
+    ``cancelled()`` alone cannot tell; a cancel in the core leaves the count at 0."""
     async def main() -> None:
         seen: list[str] = []
         server, channel = await _slow_server(seen)
         try:
             call: Any = channel.unary_unary("/t.Slow/Call")(b"x")
             waiter = asyncio.ensure_future(await_call(call))
-            await asyncio.sleep(0.2)  # the call is in flight, its batch awaited
+            for _ in range(250):  # until the call is in flight, its batch awaited
+                if seen:
+                    break
+                await asyncio.sleep(0.02)
+            assert seen == ["started"]
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
             # The call is over for the server too ...
-            for _ in range(100):
-                if seen:
+            for _ in range(250):
+                if len(seen) > 1:
                     break
                 await asyncio.sleep(0.02)
-            assert seen == ["cancelled at the server"]
+            assert seen == ["started", "cancelled at the server"]
             assert call.cancelled()
             # ... and grpc.aio's own response task ends by itself once the core has
             # completed the batch (nothing is left awaiting).
             response_task = call._call_response
             await asyncio.wait([response_task], timeout=5)
             assert response_task.done()
+            # ... never asked to cancel, so it consumed its batch instead of abandoning it.
+            assert response_task.cancelling() == 0
+            assert not response_task.cancelled()
         finally:
             await channel.close()
             await server.stop(0)
