@@ -11,7 +11,6 @@ from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import ConfigError, _address
-from tritonmesh.tls import connect
 
 __all__ = ["AdminService", "instance_message"]
 
@@ -62,8 +61,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
                                 f"{address} is already in variant '{variant.name}'")
         if request.weight < 0:
             await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "weight must be positive")
-        instance = variant.add(connect(address, variant.config.upstream_tls), request.weight or 1.0,
-                               slow_start=True)
+        instance = variant.add(variant.connect(address), request.weight or 1.0, slow_start=True)
         return instance_message(instance)
 
     async def RemoveInstance(self, request: apb.RemoveInstanceRequest,
