@@ -101,9 +101,7 @@ class Router:
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             proxy.model_stream_infer
         )
-        server = self.server = grpc.aio.server(
-            options=server_options(self.config.limits),
-            maximum_concurrent_rpcs=self.config.limits.max_concurrent_rpcs)
+        server = self.server = grpc.aio.server(options=server_options(self.config.limits))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
