@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
+import logging
 import queue
 import sys
 import threading
@@ -310,3 +311,43 @@ def test_a_scrape_while_instances_come_and_go_never_fails(make_router: Any,
         scraper.join()
         sys.setswitchinterval(interval)
     assert not failures, failures
+
+
+# -- bad input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/grpc.health.v1.Health/Check",
+    "/tritonmesh.admin.v1.Admin/ListInstances",
+    "/tritonmesh.admin.v1.Admin/AddInstance",
+    "/inference.GRPCInferenceService/ModelStatistics",
+    "/inference.GRPCInferenceService/RepositoryIndex",
+])
+def test_malformed_bytes_are_invalid_argument_with_one_line_at_most(
+        make_router: Any, caplog: pytest.LogCaptureFixture, path: str) -> None:
+    router = make_router(workers=1)
+    with caplog.at_level(logging.DEBUG), grpc.insecure_channel(router.address) as channel:
+        call = channel.unary_unary(path)
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as bad:
+                call(b"\xff\xff\xff", timeout=10)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed" in (bad.value.details() or "")
+        # Streaming servicers too: health's Watch, and reflection.
+        with pytest.raises(grpc.RpcError) as watch:
+            list(channel.unary_stream("/grpc.health.v1.Health/Watch")(b"\xff\xff", timeout=10))
+        assert watch.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as reflect:
+            list(channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/"
+                                       "ServerReflectionInfo")(iter([b"\xff\xff"]), timeout=10))
+        assert reflect.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # And they still serve good requests.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                           timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        listed = apb_grpc.AdminStub(channel).ListInstances(apb.ListInstancesRequest(), timeout=10)
+        assert len(listed.instances) == 1
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(noisy) <= 1 and all(r.exc_info is None for r in noisy), \
+        [r.getMessage() for r in noisy]
