@@ -26,6 +26,7 @@ from tritonmesh.config import EndpointConfig, LimitsConfig
 from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker
 from tritonmesh.housekeeping import Housekeeper
+from tritonmesh.logfilter import quiet_client_gone
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.strict import StrictRegistrar
@@ -82,6 +83,7 @@ class Router:
         self.certificates: ServerCertificates | None = None  # with tls: replaceable
         self.metrics_port: int | None = None
         self.housekeeper: Housekeeper
+        quiet_client_gone()
 
     @property
     def address(self) -> str:

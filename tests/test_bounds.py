@@ -351,3 +351,31 @@ def test_malformed_bytes_are_invalid_argument_with_one_line_at_most(
     noisy = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(noisy) <= 1 and all(r.exc_info is None for r in noisy), \
         [r.getMessage() for r in noisy]
+
+
+def test_a_gone_client_s_failed_write_is_not_logged_but_other_errors_are(
+        make_router: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """What a stream's pump meets when its client disconnects mid-response (grpc.aio's
+    ExecuteBatchError from context.write, in a task nobody awaits) goes through asyncio's
+    own exception handler on the router's loop: that record is dropped, others are not."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+    from tritonmesh.logfilter import ClientGoneFilter
+
+    router = make_router(workers=1)
+    dropped = ClientGoneFilter.dropped
+
+    async def pump(error: Exception) -> None:
+        raise error
+
+    async def leave_unretrieved() -> None:
+        for error in (ExecuteBatchError('Failed "execute_batch"'), RuntimeError("a real bug")):
+            task = asyncio.get_running_loop().create_task(pump(error))
+            await asyncio.wait([task])
+            del task
+            gc.collect()  # asyncio reports an unretrieved exception when the task goes
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        router.loop.run(leave_unretrieved())
+    logged = [r for r in caplog.records if r.name == "asyncio"]
+    assert [type(r.exc_info[1]).__name__ for r in logged if r.exc_info] == ["RuntimeError"]
+    assert ClientGoneFilter.dropped == dropped + 1
