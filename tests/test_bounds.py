@@ -188,6 +188,25 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(limited: Any) -> No
         channel.unsubscribe(states.put)
 
 
+def test_connections_past_max_connections_are_refused_at_once(limited: Any) -> None:
+    router = limited({"max_connections": 2}, workers=1)
+    live = pb.ServerLiveRequest().SerializeToString()
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
+    channels = [grpc.insecure_channel(router.address, options=own) for _ in range(3)]
+    try:
+        path = "/inference.GRPCInferenceService/ServerLive"
+        for channel in channels[:2]:
+            channel.unary_unary(path)(live, timeout=10)
+        with pytest.raises(grpc.RpcError) as third:
+            channels[2].unary_unary(path)(live, timeout=10)
+        assert third.value.code() == grpc.StatusCode.UNAVAILABLE
+        channels[0].close()  # a connection closes: room for a new one
+        channels[2].unary_unary(path)(live, timeout=20, wait_for_ready=True)
+    finally:
+        for channel in channels:
+            channel.close()
+
+
 def test_streams_past_the_per_connection_limit_wait_their_turn(limited: Any) -> None:
     """HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a third stream on a connection that holds two
     is not opened; its deadline ends it cleanly, and it is served once one closes. Another
