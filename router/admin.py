@@ -24,7 +24,6 @@ from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import IPNetwork
 from tritonmesh.health import readiness
-from tritonmesh.tls import connect
 
 __all__ = ["AdminService", "drain", "instance_message"]
 
@@ -143,7 +142,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         remaining = context.time_remaining()
         timeout = self.probe_timeout_s if remaining is None else max(remaining, 0.0)
         await _check_networks(host, port, self.instance_networks, timeout)
-        upstream = connect(address, variant.config.upstream_tls)
+        upstream = variant.connect(address)
         try:
             not_ready = await readiness(upstream, variant.models, timeout)
             if not_ready is not None:

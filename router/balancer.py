@@ -11,20 +11,22 @@ tables from control-plane tasks on the same loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from tritonmesh._core import OutstandingTable, WorkTable
 from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.outlier import OutlierDetector
 from tritonmesh.retry import RetryBudget
+from tritonmesh.tls import connect
 from tritonmesh.waitqueue import WaitQueue
 from tritonmesh.wire import WireError, peek_work
-from tritonmesh.workers.upstream import Upstream
+from tritonmesh.workers.upstream import CHANNEL_OPTIONS, Upstream
 
 __all__ = ["Balancer", "Instance", "NoInstanceError", "Variant", "VariantFull"]
 
@@ -161,8 +163,10 @@ class Instance:
 class Variant:
     """A production variant: a weight, a routing strategy and a table of instances."""
 
-    def __init__(self, config: VariantConfig, *, seed: int | None = None):
+    def __init__(self, config: VariantConfig, *, seed: int | None = None,
+                 channel_options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS):
         self.config = config
+        self.channel_options = channel_options
         self.name = config.name
         self.weight = config.weight
         self.strategy = config.routing_strategy
@@ -177,13 +181,7 @@ class Variant:
         else:
             counts = OutstandingTable(seed)
             self.table = counts
-            picks: dict[RoutingStrategy, Callable[[], int]] = {
-                RoutingStrategy.RANDOM: counts.pick_random,
-                RoutingStrategy.LEAST_OUTSTANDING_REQUESTS: counts.pick,
-                RoutingStrategy.ROUND_ROBIN: counts.pick_round_robin,
-                RoutingStrategy.POWER_OF_TWO_CHOICES: counts.pick_two,
-            }
-            self._pick = picks[self.strategy]
+            self._pick = _strategy_pick(counts, self.strategy)
         # Indexed by slot: the hot path turns a slot into an instance with one list index.
         self.instances: list[Instance | None] = []
         # Late binding: with a per-instance concurrency limit, requests beyond it wait here
@@ -200,6 +198,27 @@ class Variant:
         self.ahead_s = config.dispatch_ahead_s
         self._due: set[Instance] = set()
         self._ramps: set[asyncio.Task[None]] = set()  # slow starts under way
+
+    def reconfigure(self, config: VariantConfig) -> None:
+        """Apply a reloaded config's live keys (see :mod:`tritonmesh.reload`): weight, models,
+        limits, queue bound, default deadline, slow start, and the strategy within one table.
+        Waiting requests get any capacity a higher limit frees at once."""
+        if config.routing_strategy is not self.strategy and self.work is None:
+            assert isinstance(self.table, OutstandingTable)
+            self._pick = _strategy_pick(self.table, config.routing_strategy)
+            self.strategy = config.routing_strategy
+        # Channels keep the TLS they opened with; new ones too, until a restart.
+        self.config = dataclasses.replace(config, upstream_tls=self.config.upstream_tls)
+        self.weight = config.weight
+        self.models = config.models
+        self.limit = config.max_concurrency
+        self.max_queue = config.max_queue
+        self.default_deadline_s = config.default_deadline_s
+        self.dispatch()
+
+    def connect(self, address: str) -> Upstream:
+        """A channel to ``address`` as this variant reaches its instances (TLS, limits)."""
+        return connect(address, self.config.upstream_tls, self.channel_options)
 
     def add(self, upstream: Upstream, weight: float = 1.0, *, slow_start: bool = False) -> Instance:
         """Add an instance to the pick set.
@@ -460,30 +479,53 @@ class Variant:
         self._stop_ahead(instance)
 
 
+def _strategy_pick(table: OutstandingTable, strategy: RoutingStrategy) -> Callable[[], int]:
+    picks: dict[RoutingStrategy, Callable[[], int]] = {
+        RoutingStrategy.RANDOM: table.pick_random,
+        RoutingStrategy.LEAST_OUTSTANDING_REQUESTS: table.pick,
+        RoutingStrategy.ROUND_ROBIN: table.pick_round_robin,
+        RoutingStrategy.POWER_OF_TWO_CHOICES: table.pick_two,
+    }
+    return picks[strategy]
+
+
 class Balancer:
     """All variants of one endpoint, and sticky sequences."""
 
     def __init__(self, variants: Iterable[Variant], *, rng: random.Random | None = None,
                  outliers: OutlierDetector | None = None,
                  work_hints: Mapping[str, WorkHint] | None = None,
-                 retries: RetryConfig | None = None):
+                 retries: RetryConfig | None = None, max_sequences: int = 100_000,
+                 max_sequence_id_bytes: int = 256, max_model_policies: int = 1_024):
         self.variants = list(variants)
         self.set_work_hints(work_hints or {})
         # Only LEAST_OUTSTANDING_WORK reads costs; nobody else pays for the peek.
         self.work_aware = any(v.work is not None for v in self.variants)
         self.outliers = outliers or OutlierDetector()
-        self.decoupled = DecoupledModels()
+        self.decoupled = DecoupledModels(max_model_policies)
         self.set_retries(retries or RetryConfig())
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
+        self._map_models()
+        # (target variant or None, model, sequence id) -> (instance, last use); see pick().
+        # The pin holds the instance, and with it the variant: a sequence never moves.
+        self.sequences: dict[tuple[str | None, str, int | str], tuple[Instance, float]] = {}
+        self.max_sequences = max_sequences
+        self.max_sequence_id_bytes = max_sequence_id_bytes
+
+    def _map_models(self) -> None:
         # Which variants serve a model, fixed with the variants. Built from the variants'
         # model lists, never from request names: arbitrary names must not grow a map.
         listed = {name for v in self.variants if v.models is not None for name in v.models}
         self._serving = {name: [v for v in self.variants if v.serves(name)] for name in listed}
         # Models outside every variant's list go where Triton can answer for them.
         self._unlisted = [v for v in self.variants if v.models is None] or self.variants
-        # (variant, model, sequence id) -> (instance, last use); see pick().
-        self.sequences: dict[tuple[str, str, int | str], tuple[Instance, float]] = {}
+
+    def reconfigure(self, configs: Iterable[VariantConfig]) -> None:
+        """A reload's variant keys, live (same variant names; see :mod:`tritonmesh.reload`)."""
+        for config in configs:
+            self.by_name[config.name].reconfigure(config)
+        self._map_models()
 
     def set_retries(self, retries: RetryConfig) -> None:
         """A budget with these limits. A reload starts its window anew; the totals the
@@ -564,10 +606,10 @@ class Balancer:
         Requests of one sequence (same ``sequence_id``) go to the instance chosen
         at the sequence's start, since Triton keeps sequence state per server.
         """
-        variant = self.choose_variant(model_name, target_variant)
         if sequence_id is not None:
-            return self._pick_sequence(variant, model_name, sequence_id, sequence_start,
+            return self._pick_sequence(model_name, target_variant, sequence_id, sequence_start,
                                        sequence_end, cost)
+        variant = self.choose_variant(model_name, target_variant)
         instance = variant.pick(cost)
         if instance is None:
             if variant.limit is not None and variant.table.pickable():
@@ -578,14 +620,29 @@ class Balancer:
             )
         return instance
 
-    def _pick_sequence(self, variant: Variant, model_name: str, sequence_id: int | str,
-                       start: bool, end: bool, cost: float) -> Instance:
-        key = (variant.name, model_name, sequence_id)
-        pinned = None if start else self.sequences.get(key)
+    def _pick_sequence(self, model_name: str, target_variant: str | None,
+                       sequence_id: int | str, start: bool, end: bool, cost: float) -> Instance:
+        if isinstance(sequence_id, str) and (
+                len(sequence_id) > self.max_sequence_id_bytes
+                or len(sequence_id.encode()) > self.max_sequence_id_bytes):
+            raise NoInstanceError(
+                f"sequence_id is longer than this router's limit of "
+                f"{self.max_sequence_id_bytes} bytes (limits.max_sequence_id_bytes)",
+                "INVALID_ARGUMENT")
+        key = (target_variant, model_name, sequence_id)
+        sequences = self.sequences
+        pinned = None if start else sequences.get(key)
         if pinned is not None and pinned[0].state != "REMOVED":
             instance = pinned[0]
-            variant.acquire(instance.slot, cost)
+            instance.variant.acquire(instance.slot, cost)
         else:
+            if not end and key not in sequences and len(sequences) >= self.max_sequences:
+                raise NoInstanceError(
+                    f"{len(sequences)} sequences are open, this router's limit "
+                    f"(limits.max_sequences); end sequences with sequence_end, or an idle "
+                    f"one is forgotten after limits.sequence_idle_timeout_s",
+                    "RESOURCE_EXHAUSTED")
+            variant = self.choose_variant(model_name, target_variant)
             instance = variant.pick(cost)  # type: ignore[assignment]
             if instance is None:
                 raise NoInstanceError(
@@ -593,9 +650,9 @@ class Balancer:
                     f"{sequence_id} of model '{model_name}'"
                 )
         if end:
-            self.sequences.pop(key, None)
+            sequences.pop(key, None)
         else:
-            self.sequences[key] = (instance, time.monotonic())
+            sequences[key] = (instance, time.monotonic())
         return instance
 
     @staticmethod
@@ -609,9 +666,11 @@ class Balancer:
             instance.drained.set()
 
     def expire_sequences(self, idle_s: float) -> int:
-        """Forget sequences idle for longer than ``idle_s``; returns how many."""
+        """Forget sequences idle for longer than ``idle_s``, and those pinned to a removed
+        instance; returns how many."""
         cutoff = time.monotonic() - idle_s
-        stale = [k for k, (_, last) in self.sequences.items() if last < cutoff]
+        stale = [k for k, (instance, last) in self.sequences.items()
+                 if last < cutoff or instance.state == "REMOVED"]
         for key in stale:
             del self.sequences[key]
         return len(stale)

@@ -30,6 +30,7 @@ __all__ = [
     "DnsDiscovery",
     "EndpointConfig",
     "HealthCheckConfig",
+    "LimitsConfig",
     "LocalWorkers",
     "QueueOrder",
     "RetryConfig",
@@ -178,6 +179,23 @@ LOOPBACK_NETWORKS: Final[tuple[IPNetwork, ...]] = (
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """What one client can make the router hold: messages, connections, streams, sequence
+    pins and remembered model policies (docs/config.md, "Limits")."""
+
+    max_message_bytes: int = 128 * 2**20
+    max_connections: int = 10_000
+    max_concurrent_streams: int = 1_000  # per connection (HTTP/2 SETTINGS)
+    connection_idle_timeout_s: float = 300.0  # 0: none
+    connection_max_age_s: float = 0.0  # 0: no limit
+    sequence_idle_timeout_s: float = 10.0
+    max_sequences: int = 100_000
+    max_sequence_id_bytes: int = 256
+    max_model_policies: int = 1_024
+    memory_trim_interval_s: float = 10.0  # 0: off
+
+
+@dataclass(frozen=True)
 class EndpointConfig:
     name: str = "tritonmesh"
     listen: str = "127.0.0.1:8001"
@@ -196,6 +214,7 @@ class EndpointConfig:
     auth: AuthConfig = field(default_factory=AuthConfig)
     # Admin AddInstance accepts only addresses in these networks.
     instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -227,7 +246,9 @@ def _address(value: Any, key: str, *, listen: bool = False) -> str:
     text: str = _expect(value, str, key)
     host, sep, port = text.rpartition(":")
     lowest = 0 if listen else 1
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) < 65536:
+    # isdecimal() alone would take "1²" or Arabic-Indic digits, which int() then refuses.
+    if not sep or not host or not (port.isascii() and port.isdigit()) \
+            or not lowest <= int(port) < 65536:
         raise ConfigError(f"{key}: expected HOST:PORT, got {text!r}")
     return text
 
@@ -608,9 +629,29 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+def _limits(data: Any) -> LimitsConfig:
+    _expect(data, dict, "limits")
+    defaults = LimitsConfig()
+    _no_unknown(data, set(defaults.__dataclass_fields__), "limits.")
+    values: dict[str, Any] = {}
+    for key in defaults.__dataclass_fields__:
+        value = data.get(key, getattr(defaults, key))
+        if key.endswith("_s"):
+            number = _non_negative(value, f"limits.{key}")
+            if key == "sequence_idle_timeout_s" and number == 0:
+                raise ConfigError(f"limits.{key}: must be a positive number, got {value!r}")
+            values[key] = number
+        else:
+            values[key] = _positive_int(value, f"limits.{key}")
+    if values["max_message_bytes"] > 2**31 - 1:
+        raise ConfigError("limits.max_message_bytes: gRPC's largest is 2147483647, got "
+                          f"{values['max_message_bytes']}")
+    return LimitsConfig(**values)
+
+
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls"}) | _SECURITY_KEYS
+                                   "work_hints", "tls", "limits"}) | _SECURITY_KEYS
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -681,13 +722,19 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         auth=AuthConfig() if data.get("auth") is None else _auth(data["auth"], root),
         instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
         else LOOPBACK_NETWORKS,
+        limits=_limits(data.get("limits", {})),
     )
 
 
 def load_config(path: str | os.PathLike[str]) -> EndpointConfig:
     """Read and validate a YAML, TOML or JSON configuration file."""
     p = Path(path)
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     suffix = p.suffix.lower()
     try:
         if suffix == ".toml":
@@ -703,7 +750,8 @@ def load_config(path: str | os.PathLike[str]) -> EndpointConfig:
     except ConfigError:
         raise
     except Exception as exc:  # each parser raises its own error type
-        raise ConfigError(f"{p}: cannot parse: {exc}") from exc
+        # One line: parsers point at the spot over several (and it is logged as one).
+        raise ConfigError(f"{p}: cannot parse: {' '.join(str(exc).split())}") from exc
     try:
         return parse_config(data, p.parent)
     except ConfigError as exc:

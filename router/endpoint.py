@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from tritonmesh.config import ConfigError, EndpointConfig, load_config
+from tritonmesh.reload import restart_keys
 from tritonmesh.server import Router
 
 __all__ = ["MEMORY_SNAPSHOTS_ENV", "open_endpoint", "run_endpoint"]
@@ -120,12 +121,24 @@ def _reload_tls(router: Router, config: EndpointConfig) -> None:
 
 
 async def _reload(router: Router, path: str | Path, running: list[EndpointConfig]) -> None:
+    """SIGHUP: apply what can change while serving (:mod:`tritonmesh.reload`), or refuse
+    the whole file. Every outcome is one log line; the running configuration stays on
+    any error."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         log.error("reload: keeping the running configuration: %s", exc)
         return
+    except Exception as exc:  # a parser's surprise; the running config must survive it
+        log.error("reload: keeping the running configuration: %s: %s: %s", path,
+                  type(exc).__name__, exc)
+        return
     assert router.balancer is not None
+    restart = restart_keys(running[0], config)
+    if restart:
+        log.error("reload: keeping the running configuration: %s changes %s, read only at "
+                  "start (restart to apply)", path, ", ".join(restart))
+        return
     # Local workers stay as they are; only the static instances are re-read.
     static = {i for v in running[0].variants for i in v.instances}
     _reload_tls(router, config)
@@ -141,5 +154,12 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
         instances[variant.name] = [*keep, *variant.instances]
     router.balancer.set_work_hints(config.work_hints)
     router.balancer.set_retries(config.retries)
-    added, removed = await router.update_instances(instances)
+    router.balancer.reconfigure(config.variants)
+    router.reconfigure(config)
+    try:
+        added, removed = await router.update_instances(instances)
+    except Exception as exc:  # an instance's channel could not be made, say
+        log.error("reload: %s applied, but changing the instances failed: %s: %s", path,
+                  type(exc).__name__, exc)
+        return
     log.info("reloaded %s: %d instances added, %d drained and removed", path, added, removed)

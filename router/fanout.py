@@ -21,6 +21,7 @@ generated messages.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -30,9 +31,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.auth import CONTROL_RPCS, ControlAccess, Tokens, WithoutCredential
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.proxy import forwardable_metadata
+from tritonmesh.strict import LogLimit, log_bad_input
 from tritonmesh.workers.upstream import await_call
 
 __all__ = ["Fanout"]
+
+log = logging.getLogger("tritonmesh.fanout")
+_STATS_GAP_LOG = LogLimit()
 
 Handler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
@@ -182,8 +187,19 @@ class Fanout:
 
     async def model_statistics(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         name = (await _decode(pb.ModelStatisticsRequest, request, context)).name or None
-        results = await self._gather(self._healthy(name), "ModelStatistics", request, context)
+        # Every member, ejected and draining ones included: counters are cumulative, and
+        # leaving one out while it is unhealthy would make the sums go back.
+        variants = self.balancer.variants if name is None else self.balancer._variants_for(name)
+        members = [i for v in variants for i in v.live_instances()]
+        results = await self._gather(members, "ModelStatistics", request, context)
         await _abort_if_all_failed(results, context)
+        missing = [f"{i.address} ({r.code().name})" for i, r in results
+                   if isinstance(r, grpc.aio.AioRpcError) and r.code() != grpc.StatusCode.NOT_FOUND
+                   and r.code() != grpc.StatusCode.INVALID_ARGUMENT]
+        if missing and _STATS_GAP_LOG.due():
+            log.warning("ModelStatistics: sums leave out %d of %d instances that did not "
+                        "answer, so they may go back: %s%s", len(missing), len(results),
+                        ", ".join(missing[:10]), _STATS_GAP_LOG.more())
         merged: dict[tuple[str, str], Any] = {}
         for _, r in results:
             if isinstance(r, grpc.aio.AioRpcError):
@@ -285,6 +301,7 @@ async def _decode(message_type: Any, request: bytes, context: grpc.aio.ServicerC
     try:
         return message_type.FromString(request)
     except Exception as exc:  # protobuf's DecodeError
+        log_bad_input(message_type.__name__, str(exc))
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"malformed {message_type.__name__}: {exc}")
 

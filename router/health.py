@@ -101,6 +101,9 @@ class HealthChecker:
         results = await asyncio.gather(*(self.probe(i) for i in instances))
         for instance, ok in zip(instances, results, strict=True):
             self.record(instance, ok)
+        # Streaks of removed instances go with them (membership changes at run time).
+        for gone in [i for i in self._streak if i.state == "REMOVED"]:
+            del self._streak[gone]
         await self._publish()
 
     def record(self, instance: Instance, ok: bool) -> None:

@@ -60,9 +60,12 @@ class BalancerCollector(Collector):
             variant_outstanding.add_metric([variant.name], variant.table.total_outstanding())
             # len() only: this runs on the scrape thread while the loop mutates the deque.
             queued.add_metric([variant.name], len(variant.waiters))
+            # Counts from one snapshot: an instance removed during the scrape may have
+            # left the table (its slot freed) by the time it is reached below.
+            counts = {slot: n for slot, n, _, _ in variant.table.snapshot()}
             for inst in variant.live_instances():
                 lv = [variant.name, inst.address]
-                outstanding.add_metric(lv, inst.outstanding)
+                outstanding.add_metric(lv, counts.get(inst.slot, 0))
                 healthy.add_metric(lv, 1.0 if inst.healthy else 0.0)
                 requests.add_metric(lv, inst.requests)
                 errors.add_metric(lv, inst.errors)

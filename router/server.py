@@ -14,12 +14,12 @@ import asyncio
 import functools
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
 from tritonmesh.admin import AdminService, drain
@@ -32,27 +32,46 @@ from tritonmesh.auth import (
     data_plane_message,
 )
 from tritonmesh.balancer import Balancer, Variant
-from tritonmesh.config import EndpointConfig
+from tritonmesh.config import EndpointConfig, LimitsConfig
 from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker, probe_ready
+from tritonmesh.housekeeping import Housekeeper
+from tritonmesh.logfilter import quiet_client_gone
 from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
-from tritonmesh.tls import ServerCertificates, connect
-from tritonmesh.workers.upstream import INT32_MAX, SERVICE
+from tritonmesh.strict import StrictRegistrar
+from tritonmesh.tls import ServerCertificates
+from tritonmesh.workers.upstream import SERVICE, channel_options
 
-__all__ = ["SERVER_OPTIONS", "Router"]
+__all__ = ["Router", "server_options"]
 
 log = logging.getLogger("tritonmesh.server")
 
-SERVER_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
-    ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.max_receive_message_length", INT32_MAX),
-    # Accept client keepalive pings as Triton does, without GOAWAY for an idle client.
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.so_reuseport", 0),
-)
+def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
+    """The port's gRPC options: what one client may make the router hold
+    (docs/config.md, "Limits"). A message over ``max_message_bytes`` is refused by gRPC
+    itself with RESOURCE_EXHAUSTED before the router reads it."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        # Accept client keepalive pings as Triton does, without GOAWAY for an idle client;
+        # a client pinging more often than every 10 s without data gets GOAWAY after
+        # max_ping_strikes such pings (gRPC's keepalive enforcement).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.so_reuseport", 0),
+    ]
+    if limits.connection_idle_timeout_s > 0:
+        options.append(("grpc.max_connection_idle_ms",
+                        max(1, round(limits.connection_idle_timeout_s * 1000))))
+    if limits.connection_max_age_s > 0:
+        options.append(("grpc.max_connection_age_ms",
+                        max(1, round(limits.connection_max_age_s * 1000))))
+    return tuple(options)
 
 
 class Router:
@@ -81,6 +100,8 @@ class Router:
         self.data_tokens = Tokens(config.auth.data_tokens)
         self.admin_tokens = Tokens(config.auth.admin_tokens)
         self.discoveries: list[Discovery] = []
+        self.housekeeper: Housekeeper
+        quiet_client_gone()
 
     @property
     def address(self) -> str:
@@ -96,14 +117,7 @@ class Router:
         return f"{listen.rpartition(':')[0]}:{self.admin_port}"
 
     async def start(self) -> None:
-        variants = []
-        for i, vc in enumerate(self.config.variants):
-            variant = Variant(vc, seed=None if self._seed is None else self._seed + i)
-            for address in self._instances.get(vc.name, ()):
-                variant.add(connect(address, vc.upstream_tls))
-            variants.append(variant)
-        balancer = self.balancer = Balancer(variants, work_hints=self.config.work_hints,
-                                            retries=self.config.retries)
+        balancer = self.balancer = self._balancer()
 
         proxy = Proxy(balancer)
         fanout = Fanout(balancer, access=ControlAccess(self.admin_tokens))
@@ -119,17 +133,18 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        server = self.server = grpc.aio.server(options=SERVER_OPTIONS,
+        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
                                                interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection((
+        strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, strict)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer((
             SERVICE,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
-        ), server)
+        )), strict)
         self.port, self.certificates = self._listen(server, self.config.listen)
         if self.config.admin_listen is not None:
             self._open_admin_listener(balancer, self.config.admin_listen)
@@ -138,6 +153,7 @@ class Router:
         await self._discover(balancer)
         await self.health.check_once()
         self.health.start()
+        self.housekeeper.start()
         await server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
@@ -167,11 +183,13 @@ class Router:
             options=(("grpc.so_reuseport", 0),), interceptors=interceptors)
         self.admin_service = AdminService(balancer, self.config.instance_networks,
                                           self.config.health_check.timeout_s)
-        tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, server)
-        reflection.enable_server_reflection((
-            tritonmesh_admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-            reflection.SERVICE_NAME,
-        ), server)
+        strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
+        tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer((
+                tritonmesh_admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+                reflection.SERVICE_NAME,
+            )), strict)
         self.admin_port, self.admin_certificates = self._listen(server, listen)
 
     async def _discover(self, balancer: Balancer) -> None:
@@ -183,12 +201,29 @@ class Router:
                 continue
             discovery = Discovery(
                 variant, spec,
-                connect=functools.partial(connect, tls=variant.config.upstream_tls),
+                connect=variant.connect,
                 probe=functools.partial(probe_ready, models=variant.models, timeout=timeout),
                 drain=drain)
             self.discoveries.append(discovery)
             await discovery.refresh(slow_start=False)
             discovery.start()
+
+    def _balancer(self) -> Balancer:
+        limits = self.config.limits
+        options = channel_options(limits.max_message_bytes)
+        variants = []
+        for i, vc in enumerate(self.config.variants):
+            variant = Variant(vc, seed=None if self._seed is None else self._seed + i,
+                              channel_options=options)
+            for address in self._instances.get(vc.name, ()):
+                variant.add(variant.connect(address))
+            variants.append(variant)
+        balancer = Balancer(variants, work_hints=self.config.work_hints,
+                            retries=self.config.retries, max_sequences=limits.max_sequences,
+                            max_sequence_id_bytes=limits.max_sequence_id_bytes,
+                            max_model_policies=limits.max_model_policies)
+        self.housekeeper = Housekeeper(balancer, limits)
+        return balancer
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
@@ -208,6 +243,8 @@ class Router:
             await discovery.stop()
         if self.health is not None:
             await self.health.stop()
+        if self.balancer is not None:
+            await self.housekeeper.stop()
         grace = self.config.shutdown_grace_s if grace is None else grace
         await asyncio.gather(*(s.stop(grace) for s in (self.server, self.admin_server)
                                if s is not None))
@@ -245,6 +282,13 @@ class Router:
                 and config.tls != certificates.tls:
             certificates.replace(config.tls)
 
+    def reconfigure(self, config: EndpointConfig) -> None:
+        """A reload's endpoint keys that apply live (health checks, shutdown grace); the
+        caller has checked that nothing read only at start changed."""
+        self.config = config
+        if self.health is not None:
+            self.health.config = config.health_check
+
     async def update_instances(self, instances: Mapping[str, Sequence[str]],
                                drain_timeout_s: float = 30.0) -> tuple[int, int]:
         """Make each variant's instances exactly ``instances[variant]``, without restart.
@@ -265,8 +309,7 @@ class Router:
             current = {i.address: i for i in variant.live_instances() if i.state == "ACTIVE"}
             for address in addresses:
                 if address not in current:
-                    variant.add(connect(address, variant.config.upstream_tls),
-                                slow_start=True)
+                    variant.add(variant.connect(address), slow_start=True)
                     added += 1
             drains += [drain(i, drain_timeout_s) for a, i in current.items()
                        if a not in addresses]

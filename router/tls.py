@@ -9,6 +9,7 @@ keep the credentials they were opened with.
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import grpc
 from tritonmesh.config import ServerTLS, UpstreamTLS
@@ -57,14 +58,15 @@ class ServerCertificates:
         return configuration
 
 
-def connect(address: str, tls: UpstreamTLS | None) -> Upstream:
+def connect(address: str, tls: UpstreamTLS | None,
+            options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS) -> Upstream:
     """A channel to one Triton instance: plaintext, or TLS as the instance's variant says."""
     if tls is None:
-        return Upstream(address)
+        return Upstream(address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=tls.root_certificates,
         private_key=tls.private_key,
         certificate_chain=tls.cert_chain,
     )
-    return Upstream(address, options=CHANNEL_OPTIONS + name_override(tls.server_name),
+    return Upstream(address, options=options + name_override(tls.server_name),
                     credentials=credentials)

@@ -26,9 +26,9 @@ from harness import LoopThread, RouterHandle, generate_inputs, make_config, star
 from test_tls import pki  # noqa: F401  # the test CA and certificates, shared
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
-from tritonmesh import admin as admin_module
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+from tritonmesh.balancer import Variant
 from tritonmesh.config import AuthConfig, ConfigError, ServerTLS, parse_config
 from tritonmesh.workers.launcher import free_ports
 
@@ -382,13 +382,13 @@ def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_threa
     router = make_router(workers=1)
     admin = _admin(router.admin_address)
     opened: list[Any] = []
-    real_connect = admin_module.connect
+    real_connect = Variant.connect
 
-    def counting_connect(address: str, tls: Any) -> Any:
-        upstream = real_connect(address, tls)
+    def counting_connect(variant: Variant, address: str) -> Any:
+        upstream = real_connect(variant, address)
         opened.append(upstream)
         return upstream
-    monkeypatch.setattr(admin_module, "connect", counting_connect)
+    monkeypatch.setattr(Variant, "connect", counting_connect)
     before = [(i.address, i.state) for i in router.instances()]
 
     def refused(address: str, code: grpc.StatusCode, needle: str, weight: float = 0.0) -> None:

@@ -240,7 +240,8 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
 
     router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki))
     path = pki / "reload.yaml"
-    head = (f"listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nvariants:\n  - name: AllTraffic\n"
+    head = ("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmetrics_listen: null\n"
+            "variants:\n  - name: AllTraffic\n"
             f"    instances: ['{worker_addresses[0]}']\ntls:\n")
     running = [router.router.config]
     try:
@@ -284,7 +285,7 @@ def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
     running = [router.router.config]
 
     def reload(client_ca: str) -> None:
-        path.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+        path.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmetrics_listen: null\n"
                         "variants:\n  - name: AllTraffic\n"
                         f"    instances: ['{worker_addresses[0]}']\n"
                         "tls:\n  cert_file: server.pem\n  key_file: server.key\n"

@@ -24,6 +24,7 @@ __all__ = [
     "await_call",
     "being_cancelled",
     "cancel_in_core",
+    "channel_options",
     "method_path",
     "name_override",
     "upstream_cancelled",
@@ -32,12 +33,21 @@ __all__ = [
 SERVICE: Final = "inference.GRPCInferenceService"
 INT32_MAX: Final = 2**31 - 1
 
-# tritonclient lifts message limits to INT32_MAX; so must every hop. Keepalive pings stay
-# within Triton's defaults (min ping interval without data 5 min, pings only with calls open)
-# so that Triton never answers with GOAWAY too_many_pings.
-CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
-    ("grpc.max_send_message_length", INT32_MAX),
-    ("grpc.max_receive_message_length", INT32_MAX),
+
+def channel_options(max_message_bytes: int = INT32_MAX) -> tuple[tuple[str, Any], ...]:
+    """Options for a channel to Triton. The router's ``limits.max_message_bytes`` bounds
+    what Triton may answer too: a larger response fails here (RESOURCE_EXHAUSTED) instead
+    of being held whole only to be refused on the way to the client. Keepalive pings stay
+    within Triton's defaults (min ping interval without data 5 min, pings only with calls
+    open) so that Triton never answers with GOAWAY too_many_pings."""
+    return (
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        *_KEEPALIVE,
+    )
+
+
+_KEEPALIVE: Final[tuple[tuple[str, Any], ...]] = (
     ("grpc.keepalive_time_ms", 300_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
@@ -45,6 +55,9 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
     # Each instance gets its own channel even when two addresses resolve alike.
     ("grpc.use_local_subchannel_pool", 1),
 )
+
+# tritonclient lifts message limits to INT32_MAX; without a router limit, so does this hop.
+CHANNEL_OPTIONS: Final = channel_options()
 
 UNARY_METHODS: Final = (
     "ServerLive",
