@@ -124,6 +124,8 @@ class VariantConfig:
     dispatch_ahead_s: float = 0.0
     # TLS to this variant's instances; None: plaintext.
     upstream_tls: UpstreamTLS | None = None
+    # Data path under faults: a ModelInfer attempt gets at most this long upstream; None: off.
+    per_try_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,10 @@ class EndpointConfig:
     work_hints: Mapping[str, WorkHint] = field(default_factory=dict)
     # TLS on `listen` (Triton's protocol, the admin API, health); None: plaintext.
     tls: ServerTLS | None = None
+    # Data path bounds: requests of one client stream in flight at once (the router stops
+    # reading that stream beyond it), and the least deadline worth sending to Triton.
+    max_stream_requests_in_flight: int = 128
+    min_upstream_deadline_ms: float = 5.0
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -313,7 +319,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
-                       "dispatch_ahead_s", "upstream_tls"}, where)
+                       "dispatch_ahead_s", "upstream_tls",
+                       "per_try_timeout_s"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -388,6 +395,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         slow_start_s=_non_negative(data.get("slow_start_s", 5.0), f"{where}slow_start_s"),
         dispatch_ahead_s=ahead,
         upstream_tls=upstream_tls,
+        per_try_timeout_s=None if data.get("per_try_timeout_s") is None
+        else _weight(data["per_try_timeout_s"], f"{where}per_try_timeout_s"),
     )
 
 
@@ -447,7 +456,8 @@ def _work_hints(data: Any) -> dict[str, WorkHint]:
 
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls"})
+                                   "work_hints", "tls",
+                                   "max_stream_requests_in_flight", "min_upstream_deadline_ms"})
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -512,6 +522,10 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         work_hints=_work_hints(data.get("work_hints", {})),
         tls=None if data.get("tls") is None or data["tls"] is False
         else _server_tls(data["tls"], root),
+        max_stream_requests_in_flight=_positive_int(
+            data.get("max_stream_requests_in_flight", 128), "max_stream_requests_in_flight"),
+        min_upstream_deadline_ms=_non_negative(data.get("min_upstream_deadline_ms", 5.0),
+                                               "min_upstream_deadline_ms"),
     )
 
 

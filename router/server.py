@@ -79,7 +79,7 @@ class Router:
         balancer = self.balancer = Balancer(variants, work_hints=self.config.work_hints,
                                             retries=self.config.retries)
 
-        proxy = Proxy(balancer)
+        proxy = Proxy(balancer, self.config)
         fanout = Fanout(balancer)
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(fn)
