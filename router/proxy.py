@@ -37,7 +37,7 @@ from tritonmesh.forwarding import (
     too_late,
 )
 from tritonmesh.stream import StreamSession
-from tritonmesh.wire import WireError, peek_request
+from tritonmesh.wire import RequestInfo, WireError, peek_request
 from tritonmesh.workers.upstream import await_call
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
@@ -58,6 +58,25 @@ _NOT_RETRIED: Final = {
     "deadline": "its deadline has passed",
     "budget": "the endpoint's retry budget is spent",
 }
+
+
+def _pick_avoiding(balancer: Balancer, avoid: Instance | None, info: RequestInfo,
+                   target: str | None, cost: float) -> Instance:
+    """``balancer.pick``, away from ``avoid`` (where the last attempt timed out) while the
+    variant has another instance to offer (Envoy's ``previous_hosts`` retry predicate)."""
+    if avoid is None or not (avoid.healthy and avoid.state == "ACTIVE"):
+        return balancer.pick(info.model_name, target, None, False, False, cost)
+    variant = avoid.variant
+    variant.table.set_available(avoid.slot, False)
+    try:
+        return balancer.pick(info.model_name, target, None, False, False, cost)
+    except VariantFull:
+        raise  # the others are busy: wait for whichever frees first
+    except NoInstanceError:
+        pass  # it is the only one: try it again
+    finally:
+        variant._sync(avoid)  # back to what its health and drain flags say
+    return balancer.pick(info.model_name, target, None, False, False, cost)
 
 
 def _retry_on_timeout(value: str | None) -> bool | str:
@@ -97,13 +116,17 @@ class Proxy:
         cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
         floor_s = self.floor_s
         attempt = 0
+        avoid: Instance | None = None  # where the last attempt failed
         while True:
             late = too_late(context.time_remaining(), floor_s)
             if late is not None:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
             try:
-                instance = balancer.pick(info.model_name, target, info.sequence_id,
-                                         info.sequence_start, info.sequence_end, cost)
+                if avoid is None:
+                    instance = balancer.pick(info.model_name, target, info.sequence_id,
+                                             info.sequence_start, info.sequence_end, cost)
+                else:
+                    instance = _pick_avoiding(balancer, avoid, info, target, cost)
             except VariantFull as full:
                 instance = await _wait(full, context, cost)
                 late = too_late(context.time_remaining(), floor_s)
@@ -152,6 +175,7 @@ class Proxy:
                     attempt += 1
                     refused = budget.withdraw(attempt, context.time_remaining())
                     if refused is None:
+                        avoid = instance
                         continue
                     details = f"{details} (not retried: {_NOT_RETRIED[refused]})"
                 if client_gone(context):
