@@ -160,7 +160,7 @@ class EndpointConfig:
     tls: ServerTLS | None = None
     # Data path bounds: requests of one client stream in flight at once (the router stops
     # reading that stream beyond it), and the least deadline worth sending to Triton.
-    max_stream_requests_in_flight: int = 128
+    max_stream_requests_in_flight: int = 64
     min_upstream_deadline_ms: float = 5.0
 
 
@@ -523,7 +523,7 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         tls=None if data.get("tls") is None or data["tls"] is False
         else _server_tls(data["tls"], root),
         max_stream_requests_in_flight=_positive_int(
-            data.get("max_stream_requests_in_flight", 128), "max_stream_requests_in_flight"),
+            data.get("max_stream_requests_in_flight", 64), "max_stream_requests_in_flight"),
         min_upstream_deadline_ms=_non_negative(data.get("min_upstream_deadline_ms", 5.0),
                                                "min_upstream_deadline_ms"),
     )

@@ -7,13 +7,21 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import queue
+import re
+import signal
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import LongStream, LoopThread, generate_inputs, make_config, start_pool, start_router
+from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh.config import EndpointConfig, RoutingStrategy, VariantConfig
 
@@ -181,3 +189,70 @@ def test_below_the_deadline_floor_the_router_answers_itself(
         router.wait_idle()
     finally:
         router.stop()
+
+
+def _status_mib(pid: int, key: str) -> int:
+    found = re.search(rf"{key}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    assert found is not None
+    return int(found.group(1)) // 1024
+
+
+def test_a_client_that_does_not_read_cannot_grow_the_router(tmp_path: Path,
+                                                            worker_addresses: list[str]) -> None:
+    """One stream sends 1,000 x 256 KiB identity requests and reads nothing until the
+    router stops taking them: the router holds max_stream_requests_in_flight (64) of them,
+    not all 1,000 (unbounded, its peak RSS grew by about 750 MiB)."""
+    config = tmp_path / "endpoint.yaml"
+    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\n"
+                      f"variants:\n- name: v\n  instances: [{worker_addresses[0]}]\n")
+    router = subprocess.Popen([str(Path(sys.executable).parent / "tritonmesh"), "serve",
+                               "--config", str(config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert router.stdout is not None
+        address = None
+        for line in router.stdout:
+            found = re.search(r"serving Triton's gRPC protocol on (\S+)", line)
+            address = found.group(1) if found else address
+            if line.startswith("Stop with Ctrl-C"):
+                break
+        assert address is not None
+        request = _identity_request(65536)  # 256 KiB of FP32
+        options = [("grpc.max_receive_message_length", -1)]
+        with grpc.insecure_channel(address, options=options) as channel:
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            assert len(list(stream(iter([request]), timeout=60))) == 1  # warm
+            base = _status_mib(router.pid, "VmRSS")
+            sent = 0
+
+            def requests() -> Iterator[bytes]:
+                nonlocal sent
+                for _ in range(1000):
+                    sent += 1
+                    yield request
+
+            call = stream(requests(), timeout=300)
+            # Until the client has sent everything or the router stopped taking more.
+            last, since = -1, time.monotonic()
+            while sent < 1000 and time.monotonic() - since < 3.0:
+                if sent != last:
+                    last, since = sent, time.monotonic()
+                time.sleep(0.05)
+            held_back = sent < 1000
+            answers = sum(1 for _ in call)
+        peak = _status_mib(router.pid, "VmHWM")
+        assert answers == 1000
+        assert held_back, "the router read every request of a client that reads nothing"
+        assert peak - base < 200, (base, peak)
+    finally:
+        router.send_signal(signal.SIGINT)
+        router.communicate(timeout=60)
+
+
+def _identity_request(elements: int) -> bytes:
+    request = pb.ModelInferRequest(model_name="identity")
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "INPUT0", "FP32"
+    tensor.shape.extend([elements])
+    request.raw_input_contents.append(np.ones(elements, np.float32).tobytes())
+    return request.SerializeToString()
