@@ -162,6 +162,8 @@ class EndpointConfig:
     # reading that stream beyond it), and the least deadline worth sending to Triton.
     max_stream_requests_in_flight: int = 64
     min_upstream_deadline_ms: float = 5.0
+    # Calls gRPC has received but the router's event loop has not taken up yet (a burst).
+    max_pending_calls: int = 10_000
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -457,7 +459,8 @@ def _work_hints(data: Any) -> dict[str, WorkHint]:
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
                                    "work_hints", "tls",
-                                   "max_stream_requests_in_flight", "min_upstream_deadline_ms"})
+                                   "max_stream_requests_in_flight", "min_upstream_deadline_ms",
+                                   "max_pending_calls"})
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -526,6 +529,8 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
             data.get("max_stream_requests_in_flight", 64), "max_stream_requests_in_flight"),
         min_upstream_deadline_ms=_non_negative(data.get("min_upstream_deadline_ms", 5.0),
                                                "min_upstream_deadline_ms"),
+        max_pending_calls=_positive_int(data.get("max_pending_calls", 10_000),
+                                        "max_pending_calls"),
     )
 
 

@@ -89,7 +89,12 @@ class Router:
         handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
             proxy.model_stream_infer
         )
-        server = self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
+        # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
+        pending = self.config.max_pending_calls
+        server = self.server = grpc.aio.server(options=(
+            *SERVER_OPTIONS, ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending)))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()

@@ -4,6 +4,7 @@ left never reaches Triton."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import dataclasses
 import queue
@@ -256,3 +257,31 @@ def _identity_request(elements: int) -> bytes:
     tensor.shape.extend([elements])
     request.raw_input_contents.append(np.ones(elements, np.float32).tobytes())
     return request.SerializeToString()
+
+
+async def _open_streams(address: str, count: int) -> dict[str, int]:
+    """``count`` streams opened at once, one identity request each: how each one ended."""
+    request = _identity_request(3)
+    ends: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+
+        async def one() -> None:
+            try:
+                answers = [pb.ModelStreamInferResponse.FromString(r)
+                           async for r in stream(iter([request]), timeout=120)]
+                end = "OK" if [a.error_message for a in answers] == [""] else repr(answers)
+            except grpc.aio.AioRpcError as exc:
+                end = f"{exc.code().name}: {exc.details()}"
+            ends[end] = ends.get(end, 0) + 1
+
+        await asyncio.gather(*(one() for _ in range(count)))
+    return ends
+
+
+def test_a_burst_of_stream_opens_is_served(make_router: Any, loop_thread: LoopThread) -> None:
+    """2,000 streams opened at once, the client on the router's own event loop so that
+    the calls pile up in gRPC before the router takes them up (as on a busy router).
+    With gRPC's default pending-call limits (1,000, 3,000) about 10% were refused."""
+    router = make_router()
+    assert loop_thread.run(_open_streams(router.address, 2000), timeout=300) == {"OK": 2000}
