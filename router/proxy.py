@@ -79,10 +79,8 @@ def _pick_avoiding(balancer: Balancer, avoid: Instance | None, info: RequestInfo
     return balancer.pick(info.model_name, target, None, False, False, cost)
 
 
-def _retry_on_timeout(value: str | None) -> bool | str:
-    """``x-tritonmesh-retry-on``: True for ``timeout``, False when absent, else the error."""
-    if value is None:
-        return False
+def _retry_on_timeout(value: str) -> bool | str:
+    """``x-tritonmesh-retry-on``: True for ``timeout``, else the error."""
     asked = {v.strip() for v in value.split(",")}
     unknown = asked - RETRY_ON_VALUES
     if unknown:
@@ -107,9 +105,11 @@ class Proxy:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed ModelInferRequest: {exc}")
         metadata, target, retry_on = split_metadata(context)
-        retry_on_timeout = _retry_on_timeout(retry_on)
-        if isinstance(retry_on_timeout, str):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, retry_on_timeout)
+        retry_on_timeout: bool | str = False
+        if retry_on is not None:
+            retry_on_timeout = _retry_on_timeout(retry_on)
+            if isinstance(retry_on_timeout, str):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, retry_on_timeout)
         balancer = self.balancer
         budget = balancer.retry_budget
         budget.deposit()
@@ -118,9 +118,10 @@ class Proxy:
         attempt = 0
         avoid: Instance | None = None  # where the last attempt failed
         while True:
-            late = too_late(context.time_remaining(), floor_s)
-            if late is not None:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < floor_s:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    too_late(remaining, floor_s))
             try:
                 if avoid is None:
                     instance = balancer.pick(info.model_name, target, info.sequence_id,
@@ -129,7 +130,8 @@ class Proxy:
                     instance = _pick_avoiding(balancer, avoid, info, target, cost)
             except VariantFull as full:
                 instance = await _wait(full, context, cost)
-                late = too_late(context.time_remaining(), floor_s)
+                remaining = context.time_remaining()
+                late = too_late(remaining, floor_s)
                 if late is not None:  # its deadline went by in the queue
                     balancer.release(instance, cost)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
@@ -139,7 +141,7 @@ class Proxy:
             started = time.perf_counter()
             ok = False
             failed: tuple[grpc.StatusCode, str, Metadata] | None = None
-            timeout = context.time_remaining()
+            timeout = remaining
             per_try = instance.variant.config.per_try_timeout_s
             per_try_bound = per_try is not None and (timeout is None or per_try < timeout)
             if per_try_bound:
