@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import signal
 from typing import Any
 
@@ -81,3 +82,38 @@ def test_an_unknown_retry_on_value_is_refused(make_router: Any) -> None:
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "x-tritonmesh-retry-on: unknown value '5xx' (known: timeout)" in \
         (refused.value.message() or "")
+
+
+def test_a_stream_request_sent_as_unary_gets_the_per_try_timeout(loop_thread: LoopThread) -> None:
+    pool = start_pool(loop_thread, 2)
+    stopped = pool.workers[0]
+    assert stopped.pid is not None
+    try:
+        config, instances = make_config(pool.addresses, strategy="ROUND_ROBIN")
+        variant = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
+        config = dataclasses.replace(config, variants=(variant,),
+                                     health_check=HealthCheckConfig(interval_s=600.0))
+        router = start_router(loop_thread, config, instances)
+        results: queue.Queue[Any] = queue.Queue()
+        try:
+            with grpcclient.InferenceServerClient(router.address) as client:
+                client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                    stream_timeout=60)
+                # identity's policy (not decoupled) is asked once, while nothing hangs.
+                client.async_stream_infer("identity", _identity_input(), request_id="warm")
+                assert results.get(timeout=30)[1] is None
+                os.kill(stopped.pid, signal.SIGSTOP)
+                for k in range(2):  # round robin: one of them meets the stopped worker
+                    client.async_stream_infer("identity", _identity_input(), request_id=f"r{k}")
+                answers = [results.get(timeout=30) for _ in range(2)]
+                client.stop_stream()
+            errors = [str(error) for _, error in answers if error is not None]
+            assert len(errors) == 1, answers
+            assert f"upstream instance {stopped.address} did not answer within " \
+                   "per_try_timeout_s (1 s)" in errors[0]
+            router.wait_idle()
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+            router.stop()
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
