@@ -143,6 +143,8 @@ class VariantConfig:
     upstream_tls: UpstreamTLS | None = None
     # Instances from DNS, beside the static ones; None: static only.
     discovery: DnsDiscovery | None = None
+    # Data path under faults: a ModelInfer attempt gets at most this long upstream; None: off.
+    per_try_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,12 @@ class EndpointConfig:
     # Admin AddInstance accepts only addresses in these networks.
     instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # Data path bounds: requests of one client stream in flight at once (the router stops
+    # reading that stream beyond it), and the least deadline worth sending to Triton.
+    max_stream_requests_in_flight: int = 64
+    min_upstream_deadline_ms: float = 5.0
+    # Calls gRPC has received but the router's event loop has not taken up yet (a burst).
+    max_pending_calls: int = 10_000
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -374,7 +382,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
     _no_unknown(data, {"name", "weight", "routing_strategy", "models", "instances",
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
-                       "dispatch_ahead_s", "upstream_tls", "discovery"}, where)
+                       "dispatch_ahead_s", "upstream_tls", "discovery",
+                       "per_try_timeout_s"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -453,6 +462,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         dispatch_ahead_s=ahead,
         upstream_tls=upstream_tls,
         discovery=discovery,
+        per_try_timeout_s=None if data.get("per_try_timeout_s") is None
+        else _weight(data["per_try_timeout_s"], f"{where}per_try_timeout_s"),
     )
 
 
@@ -651,7 +662,9 @@ def _limits(data: Any) -> LimitsConfig:
 
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls", "limits"}) | _SECURITY_KEYS
+                                   "work_hints", "tls", "limits",
+                                   "max_stream_requests_in_flight", "min_upstream_deadline_ms",
+                                   "max_pending_calls"}) | _SECURITY_KEYS
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -723,6 +736,12 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
         else LOOPBACK_NETWORKS,
         limits=_limits(data.get("limits", {})),
+        max_stream_requests_in_flight=_positive_int(
+            data.get("max_stream_requests_in_flight", 64), "max_stream_requests_in_flight"),
+        min_upstream_deadline_ms=_non_negative(data.get("min_upstream_deadline_ms", 5.0),
+                                               "min_upstream_deadline_ms"),
+        max_pending_calls=_positive_int(data.get("max_pending_calls", 10_000),
+                                        "max_pending_calls"),
     )
 
 

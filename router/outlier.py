@@ -27,8 +27,9 @@ __all__ = ["INSTANCE_FAILURES", "OutlierDetector", "blames_instance"]
 
 log = logging.getLogger("tritonmesh.outlier")
 
-# gRPC status codes (by name) that blame the instance rather than the request.
-INSTANCE_FAILURES: Final = frozenset({"UNAVAILABLE", "INTERNAL"})
+# gRPC status codes (by name) that blame the instance rather than the request, and the
+# router's own PER_TRY_TIMEOUT: an attempt that outlived its variant's per_try_timeout_s.
+INSTANCE_FAILURES: Final = frozenset({"UNAVAILABLE", "INTERNAL", "PER_TRY_TIMEOUT"})
 
 # An error inside a stream carries Triton's message and no status code, so the instance is
 # blamed by the message. Only wordings known to mean "this server is broken" are listed:

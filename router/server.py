@@ -119,7 +119,7 @@ class Router:
     async def start(self) -> None:
         balancer = self.balancer = self._balancer()
 
-        proxy = Proxy(balancer)
+        proxy = Proxy(balancer, self.config)
         fanout = Fanout(balancer, access=ControlAccess(self.admin_tokens))
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(fn)
@@ -133,8 +133,12 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
-                                               interceptors=interceptors)
+        # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
+        # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
+        pending = self.config.max_pending_calls
+        server = self.server = grpc.aio.server(options=(
+            *server_options(self.config.limits), ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", pending)), interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()

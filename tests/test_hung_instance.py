@@ -1,0 +1,119 @@
+"""A hung instance (a real Triton, SIGSTOPped): the per-try timeout frees the requests stuck
+on it, the outlier detector ejects it, and requests marked safe go elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from harness import LoopThread, make_config, start_pool, start_router
+from tritonclient.utils import InferenceServerException
+from tritonmesh.config import HealthCheckConfig, RetryConfig, VariantConfig
+
+pytestmark = pytest.mark.triton
+
+
+def _identity_input() -> list[Any]:
+    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
+    tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
+    return [tensor]
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
+                                                       retry: bool) -> None:
+    pool = start_pool(loop_thread, 2)
+    stopped = pool.workers[0]
+    assert stopped.pid is not None
+    try:
+        config, instances = make_config(pool.addresses, strategy="RANDOM")
+        variant: VariantConfig = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
+        # No health check finds the stopped instance first: only the requests do. The retry
+        # budget's floor covers the few retries.
+        config = dataclasses.replace(config, variants=(variant,),
+                                     health_check=HealthCheckConfig(interval_s=600.0),
+                                     retries=RetryConfig(max_per_request=1))
+        router = start_router(loop_thread, config, instances)
+        (hung,) = [i for i in router.instances() if i.address == stopped.address]
+        headers = {"x-tritonmesh-retry-on": "timeout"} if retry else None
+        failures = []
+        try:
+            os.kill(stopped.pid, signal.SIGSTOP)
+            with grpcclient.InferenceServerClient(router.address) as client:
+                for _ in range(40):
+                    try:
+                        result = client.infer("identity", _identity_input(), headers=headers,
+                                              client_timeout=60)
+                        assert result.as_numpy("OUTPUT0").tolist() == [0, 1, 2]
+                    except InferenceServerException as exc:
+                        failures.append(exc)
+            # Five per-try timeouts in a row eject it; after that RANDOM never picks it.
+            assert hung.ejections == 1 and not hung.healthy
+            assert hung.errors == 5
+            if retry:
+                assert failures == []
+                assert router.balancer.retry_budget.retried == 5
+            else:
+                assert len(failures) == 5
+                for exc in failures:
+                    assert exc.status() == "StatusCode.DEADLINE_EXCEEDED"
+                    assert f"upstream instance {stopped.address} did not answer within " \
+                           "per_try_timeout_s (1 s)" in (exc.message() or "")
+            router.wait_idle()
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+            router.stop()
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+def test_an_unknown_retry_on_value_is_refused(make_router: Any) -> None:
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer("identity", _identity_input(),
+                         headers={"x-tritonmesh-retry-on": "timeout,5xx"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "x-tritonmesh-retry-on: unknown value '5xx' (known: timeout)" in \
+        (refused.value.message() or "")
+
+
+def test_a_stream_request_sent_as_unary_gets_the_per_try_timeout(loop_thread: LoopThread) -> None:
+    pool = start_pool(loop_thread, 2)
+    stopped = pool.workers[0]
+    assert stopped.pid is not None
+    try:
+        config, instances = make_config(pool.addresses, strategy="ROUND_ROBIN")
+        variant = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
+        config = dataclasses.replace(config, variants=(variant,),
+                                     health_check=HealthCheckConfig(interval_s=600.0))
+        router = start_router(loop_thread, config, instances)
+        results: queue.Queue[Any] = queue.Queue()
+        try:
+            with grpcclient.InferenceServerClient(router.address) as client:
+                client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                    stream_timeout=60)
+                # identity's policy (not decoupled) is asked once, while nothing hangs.
+                client.async_stream_infer("identity", _identity_input(), request_id="warm")
+                assert results.get(timeout=30)[1] is None
+                os.kill(stopped.pid, signal.SIGSTOP)
+                for k in range(2):  # round robin: one of them meets the stopped worker
+                    client.async_stream_infer("identity", _identity_input(), request_id=f"r{k}")
+                answers = [results.get(timeout=30) for _ in range(2)]
+                client.stop_stream()
+            errors = [str(error) for _, error in answers if error is not None]
+            assert len(errors) == 1, answers
+            assert f"upstream instance {stopped.address} did not answer within " \
+                   "per_try_timeout_s (1 s)" in errors[0]
+            router.wait_idle()
+        finally:
+            os.kill(stopped.pid, signal.SIGCONT)
+            router.stop()
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
