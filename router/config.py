@@ -195,6 +195,12 @@ class LimitsConfig:
     max_sequence_id_bytes: int = 256
     max_model_policies: int = 1_024
     memory_trim_interval_s: float = 10.0  # 0: off
+    # Requests of one client stream in flight at once (the router stops reading that stream
+    # beyond it), and the least deadline worth sending to Triton.
+    max_stream_requests_in_flight: int = 64
+    min_upstream_deadline_ms: float = 5.0
+    # Calls gRPC has received but the router's event loop has not taken up yet (a burst).
+    max_pending_calls: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -217,12 +223,6 @@ class EndpointConfig:
     # Admin AddInstance accepts only addresses in these networks.
     instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    # Data path bounds: requests of one client stream in flight at once (the router stops
-    # reading that stream beyond it), and the least deadline worth sending to Triton.
-    max_stream_requests_in_flight: int = 64
-    min_upstream_deadline_ms: float = 5.0
-    # Calls gRPC has received but the router's event loop has not taken up yet (a burst).
-    max_pending_calls: int = 10_000
 
 
 def _expect(value: Any, kind: type | tuple[type, ...], key: str) -> Any:
@@ -647,7 +647,7 @@ def _limits(data: Any) -> LimitsConfig:
     values: dict[str, Any] = {}
     for key in defaults.__dataclass_fields__:
         value = data.get(key, getattr(defaults, key))
-        if key.endswith("_s"):
+        if key.endswith(("_s", "_ms")):
             number = _non_negative(value, f"limits.{key}")
             if key == "sequence_idle_timeout_s" and number == 0:
                 raise ConfigError(f"limits.{key}: must be a positive number, got {value!r}")
@@ -662,9 +662,7 @@ def _limits(data: Any) -> LimitsConfig:
 
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls", "limits",
-                                   "max_stream_requests_in_flight", "min_upstream_deadline_ms",
-                                   "max_pending_calls"}) | _SECURITY_KEYS
+                                   "work_hints", "tls", "limits"}) | _SECURITY_KEYS
 
 
 def _from_sagemaker(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -736,12 +734,6 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
         else LOOPBACK_NETWORKS,
         limits=_limits(data.get("limits", {})),
-        max_stream_requests_in_flight=_positive_int(
-            data.get("max_stream_requests_in_flight", 64), "max_stream_requests_in_flight"),
-        min_upstream_deadline_ms=_non_negative(data.get("min_upstream_deadline_ms", 5.0),
-                                               "min_upstream_deadline_ms"),
-        max_pending_calls=_positive_int(data.get("max_pending_calls", 10_000),
-                                        "max_pending_calls"),
     )
 
 

@@ -83,9 +83,9 @@ def too_late(remaining: float | None, floor_s: float) -> str | None:
     """Why a request with ``remaining`` seconds left is not sent to Triton, or None.
 
     Triton 2.51 dies (SIGSEGV) under requests that arrive with almost no deadline left,
-    so below ``min_upstream_deadline_ms`` the router answers DEADLINE_EXCEEDED itself.
+    so below ``limits.min_upstream_deadline_ms`` the router answers DEADLINE_EXCEEDED itself.
     """
     if remaining is None or remaining >= floor_s:
         return None
     return (f"deadline exceeded: {max(remaining, 0.0) * 1000:.2f} ms left, below "
-            f"min_upstream_deadline_ms ({floor_s * 1000:g}); not sent to Triton")
+            f"limits.min_upstream_deadline_ms ({floor_s * 1000:g}); not sent to Triton")

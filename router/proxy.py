@@ -95,8 +95,8 @@ class Proxy:
     def __init__(self, balancer: Balancer, config: EndpointConfig | None = None):
         self.balancer = balancer
         config = config or EndpointConfig()
-        self.stream_limit = config.max_stream_requests_in_flight
-        self.floor_s = config.min_upstream_deadline_ms / 1000.0
+        self.stream_limit = config.limits.max_stream_requests_in_flight
+        self.floor_s = config.limits.min_upstream_deadline_ms / 1000.0
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:

@@ -64,6 +64,10 @@ def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.so_reuseport", 0),
+        # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
+        # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
+        ("grpc.server.max_pending_requests", limits.max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", limits.max_pending_calls),
     ]
     if limits.connection_idle_timeout_s > 0:
         options.append(("grpc.max_connection_idle_ms",
@@ -133,12 +137,8 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
-        # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
-        pending = self.config.max_pending_calls
-        server = self.server = grpc.aio.server(options=(
-            *server_options(self.config.limits), ("grpc.server.max_pending_requests", pending),
-            ("grpc.server.max_pending_requests_hard_limit", pending)), interceptors=interceptors)
+        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
+                                               interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()

@@ -4,7 +4,7 @@ Accounting per request: one pick, one release, when its final response (or an er
 response for it) arrives, when its upstream stream dies, or when the client's stream
 ends, whichever comes first.
 
-Memory per client stream is bounded by ``max_stream_requests_in_flight``: a request is
+Memory per client stream is bounded by ``limits.max_stream_requests_in_flight``: a request is
 in flight from when it is read until it is answered (its final response settled, or
 its ``ModelInfer`` answer written to the client). At the bound the router stops reading
 the client's stream, and HTTP/2 flow control stops the client. Responses respect the

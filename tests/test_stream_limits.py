@@ -167,15 +167,15 @@ def test_below_the_deadline_floor_the_router_answers_itself(
     upstream stream: none reaches Triton with less than min_upstream_deadline_ms left."""
     config, instances = make_config(worker_addresses[:1])
     # A floor above the client's whole deadline: every request is below it from the start.
-    router = start_router(loop_thread, dataclasses.replace(
-        config, min_upstream_deadline_ms=120_000.0), instances)
+    router = start_router(loop_thread, dataclasses.replace(config, limits=dataclasses.replace(
+        config.limits, min_upstream_deadline_ms=120_000.0)), instances)
     try:
         before = {m: _inference_count(worker_addresses[0], m) for m in ("identity", "generate")}
         with grpcclient.InferenceServerClient(router.address) as client:
             with pytest.raises(InferenceServerException) as unary:
                 client.infer("identity", _identity_input(), client_timeout=60)
             assert unary.value.status() == "StatusCode.DEADLINE_EXCEEDED"
-            assert "below min_upstream_deadline_ms (120000); not sent to Triton" in \
+            assert "below limits.min_upstream_deadline_ms (120000); not sent to Triton" in \
                 (unary.value.message() or "")
             results: queue.Queue[Any] = queue.Queue()
             client.start_stream(callback=lambda result, error: results.put((result, error)),
@@ -201,10 +201,10 @@ def _status_mib(pid: int, key: str) -> int:
 def test_a_client_that_does_not_read_cannot_grow_the_router(tmp_path: Path,
                                                             worker_addresses: list[str]) -> None:
     """One stream sends 1,000 x 256 KiB identity requests and reads nothing until the
-    router stops taking them: the router holds max_stream_requests_in_flight (64) of them,
+    router stops taking them: the router holds limits.max_stream_requests_in_flight (64) of them,
     not all 1,000 (unbounded, its peak RSS grew by about 750 MiB)."""
     config = tmp_path / "endpoint.yaml"
-    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\n"
+    config.write_text("listen: 127.0.0.1:0\nmetrics_listen: null\nadmin_listen: null\n"
                       f"variants:\n- name: v\n  instances: [{worker_addresses[0]}]\n")
     router = subprocess.Popen([str(Path(sys.executable).parent / "tritonmesh"), "serve",
                                "--config", str(config)],
