@@ -12,6 +12,11 @@ and PDEATHSIG takes only tritonserver: Triton 2.51 leaves its Python backend stu
 running (they ignore SIGTERM, and hold their shared-memory regions). So each worker's
 group also holds a guard, a ``sh`` (under ``setpriv --pdeathsig``) that sleeps until its
 own PDEATHSIG arrives and then kills the whole group.
+
+Each worker's Python backend names its shared-memory regions with a prefix of the
+worker's own (two Tritons with the default prefix collide and abort), and the launcher
+removes a worker's regions whenever that worker is gone: stopped, dead, before a restart,
+and (through the guard) after the launcher itself was killed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import atexit
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import shutil
@@ -36,6 +42,7 @@ from typing import Final
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.signals import StopSignals
 from tritonmesh.workers.child import Child, spawn
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path, name_override
@@ -57,10 +64,36 @@ def _kill_live_groups() -> None:
 atexit.register(_kill_live_groups)
 
 
-# Sleeps in the worker's process group. On SIGUSR1 (its PDEATHSIG: this process died) it
-# kills the group, the stubs included; on SIGTERM (the pool stopping) it just ends.
-_GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; exit 0" TERM; '
+# Sleeps in the worker's process group, given the worker's shared-memory prefix as $1. On
+# SIGUSR1 (its PDEATHSIG: this process died) it removes the worker's regions and kills the
+# group, the stubs included (a region still mapped by a stub is freed when the stub dies);
+# on SIGTERM (the pool stopping) it just ends.
+_GUARD_SCRIPT: Final = ('trap \'rm -f /dev/shm/"$1"*; kill -KILL 0\' USR1; '
+                        'trap "kill $! 2>/dev/null; exit 0" TERM; '
                         'while :; do sleep 3600 & wait $!; done')
+
+_SHM_DIR: Final = Path("/dev/shm")
+_worker_serial = itertools.count()
+
+
+def shm_prefix() -> str:
+    """A shared-memory region prefix no other worker uses: this process's pid, then a
+    number unique in it. Triton's Python backend names a worker's regions
+    ``<prefix><uuid>``, and two workers on the default prefix collide."""
+    return f"tritonmesh_{os.getpid()}_{next(_worker_serial)}_"
+
+
+def remove_shm_regions(prefix: str) -> list[str]:
+    """Remove the shared-memory regions named ``<prefix>*``; returns their names.
+
+    Only for a worker whose processes are gone (or being killed): a live stub could not
+    open its region again."""
+    removed = []
+    for path in _SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 @functools.cache
@@ -84,7 +117,20 @@ def _setpriv() -> str | None:
 
 
 class WorkerStartError(RuntimeError):
-    """A worker did not become ready; the message ends with the tail of its log."""
+    """A worker did not become ready; the message ends with the tail of its log.
+
+    :attr:`summary` says the same in one line: the worker, what happened, its log."""
+
+    def __init__(self, index: int, reason: str, log_path: Path, log_tail: str):
+        self.index = index
+        self.reason = reason
+        self.log_path = log_path
+        super().__init__(f"Triton worker {index} {reason}; last lines of {log_path}:\n"
+                         f"{log_tail}")
+
+    @property
+    def summary(self) -> str:
+        return f"Triton worker {self.index} {self.reason} (its log: {self.log_path})"
 
 
 def free_ports(n: int) -> list[int]:
@@ -131,6 +177,8 @@ class TritonWorker:
         self.process: Child | None = None
         self.guard: Child | None = None  # see _GUARD_SCRIPT
         self.restarts = 0
+        # Kept across restarts, so the guard and every cleanup know the regions' names.
+        self.shm_prefix = shm_prefix()
 
     @property
     def address(self) -> str:
@@ -189,8 +237,10 @@ class TritonWorker:
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
+        remove_shm_regions(self.shm_prefix)  # left by a previous run under this prefix
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
             self.process = spawn(
@@ -213,7 +263,8 @@ class TritonWorker:
         try:
             # No preexec_fn: joining the group is done by subprocess itself, safely.
             self.guard = spawn(
-                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT,
+                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT, "guard",
+                self.shm_prefix,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, process_group=self.process.pid)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -250,8 +301,8 @@ class TritonWorker:
             while True:
                 if self.returncode is not None:
                     raise WorkerStartError(
-                        f"Triton worker {self.index} exited with code {self.returncode} "
-                        f"while starting; last lines of {self.log_path}:\n{self.log_tail()}")
+                        self.index, f"exited with code {self.returncode} while starting",
+                        self.log_path, self.log_tail())
                 try:
                     if (await server_ready(pb.ServerReadyRequest(), timeout=1)).ready and all(
                         [(await model_ready(pb.ModelReadyRequest(name=m), timeout=1)).ready
@@ -263,8 +314,8 @@ class TritonWorker:
                 if time.monotonic() > deadline:
                     await self.stop(grace=1.0)
                     raise WorkerStartError(
-                        f"Triton worker {self.index} was not ready after {timeout:.0f}s; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}")
+                        self.index, f"was not ready after {timeout:.0f}s", self.log_path,
+                        self.log_tail())
                 await asyncio.sleep(0.1)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -287,6 +338,18 @@ class TritonWorker:
         await process.wait()
         await self._reap_guard()
         _LIVE_GROUPS.discard(pgid)
+        remove_shm_regions(self.shm_prefix)
+
+    def kill_remains(self) -> None:
+        """After tritonserver died: kill what is left of its group (the stubs ignore
+        SIGTERM) and remove its shared-memory regions."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        removed = remove_shm_regions(self.shm_prefix)
+        if removed:
+            log.info("Triton worker %d: removed its shared-memory regions %s", self.index,
+                     ", ".join(removed))
 
     def __repr__(self) -> str:
         return f"<TritonWorker {self.index} {self.address} pid={self.pid}>"
@@ -329,13 +392,22 @@ class WorkerPool:
         return [w.address for w in self.workers]
 
     async def start(self) -> None:
-        results = await asyncio.gather(
-            *(w.start(self.start_timeout) for w in self.workers), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            await self.stop(grace=2.0)
-            raise failures[0]
+        """Start every worker; the first that fails (or a cancellation) stops them all at
+        once, rather than after the others' start timeouts."""
         loop = asyncio.get_running_loop()
+        starts = [loop.create_task(w.start(self.start_timeout)) for w in self.workers]
+        try:
+            done, _ = await asyncio.wait(starts, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+        except BaseException:
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            await self.stop(grace=2.0)
+            raise
         self._watchers = [loop.create_task(self._watch(w)) for w in self.workers]
         log.info("%d Triton workers ready: %s", len(self.workers), ", ".join(self.addresses))
 
@@ -343,9 +415,10 @@ class WorkerPool:
         while not self._stopping:
             assert worker.process is not None
             code = await worker.process.wait()
-            _LIVE_GROUPS.discard(worker.process.pid)
             if self._stopping:
                 return
+            worker.kill_remains()
+            _LIVE_GROUPS.discard(worker.process.pid)
             log.error("Triton worker %d (%s) exited with code %d; last lines:\n%s",
                       worker.index, worker.address, code, worker.log_tail(10))
             self.exits.put_nowait((worker, code))
@@ -353,8 +426,6 @@ class WorkerPool:
                 self.on_exit(worker, code)
             if not self.restart:
                 return
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(worker.process.pid, signal.SIGKILL)  # its stubs, if any remain
             # A restart can fail too (Triton 2.51 has been seen to segfault while starting right
             # after a SIGKILL): keep trying, backing off, rather than leave the worker dead.
             backoff = 1.0
@@ -365,8 +436,7 @@ class WorkerPool:
                 except Exception:
                     log.exception("Triton worker %d could not be restarted; trying again in "
                                   "%.0fs", worker.index, backoff)
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(worker.process.pid, signal.SIGKILL)
+                    worker.kill_remains()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -393,23 +463,19 @@ class WorkerPool:
 
 async def serve_workers(count: int, model_repository: str | None, log_dir: str | None,
                         restart: bool) -> None:
-    """``tritonmesh workers``: start the pool, print the addresses, run until Ctrl-C."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with WorkerPool(count, model_repository, log_dir=log_dir,
-                              restart=restart) as pool:
+    """``tritonmesh workers``: start the pool, print the addresses, run until SIGINT or
+    SIGTERM (either one, while starting, stops the workers started so far and raises
+    :class:`~tritonmesh.signals.Interrupted`)."""
+    pool = WorkerPool(count, model_repository, log_dir=log_dir, restart=restart)
+    print(f"starting {count} Triton workers (logs in {pool.log_dir})...", flush=True)
+    with StopSignals() as signals:
+        async with pool:
+            signals.serving()
             print(f"{count} Triton workers ready (logs in {pool.log_dir}):", flush=True)
             for worker in pool.workers:
                 print(f"  worker {worker.index}: grpc {worker.address}  "
                       f"http 127.0.0.1:{worker.http_port}  "
-                      f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}", flush=True)
+                      f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}  "
+                      f"shm {worker.shm_prefix}*", flush=True)
             print("Stop with Ctrl-C.", flush=True)
-            await stop.wait()
-    finally:
-        # While the loop runs: uvloop cannot remove them once it has stopped, and they
-        # would swallow SIGINT/SIGTERM for the rest of the process's life.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            await signals.stop.wait()
