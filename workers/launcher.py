@@ -14,18 +14,15 @@ group also holds a guard, a ``sh`` (under ``setpriv --pdeathsig``) that sleeps u
 own PDEATHSIG arrives and then kills the whole group.
 
 Each worker's Python backend names its shared-memory regions with a prefix of the
-worker's own (two Tritons with the default prefix collide and abort), and the launcher
-removes a worker's regions whenever that worker is gone: stopped, dead, before a restart,
-and (through the guard) after the launcher itself was killed.
+worker's own, and the launcher removes a worker's regions whenever that worker is gone:
+stopped, dead, before a restart, and (through the guard) after the launcher itself was
+killed (``tritonmesh.workers.groups``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import functools
-import itertools
 import logging
 import os
 import shutil
@@ -37,84 +34,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.signals import StopSignals
 from tritonmesh.workers.child import Child, spawn
+from tritonmesh.workers.groups import (
+    GUARD_SCRIPT,
+    LIVE_GROUPS,
+    remove_shm_regions,
+    setpriv_path,
+    shm_prefix,
+)
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path, name_override
 
 __all__ = ["Probe", "TritonWorker", "WorkerPool", "WorkerStartError", "serve_workers"]
 
 log = logging.getLogger("tritonmesh.workers")
-
-_LIVE_GROUPS: set[int] = set()
-
-
-def _kill_live_groups() -> None:
-    for pgid in list(_LIVE_GROUPS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    _LIVE_GROUPS.clear()
-
-
-atexit.register(_kill_live_groups)
-
-
-# Sleeps in the worker's process group, given the worker's shared-memory prefix as $1. On
-# SIGUSR1 (its PDEATHSIG: this process died) it removes the worker's regions and kills the
-# group, the stubs included (a region still mapped by a stub is freed when the stub dies);
-# on SIGTERM (the pool stopping) it just ends.
-_GUARD_SCRIPT: Final = ('trap \'rm -f /dev/shm/"$1"*; kill -KILL 0\' USR1; '
-                        'trap "kill $! 2>/dev/null; exit 0" TERM; '
-                        'while :; do sleep 3600 & wait $!; done')
-
-_SHM_DIR: Final = Path("/dev/shm")
-_worker_serial = itertools.count()
-
-
-def shm_prefix() -> str:
-    """A shared-memory region prefix no other worker uses: this process's pid, then a
-    number unique in it. Triton's Python backend names a worker's regions
-    ``<prefix><uuid>``, and two workers on the default prefix collide."""
-    return f"tritonmesh_{os.getpid()}_{next(_worker_serial)}_"
-
-
-def remove_shm_regions(prefix: str) -> list[str]:
-    """Remove the shared-memory regions named ``<prefix>*``; returns their names.
-
-    Only for a worker whose processes are gone (or being killed): a live stub could not
-    open its region again."""
-    removed = []
-    for path in _SHM_DIR.glob(f"{prefix}*"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path.name)
-    return removed
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    """util-linux's setpriv, which sets PDEATHSIG and execs the command given to it; None
-    where it is missing or too old for ``--pdeathsig`` (util-linux before 2.33)."""
-    found = shutil.which("setpriv")
-    if found is not None:
-        try:
-            usage = subprocess.run([found, "--help"], capture_output=True, text=True,
-                                   timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            usage = ""
-        if "--pdeathsig" not in usage:
-            found = None
-    if found is None:
-        log.warning("no setpriv with --pdeathsig (util-linux 2.33 or later): Triton workers "
-                    "and their stubs will not die with this process if it is killed outright "
-                    "(SIGKILL, the OOM killer)")
-    return found
-
 
 class WorkerStartError(RuntimeError):
     """A worker did not become ready; the message ends with the tail of its log.
@@ -175,7 +113,7 @@ class TritonWorker:
         self.probe = probe
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: Child | None = None
-        self.guard: Child | None = None  # see _GUARD_SCRIPT
+        self.guard: Child | None = None  # see GUARD_SCRIPT
         self.restarts = 0
         # Kept across restarts, so the guard and every cleanup know the regions' names.
         self.shm_prefix = shm_prefix()
@@ -222,7 +160,7 @@ class TritonWorker:
 
     async def _launch(self, timeout: float) -> None:
         install = find_tritonserver()
-        setpriv = _setpriv()
+        setpriv = setpriv_path()
         args = [
             # PDEATHSIG set by setpriv, which then execs tritonserver (kept across the exec),
             # so the child runs no Python between fork and exec. With a preexec_fn Python
@@ -250,20 +188,20 @@ class TritonWorker:
                 # that the guard can join it.
                 process_group=0,
             )
-        _LIVE_GROUPS.add(self.process.pid)
+        LIVE_GROUPS[self.process.pid] = self.shm_prefix
         await self._start_guard()
         await self._wait_ready(timeout)
 
     async def _start_guard(self) -> None:
         assert self.process is not None
         await self._reap_guard()
-        setpriv = _setpriv()
+        setpriv = setpriv_path()
         if setpriv is None:
             return
         try:
             # No preexec_fn: joining the group is done by subprocess itself, safely.
             self.guard = spawn(
-                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT, "guard",
+                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", GUARD_SCRIPT, "guard",
                 self.shm_prefix,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, process_group=self.process.pid)
@@ -337,7 +275,7 @@ class TritonWorker:
             os.killpg(pgid, signal.SIGKILL)
         await process.wait()
         await self._reap_guard()
-        _LIVE_GROUPS.discard(pgid)
+        LIVE_GROUPS.pop(pgid, None)
         remove_shm_regions(self.shm_prefix)
 
     def kill_remains(self) -> None:
@@ -418,7 +356,7 @@ class WorkerPool:
             if self._stopping:
                 return
             worker.kill_remains()
-            _LIVE_GROUPS.discard(worker.process.pid)
+            LIVE_GROUPS.pop(worker.process.pid, None)
             log.error("Triton worker %d (%s) exited with code %d; last lines:\n%s",
                       worker.index, worker.address, code, worker.log_tail(10))
             self.exits.put_nowait((worker, code))
