@@ -56,7 +56,11 @@ class Running:
         """Wait for a line containing ``text``; fail if the process ends first."""
         deadline = time.monotonic() + timeout
         while True:
-            line = self._more.get(timeout=max(deadline - time.monotonic(), 0.001))
+            try:
+                line = self._more.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in {timeout:.0f}s:\n"
+                                     + "".join(self.lines)) from None
             if line is None:
                 self.process.wait()
                 raise AssertionError(f"tritonmesh ended (code {self.process.returncode}) "

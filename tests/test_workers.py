@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from harness import LoopThread
+from harness import LoopThread, start_pool, wait_gone
 from tritonclient.utils import InferenceServerException
 from tritonmesh.workers.launcher import WorkerPool, WorkerStartError
 
@@ -187,23 +187,20 @@ def test_each_worker_names_its_shared_memory_regions(worker_pool: WorkerPool) ->
 
 def test_sigkill_of_a_worker_removes_its_shared_memory(loop_thread: LoopThread) -> None:
     """A SIGKILLed Triton leaves its stubs' regions in /dev/shm (hundreds of MB after large
-    requests): the pool removes them, with the stubs, before it reports the exit."""
-    async def scenario() -> tuple[set[str], set[str], list[int]]:
-        pool = WorkerPool(1)
-        await pool.start()
-        try:
-            worker = pool.workers[0]
-            assert worker.pid is not None
-            before = _shm_regions(worker.shm_prefix)
-            os.kill(worker.pid, signal.SIGKILL)
-            await asyncio.wait_for(pool.exits.get(), 30)
-            return before, _shm_regions(worker.shm_prefix), _group_members(worker.pid)
-        finally:
-            await pool.stop(grace=5.0)
-
-    before, after, members = loop_thread.run(scenario(), timeout=300)
-    assert before and after == set()
-    assert members == []  # the stubs went too
+    requests): the pool removes them, and kills the stubs, before it reports the exit."""
+    pool = start_pool(loop_thread, 1)
+    try:
+        worker = pool.workers[0]
+        assert worker.pid is not None
+        group = {pid: "member" for pid in _group_members(worker.pid)}
+        before = _shm_regions(worker.shm_prefix)
+        os.kill(worker.pid, signal.SIGKILL)
+        loop_thread.run(asyncio.wait_for(pool.exits.get(), 30))
+        after = _shm_regions(worker.shm_prefix)
+        wait_gone(group)  # the stubs too, though the pool is still running
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+    assert len(group) > 1 and before and after == set()
 
 
 def test_sigkill_is_noticed_restarted_and_shutdown_leaves_nothing(
