@@ -51,9 +51,13 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
                        on_ready: Callable[[Router], None] | None = None,
                        config_path: str | Path | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included).
+    Either signal while starting stops what had started and raises
+    :class:`~tritonmesh.signals.Interrupted`.
 
     With ``config_path``, SIGHUP re-reads it and applies each variant's static
     ``instances`` (new ones join, removed ones drain first) and the ``work_hints``.
+    Without one, SIGHUP is logged and ignored; so is SIGUSR1 unless memory snapshots
+    are on (``TRITONMESH_MEMORY_SNAPSHOTS``).
     """
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task[None]] = set()
