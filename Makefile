@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install up test test-compiled test-twin test-debug fuzz bench-core clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard _core/*.pyx _core/*.pxi _core/*.h)
+# The tested set: constraints.txt (.ci/install_check.py checks a plain install resolves it).
+$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard _core/*.pyx _core/*.pxi _core/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel Cython
-	$(BIN)/python -m pip install -q --no-build-isolation -e '.[local,test]'
+	$(BIN)/python -m pip install -q --no-build-isolation -c constraints.txt -e '.[local,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

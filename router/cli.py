@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,24 +95,42 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ),),
     )
     print(f"starting {args.workers} local Triton workers and the router...", flush=True)
-    run_on_loop(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner), args.event_loop)
-    return 0
+    return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner), args.event_loop)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from tritonmesh.endpoint import run_endpoint
 
     config = load_config(args.config)
-    run_on_loop(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
+    return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
                              config_path=args.config), args.event_loop)
-    return 0
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
     from tritonmesh.workers.launcher import serve_workers
 
-    run_on_loop(serve_workers(args.count, args.model_repository, args.log_dir, args.restart),
+    return _run(serve_workers(args.count, args.model_repository, args.log_dir, args.restart),
                 args.event_loop)
+
+
+def _run(main: Coroutine[Any, Any, None], event_loop: str | None) -> int:
+    """Run a long-running command: 0 after a graceful stop; one line on stderr and a
+    non-zero code when a signal interrupted the start or a worker did not start."""
+    from tritonmesh.signals import Interrupted
+    from tritonmesh.workers.launcher import WorkerStartError
+    from tritonmesh.workers.tritonserver import TritonNotInstalled
+
+    try:
+        run_on_loop(main, event_loop)
+    except Interrupted as exc:
+        print(f"tritonmesh: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except WorkerStartError as exc:
+        print(f"tritonmesh: {exc.summary}", file=sys.stderr)
+        return 1
+    except TritonNotInstalled as exc:
+        print(f"tritonmesh: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from tritonmesh.config import ConfigError, EndpointConfig, load_config
 from tritonmesh.reload import restart_keys
 from tritonmesh.server import Router
+from tritonmesh.signals import StopSignals
 
 __all__ = ["MEMORY_SNAPSHOTS_ENV", "open_endpoint", "run_endpoint"]
 
@@ -51,35 +52,50 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
                        on_ready: Callable[[Router], None] | None = None,
                        config_path: str | Path | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included).
+    Either signal while starting stops what had started and raises
+    :class:`~tritonmesh.signals.Interrupted`.
 
     With ``config_path``, SIGHUP re-reads it and applies each variant's static
     ``instances`` (new ones join, removed ones drain first) and the ``work_hints``.
+    Without one, SIGHUP is logged and ignored; so is SIGUSR1 unless memory snapshots
+    are on (``TRITONMESH_MEMORY_SNAPSHOTS``).
     """
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
     reloads: set[asyncio.Task[None]] = set()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    running = [config]
+    serving: list[Router] = []
+
+    def on_hup() -> None:
+        if config_path is None:
+            log.info("SIGHUP ignored: there is no configuration file to reload "
+                     "(tritonmesh serve --config reloads one on SIGHUP)")
+        elif not serving:
+            log.info("SIGHUP ignored: still starting; send it again once serving")
+        else:
+            task = loop.create_task(_reload(serving[0], config_path, running))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+    # Handled from the start: a hangup or an early reload must not kill the process.
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     snapshots = os.environ.get(MEMORY_SNAPSHOTS_ENV)
     if snapshots:
         _trace_memory(loop, Path(snapshots))
+    else:
+        loop.add_signal_handler(signal.SIGUSR1, log.info, "SIGUSR1 ignored: memory snapshots "
+                                "are off (set %s to a directory to take them)",
+                                MEMORY_SNAPSHOTS_ENV)
     try:
-        async with open_endpoint(config, log_dir=log_dir) as router:
-            if config_path is not None:
-                running = [config]
-
-                def on_hup() -> None:
-                    task = loop.create_task(_reload(router, config_path, running))
-                    reloads.add(task)
-                    task.add_done_callback(reloads.discard)
-                loop.add_signal_handler(signal.SIGHUP, on_hup)
-            if on_ready is not None:
-                on_ready(router)
-            await stop.wait()
-            log.info("shutting down: finishing in-flight requests (up to %ss)",
-                     config.shutdown_grace_s)
+        with StopSignals() as signals:
+            async with open_endpoint(config, log_dir=log_dir) as router:
+                serving.append(router)
+                signals.serving()
+                if on_ready is not None:
+                    on_ready(router)
+                await signals.stop.wait()
+                log.info("shutting down: finishing in-flight requests (up to %ss)",
+                         config.shutdown_grace_s)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        for sig in (signal.SIGHUP, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import descendants, processes, wait_gone
+from tritonmesh.workers.tritonserver import default_model_repository
 
 pytestmark = pytest.mark.triton
 
@@ -36,6 +40,34 @@ class Running:
             self.process.kill()
             self.process.communicate()
             raise
+        # The rest of the output, read as it comes, so that a test can wait for a log line.
+        self._more: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read_rest, daemon=True)
+        self._reader.start()
+
+    def _read_rest(self) -> None:
+        assert self.process.stdout is not None
+        with self.process.stdout:
+            for line in self.process.stdout:
+                self._more.put(line)
+        self._more.put(None)
+
+    def expect(self, text: str, timeout: float = 30.0) -> None:
+        """Wait for a line containing ``text``; fail if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._more.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                raise AssertionError(f"no {text!r} in {timeout:.0f}s:\n"
+                                     + "".join(self.lines)) from None
+            if line is None:
+                self.process.wait()
+                raise AssertionError(f"tritonmesh ended (code {self.process.returncode}) "
+                                     f"before printing {text!r}:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if text in line:
+                return
 
     def _read_banner(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -63,8 +95,11 @@ class Running:
 
     def interrupt(self, timeout: float = 60.0) -> str:
         self.process.send_signal(signal.SIGINT)
-        out, _ = self.process.communicate(timeout=timeout)
-        return "".join(self.lines) + out
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout)
+        while (line := self._more.get_nowait()) is not None:
+            self.lines.append(line)
+        return "".join(self.lines)
 
 
 def _identity(address: str) -> list[float]:
@@ -90,6 +125,13 @@ def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
         status = subprocess.run([TRITONMESH, "status", "--address", running.address],
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 1 and "Method not found" in status.stderr, status.stderr
+        # Neither signal kills it: up has no configuration file to reload, and memory
+        # snapshots are off.
+        running.process.send_signal(signal.SIGHUP)
+        running.expect("SIGHUP ignored: there is no configuration file to reload")
+        running.process.send_signal(signal.SIGUSR1)
+        running.expect("SIGUSR1 ignored: memory snapshots are off")
+        assert _identity(running.address) == [1, 2, 3]
     finally:
         out = running.interrupt()
     assert running.process.returncode == 0, out
@@ -108,10 +150,14 @@ def test_sigkill_of_the_router_leaves_no_worker_process() -> None:
         names = sorted(set(tree.values()))
         assert "tritonserver" in names and "sh" in names, names  # the worker and its guard
         assert any(name.startswith("triton_python") for name in names), names  # its stubs
+        prefixes = _shm_prefixes(tree)
+        assert prefixes and all(_shm_regions(p) for p in prefixes), prefixes
     finally:
         running.process.kill()
-        running.process.communicate(timeout=30)
+        running.process.wait(timeout=30)
     wait_gone(tree)
+    # The guard removed the regions before it killed the group.
+    assert [r for p in prefixes for r in _shm_regions(p)] == []
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -137,6 +183,9 @@ def test_serve_config_file_with_metrics(tmp_path: Path, worker_addresses: list[s
                               re.MULTILINE)
         assert sum(float(v) for v in finished) == 4.0, metrics
         assert "tritonmesh_instance_outstanding_requests" in metrics
+        running.process.send_signal(signal.SIGUSR1)  # snapshots are off: ignored, with a line
+        running.expect("SIGUSR1 ignored: memory snapshots are off")
+        assert _identity(running.address) == [1, 2, 3]
     finally:
         running.interrupt()
     assert running.process.returncode == 0
@@ -170,6 +219,88 @@ def test_memory_snapshots_on_sigusr1(tmp_path: Path, worker_addresses: list[str]
     finally:
         running.interrupt()
     assert running.process.returncode == 0
+
+
+def _shm_prefixes(tree: dict[int, str]) -> list[str]:
+    """The shared-memory prefixes of the tritonservers in a process tree."""
+    prefixes = []
+    for pid, name in tree.items():
+        if name == "tritonserver":
+            for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0"):
+                if arg.startswith("--backend-config=python,shm-region-prefix-name="):
+                    prefixes.append(arg.split("=", 2)[2])
+    return prefixes
+
+
+def _shm_regions(prefix: str) -> list[str]:
+    return [p.name for p in Path("/dev/shm").glob(f"{prefix}*")]
+
+
+SLOW_MODEL = """
+import time
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(3600)
+
+    def execute(self, requests):
+        return []
+"""
+
+
+@pytest.mark.parametrize(("command", "sig"), [
+    (["up", "--workers", "2", "--port", "0", "--metrics-port", "0"], signal.SIGTERM),
+    (["workers", "--count", "2"], signal.SIGINT),
+])
+def test_a_signal_while_workers_start_stops_them(tmp_path: Path, command: list[str],
+                                                 sig: signal.Signals) -> None:
+    """The workers load a model that never finishes initializing: the start can only end
+    by the signal, which stops the workers started so far (stubs and regions too)."""
+    repository = tmp_path / "repo"
+    shutil.copytree(default_model_repository() / "identity", repository / "identity")
+    (repository / "slow_to_load" / "1").mkdir(parents=True)
+    (repository / "slow_to_load" / "1" / "model.py").write_text(SLOW_MODEL)
+    shutil.copy(repository / "identity" / "config.pbtxt", repository / "slow_to_load")
+    process = subprocess.Popen([TRITONMESH, *command, "--model-repository", str(repository)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Until both workers' stubs are up (their regions exist): mid-start.
+        deadline = time.monotonic() + 120
+        while True:
+            tree = descendants(process.pid)
+            prefixes = _shm_prefixes(tree)
+            if len(prefixes) == 2 and all(_shm_regions(p) for p in prefixes):
+                break
+            assert process.poll() is None, process.communicate()[0]
+            assert time.monotonic() < deadline, f"workers never started: {tree}"
+            time.sleep(0.1)
+        process.send_signal(sig)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 128 + sig, out
+    assert f"tritonmesh: {sig.name} received while starting; stopped what had started" in out
+    assert "Traceback" not in out and "Stop with Ctrl-C" not in out, out
+    wait_gone(tree)
+    assert [r for p in prefixes for r in _shm_regions(p)] == []
+
+
+def test_a_worker_that_cannot_start_is_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('backend: "python"\nthis is not protobuf text\n')
+    result = subprocess.run([TRITONMESH, "up", "--workers", "2", "--port", "0",
+                             "--metrics-port", "0", "--model-repository", str(tmp_path / "repo")],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    found = re.search(r"^tritonmesh: Triton worker (\d) exited with code \S+ while starting "
+                      r"\(its log: (\S+)\)", result.stderr, re.MULTILINE)
+    assert found, result.stderr
+    assert "failed to load" in Path(found.group(2)).read_text()
 
 
 def test_invalid_config_is_reported(tmp_path: Path) -> None:

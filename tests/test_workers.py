@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from harness import LoopThread
+from harness import LoopThread, start_pool, wait_gone
 from tritonclient.utils import InferenceServerException
 from tritonmesh.workers.launcher import WorkerPool, WorkerStartError
 
@@ -168,6 +168,41 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+def _shm_regions(prefix: str) -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob(f"{prefix}*")}
+
+
+def test_each_worker_names_its_shared_memory_regions(worker_pool: WorkerPool) -> None:
+    """Each worker's Python backend gets a prefix of its own (Triton names the regions
+    ``<prefix><uuid>``): two workers on the default prefix collided and aborted."""
+    prefixes = [w.shm_prefix for w in worker_pool.workers]
+    assert len(set(prefixes)) == len(prefixes)
+    for worker in worker_pool.workers:
+        assert worker.pid is not None
+        cmdline = Path(f"/proc/{worker.pid}/cmdline").read_bytes().split(b"\0")
+        flag = f"--backend-config=python,shm-region-prefix-name={worker.shm_prefix}"
+        assert flag.encode() in cmdline
+        assert _shm_regions(worker.shm_prefix)  # one per model instance's stub
+
+
+def test_sigkill_of_a_worker_removes_its_shared_memory(loop_thread: LoopThread) -> None:
+    """A SIGKILLed Triton leaves its stubs' regions in /dev/shm (hundreds of MB after large
+    requests): the pool removes them, and kills the stubs, before it reports the exit."""
+    pool = start_pool(loop_thread, 1)
+    try:
+        worker = pool.workers[0]
+        assert worker.pid is not None
+        group = {pid: "member" for pid in _group_members(worker.pid)}
+        before = _shm_regions(worker.shm_prefix)
+        os.kill(worker.pid, signal.SIGKILL)
+        loop_thread.run(asyncio.wait_for(pool.exits.get(), 30))
+        after = _shm_regions(worker.shm_prefix)
+        wait_gone(group)  # the stubs too, though the pool is still running
+    finally:
+        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+    assert len(group) > 1 and before and after == set()
+
+
 def test_sigkill_is_noticed_restarted_and_shutdown_leaves_nothing(
         loop_thread: LoopThread) -> None:
     exits: list[tuple[int, int]] = []
@@ -179,6 +214,8 @@ def test_sigkill_is_noticed_restarted_and_shutdown_leaves_nothing(
         first_pid = worker.pid
         assert first_pid is not None
         stubs_before = _group_members(first_pid)
+        regions_before = _shm_regions(worker.shm_prefix)
+        assert regions_before
         os.kill(first_pid, signal.SIGKILL)
         exited, code = await asyncio.wait_for(pool.exits.get(), 30)
         index = exited.index
@@ -191,7 +228,11 @@ def test_sigkill_is_noticed_restarted_and_shutdown_leaves_nothing(
         second_pid = worker.pid
         assert second_pid is not None
         groups = [first_pid, second_pid]
+        # The restarted worker reuses the prefix; the dead one's regions are gone.
+        regions_after = _shm_regions(worker.shm_prefix)
+        assert regions_after and not regions_after & regions_before
         await pool.stop(grace=5.0)
+        assert _shm_regions(worker.shm_prefix) == set()
         return groups, stubs_before, index, code
 
     groups, stubs_before, index, code = loop_thread.run(scenario(), timeout=300)
@@ -214,6 +255,9 @@ def test_bad_repository_fails_with_the_log_tail(tmp_path: Path, loop_thread: Loo
     with pytest.raises(WorkerStartError) as info:
         loop_thread.run(start(), timeout=120)
     assert "last lines of" in str(info.value)
+    assert info.value.index == 0 and info.value.log_path.is_file()
+    assert info.value.summary.startswith("Triton worker 0 exited with code ")
+    assert str(info.value.log_path) in info.value.summary
 
 
 def test_first_start_moves_off_a_port_taken_meanwhile(loop_thread: LoopThread,

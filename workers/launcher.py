@@ -12,14 +12,17 @@ and PDEATHSIG takes only tritonserver: Triton 2.51 leaves its Python backend stu
 running (they ignore SIGTERM, and hold their shared-memory regions). So each worker's
 group also holds a guard, a ``sh`` (under ``setpriv --pdeathsig``) that sleeps until its
 own PDEATHSIG arrives and then kills the whole group.
+
+Each worker's Python backend names its shared-memory regions with a prefix of the
+worker's own, and the launcher removes a worker's regions whenever that worker is gone:
+stopped, dead, before a restart, and (through the guard) after the launcher itself was
+killed (``tritonmesh.workers.groups``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -31,12 +34,19 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 import grpc
 import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.signals import StopSignals
 from tritonmesh.workers.child import Child, spawn
+from tritonmesh.workers.groups import (
+    GUARD_SCRIPT,
+    LIVE_GROUPS,
+    remove_shm_regions,
+    setpriv_path,
+    shm_prefix,
+)
 from tritonmesh.workers.tritonserver import default_model_repository, find_tritonserver
 from tritonmesh.workers.upstream import method_path, name_override
 
@@ -44,47 +54,21 @@ __all__ = ["Probe", "TritonWorker", "WorkerPool", "WorkerStartError", "serve_wor
 
 log = logging.getLogger("tritonmesh.workers")
 
-_LIVE_GROUPS: set[int] = set()
-
-
-def _kill_live_groups() -> None:
-    for pgid in list(_LIVE_GROUPS):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    _LIVE_GROUPS.clear()
-
-
-atexit.register(_kill_live_groups)
-
-
-# Sleeps in the worker's process group. On SIGUSR1 (its PDEATHSIG: this process died) it
-# kills the group, the stubs included; on SIGTERM (the pool stopping) it just ends.
-_GUARD_SCRIPT: Final = ('trap "kill -KILL 0" USR1; trap "kill $! 2>/dev/null; exit 0" TERM; '
-                        'while :; do sleep 3600 & wait $!; done')
-
-
-@functools.cache
-def _setpriv() -> str | None:
-    """util-linux's setpriv, which sets PDEATHSIG and execs the command given to it; None
-    where it is missing or too old for ``--pdeathsig`` (util-linux before 2.33)."""
-    found = shutil.which("setpriv")
-    if found is not None:
-        try:
-            usage = subprocess.run([found, "--help"], capture_output=True, text=True,
-                                   timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            usage = ""
-        if "--pdeathsig" not in usage:
-            found = None
-    if found is None:
-        log.warning("no setpriv with --pdeathsig (util-linux 2.33 or later): Triton workers "
-                    "and their stubs will not die with this process if it is killed outright "
-                    "(SIGKILL, the OOM killer)")
-    return found
-
-
 class WorkerStartError(RuntimeError):
-    """A worker did not become ready; the message ends with the tail of its log."""
+    """A worker did not become ready; the message ends with the tail of its log.
+
+    :attr:`summary` says the same in one line: the worker, what happened, its log."""
+
+    def __init__(self, index: int, reason: str, log_path: Path, log_tail: str):
+        self.index = index
+        self.reason = reason
+        self.log_path = log_path
+        super().__init__(f"Triton worker {index} {reason}; last lines of {log_path}:\n"
+                         f"{log_tail}")
+
+    @property
+    def summary(self) -> str:
+        return f"Triton worker {self.index} {self.reason} (its log: {self.log_path})"
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -132,8 +116,10 @@ class TritonWorker:
         self.probe = probe
         self.grpc_port = self.http_port = self.metrics_port = 0
         self.process: Child | None = None
-        self.guard: Child | None = None  # see _GUARD_SCRIPT
+        self.guard: Child | None = None  # see GUARD_SCRIPT
         self.restarts = 0
+        # Kept across restarts, so the guard and every cleanup know the regions' names.
+        self.shm_prefix = shm_prefix()
 
     @property
     def address(self) -> str:
@@ -177,7 +163,7 @@ class TritonWorker:
 
     async def _launch(self, timeout: float) -> None:
         install = find_tritonserver()
-        setpriv = _setpriv()
+        setpriv = setpriv_path()
         args = [
             # PDEATHSIG set by setpriv, which then execs tritonserver (kept across the exec),
             # so the child runs no Python between fork and exec. With a preexec_fn Python
@@ -192,8 +178,10 @@ class TritonWorker:
             f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
             "--model-control-mode=explicit", "--load-model=*",
             "--strict-readiness=true", "--exit-on-error=true", "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
+        remove_shm_regions(self.shm_prefix)  # left by a previous run under this prefix
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as logfile:  # noqa: ASYNC230 (a local file, opened once)
             self.process = spawn(
@@ -203,20 +191,21 @@ class TritonWorker:
                 # that the guard can join it.
                 process_group=0,
             )
-        _LIVE_GROUPS.add(self.process.pid)
+        LIVE_GROUPS[self.process.pid] = self.shm_prefix
         await self._start_guard()
         await self._wait_ready(timeout)
 
     async def _start_guard(self) -> None:
         assert self.process is not None
         await self._reap_guard()
-        setpriv = _setpriv()
+        setpriv = setpriv_path()
         if setpriv is None:
             return
         try:
             # No preexec_fn: joining the group is done by subprocess itself, safely.
             self.guard = spawn(
-                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", _GUARD_SCRIPT,
+                setpriv, "--pdeathsig", "USR1", "/bin/sh", "-c", GUARD_SCRIPT, "guard",
+                self.shm_prefix,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, process_group=self.process.pid)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -253,8 +242,8 @@ class TritonWorker:
             while True:
                 if self.returncode is not None:
                     raise WorkerStartError(
-                        f"Triton worker {self.index} exited with code {self.returncode} "
-                        f"while starting; last lines of {self.log_path}:\n{self.log_tail()}")
+                        self.index, f"exited with code {self.returncode} while starting",
+                        self.log_path, self.log_tail())
                 try:
                     if (await server_ready(pb.ServerReadyRequest(), timeout=1)).ready and all(
                         [(await model_ready(pb.ModelReadyRequest(name=m), timeout=1)).ready
@@ -266,8 +255,8 @@ class TritonWorker:
                 if time.monotonic() > deadline:
                     await self.stop(grace=1.0)
                     raise WorkerStartError(
-                        f"Triton worker {self.index} was not ready after {timeout:.0f}s; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}")
+                        self.index, f"was not ready after {timeout:.0f}s", self.log_path,
+                        self.log_tail())
                 await asyncio.sleep(0.1)
 
     async def stop(self, grace: float = 10.0) -> None:
@@ -289,7 +278,19 @@ class TritonWorker:
             os.killpg(pgid, signal.SIGKILL)
         await process.wait()
         await self._reap_guard()
-        _LIVE_GROUPS.discard(pgid)
+        LIVE_GROUPS.pop(pgid, None)
+        remove_shm_regions(self.shm_prefix)
+
+    def kill_remains(self) -> None:
+        """After tritonserver died: kill what is left of its group (the stubs ignore
+        SIGTERM) and remove its shared-memory regions."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        removed = remove_shm_regions(self.shm_prefix)
+        if removed:
+            log.info("Triton worker %d: removed its shared-memory regions %s", self.index,
+                     ", ".join(removed))
 
     def __repr__(self) -> str:
         return f"<TritonWorker {self.index} {self.address} pid={self.pid}>"
@@ -332,13 +333,22 @@ class WorkerPool:
         return [w.address for w in self.workers]
 
     async def start(self) -> None:
-        results = await asyncio.gather(
-            *(w.start(self.start_timeout) for w in self.workers), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            await self.stop(grace=2.0)
-            raise failures[0]
+        """Start every worker; the first that fails (or a cancellation) stops them all at
+        once, rather than after the others' start timeouts."""
         loop = asyncio.get_running_loop()
+        starts = [loop.create_task(w.start(self.start_timeout)) for w in self.workers]
+        try:
+            done, _ = await asyncio.wait(starts, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                failure = task.exception()
+                if failure is not None:
+                    raise failure
+        except BaseException:
+            for task in starts:
+                task.cancel()
+            await asyncio.gather(*starts, return_exceptions=True)
+            await self.stop(grace=2.0)
+            raise
         self._watchers = [loop.create_task(self._watch(w)) for w in self.workers]
         log.info("%d Triton workers ready: %s", len(self.workers), ", ".join(self.addresses))
 
@@ -346,9 +356,10 @@ class WorkerPool:
         while not self._stopping:
             assert worker.process is not None
             code = await worker.process.wait()
-            _LIVE_GROUPS.discard(worker.process.pid)
             if self._stopping:
                 return
+            worker.kill_remains()
+            LIVE_GROUPS.pop(worker.process.pid, None)
             log.error("Triton worker %d (%s) exited with code %d; last lines:\n%s",
                       worker.index, worker.address, code, worker.log_tail(10))
             self.exits.put_nowait((worker, code))
@@ -356,8 +367,6 @@ class WorkerPool:
                 self.on_exit(worker, code)
             if not self.restart:
                 return
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(worker.process.pid, signal.SIGKILL)  # its stubs, if any remain
             # A restart can fail too (Triton 2.51 has been seen to segfault while starting right
             # after a SIGKILL): keep trying, backing off, rather than leave the worker dead.
             backoff = 1.0
@@ -368,8 +377,7 @@ class WorkerPool:
                 except Exception:
                     log.exception("Triton worker %d could not be restarted; trying again in "
                                   "%.0fs", worker.index, backoff)
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(worker.process.pid, signal.SIGKILL)
+                    worker.kill_remains()
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
                     continue
@@ -396,23 +404,19 @@ class WorkerPool:
 
 async def serve_workers(count: int, model_repository: str | None, log_dir: str | None,
                         restart: bool) -> None:
-    """``tritonmesh workers``: start the pool, print the addresses, run until Ctrl-C."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with WorkerPool(count, model_repository, log_dir=log_dir,
-                              restart=restart) as pool:
+    """``tritonmesh workers``: start the pool, print the addresses, run until SIGINT or
+    SIGTERM (either one, while starting, stops the workers started so far and raises
+    :class:`~tritonmesh.signals.Interrupted`)."""
+    pool = WorkerPool(count, model_repository, log_dir=log_dir, restart=restart)
+    print(f"starting {count} Triton workers (logs in {pool.log_dir})...", flush=True)
+    with StopSignals() as signals:
+        async with pool:
+            signals.serving()
             print(f"{count} Triton workers ready (logs in {pool.log_dir}):", flush=True)
             for worker in pool.workers:
                 print(f"  worker {worker.index}: grpc {worker.address}  "
                       f"http 127.0.0.1:{worker.http_port}  "
-                      f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}", flush=True)
+                      f"metrics 127.0.0.1:{worker.metrics_port}  pid {worker.pid}  "
+                      f"shm {worker.shm_prefix}*", flush=True)
             print("Stop with Ctrl-C.", flush=True)
-            await stop.wait()
-    finally:
-        # While the loop runs: uvloop cannot remove them once it has stopped, and they
-        # would swallow SIGINT/SIGTERM for the rest of the process's life.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            await signals.stop.wait()
