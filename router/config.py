@@ -187,7 +187,7 @@ class LimitsConfig:
 
     max_message_bytes: int = 128 * 2**20
     max_connections: int = 10_000
-    max_concurrent_streams: int = 1_000  # per connection (HTTP/2 SETTINGS)
+    max_concurrent_streams: int = 10_000  # per connection (HTTP/2 SETTINGS)
     connection_idle_timeout_s: float = 300.0  # 0: none
     connection_max_age_s: float = 0.0  # 0: no limit
     sequence_idle_timeout_s: float = 10.0
