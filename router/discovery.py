@@ -29,6 +29,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 from tritonmesh.balancer import Instance, Variant
+from tritonmesh.chore import Chore
 from tritonmesh.config import DnsDiscovery
 from tritonmesh.workers.upstream import Upstream
 
@@ -103,7 +104,7 @@ async def resolve(spec: DnsDiscovery, resolver: dns.asyncresolver.Resolver | Non
     return Lookup(frozenset(found), ttl)
 
 
-class Discovery:
+class Discovery(Chore):
     """Keeps one variant's DNS-discovered instances in step with its records.
 
     ``connect`` makes the channel for an address (plaintext or the variant's TLS);
@@ -128,7 +129,6 @@ class Discovery:
         self.failures = 0  # lookups that failed or came back empty
         self.last_success = 0.0  # wall-clock time of the last good answer
         self._failing = False
-        self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[object]] = set()
 
     async def refresh(self, *, slow_start: bool = True) -> float:
@@ -198,14 +198,9 @@ class Discovery:
                 wait = self.spec.interval_s
             await asyncio.sleep(wait)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
     async def stop(self) -> None:
+        """End the lookups, then wait for the drains they started."""
         drains = list(self._drains)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await super().stop()
         await asyncio.gather(*drains, return_exceptions=True)
 

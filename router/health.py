@@ -26,6 +26,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
+from tritonmesh.chore import Chore
 from tritonmesh.config import HealthCheckConfig
 from tritonmesh.workers.upstream import Upstream, await_call
 
@@ -80,7 +81,7 @@ async def probe_ready(upstream: Upstream, models: Iterable[str] | None, timeout:
     return await readiness(upstream, models, timeout) is None
 
 
-class HealthChecker:
+class HealthChecker(Chore):
     """Probe every instance; mark it healthy or not in its variant's table."""
 
     def __init__(self, balancer: Balancer, config: HealthCheckConfig,
@@ -89,7 +90,6 @@ class HealthChecker:
         self.config = config
         self.servicer = servicer
         self._streak: dict[Instance, int] = {}  # >0: consecutive passes, <0: failures
-        self._task: asyncio.Task[None] | None = None
 
     async def probe(self, instance: Instance) -> bool:
         """Whether the instance is ready, and ready for every model its variant serves."""
@@ -145,14 +145,3 @@ class HealthChecker:
                 log.exception("health check round failed")
             await asyncio.sleep(self.config.interval_s)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None

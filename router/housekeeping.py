@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 
 from tritonmesh.balancer import Balancer
+from tritonmesh.chore import Chore
 from tritonmesh.config import LimitsConfig
 
 __all__ = ["Housekeeper", "malloc_trim"]
@@ -43,14 +44,13 @@ def malloc_trim() -> bool:
     return True
 
 
-class Housekeeper:
+class Housekeeper(Chore):
     """Every ``sequence_idle_timeout_s / 2`` (or ``memory_trim_interval_s`` if sooner):
     forget idle sequences; and trim the heap when that is due."""
 
     def __init__(self, balancer: Balancer, limits: LimitsConfig):
         self.balancer = balancer
         self.limits = limits
-        self._task: asyncio.Task[None] | None = None
 
     def tick(self, now: float, trimmed_at: float) -> float:
         """One round; returns when the heap was last trimmed."""
@@ -77,14 +77,3 @@ class Housekeeper:
             except Exception:  # a bug here must not end the chores
                 log.exception("housekeeping round failed")
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self.run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import LoopThread, RouterHandle, make_config, start_router
+from harness import LoopThread, RecordingTriton, RouterHandle, make_config, start_router
 
 _UNMARKED = ("starts real Triton without @pytest.mark.triton: mark it (pytestmark for a "
              "module), so that -m 'not triton' stays the fast pass")
@@ -80,3 +80,11 @@ def make_router(loop_thread: LoopThread, worker_addresses: list[str]) -> Iterato
             handle.wait_idle()
         finally:
             handle.stop()
+
+
+@pytest.fixture
+def recording_triton(loop_thread: LoopThread) -> Iterator[RecordingTriton]:
+    """A fake Triton that records what reaches it (harness.RecordingTriton)."""
+    fake = RecordingTriton(loop_thread)
+    yield fake
+    fake.stop()

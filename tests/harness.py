@@ -14,13 +14,17 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+import grpc.aio
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
     AuthConfig,
     EndpointConfig,
     HealthCheckConfig,
+    LimitsConfig,
     QueueOrder,
     RoutingStrategy,
     VariantConfig,
@@ -100,12 +104,13 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 max_queue: int = 1024, work_hints: dict[str, WorkHint] | None = None,
                 queue_order: str = "FIFO", models: Sequence[str] | None = None,
                 slow_start_s: float = 0.0, dispatch_ahead_s: float = 0.0,
-                auth: AuthConfig | None = None,
+                auth: AuthConfig | None = None, limits: dict[str, Any] | None = None,
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
     ``variants`` lists (name, weight, strategy, index of the worker address); without it,
     one variant "AllTraffic" over the first ``workers`` addresses (default: all).
+    ``limits``: keys of the ``limits`` block (the rest at their defaults).
     """
     if variants is None:
         chosen = list(addresses[: workers or len(addresses)])
@@ -125,6 +130,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
         variants=tuple(spec),
         health_check=HealthCheckConfig(interval_s=0.5, timeout_s=1.0), shutdown_grace_s=1.0,
         work_hints=work_hints or {}, auth=auth or AuthConfig(),
+        limits=LimitsConfig(**(limits or {})),
     )
     return config, instances
 
@@ -210,3 +216,45 @@ def wait_gone(pids: dict[int, str], timeout: float = 15.0) -> None:
             return
         assert time.monotonic() < deadline, f"left running: {left}"
         time.sleep(0.1)
+
+
+class RecordingTriton:
+    """A gRPC server on loopback that answers like Triton (ready, every model ready, an
+    empty inference response with id "m") and records, per call, the metadata and the
+    deadline it arrived with: for tests of what the router forwards, which Triton itself
+    does not report."""
+
+    def __init__(self, loop: LoopThread):
+        self.loop = loop
+        # (method, metadata, seconds left of its deadline or None), one per call
+        self.calls: list[tuple[str, dict[str, str], float | None]] = []
+        answers = {
+            "ServerReady": pb.ServerReadyResponse(ready=True),
+            "ModelReady": pb.ModelReadyResponse(ready=True),
+            "ModelInfer": pb.ModelInferResponse(model_name="identity", id="m"),
+        }
+
+        def handler(method: str, response: Any) -> grpc.RpcMethodHandler:
+            raw = response.SerializeToString()
+
+            async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                metadata = {k: v if isinstance(v, str) else v.decode()
+                            for k, v in context.invocation_metadata() or ()}
+                self.calls.append((method, metadata, context.time_remaining()))
+                return raw  # type: ignore[no-any-return]
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+        async def start() -> tuple[grpc.aio.Server, int]:
+            server = grpc.aio.server()
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                "inference.GRPCInferenceService",
+                {name: handler(name, r) for name, r in answers.items()}),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            return server, port
+
+        self.server, port = loop.run(start())
+        self.address = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.loop.run(self.server.stop(0))

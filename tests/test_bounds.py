@@ -6,7 +6,6 @@ members come and go (statistics, health state, metrics scrapes). Real Triton, re
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import logging
 import queue
@@ -19,36 +18,15 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, RouterHandle, make_config, start_router
+from harness import RouterHandle
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
-from tritonmesh.config import LimitsConfig
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.workers.upstream import Upstream
 
 pytestmark = pytest.mark.triton
-
-
-@pytest.fixture
-def limited(loop_thread: LoopThread, worker_addresses: list[str]) -> Any:
-    """make_router with ``limits`` keys (and make_config's own keyword arguments)."""
-    handles: list[RouterHandle] = []
-
-    def make(limits: dict[str, Any], **kwargs: Any) -> RouterHandle:
-        config, instances = make_config(worker_addresses, **kwargs)
-        config = dataclasses.replace(config, limits=LimitsConfig(**limits))
-        handle = start_router(loop_thread, config, instances)
-        handles.append(handle)
-        return handle
-
-    yield make
-    for handle in handles:
-        try:
-            handle.wait_idle()
-        finally:
-            handle.stop()
 
 
 def _ones(n: int = 1) -> list[Any]:
@@ -79,8 +57,8 @@ def test_a_sequence_keeps_its_variant_and_instance(make_router: Any) -> None:
     assert not router.balancer.sequences
 
 
-def test_open_sequences_and_id_size_are_capped(limited: Any) -> None:
-    router = limited({"max_sequences": 3, "max_sequence_id_bytes": 16}, workers=1)
+def test_open_sequences_and_id_size_are_capped(make_router: Any) -> None:
+    router = make_router(limits={"max_sequences": 3, "max_sequence_id_bytes": 16}, workers=1)
     with grpcclient.InferenceServerClient(router.address) as client:
         for seq in (1, 2, 3):
             client.infer("identity", _ones(), sequence_id=seq, sequence_start=True)
@@ -101,8 +79,8 @@ def test_open_sequences_and_id_size_are_capped(limited: Any) -> None:
     assert len(router.balancer.sequences) == 3
 
 
-def test_idle_sequences_are_forgotten_by_the_control_plane(limited: Any) -> None:
-    router = limited({"sequence_idle_timeout_s": 0.3}, workers=2)
+def test_idle_sequences_are_forgotten_by_the_control_plane(make_router: Any) -> None:
+    router = make_router(limits={"sequence_idle_timeout_s": 0.3}, workers=2)
     with grpcclient.InferenceServerClient(router.address) as client:
         for seq in range(1, 41):
             client.infer("identity", _ones(), sequence_id=seq, sequence_start=True)
@@ -151,8 +129,8 @@ def test_model_policies_are_keyed_by_the_version_triton_reads(make_router: Any) 
     assert len(router.balancer.decoupled) == 1
 
 
-def test_model_policies_are_bounded(limited: Any) -> None:
-    router = limited({"max_model_policies": 2}, workers=1)
+def test_model_policies_are_bounded(make_router: Any) -> None:
+    router = make_router(limits={"max_model_policies": 2}, workers=1)
     _stream(router.address, [("identity", ""), ("identity", "1"), ("generate_unary", "")])
     assert len(router.balancer.decoupled) == 2
 
@@ -160,8 +138,8 @@ def test_model_policies_are_bounded(limited: Any) -> None:
 # -- messages, connections, streams --------------------------------------------------
 
 
-def test_a_message_over_max_message_bytes_is_refused_by_grpc(limited: Any) -> None:
-    router = limited({"max_message_bytes": 2**20}, workers=1)
+def test_a_message_over_max_message_bytes_is_refused_by_grpc(make_router: Any) -> None:
+    router = make_router(limits={"max_message_bytes": 2**20}, workers=1)
     before = _served(router)
     with grpcclient.InferenceServerClient(router.address) as client:
         with pytest.raises(InferenceServerException) as big:
@@ -172,8 +150,8 @@ def test_a_message_over_max_message_bytes_is_refused_by_grpc(limited: Any) -> No
         assert out is not None and out.shape == (2**17,)
 
 
-def test_an_idle_connection_is_closed_after_the_idle_timeout(limited: Any) -> None:
-    router = limited({"connection_idle_timeout_s": 0.5}, workers=1)
+def test_an_idle_connection_is_closed_after_the_idle_timeout(make_router: Any) -> None:
+    router = make_router(limits={"connection_idle_timeout_s": 0.5}, workers=1)
     states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
     with grpc.insecure_channel(router.address) as channel:
         channel.subscribe(states.put, try_to_connect=False)
@@ -188,8 +166,8 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout(limited: Any) -> No
         channel.unsubscribe(states.put)
 
 
-def test_connections_past_max_connections_are_refused_at_once(limited: Any) -> None:
-    router = limited({"max_connections": 2}, workers=1)
+def test_connections_past_max_connections_are_refused_at_once(make_router: Any) -> None:
+    router = make_router(limits={"max_connections": 2}, workers=1)
     live = pb.ServerLiveRequest().SerializeToString()
     own = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
     channels = [grpc.insecure_channel(router.address, options=own) for _ in range(3)]
@@ -207,11 +185,11 @@ def test_connections_past_max_connections_are_refused_at_once(limited: Any) -> N
             channel.close()
 
 
-def test_streams_past_the_per_connection_limit_wait_their_turn(limited: Any) -> None:
+def test_streams_past_the_per_connection_limit_wait_their_turn(make_router: Any) -> None:
     """HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: a third stream on a connection that holds two
     is not opened; its deadline ends it cleanly, and it is served once one closes. Another
     connection is not held up."""
-    router = limited({"max_concurrent_streams": 2}, workers=1)
+    router = make_router(limits={"max_concurrent_streams": 2}, workers=1)
     path = "/inference.GRPCInferenceService/ModelStreamInfer"
     request = pb.ModelInferRequest(model_name="identity", id="x")
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])

@@ -200,35 +200,15 @@ _HOP_BY_HOP_SENT = ("connection", "keep-alive", "host", "proxy-connection",
                     "transfer-encoding", "upgrade", "x-target-variant")
 
 
-def test_metadata_passes_through_and_hop_by_hop_does_not(loop_thread: Any) -> None:
-    """The metadata the instance receives: every key the client set, values unchanged,
-    and none of the hop-by-hop keys. Triton does not report request metadata, so the
-    instance is a gRPC server on loopback that records it; what is under test is the
-    router's forwarding, which is the same whatever answers upstream."""
+def test_metadata_passes_through_and_hop_by_hop_does_not(
+        loop_thread: Any, recording_triton: Any) -> None:
+    """What reaches the instance: every key the client set, values unchanged, and its
+    deadline; none of the hop-by-hop keys nor the routing key. Triton does not report
+    request metadata, so the instance is a gRPC server on loopback that records it; what is
+    under test is the router's forwarding, which is the same whatever answers upstream."""
     from harness import make_config, start_router
 
-    received: list[dict[str, str]] = []
-
-    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        received.append({k: v if isinstance(v, str) else v.decode()
-                         for k, v in context.invocation_metadata() or ()})
-        return pb.ModelInferResponse(model_name="identity", id="m").SerializeToString()
-
-    async def server_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return pb.ServerReadyResponse(ready=True).SerializeToString()  # for health checks
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "inference.GRPCInferenceService",
-            {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer),
-             "ServerReady": grpc.unary_unary_rpc_method_handler(server_ready)})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    upstream, port = loop_thread.run(start())
-    config, instances = make_config([f"127.0.0.1:{port}"], strategy="RANDOM")
+    config, instances = make_config([recording_triton.address], strategy="RANDOM")
     router = start_router(loop_thread, config, instances)
     user = {"authorization": "Bearer t", "x-trace": "7", "x-tenant": "a b,c"}
     hop_by_hop = {key: "AllTraffic" if key == "x-target-variant" else "v"
@@ -236,64 +216,16 @@ def test_metadata_passes_through_and_hop_by_hop_does_not(loop_thread: Any) -> No
     try:
         with grpcclient.InferenceServerClient(router.address) as client:
             result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)),
-                                  headers={**user, **hop_by_hop})
+                                  headers={**user, **hop_by_hop}, client_timeout=5.0)
         assert result.get_response().id == "m"
-        (metadata,) = received
+        ((_, metadata, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
         assert {k: metadata.get(k) for k in user} == user
         assert not set(hop_by_hop) & set(metadata), metadata
-        router.wait_idle()
-    finally:
-        router.stop()
-        loop_thread.run(upstream.stop(0))
-
-
-def test_upstream_sees_user_metadata_and_deadline_not_hop_by_hop(loop_thread: Any) -> None:
-    """What reaches the instance: the client's own metadata and its deadline, not the
-    routing key or connection-level headers. Triton does not echo request metadata, so
-    the instance here is a gRPC server on loopback that records what arrives and answers
-    a valid ModelInferResponse."""
-    from harness import make_config, start_router
-
-    seen: list[tuple[dict[str, str], float | None]] = []
-
-    async def model_infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        metadata = {k: v if isinstance(v, str) else v.decode()
-                    for k, v in context.invocation_metadata() or ()}
-        seen.append((metadata, context.time_remaining()))
-        return pb.ModelInferResponse(model_name="identity", id="m").SerializeToString()
-
-    async def server_ready(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return pb.ServerReadyResponse(ready=True).SerializeToString()  # for health checks
-
-    async def start() -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "inference.GRPCInferenceService",
-            {"ModelInfer": grpc.unary_unary_rpc_method_handler(model_infer),
-             "ServerReady": grpc.unary_unary_rpc_method_handler(server_ready)})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    upstream, port = loop_thread.run(start())
-    config, instances = make_config([f"127.0.0.1:{port}"], strategy="RANDOM")
-    router = start_router(loop_thread, config, instances)
-    try:
-        with grpcclient.InferenceServerClient(router.address) as client:
-            result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)),
-                                  headers={"authorization": "Bearer t", "x-trace": "7",
-                                           "x-target-variant": "AllTraffic"},
-                                  client_timeout=5.0)
-        assert result.get_response().id == "m"
-        ((metadata, remaining),) = seen
-        assert metadata["authorization"] == "Bearer t" and metadata["x-trace"] == "7"
-        assert "x-target-variant" not in metadata  # the routing key stays at the router
         # The deadline went upstream (grpc-timeout's encoding rounds up by a few ms).
         assert remaining is not None and 0 < remaining <= 5.5
         router.wait_idle()
     finally:
         router.stop()
-        loop_thread.run(upstream.stop(0))
 
 
 # -- streaming -------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from harness import LoopThread, RouterHandle, generate_inputs, make_config, start_router
+from harness import (
+    LoopThread,
+    RecordingTriton,
+    RouterHandle,
+    generate_inputs,
+    make_config,
+    start_router,
+)
 from test_tls import pki  # noqa: F401  # the test CA and certificates, shared
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
@@ -270,54 +276,9 @@ async def _reload_auth(router: RouterHandle, config: Any) -> None:
     router.router.reload_auth(config)
 
 
-class _FakeTriton:
-    """A gRPC server that answers like Triton (ready, any model ready, an empty inference
-    response) and records the metadata each call brought."""
-
-    def __init__(self, loop: LoopThread):
-        self.loop = loop
-        self.seen: list[dict[str, str]] = []
-        answers = {
-            "ServerReady": pb.ServerReadyResponse(ready=True),
-            "ModelReady": pb.ModelReadyResponse(ready=True),
-            "ModelInfer": pb.ModelInferResponse(model_name="identity"),
-        }
-
-        def handler(response: Any) -> grpc.RpcMethodHandler:
-            raw = response.SerializeToString()
-
-            async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                self.seen.append({k: v for k, v in context.invocation_metadata()
-                                  if isinstance(v, str)})
-                return raw  # type: ignore[no-any-return]
-            return grpc.unary_unary_rpc_method_handler(answer)
-
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server()
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService",
-                {name: handler(r) for name, r in answers.items()}),))
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        self.server, port = loop.run(start())
-        self.address = f"127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.loop.run(self.server.stop(0))
-
-
-@pytest.fixture
-def fake_triton(loop_thread: LoopThread) -> Iterator[_FakeTriton]:
-    fake = _FakeTriton(loop_thread)
-    yield fake
-    fake.stop()
-
-
 def test_the_routers_token_is_not_forwarded(loop_thread: LoopThread,
-                                             fake_triton: _FakeTriton) -> None:
-    config, instances = make_config([fake_triton.address], auth=TOKENS)
+                                             recording_triton: RecordingTriton) -> None:
+    config, instances = make_config([recording_triton.address], auth=TOKENS)
     router = start_router(loop_thread, config, instances)
     try:
         with grpc.insecure_channel(router.address) as channel:
@@ -327,9 +288,10 @@ def test_the_routers_token_is_not_forwarded(loop_thread: LoopThread,
             load = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
             load(pb.ModelReadyRequest(name="identity").SerializeToString(), timeout=10,
                  metadata=tuple(DATA.items()))
-        forwarded = [m for m in fake_triton.seen if "x-trace" in m]
+        seen = [m for _, m, _ in recording_triton.calls]
+        forwarded = [m for m in seen if "x-trace" in m]
         assert forwarded and "authorization" not in forwarded[0]
-        assert all("authorization" not in m for m in fake_triton.seen)
+        assert all("authorization" not in m for m in seen)
         router.wait_idle()
     finally:
         router.stop()
@@ -377,7 +339,7 @@ def test_sighup_rereads_the_token_files(tmp_path: Path, worker_addresses: list[s
 
 
 def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_thread: LoopThread,
-                                                    fake_triton: _FakeTriton,
+                                                    recording_triton: RecordingTriton,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     router = make_router(workers=1)
     admin = _admin(router.admin_address)
@@ -403,11 +365,11 @@ def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_threa
         refused(target, grpc.StatusCode.INVALID_ARGUMENT, "over TCP (no unix: or other schemes)")
     refused("192.0.2.7:8001", grpc.StatusCode.PERMISSION_DENIED,
             "192.0.2.7 outside instance_networks (127.0.0.0/8, ::1/128)")
-    refused(fake_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
+    refused(recording_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
             weight=math.nan)
-    refused(fake_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
+    refused(recording_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
             weight=math.inf)
-    refused(fake_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
+    refused(recording_triton.address, grpc.StatusCode.INVALID_ARGUMENT, "weight must be a finite",
             weight=-1.0)
     refused(router.instances()[0].address, grpc.StatusCode.ALREADY_EXISTS, "already in variant")
     assert opened == []
@@ -421,7 +383,7 @@ def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_threa
     assert [(i.address, i.state) for i in router.instances()] == before
     # An allowed address that answers as Triton does joins; by name too.
     loopback = admin.AddInstance(apb.AddInstanceRequest(
-        variant="AllTraffic", address=fake_triton.address.replace("127.0.0.1", "localhost")),
+        variant="AllTraffic", address=recording_triton.address.replace("127.0.0.1", "localhost")),
         timeout=30)
     assert loopback.state == "ACTIVE" and loopback.healthy
     admin.RemoveInstance(apb.RemoveInstanceRequest(variant="AllTraffic",
@@ -430,7 +392,7 @@ def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_threa
 
 def test_add_instance_outside_the_allowed_networks(loop_thread: LoopThread,
                                                    worker_addresses: list[str],
-                                                   fake_triton: _FakeTriton) -> None:
+                                                   recording_triton: RecordingTriton) -> None:
     import ipaddress
 
     config, instances = make_config(worker_addresses[:1])
@@ -439,14 +401,14 @@ def test_add_instance_outside_the_allowed_networks(loop_thread: LoopThread,
     router = start_router(loop_thread, config, instances)
     try:
         # The fake answers ServerReady; its address is what keeps it out.
-        for address in (fake_triton.address, fake_triton.address.replace("127.0.0.1",
-                                                                         "localhost")):
+        fake = recording_triton.address
+        for address in (fake, fake.replace("127.0.0.1", "localhost")):
             error = _rpc_error(lambda a=address: _admin(router.admin_address).AddInstance(
                 apb.AddInstanceRequest(variant="AllTraffic", address=a), timeout=30))
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "outside instance_networks (10.0.0.0/8)" in (error.details() or "")
         assert "localhost resolves to" in (error.details() or "")
-        assert not fake_triton.seen
+        assert not recording_triton.calls
         assert [i.address for i in router.instances()] == worker_addresses[:1]
     finally:
         router.stop()
