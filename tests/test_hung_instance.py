@@ -3,16 +3,18 @@ on it, the outlier detector ejects it, and requests marked safe go elsewhere."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, make_config, start_pool, start_router
+from harness import LoopThread, RouterHandle, make_config, start_pool, start_router
 from tritonclient.utils import InferenceServerException
 from tritonmesh.config import HealthCheckConfig, RetryConfig, VariantConfig
 
@@ -25,52 +27,60 @@ def _identity_input() -> list[Any]:
     return [tensor]
 
 
-@pytest.mark.parametrize("retry", [True, False])
-def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
-                                                       retry: bool) -> None:
+@contextlib.contextmanager
+def _one_to_stop(loop_thread: LoopThread, strategy: str) -> Iterator[tuple[Any, RouterHandle]]:
+    """Two real workers behind a router whose variant has a 1 s per-try timeout and whose
+    health checks stay out of the way (only requests find a hung instance); the first worker
+    is the test's to SIGSTOP, and it is SIGCONTed, by PID, whatever happens."""
     pool = start_pool(loop_thread, 2)
     stopped = pool.workers[0]
     assert stopped.pid is not None
     try:
-        config, instances = make_config(pool.addresses, strategy="RANDOM")
+        config, instances = make_config(pool.addresses, strategy=strategy)
         variant: VariantConfig = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
-        # No health check finds the stopped instance first: only the requests do. The retry
-        # budget's floor covers the few retries.
+        # The retry budget's floor covers the few retries.
         config = dataclasses.replace(config, variants=(variant,),
                                      health_check=HealthCheckConfig(interval_s=600.0),
                                      retries=RetryConfig(max_per_request=1))
         router = start_router(loop_thread, config, instances)
-        (hung,) = [i for i in router.instances() if i.address == stopped.address]
-        headers = {"x-tritonmesh-retry-on": "timeout"} if retry else None
-        failures = []
         try:
-            os.kill(stopped.pid, signal.SIGSTOP)
-            with grpcclient.InferenceServerClient(router.address) as client:
-                for _ in range(40):
-                    try:
-                        result = client.infer("identity", _identity_input(), headers=headers,
-                                              client_timeout=60)
-                        assert result.as_numpy("OUTPUT0").tolist() == [0, 1, 2]
-                    except InferenceServerException as exc:
-                        failures.append(exc)
-            # Five per-try timeouts in a row eject it; after that RANDOM never picks it.
-            assert hung.ejections == 1 and not hung.healthy
-            assert hung.errors == 5
-            if retry:
-                assert failures == []
-                assert router.balancer.retry_budget.retried == 5
-            else:
-                assert len(failures) == 5
-                for exc in failures:
-                    assert exc.status() == "StatusCode.DEADLINE_EXCEEDED"
-                    assert f"upstream instance {stopped.address} did not answer within " \
-                           "per_try_timeout_s (1 s)" in (exc.message() or "")
+            yield stopped, router
             router.wait_idle()
         finally:
             os.kill(stopped.pid, signal.SIGCONT)
             router.stop()
     finally:
         loop_thread.run(pool.stop(grace=5.0), timeout=60)
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
+                                                       retry: bool) -> None:
+    with _one_to_stop(loop_thread, "RANDOM") as (stopped, router):
+        (hung,) = [i for i in router.instances() if i.address == stopped.address]
+        headers = {"x-tritonmesh-retry-on": "timeout"} if retry else None
+        failures = []
+        os.kill(stopped.pid, signal.SIGSTOP)
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(40):
+                try:
+                    result = client.infer("identity", _identity_input(), headers=headers,
+                                          client_timeout=60)
+                    assert result.as_numpy("OUTPUT0").tolist() == [0, 1, 2]
+                except InferenceServerException as exc:
+                    failures.append(exc)
+        # Five per-try timeouts in a row eject it; after that RANDOM never picks it.
+        assert hung.ejections == 1 and not hung.healthy
+        assert hung.errors == 5
+        if retry:
+            assert failures == []
+            assert router.balancer.retry_budget.retried == 5
+        else:
+            assert len(failures) == 5
+            for exc in failures:
+                assert exc.status() == "StatusCode.DEADLINE_EXCEEDED"
+                assert f"upstream instance {stopped.address} did not answer within " \
+                       "per_try_timeout_s (1 s)" in (exc.message() or "")
 
 
 def test_an_unknown_retry_on_value_is_refused(make_router: Any) -> None:
@@ -85,35 +95,20 @@ def test_an_unknown_retry_on_value_is_refused(make_router: Any) -> None:
 
 
 def test_a_stream_request_sent_as_unary_gets_the_per_try_timeout(loop_thread: LoopThread) -> None:
-    pool = start_pool(loop_thread, 2)
-    stopped = pool.workers[0]
-    assert stopped.pid is not None
-    try:
-        config, instances = make_config(pool.addresses, strategy="ROUND_ROBIN")
-        variant = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
-        config = dataclasses.replace(config, variants=(variant,),
-                                     health_check=HealthCheckConfig(interval_s=600.0))
-        router = start_router(loop_thread, config, instances)
+    with _one_to_stop(loop_thread, "ROUND_ROBIN") as (stopped, router):
         results: queue.Queue[Any] = queue.Queue()
-        try:
-            with grpcclient.InferenceServerClient(router.address) as client:
-                client.start_stream(callback=lambda result, error: results.put((result, error)),
-                                    stream_timeout=60)
-                # identity's policy (not decoupled) is asked once, while nothing hangs.
-                client.async_stream_infer("identity", _identity_input(), request_id="warm")
-                assert results.get(timeout=30)[1] is None
-                os.kill(stopped.pid, signal.SIGSTOP)
-                for k in range(2):  # round robin: one of them meets the stopped worker
-                    client.async_stream_infer("identity", _identity_input(), request_id=f"r{k}")
-                answers = [results.get(timeout=30) for _ in range(2)]
-                client.stop_stream()
-            errors = [str(error) for _, error in answers if error is not None]
-            assert len(errors) == 1, answers
-            assert f"upstream instance {stopped.address} did not answer within " \
-                   "per_try_timeout_s (1 s)" in errors[0]
-            router.wait_idle()
-        finally:
-            os.kill(stopped.pid, signal.SIGCONT)
-            router.stop()
-    finally:
-        loop_thread.run(pool.stop(grace=5.0), timeout=60)
+        with grpcclient.InferenceServerClient(router.address) as client:
+            client.start_stream(callback=lambda result, error: results.put((result, error)),
+                                stream_timeout=60)
+            # identity's policy (not decoupled) is asked once, while nothing hangs.
+            client.async_stream_infer("identity", _identity_input(), request_id="warm")
+            assert results.get(timeout=30)[1] is None
+            os.kill(stopped.pid, signal.SIGSTOP)
+            for k in range(2):  # round robin: one of them meets the stopped worker
+                client.async_stream_infer("identity", _identity_input(), request_id=f"r{k}")
+            answers = [results.get(timeout=30) for _ in range(2)]
+            client.stop_stream()
+        errors = [str(error) for _, error in answers if error is not None]
+        assert len(errors) == 1, answers
+        assert f"upstream instance {stopped.address} did not answer within " \
+               "per_try_timeout_s (1 s)" in errors[0]
