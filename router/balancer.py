@@ -620,6 +620,25 @@ class Balancer:
             )
         return instance
 
+    def pick_avoiding(self, avoid: Instance, model_name: str, target_variant: str | None,
+                      cost: float = 1.0) -> Instance:
+        """:meth:`pick` for a request outside any sequence, away from ``avoid`` (where its
+        last attempt failed) while the variant has another instance to offer (Envoy's
+        ``previous_hosts`` retry predicate); ``avoid`` again when it is the only one."""
+        if not (avoid.healthy and avoid.state == "ACTIVE"):
+            return self.pick(model_name, target_variant, cost=cost)
+        variant = avoid.variant
+        variant.table.set_available(avoid.slot, False)
+        try:
+            return self.pick(model_name, target_variant, cost=cost)
+        except VariantFull:
+            raise  # the others are busy: wait for whichever frees first
+        except NoInstanceError:
+            pass  # it is the only one: try it again
+        finally:
+            variant._sync(avoid)  # back to what its health and drain flags say
+        return self.pick(model_name, target_variant, cost=cost)
+
     def _pick_sequence(self, model_name: str, target_variant: str | None,
                        sequence_id: int | str, start: bool, end: bool, cost: float) -> Instance:
         if isinstance(sequence_id, str) and (

@@ -30,7 +30,7 @@ import grpc.aio
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.auth import CONTROL_RPCS, ControlAccess, Tokens, WithoutCredential
 from tritonmesh.balancer import Balancer, Instance
-from tritonmesh.proxy import forwardable_metadata
+from tritonmesh.forwarding import forwardable_metadata
 from tritonmesh.strict import LogLimit, log_bad_input
 from tritonmesh.workers.upstream import await_call
 

@@ -37,7 +37,7 @@ from tritonmesh.forwarding import (
     too_late,
 )
 from tritonmesh.stream import StreamSession
-from tritonmesh.wire import RequestInfo, WireError, peek_request
+from tritonmesh.wire import WireError, peek_request
 from tritonmesh.workers.upstream import await_call
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
@@ -60,33 +60,13 @@ _NOT_RETRIED: Final = {
 }
 
 
-def _pick_avoiding(balancer: Balancer, avoid: Instance | None, info: RequestInfo,
-                   target: str | None, cost: float) -> Instance:
-    """``balancer.pick``, away from ``avoid`` (where the last attempt timed out) while the
-    variant has another instance to offer (Envoy's ``previous_hosts`` retry predicate)."""
-    if avoid is None or not (avoid.healthy and avoid.state == "ACTIVE"):
-        return balancer.pick(info.model_name, target, None, False, False, cost)
-    variant = avoid.variant
-    variant.table.set_available(avoid.slot, False)
-    try:
-        return balancer.pick(info.model_name, target, None, False, False, cost)
-    except VariantFull:
-        raise  # the others are busy: wait for whichever frees first
-    except NoInstanceError:
-        pass  # it is the only one: try it again
-    finally:
-        variant._sync(avoid)  # back to what its health and drain flags say
-    return balancer.pick(info.model_name, target, None, False, False, cost)
-
-
-def _retry_on_timeout(value: str) -> bool | str:
-    """``x-tritonmesh-retry-on``: True for ``timeout``, else the error."""
-    asked = {v.strip() for v in value.split(",")}
-    unknown = asked - RETRY_ON_VALUES
-    if unknown:
-        return (f"{RETRY_ON_KEY}: unknown value {', '.join(sorted(unknown))!r} "
-                f"(known: {', '.join(sorted(RETRY_ON_VALUES))})")
-    return True
+def _retry_on_error(value: str) -> str | None:
+    """Why an ``x-tritonmesh-retry-on`` value is refused; None when it is known."""
+    unknown = {v.strip() for v in value.split(",")} - RETRY_ON_VALUES
+    if not unknown:
+        return None
+    return (f"{RETRY_ON_KEY}: unknown value {', '.join(sorted(unknown))!r} "
+            f"(known: {', '.join(sorted(RETRY_ON_VALUES))})")
 
 
 class Proxy:
@@ -105,11 +85,11 @@ class Proxy:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed ModelInferRequest: {exc}")
         metadata, target, retry_on = split_metadata(context)
-        retry_on_timeout: bool | str = False
         if retry_on is not None:
-            retry_on_timeout = _retry_on_timeout(retry_on)
-            if isinstance(retry_on_timeout, str):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, retry_on_timeout)
+            refused = _retry_on_error(retry_on)
+            if refused is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
+        retry_on_timeout = retry_on is not None  # "timeout" is the one value there is
         balancer = self.balancer
         budget = balancer.retry_budget
         budget.deposit()
@@ -119,15 +99,15 @@ class Proxy:
         avoid: Instance | None = None  # where the last attempt failed
         while True:
             remaining = context.time_remaining()
-            if remaining is not None and remaining < floor_s:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                    too_late(remaining, floor_s))
+            late = too_late(remaining, floor_s)
+            if late is not None:
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
             try:
                 if avoid is None:
                     instance = balancer.pick(info.model_name, target, info.sequence_id,
                                              info.sequence_start, info.sequence_end, cost)
                 else:
-                    instance = _pick_avoiding(balancer, avoid, info, target, cost)
+                    instance = balancer.pick_avoiding(avoid, info.model_name, target, cost)
             except VariantFull as full:
                 instance = await _wait(full, context, cost)
                 remaining = context.time_remaining()
@@ -169,7 +149,7 @@ class Proxy:
                     balancer.outliers.failure(instance, "PER_TRY_TIMEOUT")
                     details = (f"upstream instance {instance.address} did not answer within "
                                f"per_try_timeout_s ({per_try:g} s)")
-                    retry = retry_on_timeout is True
+                    retry = retry_on_timeout
                 else:
                     balancer.outliers.failure(instance, code.name)
                 # A sequence is pinned to its instance, so it is never moved.
