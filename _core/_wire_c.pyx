@@ -180,6 +180,7 @@ def peek_request(bytes buf):
     cdef const unsigned char* data = <const unsigned char*>PyBytes_AS_STRING(buf)
     cdef object sequence_id = None
     cdef bint start_flag = False, end_flag = False, empty_final = False
+    cdef uint64_t priority = 0
     cdef Py_ssize_t ms = 0, me = 0, vs = 0, ve = 0, rs = 0, re = 0
     _open(&c, data, 0, PyBytes_GET_SIZE(buf))
     while _next(&c, &f):
@@ -214,10 +215,13 @@ def peek_request(bytes buf):
                 end_flag = p.kind == P_BOOL and p.raw != 0
             elif _key_is(data, &p, b"triton_enable_empty_final_response", 34):
                 empty_final = p.kind == P_BOOL and p.raw != 0
+            elif _key_is(data, &p, b"priority", 8):
+                priority = p.raw if (p.kind == P_INT or p.kind == P_UINT) \
+                    and 0 < p.raw < (<uint64_t>1 << 63) else 0
     if c.err:
         _fail(c.err)
     return RequestInfo(_string(buf, ms, me), _string(buf, vs, ve), _string(buf, rs, re),
-                       sequence_id, start_flag, end_flag, empty_final)
+                       sequence_id, start_flag, end_flag, empty_final, priority)
 
 
 def peek_stream_response(bytes buf):

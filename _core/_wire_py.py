@@ -37,6 +37,7 @@ _FINAL_RESPONSE: Final = b"triton_final_response"
 _SEQUENCE_ID: Final = b"sequence_id"
 _SEQUENCE_START: Final = b"sequence_start"
 _SEQUENCE_END: Final = b"sequence_end"
+_PRIORITY: Final = b"priority"
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _UINT64_MASK: Final = (1 << 64) - 1
@@ -56,6 +57,9 @@ class RequestInfo(NamedTuple):
     sequence_end: bool
     # The client's own triton_enable_empty_final_response, False when absent.
     empty_final: bool
+    # Triton's request priority parameter (1 is the highest); 0 when absent, not an integer,
+    # or not positive: the model's default.
+    priority: int = 0
 
 
 class ResponseInfo(NamedTuple):
@@ -172,6 +176,7 @@ def peek_request(buf: bytes) -> RequestInfo:
     name = version = rid = (0, 0)
     sequence_id: int | str | None = None
     start_flag = end_flag = empty_final = False
+    priority = 0
     for field, wire_type, s, e in _fields(buf, 0, end):
         if wire_type != _LEN:
             if field <= 7:
@@ -202,9 +207,12 @@ def peek_request(buf: bytes) -> RequestInfo:
                 end_flag = value is True
             elif key == ENABLE_EMPTY_FINAL:
                 empty_final = value is True
+            elif key == _PRIORITY:
+                priority = value if isinstance(value, int) and not isinstance(value, bool) \
+                    and 0 < value < 1 << 63 else 0
     return RequestInfo(
         _string(buf, *name), _string(buf, *version), _string(buf, *rid), sequence_id,
-        start_flag, end_flag, empty_final,
+        start_flag, end_flag, empty_final, priority,
     )
 
 

@@ -37,41 +37,43 @@ def _percentiles(values: list[float]) -> list[float]:
 
 async def _router(config_path: str, seconds: float) -> None:
     """The child: a router whose balancer reports what dispatch ahead did."""
-    from tritonmesh import balancer as b
     from tritonmesh.config import load_config
+    from tritonmesh.dispatch_ahead import DispatchAhead
+    from tritonmesh.instance import Instance, InstanceState
     from tritonmesh.server import Router
+    from tritonmesh.variant import Variant
 
     stats: dict[str, Any] = {"sent_ahead": 0, "gaps": 0, "lead": [], "error": []}
     handed: dict[Any, float] = {}
-    hand_ahead, release, observe = b.Variant._hand_ahead, b.Balancer.release, b.Instance.observe
+    hand_over, give_back, observe = DispatchAhead._hand_over, Variant.give_back, Instance.observe
 
     def counting_hand_ahead(self: Any, instance: Any) -> bool:
-        sent: bool = hand_ahead(self, instance)
+        sent: bool = hand_over(self, instance)
         if sent:
             stats["sent_ahead"] += 1
             handed[instance] = time.perf_counter()
         return sent
 
-    def counting_release(instance: Any, cost: float = 1.0) -> None:
+    def counting_give_back(self: Any, instance: Any, cost: float = 1.0) -> None:
         before = instance.variant.table.outstanding(instance.slot)
         if before == 2 and instance in handed:
             stats["lead"].append(time.perf_counter() - handed.pop(instance))
         elif before == 1 and instance.variant.waiters:
             stats["gaps"] += 1
-        release(instance, cost)
+        give_back(self, instance, cost)
 
     def counting_observe(self: Any, seconds: float, ok: bool, ahead: float = 0.0,
                          cost: float = 1.0) -> None:
         work = self.variant.work
-        if work is not None and ok and self.state == "ACTIVE":
+        if work is not None and ok and self.state is InstanceState.ACTIVE:
             predicted = work.service_time(self.slot, cost)
             if predicted >= 0.0:
                 stats["error"].append(predicted - seconds)
         observe(self, seconds, ok, ahead, cost)
 
-    b.Variant._hand_ahead = counting_hand_ahead  # type: ignore[method-assign]
-    b.Balancer.release = staticmethod(counting_release)  # type: ignore[method-assign]
-    b.Instance.observe = counting_observe  # type: ignore[method-assign]
+    DispatchAhead._hand_over = counting_hand_ahead  # type: ignore[method-assign]
+    Variant.give_back = counting_give_back  # type: ignore[method-assign]
+    Instance.observe = counting_observe  # type: ignore[method-assign]
     config = load_config(config_path)
     router = Router(config, {v.name: list(v.instances) for v in config.variants})
     await router.start()

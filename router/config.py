@@ -36,6 +36,7 @@ __all__ = [
     "RetryConfig",
     "RoutingStrategy",
     "ServerTLS",
+    "ShadowConfig",
     "UpstreamTLS",
     "VariantConfig",
     "WorkHint",
@@ -120,6 +121,17 @@ class DnsDiscovery:
 
 
 @dataclass(frozen=True)
+class ShadowConfig:
+    """This variant takes no live traffic: a ``sample`` share of the ``of`` variant's
+    ``ModelInfer`` requests is copied to it, answered, measured and discarded; at most
+    ``max_in_flight`` copies at once (a slow shadow holds their bytes), the rest skipped."""
+
+    of: str
+    sample: float
+    max_in_flight: int = 256
+
+
+@dataclass(frozen=True)
 class VariantConfig:
     name: str
     weight: float = 1.0
@@ -145,6 +157,12 @@ class VariantConfig:
     discovery: DnsDiscovery | None = None
     # Data path under faults: a ModelInfer attempt gets at most this long upstream; None: off.
     per_try_timeout_s: float | None = None
+    # Late binding's queue by Triton's request priority (1 first): the class of requests
+    # without one, and how long a request waits before it goes ahead of new requests of the
+    # class above (so none starves).
+    default_priority: int = 1
+    priority_aging_s: float = 1.0
+    shadow: ShadowConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -383,7 +401,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
                        "dispatch_ahead_s", "upstream_tls", "discovery",
-                       "per_try_timeout_s"}, where)
+                       "per_try_timeout_s", "default_priority", "priority_aging_s",
+                       "shadow"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -464,7 +483,25 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         discovery=discovery,
         per_try_timeout_s=None if data.get("per_try_timeout_s") is None
         else _weight(data["per_try_timeout_s"], f"{where}per_try_timeout_s"),
+        default_priority=_positive_int(data.get("default_priority", 1),
+                                       f"{where}default_priority"),
+        priority_aging_s=_weight(data.get("priority_aging_s", 1.0), f"{where}priority_aging_s"),
+        shadow=None if data.get("shadow") is None else _shadow(data["shadow"], f"{where}shadow"),
     )
+
+
+def _shadow(data: Any, key: str) -> ShadowConfig:
+    _expect(data, dict, key)
+    _no_unknown(data, {"of", "sample", "max_in_flight"}, f"{key}.")
+    if "of" not in data:
+        raise ConfigError(f"{key}.of: required (the live variant to copy requests from)")
+    of = _expect(data["of"], str, f"{key}.of")
+    sample = float(_expect(data.get("sample", 1.0), (int, float), f"{key}.sample"))
+    if not 0.0 < sample <= 1.0:
+        raise ConfigError(f"{key}.sample: the share of requests copied, in (0, 1], "
+                          f"got {data.get('sample')!r}")
+    return ShadowConfig(of, sample, _positive_int(data.get("max_in_flight", 256),
+                                                  f"{key}.max_in_flight"))
 
 
 def _discovery(data: Any, key: str) -> DnsDiscovery:
@@ -713,6 +750,13 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         if v.name in seen:
             raise ConfigError(f"variants[{i}].name: duplicate variant name {v.name!r}")
         seen.add(v.name)
+    live = {v.name for v in variants if v.shadow is None}
+    for i, v in enumerate(variants):
+        if v.shadow is not None and v.shadow.of not in live:
+            raise ConfigError(f"variants[{i}].shadow.of: {v.shadow.of!r} is not a live variant "
+                              f"of this endpoint (live: {', '.join(sorted(live)) or 'none'})")
+    if not live:
+        raise ConfigError("variants: at least one variant must take live traffic (not shadow)")
     metrics = data.get("metrics_listen", EndpointConfig.metrics_listen)
     listen = _address(data.get("listen", EndpointConfig.listen), "listen", listen=True)
     return EndpointConfig(

@@ -105,8 +105,7 @@ class Fanout:
     def _healthy(self, model_name: str | None = None) -> list[Instance]:
         variants = (self.balancer.variants if model_name is None
                     else self.balancer._variants_for(model_name))
-        return [i for v in variants for i in v.live_instances()
-                if i.healthy and i.state == "ACTIVE"]
+        return [i for v in variants for i in v.live_instances() if i.pickable]
 
     def _all(self) -> list[Instance]:
         return list(self.balancer.instances())

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import grpc
 import grpc.aio
 
+if TYPE_CHECKING:
+    from tritonmesh.instance import Instance
+    from tritonmesh.outlier import OutlierDetector
+
 __all__ = [
-    "QUEUE_TIMEOUT",
+    "PRIORITY_KEY",
     "RETRY_ON_KEY",
     "TARGET_VARIANT_KEY",
+    "CallMetadata",
     "Metadata",
+    "attempt_timeout",
     "client_gone",
     "forwardable_metadata",
+    "judge",
     "never_reached",
+    "priority_of",
     "split_metadata",
     "status",
     "too_late",
@@ -25,41 +33,95 @@ TARGET_VARIANT_KEY: Final = "x-target-variant"
 # once already): only the client knows whether its request is idempotent.
 RETRY_ON_KEY: Final = "x-tritonmesh-retry-on"
 RETRY_ON_VALUES: Final = frozenset({"timeout"})
+# For clients that cannot set Triton's ``priority`` request parameter: the priority class of
+# the call's requests (the parameter, where a request has it, wins). It orders the router's
+# late-binding queue; Triton does not see it.
+PRIORITY_KEY: Final = "x-tritonmesh-priority"
 # Connection-level and routing keys stay at this hop; everything else the client
 # sent (auth tokens, tracing headers) goes upstream as is.
 _HOP_BY_HOP: Final = frozenset({
     "te", "content-type", "user-agent", "grpc-timeout", "grpc-encoding",
     "grpc-accept-encoding", "grpc-internal-encoding-request", "connection", "keep-alive",
     "host", "proxy-connection", "transfer-encoding", "upgrade", TARGET_VARIANT_KEY,
-    RETRY_ON_KEY,
+    RETRY_ON_KEY, PRIORITY_KEY,
 })
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
-QUEUE_TIMEOUT: Final = ("deadline exceeded while waiting in tritonmesh's queue for an instance "
-                        "below its concurrency limit")
+
+class CallMetadata(NamedTuple):
+    """What the router reads from a call's metadata, and what it forwards."""
+
+    forward: Metadata  # what goes upstream
+    target: str | None  # x-target-variant
+    retry_on: str | None  # x-tritonmesh-retry-on
+    priority: str | None  # x-tritonmesh-priority, as sent (see priority_of)
 
 
-def split_metadata(
-    context: grpc.aio.ServicerContext,
-) -> tuple[Metadata, str | None, str | None]:
-    """The client's metadata as (what goes upstream, the target variant, ``retry-on``)."""
+def split_metadata(context: grpc.aio.ServicerContext) -> CallMetadata:
+    """The client's metadata: what goes upstream, and the router's own keys."""
     forward = []
-    target = retry_on = None
+    target = retry_on = priority = None
     for key, value in context.invocation_metadata() or ():
         if key == TARGET_VARIANT_KEY:
             target = value if isinstance(value, str) else value.decode()
         elif key == RETRY_ON_KEY:
             retry_on = value if isinstance(value, str) else value.decode()
+        elif key == PRIORITY_KEY:
+            priority = value if isinstance(value, str) else value.decode()
         elif key not in _HOP_BY_HOP and not key.startswith(":"):
             forward.append((key, value))
-    return tuple(forward), target, retry_on
+    return CallMetadata(tuple(forward), target, retry_on, priority)
+
+
+def priority_of(value: str | None) -> int | str:
+    """The priority class an ``x-tritonmesh-priority`` value names (0: none), or why it is
+    refused."""
+    if value is None:
+        return 0
+    try:
+        priority = int(value.strip())
+    except ValueError:
+        priority = -1
+    if not 0 < priority < 1 << 63:
+        return f"{PRIORITY_KEY}: expected a positive integer (1 is the highest), got {value!r}"
+    return priority
 
 
 def forwardable_metadata(context: grpc.aio.ServicerContext) -> tuple[Metadata, str | None]:
     """Split the client's metadata into what goes upstream and the target variant."""
-    forward, target, _ = split_metadata(context)
-    return forward, target
+    call = split_metadata(context)
+    return call.forward, call.target
+
+
+def attempt_timeout(remaining: float | None, per_try_s: float | None) -> tuple[float | None, bool]:
+    """The timeout of one upstream attempt, and whether ``per_try_timeout_s`` set it (rather
+    than the client's own deadline)."""
+    if per_try_s is not None and (remaining is None or per_try_s < remaining):
+        return per_try_s, True
+    return remaining, False
+
+
+def judge(outliers: OutlierDetector, instance: Instance, exc: grpc.aio.AioRpcError,
+          per_try_bound: bool, context: grpc.aio.ServicerContext) -> tuple[str, str | None]:
+    """Tell the outlier detector what a failed upstream call says about its instance.
+
+    Returns the details to answer with, and why the request may go elsewhere: "unreached"
+    (it provably never reached Triton), "timeout" (the attempt outlived
+    ``per_try_timeout_s``, not the client's deadline: the instance did not answer in time),
+    or None.
+    """
+    code = exc.code()
+    if never_reached(exc):
+        outliers.connect_failure(instance)
+        return exc.details() or code.name, "unreached"
+    if per_try_bound and code == grpc.StatusCode.DEADLINE_EXCEEDED and not client_gone(context):
+        outliers.failure(instance, "PER_TRY_TIMEOUT")
+        per_try = instance.variant.config.per_try_timeout_s
+        return (f"upstream instance {instance.address} did not answer within "
+                f"per_try_timeout_s ({per_try:g} s)"), "timeout"
+    outliers.failure(instance, code.name)
+    return exc.details() or code.name, None
 
 
 def never_reached(exc: grpc.aio.AioRpcError) -> bool:

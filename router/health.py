@@ -97,12 +97,12 @@ class HealthChecker(Chore):
                                  self.config.timeout_s)
 
     async def check_once(self) -> None:
-        instances = [i for i in self.balancer.instances() if i.state != "REMOVED"]
+        instances = list(self.balancer.instances())
         results = await asyncio.gather(*(self.probe(i) for i in instances))
         for instance, ok in zip(instances, results, strict=True):
             self.record(instance, ok)
         # Streaks of removed instances go with them (membership changes at run time).
-        for gone in [i for i in self._streak if i.state == "REMOVED"]:
+        for gone in [i for i in self._streak if i.removed]:
             del self._streak[gone]
         await self._publish()
 
@@ -110,27 +110,29 @@ class HealthChecker(Chore):
         streak = self._streak.get(instance, 0)
         streak = max(streak, 0) + 1 if ok else min(streak, 0) - 1
         self._streak[instance] = streak
+        if ok:
+            self.balancer.outliers.probe_passed(instance)
         if instance.healthy and streak <= -self.config.unhealthy_threshold:
-            if not any(i is not instance and i.healthy and i.state == "ACTIVE"
-                       for i in instance.variant.live_instances()):
+            if not any(i is not instance and i.pickable for i in instance.variant.live_instances()):
                 if streak == -self.config.unhealthy_threshold:
                     log.warning("instance %s fails its health checks, but it is the last healthy "
                                 "instance of variant '%s': it stays in (fail open)",
                                 instance.address, instance.variant.name)
                 return
             log.warning("instance %s is unhealthy; no new requests go to it", instance.address)
-            instance.variant.set_healthy(instance, False)
-        elif (not instance.healthy and ok and streak >= self.config.healthy_threshold
-              and not self.balancer.outliers.is_ejected(instance)):
+            instance.healthy = False
+            instance.variant.sync(instance)
+        elif not instance.healthy and ok and streak >= self.config.healthy_threshold:
             log.info("instance %s is healthy again", instance.address)
-            instance.variant.set_healthy(instance, True)
+            instance.healthy = True
+            instance.variant.sync(instance)
 
     async def _publish(self) -> None:
         if self.servicer is None:
             return
         # From the probes themselves: failing open keeps an instance in the pick set, but a
         # router none of whose instances passes its last probe is not ready to serve.
-        serving = any(i.healthy and i.state == "ACTIVE" and self._streak.get(i, 1) > 0
+        serving = any(i.pickable and self._streak.get(i, 1) > 0
                       for i in self.balancer.instances())
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -17,7 +17,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from tritonmesh.balancer import LATENCY_BUCKETS, Balancer
+from tritonmesh.balancer import Balancer
+from tritonmesh.instance import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from tritonmesh.discovery import Discovery
@@ -69,7 +70,7 @@ class BalancerCollector(Collector):
                 healthy.add_metric(lv, 1.0 if inst.healthy else 0.0)
                 requests.add_metric(lv, inst.requests)
                 errors.add_metric(lv, inst.errors)
-                if variant.ahead_s > 0.0:
+                if variant.ahead is not None:
                     ahead.add_metric(lv, inst.sent_ahead)
                 cumulative = 0
                 buckets = []

@@ -7,8 +7,14 @@ idle and attracts everything. So failures that say "this instance is broken"
 ejection (capped), and at most ``max_ejected_fraction`` of a variant is ejected this
 way. A connection that cannot be made is proof on its own and ejects at once,
 without the cap: when every instance is down, requests get UNAVAILABLE immediately
-instead of waiting on dead connections. An ejected instance returns through the
-health checker: after its back-off, on the next passing ServerReady probe. Its record
+instead of waiting on dead connections.
+
+Ejection is this detector's own flag (``Instance.ejected``); the health checker's
+``healthy`` is another, and the pick set needs both (Envoy's split). An ejected
+instance returns after its back-off, on the next passing active health probe
+(:meth:`OutlierDetector.probe_passed`, as Envoy's
+``successful_active_health_check_uneject_host``): a restarting Triton accepts
+connections before its models are ready. Its record
 of ejections is forgotten once it has served successfully for ``max_ejection_s`` past
 its last ejection, so one bad hour does not cost it the longest back-off forever.
 """
@@ -20,8 +26,10 @@ import re
 import time
 from typing import TYPE_CHECKING, Final
 
+from tritonmesh.instance import InstanceState
+
 if TYPE_CHECKING:
-    from tritonmesh.balancer import Instance
+    from tritonmesh.instance import Instance
 
 __all__ = ["INSTANCE_FAILURES", "OutlierDetector", "blames_instance"]
 
@@ -76,23 +84,27 @@ class OutlierDetector:
     def connect_failure(self, instance: Instance) -> None:
         self.eject(instance, "connection failed")
 
-    def is_ejected(self, instance: Instance) -> bool:
-        return instance.ejected_until > time.monotonic()
+    def probe_passed(self, instance: Instance) -> None:
+        """An active health probe of ``instance`` passed: it returns once its back-off is
+        over."""
+        if instance.ejected and time.monotonic() >= instance.ejected_until:
+            log.info("instance %s returns after its ejection", instance.address)
+            instance.ejected = False
+            instance.variant.sync(instance)
 
     def _may_eject(self, instance: Instance) -> bool:
         variant = instance.variant
-        members = [i for i in variant.live_instances() if i.state == "ACTIVE"]
-        ejected = sum(1 for i in members if self.is_ejected(i))
+        members = [i for i in variant.live_instances() if i.state is InstanceState.ACTIVE]
+        ejected = sum(1 for i in members if i.ejected)
         return ejected + 1 <= self.max_ejected_fraction * len(members)
 
     def eject(self, instance: Instance, reason: str) -> None:
-        if self.is_ejected(instance):
+        if instance.ejected:
             return
         seconds = min(self.base_ejection_s * 2 ** instance.ejections, self.max_ejection_s)
         instance.ejections += 1
         instance.failures = 0
         instance.ejected_until = time.monotonic() + seconds
         log.warning("ejecting %s for %.1fs: %s", instance.address, seconds, reason)
-        # Out of the pick set now; back only when the back-off is over *and* an active health
-        # check passes (a restarting Triton accepts connections before its models are ready).
-        instance.variant.set_healthy(instance, False)
+        instance.ejected = True
+        instance.variant.sync(instance)

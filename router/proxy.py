@@ -15,42 +15,33 @@ the answer comes back on its stream exactly as Triton would have sent it there.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Final
 
 import grpc
 import grpc.aio
-from tritonmesh.balancer import Balancer, Instance, NoInstanceError, VariantFull
+from tritonmesh.balancer import Balancer, Instance, NoInstanceError
 from tritonmesh.config import EndpointConfig
 from tritonmesh.forwarding import (
-    QUEUE_TIMEOUT,
     RETRY_ON_KEY,
     RETRY_ON_VALUES,
     TARGET_VARIANT_KEY,
     Metadata,
+    attempt_timeout,
     client_gone,
     forwardable_metadata,
-    never_reached,
+    judge,
+    priority_of,
     split_metadata,
     status,
     too_late,
 )
+from tritonmesh.shadow import Shadows
 from tritonmesh.stream import StreamSession
-from tritonmesh.wire import WireError, peek_request
+from tritonmesh.wire import RequestInfo, WireError, peek_request
 from tritonmesh.workers.upstream import await_call
 
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
-
-
-async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: float) -> Instance:
-    try:
-        return await full.variant.wait(context.time_remaining(), cost)
-    except NoInstanceError as exc:
-        await context.abort(status(exc.code_name), str(exc))
-    except TimeoutError:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, QUEUE_TIMEOUT)
-    raise AssertionError("unreachable")
 
 
 _NOT_RETRIED: Final = {
@@ -72,8 +63,10 @@ def _retry_on_error(value: str) -> str | None:
 class Proxy:
     """Handlers for ``ModelInfer`` and ``ModelStreamInfer`` over a :class:`Balancer`."""
 
-    def __init__(self, balancer: Balancer, config: EndpointConfig | None = None):
+    def __init__(self, balancer: Balancer, config: EndpointConfig | None = None,
+                 shadows: Shadows | None = None):
         self.balancer = balancer
+        self.shadows = shadows or None  # None when no variant is a shadow: nothing to do
         config = config or EndpointConfig()
         self.stream_limit = config.limits.max_stream_requests_in_flight
         self.floor_s = config.limits.min_upstream_deadline_ms / 1000.0
@@ -84,75 +77,76 @@ class Proxy:
         except WireError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"malformed ModelInferRequest: {exc}")
-        metadata, target, retry_on = split_metadata(context)
+        metadata, target, retry_on, priority_value = split_metadata(context)
+        priority = priority_of(priority_value)
+        if isinstance(priority, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, priority)
+        assert isinstance(priority, int)
         if retry_on is not None:
             refused = _retry_on_error(retry_on)
             if refused is not None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
-        retry_on_timeout = retry_on is not None  # "timeout" is the one value there is
+        if self.shadows is None:
+            return await self._forward(request, info, context, metadata, target,
+                                       retry_on is not None, priority, None)
+        # Shadows get the live answer to compare with, however the live request ends.
+        copied: list[asyncio.Future[bytes | None]] = []
+        response = None
+        try:
+            response = await self._forward(request, info, context, metadata, target,
+                                           retry_on is not None, priority, copied)
+            return response
+        finally:
+            for answer in copied:
+                answer.set_result(response)
+
+    async def _forward(self, request: bytes, info: RequestInfo,
+                       context: grpc.aio.ServicerContext, metadata: Metadata,
+                       target: str | None, retry_on_timeout: bool, priority: int,
+                       copied: list[asyncio.Future[bytes | None]] | None) -> bytes:
+        """Send a ModelInfer to an instance (and, after a failure that allows it, to
+        another); ``copied``: where a shadow copy's answer future goes, if one is made."""
         balancer = self.balancer
         budget = balancer.retry_budget
         budget.deposit()
-        cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
         floor_s = self.floor_s
         attempt = 0
         avoid: Instance | None = None  # where the last attempt failed
         while True:
-            remaining = context.time_remaining()
-            late = too_late(remaining, floor_s)
+            late = too_late(context.time_remaining(), floor_s)
             if late is not None:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
             try:
-                if avoid is None:
-                    instance = balancer.pick(info.model_name, target, info.sequence_id,
-                                             info.sequence_start, info.sequence_end, cost)
-                else:
-                    instance = balancer.pick_avoiding(avoid, info.model_name, target, cost)
-            except VariantFull as full:
-                instance = await _wait(full, context, cost)
-                remaining = context.time_remaining()
-                late = too_late(remaining, floor_s)
-                if late is not None:  # its deadline went by in the queue
-                    balancer.release(instance, cost)
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
+                lease = await balancer.acquire(info, request, target, context.time_remaining(),
+                                               avoid, priority)
             except NoInstanceError as exc:
                 await context.abort(status(exc.code_name), str(exc))
-            ahead = instance.work_ahead()
-            started = time.perf_counter()
+            remaining = context.time_remaining()
+            late = too_late(remaining, floor_s)
+            if late is not None:  # its deadline went by in the queue
+                lease.abandon()
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
+            instance = lease.instance
+            if copied is not None and attempt == 0 and self.shadows is not None:
+                answer = self.shadows.copy(instance.variant, info, request, metadata, remaining)
+                if answer is not None:
+                    copied.append(answer)
             ok = False
             failed: tuple[grpc.StatusCode, str, Metadata] | None = None
-            timeout = remaining
-            per_try = instance.variant.config.per_try_timeout_s
-            per_try_bound = per_try is not None and (timeout is None or per_try < timeout)
-            if per_try_bound:
-                timeout = per_try
+            timeout, per_try_bound = attempt_timeout(
+                remaining, instance.variant.config.per_try_timeout_s)
             try:
                 response: bytes = await await_call(instance.upstream.model_infer(
                     request, timeout=timeout, metadata=metadata
                 ))
                 ok = True
-                balancer.outliers.success(instance)
+                lease.succeeded()
                 return response
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                details = exc.details() or ""
-                retry = False
-                if never_reached(exc):
-                    balancer.outliers.connect_failure(instance)
-                    # Provably never reached Triton: safe to send elsewhere, within the
-                    # per-request limit, the deadline and the endpoint's retry budget.
-                    retry = True
-                elif (per_try_bound and code == grpc.StatusCode.DEADLINE_EXCEEDED
-                      and not client_gone(context)):
-                    # The attempt outlived per_try_timeout_s, not the client's deadline:
-                    # the instance did not answer in time (hung, or far behind).
-                    balancer.outliers.failure(instance, "PER_TRY_TIMEOUT")
-                    details = (f"upstream instance {instance.address} did not answer within "
-                               f"per_try_timeout_s ({per_try:g} s)")
-                    retry = retry_on_timeout
-                else:
-                    balancer.outliers.failure(instance, code.name)
-                # A sequence is pinned to its instance, so it is never moved.
+                details, retryable = judge(lease.outliers, instance, exc, per_try_bound, context)
+                # Only a request that provably never reached Triton, or one whose client
+                # said it may run twice, goes elsewhere; a sequence is pinned, never moved.
+                retry = retryable == "unreached" or (retryable == "timeout" and retry_on_timeout)
                 if retry and info.sequence_id is None:
                     attempt += 1
                     refused = budget.withdraw(attempt, context.time_remaining())
@@ -164,10 +158,9 @@ class Proxy:
                     # gRPC has already answered the client (cancelled, deadline passed); a
                     # status sent now fails in the core and is logged as an error.
                     raise asyncio.CancelledError from None
-                failed = (code, details, tuple(exc.trailing_metadata() or ()))
+                failed = (exc.code(), details, tuple(exc.trailing_metadata() or ()))
             finally:
-                balancer.release(instance, cost)
-                instance.observe(time.perf_counter() - started, ok, ahead, cost)
+                lease.release(ok)
             # Only now: abort() sends the status before it raises, and a client that has
             # its answer must find the request released (its count back, its outcome seen).
             assert failed is not None

@@ -1,11 +1,12 @@
 """What a SIGHUP reload may change while the router serves, and what takes a restart.
 
 Applied live: each variant's static ``instances``, ``weight``, ``models``,
-``max_concurrency_per_instance``, ``max_queue``, ``default_deadline_s``, ``slow_start_s``
-and ``routing_strategy`` among the strategies that share one table (all but
-LEAST_OUTSTANDING_WORK); the endpoint's ``health_check``, ``retries``, ``work_hints``,
-``shutdown_grace_s``, the TLS certificates (:mod:`tritonmesh.endpoint`), the tokens of
-``auth`` and ``instance_networks`` (``Router.reload_auth``).
+``max_concurrency_per_instance``, ``max_queue``, ``default_deadline_s``, ``default_priority``,
+``priority_aging_s``, ``slow_start_s`` and ``routing_strategy`` among the strategies that
+share one table (all but LEAST_OUTSTANDING_WORK); the endpoint's ``health_check``,
+``retries``, ``work_hints``, ``shutdown_grace_s``, the TLS certificates
+(:mod:`tritonmesh.endpoint`), the tokens of ``auth`` and ``instance_networks``
+(``Router.reload_auth``).
 
 Everything else is read once, at start: a reload that changes any of it is refused as a
 whole, with one log line naming each such key, and the running configuration stays.
@@ -22,7 +23,7 @@ __all__ = ["restart_keys"]
 # Endpoint keys fixed at start (tls has its own rules: tritonmesh.endpoint._reload_tls).
 _AT_START = ("listen", "metrics_listen", "admin_listen")
 # Variant keys fixed at start (upstream_tls: warned about, channels keep theirs).
-_VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discovery")
+_VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discovery", "shadow")
 
 
 def _work_table(strategy: RoutingStrategy) -> bool:

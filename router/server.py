@@ -31,7 +31,7 @@ from tritonmesh.auth import (
     admin_plane_message,
     data_plane_message,
 )
-from tritonmesh.balancer import Balancer, Variant
+from tritonmesh.balancer import Balancer, InstanceState, Variant
 from tritonmesh.config import EndpointConfig, LimitsConfig
 from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
@@ -40,6 +40,7 @@ from tritonmesh.housekeeping import Housekeeper
 from tritonmesh.logfilter import quiet_client_gone
 from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
+from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
 from tritonmesh.tls import ServerCertificates
 from tritonmesh.workers.upstream import SERVICE, channel_options
@@ -93,6 +94,7 @@ class Router:
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
         self.health: HealthChecker | None = None
+        self.shadows: Shadows | None = None
         self.port = 0
         self._metrics_server: Any = None
         self.certificates: ServerCertificates | None = None  # with tls: replaceable
@@ -123,7 +125,8 @@ class Router:
     async def start(self) -> None:
         balancer = self.balancer = self._balancer()
 
-        proxy = Proxy(balancer, self.config)
+        self.shadows = Shadows(balancer)
+        proxy = Proxy(balancer, self.config, self.shadows)
         fanout = Fanout(balancer, access=ControlAccess(self.admin_tokens))
         handlers: dict[str, grpc.RpcMethodHandler] = {
             name: grpc.unary_unary_rpc_method_handler(fn)
@@ -233,6 +236,8 @@ class Router:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(BalancerCollector(balancer))
         registry.register(DiscoveryCollector(self.discoveries))
+        if self.shadows:
+            registry.register(ShadowCollector(self.shadows))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)
         self._metrics_server = server
@@ -258,6 +263,8 @@ class Router:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
+        if self.shadows is not None:
+            await self.shadows.close()
         if self.balancer is not None:
             for variant in self.balancer.variants:
                 await variant.close()
@@ -310,7 +317,8 @@ class Router:
                 log.warning("reload: variant %r is not in the running config; adding "
                             "variants needs a restart", name)
                 continue
-            current = {i.address: i for i in variant.live_instances() if i.state == "ACTIVE"}
+            current = {i.address: i for i in variant.live_instances()
+                       if i.state is InstanceState.ACTIVE}
             for address in addresses:
                 if address not in current:
                     variant.add(variant.connect(address), slow_start=True)

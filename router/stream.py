@@ -18,22 +18,15 @@ its model) waits in a task of its own, so later requests on the stream go on.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, Final
 
 import grpc
 import grpc.aio
-from tritonmesh.balancer import Balancer, Instance, NoInstanceError, Variant, VariantFull
-from tritonmesh.forwarding import (
-    QUEUE_TIMEOUT,
-    client_gone,
-    never_reached,
-    split_metadata,
-    too_late,
-)
+from tritonmesh.balancer import Balancer, Instance, NoInstanceError
+from tritonmesh.forwarding import attempt_timeout, judge, priority_of, split_metadata, too_late
+from tritonmesh.stream_upstream import Pending, UpstreamStream
 from tritonmesh.wire import (
     RequestInfo,
     WireError,
@@ -58,38 +51,6 @@ log = logging.getLogger("tritonmesh.proxy")
 _PUMP_END_S: Final = 5.0
 
 
-class _Pending:
-    """A request sent on an upstream stream whose final response has not arrived."""
-
-    __slots__ = ("ahead", "client_wants_empty_final", "cost", "failed", "id", "model_name",
-                 "started")
-
-    def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool,
-                 cost: float, ahead: float):
-        self.id = request_id
-        self.model_name = model_name
-        self.client_wants_empty_final = client_wants_empty_final
-        self.cost = cost  # what it was picked with, released with
-        self.ahead = ahead  # LEAST_OUTSTANDING_WORK: the work it found on its instance
-        self.started = time.perf_counter()
-        self.failed = False  # an in-stream error came for it (final or not)
-
-
-class _Upstream:
-    """One upstream ``ModelStreamInfer`` call of a client stream, to one instance."""
-
-    __slots__ = ("call", "instance", "lock", "pending", "pump")
-
-    def __init__(self, instance: Instance, call: grpc.aio.StreamStreamCall):
-        self.instance = instance
-        self.call = call
-        self.pending: collections.deque[_Pending] = collections.deque()
-        self.pump: asyncio.Task[None] | None = None
-        # gRPC allows one write in progress per call; requests that waited in a task of
-        # their own write beside the reading loop.
-        self.lock = asyncio.Lock()
-
-
 class StreamSession:
     """One client ``ModelStreamInfer`` stream fanned out over per-instance upstream streams.
 
@@ -102,10 +63,11 @@ class StreamSession:
                  limit: int, floor_s: float):
         self.balancer = balancer
         self.context = context
-        self.metadata, self.target, _ = split_metadata(context)
-        self.upstreams: dict[Instance, _Upstream] = {}
+        self.metadata, self.target, _, priority = split_metadata(context)
+        self.priority = priority_of(priority)
+        self.upstreams: dict[Instance, UpstreamStream] = {}
         # Requests sent as ModelInfer, still running, and what each holds on its instance.
-        self.unary: dict[asyncio.Task[None], tuple[Instance, _Pending]] = {}
+        self.unary: dict[asyncio.Task[None], Pending] = {}
         # Requests waiting for an instance or for their model's policy, each in its task.
         self.waiting: set[asyncio.Task[None]] = set()
         self.write_lock = asyncio.Lock()
@@ -115,6 +77,8 @@ class StreamSession:
         self.room: asyncio.Future[None] | None = None  # set while reading is paused
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
+        if isinstance(self.priority, str):
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.priority)
         try:
             async for request in requests:
                 await self._forward(request)
@@ -178,99 +142,92 @@ class StreamSession:
         if late is not None:
             await self._write(error_stream_response(late, info.id, info.model_name))
             return
-        balancer = self.balancer
-        cost = balancer.cost(info.model_name, request) if balancer.work_aware else 1.0
         try:
-            instance = balancer.pick(info.model_name, self.target, info.sequence_id,
-                                     info.sequence_start, info.sequence_end, cost)
-        except VariantFull as full:
-            self._later(self._wait_then_send(request, info, cost, full.variant))
-            return
+            lease = self.balancer.try_acquire(info, request, self.target)
         except NoInstanceError as exc:
             await self._write(error_stream_response(str(exc), info.id, info.model_name))
             return
-        pending = _Pending(info.id, info.model_name, info.empty_final, cost, instance.work_ahead())
-        # Sequences stay on the stream: Triton keeps their order there, concurrent calls
-        # would not.
-        if info.sequence_id is None:
-            decoupled = balancer.decoupled.get(info.model_name, info.model_version)
-            if decoupled is None:
-                self._later(self._ask_then_send(request, info, instance, pending))
-                return
-            if decoupled is False:
-                self.in_flight += 1
-                self._send_unary(request, instance, pending)
-                return
-        self.in_flight += 1
-        await self._send_on_stream(request, info, instance, pending)
+        if lease is None:  # every instance is at its limit: wait, in a task of its own
+            self._later(self._wait_then_send(request, info))
+            return
+        await self._send(request, info, Pending(info, lease))
 
-    async def _wait_then_send(self, request: bytes, info: RequestInfo, cost: float,
-                              variant: Variant) -> None:
+    async def _wait_then_send(self, request: bytes, info: RequestInfo) -> None:
         """Late binding: wait for an instance below its limit, then send."""
         sent = False
         try:
             try:
-                instance = await variant.wait(self.context.time_remaining(), cost)
+                assert isinstance(self.priority, int)
+                lease = await self.balancer.acquire(info, request, self.target,
+                                                    self.context.time_remaining(),
+                                                    priority=self.priority)
             except NoInstanceError as exc:
                 await self._write(error_stream_response(str(exc), info.id, info.model_name))
                 return
-            except TimeoutError:
-                await self._write(error_stream_response(QUEUE_TIMEOUT, info.id,
-                                                        info.model_name))
-                return
             late = too_late(self.context.time_remaining(), self.floor_s)
             if late is not None:  # its deadline went by in the queue
-                self.balancer.release(instance, cost)
+                lease.abandon()
                 await self._write(error_stream_response(late, info.id, info.model_name))
                 return
-            pending = _Pending(info.id, info.model_name, info.empty_final, cost,
-                               instance.work_ahead())
-            as_unary = False
-            if info.sequence_id is None:
-                decoupled = self.balancer.decoupled.get(info.model_name, info.model_version)
-                if decoupled is None:
-                    sent = True
-                    await self._ask_then_send(request, info, instance, pending)
-                    return
-                as_unary = decoupled is False
             sent = True
-            if as_unary:
-                self._send_unary(request, instance, pending)
-            else:
-                await self._send_on_stream(request, info, instance, pending)
+            await self._send(request, info, Pending(info, lease), waited=True)
         finally:
             if not sent:
                 self._answered()
 
-    async def _ask_then_send(self, request: bytes, info: RequestInfo, instance: Instance,
-                             pending: _Pending) -> None:
+    async def _send(self, request: bytes, info: RequestInfo, pending: Pending,
+                    waited: bool = False) -> None:
+        """Send on the upstream stream or as ``ModelInfer``, by the model's policy (asked of
+        Triton first if unknown). ``waited``: it runs in a task of its own, counted in
+        flight already."""
+        as_unary = False
+        # Sequences stay on the stream: Triton keeps their order there, concurrent calls
+        # would not.
+        if info.sequence_id is None:
+            decoupled = self.balancer.decoupled.get(info.model_name, info.model_version)
+            if decoupled is None:
+                if waited:
+                    await self._ask_then_send(request, info, pending)
+                else:
+                    self._later(self._ask_then_send(request, info, pending))
+                return
+            as_unary = decoupled is False
+        if not waited:
+            self.in_flight += 1
+        if as_unary:
+            self._send_unary(request, pending)
+        else:
+            await self._send_on_stream(request, info, pending)
+
+    async def _ask_then_send(self, request: bytes, info: RequestInfo,
+                             pending: Pending) -> None:
         """The model's policy is not known yet: ask Triton, then send one way or the other."""
         try:
-            decoupled = await self.balancer.decoupled.ask(instance.upstream, info.model_name,
-                                                          info.model_version)
+            decoupled = await self.balancer.decoupled.ask(pending.lease.instance.upstream,
+                                                          info.model_name, info.model_version)
         except BaseException:
             # The client went (or the question failed) before the request was anywhere
             # _close() can see it: release here, or the count stays up for good.
-            self._release(instance, pending, False)
+            pending.lease.release(False)
             self._answered()
             raise
         late = too_late(self.context.time_remaining(), self.floor_s)
         if late is not None:  # its deadline went by while Triton was asked
-            self.balancer.release(instance, pending.cost)
+            pending.lease.abandon()
             self._answered()
             await self._write(error_stream_response(late, info.id, info.model_name))
         elif decoupled is False:  # unknown (no such model, say): Triton answers in-stream
-            self._send_unary(request, instance, pending)
+            self._send_unary(request, pending)
         else:
-            await self._send_on_stream(request, info, instance, pending)
+            await self._send_on_stream(request, info, pending)
 
-    def _send_unary(self, request: bytes, instance: Instance, pending: _Pending) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._unary_call(request, instance, pending))
-        self.unary[task] = (instance, pending)
+    def _send_unary(self, request: bytes, pending: Pending) -> None:
+        task = asyncio.get_running_loop().create_task(self._unary_call(request, pending))
+        self.unary[task] = pending
 
-    async def _send_on_stream(self, request: bytes, info: RequestInfo, instance: Instance,
-                              pending: _Pending) -> None:
+    async def _send_on_stream(self, request: bytes, info: RequestInfo,
+                              pending: Pending) -> None:
+        instance = pending.lease.instance
         data = request if info.empty_final else inject_empty_final(request)
         queued = False
         try:
@@ -293,46 +250,35 @@ class StreamSession:
                     return
         finally:
             if not queued:  # cancelled while waiting to write
-                self._release(instance, pending, False)
+                pending.lease.release(False)
                 self._answered()
 
-    async def _unary_call(self, request: bytes, instance: Instance, pending: _Pending) -> None:
+    async def _unary_call(self, request: bytes, pending: Pending) -> None:
         """Send one stream request as ``ModelInfer`` and answer it on the client's stream."""
         task = asyncio.current_task()
         assert task is not None
+        lease = pending.lease
+        instance = lease.instance
         ok = False
-        timeout = self.context.time_remaining()
-        per_try = instance.variant.config.per_try_timeout_s
-        per_try_bound = per_try is not None and (timeout is None or per_try < timeout)
-        if per_try_bound:
-            timeout = per_try
+        timeout, per_try_bound = attempt_timeout(self.context.time_remaining(),
+                                                 instance.variant.config.per_try_timeout_s)
         try:
             try:
                 response = await await_call(instance.upstream.model_infer(
                     request, timeout=timeout, metadata=self.metadata))
                 ok = True
-                self.balancer.outliers.success(instance)
+                lease.succeeded()
                 out = stream_response_from_unary(response)
             except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                details = exc.details() or code.name
-                if never_reached(exc):
-                    self.balancer.outliers.connect_failure(instance)
-                elif (per_try_bound and code == grpc.StatusCode.DEADLINE_EXCEEDED
-                      and not client_gone(self.context)):
-                    self.balancer.outliers.failure(instance, "PER_TRY_TIMEOUT")
-                    details = (f"upstream instance {instance.address} did not answer within "
-                               f"per_try_timeout_s ({per_try:g} s)")
-                else:
-                    self.balancer.outliers.failure(instance, code.name)
-                if code == grpc.StatusCode.UNIMPLEMENTED and "decoupled" in details:
+                details, _ = judge(lease.outliers, instance, exc, per_try_bound, self.context)
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and "decoupled" in details:
                     # Reloaded behind the router's back as decoupled: ask again next time.
                     self.balancer.decoupled.forget()
                 # Triton's in-stream error for a non-decoupled request: message and id.
                 out = error_stream_response(details, pending.id)
             finally:
-                if self.unary.pop(task, None) is not None:  # _close() may have released it
-                    self._release(instance, pending, ok)
+                self.unary.pop(task, None)
+                lease.release(ok)  # once, whether here or in _close()
             try:
                 await self._write(out)
             except Exception as exc:  # the client went; nothing to answer
@@ -340,16 +286,16 @@ class StreamSession:
         finally:
             self._answered()
 
-    def _open(self, instance: Instance) -> _Upstream:
+    def _open(self, instance: Instance) -> UpstreamStream:
         call = instance.upstream.stream_infer(
             timeout=self.context.time_remaining(), metadata=self.metadata
         )
-        up = _Upstream(instance, call)
+        up = UpstreamStream(instance, call)
         self.upstreams[instance] = up
         up.pump = asyncio.get_running_loop().create_task(self._pump(up))
         return up
 
-    async def _pump(self, up: _Upstream) -> None:
+    async def _pump(self, up: UpstreamStream) -> None:
         instance = up.instance
         failure: str | None = "closed the stream before the final response"
         try:
@@ -366,10 +312,7 @@ class StreamSession:
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
                 failure = None
             else:
-                if never_reached(exc):
-                    self.balancer.outliers.connect_failure(instance)
-                else:
-                    self.balancer.outliers.failure(instance, exc.code().name)
+                judge(self.balancer.outliers, instance, exc, False, self.context)
                 failure = f"failed: [{exc.code().name}] {exc.details()}"
         finally:
             # Whatever ended this pump (upstream death, a write to a client that is gone,
@@ -383,7 +326,7 @@ class StreamSession:
                 await self._write(error_stream_response(
                     f"upstream instance {instance.address} {failure}", p.id, p.model_name))
 
-    async def _on_response(self, up: _Upstream, response: bytes) -> None:
+    async def _on_response(self, up: UpstreamStream, response: bytes) -> None:
         try:
             info = peek_stream_response(response)
         except WireError:
@@ -393,10 +336,7 @@ class StreamSession:
             if info.error_message:
                 # A decoupled model's error need not be its final response: judge the
                 # request now, once, and never as a success at its (empty) final.
-                for p in up.pending:
-                    if p.id == info.id:
-                        self._failed(up.instance, p, info.error_message)
-                        break
+                up.failed(info.id, info.error_message)
             await self._write(response)
             return
         pending = self._settle(up, info.id, info.error_message)
@@ -407,48 +347,17 @@ class StreamSession:
             return  # an empty final the router asked for; the client did not
         await self._write(response)
 
-    def _settle(self, up: _Upstream, request_id: str, error: str) -> _Pending | None:
-        """Close the oldest pending request with this id on this upstream, tell the outlier
-        detector how it went (``error``: its final response's, "" for none), and release
-        it."""
-        pending = up.pending
-        found = None
-        for i, p in enumerate(pending):
-            if p.id == request_id:
-                found = p
-                del pending[i]
-                break
-        if found is None:
-            if not pending:
-                return None
-            found = pending.popleft()
-        if error:
-            self._failed(up.instance, found, error)
-        elif not found.failed:
-            self.balancer.outliers.success(up.instance)
-        self._release(up.instance, found, not found.failed)
-        self._answered()
+    def _settle(self, up: UpstreamStream, request_id: str, error: str) -> Pending | None:
+        found = up.settle(request_id, error)
+        if found is not None:
+            self._answered()
         return found
 
-    def _failed(self, instance: Instance, p: _Pending, error: str) -> None:
-        """An in-stream error came for ``p``: the outlier detector hears of it once per
-        request, however many error responses a decoupled model sends."""
-        if not p.failed:
-            p.failed = True
-            self.balancer.outliers.stream_error(instance, error)
-
-    def _settle_all(self, up: _Upstream) -> list[_Pending]:
-        """Release every request still pending on ``up`` as failed; return them."""
-        orphans = list(up.pending)
-        up.pending.clear()
-        for p in orphans:
-            self._release(up.instance, p, False)
+    def _settle_all(self, up: UpstreamStream) -> list[Pending]:
+        orphans = up.settle_all()
+        for _ in orphans:
             self._answered()
         return orphans
-
-    def _release(self, instance: Instance, p: _Pending, ok: bool) -> None:
-        self.balancer.release(instance, p.cost)
-        instance.observe(time.perf_counter() - p.started, ok, p.ahead, p.cost)
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:
@@ -473,9 +382,9 @@ class StreamSession:
         self.upstreams.clear()
         calls = list(self.unary.items())
         self.unary.clear()
-        for task, (instance, pending) in calls:
+        for task, pending in calls:
             task.cancel()  # a task cancelled before it ran has no finally: release here
-            self._release(instance, pending, False)
+            pending.lease.release(False)
         for up in ups:
             cancel_in_core(up.call)  # again: one a waiting request opened meanwhile
             self._settle_all(up)

@@ -8,8 +8,14 @@ generation starts ahead of short requests that arrived shortly before it, becaus
 own length leaves it less time to spare, and no request waits forever, since every
 request's key is fixed when it starts waiting and later arrivals' keys grow with the clock.
 
-One binary heap serves both orders: under FIFO every key is equal and the arrival sequence
-breaks the tie.
+Priorities (Triton's request ``priority``, 1 first) shift a key by ``(priority - 1) x
+aging_s``: a request of priority 2 is served as if it had arrived ``aging_s`` later than it
+did. Within a class the order above holds; across classes a waiting request goes ahead of
+every newer arrival of the class above once it has waited ``aging_s`` per class between
+them, so no class starves. When the queue is full, the request of the lowest class (the
+newest of it) makes room for one of a higher class.
+
+One binary heap serves every order: the key, then the arrival sequence.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ import itertools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tritonmesh.balancer import Instance
+    from tritonmesh.instance import Instance
 
 __all__ = ["WaitQueue", "Waiter"]
 
-# (key, arrival sequence, the waiting request's future, its cost)
-Waiter = tuple[float, int, "asyncio.Future[Instance]", float]
+# (key, arrival sequence, the waiting request's future, its cost, its priority)
+Waiter = tuple[float, int, "asyncio.Future[Instance]", float, int]
 
 
 class WaitQueue:
@@ -38,9 +44,10 @@ class WaitQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def push(self, future: asyncio.Future[Instance], cost: float, key: float = 0.0) -> Waiter:
+    def push(self, future: asyncio.Future[Instance], cost: float, key: float = 0.0,
+             priority: int = 1) -> Waiter:
         """Add a waiting request; returns its entry, for :meth:`discard`."""
-        entry = (key, next(self._sequence), future, cost)
+        entry = (key, next(self._sequence), future, cost, priority)
         heapq.heappush(self._heap, entry)
         return entry
 
@@ -51,8 +58,13 @@ class WaitQueue:
     def pop(self) -> Waiter:
         return heapq.heappop(self._heap)
 
+    def lowest(self) -> Waiter:
+        """The entry to shed first: of the lowest class (highest priority number), the
+        newest. O(n); only a full queue asks."""
+        return max(self._heap, key=lambda entry: (entry[4], entry[1]))
+
     def discard(self, entry: Waiter) -> None:
-        """Remove a request that stopped waiting (deadline, cancel); O(n), rare."""
+        """Remove a request that stopped waiting (deadline, cancel, shed); O(n), rare."""
         try:
             self._heap.remove(entry)
         except ValueError:

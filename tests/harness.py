@@ -7,10 +7,11 @@ while the router (a grpc.aio server) runs on this loop, as it would in productio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ import grpc.aio
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2 as pb
-from tritonmesh.balancer import Balancer, Instance
+from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import (
     AuthConfig,
     EndpointConfig,
@@ -32,7 +33,9 @@ from tritonmesh.config import (
 )
 from tritonmesh.loop import new_event_loop
 from tritonmesh.server import Router
+from tritonmesh.wire import RequestInfo
 from tritonmesh.workers.launcher import WorkerPool
+from tritonmesh.workers.upstream import Upstream
 
 T = TypeVar("T")
 
@@ -105,12 +108,14 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                 queue_order: str = "FIFO", models: Sequence[str] | None = None,
                 slow_start_s: float = 0.0, dispatch_ahead_s: float = 0.0,
                 auth: AuthConfig | None = None, limits: dict[str, Any] | None = None,
+                variant_options: dict[str, Any] | None = None,
                 ) -> tuple[EndpointConfig, dict[str, list[str]]]:
     """A router config over the given Triton addresses.
 
     ``variants`` lists (name, weight, strategy, index of the worker address); without it,
     one variant "AllTraffic" over the first ``workers`` addresses (default: all).
-    ``limits``: keys of the ``limits`` block (the rest at their defaults).
+    ``limits``: keys of the ``limits`` block (the rest at their defaults);
+    ``variant_options``: more VariantConfig fields for that one variant.
     """
     if variants is None:
         chosen = list(addresses[: workers or len(addresses)])
@@ -119,7 +124,7 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
                               tuple(chosen), max_concurrency=max_concurrency,
                               max_queue=max_queue, queue_order=QueueOrder(queue_order),
                               slow_start_s=slow_start_s,
-                              dispatch_ahead_s=dispatch_ahead_s)]
+                              dispatch_ahead_s=dispatch_ahead_s, **(variant_options or {}))]
         instances = {"AllTraffic": chosen}
     else:
         spec = [VariantConfig(name, weight, RoutingStrategy(s), None, (addresses[i],))
@@ -228,6 +233,8 @@ class RecordingTriton:
         self.loop = loop
         # (method, metadata, seconds left of its deadline or None), one per call
         self.calls: list[tuple[str, dict[str, str], float | None]] = []
+        # While set, ModelInfer calls wait for it before they answer (a slow instance).
+        self.hold: asyncio.Event | None = None
         answers = {
             "ServerReady": pb.ServerReadyResponse(ready=True),
             "ModelReady": pb.ModelReadyResponse(ready=True),
@@ -241,6 +248,8 @@ class RecordingTriton:
                 metadata = {k: v if isinstance(v, str) else v.decode()
                             for k, v in context.invocation_metadata() or ()}
                 self.calls.append((method, metadata, context.time_remaining()))
+                if method == "ModelInfer" and self.hold is not None:
+                    await self.hold.wait()
                 return raw  # type: ignore[no-any-return]
             return grpc.unary_unary_rpc_method_handler(answer)
 
@@ -258,3 +267,28 @@ class RecordingTriton:
 
     def stop(self) -> None:
         self.loop.run(self.server.stop(0))
+
+
+def request_info(model: str = "identity", sequence_id: int | None = None, *,
+                 start: bool = False, end: bool = False, priority: int = 0) -> RequestInfo:
+    """What the wire peek reads from a request, for tests that call the balancer directly."""
+    return RequestInfo(model, "", "", sequence_id, start, end, False, priority)
+
+
+@contextlib.asynccontextmanager
+async def local_balancer(instances: int = 1, **variant: object
+                         ) -> AsyncIterator[tuple[Balancer, list[Instance]]]:
+    """A balancer with one variant (``variant``: more VariantConfig fields) over
+    ``instances`` addresses nothing listens on: for accounting tests that send nothing."""
+    config = VariantConfig("AllTraffic", instances=tuple(f"127.0.0.1:{i + 1}"
+                                                         for i in range(instances)),
+                           **variant)  # type: ignore[arg-type]
+    v = Variant(config, seed=1)
+    upstreams = [Upstream(address) for address in config.instances]
+    try:
+        added = [v.add(u) for u in upstreams]
+        yield Balancer([v]), added
+    finally:
+        await v.close()
+        for u in upstreams:
+            await u.close()

@@ -243,7 +243,8 @@ def test_statistics_count_ejected_instances_too(make_router: Any) -> None:
 
 
 async def _set_healthy(instance: Any, healthy: bool) -> None:
-    instance.variant.set_healthy(instance, healthy)
+    instance.healthy = healthy  # as the health checker does
+    instance.variant.sync(instance)
 
 
 def test_removed_instances_leave_nothing_behind(make_router: Any,

@@ -179,3 +179,16 @@ def test_dispatch_ahead() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             parse_config({"variants": [bad]})
+
+
+def test_priority_keys() -> None:
+    base = {"name": "v", "instances": ["127.0.0.1:1"]}
+    variant = parse_config({"variants": [base]}).variants[0]
+    assert (variant.default_priority, variant.priority_aging_s) == (1, 1.0)
+    variant = parse_config({"variants": [{**base, "default_priority": 3,
+                                          "priority_aging_s": 0.5}]}).variants[0]
+    assert (variant.default_priority, variant.priority_aging_s) == (3, 0.5)
+    for key, value in (("default_priority", 0), ("default_priority", 1.5),
+                       ("priority_aging_s", 0), ("priority_aging_s", "soon")):
+        with pytest.raises(ConfigError, match=f"variants\\[0\\].{key}"):
+            parse_config({"variants": [{**base, key: value}]})

@@ -20,12 +20,26 @@ import tritonclient.grpc as grpcclient
 from harness import LongStream, generate_inputs
 from tritonclient.utils import InferenceServerException
 from tritonmesh._core import SERVICE_MIN_SAMPLES, WorkTable
-from tritonmesh.balancer import Balancer, Instance, Variant
+from tritonmesh.balancer import Instance, Variant
 from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.dispatch_ahead import Plan
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.workers.upstream import Upstream
 
 # -- the variant's timers, without Triton -----------------------------------------------------
+
+
+def _plan(variant: Variant, instance: Instance) -> Plan:
+    assert variant.ahead is not None
+    plan = variant.ahead.plan(instance)
+    assert plan is not None
+    return plan
+
+
+def _timer(variant: Variant, instance: Instance) -> asyncio.TimerHandle | None:
+    assert variant.ahead is not None
+    plan = variant.ahead.plan(instance)
+    return None if plan is None else plan.timer
 
 
 @contextlib.asynccontextmanager
@@ -58,9 +72,9 @@ def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
             assert variant.pick(2.0) is instance  # expected to end 0.2 s from now
             expected = variant.work.service_time(instance.slot, 2.0)
             assert expected == pytest.approx(0.2)
-            assert sent + expected <= instance.free_at <= loop.time() + expected
-            timer = instance.ahead_timer
-            assert timer is not None and timer.when() == instance.free_at - 0.15
+            assert sent + expected <= _plan(variant, instance).free_at <= loop.time() + expected
+            timer = _timer(variant, instance)
+            assert timer is not None and timer.when() == _plan(variant, instance).free_at - 0.15
             waiting = loop.create_task(variant.wait(10.0, 1.0))
             behind = loop.create_task(variant.wait(10.0, 1.0))
             got = await asyncio.wait_for(waiting, 5.0)
@@ -72,17 +86,17 @@ def test_next_request_is_handed_over_before_the_running_one_ends() -> None:
             assert instance.sent_ahead == 1
             assert instance.outstanding == 2
             assert loop.time() >= timer.when() - time.get_clock_info("monotonic").resolution
-            assert not behind.done() and instance.ahead_timer is None
+            assert not behind.done() and _timer(variant, instance) is None
             behind.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await behind
-            Balancer.release(instance, 2.0)  # the first ends, earlier than predicted
+            variant.give_back(instance, 2.0)  # the first ends, earlier than predicted
             assert instance.outstanding == 1
             # The one sent ahead starts now: its expected end is anchored on this end (0.1 s
             # from now), not chained on the first one's prediction (0.3 s after it was sent).
-            assert instance.free_at == pytest.approx(loop.time() + 0.1, abs=0.01)
-            Balancer.release(instance, 1.0)
-            assert instance.outstanding == 0 and instance.ahead_timer is None
+            assert _plan(variant, instance).free_at == pytest.approx(loop.time() + 0.1, abs=0.01)
+            variant.give_back(instance, 1.0)
+            assert instance.outstanding == 0 and _timer(variant, instance) is None
 
     asyncio.run(scenario())
 
@@ -92,12 +106,12 @@ def test_an_instance_due_with_nobody_waiting_takes_the_next_arrival() -> None:
         async with _one_instance(0.5) as (variant, instance):
             assert variant.pick(1.0) is instance  # ends in 0.1 s: due at once
             await asyncio.sleep(0.01)  # the timer runs; nobody is waiting yet
-            assert instance in variant._due
+            assert variant.ahead is not None and instance in variant.ahead._due
             assert variant.pick(1.0) is None  # the limit still holds for a plain pick
             got = await asyncio.wait_for(variant.wait(10.0, 1.0), 5.0)
             assert got is instance and instance.outstanding == 2
-            Balancer.release(instance, 1.0)
-            Balancer.release(instance, 1.0)
+            variant.give_back(instance, 1.0)
+            variant.give_back(instance, 1.0)
             assert instance.outstanding == 0
 
     asyncio.run(scenario())
@@ -109,10 +123,10 @@ def test_nothing_is_handed_over_before_the_line_is_learned() -> None:
             assert variant.pick(1.0) is instance
             waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
             await asyncio.sleep(0.05)
-            assert not waiting.done() and instance.ahead_timer is None
-            Balancer.release(instance, 1.0)  # the first ends: the waiter gets its turn
+            assert not waiting.done() and _timer(variant, instance) is None
+            variant.give_back(instance, 1.0)  # the first ends: the waiter gets its turn
             assert await asyncio.wait_for(waiting, 5.0) is instance
-            Balancer.release(instance, 1.0)
+            variant.give_back(instance, 1.0)
 
     asyncio.run(scenario())
 
@@ -121,12 +135,13 @@ def test_an_unhealthy_instance_is_not_handed_anything_ahead() -> None:
     async def scenario() -> None:
         async with _one_instance(0.5) as (variant, instance):
             assert variant.pick(1.0) is instance
-            variant.set_healthy(instance, False)
+            instance.healthy = False  # as the health checker does
+            variant.sync(instance)
             waiting = asyncio.get_running_loop().create_task(variant.wait(10.0, 1.0))
             await asyncio.sleep(0.05)
             assert not waiting.done() and instance.outstanding == 1
             waiting.cancel()
-            Balancer.release(instance, 1.0)
+            variant.give_back(instance, 1.0)
 
     asyncio.run(scenario())
 
@@ -142,12 +157,12 @@ def test_requests_teach_the_line_from_when_they_were_sent() -> None:
             assert variant.work is not None
             for _ in range(SERVICE_MIN_SAMPLES):
                 variant.work.observe_service(instance.slot, 1.0, 1.0)
-            variant.acquire(instance.slot, 1.0)
-            variant.acquire(instance.slot, 1.0)  # sent while the first runs
-            Balancer.release(instance, 1.0)
+            variant.count(instance, 1.0)
+            variant.count(instance, 1.0)  # sent while the first runs
+            variant.give_back(instance, 1.0)
             instance.observe(0.05, True, cost=1.0)
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.05)
-            Balancer.release(instance, 1.0)
+            variant.give_back(instance, 1.0)
             instance.observe(0.09, True, cost=1.0)  # 0.04 of it behind the first
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
             instance.observe(7.0, False, cost=1.0)
@@ -162,12 +177,12 @@ def test_a_removed_instance_ends_its_timer_and_releases_cleanly() -> None:
     async def scenario() -> None:
         async with _one_instance(0.05) as (variant, instance):
             assert variant.pick(5.0) is instance
-            assert instance.ahead_timer is not None
+            assert _timer(variant, instance) is not None
             variant.set_draining(instance)
             variant.remove(instance)
-            assert instance.ahead_timer is None
-            Balancer.release(instance, 5.0)
-            assert instance.outstanding == 0 and instance.ahead_timer is None
+            assert _timer(variant, instance) is None
+            variant.give_back(instance, 5.0)
+            assert instance.outstanding == 0 and _timer(variant, instance) is None
             assert variant.table.total_outstanding() == 0
 
     asyncio.run(scenario())

@@ -167,7 +167,7 @@ def test_instance_that_fails_fast_is_taken_out(make_router: Any,
         try:
             failed = sent = 0
             deadline = time.monotonic() + 20
-            while bad.healthy:  # until a health check or the outlier detector sees it
+            while bad.pickable:  # until a health check or the outlier detector sees it
                 assert time.monotonic() < deadline, f"still picked after {sent} requests"
                 sent += 1
                 try:
@@ -183,7 +183,7 @@ def test_instance_that_fails_fast_is_taken_out(make_router: Any,
         finally:
             direct.load_model("identity")
     deadline = time.monotonic() + 30
-    while not bad.healthy:
+    while not bad.pickable:
         assert time.monotonic() < deadline, "the instance did not come back"
         time.sleep(0.05)
 
@@ -265,7 +265,7 @@ def test_dead_instance_is_ejected_and_requests_go_elsewhere(loop_thread: LoopThr
         for _ in range(20):
             _identity(router.address)  # every one succeeds: never-sent requests retry
         by_address = {i.address: i for i in router.instances()}
-        assert not by_address[dead].healthy
+        assert not by_address[dead].pickable  # ejected, or failed its health checks
         assert by_address[dead].requests <= 2  # it failed fast, then left the pick set
         assert by_address[worker_addresses[0]].requests == 20
         router.wait_idle()
@@ -347,7 +347,7 @@ def test_sigkill_under_load_fails_only_in_flight(loop_thread: LoopThread) -> Non
         deadline = time.monotonic() + 120
         while True:
             instance = next(i for i in router.instances() if i.address == victim.address)
-            if instance.healthy and victim.returncode is None and victim.pid is not None:
+            if instance.pickable and victim.returncode is None and victim.pid is not None:
                 try:
                     _identity(victim.address)
                     break
@@ -406,7 +406,7 @@ def test_worker_killed_mid_stream_fails_only_its_request(loop_thread: LoopThread
             # Health checks take the dead instance out; the same stream keeps serving.
             (dead,) = [i for i in router.instances() if i.address == victim.address]
             deadline = time.monotonic() + 30
-            while dead.healthy:
+            while dead.pickable:
                 assert time.monotonic() < deadline, "the dead instance stayed in the pick set"
                 time.sleep(0.05)
             client.async_stream_infer("generate", inputs, request_id="c")
@@ -465,7 +465,7 @@ def test_in_stream_failures_of_a_broken_instance_eject_it(loop_thread: LoopThrea
         with grpcclient.InferenceServerClient(router.address) as client:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             failed = sent = 0
-            while bad.healthy:
+            while bad.pickable:
                 assert sent < 50, f"still picked after {sent} requests ({failed} failed)"
                 sent += 1
                 error = _stream_one(client, results, 4)

@@ -159,10 +159,13 @@ def _flag(params: Any, key: str) -> bool:
 def _expected_request(req: Any) -> wire.RequestInfo:
     _, kind, value = _parameter(req.parameters, "sequence_id")
     sequence_id = value if kind in ("int64_param", "uint64_param", "string_param") else None
+    _, kind, priority = _parameter(req.parameters, "priority")
+    if kind not in ("int64_param", "uint64_param") or not 0 < priority < 1 << 63:
+        priority = 0
     return wire.RequestInfo(
         req.model_name, req.model_version, req.id, sequence_id or None,
         _flag(req.parameters, "sequence_start"), _flag(req.parameters, "sequence_end"),
-        _flag(req.parameters, wire.ENABLE_EMPTY_FINAL.decode()))
+        _flag(req.parameters, wire.ENABLE_EMPTY_FINAL.decode()), priority)
 
 
 def _expected_stream_response(resp: Any) -> wire.ResponseInfo:

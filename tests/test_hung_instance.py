@@ -70,7 +70,7 @@ def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
                 except InferenceServerException as exc:
                     failures.append(exc)
         # Five per-try timeouts in a row eject it; after that RANDOM never picks it.
-        assert hung.ejections == 1 and not hung.healthy
+        assert hung.ejections == 1 and hung.ejected and not hung.pickable
         assert hung.errors == 5
         if retry:
             assert failures == []

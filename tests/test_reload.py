@@ -94,11 +94,11 @@ def test_a_raised_concurrency_limit_hands_capacity_to_waiters(reloadable: Any) -
     reload(max_concurrency_per_instance=2)
     third = waiter.result(10)  # handed capacity by the reload, not by a release
     for instance in (*held, third):
-        loop.call_soon_threadsafe(handle.balancer.release, instance)
+        loop.call_soon_threadsafe(instance.variant.give_back, instance)
 
 
 async def _pick(handle: Any) -> Any:
-    return handle.balancer.pick("identity")
+    return handle.balancer.by_name["AllTraffic"].pick()
 
 
 @pytest.mark.parametrize(("change", "keys"), [

@@ -68,6 +68,19 @@ def test_peek_reads_routing_fields(peek_request: Any) -> None:
     assert not info.empty_final
 
 
+def test_peek_reads_the_request_priority(peek_request: Any) -> None:
+    assert peek_request(_request().SerializeToString()).priority == 0
+    assert peek_request(_request(priority=3).SerializeToString()).priority == 3
+    req = _request()
+    req.parameters["priority"].uint64_param = 2  # what tritonclient sends
+    assert peek_request(req.SerializeToString()).priority == 2
+    # Not a positive integer: the model's default, as if absent.
+    for value in (-1, "high", True):
+        assert peek_request(_request(priority=value).SerializeToString()).priority == 0
+    req.parameters["priority"].uint64_param = 1 << 63
+    assert peek_request(req.SerializeToString()).priority == 0
+
+
 def test_peek_string_and_negative_sequence_ids(peek_request: Any) -> None:
     assert peek_request(_request(sequence_id="abc").SerializeToString()).sequence_id == "abc"
     assert peek_request(_request(sequence_id=-5).SerializeToString()).sequence_id == -5

@@ -1,0 +1,68 @@
+"""A pick is a lease: what one request holds on one instance, from
+:meth:`tritonmesh.balancer.Balancer.acquire` until :meth:`Lease.release`.
+
+The data paths do ``lease = await balancer.acquire(...)``, then ``try: ... finally:
+lease.release(ok)``. Release does everything an ending request owes, exactly once however
+often it is called: the count goes down, a waiting request may take the freed capacity, a
+draining instance may be done, and the latency and outcome are recorded (with what
+LEAST_OUTSTANDING_WORK and dispatch ahead learn from them). A request that was never sent
+(its deadline went by in the queue) is :meth:`abandon`-ed: its count goes down, and
+nothing is learned from it.
+
+What the request told about the instance goes to the lease's outlier detector
+(:func:`tritonmesh.forwarding.judge` for a failed call).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from tritonmesh.instance import Instance
+
+if TYPE_CHECKING:
+    from tritonmesh.outlier import OutlierDetector
+
+__all__ = ["Lease"]
+
+
+class Lease:
+    __slots__ = ("_held", "ahead", "cost", "instance", "outliers", "started")
+
+    def __init__(self, instance: Instance, cost: float, outliers: OutlierDetector):
+        self.instance = instance
+        self.cost = cost  # what it was counted with, and is given back with
+        self.ahead = instance.work_ahead()  # LEAST_OUTSTANDING_WORK: the work it found there
+        self.outliers = outliers
+        self.started = time.perf_counter()
+        self._held = True
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def release(self, ok: bool) -> None:
+        """The request ended, answered (``ok``) or not; only the first call counts."""
+        if not self._held:
+            return
+        self._held = False
+        instance = self.instance
+        instance.variant.give_back(instance, self.cost)
+        instance.observe(time.perf_counter() - self.started, ok, self.ahead, self.cost)
+
+    def abandon(self) -> None:
+        """The request was never sent: give its capacity back and learn nothing from it."""
+        if self._held:
+            self._held = False
+            self.instance.variant.give_back(self.instance, self.cost)
+
+    # What the request's outcome says about the instance (tritonmesh.outlier).
+
+    def succeeded(self) -> None:
+        self.outliers.success(self.instance)
+
+    def stream_error(self, message: str) -> None:
+        self.outliers.stream_error(self.instance, message)
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.instance!r} cost={self.cost:g}{'' if self._held else ' released'}>"

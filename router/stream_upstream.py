@@ -1,0 +1,91 @@
+"""One client stream's upstream ``ModelStreamInfer`` call to one instance, and the
+requests on it whose final response has not arrived.
+
+Each pending request holds its :class:`~tritonmesh.lease.Lease`; settling it (its final
+response came, or the upstream stream ended) releases the lease once and tells the outlier
+detector how the request went. :mod:`tritonmesh.stream` owns the calls and the client side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import grpc.aio
+from tritonmesh.instance import Instance
+from tritonmesh.lease import Lease
+from tritonmesh.wire import RequestInfo
+
+__all__ = ["Pending", "UpstreamStream"]
+
+
+class Pending:
+    """A request sent to an instance whose final response has not arrived, with its lease."""
+
+    __slots__ = ("client_wants_empty_final", "failed", "id", "lease", "model_name")
+
+    def __init__(self, info: RequestInfo, lease: Lease):
+        self.id = info.id
+        self.model_name = info.model_name
+        self.client_wants_empty_final = info.empty_final
+        self.lease = lease
+        self.failed = False  # an in-stream error came for it (final or not)
+
+    def fail(self, error: str) -> None:
+        """An in-stream error came for it: the outlier detector hears of it once per
+        request, however many error responses a decoupled model sends."""
+        if not self.failed:
+            self.failed = True
+            self.lease.stream_error(error)
+
+
+class UpstreamStream:
+    """One upstream ``ModelStreamInfer`` call of a client stream, to one instance."""
+
+    __slots__ = ("call", "instance", "lock", "pending", "pump")
+
+    def __init__(self, instance: Instance, call: grpc.aio.StreamStreamCall):
+        self.instance = instance
+        self.call = call
+        self.pending: collections.deque[Pending] = collections.deque()
+        self.pump: asyncio.Task[None] | None = None
+        # gRPC allows one write in progress per call; requests that waited in a task of
+        # their own write beside the reading loop.
+        self.lock = asyncio.Lock()
+
+    def failed(self, request_id: str, error: str) -> None:
+        """A non-final error response came for ``request_id``."""
+        for p in self.pending:
+            if p.id == request_id:
+                p.fail(error)
+                return
+
+    def settle(self, request_id: str, error: str) -> Pending | None:
+        """Close the oldest pending request with this id (its final response came;
+        ``error``: that response's, "" for none) and release it."""
+        pending = self.pending
+        found = None
+        for i, p in enumerate(pending):
+            if p.id == request_id:
+                found = p
+                del pending[i]
+                break
+        if found is None:
+            if not pending:
+                return None
+            found = pending.popleft()
+        if error:
+            found.fail(error)
+        elif not found.failed:
+            found.lease.succeeded()
+        found.lease.release(not found.failed)
+        return found
+
+    def settle_all(self) -> list[Pending]:
+        """Release every request still pending as failed (the upstream stream ended);
+        return them."""
+        orphans = list(self.pending)
+        self.pending.clear()
+        for p in orphans:
+            p.lease.release(False)
+        return orphans

@@ -1,0 +1,223 @@
+"""A pick is a lease: ``Balancer.acquire`` waits when the variant is full and returns a
+``Lease`` whose ``release`` gives everything back exactly once. No gRPC call is made here:
+instances point at an address nothing listens on, and only the accounting is exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from harness import local_balancer, request_info
+from tritonmesh.balancer import QUEUE_TIMEOUT, NoInstanceError
+
+
+def test_release_gives_back_once_and_observes_once() -> None:
+    async def scenario() -> None:
+        async with local_balancer() as (balancer, (instance,)):
+            lease = await balancer.acquire(request_info(), b"", None, None)
+            assert lease.instance is instance and instance.outstanding == 1
+            lease.release(True)
+            lease.release(False)  # a second ending changes nothing
+            lease.abandon()
+            assert instance.outstanding == 0
+            assert (instance.requests, instance.errors) == (1, 0)
+
+    asyncio.run(scenario())
+
+
+def test_abandon_gives_back_and_learns_nothing() -> None:
+    async def scenario() -> None:
+        async with local_balancer() as (balancer, (instance,)):
+            lease = await balancer.acquire(request_info(), b"", None, None)
+            lease.abandon()
+            lease.release(True)
+            assert instance.outstanding == 0 and instance.requests == 0
+
+    asyncio.run(scenario())
+
+
+def test_acquire_waits_in_arrival_order_when_full() -> None:
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1) as (balancer, (instance,)):
+            first = await balancer.acquire(request_info(), b"", None, None)
+            assert balancer.try_acquire(request_info(), b"", None) is None  # full: would wait
+            loop = asyncio.get_running_loop()
+            second = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            third = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            await asyncio.sleep(0)  # one turn of the loop: both tasks start waiting
+            assert len(instance.variant.waiters) == 2
+            assert not second.done() and not third.done()
+            first.release(True)  # the freed slot goes to the oldest waiter, at once
+            lease = await second
+            assert lease.instance is instance and not third.done()
+            assert instance.outstanding == 1
+            lease.release(True)
+            (await third).release(True)
+            assert instance.outstanding == 0 and not instance.variant.waiters
+
+    asyncio.run(scenario())
+
+
+def test_waiting_past_the_deadline_is_deadline_exceeded() -> None:
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1) as (balancer, (instance,)):
+            held = await balancer.acquire(request_info(), b"", None, None)
+            with pytest.raises(NoInstanceError) as info:
+                await balancer.acquire(request_info(), b"", None, 0.05)
+            assert info.value.code_name == "DEADLINE_EXCEEDED"
+            assert str(info.value) == QUEUE_TIMEOUT
+            held.release(True)
+            assert instance.outstanding == 0 and not instance.variant.waiters
+
+    asyncio.run(scenario())
+
+
+def test_a_full_queue_is_resource_exhausted() -> None:
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1, max_queue=1) as (balancer, (instance,)):
+            held = await balancer.acquire(request_info(), b"", None, None)
+            waiting = asyncio.get_running_loop().create_task(
+                balancer.acquire(request_info(), b"", None, 10.0))
+            await asyncio.sleep(0)  # one turn of the loop: it starts waiting
+            assert len(instance.variant.waiters) == 1
+            with pytest.raises(NoInstanceError) as info:
+                await balancer.acquire(request_info(), b"", None, 10.0)
+            assert info.value.code_name == "RESOURCE_EXHAUSTED"
+            assert "1 requests are already waiting" in str(info.value)
+            held.release(True)
+            (await waiting).release(True)
+            assert instance.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1) as (balancer, (instance,)):
+            held = await balancer.acquire(request_info(), b"", None, None)
+            loop = asyncio.get_running_loop()
+            gone = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            behind = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            await asyncio.sleep(0)  # one turn of the loop: both tasks start waiting
+            assert len(instance.variant.waiters) == 2
+            gone.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert len(instance.variant.waiters) == 1
+            held.release(True)  # the slot goes to the one still waiting
+            lease = await asyncio.wait_for(behind, 5.0)
+            lease.release(True)
+            assert instance.outstanding == 0 and not instance.variant.waiters
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_as_the_slot_reaches_it_leaves_nothing_behind() -> None:
+    """Handed the slot and cancelled before it runs again: either it gives the slot on
+    to the next in line, or (asyncio.wait_for keeps a result that came first) it returns
+    the lease to its holder, who releases it. Either way, nothing stays counted."""
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1) as (balancer, (instance,)):
+            held = await balancer.acquire(request_info(), b"", None, None)
+            loop = asyncio.get_running_loop()
+            gone = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            behind = loop.create_task(balancer.acquire(request_info(), b"", None, 10.0))
+            await asyncio.sleep(0)  # one turn of the loop: both tasks start waiting
+            assert len(instance.variant.waiters) == 2
+            held.release(True)  # hands the slot to ``gone``...
+            gone.cancel()  # ...which is cancelled before it runs again
+            try:
+                kept = await gone
+            except asyncio.CancelledError:
+                kept = None
+            if kept is not None:
+                assert not behind.done()
+                kept.release(True)
+            lease = await asyncio.wait_for(behind, 5.0)
+            lease.release(True)
+            assert instance.outstanding == 0 and not instance.variant.waiters
+
+    asyncio.run(scenario())
+
+
+def test_the_last_release_ends_a_drain() -> None:
+    async def scenario() -> None:
+        async with local_balancer() as (balancer, (instance,)):
+            lease = await balancer.acquire(request_info(), b"", None, None)
+            drained = instance.variant.set_draining(instance)
+            assert not drained.is_set()
+            with pytest.raises(NoInstanceError) as info:  # nothing new goes to it
+                await balancer.acquire(request_info(), b"", None, None)
+            assert info.value.code_name == "UNAVAILABLE"
+            lease.release(True)
+            assert drained.is_set()
+
+    asyncio.run(scenario())
+
+
+def test_a_sequence_stays_on_its_instance() -> None:
+    async def scenario() -> None:
+        async with local_balancer(3) as (balancer, _):
+            start = await balancer.acquire(request_info(sequence_id=7, start=True), b"", None, None)
+            pinned = start.instance
+            leases = [await balancer.acquire(request_info(sequence_id=7), b"", None, None)
+                      for _ in range(5)]
+            assert {lease.instance for lease in leases} == {pinned}
+            end = await balancer.acquire(request_info(sequence_id=7, end=True), b"", None, None)
+            assert end.instance is pinned and not balancer.sequences
+            for lease in (start, *leases, end):
+                lease.release(True)
+            assert balancer.total_outstanding() == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_retry_avoids_the_instance_that_failed_while_another_is_free() -> None:
+    async def scenario() -> None:
+        async with local_balancer(2) as (balancer, (a, b)):
+            for _ in range(10):
+                lease = await balancer.acquire(request_info(), b"", None, None, avoid=a)
+                assert lease.instance is b
+                lease.release(True)
+        async with local_balancer(1) as (balancer, (only,)):
+            lease = await balancer.acquire(request_info(), b"", None, None, avoid=only)
+            assert lease.instance is only  # the only one: tried again
+            lease.release(True)
+
+    asyncio.run(scenario())
+
+
+def test_detectors_keep_their_own_flags() -> None:
+    """The outlier detector's ejection and the health checker's verdict are separate flags;
+    the instance is picked only when both let it, and neither clears the other's."""
+    async def scenario() -> None:
+        async with local_balancer(2) as (balancer, (a, b)):
+            outliers = balancer.outliers
+            outliers.eject(a, "test")
+            assert a.ejected and a.healthy and not a.pickable
+            # A passing probe before the back-off is over does not bring it back...
+            outliers.probe_passed(a)
+            assert a.ejected
+            # ...and the health checker marking it unhealthy, then healthy, does not either.
+            a.healthy = False
+            a.variant.sync(a)
+            a.healthy = True
+            a.variant.sync(a)
+            assert a.ejected and not a.pickable
+            for _ in range(5):
+                lease = await balancer.acquire(request_info(), b"", None, None)
+                assert lease.instance is b
+                lease.release(True)
+            a.ejected_until = time.monotonic()  # the back-off is over
+            outliers.probe_passed(a)
+            assert a.pickable
+            # An unhealthy instance stays out whatever the outlier detector says.
+            b.healthy = False
+            b.variant.sync(b)
+            outliers.success(b)
+            outliers.probe_passed(b)
+            assert not b.pickable and not b.ejected
+
+    asyncio.run(scenario())
