@@ -22,6 +22,7 @@ from tritonmesh._core import OutstandingTable, WorkTable
 from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantConfig, WorkHint
 from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.outlier import OutlierDetector
+from tritonmesh.request_metrics import RequestMetrics
 from tritonmesh.retry import RetryBudget
 from tritonmesh.tls import connect
 from tritonmesh.waitqueue import WaitQueue
@@ -506,6 +507,7 @@ class Balancer:
         self.set_retries(retries or RetryConfig())
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
+        self.metrics = RequestMetrics()  # per variant and model (tritonmesh.request_metrics)
         self._map_models()
         # (target variant or None, model, sequence id) -> (instance, last use); see pick().
         # The pin holds the instance, and with it the variant: a sequence never moves.
@@ -520,6 +522,7 @@ class Balancer:
         self._serving = {name: [v for v in self.variants if v.serves(name)] for name in listed}
         # Models outside every variant's list go where Triton can answer for them.
         self._unlisted = [v for v in self.variants if v.models is None] or self.variants
+        self.metrics.set_models(self.variants)
 
     def reconfigure(self, configs: Iterable[VariantConfig]) -> None:
         """A reload's variant keys, live (same variant names; see :mod:`tritonmesh.reload`)."""

@@ -26,8 +26,12 @@ __all__ = ["BalancerCollector", "DiscoveryCollector"]
 
 
 class BalancerCollector(Collector):
-    def __init__(self, balancer: Balancer):
+    """Per instance and variant, and per model (:mod:`tritonmesh.request_metrics`, labelled
+    with the ``endpoint`` name)."""
+
+    def __init__(self, balancer: Balancer, endpoint: str = ""):
         self.balancer = balancer
+        self.endpoint = endpoint
 
     def collect(self) -> Iterator[Metric]:
         labels = ["variant", "instance"]
@@ -91,6 +95,7 @@ class BalancerCollector(Collector):
             refused.add_metric([reason], n)
         yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
                     queued, retries, refused)
+        yield from self.balancer.metrics.families(self.endpoint)
 
 
 class DiscoveryCollector(Collector):

@@ -36,6 +36,7 @@ from tritonmesh.forwarding import (
     status,
     too_late,
 )
+from tritonmesh.request_metrics import RequestMetrics
 from tritonmesh.stream import StreamSession
 from tritonmesh.wire import WireError, peek_request
 from tritonmesh.workers.upstream import await_call
@@ -43,12 +44,17 @@ from tritonmesh.workers.upstream import await_call
 __all__ = ["TARGET_VARIANT_KEY", "Proxy", "forwardable_metadata"]
 
 
-async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: float) -> Instance:
+async def _wait(full: VariantFull, context: grpc.aio.ServicerContext, cost: float,
+                metrics: RequestMetrics, model_name: str) -> Instance:
+    variant = full.variant
+    since = time.perf_counter()
     try:
-        return await full.variant.wait(context.time_remaining(), cost)
+        return await variant.wait(context.time_remaining(), cost)
     except NoInstanceError as exc:
+        metrics.refused(variant, model_name, exc.code_name, time.perf_counter() - since)
         await context.abort(status(exc.code_name), str(exc))
     except TimeoutError:
+        metrics.refused(variant, model_name, "DEADLINE_EXCEEDED", time.perf_counter() - since)
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, QUEUE_TIMEOUT)
     raise AssertionError("unreachable")
 
@@ -102,6 +108,8 @@ class Proxy:
             late = too_late(remaining, floor_s)
             if late is not None:
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
+            attempted = time.perf_counter()
+            queued_s = 0.0
             try:
                 if avoid is None:
                     instance = balancer.pick(info.model_name, target, info.sequence_id,
@@ -109,16 +117,22 @@ class Proxy:
                 else:
                     instance = balancer.pick_avoiding(avoid, info.model_name, target, cost)
             except VariantFull as full:
-                instance = await _wait(full, context, cost)
+                instance = await _wait(full, context, cost, balancer.metrics, info.model_name)
+                queued_s = time.perf_counter() - attempted
                 remaining = context.time_remaining()
                 late = too_late(remaining, floor_s)
                 if late is not None:  # its deadline went by in the queue
                     balancer.release(instance, cost)
+                    balancer.metrics.refused(instance.variant, info.model_name,
+                                             "DEADLINE_EXCEEDED", queued_s)
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, late)
             except NoInstanceError as exc:
                 await context.abort(status(exc.code_name), str(exc))
             ahead = instance.work_ahead()
             started = time.perf_counter()
+            # Request metrics (tritonmesh.request_metrics); the Lease takes these over.
+            stats = balancer.metrics.started(instance.variant, info.model_name)
+            code_name = "CANCELLED"  # unless an answer or Triton's status says otherwise
             ok = False
             failed: tuple[grpc.StatusCode, str, Metadata] | None = None
             timeout = remaining
@@ -131,10 +145,12 @@ class Proxy:
                     request, timeout=timeout, metadata=metadata
                 ))
                 ok = True
+                code_name = "OK"
                 balancer.outliers.success(instance)
                 return response
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                code_name = code.name
                 details = exc.details() or ""
                 retry = False
                 if never_reached(exc):
@@ -167,7 +183,9 @@ class Proxy:
                 failed = (code, details, tuple(exc.trailing_metadata() or ()))
             finally:
                 balancer.release(instance, cost)
-                instance.observe(time.perf_counter() - started, ok, ahead, cost)
+                ended = time.perf_counter()
+                instance.observe(ended - started, ok, ahead, cost)
+                stats.finished(code_name, ended - started, started - attempted, queued_s)
             # Only now: abort() sends the status before it raises, and a client that has
             # its answer must find the request released (its count back, its outcome seen).
             assert failed is not None

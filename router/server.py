@@ -231,7 +231,7 @@ class Router:
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(BalancerCollector(balancer))
+        registry.register(BalancerCollector(balancer, self.config.name))
         registry.register(DiscoveryCollector(self.discoveries))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)

@@ -34,6 +34,7 @@ from tritonmesh.forwarding import (
     split_metadata,
     too_late,
 )
+from tritonmesh.request_metrics import ModelStats
 from tritonmesh.wire import (
     RequestInfo,
     WireError,
@@ -61,11 +62,11 @@ _PUMP_END_S: Final = 5.0
 class _Pending:
     """A request sent on an upstream stream whose final response has not arrived."""
 
-    __slots__ = ("ahead", "client_wants_empty_final", "cost", "failed", "id", "model_name",
-                 "started")
+    __slots__ = ("ahead", "client_wants_empty_final", "code", "cost", "failed", "id",
+                 "last", "model_name", "queued", "sent", "started", "stats")
 
     def __init__(self, request_id: str, model_name: str, client_wants_empty_final: bool,
-                 cost: float, ahead: float):
+                 cost: float, ahead: float, stats: ModelStats, queued: float = 0.0):
         self.id = request_id
         self.model_name = model_name
         self.client_wants_empty_final = client_wants_empty_final
@@ -73,6 +74,12 @@ class _Pending:
         self.ahead = ahead  # LEAST_OUTSTANDING_WORK: the work it found on its instance
         self.started = time.perf_counter()
         self.failed = False  # an in-stream error came for it (final or not)
+        # Request metrics (tritonmesh.request_metrics); the Lease takes these over.
+        self.stats = stats
+        self.queued = queued  # seconds in the late-binding queue
+        self.sent = self.started  # when it went upstream
+        self.last = 0.0  # when its last response came (0.0: none yet)
+        self.code = "OK"  # the gRPC status it ends with, when not OK
 
 
 class _Upstream:
@@ -189,7 +196,8 @@ class StreamSession:
         except NoInstanceError as exc:
             await self._write(error_stream_response(str(exc), info.id, info.model_name))
             return
-        pending = _Pending(info.id, info.model_name, info.empty_final, cost, instance.work_ahead())
+        pending = _Pending(info.id, info.model_name, info.empty_final, cost, instance.work_ahead(),
+                           balancer.metrics.started(instance.variant, info.model_name))
         # Sequences stay on the stream: Triton keeps their order there, concurrent calls
         # would not.
         if info.sequence_id is None:
@@ -208,23 +216,32 @@ class StreamSession:
                               variant: Variant) -> None:
         """Late binding: wait for an instance below its limit, then send."""
         sent = False
+        metrics = self.balancer.metrics
+        since = time.perf_counter()
         try:
             try:
                 instance = await variant.wait(self.context.time_remaining(), cost)
             except NoInstanceError as exc:
+                metrics.refused(variant, info.model_name, exc.code_name,
+                                time.perf_counter() - since)
                 await self._write(error_stream_response(str(exc), info.id, info.model_name))
                 return
             except TimeoutError:
+                metrics.refused(variant, info.model_name, "DEADLINE_EXCEEDED",
+                                time.perf_counter() - since)
                 await self._write(error_stream_response(QUEUE_TIMEOUT, info.id,
                                                         info.model_name))
                 return
+            queued = time.perf_counter() - since
             late = too_late(self.context.time_remaining(), self.floor_s)
             if late is not None:  # its deadline went by in the queue
                 self.balancer.release(instance, cost)
+                metrics.refused(variant, info.model_name, "DEADLINE_EXCEEDED", queued)
                 await self._write(error_stream_response(late, info.id, info.model_name))
                 return
             pending = _Pending(info.id, info.model_name, info.empty_final, cost,
-                               instance.work_ahead())
+                               instance.work_ahead(),
+                               metrics.started(instance.variant, info.model_name), queued)
             as_unary = False
             if info.sequence_id is None:
                 decoupled = self.balancer.decoupled.get(info.model_name, info.model_version)
@@ -251,12 +268,16 @@ class StreamSession:
         except BaseException:
             # The client went (or the question failed) before the request was anywhere
             # _close() can see it: release here, or the count stays up for good.
+            pending.code = "CANCELLED"
             self._release(instance, pending, False)
             self._answered()
             raise
         late = too_late(self.context.time_remaining(), self.floor_s)
         if late is not None:  # its deadline went by while Triton was asked
             self.balancer.release(instance, pending.cost)
+            pending.stats.finished("DEADLINE_EXCEEDED", 0.0,
+                                   time.perf_counter() - pending.started + pending.queued,
+                                   pending.queued)
             self._answered()
             await self._write(error_stream_response(late, info.id, info.model_name))
         elif decoupled is False:  # unknown (no such model, say): Triton answers in-stream
@@ -265,6 +286,7 @@ class StreamSession:
             await self._send_on_stream(request, info, instance, pending)
 
     def _send_unary(self, request: bytes, instance: Instance, pending: _Pending) -> None:
+        pending.sent = time.perf_counter()
         task = asyncio.get_running_loop().create_task(
             self._unary_call(request, instance, pending))
         self.unary[task] = (instance, pending)
@@ -272,6 +294,7 @@ class StreamSession:
     async def _send_on_stream(self, request: bytes, info: RequestInfo, instance: Instance,
                               pending: _Pending) -> None:
         data = request if info.empty_final else inject_empty_final(request)
+        pending.sent = time.perf_counter()
         queued = False
         try:
             while True:
@@ -293,6 +316,7 @@ class StreamSession:
                     return
         finally:
             if not queued:  # cancelled while waiting to write
+                pending.code = "CANCELLED"
                 self._release(instance, pending, False)
                 self._answered()
 
@@ -311,10 +335,12 @@ class StreamSession:
                 response = await await_call(instance.upstream.model_infer(
                     request, timeout=timeout, metadata=self.metadata))
                 ok = True
+                self._responded(pending)
                 self.balancer.outliers.success(instance)
                 out = stream_response_from_unary(response)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                pending.code = code.name
                 details = exc.details() or code.name
                 if never_reached(exc):
                     self.balancer.outliers.connect_failure(instance)
@@ -352,6 +378,7 @@ class StreamSession:
     async def _pump(self, up: _Upstream) -> None:
         instance = up.instance
         failure: str | None = "closed the stream before the final response"
+        code_name = "UNAVAILABLE"
         try:
             try:
                 # One response at a time: while its write to the client waits (the client
@@ -363,6 +390,7 @@ class StreamSession:
                     raise  # _close() ended this pump
                 raise upstream_cancelled() from None  # the instance's channel closed
         except grpc.aio.AioRpcError as exc:
+            code_name = exc.code().name
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
                 failure = None
             else:
@@ -377,7 +405,7 @@ class StreamSession:
             # await, since _close() no longer sees an upstream once it leaves the dict.
             if self.upstreams.get(instance) is up:
                 del self.upstreams[instance]
-            orphans = self._settle_all(up)
+            orphans = self._settle_all(up, code_name)
         if failure is not None:
             for p in orphans:
                 await self._write(error_stream_response(
@@ -390,16 +418,18 @@ class StreamSession:
             await self._write(response)
             return
         if not info.terminal:
-            if info.error_message:
-                # A decoupled model's error need not be its final response: judge the
-                # request now, once, and never as a success at its (empty) final.
-                for p in up.pending:
-                    if p.id == info.id:
+            for p in up.pending:
+                if p.id == info.id:
+                    self._responded(p)
+                    if info.error_message:
+                        # A decoupled model's error need not be its final response: judge
+                        # the request now, once, and never as a success at its (empty) final.
                         self._failed(up.instance, p, info.error_message)
-                        break
+                    break
             await self._write(response)
             return
-        pending = self._settle(up, info.id, info.error_message)
+        pending = self._settle(up, info.id, info.error_message,
+                               info.has_outputs or bool(info.error_message))
         if (
             info.final and not info.has_outputs and not info.error_message
             and pending is not None and not pending.client_wants_empty_final
@@ -407,10 +437,11 @@ class StreamSession:
             return  # an empty final the router asked for; the client did not
         await self._write(response)
 
-    def _settle(self, up: _Upstream, request_id: str, error: str) -> _Pending | None:
+    def _settle(self, up: _Upstream, request_id: str, error: str,
+                response: bool) -> _Pending | None:
         """Close the oldest pending request with this id on this upstream, tell the outlier
         detector how it went (``error``: its final response's, "" for none), and release
-        it."""
+        it. ``response``: the final carries an answer (not just the end of one)."""
         pending = up.pending
         found = None
         for i, p in enumerate(pending):
@@ -422,6 +453,8 @@ class StreamSession:
             if not pending:
                 return None
             found = pending.popleft()
+        if response:
+            self._responded(found)
         if error:
             self._failed(up.instance, found, error)
         elif not found.failed:
@@ -435,20 +468,37 @@ class StreamSession:
         request, however many error responses a decoupled model sends."""
         if not p.failed:
             p.failed = True
+            p.code = "UNKNOWN"  # Triton's in-stream errors carry a message, not a code
             self.balancer.outliers.stream_error(instance, error)
 
-    def _settle_all(self, up: _Upstream) -> list[_Pending]:
-        """Release every request still pending on ``up`` as failed; return them."""
+    def _settle_all(self, up: _Upstream, code_name: str) -> list[_Pending]:
+        """Release every request still pending on ``up`` as failed (``code_name``: why);
+        return them."""
         orphans = list(up.pending)
         up.pending.clear()
         for p in orphans:
+            if not p.failed:
+                p.code = code_name
             self._release(up.instance, p, False)
             self._answered()
         return orphans
 
     def _release(self, instance: Instance, p: _Pending, ok: bool) -> None:
         self.balancer.release(instance, p.cost)
-        instance.observe(time.perf_counter() - p.started, ok, p.ahead, p.cost)
+        now = time.perf_counter()
+        instance.observe(now - p.started, ok, p.ahead, p.cost)
+        code_name = "OK" if ok else "UNKNOWN" if p.code == "OK" else p.code
+        p.stats.finished(code_name, now - p.sent, p.sent - p.started + p.queued, p.queued)
+
+    @staticmethod
+    def _responded(p: _Pending) -> None:
+        """A response for ``p`` came: time to first response, or since the one before."""
+        now = time.perf_counter()
+        if p.last:
+            p.stats.time_between_responses.observe(now - p.last)
+        else:
+            p.stats.time_to_first_response.observe(now - p.sent)
+        p.last = now
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:
@@ -475,10 +525,11 @@ class StreamSession:
         self.unary.clear()
         for task, (instance, pending) in calls:
             task.cancel()  # a task cancelled before it ran has no finally: release here
+            pending.code = "CANCELLED"
             self._release(instance, pending, False)
         for up in ups:
             cancel_in_core(up.call)  # again: one a waiting request opened meanwhile
-            self._settle_all(up)
+            self._settle_all(up, "CANCELLED")
         pumps = [up.pump for up in ups if up.pump is not None]
         if pumps:
             _, stuck = await asyncio.wait(pumps, timeout=_PUMP_END_S)
