@@ -54,7 +54,7 @@ class _Load:
             while not self.stop.is_set():
                 try:
                     client.infer("identity", [x], client_timeout=30)
-                except Exception as exc:  # noqa: BLE001 - every failure fails the test
+                except Exception as exc:  # every failure fails the test
                     self.failures.append(exc)
                     return
 
