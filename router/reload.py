@@ -10,7 +10,7 @@ LEAST_OUTSTANDING_WORK); the endpoint's ``health_check``, ``retries``, ``work_hi
 ``UpdateVariantWeights`` (:mod:`tritonmesh.weights`) changes weights and
 ``max_concurrency_per_instance`` between reloads; a reload sets them to the file's again.
 
-Everything else (the endpoint's ``name``, its listeners, ``limits``) is read once, at
+Everything else (the endpoint's name, ``endpoint``, its listeners, ``limits``) is read once, at
 start: a reload that changes any of it is refused as a whole, with one log line naming
 each such key, and the running configuration stays.
 """
@@ -26,6 +26,8 @@ __all__ = ["restart_keys"]
 # Endpoint keys fixed at start (tls has its own rules: tritonmesh.endpoint._reload_tls).
 # ``name`` labels every per-model metric series: renaming would split them.
 _AT_START = ("name", "listen", "metrics_listen", "admin_listen")
+# Where the file's key is not the attribute's name.
+_FILE_KEYS = {"name": "endpoint"}
 # Applied live, or by rules of their own (auth, limits, tls: see restart_keys and
 # tritonmesh.endpoint); every key is in one list or the other (tests/test_reload_keys.py).
 _LIVE = ("variants", "health_check", "retries", "shutdown_grace_s", "work_hints", "tls",
@@ -43,7 +45,7 @@ def _work_table(strategy: RoutingStrategy) -> bool:
 
 def restart_keys(running: EndpointConfig, new: EndpointConfig) -> list[str]:
     """The keys ``new`` changes that only a restart can apply (empty: reload live)."""
-    keys = [k for k in _AT_START if getattr(running, k) != getattr(new, k)]
+    keys = [_FILE_KEYS.get(k, k) for k in _AT_START if getattr(running, k) != getattr(new, k)]
     # New tokens apply live; turning a plane's tokens on or off installs or removes the
     # port's interceptor, which only a restart can do.
     keys += [f"auth.{plane}_tokens_file (on or off)" for plane in ("data", "admin")

@@ -20,6 +20,6 @@ def test_every_key_is_applied_live_or_refused() -> None:
 def test_a_new_endpoint_name_is_refused_by_name() -> None:
     running = EndpointConfig(name="prod", variants=(VariantConfig("A"),))
     renamed = dataclasses.replace(running, name="staging")
-    assert restart_keys(running, renamed) == ["name"]
+    assert restart_keys(running, renamed) == ["endpoint"]
     weighted = dataclasses.replace(running, variants=(VariantConfig("A", weight=3.0),))
     assert restart_keys(running, weighted) == []
