@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import VariantConfig
-from tritonmesh.metrics import BalancerCollector
+from tritonmesh.metrics import AutoscalerCollector, BalancerCollector
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "tritonmesh.json"
 
@@ -38,7 +38,8 @@ def _exported() -> dict[str, set[str]]:
     """Every sample name the router exports, with its labels (``le`` for buckets)."""
     balancer = Balancer([Variant(VariantConfig("AllTraffic", models=frozenset({"m"})))])
     exported: dict[str, set[str]] = {}
-    for family in BalancerCollector(balancer, "e").collect():
+    collected = [*BalancerCollector(balancer, "e").collect(), *AutoscalerCollector([]).collect()]
+    for family in collected:
         labels = {label for sample in family.samples for label in sample.labels}
         labels |= set(getattr(family, "_labelnames", ()))
         for suffix in _SUFFIXES[family.type]:
