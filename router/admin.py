@@ -1,4 +1,5 @@
-"""The admin gRPC service (proto/tritonmesh_admin.proto): inspect and change membership.
+"""The admin gRPC service (proto/tritonmesh_admin.proto): inspect and change membership
+and weights.
 
 Served on the router's admin listener only (``admin_listen``), never on the data port.
 An instance joins only after its address passed every check and Triton answered the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import math
 import re
 import socket
@@ -24,8 +26,11 @@ from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import IPNetwork
 from tritonmesh.health import readiness
+from tritonmesh.weights import WeightError, WeightUpdate, update_weights
 
-__all__ = ["AdminService", "drain", "instance_message"]
+__all__ = ["AdminService", "drain", "instance_message", "variant_message"]
+
+log = logging.getLogger("tritonmesh.admin")
 
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
@@ -37,6 +42,13 @@ def instance_message(instance: Instance) -> apb.Instance:
         requests=instance.requests, errors=instance.errors,
         weight=instance.weight,
     )
+
+
+def variant_message(variant: Variant) -> apb.Variant:
+    return apb.Variant(name=variant.name, weight=variant.weight,
+                       routing_strategy=variant.strategy.value,
+                       models=sorted(variant.models or ()),
+                       max_concurrency_per_instance=variant.limit or 0)
 
 
 class _Refused(Exception):
@@ -113,9 +125,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         if request.variant and not variants:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
         return apb.ListInstancesResponse(
-            variants=[apb.Variant(name=v.name, weight=v.weight,
-                                  routing_strategy=v.strategy.value,
-                                  models=sorted(v.models or ())) for v in variants],
+            variants=[variant_message(v) for v in variants],
             instances=[instance_message(i) for v in variants for i in v.live_instances()],
         )
 
@@ -178,6 +188,24 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         task.add_done_callback(self._drains.discard)
         drained: bool = await asyncio.shield(task)
         return apb.RemoveInstanceResponse(instance=instance_message(instance), drained=drained)
+
+    async def UpdateVariantWeights(self, request: apb.UpdateVariantWeightsRequest,
+                                   context: grpc.aio.ServicerContext
+                                   ) -> apb.UpdateVariantWeightsResponse:
+        updates = [WeightUpdate(v.variant, v.weight,
+                                v.max_concurrency_per_instance
+                                if v.HasField("max_concurrency_per_instance") else None)
+                   for v in request.variants]
+        try:
+            update_weights(self.balancer, updates)
+        except WeightError as exc:
+            await _abort(context, grpc.StatusCode[exc.code_name], str(exc))
+        log.info("weights updated: %s", ", ".join(
+            f"{u.variant}={u.weight:g}" + ("" if u.capacity is None else
+                                           f" (max_concurrency_per_instance {u.capacity})")
+            for u in updates))
+        return apb.UpdateVariantWeightsResponse(
+            variants=[variant_message(v) for v in self.balancer.variants])
 
     async def close(self) -> None:
         """Wait for the drains that callers left behind (the router is stopping)."""

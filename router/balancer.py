@@ -20,6 +20,7 @@ from tritonmesh.decoupled import DecoupledModels
 from tritonmesh.instance import Instance, InstanceState
 from tritonmesh.lease import Lease
 from tritonmesh.outlier import OutlierDetector
+from tritonmesh.request_metrics import RequestMetrics
 from tritonmesh.retry import RetryBudget
 from tritonmesh.variant import NoInstanceError, Variant
 from tritonmesh.wire import RequestInfo, WireError, peek_work
@@ -47,6 +48,7 @@ class Balancer:
         self.set_retries(retries or RetryConfig())
         self.by_name = {v.name: v for v in self.variants}
         self._rng = rng or random.Random()
+        self.metrics = RequestMetrics()  # per variant and model (tritonmesh.request_metrics)
         self._map_models()
         # (target variant or None, model, sequence id) -> (instance, last use); see
         # _pick_sequence().
@@ -65,6 +67,7 @@ class Balancer:
         self._serving = {name: [v for v in live if v.serves(name)] for name in listed}
         # Models outside every variant's list go where Triton can answer for them.
         self._unlisted = [v for v in live if v.models is None] or live
+        self.metrics.set_models(self.variants)
 
     def reconfigure(self, configs: Iterable[VariantConfig]) -> None:
         """A reload's variant keys, live (same variant names; see :mod:`tritonmesh.reload`)."""
@@ -149,12 +152,12 @@ class Balancer:
         """
         cost = self.cost(info.model_name, request) if self.work_aware else 1.0
         if info.sequence_id is not None:
-            return Lease(self._pick_sequence(info, target_variant, cost), cost, self.outliers)
+            return self._lease(self._pick_sequence(info, target_variant, cost), cost, info)
         variant = self.choose_variant(info.model_name, target_variant)
         instance = variant.pick(cost) if avoid is None \
             else self._pick_avoiding(variant, avoid, cost)
         if instance is not None:
-            return Lease(instance, cost, self.outliers)
+            return self._lease(instance, cost, info)
         if variant.full():
             return None
         raise NoInstanceError(
@@ -176,11 +179,23 @@ class Balancer:
         # Full: only requests outside sequences get here (a sequence never waits).
         cost = self.cost(info.model_name, request) if self.work_aware else 1.0
         variant = self.choose_variant(info.model_name, target_variant)
+        since = time.perf_counter()
         try:
             instance = await variant.wait(timeout, cost, info.priority or priority)
         except TimeoutError:
+            self.metrics.refused(variant, info.model_name, "DEADLINE_EXCEEDED",
+                                 time.perf_counter() - since)
             raise NoInstanceError(QUEUE_TIMEOUT, "DEADLINE_EXCEEDED") from None
-        return Lease(instance, cost, self.outliers)
+        except NoInstanceError as exc:  # the queue is full, or shed this request
+            self.metrics.refused(variant, info.model_name, exc.code_name,
+                                 time.perf_counter() - since)
+            raise
+        return self._lease(instance, cost, info, time.perf_counter() - since)
+
+    def _lease(self, instance: Instance, cost: float, info: RequestInfo,
+               queued_s: float = 0.0) -> Lease:
+        stats = self.metrics.started(instance.variant, info.model_name)
+        return Lease(instance, cost, self.outliers, stats, queued_s)
 
     @staticmethod
     def _pick_avoiding(variant: Variant, avoid: Instance, cost: float) -> Instance | None:

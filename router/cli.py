@@ -1,4 +1,4 @@
-"""The ``tritonmesh`` command: up, serve, workers, status."""
+"""The ``tritonmesh`` command: up, serve, workers, status, weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,72 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    """How a command reaches the router's admin API (``status``, ``weights``)."""
+    parser.add_argument("--address", default="127.0.0.1:8003",
+                        help="the router's admin_listen: HOST:PORT or unix:PATH")
+    parser.add_argument("--token-file", default=None,
+                        help="a file whose first token is sent as 'authorization: Bearer' "
+                             "(auth.admin_tokens_file)")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--tls", action="store_true",
+                        help="connect over TLS (implied by the three options below)")
+    parser.add_argument("--ca-file", default=None,
+                        help="CA that signed the router's certificate (default: system roots)")
+    parser.add_argument("--cert-file", default=None, help="client certificate (mutual TLS)")
+    parser.add_argument("--key-file", default=None, help="client private key (mutual TLS)")
+    parser.add_argument("--server-name", default=None,
+                        help="the name in the router's certificate, when the address's host "
+                             "is not")
+
+
+def _pairs(values: Sequence[str], what: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """``NAME=VALUE`` arguments by name; a malformed one is a ConfigError naming it."""
+    pairs: dict[str, Any] = {}
+    for text in values:
+        name, sep, value = text.partition("=")
+        if not (sep and name):
+            raise ConfigError(f"expected VARIANT={what}, got {text!r}")
+        if name in pairs:
+            raise ConfigError(f"variant {name!r} is given twice")
+        try:
+            pairs[name] = parse(value)
+        except ValueError:
+            raise ConfigError(f"{text!r}: {what} must be a number") from None
+    return pairs
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    import grpc
+    from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+    from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+
+    weights = _pairs(args.weights, "WEIGHT", float)
+    capacity = _pairs(args.capacity, "N", int)
+    unweighted = sorted(set(capacity) - set(weights))
+    if unweighted:
+        raise ConfigError(f"--capacity for {', '.join(unweighted)}: give its weight too "
+                          "(VARIANT=WEIGHT)")
+    request = apb.UpdateVariantWeightsRequest(variants=[
+        apb.VariantWeight(variant=name, weight=weight,
+                          max_concurrency_per_instance=capacity.get(name))
+        for name, weight in weights.items()])
+    metadata = _admin_token(args)
+    with _admin_channel(args) as channel:
+        try:
+            response = apb_grpc.AdminStub(channel).UpdateVariantWeights(
+                request, timeout=args.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            print(f"tritonmesh: weights not changed: [{exc.code().name}] {exc.details()}",
+                  file=sys.stderr)
+            return 1
+    for v in response.variants:
+        limit = v.max_concurrency_per_instance
+        print(f"variant {v.name}: weight {v.weight:g}"
+              + (f", max_concurrency_per_instance {limit}" if limit else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonmesh", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -238,22 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     workers.set_defaults(func=_cmd_workers)
 
     status = sub.add_parser("status", help="list a running router's instances (admin API)")
-    status.add_argument("--address", default="127.0.0.1:8003",
-                        help="the router's admin_listen: HOST:PORT or unix:PATH")
-    status.add_argument("--token-file", default=None,
-                        help="a file whose first token is sent as 'authorization: Bearer' "
-                             "(auth.admin_tokens_file)")
-    status.add_argument("--timeout", type=float, default=5.0)
-    status.add_argument("--tls", action="store_true",
-                        help="connect over TLS (implied by the three options below)")
-    status.add_argument("--ca-file", default=None,
-                        help="CA that signed the router's certificate (default: system roots)")
-    status.add_argument("--cert-file", default=None, help="client certificate (mutual TLS)")
-    status.add_argument("--key-file", default=None, help="client private key (mutual TLS)")
-    status.add_argument("--server-name", default=None,
-                        help="the name in the router's certificate, when the address's host "
-                             "is not")
+    _admin_options(status)
     status.set_defaults(func=_cmd_status)
+
+    weights = sub.add_parser(
+        "weights", help="set variants' weights (and capacity) on a running router, all at "
+                        "once (admin API; SageMaker's UpdateEndpointWeightsAndCapacities)")
+    weights.add_argument("weights", nargs="+", metavar="VARIANT=WEIGHT",
+                         help="a variant and its new weight (finite, >= 0)")
+    weights.add_argument("--capacity", action="append", default=[],
+                         metavar="VARIANT=N",
+                         help="also set the variant's max_concurrency_per_instance "
+                              "(repeatable)")
+    _admin_options(weights)
+    weights.set_defaults(func=_cmd_weights)
 
     from tritonmesh.bench.cli import add_bench_parser
     from tritonmesh.probe import add_probe_parser

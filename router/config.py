@@ -22,7 +22,10 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from tritonmesh.autoscale_config import Autoscaling
 
 __all__ = [
     "AuthConfig",
@@ -105,6 +108,7 @@ class UpstreamTLS:
 class LocalWorkers:
     count: int
     model_repository: str | None = None  # None: the bundled demo repository
+    autoscaling: Autoscaling | None = None  # tritonmesh.autoscale_config; count is min
 
 
 @dataclass(frozen=True)
@@ -423,14 +427,18 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         if isinstance(lw, int) and not isinstance(lw, bool):
             local = LocalWorkers(_positive_int(lw, key))
         else:
+            from tritonmesh.autoscale_config import AUTOSCALING_KEYS, parse_autoscaling
+
             _expect(lw, dict, key)
-            _no_unknown(lw, {"count", "model_repository"}, f"{key}.")
-            if "count" not in lw:
+            _no_unknown(lw, {"count", "model_repository", *AUTOSCALING_KEYS}, f"{key}.")
+            scaling = parse_autoscaling(lw, key)
+            if "count" not in lw and scaling is None:
                 raise ConfigError(f"{key}.count: required")
             repo = lw.get("model_repository")
             if repo is not None:
                 _expect(repo, str, f"{key}.model_repository")
-            local = LocalWorkers(_positive_int(lw["count"], f"{key}.count"), repo)
+            local = LocalWorkers(scaling.min if scaling is not None else
+                                 _positive_int(lw["count"], f"{key}.count"), repo, scaling)
     discovery = None if data.get("discovery") is None \
         else _discovery(data["discovery"], f"{where}discovery")
     if not instances and local is None and discovery is None:

@@ -31,6 +31,7 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
     """Start every variant's local workers, then the router; stop both on exit."""
     async with contextlib.AsyncExitStack() as stack:
         instances = {v.name: list(v.instances) for v in config.variants}
+        scalers = []
         for variant in config.variants:
             if variant.local_workers is None:
                 continue
@@ -43,9 +44,20 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
                 restart=True,
             ))
             instances[variant.name].extend(pool.addresses)
+            if variant.local_workers.autoscaling is not None:
+                from tritonmesh.autoscaler import Autoscaler
+
+                scaler = Autoscaler(variant.name, pool, variant.local_workers.autoscaling)
+                stack.push_async_callback(scaler.stop_workers)  # after the router stops
+                scalers.append(scaler)
         router = Router(config, instances, seed=seed)
         await router.start()
         stack.push_async_callback(router.stop)
+        assert router.balancer is not None
+        for scaler in scalers:
+            scaler.start(router.balancer)
+            stack.push_async_callback(scaler.close)
+        router.autoscalers.extend(scalers)
         yield router
 
 

@@ -22,20 +22,32 @@ from tritonmesh.instance import Instance
 
 if TYPE_CHECKING:
     from tritonmesh.outlier import OutlierDetector
+    from tritonmesh.request_metrics import ModelStats
 
 __all__ = ["Lease"]
 
 
 class Lease:
-    __slots__ = ("_held", "ahead", "cost", "instance", "outliers", "started")
+    __slots__ = ("_held", "ahead", "code", "cost", "instance", "last", "outliers", "queued",
+                 "sent", "started", "stats")
 
-    def __init__(self, instance: Instance, cost: float, outliers: OutlierDetector):
+    def __init__(self, instance: Instance, cost: float, outliers: OutlierDetector,
+                 stats: ModelStats, queued_s: float = 0.0):
         self.instance = instance
         self.cost = cost  # what it was counted with, and is given back with
         self.ahead = instance.work_ahead()  # LEAST_OUTSTANDING_WORK: the work it found there
         self.outliers = outliers
         self.started = time.perf_counter()
         self._held = True
+        # Request metrics (tritonmesh.request_metrics): its variant's and model's stats,
+        # seconds in the late-binding queue, when it went upstream, when its last response
+        # came (0.0: none yet), and the gRPC status it ends with when not answered
+        # (data paths set it when they know; otherwise the client or the router ended it).
+        self.stats = stats
+        self.queued = queued_s
+        self.sent = self.started
+        self.last = 0.0
+        self.code = "CANCELLED"
 
     @property
     def held(self) -> bool:
@@ -48,13 +60,33 @@ class Lease:
         self._held = False
         instance = self.instance
         instance.variant.give_back(instance, self.cost)
-        instance.observe(time.perf_counter() - self.started, ok, self.ahead, self.cost)
+        now = time.perf_counter()
+        instance.observe(now - self.started, ok, self.ahead, self.cost)
+        sent = self.sent
+        self.stats.finished("OK" if ok else self.code, now - sent,
+                            sent - self.started + self.queued, self.queued)
 
-    def abandon(self) -> None:
-        """The request was never sent: give its capacity back and learn nothing from it."""
+    def abandon(self, code_name: str = "DEADLINE_EXCEEDED") -> None:
+        """The request was never sent (its deadline went by first): give its capacity back
+        and learn nothing from it; the metrics count it as answered ``code_name`` here."""
         if self._held:
             self._held = False
             self.instance.variant.give_back(self.instance, self.cost)
+            self.stats.finished(code_name, 0.0,
+                                time.perf_counter() - self.started + self.queued, self.queued)
+
+    def sending(self) -> None:
+        """It goes upstream now: the time before this was the router's, after it Triton's."""
+        self.sent = time.perf_counter()
+
+    def responded(self) -> None:
+        """A response for it came (streams): time to the first, or since the one before."""
+        now = time.perf_counter()
+        if self.last:
+            self.stats.time_between_responses.observe(now - self.last)
+        else:
+            self.stats.time_to_first_response.observe(now - self.sent)
+        self.last = now
 
     # What the request's outcome says about the instance (tritonmesh.outlier).
 

@@ -21,14 +21,19 @@ from tritonmesh.balancer import Balancer
 from tritonmesh.instance import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
+    from tritonmesh.autoscaler import Autoscaler
     from tritonmesh.discovery import Discovery
 
-__all__ = ["BalancerCollector", "DiscoveryCollector"]
+__all__ = ["AutoscalerCollector", "BalancerCollector", "DiscoveryCollector"]
 
 
 class BalancerCollector(Collector):
-    def __init__(self, balancer: Balancer):
+    """Per instance and variant, and per model (:mod:`tritonmesh.request_metrics`, labelled
+    with the ``endpoint`` name)."""
+
+    def __init__(self, balancer: Balancer, endpoint: str = ""):
         self.balancer = balancer
+        self.endpoint = endpoint
 
     def collect(self) -> Iterator[Metric]:
         labels = ["variant", "instance"]
@@ -92,6 +97,7 @@ class BalancerCollector(Collector):
             refused.add_metric([reason], n)
         yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
                     queued, retries, refused)
+        yield from self.balancer.metrics.families(self.endpoint)
 
 
 class DiscoveryCollector(Collector):
@@ -122,3 +128,32 @@ class DiscoveryCollector(Collector):
             failures.add_metric(lv, d.failures)
             success.add_metric(lv, d.last_success)
         yield from (instances, lookups, failures, success)
+
+
+class AutoscalerCollector(Collector):
+    """Local workers' autoscaling (tritonmesh.autoscaler), per variant that uses it."""
+
+    def __init__(self, autoscalers: Sequence[Autoscaler]):
+        self.autoscalers = autoscalers
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily(
+            "tritonmesh_autoscaler_workers", "Local Triton workers the variant runs now.",
+            labels=["variant"])
+        wanted = GaugeMetricFamily(
+            "tritonmesh_autoscaler_wanted_workers",
+            "Workers the last sampled demand asks for (within min and max).",
+            labels=["variant"])
+        out = CounterMetricFamily(
+            "tritonmesh_autoscaler_scaled_out", "Workers started by scaling out.",
+            labels=["variant"])
+        into = CounterMetricFamily(
+            "tritonmesh_autoscaler_scaled_in", "Workers drained and stopped by scaling in.",
+            labels=["variant"])
+        for scaler in list(self.autoscalers):
+            lv = [scaler.variant_name]
+            workers.add_metric(lv, scaler.workers)
+            wanted.add_metric(lv, scaler.last_wanted)
+            out.add_metric(lv, scaler.scaled_out)
+            into.add_metric(lv, scaler.scaled_in)
+        yield from (workers, wanted, out, into)

@@ -135,6 +135,7 @@ class Proxy:
             failed: tuple[grpc.StatusCode, str, Metadata] | None = None
             timeout, per_try_bound = attempt_timeout(
                 remaining, instance.variant.config.per_try_timeout_s)
+            lease.sending()
             try:
                 response: bytes = await await_call(instance.upstream.model_infer(
                     request, timeout=timeout, metadata=metadata
@@ -143,6 +144,7 @@ class Proxy:
                 lease.succeeded()
                 return response
             except grpc.aio.AioRpcError as exc:
+                lease.code = exc.code().name
                 details, retryable = judge(lease.outliers, instance, exc, per_try_bound, context)
                 # Only a request that provably never reached Triton, or one whose client
                 # said it may run twice, goes elsewhere; a sequence is pinned, never moved.

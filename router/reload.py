@@ -8,8 +8,12 @@ share one table (all but LEAST_OUTSTANDING_WORK); the endpoint's ``health_check`
 (:mod:`tritonmesh.endpoint`), the tokens of ``auth`` and ``instance_networks``
 (``Router.reload_auth``).
 
-Everything else is read once, at start: a reload that changes any of it is refused as a
-whole, with one log line naming each such key, and the running configuration stays.
+``UpdateVariantWeights`` (:mod:`tritonmesh.weights`) changes weights and
+``max_concurrency_per_instance`` between reloads; a reload sets them to the file's again.
+
+Everything else (the endpoint's name, ``endpoint``, its listeners, ``limits``) is read once, at
+start: a reload that changes any of it is refused as a whole, with one log line naming
+each such key, and the running configuration stays.
 """
 
 from __future__ import annotations
@@ -21,9 +25,19 @@ from tritonmesh.config import EndpointConfig, RoutingStrategy, VariantConfig
 __all__ = ["restart_keys"]
 
 # Endpoint keys fixed at start (tls has its own rules: tritonmesh.endpoint._reload_tls).
-_AT_START = ("listen", "metrics_listen", "admin_listen")
+# ``name`` labels every per-model metric series: renaming would split them.
+_AT_START = ("name", "listen", "metrics_listen", "admin_listen")
+# Where the file's key is not the attribute's name.
+_FILE_KEYS = {"name": "endpoint"}
+# Applied live, or by rules of their own (auth, limits, tls: see restart_keys and
+# tritonmesh.endpoint); every key is in one list or the other (tests/test_reload_keys.py).
+_LIVE = ("variants", "health_check", "retries", "shutdown_grace_s", "work_hints", "tls",
+         "auth", "instance_networks", "limits")
 # Variant keys fixed at start (upstream_tls: warned about, channels keep theirs).
 _VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discovery", "shadow")
+_VARIANT_LIVE = ("name", "weight", "routing_strategy", "models", "instances",
+                 "max_concurrency", "max_queue", "default_deadline_s", "slow_start_s",
+                 "upstream_tls", "per_try_timeout_s", "default_priority", "priority_aging_s")
 
 
 def _work_table(strategy: RoutingStrategy) -> bool:
@@ -32,7 +46,7 @@ def _work_table(strategy: RoutingStrategy) -> bool:
 
 def restart_keys(running: EndpointConfig, new: EndpointConfig) -> list[str]:
     """The keys ``new`` changes that only a restart can apply (empty: reload live)."""
-    keys = [k for k in _AT_START if getattr(running, k) != getattr(new, k)]
+    keys = [_FILE_KEYS.get(k, k) for k in _AT_START if getattr(running, k) != getattr(new, k)]
     # New tokens apply live; turning a plane's tokens on or off installs or removes the
     # port's interceptor, which only a restart can do.
     keys += [f"auth.{plane}_tokens_file (on or off)" for plane in ("data", "admin")

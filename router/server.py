@@ -14,7 +14,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -38,12 +38,15 @@ from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker, probe_ready
 from tritonmesh.housekeeping import Housekeeper
 from tritonmesh.logfilter import quiet_client_gone
-from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
+from tritonmesh.metrics import AutoscalerCollector, BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
 from tritonmesh.tls import ServerCertificates
 from tritonmesh.workers.upstream import SERVICE, channel_options
+
+if TYPE_CHECKING:
+    from tritonmesh.autoscaler import Autoscaler
 
 __all__ = ["Router", "server_options"]
 
@@ -106,6 +109,7 @@ class Router:
         self.data_tokens = Tokens(config.auth.data_tokens)
         self.admin_tokens = Tokens(config.auth.admin_tokens)
         self.discoveries: list[Discovery] = []
+        self.autoscalers: list[Autoscaler] = []  # local workers' (tritonmesh.endpoint)
         self.housekeeper: Housekeeper
         quiet_client_gone()
 
@@ -234,8 +238,9 @@ class Router:
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(BalancerCollector(balancer))
+        registry.register(BalancerCollector(balancer, self.config.name))
         registry.register(DiscoveryCollector(self.discoveries))
+        registry.register(AutoscalerCollector(self.autoscalers))
         if self.shadows:
             registry.register(ShadowCollector(self.shadows))
         host, _, port = listen.rpartition(":")

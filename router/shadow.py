@@ -136,7 +136,7 @@ class Shadows:
                 request, timeout=timeout, metadata=metadata))
             ok = True
         except grpc.aio.AioRpcError as exc:
-            outcome = exc.code().name
+            outcome = lease.code = exc.code().name
         except Exception as exc:  # never let a shadow's failure escape into the loop's log
             outcome = "INTERNAL"
             log.debug("shadow request to %s failed: %r", lease.instance.address, exc)

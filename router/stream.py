@@ -222,6 +222,7 @@ class StreamSession:
             await self._send_on_stream(request, info, pending)
 
     def _send_unary(self, request: bytes, pending: Pending) -> None:
+        pending.lease.sending()
         task = asyncio.get_running_loop().create_task(self._unary_call(request, pending))
         self.unary[task] = pending
 
@@ -229,6 +230,7 @@ class StreamSession:
                               pending: Pending) -> None:
         instance = pending.lease.instance
         data = request if info.empty_final else inject_empty_final(request)
+        pending.lease.sending()
         queued = False
         try:
             while True:
@@ -267,9 +269,11 @@ class StreamSession:
                 response = await await_call(instance.upstream.model_infer(
                     request, timeout=timeout, metadata=self.metadata))
                 ok = True
+                lease.responded()
                 lease.succeeded()
                 out = stream_response_from_unary(response)
             except grpc.aio.AioRpcError as exc:
+                lease.code = exc.code().name
                 details, _ = judge(lease.outliers, instance, exc, per_try_bound, self.context)
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and "decoupled" in details:
                     # Reloaded behind the router's back as decoupled: ask again next time.
@@ -298,6 +302,7 @@ class StreamSession:
     async def _pump(self, up: UpstreamStream) -> None:
         instance = up.instance
         failure: str | None = "closed the stream before the final response"
+        code_name = "UNAVAILABLE"
         try:
             try:
                 # One response at a time: while its write to the client waits (the client
@@ -309,6 +314,7 @@ class StreamSession:
                     raise  # _close() ended this pump
                 raise upstream_cancelled() from None  # the instance's channel closed
         except grpc.aio.AioRpcError as exc:
+            code_name = exc.code().name
             if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
                 failure = None
             else:
@@ -320,7 +326,7 @@ class StreamSession:
             # await, since _close() no longer sees an upstream once it leaves the dict.
             if self.upstreams.get(instance) is up:
                 del self.upstreams[instance]
-            orphans = self._settle_all(up)
+            orphans = self._settle_all(up, code_name)
         if failure is not None:
             for p in orphans:
                 await self._write(error_stream_response(
@@ -333,13 +339,13 @@ class StreamSession:
             await self._write(response)
             return
         if not info.terminal:
-            if info.error_message:
-                # A decoupled model's error need not be its final response: judge the
-                # request now, once, and never as a success at its (empty) final.
-                up.failed(info.id, info.error_message)
+            # A decoupled model's error need not be its final response: the request is
+            # judged now, once, and never as a success at its (empty) final.
+            up.responded(info.id, info.error_message)
             await self._write(response)
             return
-        pending = self._settle(up, info.id, info.error_message)
+        pending = self._settle(up, info.id, info.error_message,
+                               info.has_outputs or bool(info.error_message))
         if (
             info.final and not info.has_outputs and not info.error_message
             and pending is not None and not pending.client_wants_empty_final
@@ -347,14 +353,15 @@ class StreamSession:
             return  # an empty final the router asked for; the client did not
         await self._write(response)
 
-    def _settle(self, up: UpstreamStream, request_id: str, error: str) -> Pending | None:
-        found = up.settle(request_id, error)
+    def _settle(self, up: UpstreamStream, request_id: str, error: str,
+                response: bool) -> Pending | None:
+        found = up.settle(request_id, error, response)
         if found is not None:
             self._answered()
         return found
 
-    def _settle_all(self, up: UpstreamStream) -> list[Pending]:
-        orphans = up.settle_all()
+    def _settle_all(self, up: UpstreamStream, code_name: str = "CANCELLED") -> list[Pending]:
+        orphans = up.settle_all(code_name)
         for _ in orphans:
             self._answered()
         return orphans

@@ -36,6 +36,7 @@ class Pending:
         request, however many error responses a decoupled model sends."""
         if not self.failed:
             self.failed = True
+            self.lease.code = "UNKNOWN"  # Triton's in-stream errors carry no status code
             self.lease.stream_error(error)
 
 
@@ -53,16 +54,19 @@ class UpstreamStream:
         # their own write beside the reading loop.
         self.lock = asyncio.Lock()
 
-    def failed(self, request_id: str, error: str) -> None:
-        """A non-final error response came for ``request_id``."""
+    def responded(self, request_id: str, error: str) -> None:
+        """A non-final response came for ``request_id`` (``error``: its message, if any)."""
         for p in self.pending:
             if p.id == request_id:
-                p.fail(error)
+                p.lease.responded()
+                if error:
+                    p.fail(error)
                 return
 
-    def settle(self, request_id: str, error: str) -> Pending | None:
+    def settle(self, request_id: str, error: str, response: bool) -> Pending | None:
         """Close the oldest pending request with this id (its final response came;
-        ``error``: that response's, "" for none) and release it."""
+        ``error``: that response's, "" for none; ``response``: the final carries an answer,
+        not only the end of one) and release it."""
         pending = self.pending
         found = None
         for i, p in enumerate(pending):
@@ -74,6 +78,8 @@ class UpstreamStream:
             if not pending:
                 return None
             found = pending.popleft()
+        if response:
+            found.lease.responded()
         if error:
             found.fail(error)
         elif not found.failed:
@@ -81,11 +87,13 @@ class UpstreamStream:
         found.lease.release(not found.failed)
         return found
 
-    def settle_all(self) -> list[Pending]:
-        """Release every request still pending as failed (the upstream stream ended);
-        return them."""
+    def settle_all(self, code_name: str) -> list[Pending]:
+        """Release every request still pending as failed (the upstream stream ended, with
+        ``code_name``); return them."""
         orphans = list(self.pending)
         self.pending.clear()
         for p in orphans:
+            if not p.failed:
+                p.lease.code = code_name
             p.lease.release(False)
         return orphans

@@ -13,16 +13,18 @@ class ListInstancesRequest(_message.Message):
     def __init__(self, variant: _Optional[str] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("name", "weight", "routing_strategy", "models")
+    __slots__ = ("name", "weight", "routing_strategy", "models", "max_concurrency_per_instance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTING_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     weight: float
     routing_strategy: str
     models: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., routing_strategy: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_concurrency_per_instance: int
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., routing_strategy: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency_per_instance: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("variant", "slot", "address", "state", "healthy", "outstanding", "requests", "errors", "weight")
@@ -81,3 +83,25 @@ class RemoveInstanceResponse(_message.Message):
     instance: Instance
     drained: bool
     def __init__(self, instance: _Optional[_Union[Instance, _Mapping]] = ..., drained: _Optional[bool] = ...) -> None: ...
+
+class VariantWeight(_message.Message):
+    __slots__ = ("variant", "weight", "max_concurrency_per_instance")
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    variant: str
+    weight: float
+    max_concurrency_per_instance: int
+    def __init__(self, variant: _Optional[str] = ..., weight: _Optional[float] = ..., max_concurrency_per_instance: _Optional[int] = ...) -> None: ...
+
+class UpdateVariantWeightsRequest(_message.Message):
+    __slots__ = ("variants",)
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    variants: _containers.RepeatedCompositeFieldContainer[VariantWeight]
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantWeight, _Mapping]]] = ...) -> None: ...
+
+class UpdateVariantWeightsResponse(_message.Message):
+    __slots__ = ("variants",)
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    def __init__(self, variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class AdminStub:
                 request_serializer=tritonmesh__admin__pb2.RemoveInstanceRequest.SerializeToString,
                 response_deserializer=tritonmesh__admin__pb2.RemoveInstanceResponse.FromString,
                 _registered_method=True)
+        self.UpdateVariantWeights = channel.unary_unary(
+                '/tritonmesh.admin.v1.Admin/UpdateVariantWeights',
+                request_serializer=tritonmesh__admin__pb2.UpdateVariantWeightsRequest.SerializeToString,
+                response_deserializer=tritonmesh__admin__pb2.UpdateVariantWeightsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -75,6 +80,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateVariantWeights(self, request, context):
+        """Set variants' weights (their share of traffic) and, optionally, capacity, at once
+        (SageMaker's UpdateEndpointWeightsAndCapacities). All or nothing: one bad entry
+        changes no variant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +106,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RemoveInstance,
                     request_deserializer=tritonmesh__admin__pb2.RemoveInstanceRequest.FromString,
                     response_serializer=tritonmesh__admin__pb2.RemoveInstanceResponse.SerializeToString,
+            ),
+            'UpdateVariantWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVariantWeights,
+                    request_deserializer=tritonmesh__admin__pb2.UpdateVariantWeightsRequest.FromString,
+                    response_serializer=tritonmesh__admin__pb2.UpdateVariantWeightsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +194,33 @@ class Admin:
             '/tritonmesh.admin.v1.Admin/RemoveInstance',
             tritonmesh__admin__pb2.RemoveInstanceRequest.SerializeToString,
             tritonmesh__admin__pb2.RemoveInstanceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVariantWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tritonmesh.admin.v1.Admin/UpdateVariantWeights',
+            tritonmesh__admin__pb2.UpdateVariantWeightsRequest.SerializeToString,
+            tritonmesh__admin__pb2.UpdateVariantWeightsResponse.FromString,
             options,
             channel_credentials,
             insecure,
