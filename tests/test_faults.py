@@ -102,20 +102,20 @@ def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list
     """Requests running on the leaving instance when its drain begins all finish, and
     successfully; the router's own record, taken on its loop as the drain begins, says
     how many there were (at least one, or the test proves nothing)."""
-    from tritonmesh import admin as admin_module
+    from tritonmesh import membership
 
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
     leaving = worker_addresses[1]
     instance = next(i for i in router.instances() if i.address == leaving)
     at_drain: list[tuple[int, int, int]] = []
-    drain = admin_module.drain
+    drain = membership.drain
 
     async def recorded_drain(drained: Any, timeout_s: float) -> bool:
         # Nothing runs on the loop between this and the drain's stop of new picks.
         at_drain.append((drained.outstanding, drained.requests, drained.errors))
         return await drain(drained, timeout_s)
 
-    monkeypatch.setattr(admin_module, "drain", recorded_drain)
+    monkeypatch.setattr(membership, "drain", recorded_drain)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # 100 tokens, about 0.5 s each: four clients keep both instances busy for seconds.
         work = [pool.submit(_unary_generate, router.address, 100) for _ in range(24)]
@@ -529,7 +529,7 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
 def test_a_failed_request_is_released_before_its_client_hears(make_router: Any) -> None:
     """grpc.aio's abort() sends the status before it raises: a release in a finally block
     after it ran once the client already had its error (a count still 1, a failure not
-    yet recorded, as CI caught once). The answer must come after the release."""
+    yet recorded). The answer must come after the release."""
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1)
     (instance,) = router.instances()
     inputs = [grpcclient.InferInput("INPUT0", [4], "FP32")]
