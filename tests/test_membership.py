@@ -1,11 +1,13 @@
-"""tritonmesh.membership on a real Variant and its table, without Triton or gRPC: the
-channels are stand-ins that record being closed (nothing is sent in these tests)."""
+"""tritonmesh.membership on a real Variant and its table, without Triton or gRPC (the
+channels are stand-ins that record being closed), then through a real router over a
+recording fake Triton."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+from harness import LoopThread, RecordingTriton, make_config, start_router
 from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import RoutingStrategy, VariantConfig
 from tritonmesh.membership import Drains, active, drain, reconcile
@@ -139,3 +141,52 @@ def test_added_instances_ramp_only_with_slow_start(slow_start: bool) -> None:
         await variant.close()
 
     asyncio.run(scenario())
+
+
+# -- through the router: Router.update_instances (SIGHUP reloads) over a recording fake ---
+
+
+def test_a_reload_listing_an_address_twice_adds_it_once(loop_thread: LoopThread,
+                                                        recording_triton: RecordingTriton
+                                                        ) -> None:
+    config, instances = make_config([recording_triton.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        other = "127.0.0.1:1"  # never dialled: nothing is sent in this test
+        changed = loop_thread.run(router.router.update_instances(
+            {"AllTraffic": [recording_triton.address, other, other]}))
+        assert changed == (1, 0)
+        assert sorted(i.address for i in router.instances()) == sorted(
+            [recording_triton.address, other])
+    finally:
+        router.stop()
+
+
+def test_a_cancelled_reload_still_finishes_its_drains(loop_thread: LoopThread,
+                                                      recording_triton: RecordingTriton) -> None:
+    """A reload that is cancelled (the router stopping, say) while an instance drains:
+    the drain goes on, and the instance leaves once its last request ends, instead of
+    staying DRAINING, out of the pick set and unremovable, for good."""
+    config, instances = make_config([recording_triton.address])
+    router = start_router(loop_thread, config, instances)
+    (instance,) = router.instances()
+
+    async def scenario() -> None:
+        assert instance.variant.pick() is instance  # a request in flight on it
+        reload = asyncio.get_running_loop().create_task(
+            router.router.update_instances({"AllTraffic": []}, drain_timeout_s=60.0))
+        for _ in range(10):  # the reload starts the drain; the drain stops new picks
+            await asyncio.sleep(0)
+            if instance.state != "ACTIVE":
+                break
+        reload.cancel()
+        await asyncio.gather(reload, return_exceptions=True)
+        assert instance.state == "DRAINING"
+        Balancer.release(instance, 1.0)
+        await asyncio.wait_for(router.router.drains.wait(), 10.0)
+        assert instance.state == "REMOVED"
+
+    try:
+        loop_thread.run(scenario())
+    finally:
+        router.stop()
