@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
@@ -219,42 +220,88 @@ def wait_gone(pids: dict[int, str], timeout: float = 15.0) -> None:
 
 
 class RecordingTriton:
-    """A gRPC server on loopback that answers like Triton (ready, every model ready, an
-    empty inference response with id "m") and records, per call, the metadata and the
-    deadline it arrived with: for tests of what the router forwards, which Triton itself
-    does not report."""
+    """A gRPC server on loopback that answers like Triton and records what reaches it, for
+    tests of what the router forwards and how, which Triton itself does not report.
+
+    ``calls``: per call, its method, metadata and the seconds left of its deadline (or
+    None). ``seen``: per inference request, the RPC that carried it and its id.
+    ``config_asks``: the models whose ModelConfig was asked. It is ready, and so is every
+    model; ModelConfig gives the models of ``DECOUPLED`` their transaction policy (others
+    get Triton's unknown-model status); an inference is answered with its own model name
+    and id, and on a stream as a final response with an output (not an empty final).
+    A subclass overrides a method to answer otherwise."""
+
+    DECOUPLED = {"generate": True, "identity": False}
 
     def __init__(self, loop: LoopThread):
         self.loop = loop
-        # (method, metadata, seconds left of its deadline or None), one per call
         self.calls: list[tuple[str, dict[str, str], float | None]] = []
-        answers = {
-            "ServerReady": pb.ServerReadyResponse(ready=True),
-            "ModelReady": pb.ModelReadyResponse(ready=True),
-            "ModelInfer": pb.ModelInferResponse(model_name="identity", id="m"),
-        }
+        self.seen: list[tuple[str, str]] = []
+        self.config_asks: list[str] = []
+        self.server, port = loop.run(self._start())
+        self.address = f"127.0.0.1:{port}"
 
-        def handler(method: str, response: Any) -> grpc.RpcMethodHandler:
+    async def model_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        name = pb.ModelConfigRequest.FromString(request).name
+        self.config_asks.append(name)
+        if name not in self.DECOUPLED:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Request for unknown model: '{name}'")
+        config = mc.ModelConfig(name=name)
+        config.model_transaction_policy.decoupled = self.DECOUPLED[name]
+        return pb.ModelConfigResponse(config=config).SerializeToString()  # type: ignore[no-any-return]
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parsed = pb.ModelInferRequest.FromString(request)
+        self.seen.append(("ModelInfer", parsed.id))
+        return pb.ModelInferResponse(  # type: ignore[no-any-return]
+            model_name=parsed.model_name, id=parsed.id).SerializeToString()
+
+    async def model_stream_infer(self, requests: Any,
+                                 context: grpc.aio.ServicerContext) -> Any:
+        self._record("ModelStreamInfer", context)
+        async for request in requests:
+            parsed = pb.ModelInferRequest.FromString(request)
+            self.seen.append(("ModelStreamInfer", parsed.id))
+            response = pb.ModelStreamInferResponse()
+            response.infer_response.id = parsed.id
+            response.infer_response.outputs.add(name="OUT")
+            response.infer_response.parameters["triton_final_response"].bool_param = True
+            yield response.SerializeToString()
+
+    def _record(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v if isinstance(v, str) else v.decode()
+                    for k, v in context.invocation_metadata() or ()}
+        self.calls.append((method, metadata, context.time_remaining()))
+
+    async def _start(self) -> tuple[grpc.aio.Server, int]:
+        def unary(method: str, answer: Any) -> grpc.RpcMethodHandler:
+            async def recorded(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                self._record(method, context)
+                return await answer(request, context)  # type: ignore[no-any-return]
+            return grpc.unary_unary_rpc_method_handler(recorded)
+
+        def fixed(response: Any) -> Any:
             raw = response.SerializeToString()
 
             async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                metadata = {k: v if isinstance(v, str) else v.decode()
-                            for k, v in context.invocation_metadata() or ()}
-                self.calls.append((method, metadata, context.time_remaining()))
                 return raw  # type: ignore[no-any-return]
-            return grpc.unary_unary_rpc_method_handler(answer)
+            return answer
 
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server()
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService",
-                {name: handler(name, r) for name, r in answers.items()}),))
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        self.server, port = loop.run(start())
-        self.address = f"127.0.0.1:{port}"
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {
+                "ServerReady": unary("ServerReady", fixed(pb.ServerReadyResponse(ready=True))),
+                "ModelReady": unary("ModelReady", fixed(pb.ModelReadyResponse(ready=True))),
+                "RepositoryModelLoad": unary("RepositoryModelLoad",
+                                             fixed(pb.RepositoryModelLoadResponse())),
+                "ModelConfig": unary("ModelConfig", self.model_config),
+                "ModelInfer": unary("ModelInfer", self.model_infer),
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                    self.model_stream_infer),
+            }),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
 
     def stop(self) -> None:
         self.loop.run(self.server.stop(0))
