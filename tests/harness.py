@@ -10,7 +10,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance
 from tritonmesh.config import (
     AuthConfig,
@@ -151,6 +152,33 @@ def generate_inputs(max_tokens: int, prompt_tokens: int = 1) -> list[Any]:
         t.set_data_from_numpy(np.array([value], dtype=np.int32))
         tensors.append(t)
     return tensors
+
+
+def identity_inputs() -> list[Any]:
+    """The demo ``identity`` model's input, [0, 1, 2], for the blocking client."""
+    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
+    tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
+    return [tensor]
+
+
+def generate_unary(address: str, max_tokens: int, timeout: float | None = 60) -> list[int]:
+    """``generate_unary``'s tokens for ``max_tokens``, asked at ``address``."""
+    with grpcclient.InferenceServerClient(address) as client:
+        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=timeout)
+        return [int(v) for v in result.as_numpy("TOKENS")]
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def admin_stub(address: str) -> Any:
+    """A plaintext client of the router's admin API at ``address``."""
+    return apb_grpc.AdminStub(grpc.insecure_channel(address))
 
 
 class LongStream:
