@@ -106,7 +106,8 @@ async def reconcile(variant: Variant, wanted: Collection[str],
     after the probes, so an address that joined meanwhile is not added twice. Logs each
     change, prefixed with ``source``."""
     result = Reconciled()
-    joining = sorted(set(wanted) - current.keys() - set(leave_alone))
+    wanted_set = set(wanted)
+    joining = sorted(wanted_set - current.keys() - set(leave_alone))
     if joining:
         upstreams = [variant.connect(a) for a in joining]
         if probe is None:
@@ -120,7 +121,6 @@ async def reconcile(variant: Variant, wanted: Collection[str],
             else:
                 # Not ready yet (a pod still loading models): the caller asks again later.
                 await upstream.close(grace=0)
-    wanted_set = set(wanted)
     for address in sorted(current.keys() - wanted_set):
         log.info("%s: %s left variant '%s'; draining it", source, address, variant.name)
         result.draining[address] = drains.start(current[address], drain_timeout_s)
