@@ -26,9 +26,10 @@ from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import IPNetwork
 from tritonmesh.health import readiness
+from tritonmesh.membership import Drains, add
 from tritonmesh.weights import WeightError, WeightUpdate, update_weights
 
-__all__ = ["AdminService", "drain", "instance_message", "variant_message"]
+__all__ = ["AdminService", "instance_message", "variant_message"]
 
 log = logging.getLogger("tritonmesh.admin")
 
@@ -109,14 +110,15 @@ async def _check_networks(host: str, port: int, networks: Sequence[IPNetwork],
 
 class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, untyped
     """``instance_networks``: what AddInstance accepts. ``probe_timeout_s``: the deadline of
-    each probe step (name resolution, ServerReady, each ModelReady) when the call has none."""
+    each probe step (name resolution, ServerReady, each ModelReady) when the call has none.
+    ``drains``: where RemoveInstance's drains run (the router's, which its stop waits for)."""
 
     def __init__(self, balancer: Balancer, instance_networks: Sequence[IPNetwork],
-                 probe_timeout_s: float):
+                 probe_timeout_s: float, drains: Drains | None = None):
         self.balancer = balancer
         self.instance_networks = tuple(instance_networks)
         self.probe_timeout_s = probe_timeout_s
-        self._drains: set[asyncio.Task[bool]] = set()
+        self.drains = Drains() if drains is None else drains
 
     async def ListInstances(self, request: apb.ListInstancesRequest,
                             context: grpc.aio.ServicerContext) -> apb.ListInstancesResponse:
@@ -163,7 +165,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         except BaseException:
             await upstream.close(grace=0)
             raise
-        instance = variant.add(upstream, request.weight or 1.0, slow_start=True)
+        instance = add(variant, upstream, request.weight or 1.0)
         return instance_message(instance)
 
     async def RemoveInstance(self, request: apb.RemoveInstanceRequest,
@@ -181,12 +183,8 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
             await _abort(context, grpc.StatusCode.NOT_FOUND,
                          f"{request.address} is not in variant '{variant.name}'")
         instance = found[0]
-        # The drain runs to its end whatever happens to this call: an instance left
-        # DRAINING with nothing to wait for would never leave, nor could it be added again.
-        task = asyncio.get_running_loop().create_task(drain(instance, timeout))
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-        drained: bool = await asyncio.shield(task)
+        # The drain runs to its end whatever happens to this call.
+        drained: bool = await asyncio.shield(self.drains.start(instance, timeout))
         return apb.RemoveInstanceResponse(instance=instance_message(instance), drained=drained)
 
     async def UpdateVariantWeights(self, request: apb.UpdateVariantWeightsRequest,
@@ -207,30 +205,9 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         return apb.UpdateVariantWeightsResponse(
             variants=[variant_message(v) for v in self.balancer.variants])
 
-    async def close(self) -> None:
-        """Wait for the drains that callers left behind (the router is stopping)."""
-        if self._drains:
-            await asyncio.gather(*self._drains, return_exceptions=True)
-
 
 def _check_absent(variant: Variant, address: str) -> None:
     if any(i.address == address for i in variant.live_instances()):
         raise _Refused(grpc.StatusCode.ALREADY_EXISTS,
                        f"{address} is already in variant '{variant.name}'")
 
-
-async def drain(instance: Instance, timeout_s: float) -> bool:
-    """Stop new picks, wait for in-flight requests up to ``timeout_s``, then remove.
-
-    Returns whether every request finished in time; the channel closes either way
-    (still-running calls are cancelled and release through their own finally).
-    """
-    variant = instance.variant
-    try:
-        await asyncio.wait_for(variant.set_draining(instance).wait(), timeout_s)
-    except TimeoutError:
-        pass
-    drained = instance.outstanding == 0
-    variant.remove(instance)
-    await instance.upstream.close(grace=0)
-    return drained

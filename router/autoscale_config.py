@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tritonmesh.config import ConfigError
+from tritonmesh.configvalues import ConfigError
 
 __all__ = ["AUTOSCALING_KEYS", "Autoscaling", "parse_autoscaling"]
 

@@ -17,9 +17,9 @@ import asyncio
 import logging
 import math
 
-from tritonmesh.admin import drain
 from tritonmesh.autoscale_config import Autoscaling
-from tritonmesh.balancer import Balancer, Variant
+from tritonmesh.balancer import Balancer, InstanceState, Variant
+from tritonmesh.membership import drain
 from tritonmesh.workers.launcher import TritonWorker, WorkerPool
 
 __all__ = ["Autoscaler"]
@@ -68,7 +68,7 @@ class Autoscaler:
         demand = variant.table.total_outstanding() + len(variant.waiters)
         local = {w.address for w in (*self.pool.workers, *self.added)}
         others = sum(1 for i in variant.live_instances()
-                     if i.state == "ACTIVE" and i.address not in local)
+                     if i.state is InstanceState.ACTIVE and i.address not in local)
         needed = math.ceil(demand / self.spec.target_concurrency) - others
         return min(max(needed, self.spec.min), self.spec.max)
 

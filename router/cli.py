@@ -319,16 +319,33 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(weights)
     weights.set_defaults(func=_cmd_weights)
 
-    from tritonmesh.bench.cli import add_bench_parser
     from tritonmesh.probe import add_probe_parser
 
     add_probe_parser(sub)
-    add_bench_parser(sub)
+    # The harness parses its own arguments, so no other command loads it (or numpy and the
+    # peers' tooling with it).
+    bench = sub.add_parser("bench", add_help=False,
+                           help="reproduce SageMaker's routing experiment with real Triton, "
+                                "against nginx and HAProxy when installed "
+                                "(tritonmesh bench --help)")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tritonmesh.bench.cli import main as bench_main
+
+    code: int = bench_main(args.bench_argv)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.func is _cmd_bench:
+        args.bench_argv = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -21,9 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import dns.asyncresolver
 import dns.exception
@@ -31,7 +30,7 @@ import dns.resolver
 from tritonmesh.balancer import Instance, Variant
 from tritonmesh.chore import Chore
 from tritonmesh.config import DnsDiscovery
-from tritonmesh.workers.upstream import Upstream
+from tritonmesh.membership import Drains, Probe, reconcile
 
 __all__ = ["Discovery", "Lookup", "resolve"]
 
@@ -107,20 +106,13 @@ async def resolve(spec: DnsDiscovery, resolver: dns.asyncresolver.Resolver | Non
 class Discovery(Chore):
     """Keeps one variant's DNS-discovered instances in step with its records.
 
-    ``connect`` makes the channel for an address (plaintext or the variant's TLS);
-    ``probe`` says whether a new instance is ready to take traffic; ``drain`` takes an
-    instance out gracefully and returns when it is gone.
+    ``probe`` says whether a new instance is ready to take traffic.
     """
 
-    def __init__(self, variant: Variant, spec: DnsDiscovery, *,
-                 connect: Callable[[str], Upstream],
-                 probe: Callable[[Upstream], Coroutine[Any, Any, bool]],
-                 drain: Callable[[Instance, float], Coroutine[Any, Any, object]]):
+    def __init__(self, variant: Variant, spec: DnsDiscovery, *, probe: Probe):
         self.variant = variant
         self.spec = spec
-        self._connect = connect
         self._probe = probe
-        self._drain = drain
         self._resolver = _resolver(spec)
         # address -> instance, for the instances this discovery added (never static ones).
         self.owned: dict[str, Instance] = {}
@@ -129,7 +121,7 @@ class Discovery(Chore):
         self.failures = 0  # lookups that failed or came back empty
         self.last_success = 0.0  # wall-clock time of the last good answer
         self._failing = False
-        self._drains: set[asyncio.Task[object]] = set()
+        self._drains = Drains()
 
     async def refresh(self, *, slow_start: bool = True) -> float:
         """One lookup and the changes it calls for; returns seconds until the next."""
@@ -162,32 +154,13 @@ class Discovery(Chore):
     async def _reconcile(self, addresses: frozenset[str], slow_start: bool) -> None:
         static = {i.address for i in self.variant.live_instances()
                   if i.address not in self.owned}
-        joining = sorted(addresses - self.owned.keys() - static)
-        if joining:
-            upstreams = [self._connect(a) for a in joining]
-            ready = await asyncio.gather(*(self._ask(u) for u in upstreams))
-            for address, upstream, ok in zip(joining, upstreams, ready, strict=True):
-                if ok and address not in self.owned:
-                    self.owned[address] = self.variant.add(upstream, slow_start=slow_start)
-                    log.info("discovery: %s joined variant '%s'", address, self.variant.name)
-                else:
-                    # Not ready yet (a pod still loading models): asked again next lookup.
-                    await upstream.close(grace=0)
-        for address in sorted(self.owned.keys() - addresses):
-            instance = self.owned.pop(address)
-            log.info("discovery: %s left the records of variant '%s'; draining it",
-                     address, self.variant.name)
-            task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
-                self._drain(instance, self.spec.drain_timeout_s))
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
-
-    async def _ask(self, upstream: Upstream) -> bool:
-        try:
-            return await self._probe(upstream)
-        except Exception:  # a probe that fails is a "not yet"
-            log.debug("probe of %s failed", upstream.address, exc_info=True)
-            return False
+        change = await reconcile(self.variant, addresses, self.owned, drains=self._drains,
+                                 drain_timeout_s=self.spec.drain_timeout_s,
+                                 leave_alone=static, probe=self._probe,
+                                 slow_start=slow_start, source=f"discovery {self.spec.dns}")
+        self.owned.update(change.added)
+        for address in change.draining:
+            del self.owned[address]
 
     async def run(self) -> None:
         while True:
@@ -200,7 +173,6 @@ class Discovery(Chore):
 
     async def stop(self) -> None:
         """End the lookups, then wait for the drains they started."""
-        drains = list(self._drains)
         await super().stop()
-        await asyncio.gather(*drains, return_exceptions=True)
+        await self._drains.wait()
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from tritonmesh.config import ConfigError, EndpointConfig, load_config
-from tritonmesh.instance import InstanceState
+from tritonmesh.membership import active
 from tritonmesh.reload import restart_keys
 from tritonmesh.server import Router
 from tritonmesh.signals import StopSignals
@@ -176,10 +176,7 @@ async def _reload(router: Router, path: str | Path, running: list[EndpointConfig
     instances = {}
     for variant in config.variants:
         live = router.balancer.by_name.get(variant.name)
-        keep = [] if live is None else [
-            i.address for i in live.live_instances()
-            if i.state is InstanceState.ACTIVE and i.address not in static
-        ]
+        keep = [] if live is None else [a for a in active(live) if a not in static]
         instances[variant.name] = [*keep, *variant.instances]
     router.balancer.set_work_hints(config.work_hints)
     router.balancer.set_retries(config.retries)

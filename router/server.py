@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
-from tritonmesh.admin import AdminService, drain
+from tritonmesh.admin import AdminService
 from tritonmesh.auth import (
     HEALTH_PREFIX,
     ControlAccess,
@@ -31,13 +31,14 @@ from tritonmesh.auth import (
     admin_plane_message,
     data_plane_message,
 )
-from tritonmesh.balancer import Balancer, InstanceState, Variant
+from tritonmesh.balancer import Balancer, Variant
 from tritonmesh.config import EndpointConfig, LimitsConfig
 from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker, probe_ready
 from tritonmesh.housekeeping import Housekeeper
 from tritonmesh.logfilter import quiet_client_gone
+from tritonmesh.membership import Drains, active, reconcile
 from tritonmesh.metrics import AutoscalerCollector, BalancerCollector, DiscoveryCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
@@ -110,6 +111,7 @@ class Router:
         self.admin_tokens = Tokens(config.auth.admin_tokens)
         self.discoveries: list[Discovery] = []
         self.autoscalers: list[Autoscaler] = []  # local workers' (tritonmesh.endpoint)
+        self.drains = Drains()  # RemoveInstance's and reloads', waited for at stop
         self.housekeeper: Housekeeper
         quiet_client_gone()
 
@@ -193,7 +195,7 @@ class Router:
         server = self.admin_server = grpc.aio.server(
             options=(("grpc.so_reuseport", 0),), interceptors=interceptors)
         self.admin_service = AdminService(balancer, self.config.instance_networks,
-                                          self.config.health_check.timeout_s)
+                                          self.config.health_check.timeout_s, self.drains)
         strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
         tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -212,9 +214,7 @@ class Router:
                 continue
             discovery = Discovery(
                 variant, spec,
-                connect=variant.connect,
-                probe=functools.partial(probe_ready, models=variant.models, timeout=timeout),
-                drain=drain)
+                probe=functools.partial(probe_ready, models=variant.models, timeout=timeout))
             self.discoveries.append(discovery)
             await discovery.refresh(slow_start=False)
             discovery.start()
@@ -262,8 +262,7 @@ class Router:
         grace = self.config.shutdown_grace_s if grace is None else grace
         await asyncio.gather(*(s.stop(grace) for s in (self.server, self.admin_server)
                                if s is not None))
-        if self.admin_service is not None:
-            await self.admin_service.close()
+        await self.drains.wait()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -314,25 +313,19 @@ class Router:
         Variants not named are left alone. Returns (added, removed).
         """
         assert self.balancer is not None
-        added = 0
-        drains = []
+        changes = []
         for name, addresses in instances.items():
             variant = self.balancer.by_name.get(name)
             if variant is None:
                 log.warning("reload: variant %r is not in the running config; adding "
                             "variants needs a restart", name)
                 continue
-            current = {i.address: i for i in variant.live_instances()
-                       if i.state is InstanceState.ACTIVE}
-            for address in addresses:
-                if address not in current:
-                    variant.add(variant.connect(address), slow_start=True)
-                    added += 1
-            drains += [drain(i, drain_timeout_s) for a, i in current.items()
-                       if a not in addresses]
-        if drains:
-            await asyncio.gather(*drains)
-        return added, len(drains)
+            changes.append(await reconcile(variant, addresses, active(variant),
+                                           drains=self.drains,
+                                           drain_timeout_s=drain_timeout_s, source="reload"))
+        for change in changes:
+            await change.drained()
+        return sum(len(c.added) for c in changes), sum(len(c.draining) for c in changes)
 
     async def wait_for_termination(self) -> None:
         if self.server is not None:

@@ -11,7 +11,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +19,9 @@ import grpc
 import grpc.aio
 import numpy as np
 import tritonclient.grpc as grpcclient
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
+from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import (
     AuthConfig,
@@ -157,6 +159,33 @@ def generate_inputs(max_tokens: int, prompt_tokens: int = 1) -> list[Any]:
     return tensors
 
 
+def identity_inputs() -> list[Any]:
+    """The demo ``identity`` model's input, [0, 1, 2], for the blocking client."""
+    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
+    tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
+    return [tensor]
+
+
+def generate_unary(address: str, max_tokens: int, timeout: float | None = 60) -> list[int]:
+    """``generate_unary``'s tokens for ``max_tokens``, asked at ``address``."""
+    with grpcclient.InferenceServerClient(address) as client:
+        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=timeout)
+        return [int(v) for v in result.as_numpy("TOKENS")]
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def admin_stub(address: str) -> Any:
+    """A plaintext client of the router's admin API at ``address``."""
+    return apb_grpc.AdminStub(grpc.insecure_channel(address))
+
+
 class LongStream:
     """A long streamed generation holding one instance busy until stopped."""
 
@@ -224,46 +253,92 @@ def wait_gone(pids: dict[int, str], timeout: float = 15.0) -> None:
 
 
 class RecordingTriton:
-    """A gRPC server on loopback that answers like Triton (ready, every model ready, an
-    empty inference response with id "m") and records, per call, the metadata and the
-    deadline it arrived with: for tests of what the router forwards, which Triton itself
-    does not report."""
+    """A gRPC server on loopback that answers like Triton and records what reaches it, for
+    tests of what the router forwards and how, which Triton itself does not report.
+
+    ``calls``: per call, its method, metadata and the seconds left of its deadline (or
+    None). ``seen``: per inference request, the RPC that carried it and its id.
+    ``config_asks``: the models whose ModelConfig was asked. It is ready, and so is every
+    model; ModelConfig gives the models of ``DECOUPLED`` their transaction policy (others
+    get Triton's unknown-model status); an inference is answered with its own model name
+    and id, and on a stream as a final response with an output (not an empty final).
+    A subclass overrides a method to answer otherwise."""
+
+    DECOUPLED = {"generate": True, "identity": False}
 
     def __init__(self, loop: LoopThread):
         self.loop = loop
-        # (method, metadata, seconds left of its deadline or None), one per call
         self.calls: list[tuple[str, dict[str, str], float | None]] = []
+        self.seen: list[tuple[str, str]] = []
+        self.config_asks: list[str] = []
         # While set, ModelInfer calls wait for it before they answer (a slow instance).
         self.hold: asyncio.Event | None = None
-        answers = {
-            "ServerReady": pb.ServerReadyResponse(ready=True),
-            "ModelReady": pb.ModelReadyResponse(ready=True),
-            "ModelInfer": pb.ModelInferResponse(model_name="identity", id="m"),
-        }
+        self.server, port = loop.run(self._start())
+        self.address = f"127.0.0.1:{port}"
 
-        def handler(method: str, response: Any) -> grpc.RpcMethodHandler:
+    async def model_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        name = pb.ModelConfigRequest.FromString(request).name
+        self.config_asks.append(name)
+        if name not in self.DECOUPLED:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Request for unknown model: '{name}'")
+        config = mc.ModelConfig(name=name)
+        config.model_transaction_policy.decoupled = self.DECOUPLED[name]
+        return pb.ModelConfigResponse(config=config).SerializeToString()  # type: ignore[no-any-return]
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parsed = pb.ModelInferRequest.FromString(request)
+        self.seen.append(("ModelInfer", parsed.id))
+        if self.hold is not None:
+            await self.hold.wait()
+        return pb.ModelInferResponse(  # type: ignore[no-any-return]
+            model_name=parsed.model_name, id=parsed.id).SerializeToString()
+
+    async def model_stream_infer(self, requests: Any,
+                                 context: grpc.aio.ServicerContext) -> Any:
+        self._record("ModelStreamInfer", context)
+        async for request in requests:
+            parsed = pb.ModelInferRequest.FromString(request)
+            self.seen.append(("ModelStreamInfer", parsed.id))
+            response = pb.ModelStreamInferResponse()
+            response.infer_response.id = parsed.id
+            response.infer_response.outputs.add(name="OUT")
+            response.infer_response.parameters["triton_final_response"].bool_param = True
+            yield response.SerializeToString()
+
+    def _record(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v if isinstance(v, str) else v.decode()
+                    for k, v in context.invocation_metadata() or ()}
+        self.calls.append((method, metadata, context.time_remaining()))
+
+    async def _start(self) -> tuple[grpc.aio.Server, int]:
+        def unary(method: str, answer: Any) -> grpc.RpcMethodHandler:
+            async def recorded(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+                self._record(method, context)
+                return await answer(request, context)  # type: ignore[no-any-return]
+            return grpc.unary_unary_rpc_method_handler(recorded)
+
+        def fixed(response: Any) -> Any:
             raw = response.SerializeToString()
 
             async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-                metadata = {k: v if isinstance(v, str) else v.decode()
-                            for k, v in context.invocation_metadata() or ()}
-                self.calls.append((method, metadata, context.time_remaining()))
-                if method == "ModelInfer" and self.hold is not None:
-                    await self.hold.wait()
                 return raw  # type: ignore[no-any-return]
-            return grpc.unary_unary_rpc_method_handler(answer)
+            return answer
 
-        async def start() -> tuple[grpc.aio.Server, int]:
-            server = grpc.aio.server()
-            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-                "inference.GRPCInferenceService",
-                {name: handler(name, r) for name, r in answers.items()}),))
-            port = server.add_insecure_port("127.0.0.1:0")
-            await server.start()
-            return server, port
-
-        self.server, port = loop.run(start())
-        self.address = f"127.0.0.1:{port}"
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService", {
+                "ServerReady": unary("ServerReady", fixed(pb.ServerReadyResponse(ready=True))),
+                "ModelReady": unary("ModelReady", fixed(pb.ModelReadyResponse(ready=True))),
+                "RepositoryModelLoad": unary("RepositoryModelLoad",
+                                             fixed(pb.RepositoryModelLoadResponse())),
+                "ModelConfig": unary("ModelConfig", self.model_config),
+                "ModelInfer": unary("ModelInfer", self.model_infer),
+                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                    self.model_stream_infer),
+            }),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
 
     def stop(self) -> None:
         self.loop.run(self.server.stop(0))

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import RouterHandle
+from harness import RouterHandle, generate_inputs
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
@@ -100,20 +100,11 @@ def _stream(address: str, requests: list[tuple[str, str]]) -> list[Any]:
     with grpcclient.InferenceServerClient(address) as client:
         client.start_stream(callback=lambda result, error: results.put(error or result))
         for i, (model, version) in enumerate(requests):
-            inputs = _ones() if model == "identity" else _generate_inputs()
+            inputs = _ones() if model == "identity" else generate_inputs(1)
             client.async_stream_infer(model, inputs, model_version=version, request_id=str(i))
         out = [results.get(timeout=30) for _ in requests]
         client.stop_stream()
     return out
-
-
-def _generate_inputs() -> list[Any]:
-    tensors = []
-    for name in ("PROMPT_TOKENS", "MAX_TOKENS"):
-        t = grpcclient.InferInput(name, [1], "INT32")
-        t.set_data_from_numpy(np.array([1], dtype=np.int32))
-        tensors.append(t)
-    return tensors
 
 
 def test_model_policies_are_keyed_by_the_version_triton_reads(make_router: Any) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from dnsmasq import Dnsmasq
-from harness import LoopThread, RouterHandle, start_router
+from harness import LoopThread, RouterHandle, start_router, wait_for
 from tritonmesh.config import (
     ConfigError,
     EndpointConfig,
@@ -45,13 +45,6 @@ def _discovery(dns: str, resolver: str, interval_s: float = 0.5) -> Any:
     config = parse_config({"variants": [{"name": "v", "discovery": {
         "dns": dns, "resolver": resolver, "interval_s": interval_s, "drain_timeout_s": 10}}]})
     return config.variants[0].discovery
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"never: {what}"
-        time.sleep(0.05)
 
 
 # -- configuration --------------------------------------------------------------------
@@ -193,8 +186,8 @@ def test_srv_discovery_serves_the_session_workers(loop_thread: LoopThread,
         dnsmasq.stop()
         dnsmasq.start(srv=[("_grpc._tcp.triton.test", "w0.triton.test", ports[0], 0),
                            ("_grpc._tcp.triton.test", "w2.triton.test", ports[2], 0)])
-        _until(lambda: _addresses(handle) == {worker_addresses[0], worker_addresses[2]},
-               "the SRV change reached the router")
+        wait_for(lambda: _addresses(handle) == {worker_addresses[0], worker_addresses[2]},
+                 "the SRV change reached the router")
     finally:
         handle.wait_idle()
         handle.stop()
@@ -255,23 +248,23 @@ def test_records_change_under_load_and_nothing_fails(loop_thread: LoopThread,
     try:
         assert _addresses(handle) == {a, b}
         traffic = _Traffic(handle.address)
-        _until(lambda: traffic.ok > 50, "traffic flows")
+        wait_for(lambda: traffic.ok > 50, "traffic flows")
 
         dnsmasq.set_hosts([("127.0.0.12", "triton.test"), ("127.0.0.13", "triton.test")])
-        _until(lambda: _addresses(handle) == {b, c}, "c joined and a drained")
-        _until(lambda: a not in {i.address for i in handle.instances()}, "a removed")
+        wait_for(lambda: _addresses(handle) == {b, c}, "c joined and a drained")
+        wait_for(lambda: a not in {i.address for i in handle.instances()}, "a removed")
         served = traffic.ok
-        _until(lambda: next((i.requests for i in handle.instances() if i.address == c), 0)
-               > 20, "c takes traffic")
+        wait_for(lambda: next((i.requests for i in handle.instances() if i.address == c), 0)
+                 > 20, "c takes traffic")
 
         failures = discovery.failures
         dnsmasq.stop()  # an outage: lookups time out or are refused
-        _until(lambda: discovery.failures >= failures + 2, "lookups failed")
+        wait_for(lambda: discovery.failures >= failures + 2, "lookups failed")
         assert _addresses(handle) == {b, c}
         dnsmasq.set_hosts([])
         dnsmasq.start()  # answering again, with no record: an empty answer
         failures = discovery.failures
-        _until(lambda: discovery.failures >= failures + 2, "empty answers seen")
+        wait_for(lambda: discovery.failures >= failures + 2, "empty answers seen")
         assert _addresses(handle) == {b, c}
         assert traffic.ok > served
     finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LongStream, generate_inputs
+from harness import LongStream, generate_inputs, generate_unary
 from tritonclient.utils import InferenceServerException
 from tritonmesh._core import SERVICE_MIN_SAMPLES, WorkTable
 from tritonmesh.balancer import Instance, Variant
@@ -191,12 +191,6 @@ def test_a_removed_instance_ends_its_timer_and_releases_cleanly() -> None:
 # -- end to end, against a real Triton worker --------------------------------------------------
 
 
-def _generate(address: str, max_tokens: int) -> list[int]:
-    with grpcclient.InferenceServerClient(address) as client:
-        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=60)
-        return [int(v) for v in result.as_numpy("TOKENS")]
-
-
 @pytest.mark.triton
 def test_through_the_router(make_router: Any) -> None:
     """A request waiting behind a 300-token generation goes to Triton before that ends
@@ -207,16 +201,16 @@ def test_through_the_router(make_router: Any) -> None:
                          work_hints=hints, dispatch_ahead_s=0.5)
     (instance,) = router.instances()
     for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15):  # teaches the line
-        assert _generate(router.address, tokens) == list(range(tokens))
+        assert generate_unary(router.address, tokens) == list(range(tokens))
     work = router.balancer.variants[0].work
     assert work is not None and 0.3 < work.service_time(instance.slot, 301.0) < 3.0
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        long = pool.submit(_generate, router.address, 300)
+        long = pool.submit(generate_unary, router.address, 300)
         deadline = time.monotonic() + 30
         while instance.outstanding == 0:
             assert time.monotonic() < deadline
             time.sleep(0.002)
-        short = pool.submit(_generate, router.address, 4)
+        short = pool.submit(generate_unary, router.address, 4)
         peak = 0
         while not long.done():
             peak = max(peak, instance.outstanding)
@@ -239,7 +233,7 @@ def test_streams_and_cancels_leave_nothing_outstanding(make_router: Any) -> None
     router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=2, max_concurrency=1,
                          work_hints=hints, dispatch_ahead_s=0.05)
     for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15) * 2:
-        assert _generate(router.address, tokens) == list(range(tokens))
+        assert generate_unary(router.address, tokens) == list(range(tokens))
     busy = LongStream(router.address, max_tokens=60)
     with grpcclient.InferenceServerClient(router.address) as client:
         for tokens in (3, 25, 7):
@@ -247,7 +241,7 @@ def test_streams_and_cancels_leave_nothing_outstanding(make_router: Any) -> None
                 client.infer("generate_unary", generate_inputs(tokens * 10), client_timeout=0.05)
             assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda n: _generate(router.address, n), [6, 30, 2, 50, 9]))
+            results = list(pool.map(lambda n: generate_unary(router.address, n), [6, 30, 2, 50, 9]))
     busy.stop()
     assert results == [list(range(n)) for n in (6, 30, 2, 50, 9)]
     router.wait_idle()

@@ -22,6 +22,7 @@ import tritonclient.grpc as grpcclient
 from harness import (
     LongStream,
     LoopThread,
+    admin_stub,
     descendants,
     generate_inputs,
     make_config,
@@ -30,7 +31,6 @@ from harness import (
 )
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
-from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.workers.launcher import free_ports
 
 pytestmark = pytest.mark.triton
@@ -50,10 +50,6 @@ def _identity(address: str) -> None:
         client.infer("identity", [x], client_timeout=30)
 
 
-def _admin(address: str) -> Any:
-    return apb_grpc.AdminStub(grpc.insecure_channel(address))
-
-
 @pytest.mark.parametrize("streamed", [False, True])
 def test_drain_timeout_cancels_and_releases(make_router: Any, worker_addresses: list[str],
                                             streamed: bool) -> None:
@@ -70,7 +66,7 @@ def test_drain_timeout_cancels_and_releases(make_router: Any, worker_addresses: 
         while leaving.outstanding == 0:  # a long request runs on the leaving instance
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        removed = _admin(router.admin_address).RemoveInstance(
+        removed = admin_stub(router.admin_address).RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving.address,
                                       drain_timeout_s=0.2), timeout=30)
         assert not removed.drained
@@ -102,20 +98,20 @@ def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list
     """Requests running on the leaving instance when its drain begins all finish, and
     successfully; the router's own record, taken on its loop as the drain begins, says
     how many there were (at least one, or the test proves nothing)."""
-    from tritonmesh import admin as admin_module
+    from tritonmesh import membership
 
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=2)
     leaving = worker_addresses[1]
     instance = next(i for i in router.instances() if i.address == leaving)
     at_drain: list[tuple[int, int, int]] = []
-    drain = admin_module.drain
+    drain = membership.drain
 
     async def recorded_drain(drained: Any, timeout_s: float) -> bool:
         # Nothing runs on the loop between this and the drain's stop of new picks.
         at_drain.append((drained.outstanding, drained.requests, drained.errors))
         return await drain(drained, timeout_s)
 
-    monkeypatch.setattr(admin_module, "drain", recorded_drain)
+    monkeypatch.setattr(membership, "drain", recorded_drain)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         # 100 tokens, about 0.5 s each: four clients keep both instances busy for seconds.
         work = [pool.submit(_unary_generate, router.address, 100) for _ in range(24)]
@@ -123,7 +119,7 @@ def test_drain_under_load_fails_nothing(make_router: Any, worker_addresses: list
         while instance.outstanding == 0:  # requests are in flight on the leaving instance
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        admin = _admin(router.admin_address)
+        admin = admin_stub(router.admin_address)
         removed = admin.RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic", address=leaving,
                                       drain_timeout_s=60), timeout=90)
@@ -495,7 +491,7 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
                           f"  - name: AllTraffic\n    instances: {addresses!r}\n")
 
     def listed(address: str) -> list[str]:
-        response = _admin(address).ListInstances(apb.ListInstancesRequest(), timeout=10)
+        response = admin_stub(address).ListInstances(apb.ListInstancesRequest(), timeout=10)
         return sorted(i.address for i in response.instances)
 
     write(worker_addresses[:1])
@@ -529,7 +525,7 @@ def test_sighup_reload_adds_and_drains(tmp_path: Path, worker_addresses: list[st
 def test_a_failed_request_is_released_before_its_client_hears(make_router: Any) -> None:
     """grpc.aio's abort() sends the status before it raises: a release in a finally block
     after it ran once the client already had its error (a count still 1, a failure not
-    yet recorded, as CI caught once). The answer must come after the release."""
+    yet recorded). The answer must come after the release."""
     router = make_router(strategy="LEAST_OUTSTANDING_REQUESTS", workers=1)
     (instance,) = router.instances()
     inputs = [grpcclient.InferInput("INPUT0", [4], "FP32")]

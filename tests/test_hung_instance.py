@@ -11,20 +11,13 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, RouterHandle, make_config, start_pool, start_router
+from harness import LoopThread, RouterHandle, identity_inputs, make_config, start_pool, start_router
 from tritonclient.utils import InferenceServerException
 from tritonmesh.config import HealthCheckConfig, RetryConfig, VariantConfig
 
 pytestmark = pytest.mark.triton
-
-
-def _identity_input() -> list[Any]:
-    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
-    tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
-    return [tensor]
 
 
 @contextlib.contextmanager
@@ -64,7 +57,7 @@ def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
         with grpcclient.InferenceServerClient(router.address) as client:
             for _ in range(40):
                 try:
-                    result = client.infer("identity", _identity_input(), headers=headers,
+                    result = client.infer("identity", identity_inputs(), headers=headers,
                                           client_timeout=60)
                     assert result.as_numpy("OUTPUT0").tolist() == [0, 1, 2]
                 except InferenceServerException as exc:
@@ -87,7 +80,7 @@ def test_an_unknown_retry_on_value_is_refused(make_router: Any) -> None:
     router = make_router()
     with grpcclient.InferenceServerClient(router.address) as client:
         with pytest.raises(InferenceServerException) as refused:
-            client.infer("identity", _identity_input(),
+            client.infer("identity", identity_inputs(),
                          headers={"x-tritonmesh-retry-on": "timeout,5xx"})
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "x-tritonmesh-retry-on: unknown value '5xx' (known: timeout)" in \
@@ -101,11 +94,11 @@ def test_a_stream_request_sent_as_unary_gets_the_per_try_timeout(loop_thread: Lo
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=60)
             # identity's policy (not decoupled) is asked once, while nothing hangs.
-            client.async_stream_infer("identity", _identity_input(), request_id="warm")
+            client.async_stream_infer("identity", identity_inputs(), request_id="warm")
             assert results.get(timeout=30)[1] is None
             os.kill(stopped.pid, signal.SIGSTOP)
             for k in range(2):  # round robin: one of them meets the stopped worker
-                client.async_stream_infer("identity", _identity_input(), request_id=f"r{k}")
+                client.async_stream_infer("identity", identity_inputs(), request_id=f"r{k}")
             answers = [results.get(timeout=30) for _ in range(2)]
             client.stop_stream()
         errors = [str(error) for _, error in answers if error is not None]

@@ -10,23 +10,10 @@ from typing import Any
 
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LongStream, generate_inputs
+from harness import LongStream, generate_inputs, generate_unary, wait_for
 from tritonclient.utils import InferenceServerException
 
 pytestmark = pytest.mark.triton
-
-
-def _generate(address: str, max_tokens: int, timeout: float | None = 60) -> list[int]:
-    with grpcclient.InferenceServerClient(address) as client:
-        result = client.infer("generate_unary", generate_inputs(max_tokens), client_timeout=timeout)
-        return [int(v) for v in result.as_numpy("TOKENS")]
-
-
-def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def test_queued_request_goes_to_the_first_free_instance(make_router: Any) -> None:
@@ -37,10 +24,10 @@ def test_queued_request_goes_to_the_first_free_instance(make_router: Any) -> Non
         (held,) = [i for i in router.instances() if i.outstanding == 1]
         (free,) = [i for i in router.instances() if i is not held]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            first = pool.submit(_generate, router.address, 40)  # ~0.2 s on the free instance
-            _wait_for(lambda: free.outstanding == 1, "the first request to start")
-            second = pool.submit(_generate, router.address, 5)
-            _wait_for(lambda: len(variant.waiters) == 1, "the second request to queue")
+            first = pool.submit(generate_unary, router.address, 40)  # ~0.2 s on the free instance
+            wait_for(lambda: free.outstanding == 1, "the first request to start")
+            second = pool.submit(generate_unary, router.address, 5)
+            wait_for(lambda: len(variant.waiters) == 1, "the second request to queue")
             assert held.outstanding == 1  # not stacked behind the long generation
             assert first.result(timeout=60) == list(range(40))
             assert second.result(timeout=60) == list(range(5))
@@ -56,10 +43,10 @@ def test_full_queue_is_resource_exhausted(make_router: Any) -> None:
     busy = LongStream(router.address, max_tokens=400)
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(_generate, router.address, 2)
-            _wait_for(lambda: len(variant.waiters) == 1, "a request to queue")
+            waiting = pool.submit(generate_unary, router.address, 2)
+            wait_for(lambda: len(variant.waiters) == 1, "a request to queue")
             with pytest.raises(InferenceServerException) as info:
-                _generate(router.address, 2)
+                generate_unary(router.address, 2)
             assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
             assert "1 requests are already waiting" in info.value.message()
             busy.stop()
@@ -74,7 +61,7 @@ def test_deadline_while_queued(make_router: Any) -> None:
     busy = LongStream(router.address, max_tokens=400)
     try:
         with pytest.raises(InferenceServerException) as info:
-            _generate(router.address, 2, timeout=0.3)
+            generate_unary(router.address, 2, timeout=0.3)
         assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
         variant = router.balancer.variants[0]
 
@@ -126,20 +113,20 @@ def test_queue_order(make_router: Any, order: str) -> None:
     router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=1, max_concurrency=1,
                          work_hints=hints, queue_order=order)
     variant = router.balancer.variants[0]
-    assert _generate(router.address, 4) == list(range(4))  # teaches seconds per token
+    assert generate_unary(router.address, 4) == list(range(4))  # teaches seconds per token
     assert variant.work is not None and variant.work.mean_estimate() > 0
     busy = LongStream(router.address)
     finished: list[int] = []
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         def generate(n: int) -> None:
-            assert _generate(router.address, n) == list(range(n))
+            assert generate_unary(router.address, n) == list(range(n))
             finished.append(n)
 
         try:
             short = pool.submit(generate, 2)
-            _wait_for(lambda: len(variant.waiters) == 1, "the short request to wait")
+            wait_for(lambda: len(variant.waiters) == 1, "the short request to wait")
             long = pool.submit(generate, 100)
-            _wait_for(lambda: len(variant.waiters) == 2, "the long request to wait")
+            wait_for(lambda: len(variant.waiters) == 2, "the long request to wait")
         finally:
             busy.stop()
         short.result(timeout=60)

@@ -216,8 +216,9 @@ def test_metadata_passes_through_and_hop_by_hop_does_not(
     try:
         with grpcclient.InferenceServerClient(router.address) as client:
             result = client.infer("identity", _identity_inputs(np.ones(2, dtype=np.float32)),
-                                  headers={**user, **hop_by_hop}, client_timeout=5.0)
-        assert result.get_response().id == "m"
+                                  headers={**user, **hop_by_hop}, client_timeout=5.0,
+                                  request_id="r1")
+        assert result.get_response().id == "r1"
         ((_, metadata, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
         assert {k: metadata.get(k) for k in user} == user
         assert not set(hop_by_hop) & set(metadata), metadata

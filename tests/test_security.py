@@ -25,6 +25,7 @@ from harness import (
     LoopThread,
     RecordingTriton,
     RouterHandle,
+    admin_stub,
     generate_inputs,
     make_config,
     start_router,
@@ -33,7 +34,6 @@ from test_tls import pki  # noqa: F401  # the test CA and certificates, shared
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
-from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Variant
 from tritonmesh.config import AuthConfig, ConfigError, ServerTLS, parse_config
 from tritonmesh.workers.launcher import free_ports
@@ -69,10 +69,6 @@ def _services(address: str) -> set[str]:
     return {s.name for s in response.list_services_response.service}
 
 
-def _admin(address: str) -> Any:
-    return apb_grpc.AdminStub(grpc.insecure_channel(address))
-
-
 def _rpc_error(call: Any) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()
@@ -86,17 +82,17 @@ def test_admin_api_is_on_its_own_listener_only(make_router: Any) -> None:
     router = make_router(workers=2)
     assert router.admin_address != router.address
     # Not on the data port, nor advertised there.
-    error = _rpc_error(lambda: _admin(router.address).ListInstances(
+    error = _rpc_error(lambda: admin_stub(router.address).ListInstances(
         apb.ListInstancesRequest(), timeout=10))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "tritonmesh.admin.v1.Admin" not in _services(router.address)
     assert "inference.GRPCInferenceService" in _services(router.address)
     # A hijack through the data port adds nothing.
-    error = _rpc_error(lambda: _admin(router.address).AddInstance(
+    error = _rpc_error(lambda: admin_stub(router.address).AddInstance(
         apb.AddInstanceRequest(variant="AllTraffic", address="127.0.0.1:1"), timeout=10))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     # On the admin listener: the API and its reflection.
-    listing = _admin(router.admin_address).ListInstances(apb.ListInstancesRequest(), timeout=10)
+    listing = admin_stub(router.admin_address).ListInstances(apb.ListInstancesRequest(), timeout=10)
     assert len(listing.instances) == 2
     assert "tritonmesh.admin.v1.Admin" in _services(router.admin_address)
 
@@ -109,8 +105,8 @@ def test_admin_listener_on_a_unix_socket(loop_thread: LoopThread, worker_address
         config, admin_listen=f"unix:{socket_path}"), instances)
     try:
         assert router.admin_address == f"unix:{socket_path}"
-        listing = _admin(router.admin_address).ListInstances(apb.ListInstancesRequest(),
-                                                             timeout=10)
+        listing = admin_stub(router.admin_address).ListInstances(apb.ListInstancesRequest(),
+                                                                 timeout=10)
         assert [i.address for i in listing.instances] == worker_addresses[:1]
     finally:
         router.stop()
@@ -251,7 +247,7 @@ def test_data_and_admin_tokens(make_router: Any, loop_thread: LoopThread) -> Non
             health_pb2.HealthCheckRequest(service=""), timeout=10)
     assert status.status == health_pb2.HealthCheckResponse.SERVING
     # The admin listener takes admin tokens only.
-    admin = _admin(router.admin_address)
+    admin = admin_stub(router.admin_address)
     for metadata in ((), tuple(DATA.items())):
         error = _rpc_error(lambda m=metadata: admin.ListInstances(
             apb.ListInstancesRequest(), timeout=10, metadata=m))
@@ -342,7 +338,7 @@ def test_add_instance_refuses_what_it_must_not_dial(make_router: Any, loop_threa
                                                     recording_triton: RecordingTriton,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     router = make_router(workers=1)
-    admin = _admin(router.admin_address)
+    admin = admin_stub(router.admin_address)
     opened: list[Any] = []
     real_connect = Variant.connect
 
@@ -403,7 +399,7 @@ def test_add_instance_outside_the_allowed_networks(loop_thread: LoopThread,
         # The fake answers ServerReady; its address is what keeps it out.
         fake = recording_triton.address
         for address in (fake, fake.replace("127.0.0.1", "localhost")):
-            error = _rpc_error(lambda a=address: _admin(router.admin_address).AddInstance(
+            error = _rpc_error(lambda a=address: admin_stub(router.admin_address).AddInstance(
                 apb.AddInstanceRequest(variant="AllTraffic", address=a), timeout=30))
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED
             assert "outside instance_networks (10.0.0.0/8)" in (error.details() or "")
@@ -417,7 +413,7 @@ def test_add_instance_outside_the_allowed_networks(loop_thread: LoopThread,
 def test_add_instance_probes_the_variants_models(make_router: Any,
                                                  worker_addresses: list[str]) -> None:
     router = make_router(workers=1, models=["identity", "not_in_the_repository"])
-    error = _rpc_error(lambda: _admin(router.admin_address).AddInstance(apb.AddInstanceRequest(
+    error = _rpc_error(lambda: admin_stub(router.admin_address).AddInstance(apb.AddInstanceRequest(
         variant="AllTraffic", address=worker_addresses[1]), timeout=30))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert (f"model 'not_in_the_repository' is not ready on {worker_addresses[1]}"
@@ -429,7 +425,7 @@ def test_remove_instance_drains_to_the_end_when_its_caller_gives_up(
         make_router: Any, worker_addresses: list[str]) -> None:
     router = make_router(workers=2)
     leaving = router.instances()[1]
-    admin = _admin(router.admin_address)
+    admin = admin_stub(router.admin_address)
 
     def generate() -> int:
         with grpcclient.InferenceServerClient(router.address) as client:
@@ -460,7 +456,7 @@ def test_remove_instance_drains_to_the_end_when_its_caller_gives_up(
 def test_remove_instance_refuses_a_bad_drain_timeout(make_router: Any) -> None:
     router = make_router(workers=1)
     for timeout in (math.nan, math.inf, -1.0):
-        error = _rpc_error(lambda t=timeout: _admin(router.admin_address).RemoveInstance(
+        error = _rpc_error(lambda t=timeout: admin_stub(router.admin_address).RemoveInstance(
             apb.RemoveInstanceRequest(variant="AllTraffic",
                                       address=router.instances()[0].address,
                                       drain_timeout_s=t), timeout=10))

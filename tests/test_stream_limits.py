@@ -21,19 +21,21 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LongStream, LoopThread, generate_inputs, make_config, start_pool, start_router
+from harness import (
+    LongStream,
+    LoopThread,
+    generate_inputs,
+    identity_inputs,
+    make_config,
+    start_pool,
+    start_router,
+    wait_for,
+)
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh.config import EndpointConfig, RoutingStrategy, VariantConfig
 
 pytestmark = pytest.mark.triton
-
-
-def _wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 def _two_variants(addresses: list[str]) -> tuple[EndpointConfig, dict[str, list[str]]]:
@@ -49,12 +51,6 @@ def _two_variants(addresses: list[str]) -> tuple[EndpointConfig, dict[str, list[
             {"slow": [addresses[0]], "fast": [addresses[1]]})
 
 
-def _identity_input() -> list[Any]:
-    tensor = grpcclient.InferInput("INPUT0", [3], "FP32")
-    tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
-    return [tensor]
-
-
 def test_a_request_waiting_for_an_instance_holds_up_no_later_request(
         loop_thread: LoopThread, worker_addresses: list[str]) -> None:
     config, instances = _two_variants(worker_addresses)
@@ -66,8 +62,8 @@ def test_a_request_waiting_for_an_instance_holds_up_no_later_request(
         with grpcclient.InferenceServerClient(router.address) as client:
             client.start_stream(callback=lambda result, error: results.put((result, error)))
             client.async_stream_infer("generate", generate_inputs(3), request_id="waits")
-            _wait_for(lambda: len(slow.waiters) == 1, "the generate request to queue")
-            client.async_stream_infer("identity", _identity_input(), request_id="later")
+            wait_for(lambda: len(slow.waiters) == 1, "the generate request to queue")
+            client.async_stream_infer("identity", identity_inputs(), request_id="later")
             # Answered while the first request still waits (it waits until `busy` ends,
             # which is not before this answer).
             result, error = results.get(timeout=60)
@@ -99,10 +95,10 @@ def test_a_waiting_request_is_released_once_however_its_stream_ends(
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=None if ending == "cancel" else 3.0)
             client.async_stream_infer("generate", generate_inputs(3), request_id="waits")
-            _wait_for(lambda: len(slow.waiters) == 1, "the generate request to queue")
+            wait_for(lambda: len(slow.waiters) == 1, "the generate request to queue")
             if ending == "cancel":
                 client.stop_stream(cancel_requests=True)
-            _wait_for(lambda: len(slow.waiters) == 0, "the waiting request to leave")
+            wait_for(lambda: len(slow.waiters) == 0, "the waiting request to leave")
             client.stop_stream(cancel_requests=True)
         assert router.total_outstanding() == 1  # only `busy`: nothing leaked, none freed twice
         busy.stop()
@@ -120,7 +116,7 @@ def _tiny_deadlines(address: str, count: int, users: int) -> list[tuple[str, str
         with grpcclient.InferenceServerClient(address) as client:
             for i in range(n):
                 try:
-                    client.infer("identity", _identity_input(),
+                    client.infer("identity", identity_inputs(),
                                  client_timeout=0.001 * (1 + i % 6))
                 except InferenceServerException as exc:
                     failures.append((str(exc.status()), exc.message() or ""))
@@ -146,7 +142,7 @@ def test_requests_with_almost_no_deadline_left_never_reach_triton(
             assert [w.pid for w in pool.workers] == pids
             with grpcclient.InferenceServerClient(router.address) as client:
                 for _ in range(4):  # both workers still answer
-                    result = client.infer("identity", _identity_input(), client_timeout=30)
+                    result = client.infer("identity", identity_inputs(), client_timeout=30)
                     assert result.as_numpy("OUTPUT0").tolist() == [0, 1, 2]
             router.wait_idle()
         finally:
@@ -173,14 +169,14 @@ def test_below_the_deadline_floor_the_router_answers_itself(
         before = {m: _inference_count(worker_addresses[0], m) for m in ("identity", "generate")}
         with grpcclient.InferenceServerClient(router.address) as client:
             with pytest.raises(InferenceServerException) as unary:
-                client.infer("identity", _identity_input(), client_timeout=60)
+                client.infer("identity", identity_inputs(), client_timeout=60)
             assert unary.value.status() == "StatusCode.DEADLINE_EXCEEDED"
             assert "below limits.min_upstream_deadline_ms (120000); not sent to Triton" in \
                 (unary.value.message() or "")
             results: queue.Queue[Any] = queue.Queue()
             client.start_stream(callback=lambda result, error: results.put((result, error)),
                                 stream_timeout=60)
-            client.async_stream_infer("identity", _identity_input(), request_id="u")
+            client.async_stream_infer("identity", identity_inputs(), request_id="u")
             client.async_stream_infer("generate", generate_inputs(2), request_id="g")
             errors = [results.get(timeout=30)[1] for _ in range(2)]
             client.stop_stream()

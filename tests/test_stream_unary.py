@@ -21,8 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from harness import make_config, start_pool, start_router
-from tritonclient.grpc import model_config_pb2 as mc
+from harness import RecordingTriton, make_config, start_pool, start_router
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonmesh.config import AuthConfig
@@ -66,68 +65,10 @@ def test_answers_and_errors_are_what_triton_sends_on_a_stream(make_router: Any,
     assert "no_such_model" in missing.error_message
 
 
-class _RecordingTriton:
-    """A gRPC server on loopback standing in for Triton: it records which RPC carried
-    each inference request and answers ModelConfig with a transaction policy per model."""
-
-    DECOUPLED = {"generate": True, "identity": False}
-
-    def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []  # (RPC, request id)
-        self.config_asks: list[str] = []
-
-    async def model_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        name = pb.ModelConfigRequest.FromString(request).name
-        self.config_asks.append(name)
-        if name not in self.DECOUPLED:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"Request for unknown model: '{name}'")
-        config = mc.ModelConfig(name=name)
-        config.model_transaction_policy.decoupled = self.DECOUPLED[name]
-        return pb.ModelConfigResponse(config=config).SerializeToString()
-
-    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        parsed = pb.ModelInferRequest.FromString(request)
-        self.seen.append(("ModelInfer", parsed.id))
-        return pb.ModelInferResponse(model_name=parsed.model_name, id=parsed.id).SerializeToString()
-
-    async def model_stream_infer(self, requests: Any,
-                                 context: grpc.aio.ServicerContext) -> Any:
-        async for request in requests:
-            parsed = pb.ModelInferRequest.FromString(request)
-            self.seen.append(("ModelStreamInfer", parsed.id))
-            response = pb.ModelStreamInferResponse()
-            response.infer_response.id = parsed.id
-            response.infer_response.outputs.add(name="OUT")  # not an empty final: forwarded
-            response.infer_response.parameters["triton_final_response"].bool_param = True
-            yield response.SerializeToString()
-
-    async def ready(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return pb.ServerReadyResponse(ready=True).SerializeToString()
-
-    async def load(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        return pb.RepositoryModelLoadResponse().SerializeToString()
-
-    async def start(self) -> tuple[grpc.aio.Server, int]:
-        server = grpc.aio.server()
-        unary = grpc.unary_unary_rpc_method_handler
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "inference.GRPCInferenceService", {
-                "ModelConfig": unary(self.model_config),
-                "ModelInfer": unary(self.model_infer),
-                "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                    self.model_stream_infer),
-                "ServerReady": unary(self.ready),
-                "RepositoryModelLoad": unary(self.load),
-            })])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-
-def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) -> None:
-    fake = _RecordingTriton()
-    upstream, port = loop_thread.run(fake.start())
-    config, instances = make_config([f"127.0.0.1:{port}"],
+def test_each_request_takes_the_rpc_its_model_policy_allows(
+        loop_thread: Any, recording_triton: RecordingTriton) -> None:
+    fake = recording_triton
+    config, instances = make_config([fake.address],
                                     auth=AuthConfig(admin_tokens=frozenset({"admin-token"})))
     router = start_router(loop_thread, config, instances)
 
@@ -170,7 +111,6 @@ def test_each_request_takes_the_rpc_its_model_policy_allows(loop_thread: Any) ->
         router.wait_idle()
     finally:
         router.stop()
-        loop_thread.run(upstream.stop(0))
 
 
 @pytest.mark.triton
@@ -211,7 +151,7 @@ def test_a_client_gone_while_the_policy_is_asked_leaves_no_count(loop_thread: An
     """The router asks Triton for the model's policy after picking the instance; a client
     that cancels its stream during that question must not leave the pick counted."""
 
-    class SlowConfig(_RecordingTriton):
+    class SlowConfig(RecordingTriton):
         answer = asyncio.Event()
 
         async def model_config(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -219,9 +159,8 @@ def test_a_client_gone_while_the_policy_is_asked_leaves_no_count(loop_thread: An
             await self.answer.wait()  # until the test lets it go
             return await super().model_config(request, context)
 
-    fake = SlowConfig()
-    upstream, port = loop_thread.run(fake.start())
-    config, instances = make_config([f"127.0.0.1:{port}"])
+    fake = SlowConfig(loop_thread)
+    config, instances = make_config([fake.address])
     router = start_router(loop_thread, config, instances)
     release = threading.Event()
 
@@ -246,7 +185,7 @@ def test_a_client_gone_while_the_policy_is_asked_leaves_no_count(loop_thread: An
         release.set()
         loop_thread.run(_set(SlowConfig.answer))
         router.stop()
-        loop_thread.run(upstream.stop(0))
+        fake.stop()
 
 
 async def _set(event: asyncio.Event) -> None:

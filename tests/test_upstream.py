@@ -2,7 +2,7 @@
 
 grpc.aio's own ``call.cancel()`` cancels the asyncio task that awaits the call's batch,
 and a batch whose awaiter is cancelled never frees its native operations: about 1 KiB
-per client-cancelled request through the router before this. ``await_call`` and
+per client-cancelled request through the router, cancelled that way. ``await_call`` and
 ``cancel_in_core`` end the call in the gRPC core and leave that task to finish. These
 tests check that such a cancel really ends the call, at the server too; the memory it
 saves is measured, not asserted: bench/soak.py --mix unary-cancels (docs/BENCHMARKS.md).

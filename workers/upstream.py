@@ -105,9 +105,9 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
     went away), the call is cancelled in the core only (see :func:`cancel_in_core`)
     instead of through its asyncio task."""
     # The call runs in a task of its own that a cancellation here does not reach, so it
-    # always consumes its batch, and every await stays an ordinary asyncio await. (Waking
-    # on the call's done callback instead hung one CI run for 30 s; the likely cause is a
-    # wake-up from outside the loop, not proven.)
+    # always consumes its batch, and every await stays an ordinary asyncio await: a waiter
+    # woken by the call's done callback instead can stall until its deadline (gRPC may
+    # run that callback off the loop).
     inner = asyncio.ensure_future(call)
     inner.add_done_callback(_consume)
     try:

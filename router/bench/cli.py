@@ -8,7 +8,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +25,7 @@ from tritonmesh.bench.overhead import overhead_experiment
 from tritonmesh.bench.report import write_results
 from tritonmesh.bench.targets import STDLIB_LOOP, available_targets
 
-__all__ = ["add_bench_parser"]
+__all__ = ["build_parser", "main"]
 
 T = TypeVar("T")
 
@@ -42,10 +42,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    bench = subparsers.add_parser(
-        "bench", help="reproduce SageMaker's routing experiment with real Triton, "
-                      "against nginx and HAProxy when installed")
+def build_parser() -> argparse.ArgumentParser:
+    bench = argparse.ArgumentParser(
+        prog="tritonmesh bench",
+        description="Reproduce SageMaker's routing experiment with real Triton, against "
+                    "nginx and HAProxy when installed.")
     bench.add_argument("--mode", choices=["routing", "overhead"], default="routing")
     bench.add_argument("--full", action="store_true",
                        help="the whole published table: 4/1, 20/5, 40/10, 60/15, 80/20")
@@ -73,7 +74,12 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:  # type: i
                        help="overhead mode: concurrent users")
     bench.add_argument("--out", type=Path, default=None,
                        help="results directory (default bench/results/<timestamp>)")
-    bench.set_defaults(func=run_bench)
+    return bench
+
+
+def main(argv: Sequence[str]) -> int:
+    """``tritonmesh bench ARGV``: tritonmesh's CLI hands the arguments over unparsed."""
+    return run_bench(build_parser().parse_args(argv))
 
 
 async def _terminable(work: Coroutine[Any, Any, T]) -> T:
