@@ -240,7 +240,9 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
 
     router = _tls_router(loop_thread, worker_addresses[:1], _server_tls(pki))
     path = pki / "reload.yaml"
-    head = ("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmetrics_listen: null\n"
+    # The endpoint's name is read at start: the file keeps the running one ("test").
+    head = ("endpoint: test\nlisten: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+            "metrics_listen: null\n"
             "variants:\n  - name: AllTraffic\n"
             f"    instances: ['{worker_addresses[0]}']\ntls:\n")
     running = [router.router.config]
@@ -285,8 +287,8 @@ def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
     running = [router.router.config]
 
     def reload(client_ca: str) -> None:
-        path.write_text("listen: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\nmetrics_listen: null\n"
-                        "variants:\n  - name: AllTraffic\n"
+        path.write_text("endpoint: test\nlisten: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\n"
+                        "metrics_listen: null\nvariants:\n  - name: AllTraffic\n"
                         f"    instances: ['{worker_addresses[0]}']\n"
                         "tls:\n  cert_file: server.pem\n  key_file: server.key\n"
                         f"  client_ca_file: {client_ca}\n")
