@@ -79,7 +79,6 @@ class LocalWorkers:
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class ShadowConfig:
     """This variant takes no live traffic: a ``sample`` share of the ``of`` variant's
     ``ModelInfer`` requests is copied to it, answered, measured and discarded; at most

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 from harness import LoopThread, RecordingTriton, make_config, start_router
-from tritonmesh.balancer import Balancer, Variant
+from tritonmesh.balancer import Variant
 from tritonmesh.config import RoutingStrategy, VariantConfig
 from tritonmesh.membership import Drains, active, drain, reconcile
 
@@ -43,7 +43,7 @@ def test_reconcile_adds_the_new_drains_the_gone_and_keeps_the_rest() -> None:
         busy = first.added["b:1"]
         while (picked := variant.pick()) is not busy:  # one request in flight on "b:1"
             assert picked is kept
-            Balancer.release(kept, 1.0)
+            variant.give_back(kept)
         # Listed twice, "c:1" still joins once.
         second = await reconcile(variant, ["a:1", "c:1", "c:1"], active(variant),
                                  drains=drains, drain_timeout_s=5.0)
@@ -51,7 +51,7 @@ def test_reconcile_adds_the_new_drains_the_gone_and_keeps_the_rest() -> None:
         await asyncio.sleep(0)  # the drain's task starts
         assert busy.state == "DRAINING" and sorted(active(variant)) == ["a:1", "c:1"]
         assert not second.draining["b:1"].done()  # it waits for the request in flight
-        Balancer.release(busy, 1.0)
+        variant.give_back(busy)
         await second.drained()
         assert second.draining["b:1"].result() is True
         assert busy.state == "REMOVED" and busy.upstream.closed  # type: ignore[attr-defined]
@@ -101,7 +101,7 @@ def test_a_drain_outlives_a_cancelled_wait_and_times_out() -> None:
         await drains.wait()
         assert change.draining["a:1"].result() is False  # a request was still running
         assert instance.state == "REMOVED" and instance.upstream.closed  # type: ignore[attr-defined]
-        Balancer.release(instance, 1.0)
+        variant.give_back(instance)
         assert variant.table.total_outstanding() == 0
 
     asyncio.run(scenario())
@@ -133,7 +133,7 @@ def test_added_instances_ramp_only_with_slow_start(slow_start: bool) -> None:
             picked = variant.pick()
             assert picked is not None
             picks[picked] += 1
-            Balancer.release(picked, 1.0)
+            variant.give_back(picked)
         if slow_start:
             assert picks[new] < 200, picks
         else:
@@ -182,7 +182,7 @@ def test_a_cancelled_reload_still_finishes_its_drains(loop_thread: LoopThread,
         reload.cancel()
         await asyncio.gather(reload, return_exceptions=True)
         assert instance.state == "DRAINING"
-        Balancer.release(instance, 1.0)
+        instance.variant.give_back(instance)
         await asyncio.wait_for(router.router.drains.wait(), 10.0)
         assert instance.state == "REMOVED"
 
