@@ -198,7 +198,7 @@ cdef class SharedTable:
         """Release what this process still holds, give up its index, and unmap."""
         if self._base == NULL:
             return
-        self.reclaim(self._pi, True)
+        self._reclaim(self._pi)
         self._unmap()
 
     def unlink(self):
@@ -635,7 +635,7 @@ cdef class SharedTable:
                              f"got {process_index}")
         return <Py_ssize_t>tm_load64(<uint64_t*>(self._procs + process_index * 64))
 
-    def reclaim(self, Py_ssize_t process_index, bint _own=False):
+    def reclaim(self, Py_ssize_t process_index):
         """Subtract everything process ``process_index`` held from the global counts, zero
         its ledger, and free its index. Call it after that process exited (and was reaped);
         returns the number of requests reclaimed."""
@@ -644,13 +644,16 @@ cdef class SharedTable:
         if not 0 <= process_index < self._max_processes:
             raise ValueError(f"process_index must be in [0, {self._max_processes}), "
                              f"got {process_index}")
-        cdef uint64_t* pidp = <uint64_t*>(self._procs + process_index * 64)
-        cdef uint64_t pid = tm_load64(pidp)
-        if process_index == self._pi and not _own:
+        if process_index == self._pi:
             raise ValueError("a process cannot reclaim its own index; close() the table")
-        if pid != 0 and not _own and _segment.running(pid):
+        pid = tm_load64(<uint64_t*>(self._procs + process_index * 64))
+        if pid != 0 and _segment.running(pid):
             raise ValueError(f"process index {process_index} is held by pid {pid}, "
                              "which is still running")
+        return self._reclaim(process_index)
+
+    cdef Py_ssize_t _reclaim(self, Py_ssize_t process_index) except -1:
+        cdef uint64_t* pidp = <uint64_t*>(self._procs + process_index * 64)
         cdef Py_ssize_t high = tm_load32(self._high), s
         cdef uint64_t* cell
         cdef uint64_t cur, g
