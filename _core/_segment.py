@@ -153,7 +153,7 @@ def unlink_stale() -> list[str]:
     A segment's owner is the pid in its name; when that pid is running but started at a
     different time than the segment records, the pid was reused and the segment is stale.
     """
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except FileNotFoundError:

@@ -449,9 +449,15 @@ cdef class SharedTable:
         return False
 
     cdef Py_ssize_t _scan_least(self) noexcept nogil:
+        """The pickable slot with the lowest (count + 1) / weight, uniform among ties.
+
+        Two passes rather than one with a reservoir: a random number (a division) per tied
+        slot costs more than reading the tied slots again. Pass 2 starts at the first
+        minimum; if the counts moved meanwhile and it finds fewer ties, the first stands.
+        """
         cdef Py_ssize_t high = tm_load32(self._high)
         cdef Py_ssize_t s, best = -1
-        cdef uint64_t ties = 0, status
+        cdef uint64_t ties = 0, r, status, best_status = 0
         cdef uint32_t count, best_count = 0
         cdef double w, best_w = 0.0, lhs, rhs
         for s in range(high):
@@ -465,21 +471,29 @@ cdef class SharedTable:
                     continue
                 if lhs == rhs:
                     ties += 1
-                    if self._below(ties) != 0:
-                        continue
-                else:
-                    ties = 1
-            else:
-                ties = 1
-            best, best_count, best_w, self._scanned = s, count, w, status
+                    continue
+            best, best_count, best_w, best_status, ties = s, count, w, status, 1
+        self._scanned = best_status
+        if ties <= 1:
+            return best
+        r = self._below(ties)
+        for s in range(best, high):
+            if not self._pickable(s, &status, &count):
+                continue
+            if (<double>count + 1.0) * best_w == (<double>best_count + 1.0) * \
+                    tm_load_f64(self._weightp(s)):
+                if r == 0:
+                    self._scanned = status
+                    return s
+                r -= 1
         return best
 
     cpdef Py_ssize_t pick(self) except -2:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
-        cdef Py_ssize_t s, attempt
+        cdef Py_ssize_t s, _attempt
         if self._base == NULL:
             raise ValueError("the table is closed")
-        for attempt in range(PICK_ATTEMPTS):
+        for _attempt in range(PICK_ATTEMPTS):
             s = self._scan_least()
             if s < 0:
                 return -1
@@ -507,10 +521,10 @@ cdef class SharedTable:
 
     cpdef Py_ssize_t pick_random(self) except -2:
         """RANDOM: a pickable slot with probability proportional to its weight."""
-        cdef Py_ssize_t s, attempt
+        cdef Py_ssize_t s, _attempt
         if self._base == NULL:
             raise ValueError("the table is closed")
-        for attempt in range(PICK_ATTEMPTS):
+        for _attempt in range(PICK_ATTEMPTS):
             s = self._scan_random()
             if s < 0:
                 return -1
@@ -522,8 +536,8 @@ cdef class SharedTable:
                             uint32_t* count) noexcept nogil:
         """A uniformly random pickable slot other than ``skip``, by rejection; -1 when
         ``high`` tries in a row found none (then the caller falls back to a scan)."""
-        cdef Py_ssize_t s, i
-        for i in range(high + 8):
+        cdef Py_ssize_t s, _i
+        for _i in range(high + 8):
             s = <Py_ssize_t>self._below(<uint64_t>high)
             if s != skip and self._pickable(s, status, count):
                 return s
@@ -531,13 +545,13 @@ cdef class SharedTable:
 
     cpdef Py_ssize_t pick_two(self) except -2:
         """POWER_OF_TWO_CHOICES on the fleet-wide counts; -1 when nothing is pickable."""
-        cdef Py_ssize_t high, a, b, s, attempt
+        cdef Py_ssize_t high, a, b, s, _attempt
         cdef uint64_t sa, sb
         cdef uint32_t ca, cb
         cdef double lhs, rhs
         if self._base == NULL:
             raise ValueError("the table is closed")
-        for attempt in range(PICK_ATTEMPTS):
+        for _attempt in range(PICK_ATTEMPTS):
             high = tm_load32(self._high)
             if high == 0:
                 return -1

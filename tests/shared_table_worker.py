@@ -3,8 +3,9 @@
     python shared_table_worker.py IMPL MODE NAME INDEX ITERATIONS SEED [LIMIT]
 
 IMPL is ``c`` or ``py``. Each worker attaches, prints ``ready`` and waits for a line on
-stdin before it starts, so that the test can start all of them at once. Every mode stops by itself after ITERATIONS, releases what it still
-holds, closes the table and prints one JSON line; ``forever`` only stops when killed.
+stdin before it starts, so that the test can start all of them at once. Every mode stops
+by itself after ITERATIONS, releases what it still holds, closes the table and prints one
+JSON line; ``forever`` only stops when killed.
 Modes:
 
 - ``hammer``: random picks (all three strategies), try_acquire, acquire, releases, and

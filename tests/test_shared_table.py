@@ -350,8 +350,8 @@ def test_reclaim_is_exact_whichever_step_the_process_died_at(
         t.acquire(a)
         t.release(a)
     reclaimed = t.reclaim(1)
-    applied = died != "before_global"
-    assert reclaimed == 2 + (op == "acquire" if applied else 0) - (op == "release" if applied else 0)
+    delta = 0 if died == "before_global" else 1 if op == "acquire" else -1
+    assert reclaimed == 2 + delta
     assert t.outstanding(a) == 1 and t.held(a) == 1 and t.held(a, 1) == 0
     t.release(a)
     _quiet(t)
