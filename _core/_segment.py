@@ -15,7 +15,8 @@ Layout (little-endian, every word naturally aligned; ``P`` = max_processes,
   change), owner pid (u64), owner start time (u64, clock ticks after boot, from
   ``/proc/<pid>/stat``: a reused pid is not mistaken for the owner), wake-up sequence
   (u32) and waiter count (u32) for ``wait_for_release``, on the header's second line.
-- process table, ``P`` x 64 bytes: the pid attached at each process index (0 = none).
+- process table, ``P`` x 64 bytes: the pid attached at each process index (u64, 0 = none)
+  and whether that process is registered as a waiter (u32 at +8).
 - slots, ``C`` x 32 bytes: the count word (u64: fleet-wide outstanding count in the low
   32 bits, the stamp of the last update in the high 32), weight (f64), status (u64: state in
   the low 32 bits, slot generation in the high 32, bumped when the slot is reused),
@@ -49,7 +50,8 @@ SLOT_SIZE = 32
 # that freeing a slot is one compare-and-swap that fails if the slot was reused meanwhile.
 S_WORD, S_WEIGHT, S_STATUS, S_LIMIT = 0, 8, 16, 24
 
-# Slot states. CLAIMED: an add() is filling the slot in; nobody may pick or acquire it.
+# Slot states. CLAIMED: an add() is filling the slot in; nobody may pick or acquire it. Its
+# status carries the claiming process index + 1 in bits 8-15, so reclaim can free it.
 FREE, ACTIVE, UNAVAILABLE, REMOVED, CLAIMED = 0, 1, 2, 3, 4
 STATE_NAMES = ("FREE", "ACTIVE", "UNAVAILABLE", "REMOVED", "CLAIMED")
 

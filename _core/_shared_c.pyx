@@ -34,7 +34,8 @@ slot (every update of the slot rewrites the stamp), so the cell reads seq or seq
 the comparison is exact.
 
 Membership is a second CAS protocol on each slot's status word (state and slot
-generation): add claims a FREE slot (FREE -> CLAIMED, generation + 1), fills it in, and
+generation): add claims a FREE slot (FREE -> CLAIMED by this process index, generation
++ 1), fills it in, and
 publishes it ACTIVE; remove marks it REMOVED, and whoever then sees it REMOVED with a zero
 count frees it by CAS on the same (generation, REMOVED), so a slot reused meanwhile is
 never freed twice. A pick scans the counts, updates the chosen slot's count, then checks
@@ -70,7 +71,9 @@ cdef extern from "atomics.h" nogil:
 include "_common.pxi"
 
 cdef enum:
-    CLAIMED = 4
+    CLAIMED = 4         # the low byte; the next byte is the claiming process index + 1
+    STATE_MASK = 0xFF
+    P_WAITING = 8       # a process row's u32: it is registered as a waiter
     SLOT_SIZE = 32
     S_WEIGHT = 8
     S_STATUS = 16
@@ -199,6 +202,7 @@ cdef class SharedTable:
         if self._base == NULL:
             return
         self._reclaim(self._pi)
+        self._waiting = False
         self._unmap()
 
     def unlink(self):
@@ -316,7 +320,7 @@ cdef class SharedTable:
         if slot < 0 or slot >= self._capacity:
             raise IndexError(f"slot {slot} is not in the table")
         cdef uint32_t state = <uint32_t>tm_load64(self._statusp(slot))
-        if state == FREE or state == CLAIMED:
+        if state == FREE or (state & STATE_MASK) == CLAIMED:
             raise IndexError(f"slot {slot} is not in the table")
         return state
 
@@ -348,7 +352,8 @@ cdef class SharedTable:
             if <uint32_t>st != FREE:
                 continue
             gen = <uint32_t>(st >> 32) + 1
-            if tm_cas64(self._statusp(s), &st, _status(CLAIMED, gen)):
+            if tm_cas64(self._statusp(s), &st,
+                        _status(CLAIMED | <uint32_t>((self._pi + 1) << 8), gen)):
                 break
         else:
             raise ValueError(f"the shared table is full (capacity {self._capacity})")
@@ -369,7 +374,7 @@ cdef class SharedTable:
         while True:
             if <uint32_t>st == REMOVED:
                 return
-            if <uint32_t>st == FREE or <uint32_t>st == CLAIMED:
+            if <uint32_t>st == FREE or (<uint32_t>st & STATE_MASK) == CLAIMED:
                 raise IndexError(f"slot {slot} is not in the table")
             if tm_cas64(self._statusp(slot), &st, _status(REMOVED, <uint32_t>(st >> 32))):
                 break
@@ -667,29 +672,40 @@ cdef class SharedTable:
 
     cdef Py_ssize_t _reclaim(self, Py_ssize_t process_index) except -1:
         cdef uint64_t* pidp = <uint64_t*>(self._procs + process_index * 64)
-        cdef Py_ssize_t high = tm_load32(self._high), s
+        cdef uint32_t* waiting = <uint32_t*>(self._procs + process_index * 64 + P_WAITING)
+        cdef uint32_t claimed = CLAIMED | <uint32_t>((process_index + 1) << 8)
+        cdef Py_ssize_t s
         cdef uint64_t* cell
         cdef uint64_t cur, g
         cdef uint32_t held
         cdef Py_ssize_t total = 0
-        for s in range(high):
+        # The whole capacity, not the high-water mark: a process may die between claiming a
+        # slot in add() and raising the mark.
+        for s in range(self._capacity):
+            g = tm_load64(self._statusp(s))
+            if <uint32_t>g == claimed:  # it died inside add()
+                tm_cas64(self._statusp(s), &g, _status(FREE, <uint32_t>(g >> 32)))
             self._help(s, tm_load64(self._word(s)))
             cell = self._cell(process_index, s)
             cur = tm_load64(cell)
             held = <uint32_t>cur
-            if held == 0:
-                continue
-            g = tm_load64(self._word(s))
-            # Keep the stamp: it may be another process's update, not yet in its ledger.
-            while not tm_cas64(self._word(s), &g, (g & 0xFFFFFFFF00000000) |
-                               <uint32_t>(<uint32_t>g - held)):
-                pass
-            tm_store64(cell, cur & 0xFFFFFFFF00000000)
-            total += held
+            if held:
+                g = tm_load64(self._word(s))
+                # Keep the stamp: it may be another process's update, not yet in its ledger.
+                while not tm_cas64(self._word(s), &g, (g & 0xFFFFFFFF00000000) |
+                                   <uint32_t>(<uint32_t>g - held)):
+                    pass
+                tm_store64(cell, cur & 0xFFFFFFFF00000000)
+                total += held
+            # Also when it held nothing here: it may have died between its last release's
+            # count update and freeing the removed slot, or inside remove().
             if <uint32_t>tm_load64(self._word(s)) == 0:
                 g = tm_load64(self._statusp(s))
                 if <uint32_t>g == REMOVED:
                     tm_cas64(self._statusp(s), &g, _status(FREE, <uint32_t>(g >> 32)))
+        if tm_load32(waiting):
+            tm_store32(waiting, 0)
+            tm_add32(self._waiters, -1)
         tm_store64(pidp, 0)
         if total and tm_load32(self._waiters) != 0:
             tm_add32(self._wake_seq, 1)
@@ -704,7 +720,10 @@ cdef class SharedTable:
         if self._base == NULL:
             raise ValueError("the table is closed")
         if not self._waiting:
+            # Count first, flag second: a death between leaves one waiter too many (releases
+            # then make a needless wake call), never one too few.
             tm_add32(self._waiters, 1)
+            tm_store32(<uint32_t*>(self._procs + self._pi * 64 + P_WAITING), 1)
             self._waiting = True
         return tm_load32(self._wake_seq)
 
@@ -721,6 +740,7 @@ cdef class SharedTable:
     def end_wait(self):
         """Stop being a waiter (releases stop paying for the wake-up)."""
         if self._waiting and self._base != NULL:
+            tm_store32(<uint32_t*>(self._procs + self._pi * 64 + P_WAITING), 0)
             tm_add32(self._waiters, -1)
         self._waiting = False
 
@@ -735,7 +755,8 @@ cdef class SharedTable:
             st = tm_load64(self._statusp(s))
             if <uint32_t>st != FREE:
                 out.append((s, <uint32_t>tm_load64(self._word(s)), tm_load_f64(self._weightp(s)),
-                            _segment.STATE_NAMES[<uint32_t>st], tm_load32(self._limitp(s))))
+                            _segment.STATE_NAMES[<uint32_t>st & STATE_MASK],
+                            tm_load32(self._limitp(s))))
         return out
 
     def check(self):

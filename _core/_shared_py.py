@@ -32,6 +32,8 @@ _HIGH: Final = _MASK ^ _LOW
 _SEQ_MASK: Final = 0xFFFFFF
 _STAMP_NEG: Final = 1 << 24
 _PICK_ATTEMPTS: Final = 64
+_STATE_MASK: Final = 0xFF  # the state; CLAIMED's next byte is the claiming process index + 1
+_P_WAITING: Final = 8
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _F64 = struct.Struct("<d")
@@ -128,6 +130,7 @@ class SharedTable:
         if self._mm is None:
             return
         self._reclaim(self._pi)
+        self._waiting = False
         self._unmap()
 
     def unlink(self) -> None:
@@ -277,7 +280,7 @@ class SharedTable:
         if not 0 <= slot < self._capacity:
             raise IndexError(f"slot {slot} is not in the table")
         state = self._load(self._statusp(slot)) & _LOW
-        if state in (FREE, CLAIMED):
+        if state == FREE or state & _STATE_MASK == CLAIMED:
             raise IndexError(f"slot {slot} is not in the table")
         return state
 
@@ -312,7 +315,7 @@ class SharedTable:
             if st & _LOW != FREE:
                 continue
             gen = ((st >> 32) + 1) & _LOW
-            if self._cas(self._statusp(s), st, _status(CLAIMED, gen))[0]:
+            if self._cas(self._statusp(s), st, _status(CLAIMED | (self._pi + 1) << 8, gen))[0]:
                 break
         else:
             raise ValueError(f"the shared table is full (capacity {self._capacity})")
@@ -336,7 +339,7 @@ class SharedTable:
         while True:
             if st & _LOW == REMOVED:
                 return
-            if st & _LOW in (FREE, CLAIMED):
+            if st & _LOW == FREE or st & _STATE_MASK == CLAIMED:
                 raise IndexError(f"slot {slot} is not in the table")
             ok, st = self._cas(self._statusp(slot), st, _status(REMOVED, st >> 32))
             if ok:
@@ -591,24 +594,34 @@ class SharedTable:
 
     def _reclaim(self, process_index: int) -> int:
         total = 0
-        for s in range(self._high()):
+        claimed = CLAIMED | (process_index + 1) << 8
+        # The whole capacity: a process may die between claiming a slot and raising the mark.
+        for s in range(self._capacity):
+            st = self._load(self._statusp(s))
+            if st & _LOW == claimed:  # it died inside add()
+                self._cas(self._statusp(s), st, _status(FREE, st >> 32))
             self._help(s, self._load(self._word(s)))
             cell = self._cell(process_index, s)
             cur = self._load(cell)
             held = cur & _LOW
-            if held == 0:
-                continue
-            g = self._load(self._word(s))
-            while True:  # keep the stamp: it may be another process's pending update
-                ok, g = self._cas(self._word(s), g, (g & _HIGH) | ((g - held) & _LOW))
-                if ok:
-                    break
-            self._store(cell, _U64, cur & _HIGH)
-            total += held
+            if held:
+                g = self._load(self._word(s))
+                while True:  # keep the stamp: it may be another process's pending update
+                    ok, g = self._cas(self._word(s), g, (g & _HIGH) | ((g - held) & _LOW))
+                    if ok:
+                        break
+                self._store(cell, _U64, cur & _HIGH)
+                total += held
+            # Also when it held nothing here: it may have died between its last release's
+            # count update and freeing the removed slot, or inside remove().
             if self._load(self._word(s)) & _LOW == 0:
                 st = self._load(self._statusp(s))
                 if st & _LOW == REMOVED:
                     self._cas(self._statusp(s), st, _status(FREE, st >> 32))
+        waiting = self._procs + process_index * 64 + _P_WAITING
+        if self._load32(waiting):
+            self._store(waiting, _U32, 0)
+            self._add(_segment.H_WAITERS, _U32, -1, _LOW)
         self._store(self._procs + process_index * 64, _U64, 0)
         if total:
             self._wake()
@@ -627,7 +640,9 @@ class SharedTable:
         if not _SYS_FUTEX:
             raise NotImplementedError(f"no futex syscall number for {platform.machine()}")
         if not self._waiting:
+            # Count first, flag second: a death between leaves one waiter too many.
             self._add(_segment.H_WAITERS, _U32, 1, _LOW)
+            self._store(self._procs + self._pi * 64 + _P_WAITING, _U32, 1)
             self._waiting = True
         return self._load32(_segment.H_WAKE_SEQ)
 
@@ -645,6 +660,7 @@ class SharedTable:
     def end_wait(self) -> None:
         """Stop being a waiter (releases stop paying for the wake-up)."""
         if self._waiting and self._mm is not None:
+            self._store(self._procs + self._pi * 64 + _P_WAITING, _U32, 0)
             self._add(_segment.H_WAITERS, _U32, -1, _LOW)
         self._waiting = False
 
@@ -659,7 +675,8 @@ class SharedTable:
             if st != FREE:
                 out.append((s, self._load(self._word(s)) & _LOW,
                             float(_F64.unpack_from(buf, self._weightp(s))[0]),
-                            _segment.STATE_NAMES[st], self._load32(self._limitp(s))))
+                            _segment.STATE_NAMES[st & _STATE_MASK],
+                            self._load32(self._limitp(s))))
         return out
 
     def check(self) -> None:

@@ -357,6 +357,53 @@ def test_reclaim_is_exact_whichever_step_the_process_died_at(
     _quiet(t)
 
 
+def _poke(name: str, offset: int, value: int) -> None:
+    """Write a u64 into the segment, as a process that then died would have left it."""
+    fd = _segment.open_file(name)
+    try:
+        with mmap.mmap(fd, 0) as mm:
+            mm[offset:offset + 8] = value.to_bytes(8, "little")
+    finally:
+        os.close(fd)
+
+
+def _peek(name: str, offset: int, size: int = 8) -> int:
+    fd = _segment.open_file(name)
+    try:
+        with mmap.mmap(fd, 0) as mm:
+            return int.from_bytes(mm[offset:offset + size], "little")
+    finally:
+        os.close(fd)
+
+
+def test_reclaim_finishes_what_a_dead_process_left_half_done(make_table: Any, impl: str) -> None:
+    """A process killed inside add() (slot CLAIMED), after its last release's count update
+    but before freeing the removed slot, and while registered as a waiter: reclaim frees the
+    slots and drops the waiter, although the process held no request."""
+    t = make_table()
+    a, b = t.add(), t.add()
+    other = _cls(impl).attach(t.name, 1)
+    other.acquire(b)
+    t.remove(b)
+    other.release(b)  # the last request: b is freed...
+    slots = _segment.offsets(t.capacity, t.max_processes)[1]
+    status = slots + b * _segment.SLOT_SIZE + _segment.S_STATUS
+    gen = _peek(t.name, status) >> 32
+    _poke(t.name, status, gen << 32 | _segment.REMOVED)  # ...or not, had it died first
+    free = slots + 5 * _segment.SLOT_SIZE + _segment.S_STATUS
+    _poke(t.name, free, 1 << 32 | _segment.CLAIMED | 2 << 8)  # died inside add()
+    other.begin_wait()
+    assert _peek(t.name, _segment.H_WAITERS, 4) == 1
+    _poke(t.name, _segment.HEADER + 64, _dead_pid())
+    if impl == "py":
+        other._unmap()  # the twin's fd
+    assert t.reclaim(1) == 0
+    assert _peek(t.name, _segment.H_WAITERS, 4) == 0
+    assert [s for s, *_ in t.snapshot()] == [a]
+    t.check()
+    assert t.add() == b and t.add() == 2
+
+
 # -- several processes ------------------------------------------------------------------
 
 
