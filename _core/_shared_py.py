@@ -418,28 +418,37 @@ class SharedTable:
         return False
 
     def _scan_least(self) -> int:
-        best, best_count, best_w, ties = -1, 0, 0.0, 0
+        """The pickable slot with the lowest (count + 1) / weight, uniform among ties: the
+        same two passes, and random draws, as the compiled table."""
+        best, best_count, best_w, best_status, ties = -1, 0, 0.0, 0, 0
         buf = self._buf()
-        for s in range(self._high()):
+        high = self._high()
+        for s in range(high):
             found = self._pickable(s)
             if found is None:
                 continue
             status, count = found
             w = float(_F64.unpack_from(buf, self._weightp(s))[0])
-            if best >= 0:
-                lhs = (count + 1) * best_w
-                rhs = (best_count + 1) * w
-                if lhs > rhs:
-                    continue
-                if lhs == rhs:
-                    ties += 1
-                    if self._below(ties) != 0:
-                        continue
-                else:
-                    ties = 1
+            lhs = (count + 1) * best_w
+            rhs = (best_count + 1) * w
+            if lhs < rhs or best < 0:
+                best, best_count, best_w, best_status, ties = s, count, w, status, 1
             else:
-                ties = 1
-            best, best_count, best_w, self._scanned = s, count, w, status
+                ties += lhs == rhs
+        self._scanned = best_status
+        if ties <= 1:
+            return best
+        r = self._below(ties)
+        for s in range(best, high):
+            found = self._pickable(s)
+            if found is None:
+                continue
+            status, count = found
+            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            r -= (count + 1) * best_w == (best_count + 1) * w
+            if r < 0:
+                self._scanned = status
+                return s
         return best
 
     def pick(self) -> int:

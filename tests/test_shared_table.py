@@ -17,11 +17,14 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tritonmesh._core as core
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonmesh._core import _segment
 
 NO_EXTENSIONS_ENV = os.environ.get("TRITONMESH_NO_EXTENSIONS", "") not in ("", "0")
@@ -402,6 +405,74 @@ def test_reclaim_finishes_what_a_dead_process_left_half_done(make_table: Any, im
     assert [s for s, *_ in t.snapshot()] == [a]
     t.check()
     assert t.add() == b and t.add() == 2
+
+
+# -- differential: C vs twin over any single-process sequence -----------------------------
+
+Op = tuple[str, int, float, int]
+OPS = st.lists(st.tuples(
+    st.sampled_from(["pick", "pick", "pick_random", "pick_two", "release", "release",
+                     "release", "acquire", "try_acquire", "add", "remove", "set_weight",
+                     "set_available", "set_limit", "outstanding", "weight", "is_available"]),
+    st.integers(-1, 9),
+    st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]),
+    st.integers(-1, 3),
+), min_size=1, max_size=150)
+
+
+def _apply(t: Any, ops: list[Op]) -> list[Any]:
+    """Run ``ops``; every result, error and snapshot along the way, in order."""
+    out: list[Any] = []
+    for name, slot, weight, n in ops:
+        before = t.snapshot()
+        try:
+            if name == "add":
+                result = t.add(weight or 1.0, max(n, 0))
+            elif name == "set_weight":
+                result = t.set_weight(slot, weight)
+            elif name == "set_available":
+                result = t.set_available(slot, n > 0)
+            elif name in ("set_limit", "try_acquire"):
+                result = getattr(t, name)(slot, n)
+            elif name.startswith("pick"):
+                result = getattr(t, name)()
+            else:
+                result = getattr(t, name)(slot)
+        except (ValueError, IndexError) as exc:
+            result = (type(exc).__name__, str(exc))
+        t.check()
+        if name == "pick" and result != -1:
+            keys = {s: Fraction(c + 1) / Fraction(w) for s, c, w, state, limit in before
+                    if state == "ACTIVE" and (limit == 0 or c < limit)}
+            assert keys[result] == min(keys.values()), (result, before)
+        out += [result, t.snapshot()]
+    return out
+
+
+def _run(cls: Any, seed: int, ops: list[Op]) -> list[Any]:
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    TAGS.append(tag)
+    t = cls.create(10, 2, tag=tag, seed=seed, unlink_stale=False)
+    try:
+        return _apply(t, [("add", 0, 1.0, 0), ("add", 0, 2.0, 0), *ops])
+    finally:
+        t.close()
+        t.unlink()
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
+def test_c_and_twin_agree(seed: int, ops: list[Op]) -> None:
+    """Same seed, same operations: the same picks, errors and snapshots, and every
+    invariant after every operation (check(), and a least-outstanding pick is least)."""
+    assert _run(core.CSharedTable, seed, ops) == _run(core.PySharedTable, seed, ops)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
+def test_invariants_hold_for_any_sequence(seed: int, ops: list[Op]) -> None:
+    _run(core.SharedTable, seed, ops)
 
 
 # -- several processes ------------------------------------------------------------------
