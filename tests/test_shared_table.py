@@ -8,6 +8,7 @@ module is left in /dev/shm.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -79,6 +80,18 @@ def _go(procs: list[subprocess.Popen[str]]) -> None:
         p.stdin.write("go\n")
         p.stdin.close()
         p.stdin = None  # communicate() must not touch it again
+
+
+@contextlib.contextmanager
+def _reaped(*procs: subprocess.Popen[str]) -> Iterator[None]:
+    """Whatever happens in the block, kill (by PID) and reap every one still running."""
+    try:
+        yield
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
 
 
 def _results(procs: list[subprocess.Popen[str]], timeout: float = 120) -> list[dict[str, Any]]:
@@ -519,18 +532,18 @@ def test_sigkill_mid_loop_then_reclaim(make_table: Any, impl: str) -> None:
         victim = _worker(impl, "forever", t.name, 1, warmup, seed=100 + round_)
         others = [_worker(impl, "hammer", t.name, i, warmup * 4, seed=10 * round_ + i)
                   for i in (2, 3)]
-        _go([victim, *others])
-        assert victim.stdout is not None
-        assert victim.stdout.readline().strip() == "running"
-        os.kill(victim.pid, signal.SIGKILL)
-        victim.wait()
-        victim.stdout.close()
-        assert victim.returncode == -signal.SIGKILL
-        # Reclaimed while the other two are still at it, as a supervisor would. held()
-        # applies the victim's last stamp first, so its ledger is final from here on.
-        held = sum(t.held(s, 1) for s in range(t.capacity))
-        assert t.reclaim(1) == held
-        _results(others)
+        with _reaped(victim, *others):
+            _go([victim, *others])
+            assert victim.stdout is not None
+            assert victim.stdout.readline().strip() == "running"
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+            assert victim.returncode == -signal.SIGKILL
+            # Reclaimed while the other two are still at it, as a supervisor would. held()
+            # applies the victim's last stamp first, so its ledger is final from here on.
+            held = sum(t.held(s, 1) for s in range(t.capacity))
+            assert t.reclaim(1) == held
+            _results(others)
         _quiet(t)
 
 
@@ -579,22 +592,22 @@ def test_stale_segment_is_unlinked(impl: str) -> None:
             "sys.stdin.read()\n")
     owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
-    assert owner.stdout is not None and owner.stdin is not None
-    name = owner.stdout.readline().strip()
-    assert os.path.exists(_segment.path(name))
-    assert name not in _segment.unlink_stale()  # its owner is running
-    assert os.path.exists(_segment.path(name))
-    os.kill(owner.pid, signal.SIGKILL)
-    owner.wait()
-    owner.stdin.close()
-    owner.stdout.close()
-    assert os.path.exists(_segment.path(name))
-    fresh = _cls(impl).create(4, 2, tag=tag)
+    assert owner.stdout is not None
+    with _reaped(owner):
+        name = owner.stdout.readline().strip()
+        assert os.path.exists(_segment.path(name))
+        assert name not in _segment.unlink_stale()  # its owner is running
+        assert os.path.exists(_segment.path(name))
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
     try:
-        assert not os.path.exists(_segment.path(name))
-    finally:
+        assert os.path.exists(_segment.path(name))
+        fresh = _cls(impl).create(4, 2, tag=tag)
         fresh.close()
         fresh.unlink()
+        assert not os.path.exists(_segment.path(name))
+    finally:
+        _segment.unlink(name)
 
 
 def test_nothing_left_in_dev_shm() -> None:
