@@ -15,8 +15,9 @@ Layout (little-endian, every word naturally aligned; ``P`` = max_processes,
   change), owner pid (u64), owner start time (u64, clock ticks after boot, from
   ``/proc/<pid>/stat``: a reused pid is not mistaken for the owner), wake-up sequence
   (u32) and waiter count (u32) for ``wait_for_release``, on the header's second line.
-- process table, ``P`` x 64 bytes: the pid attached at each process index (u64, 0 = none)
-  and whether that process is registered as a waiter (u32 at +8).
+- process table, ``P`` x 64 bytes: the pid attached at each process index (u64, 0 = none),
+  whether that process is registered as a waiter (u32 at +8), and its start time (u64 at
+  +16; a reused pid is not mistaken for it).
 - slots, ``C`` x 32 bytes: the count word (u64: fleet-wide outstanding count in the low
   32 bits, the stamp of the last update in the high 32), weight (f64), status (u64: state in
   the low 32 bits, slot generation in the high 32, bumped when the slot is reused),
@@ -45,6 +46,7 @@ H_MAGIC, H_VERSION, H_CAPACITY, H_MAX_PROCESSES, H_HIGH = 0, 8, 12, 16, 20
 # The wake-up words sit on the header's second line: waiters write them, pickers read the first.
 H_GENERATION, H_OWNER_PID, H_OWNER_START, H_WAKE_SEQ, H_WAITERS = 24, 32, 40, 64, 68
 PROC_SIZE = 64
+P_WAITING, P_START = 8, 16
 SLOT_SIZE = 32
 # S_STATUS: one u64, state in the low 32 bits and the slot generation in the high 32, so
 # that freeing a slot is one compare-and-swap that fails if the slot was reused meanwhile.
@@ -209,3 +211,12 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def still_attached(pid: int, recorded_start: int) -> bool:
+    """Whether the process recorded at an index (``pid``, started at ``recorded_start``
+    ticks, 0 if unknown) is still running: a zombie is not, nor another process that
+    reused the pid."""
+    if not running(pid):
+        return False
+    return recorded_start == 0 or start_time(pid) == recorded_start

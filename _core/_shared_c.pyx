@@ -74,6 +74,7 @@ cdef enum:
     CLAIMED = 4         # the low byte; the next byte is the claiming process index + 1
     STATE_MASK = 0xFF
     P_WAITING = 8       # a process row's u32: it is registered as a waiter
+    P_START = 16        # a process row's u64: its start time (_segment.start_time)
     SLOT_SIZE = 32
     S_WEIGHT = 8
     S_STATUS = 16
@@ -165,6 +166,8 @@ cdef class SharedTable:
             self._unmap()
             raise ValueError(f"process index {process_index} of {name!r} is held by pid "
                              f"{expected} (reclaim it first if that process has exited)")
+        tm_store64(<uint64_t*>(self._procs + process_index * 64 + P_START),
+                   <uint64_t>_segment.start_time(os.getpid()))
 
     @classmethod
     def create(cls, Py_ssize_t capacity, Py_ssize_t max_processes, *, str tag="table",
@@ -665,7 +668,8 @@ cdef class SharedTable:
         if process_index == self._pi:
             raise ValueError("a process cannot reclaim its own index; close() the table")
         pid = tm_load64(<uint64_t*>(self._procs + process_index * 64))
-        if pid != 0 and _segment.running(pid):
+        if pid != 0 and _segment.still_attached(
+                pid, tm_load64(<uint64_t*>(self._procs + process_index * 64 + P_START))):
             raise ValueError(f"process index {process_index} is held by pid {pid}, "
                              "which is still running")
         return self._reclaim(process_index)

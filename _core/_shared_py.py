@@ -93,6 +93,8 @@ class SharedTable:
             self._unmap()
             raise ValueError(f"process index {process_index} of {name!r} is held by pid "
                              f"{holder} (reclaim it first if that process has exited)")
+        self._store(self._procs + process_index * 64 + _segment.P_START, _U64,
+                    _segment.start_time(os.getpid()))
 
     @classmethod
     def create(cls, capacity: int, max_processes: int, *, tag: str = "table",
@@ -596,7 +598,8 @@ class SharedTable:
         if process_index == self._pi:
             raise ValueError("a process cannot reclaim its own index; close() the table")
         pid = self.pid(process_index)
-        if pid != 0 and _segment.running(pid):
+        if pid != 0 and _segment.still_attached(
+                pid, self._load(self._procs + process_index * 64 + _segment.P_START)):
             raise ValueError(f"process index {process_index} is held by pid {pid}, "
                              "which is still running")
         return self._reclaim(process_index)
