@@ -244,6 +244,23 @@ class SharedTable:
     def snapshot(self) -> list[tuple[int, int, float, str, int]]:
         """``(slot, outstanding, weight, state, limit)`` for every slot in use, by id."""
 
+    def check_live(self, tries: int = 100) -> int:
+        """The invariant under load, slot by slot: the global count equals the sum of the
+        ledgers plus the one update (at most) whose count step is done and ledger step not
+        yet. Reads the count word, every ledger cell, then the word again; an unchanged word
+        means only that update's cell can have moved meanwhile. Not meant to run during a
+        ``reclaim`` (which subtracts and zeroes in two steps).
+
+        Built with ``TRITONMESH_DEBUG=1``, every pick, acquire and release checks its slot so.
+
+        Returns:
+            The number of slots verified: a slot whose count word changed during each of
+            ``tries`` attempts is skipped.
+
+        Raises:
+            AssertionError: a slot whose count and ledgers disagree.
+        """
+
     def check(self) -> None:
         """The invariants at quiescence (no update in flight in any process): every global
         count equals the sum of the ledgers, free slots count zero, processes not attached

@@ -496,15 +496,22 @@ def test_invariants_hold_for_any_sequence(seed: int, ops: list[Op]) -> None:
 
 
 def test_stress_several_processes(make_table: Any, impl: str) -> None:
-    """Three processes hammer every operation at once; at the end every count and ledger is
-    0 (each worker released all it held) and the invariants hold."""
+    """Three processes hammer every operation at once while this one checks, over and over,
+    that every count is the sum of the ledgers; at the end every count and ledger is 0 (each
+    worker released all it held) and the invariants hold."""
     t = make_table(capacity=16, max_processes=4)
     for _ in range(4):
         t.add()
     iterations = 50_000 if impl == "c" else 3_000
     procs = [_worker(impl, "hammer", t.name, i, iterations, seed=i) for i in (1, 2, 3)]
-    _go(procs)
-    assert [r["ops"] for r in _results(procs)] == [iterations] * 3
+    verified = 0
+    with _reaped(*procs):
+        _go(procs)
+        # Meanwhile: global count == sum of the ledgers (+ the pending update), under load.
+        while any(p.poll() is None for p in procs):
+            verified += t.check_live()
+        assert [r["ops"] for r in _results(procs)] == [iterations] * 3
+    assert verified > 0
     _quiet(t)
     assert all(t.pid(i) == 0 for i in (1, 2, 3))
 
