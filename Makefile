@@ -32,7 +32,7 @@ test-twin: install
 # The core with its invariant check compiled in after every mutation, then rebuilt for speed.
 test-debug: install
 	TRITONMESH_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py tests/test_shared_table.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
 
 # The wire peek under Hypothesis and atheris, against an AddressSanitizer build (in build/asan).
@@ -42,6 +42,7 @@ fuzz: install
 bench-core: install
 	$(BIN)/python bench/core_bench.py
 	$(BIN)/python bench/wire_bench.py
+	$(BIN)/python bench/shared_bench.py
 
 clean:
 	rm -rf build *.egg-info _core/*.c _core/*.so

@@ -41,6 +41,14 @@ if not NO_EXTENSIONS:
                 extra_link_args=LINK,
             ),
             Extension(
+                "tritonmesh._core._shared_c",
+                ["_core/_shared_c.pyx"],
+                include_dirs=["_core"],
+                define_macros=[("TRITONMESH_DEBUG", "1" if DEBUG else "0")],
+                extra_compile_args=COMPILE,
+                extra_link_args=LINK,
+            ),
+            Extension(
                 "tritonmesh._core._wire_c",
                 ["_core/_wire_c.pyx"],
                 extra_compile_args=COMPILE,

@@ -1,0 +1,142 @@
+"""ns per pick+release pair: the shared-memory table against the private outstanding table.
+
+    python bench/shared_bench.py [--rounds N]
+
+Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
+request, so every least-outstanding pick breaks a tie among the other half), side by side
+in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
+"from_python" (the pair called from a Python loop: what a router pays) and "in_c" (the pair
+in a C loop: the structure alone), and the shared twin from Python for scale. Then
+"contended": two processes running the C loop on one shared table at once (started
+together), each one's ns per pair against the same loop alone. Every figure is the best of
+5 runs, in CPU time of the process (``time.process_time_ns``): on a shared machine, time spent
+preempted is not the table's. The goal (issue 15): shared <= 2x private.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from tritonmesh._core import COutstandingTable, CSharedTable, PySharedTable
+
+SIZES = (4, 64, 1024)
+STRATEGIES = ("pick", "pick_random", "pick_two")
+
+
+def _load(t: Any, n: int) -> Any:
+    for _ in range(n):
+        t.add()
+    for _ in range(n // 2):
+        t.pick()
+    return t
+
+
+def _best_ns(run: Callable[[], object], rounds: int) -> float:
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time_ns()
+        run()
+        best = min(best, (time.process_time_ns() - start) / rounds)
+    return best
+
+
+def from_python(t: Any, strategy: str, rounds: int) -> float:
+    strategy_pick = getattr(t, strategy)
+
+    # Defaults make the callables locals of the loop, as in the router's hot path.
+    def run(pick: Any = strategy_pick, release: Any = t.release) -> None:
+        for _ in range(rounds):
+            release(pick())
+
+    return _best_ns(run, rounds)
+
+
+def in_c(t: Any, strategy: str, rounds: int) -> float:
+    from tritonmesh._core import _outstanding_c, _shared_c
+
+    loop = _shared_c._bench_pick_release if isinstance(t, CSharedTable) \
+        else _outstanding_c._bench_pick_release
+    code = STRATEGIES.index(strategy)
+    return _best_ns(lambda: loop(t, rounds, code), rounds)
+
+
+def _contender(name: str, index: int, n: int, strategy: str, rounds: int,
+               barrier: Any, out: Any) -> None:
+    t = CSharedTable.attach(name, index, seed=index)  # type: ignore[union-attr]
+    barrier.wait()
+    out.put(in_c(t, strategy, rounds))
+    t.close()
+
+
+def contended(n: int, strategy: str, rounds: int) -> dict[str, float]:
+    """Two processes, each in its C loop on the same table, started together."""
+    assert CSharedTable is not None
+    t = CSharedTable.create(n, 4, tag=f"bench-{uuid.uuid4().hex[:8]}", seed=0)
+    try:
+        _load(t, n)
+        alone = in_c(t, strategy, rounds)
+        ctx = multiprocessing.get_context("fork")  # nothing here has started a thread
+        barrier, out = ctx.Barrier(2), ctx.Queue()
+        procs = [ctx.Process(target=_contender, args=(t.name, i, n, strategy, rounds, barrier,
+                                                      out)) for i in (1, 2)]
+        for p in procs:
+            p.start()
+        each = [out.get(timeout=300) for _ in procs]
+        for p in procs:
+            p.join()
+        return {"alone_ns": round(alone, 1), "two_processes_ns": round(max(each), 1)}
+    finally:
+        t.close()
+        t.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=100_000)
+    args = parser.parse_args()
+    if COutstandingTable is None or CSharedTable is None:
+        raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
+    results = []
+    for strategy in STRATEGIES:
+        for n in SIZES:
+            rounds = max(args.rounds // max(n // 64, 1), 2000)
+            private = _load(COutstandingTable(seed=1), n)
+            shared = _load(CSharedTable.create(n, 2, tag=f"bench-{uuid.uuid4().hex[:8]}",
+                                               seed=1), n)
+            twin = PySharedTable.attach(shared.name, 1, seed=2)
+            try:
+                row = {
+                    "strategy": strategy, "instances": n,
+                    "private_ns_from_python": round(from_python(private, strategy, rounds), 1),
+                    "shared_ns_from_python": round(from_python(shared, strategy, rounds), 1),
+                    "private_ns_in_c": round(in_c(private, strategy, rounds * 5), 1),
+                    "shared_ns_in_c": round(in_c(shared, strategy, rounds), 1),
+                }
+                # The twin takes no part in the C table's compare-and-swap: measured alone.
+                row["twin_ns_from_python"] = round(
+                    from_python(twin, strategy, max(rounds // 50, 200)), 1)
+                row["shared_over_private_in_c"] = round(
+                    row["shared_ns_in_c"] / row["private_ns_in_c"], 1)
+                row["shared_over_private_from_python"] = round(
+                    row["shared_ns_from_python"] / row["private_ns_from_python"], 1)
+            finally:
+                twin.close()
+                shared.close()
+                shared.unlink()
+            row["contended"] = contended(n, strategy, rounds)
+            results.append(row)
+    print(json.dumps({"machine": platform.processor() or platform.machine(),
+                      "cpus": len(os.sched_getaffinity(0)),
+                      "python": platform.python_version(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
