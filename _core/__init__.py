@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from tritonmesh._core._outstanding_py import MAX_EXTERNAL
 from tritonmesh._core._outstanding_py import OutstandingTable as PyOutstandingTable
 from tritonmesh._core._work_py import SERVICE_MIN_SAMPLES
 from tritonmesh._core._work_py import WorkTable as PyWorkTable
 
 __all__ = [
+    "MAX_EXTERNAL",
     "NO_EXTENSIONS",
     "SERVICE_MIN_SAMPLES",
     "COutstandingTable",
