@@ -180,8 +180,9 @@ class WorkTable:
             slot = len(self._state)
             for ints in (self._count, self._state, self._apos, self._lsamples):
                 ints.append(0)
-            for floats in (self._work, self._ext, self._xwork, self._mcost, self._estimate, self._last, self._weight, self._ln,
-                           self._lx, self._ly, self._lxx, self._lxy):
+            for floats in (self._work, self._ext, self._xwork, self._mcost, self._estimate,
+                           self._last, self._weight, self._ln, self._lx, self._ly, self._lxx,
+                           self._lxy):
                 floats.append(0.0)
             self._apos[slot] = -1
         self._count[slot] = 0

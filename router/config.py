@@ -22,7 +22,10 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from tritonmesh.loadconfig import LoadReportConfig
 
 __all__ = [
     "AuthConfig",
@@ -145,6 +148,8 @@ class VariantConfig:
     discovery: DnsDiscovery | None = None
     # Data path under faults: a ModelInfer attempt gets at most this long upstream; None: off.
     per_try_timeout_s: float | None = None
+    # Triton's own load blended into picks (tritonmesh.loadreport); None: local counts only.
+    load_report: LoadReportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -383,7 +388,7 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
                        "dispatch_ahead_s", "upstream_tls", "discovery",
-                       "per_try_timeout_s"}, where)
+                       "per_try_timeout_s", "load_report"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -464,7 +469,14 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         discovery=discovery,
         per_try_timeout_s=None if data.get("per_try_timeout_s") is None
         else _weight(data["per_try_timeout_s"], f"{where}per_try_timeout_s"),
+        load_report=_load_report(data.get("load_report"), f"{where}load_report"),
     )
+
+
+def _load_report(data: Any, key: str) -> LoadReportConfig | None:
+    from tritonmesh.loadconfig import parse_load_report  # it imports this module's helpers
+
+    return parse_load_report(data, key)
 
 
 def _discovery(data: Any, key: str) -> DnsDiscovery:

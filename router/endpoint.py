@@ -30,6 +30,7 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
     """Start every variant's local workers, then the router; stop both on exit."""
     async with contextlib.AsyncExitStack() as stack:
         instances = {v.name: list(v.instances) for v in config.variants}
+        metrics: dict[str, str] = {}  # local workers' metrics ports, for load reports
         for variant in config.variants:
             if variant.local_workers is None:
                 continue
@@ -42,7 +43,8 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
                 restart=True,
             ))
             instances[variant.name].extend(pool.addresses)
-        router = Router(config, instances, seed=seed)
+            metrics.update((w.address, f"{w.host}:{w.metrics_port}") for w in pool.workers)
+        router = Router(config, instances, seed=seed, metrics_addresses=metrics)
         await router.start()
         stack.push_async_callback(router.stop)
         yield router

@@ -37,8 +37,9 @@ from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker, probe_ready
 from tritonmesh.housekeeping import Housekeeper
+from tritonmesh.loadreport import LoadReporter
 from tritonmesh.logfilter import quiet_client_gone
-from tritonmesh.metrics import BalancerCollector, DiscoveryCollector
+from tritonmesh.metrics import BalancerCollector, DiscoveryCollector, LoadReportCollector
 from tritonmesh.proxy import Proxy
 from tritonmesh.strict import StrictRegistrar
 from tritonmesh.tls import ServerCertificates
@@ -82,13 +83,17 @@ class Router:
     """One endpoint: its variants' instances behind one Triton-compatible gRPC port.
 
     ``instances`` maps each variant name to the Triton gRPC addresses behind it (static
-    ones from the config plus any local workers already started by the caller).
+    ones from the config plus any local workers already started by the caller);
+    ``metrics_addresses`` maps such an address to its Triton's metrics HOST:PORT, where
+    known (local workers), for variants with ``load_report``.
     """
 
     def __init__(self, config: EndpointConfig, instances: Mapping[str, Sequence[str]],
-                 *, seed: int | None = None):
+                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None):
         self.config = config
         self._instances = instances
+        self._metrics_addresses = metrics_addresses or {}
+        self.load_reporters: list[LoadReporter] = []
         self._seed = seed
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
@@ -157,6 +162,12 @@ class Router:
         await self._discover(balancer)
         await self.health.check_once()
         self.health.start()
+        for variant in balancer.variants:
+            if variant.config.load_report is not None:
+                reporter = LoadReporter(variant, variant.config.load_report,
+                                        self._metrics_addresses)
+                self.load_reporters.append(reporter)
+                reporter.start()
         self.housekeeper.start()
         await server.start()
         if self.admin_server is not None:
@@ -233,6 +244,7 @@ class Router:
         registry = CollectorRegistry(auto_describe=True)
         registry.register(BalancerCollector(balancer))
         registry.register(DiscoveryCollector(self.discoveries))
+        registry.register(LoadReportCollector(self.load_reporters))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)
         self._metrics_server = server
@@ -245,6 +257,8 @@ class Router:
         """
         for discovery in self.discoveries:
             await discovery.stop()
+        for reporter in self.load_reporters:
+            await reporter.stop()
         if self.health is not None:
             await self.health.stop()
         if self.balancer is not None:
