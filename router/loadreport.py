@@ -266,14 +266,14 @@ class LoadReporter(Chore):
         self.variant.table.set_external(instance.slot, load.external)
 
     def _go_stale(self, load: InstanceLoad, window: float) -> None:
-        load.stale = True
-        load.external = 0.0
         instance = load.instance
+        if instance.state != "REMOVED" and self.variant.instances[instance.slot] is instance:
+            self.variant.table.set_external(instance.slot, 0.0)
+        load.external = 0.0
         log.warning("load report of %s (%s): no good poll for %.1f s (%s); routing on local "
                     "counts there", instance.address, load.client.address, window,
                     load.last_error)
-        if instance.state != "REMOVED" and self.variant.instances[instance.slot] is instance:
-            self.variant.table.set_external(instance.slot, 0.0)
+        load.stale = True  # last: the scrape thread reads it
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

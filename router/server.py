@@ -198,6 +198,7 @@ class Router:
             options=(("grpc.so_reuseport", 0),), interceptors=interceptors)
         self.admin_service = AdminService(balancer, self.config.instance_networks,
                                           self.config.health_check.timeout_s)
+        self.admin_service.load_reporters = self.load_reporters
         strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
         tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

@@ -7,9 +7,12 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,6 +212,15 @@ def test_unreachable_metrics_fall_back_to_local_counts(
             in text)
     assert (f'tritonmesh_instance_external_requests{{instance="{t1}",variant="AllTraffic"}} 0.0'
             in text)
+
+    status = subprocess.run([str(Path(sys.executable).parent / "tritonmesh"), "status",
+                             "--address", handle.admin_address],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    rows = {line.split()[1]: line.split() for line in status.stdout.splitlines()
+            if line.strip()[:1].isdigit()}
+    assert rows[t1][-2:] == ["0.0", "stale"] and rows[t2][-1] == "ok", status.stdout
+    assert "external report" in " ".join(status.stdout.split()), status.stdout
 
     even = _probe(handle.address, handle.instances())
     assert 30 <= even[t1] <= 70, even  # Triton 1 is still loaded; this router cannot see it
