@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tritonmesh.config import ConfigError, _expect, _no_unknown, _positive_int, _weight
+from tritonmesh.config import ConfigError, _address, _expect, _no_unknown, _positive_int, _weight
 
 __all__ = ["LoadReportConfig", "parse_load_report"]
 
@@ -15,21 +15,23 @@ __all__ = ["LoadReportConfig", "parse_load_report"]
 # metrics stays well under a MiB. Anything larger is not a metrics page worth reading.
 _MAX_RESPONSE_BYTES: Final = 1 << 20
 _KEYS: Final = frozenset({"interval_s", "metrics_port", "stale_after_intervals", "timeout_s",
-                          "max_response_bytes"})
+                          "max_response_bytes", "metrics_addresses"})
 
 
 @dataclass(frozen=True)
 class LoadReportConfig:
     """Poll each instance's Triton metrics every ``interval_s`` and count the requests it
     holds that this router did not send; ``metrics_port`` on the instance's host, unless
-    the router was told the address (local workers know theirs). An instance with no good
-    poll for ``stale_after_intervals`` intervals falls back to local counts."""
+    ``metrics_addresses`` names it (instance HOST:PORT -> metrics HOST:PORT) or the router
+    was told (local workers know theirs). An instance with no good poll for
+    ``stale_after_intervals`` intervals falls back to local counts."""
 
     interval_s: float = 0.2
     metrics_port: int = 8002
     stale_after_intervals: int = 5
     timeout_s: float = 1.0  # one poll, connecting included
     max_response_bytes: int = _MAX_RESPONSE_BYTES
+    metrics_addresses: tuple[tuple[str, str], ...] = ()
 
 
 def parse_load_report(data: Any, key: str) -> LoadReportConfig | None:
@@ -56,4 +58,8 @@ def parse_load_report(data: Any, key: str) -> LoadReportConfig | None:
                          f"{key}.max_response_bytes")
     if size < 1024:
         raise ConfigError(f"{key}.max_response_bytes: must be at least 1024, got {size}")
-    return LoadReportConfig(interval, port, stale, timeout, size)
+    where = f"{key}.metrics_addresses"
+    pairs = tuple(
+        (_address(instance, f"{where} key {instance!r}"), _address(metrics, f"{where}.{instance}"))
+        for instance, metrics in _expect(data.get("metrics_addresses", {}), dict, where).items())
+    return LoadReportConfig(interval, port, stale, timeout, size, pairs)

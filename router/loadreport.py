@@ -212,7 +212,8 @@ class LoadReporter(Chore):
                  metrics_addresses: Mapping[str, str] | None = None):
         self.variant = variant
         self.spec = spec
-        self._addresses = dict(metrics_addresses or {})
+        # The config's names win over what the router was told.
+        self._addresses = {**(metrics_addresses or {}), **dict(spec.metrics_addresses)}
         self.loads: dict[Instance, InstanceLoad] = {}
 
     def metrics_address(self, instance: Instance) -> str:

@@ -324,6 +324,9 @@ def test_metrics_client_reads_chunked_pages_and_refuses_errors(loop_thread: Loop
     ({"timeout_s": -1}, "load_report.timeout_s: must be a positive number"),
     ({"interval": 0.1}, "load_report.interval: unknown key"),
     ("yes", "load_report: expected a mapping"),
+    ({"metrics_addresses": ["a"]}, "load_report.metrics_addresses: expected a mapping"),
+    ({"metrics_addresses": {"h:1": "h"}}, "load_report.metrics_addresses.h:1: expected HOST:PORT"),
+    ({"metrics_addresses": {"h": "h:2"}}, "load_report.metrics_addresses key 'h': expected"),
 ])
 def test_load_report_config_errors_name_the_key(value: Any, message: str) -> None:
     data = {"variants": [{"name": "v", "instances": ["127.0.0.1:8001"], "load_report": value}]}
@@ -338,5 +341,21 @@ def test_load_report_config_defaults() -> None:
 
     assert variant(True).variants[0].load_report == LoadReportConfig()
     assert variant(False).variants[0].load_report is None
-    got = variant({"interval_s": 0.25, "metrics_port": 9002}).variants[0].load_report
-    assert got == LoadReportConfig(interval_s=0.25, metrics_port=9002)
+    got = variant({"interval_s": 0.25, "metrics_port": 9002,
+                   "metrics_addresses": {"10.0.0.1:8001": "10.0.0.1:9100"}}).variants[0].load_report
+    assert got == LoadReportConfig(interval_s=0.25, metrics_port=9002,
+                                   metrics_addresses=(("10.0.0.1:8001", "10.0.0.1:9100"),))
+
+
+def test_metrics_address_from_config_then_router_then_host() -> None:
+    spec = LoadReportConfig(metrics_port=9100,
+                            metrics_addresses=(("10.0.0.1:8001", "10.0.0.9:9000"),))
+    reporter = LoadReporter(None, spec, {"10.0.0.1:8001": "ignored:1",  # type: ignore[arg-type]
+                                         "10.0.0.2:8001": "10.0.0.2:7000"})
+
+    def at(address: str) -> str:
+        return reporter.metrics_address(dataclasses.make_dataclass("I", ["address"])(address))
+
+    assert at("10.0.0.1:8001") == "10.0.0.9:9000"  # the config names it
+    assert at("10.0.0.2:8001") == "10.0.0.2:7000"  # a local worker the router started
+    assert at("[fd00::3]:8001") == "[fd00::3]:9100"  # anything else: metrics_port there
