@@ -110,6 +110,21 @@ class OutstandingTable:
             The slot, or -1 when no slot is pickable.
         """
 
+    def pick_under(self, limit: int) -> int:
+        """LEAST_OUTSTANDING_REQUESTS among the pickable slots with fewer than ``limit``
+        requests outstanding (the local count; external load does not fill a slot).
+
+        For late binding's second try when the least loaded slot is full: with external
+        load, a slot with room may carry more load than a full one. A linear scan; ties are
+        broken uniformly at random. Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when every pickable slot is at ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+
     def pick_random(self) -> int:
         """RANDOM (SageMaker's default): a slot with probability proportional to its weight.
 

@@ -441,6 +441,35 @@ cdef class OutstandingTable:
             self.check()
         return slot
 
+    cpdef Py_ssize_t pick_under(self, int64_t limit) except -2:
+        """LOR among the pickable slots under ``limit`` (local counts); -1 if none."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        cdef Py_ssize_t i, slot, best = -1, ties = 0
+        cdef int64_t count
+        cdef double load, weight, best_load = 0.0, best_weight = 1.0
+        for i in range(self._navail):
+            slot = self._avail[i]
+            count = self._count[slot]
+            if count >= limit:
+                continue
+            load = <double>(count + self._ext[slot] + 1)
+            weight = self._weight[slot]
+            if best < 0 or load * best_weight < best_load * weight:
+                best = slot
+                best_load = load
+                best_weight = weight
+                ties = 1
+            elif load * best_weight == best_load * weight:
+                ties += 1
+                if self._below(ties) == 0:
+                    best = slot
+        if best >= 0:
+            self._bump(best)
+            if TRITONMESH_DEBUG:
+                self.check()
+        return best
+
     cpdef Py_ssize_t pick_random(self) except -2:
         """RANDOM (SageMaker's default): probability proportional to weight; -1 if none."""
         cdef double total = 0.0, r

@@ -403,6 +403,42 @@ class OutstandingTable:
         self._bump(slot)
         return slot
 
+    def pick_under(self, limit: int) -> int:
+        """LEAST_OUTSTANDING_REQUESTS among the pickable slots with fewer than ``limit``
+        requests outstanding (the local count; external load does not fill a slot).
+
+        For late binding's second try when the least loaded slot is full: with external
+        load, a slot with room may carry more load than a full one. A linear scan; ties are
+        broken uniformly at random (reservoir sampling). Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when every pickable slot is at ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        best = -1
+        best_load = 0
+        best_weight = 1.0
+        ties = 0
+        for slot in self._avail:
+            count = self._count[slot]
+            if count >= limit:
+                continue
+            load = count + self._ext[slot] + 1
+            weight = self._weight[slot]
+            if best < 0 or load * best_weight < best_load * weight:
+                best, best_load, best_weight, ties = slot, load, weight, 1
+            elif load * best_weight == best_load * weight:
+                ties += 1
+                if self._below(ties) == 0:
+                    best = slot
+        if best >= 0:
+            self._bump(best)
+        return best
+
     def pick_random(self) -> int:
         """RANDOM (SageMaker's default): a slot with probability proportional to its weight.
 

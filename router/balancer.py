@@ -16,7 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from tritonmesh._core import OutstandingTable, WorkTable
 from tritonmesh.config import QueueOrder, RetryConfig, RoutingStrategy, VariantConfig, WorkHint
@@ -395,11 +395,10 @@ class Variant:
             return None
         limit = self.limit
         if limit is not None and self.table.outstanding(slot) > limit:
-            # The strategy's choice is full; the least loaded instance may not be.
+            # The strategy's choice is full; the least loaded instance with room takes it.
             self.table.release(slot)
-            slot = self.table.pick()
-            if self.table.outstanding(slot) > limit:
-                self.table.release(slot)
+            slot = cast(OutstandingTable, self.table).pick_under(limit)
+            if slot < 0:
                 return None
         return self.instances[slot]
 

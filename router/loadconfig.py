@@ -15,7 +15,7 @@ __all__ = ["LoadReportConfig", "parse_load_report"]
 # metrics stays well under a MiB. Anything larger is not a metrics page worth reading.
 _MAX_RESPONSE_BYTES: Final = 1 << 20
 _KEYS: Final = frozenset({"interval_s", "metrics_port", "stale_after_intervals", "timeout_s",
-                          "max_response_bytes", "metrics_addresses"})
+                          "max_response_bytes", "metrics_addresses", "executing_window_s"})
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class LoadReportConfig:
     timeout_s: float = 1.0  # one poll, connecting included
     max_response_bytes: int = _MAX_RESPONSE_BYTES
     metrics_addresses: tuple[tuple[str, str], ...] = ()
+    # Little's law over Triton's compute-time counter, over about this long.
+    executing_window_s: float = 1.0
 
 
 def parse_load_report(data: Any, key: str) -> LoadReportConfig | None:
@@ -58,8 +60,13 @@ def parse_load_report(data: Any, key: str) -> LoadReportConfig | None:
                          f"{key}.max_response_bytes")
     if size < 1024:
         raise ConfigError(f"{key}.max_response_bytes: must be at least 1024, got {size}")
+    window = _weight(data.get("executing_window_s", default.executing_window_s),
+                     f"{key}.executing_window_s")
+    if window < interval:
+        raise ConfigError(f"{key}.executing_window_s: must be at least interval_s ({interval}), "
+                          f"got {window!r}")
     where = f"{key}.metrics_addresses"
     pairs = tuple(
         (_address(instance, f"{where} key {instance!r}"), _address(metrics, f"{where}.{instance}"))
         for instance, metrics in _expect(data.get("metrics_addresses", {}), dict, where).items())
-    return LoadReportConfig(interval, port, stale, timeout, size, pairs)
+    return LoadReportConfig(interval, port, stale, timeout, size, pairs, window)

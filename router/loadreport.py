@@ -6,10 +6,11 @@ Triton metrics page (Prometheus text) every ``interval_s``:
 
 * queued: ``nv_inference_pending_request_count``, a gauge per model;
 * executing: Triton 2.51 has no gauge for it, but ``nv_inference_compute_infer_duration_us``
-  counts the microseconds requests spent executing, so its increase over the interval,
-  divided by the interval, is the mean number executing (Little's law). Triton adds a
-  request's time when it ends: for requests much shorter than the interval that is the
-  mean; for long ones (a generation) it arrives late and in a lump.
+  counts the microseconds requests spent executing, so its increase over a window, divided
+  by the window, is the mean number executing (Little's law). Triton adds a request's time
+  when it ends, in one lump: over one 100 ms interval a 400 ms request that just ended reads
+  as four executing, so the window is ``executing_window_s`` (the last second's polls by
+  default), long against typical requests; still, a long generation shows up late.
 
 Summed over the variant's models, minus what this router has outstanding there (exact,
 local), floored at 0, that is the load other replicas put there: the instance's *external*
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
@@ -184,8 +186,8 @@ class MetricsClient:
 class InstanceLoad:
     """One instance's load report: the last external load set, and its freshness."""
 
-    __slots__ = ("client", "external", "failures", "instance", "last_at", "last_compute_us",
-                 "last_error", "last_good", "polls", "stale")
+    __slots__ = ("client", "compute", "external", "failures", "instance", "last_error",
+                 "last_good", "polls", "stale")
 
     def __init__(self, instance: Instance, client: MetricsClient, now: float):
         self.instance = instance
@@ -193,8 +195,8 @@ class InstanceLoad:
         self.external = 0.0
         self.stale = False
         self.last_good = now  # a never-reachable page turns stale after the same window
-        self.last_at = 0.0  # when last_compute_us was read; 0.0: not yet
-        self.last_compute_us = 0.0
+        # (poll time, compute-time counter) of the good polls within the executing window.
+        self.compute: deque[tuple[float, float]] = deque()
         self.polls = 0
         self.failures = 0
         self.last_error = ""
@@ -251,9 +253,15 @@ class LoadReporter(Chore):
             return
         now = loop.time()
         executing = 0.0
-        if load.last_at and triton.compute_us >= load.last_compute_us and now > load.last_at:
-            executing = (triton.compute_us - load.last_compute_us) / ((now - load.last_at) * 1e6)
-        load.last_compute_us, load.last_at = triton.compute_us, now
+        compute = load.compute
+        if compute and triton.compute_us < compute[-1][1]:
+            compute.clear()  # the counter went back: Triton restarted
+        while len(compute) > 1 and now - compute[1][0] >= self.spec.executing_window_s:
+            compute.popleft()
+        if compute and now > compute[0][0]:
+            since, counted = compute[0]
+            executing = (triton.compute_us - counted) / ((now - since) * 1e6)
+        compute.append((now, triton.compute_us))
         if load.stale:
             log.info("load report of %s (%s): reporting again", load.instance.address,
                      load.client.address)

@@ -397,6 +397,22 @@ def test_pick_two_compares_external_load(table_cls: Any) -> None:
     assert all(t.pick_two() == a for _ in range(20))
 
 
+def test_pick_under_a_limit_reads_local_counts_and_compares_load(table_cls: Any) -> None:
+    t = checked(table_cls(seed=25))
+    a, b, c = t.add(), t.add(), t.add(2.0)
+    t.acquire(a)
+    t.set_external(b, 5)
+    t.set_external(c, 9)
+    assert t.pick() == a  # the least loaded overall (1 + 0 against 5 and 9 / 2)...
+    t.release(a)
+    assert t.pick_under(1) == c  # ...is full at 1: c's (0 + 9 + 1) / 2 beats b's 0 + 5 + 1
+    assert t.pick_under(1) == b
+    assert t.pick_under(1) == -1  # every slot holds one request of this router's
+    assert t.pick_under(2) == a
+    with pytest.raises(ValueError, match="limit"):
+        t.pick_under(0)
+
+
 def test_random_and_round_robin_ignore_external_load(table_cls: Any) -> None:
     t = checked(table_cls(seed=24))
     a, b = t.add(), t.add()
@@ -416,7 +432,7 @@ OPS = st.lists(st.tuples(
     st.sampled_from(["pick", "pick", "pick_random", "pick_round_robin", "pick_two",
                      "release", "release", "release", "acquire", "add", "remove",
                      "set_weight", "set_available", "weight", "outstanding", "is_available",
-                     "set_external", "set_external", "external"]),
+                     "set_external", "set_external", "external", "pick_under"]),
     st.integers(-1, 11),
     st.one_of(WEIGHTS, st.just(0.0)),
     st.booleans(),
@@ -439,6 +455,8 @@ def _apply(t: Any, ops: list[Op]) -> list[Any]:
                 result = t.set_weight(slot, weight)
             elif name == "set_available":
                 result = t.set_available(slot, flag)
+            elif name == "pick_under":  # the slot field as the limit: -1 and 0 are refused
+                result = t.pick_under(slot)
             elif name == "set_external":  # 0, 1.5 (rounds up), 3, 6, 9; -1.5 is refused
                 result = t.set_external(slot, weight * 3 * (1 if flag else -1))
             elif name in PICKS:

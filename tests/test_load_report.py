@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, RouterHandle, generate_inputs, make_config
+from harness import LongStream, LoopThread, RouterHandle, generate_inputs, make_config
 from tritonmesh.balancer import Instance
 from tritonmesh.config import ConfigError, EndpointConfig, parse_config
 from tritonmesh.loadconfig import LoadReportConfig
@@ -226,6 +226,31 @@ def test_unreachable_metrics_fall_back_to_local_counts(
     assert 30 <= even[t1] <= 70, even  # Triton 1 is still loaded; this router cannot see it
 
 
+@pytest.mark.triton
+def test_late_binding_takes_the_instance_with_room_whatever_its_external_load(
+        make_router: Any, loop_thread: LoopThread) -> None:
+    """max_concurrency_per_instance reads local counts: the least loaded instance being
+    full must not make a request wait while another, busier elsewhere, has room here."""
+    router = make_router(workers=2, max_concurrency=1)
+    table = router.balancer.variants[0].table
+    first, second = router.instances()
+
+    async def report(instance: Instance, load: float) -> None:
+        table.set_external(instance.slot, load)
+
+    loop_thread.run(report(second, 5))  # as a load report would: another replica's requests
+    busy = LongStream(router.address, max_tokens=1000)  # 5 s on the least loaded: first
+    try:
+        assert (first.outstanding, second.outstanding) == (1, 0)
+        with grpcclient.InferenceServerClient(router.address) as client:
+            result = client.infer("generate_unary", generate_inputs(3), client_timeout=3)
+        assert [int(v) for v in result.as_numpy("TOKENS")] == [0, 1, 2]
+        assert (first.requests, second.requests) == (0, 1)
+        assert not router.balancer.variants[0].waiters
+    finally:
+        busy.stop()
+
+
 # -- the metrics page and its client, without Triton ----------------------------------------
 
 PAGE = b"""# HELP nv_inference_pending_request_count Instantaneous number of pending requests.
@@ -324,6 +349,8 @@ def test_metrics_client_reads_chunked_pages_and_refuses_errors(loop_thread: Loop
     ({"timeout_s": -1}, "load_report.timeout_s: must be a positive number"),
     ({"interval": 0.1}, "load_report.interval: unknown key"),
     ("yes", "load_report: expected a mapping"),
+    ({"executing_window_s": 0.1, "interval_s": 0.2},
+     "load_report.executing_window_s: must be at least interval_s"),
     ({"metrics_addresses": ["a"]}, "load_report.metrics_addresses: expected a mapping"),
     ({"metrics_addresses": {"h:1": "h"}}, "load_report.metrics_addresses.h:1: expected HOST:PORT"),
     ({"metrics_addresses": {"h": "h:2"}}, "load_report.metrics_addresses key 'h': expected"),
