@@ -251,6 +251,27 @@ def test_late_binding_takes_the_instance_with_room_whatever_its_external_load(
         busy.stop()
 
 
+@pytest.mark.triton
+def test_work_ahead_counts_other_replicas_work(make_router: Any, loop_thread: LoopThread) -> None:
+    """LEAST_OUTSTANDING_WORK learns seconds per unit from the work a request found ahead of
+    it; other replicas' requests in Triton's queue are ahead of it too, or the instance they
+    load would read as slow, and be avoided twice (its external work and its estimate)."""
+    from tritonmesh.config import WorkHint
+
+    hints = {m: WorkHint(input="MAX_TOKENS") for m in ("generate", "generate_unary")}
+    router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=2, work_hints=hints)
+    work = router.balancer.variants[0].work
+    assert work is not None
+    loaded, _ = router.instances()
+
+    async def report() -> None:
+        work.set_external(loaded.slot, 3)
+
+    loop_thread.run(report())
+    assert loaded.work_ahead() == 3.0  # three requests of the mean cost (1 while it had none)
+    assert loaded.outstanding == 0
+
+
 # -- the metrics page and its client, without Triton ----------------------------------------
 
 PAGE = b"""# HELP nv_inference_pending_request_count Instantaneous number of pending requests.
