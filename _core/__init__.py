@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from tritonmesh._core._outstanding_py import MAX_EXTERNAL
 from tritonmesh._core._outstanding_py import OutstandingTable as PyOutstandingTable
 from tritonmesh._core._segment import unlink_stale
 from tritonmesh._core._shared_py import SharedTable as PySharedTable
@@ -21,6 +22,7 @@ from tritonmesh._core._work_py import SERVICE_MIN_SAMPLES
 from tritonmesh._core._work_py import WorkTable as PyWorkTable
 
 __all__ = [
+    "MAX_EXTERNAL",
     "NO_EXTENSIONS",
     "SERVICE_MIN_SAMPLES",
     "COutstandingTable",

@@ -12,6 +12,11 @@ cdef enum:
 
 STATE_NAMES = ("FREE", "ACTIVE", "UNAVAILABLE", "REMOVED")
 
+cdef enum:
+    _MAX_EXTERNAL = 65536  # the largest external load a slot takes (the twin's MAX_EXTERNAL)
+
+MAX_EXTERNAL = _MAX_EXTERNAL
+
 
 cdef inline uint64_t splitmix64(uint64_t x) noexcept nogil:
     x += <uint64_t>0x9E3779B97F4A7C15

@@ -4,6 +4,8 @@ The pure-Python twin, ``_outstanding_py.OutstandingTable``, has the same API and
 same slots for the same seed and operations; its module docstring describes the layout.
 """
 
+MAX_EXTERNAL: int
+
 class OutstandingTable:
     """Outstanding-request counts per upstream slot, and the picks that read them.
 
@@ -78,8 +80,27 @@ class OutstandingTable:
             IndexError: ``slot`` is not in the table.
         """
 
+    def set_external(self, slot: int, load: float) -> None:
+        """Set the requests ``slot``'s instance holds that this table did not send.
+
+        Picks compare ``outstanding + external``; ``outstanding`` stays the exact local
+        count. Stored as the nearest integer (halves round up). O(change).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``load`` is not a finite number in [0, MAX_EXTERNAL].
+        """
+
+    def external(self, slot: int) -> int:
+        """``slot``'s external load, as last set (0 unless set).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
+
     def pick(self) -> int:
-        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + 1) / weight.
+        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + external + 1) /
+        weight.
 
         Ties are broken uniformly at random over every tied slot, across weights too.
         Counts the pick as outstanding (release it when the request ends). O(number of
@@ -87,6 +108,21 @@ class OutstandingTable:
 
         Returns:
             The slot, or -1 when no slot is pickable.
+        """
+
+    def pick_under(self, limit: int) -> int:
+        """LEAST_OUTSTANDING_REQUESTS among the pickable slots with fewer than ``limit``
+        requests outstanding (the local count; external load does not fill a slot).
+
+        For late binding's second try when the least loaded slot is full: with external
+        load, a slot with room may carry more load than a full one. A linear scan; ties are
+        broken uniformly at random. Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when every pickable slot is at ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
         """
 
     def pick_random(self) -> int:
@@ -111,7 +147,7 @@ class OutstandingTable:
 
     def pick_two(self) -> int:
         """POWER_OF_TWO_CHOICES: of two distinct uniformly sampled slots, the lower
-        (count + 1) / weight; a fair coin decides ties.
+        (count + external + 1) / weight; a fair coin decides ties.
 
         Counts the pick as outstanding.
 

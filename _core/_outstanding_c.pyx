@@ -21,10 +21,10 @@ include "_common.pxi"
 
 cdef struct WeightClass:
     double weight
-    int32_t* order      # pickable slots sorted by count
+    int32_t* order      # pickable slots sorted by load (count + external)
     Py_ssize_t n
     Py_ssize_t cap
-    int64_t* bstart     # bstart[c]: index of the first slot with count >= c
+    int64_t* bstart     # bstart[c]: index of the first slot with load >= c
     Py_ssize_t blen     # logical length, as the twin's list
     Py_ssize_t bcap
     Py_ssize_t refs
@@ -42,6 +42,7 @@ cdef class OutstandingTable:
     cdef uint64_t _rng
     # per slot
     cdef int64_t* _count
+    cdef int64_t* _ext       # external load (another replica's requests); 0 unless set
     cdef double* _weight
     cdef int32_t* _cls
     cdef uint8_t* _state
@@ -64,6 +65,7 @@ cdef class OutstandingTable:
 
     def __cinit__(self, seed=None):
         self._count = NULL
+        self._ext = NULL
         self._weight = NULL
         self._cls = NULL
         self._state = NULL
@@ -93,6 +95,7 @@ cdef class OutstandingTable:
             PyMem_Free(self._classes[i].bstart)
         PyMem_Free(self._classes)
         PyMem_Free(self._count)
+        PyMem_Free(self._ext)
         PyMem_Free(self._weight)
         PyMem_Free(self._cls)
         PyMem_Free(self._state)
@@ -148,7 +151,7 @@ cdef class OutstandingTable:
 
     cdef int _class_insert(self, Py_ssize_t slot) except -1:
         cdef WeightClass* k = &self._classes[self._cls[slot]]
-        cdef int64_t c = self._count[slot]
+        cdef int64_t c = self._count[slot] + self._ext[slot]
         cdef Py_ssize_t p, j, b
         self._grow_buckets(k, c)
         if k.n + 1 > k.cap:
@@ -169,7 +172,7 @@ cdef class OutstandingTable:
 
     cdef void _class_remove(self, Py_ssize_t slot) noexcept:
         cdef WeightClass* k = &self._classes[self._cls[slot]]
-        cdef int64_t c = self._count[slot]
+        cdef int64_t c = self._count[slot] + self._ext[slot]
         cdef Py_ssize_t n = k.n
         cdef Py_ssize_t b, end
         self._swap(k, self._opos[slot], k.bstart[c + 1] - 1)
@@ -180,27 +183,37 @@ cdef class OutstandingTable:
         k.n -= 1
         self._opos[slot] = -1
 
-    cdef inline int _bump(self, Py_ssize_t slot) except -1:
-        cdef int64_t c = self._count[slot]
+    cdef inline int _up(self, Py_ssize_t slot) except -1:
+        # One bucket up: the slot's load (count + external) is about to grow by one.
+        cdef int64_t c
         cdef WeightClass* k
         if self._opos[slot] >= 0:
+            c = self._count[slot] + self._ext[slot]
             k = &self._classes[self._cls[slot]]
             if k.blen < c + 3:
                 self._grow_buckets(k, c + 1)
             self._swap(k, self._opos[slot], k.bstart[c + 1] - 1)
             k.bstart[c + 1] -= 1
-        self._count[slot] = c + 1
+        return 0
+
+    cdef inline void _down(self, Py_ssize_t slot) noexcept nogil:
+        cdef int64_t c
+        cdef WeightClass* k
+        if self._opos[slot] >= 0:
+            c = self._count[slot] + self._ext[slot]
+            k = &self._classes[self._cls[slot]]
+            self._swap(k, self._opos[slot], k.bstart[c])
+            k.bstart[c] += 1
+
+    cdef inline int _bump(self, Py_ssize_t slot) except -1:
+        self._up(slot)
+        self._count[slot] += 1
         self._total += 1
         return 0
 
     cdef inline void _drop(self, Py_ssize_t slot) noexcept nogil:
-        cdef int64_t c = self._count[slot]
-        cdef WeightClass* k
-        if self._opos[slot] >= 0:
-            k = &self._classes[self._cls[slot]]
-            self._swap(k, self._opos[slot], k.bstart[c])
-            k.bstart[c] += 1
-        self._count[slot] = c - 1
+        self._down(slot)
+        self._count[slot] -= 1
         self._total -= 1
 
     cdef int _avail_add(self, Py_ssize_t slot) except -1:
@@ -277,6 +290,8 @@ cdef class OutstandingTable:
                 cap = self._slot_cap
                 self._count = <int64_t*>_grow(self._count, &cap, slot + 1, sizeof(int64_t))
                 cap = self._slot_cap
+                self._ext = <int64_t*>_grow(self._ext, &cap, slot + 1, sizeof(int64_t))
+                cap = self._slot_cap
                 self._weight = <double*>_grow(self._weight, &cap, slot + 1, sizeof(double))
                 cap = self._slot_cap
                 self._cls = <int32_t*>_grow(self._cls, &cap, slot + 1, sizeof(int32_t))
@@ -292,6 +307,7 @@ cdef class OutstandingTable:
             self._apos[slot] = -1
             self._nslots += 1
         self._count[slot] = 0
+        self._ext[slot] = 0
         self._weight[slot] = w
         self._cls[slot] = <int32_t>self._class_for(w)
         self._state[slot] = ACTIVE
@@ -358,10 +374,33 @@ cdef class OutstandingTable:
         self._slot(slot)
         return self._state[slot] == ACTIVE
 
+    cpdef void set_external(self, Py_ssize_t slot, double load) except *:
+        """Set the slot's external load (rounded to the nearest integer); picks compare
+        outstanding + external."""
+        self._slot(slot)
+        if not (0.0 <= load <= _MAX_EXTERNAL):
+            raise ValueError(f"external load must be a number in [0, {_MAX_EXTERNAL}], "
+                             f"got {load!r}")
+        cdef int64_t target = <int64_t>(load + 0.5)
+        self._grow_buckets(&self._classes[self._cls[slot]], self._count[slot] + target)
+        while self._ext[slot] < target:
+            self._up(slot)
+            self._ext[slot] += 1
+        while self._ext[slot] > target:
+            self._down(slot)
+            self._ext[slot] -= 1
+        self._debug_check()
+
+    cpdef int64_t external(self, Py_ssize_t slot) except -1:
+        """The slot's external load, as last set (0 unless set)."""
+        self._slot(slot)
+        return self._ext[slot]
+
     # -- picks -------------------------------------------------------------------------
 
     cpdef Py_ssize_t pick(self) except -2:
-        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + 1) / weight.
+        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (load + 1) / weight, the
+        load being count + external.
 
         Ties are broken uniformly at random over every tied slot. Counts the pick as
         outstanding. Returns -1 when no slot can be picked.
@@ -369,13 +408,14 @@ cdef class OutstandingTable:
         cdef WeightClass* best = NULL
         cdef WeightClass* k
         cdef int64_t best_min = 0, m
-        cdef Py_ssize_t tied = 0, ties, i, slot
+        cdef Py_ssize_t tied = 0, ties, i, slot, first
         cdef double lhs, rhs
         for i in range(self._nclasses):
             k = &self._classes[i]
             if k.n == 0:
                 continue
-            m = self._count[k.order[0]]
+            first = k.order[0]
+            m = self._count[first] + self._ext[first]
             if best == NULL:
                 best = k
                 best_min = m
@@ -400,6 +440,35 @@ cdef class OutstandingTable:
         if TRITONMESH_DEBUG:
             self.check()
         return slot
+
+    cpdef Py_ssize_t pick_under(self, int64_t limit) except -2:
+        """LOR among the pickable slots under ``limit`` (local counts); -1 if none."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        cdef Py_ssize_t i, slot, best = -1, ties = 0
+        cdef int64_t count
+        cdef double load, weight, best_load = 0.0, best_weight = 1.0
+        for i in range(self._navail):
+            slot = self._avail[i]
+            count = self._count[slot]
+            if count >= limit:
+                continue
+            load = <double>(count + self._ext[slot] + 1)
+            weight = self._weight[slot]
+            if best < 0 or load * best_weight < best_load * weight:
+                best = slot
+                best_load = load
+                best_weight = weight
+                ties = 1
+            elif load * best_weight == best_load * weight:
+                ties += 1
+                if self._below(ties) == 0:
+                    best = slot
+        if best >= 0:
+            self._bump(best)
+            if TRITONMESH_DEBUG:
+                self.check()
+        return best
 
     cpdef Py_ssize_t pick_random(self) except -2:
         """RANDOM (SageMaker's default): probability proportional to weight; -1 if none."""
@@ -453,8 +522,8 @@ cdef class OutstandingTable:
                 j += 1
             a = self._avail[i]
             b = self._avail[j]
-            lhs = (self._count[a] + 1) * self._weight[b]
-            rhs = (self._count[b] + 1) * self._weight[a]
+            lhs = (self._count[a] + self._ext[a] + 1) * self._weight[b]
+            rhs = (self._count[b] + self._ext[b] + 1) * self._weight[a]
             if lhs < rhs:
                 slot = a
             elif rhs < lhs:
@@ -524,6 +593,7 @@ cdef class OutstandingTable:
                 continue
             cnt = self._count[slot]
             assert cnt >= 0, f"slot {slot} count {cnt} < 0"
+            assert 0 <= self._ext[slot] <= _MAX_EXTERNAL, f"slot {slot} external out of range"
             total += cnt
             assert (self._opos[slot] >= 0) == (state == ACTIVE), \
                 f"slot {slot} order membership vs state"
@@ -546,8 +616,8 @@ cdef class OutstandingTable:
             k = &self._classes[i]
             assert k.refs == refs[i], f"class {i} refs {k.refs} != {refs[i]}"
             n = k.n
-            counts = [self._count[k.order[j]] for j in range(n)]
-            assert counts == sorted(counts), f"class {i} order not sorted: {counts}"
+            counts = [self._count[k.order[j]] + self._ext[k.order[j]] for j in range(n)]
+            assert counts == sorted(counts), f"class {i} order not sorted by load: {counts}"
             assert k.blen >= (max(counts) + 2 if counts else 2), f"class {i} bstart short"
             for c in range(k.blen):
                 want = sum(1 for x in counts if x < c)

@@ -13,6 +13,14 @@ loaded slots of a class are ``order[0:bstart[min + 1]]``, so a uniformly random
 one among all tied slots is one index away. A binary heap cannot do that: with
 random tie-break keys, slots that lose keep their (large) keys and the winner
 draws a fresh one, so the same slot wins again and again at low load.
+
+External load. A slot may also carry an *external* count (``set_external``): requests
+its instance holds that this table did not send (another router replica's, from
+Triton's load report). The buckets are keyed by the *load*, outstanding + external,
+so LEAST_OUTSTANDING_REQUESTS and POWER_OF_TWO_CHOICES compare both; the outstanding
+count itself stays exact and is what ``outstanding`` answers (and what a concurrency
+limit reads). External is 0 unless set, so nothing changes without load reports.
+Changing it moves the slot one bucket per unit: control-plane work, a few times a second.
 """
 
 from __future__ import annotations
@@ -20,9 +28,12 @@ from __future__ import annotations
 import os
 from typing import Final
 
-__all__ = ["OutstandingTable"]
+__all__ = ["MAX_EXTERNAL", "OutstandingTable"]
 
 _MASK: Final = 0xFFFFFFFFFFFFFFFF
+# The largest external load a slot takes: it sizes a weight class's bucket array, so it
+# is bounded; a report above it is clamped by the caller (tritonmesh.loadreport).
+MAX_EXTERNAL: Final = 65536
 FREE, ACTIVE, UNAVAILABLE, REMOVED = 0, 1, 2, 3
 STATE_NAMES: Final = ("FREE", "ACTIVE", "UNAVAILABLE", "REMOVED")
 
@@ -69,6 +80,7 @@ class OutstandingTable:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
         self._count: list[int] = []
+        self._ext: list[int] = []
         self._weight: list[float] = []
         self._cls: list[int] = []
         self._state: list[int] = []
@@ -127,7 +139,7 @@ class OutstandingTable:
 
     def _class_insert(self, slot: int) -> None:
         k = self._classes[self._cls[slot]]
-        c = self._count[slot]
+        c = self._count[slot] + self._ext[slot]
         self._grow_buckets(k, c)
         p = len(k.order)
         k.order.append(slot)
@@ -142,7 +154,7 @@ class OutstandingTable:
 
     def _class_remove(self, slot: int) -> None:
         k = self._classes[self._cls[slot]]
-        c = self._count[slot]
+        c = self._count[slot] + self._ext[slot]
         bstart = k.bstart
         n = len(k.order)
         # To the end of its own bucket, then across each higher bucket to the very end.
@@ -154,23 +166,30 @@ class OutstandingTable:
         k.order.pop()
         self._opos[slot] = -1
 
-    def _bump(self, slot: int) -> None:
-        c = self._count[slot]
+    def _up(self, slot: int) -> None:
+        # One bucket up: the slot's load (count + external) is about to grow by one.
         if self._opos[slot] >= 0:
+            c = self._count[slot] + self._ext[slot]
             k = self._classes[self._cls[slot]]
             self._grow_buckets(k, c + 1)
             self._swap(k, self._opos[slot], k.bstart[c + 1] - 1)
             k.bstart[c + 1] -= 1
-        self._count[slot] = c + 1
-        self._total += 1
 
-    def _drop(self, slot: int) -> None:
-        c = self._count[slot]
+    def _down(self, slot: int) -> None:
         if self._opos[slot] >= 0:
+            c = self._count[slot] + self._ext[slot]
             k = self._classes[self._cls[slot]]
             self._swap(k, self._opos[slot], k.bstart[c])
             k.bstart[c] += 1
-        self._count[slot] = c - 1
+
+    def _bump(self, slot: int) -> None:
+        self._up(slot)
+        self._count[slot] += 1
+        self._total += 1
+
+    def _drop(self, slot: int) -> None:
+        self._down(slot)
+        self._count[slot] -= 1
         self._total -= 1
 
     def _avail_add(self, slot: int) -> None:
@@ -219,12 +238,14 @@ class OutstandingTable:
         if slot < 0:
             slot = len(self._state)
             self._count.append(0)
+            self._ext.append(0)
             self._weight.append(0.0)
             self._cls.append(-1)
             self._state.append(FREE)
             self._opos.append(-1)
             self._apos.append(-1)
         self._count[slot] = 0
+        self._ext[slot] = 0
         self._weight[slot] = weight
         self._cls[slot] = self._class_for(weight)
         self._state[slot] = ACTIVE
@@ -310,10 +331,44 @@ class OutstandingTable:
         """
         return self._state[self._slot(slot)] == ACTIVE
 
+    def set_external(self, slot: int, load: float) -> None:
+        """Set the requests ``slot``'s instance holds that this table did not send.
+
+        Picks compare ``outstanding + external``; ``outstanding`` stays the exact local
+        count. Stored as the nearest integer (halves round up). O(change).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``load`` is not a finite number in [0, MAX_EXTERNAL].
+        """
+        self._slot(slot)
+        load = float(load)
+        if not 0.0 <= load <= MAX_EXTERNAL:
+            raise ValueError(f"external load must be a number in [0, {MAX_EXTERNAL}], "
+                             f"got {load!r}")
+        target = int(load + 0.5)
+        k = self._classes[self._cls[slot]]
+        self._grow_buckets(k, self._count[slot] + target)
+        while self._ext[slot] < target:
+            self._up(slot)
+            self._ext[slot] += 1
+        while self._ext[slot] > target:
+            self._down(slot)
+            self._ext[slot] -= 1
+
+    def external(self, slot: int) -> int:
+        """``slot``'s external load, as last set (0 unless set).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
+        return self._ext[self._slot(slot)]
+
     # -- picks -------------------------------------------------------------------------
 
     def pick(self) -> int:
-        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + 1) / weight.
+        """LEAST_OUTSTANDING_REQUESTS: the slot with the lowest (count + external + 1) /
+        weight.
 
         Ties are broken uniformly at random over every tied slot, across weights too.
         Counts the pick as outstanding (release it when the request ends). O(number of
@@ -328,7 +383,8 @@ class OutstandingTable:
         for k in self._classes:
             if not k.order:
                 continue
-            m = self._count[k.order[0]]
+            first = k.order[0]
+            m = self._count[first] + self._ext[first]
             if best is None:
                 best, best_min, tied = k, m, k.bstart[m + 1]
                 continue
@@ -346,6 +402,42 @@ class OutstandingTable:
         slot = best.order[self._below(best.bstart[best_min + 1])]
         self._bump(slot)
         return slot
+
+    def pick_under(self, limit: int) -> int:
+        """LEAST_OUTSTANDING_REQUESTS among the pickable slots with fewer than ``limit``
+        requests outstanding (the local count; external load does not fill a slot).
+
+        For late binding's second try when the least loaded slot is full: with external
+        load, a slot with room may carry more load than a full one. A linear scan; ties are
+        broken uniformly at random (reservoir sampling). Counts the pick as outstanding.
+
+        Returns:
+            The slot, or -1 when every pickable slot is at ``limit``.
+
+        Raises:
+            ValueError: ``limit`` is below 1.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        best = -1
+        best_load = 0
+        best_weight = 1.0
+        ties = 0
+        for slot in self._avail:
+            count = self._count[slot]
+            if count >= limit:
+                continue
+            load = count + self._ext[slot] + 1
+            weight = self._weight[slot]
+            if best < 0 or load * best_weight < best_load * weight:
+                best, best_load, best_weight, ties = slot, load, weight, 1
+            elif load * best_weight == best_load * weight:
+                ties += 1
+                if self._below(ties) == 0:
+                    best = slot
+        if best >= 0:
+            self._bump(best)
+        return best
 
     def pick_random(self) -> int:
         """RANDOM (SageMaker's default): a slot with probability proportional to its weight.
@@ -394,7 +486,7 @@ class OutstandingTable:
 
     def pick_two(self) -> int:
         """POWER_OF_TWO_CHOICES: of two distinct uniformly sampled slots, the lower
-        (count + 1) / weight; a fair coin decides ties.
+        (count + external + 1) / weight; a fair coin decides ties.
 
         Counts the pick as outstanding.
 
@@ -413,8 +505,8 @@ class OutstandingTable:
             if j >= i:
                 j += 1
             a, b = avail[i], avail[j]
-            lhs = (self._count[a] + 1) * self._weight[b]
-            rhs = (self._count[b] + 1) * self._weight[a]
+            lhs = (self._count[a] + self._ext[a] + 1) * self._weight[b]
+            rhs = (self._count[b] + self._ext[b] + 1) * self._weight[a]
             if lhs < rhs:
                 slot = a
             elif rhs < lhs:
@@ -504,6 +596,7 @@ class OutstandingTable:
                 continue
             c = self._count[slot]
             assert c >= 0, f"slot {slot} count {c} < 0"
+            assert 0 <= self._ext[slot] <= MAX_EXTERNAL, f"slot {slot} external out of range"
             total += c
             in_order = self._opos[slot] >= 0
             assert in_order == (state == ACTIVE), f"slot {slot} order membership vs state"
@@ -525,8 +618,8 @@ class OutstandingTable:
         for i, k in enumerate(self._classes):
             assert k.refs == refs[i], f"class {i} refs {k.refs} != {refs[i]}"
             n = len(k.order)
-            counts = [self._count[s] for s in k.order]
-            assert counts == sorted(counts), f"class {i} order not sorted: {counts}"
+            counts = [self._count[s] + self._ext[s] for s in k.order]
+            assert counts == sorted(counts), f"class {i} order not sorted by load: {counts}"
             assert len(k.bstart) >= (max(counts) + 2 if counts else 2), f"class {i} bstart short"
             for c, start in enumerate(k.bstart):
                 want = sum(1 for x in counts if x < c)

@@ -106,6 +106,22 @@ class WorkTable:
     def outstanding(self, slot: int) -> int:
         """``slot``'s outstanding count."""
 
+    def set_external(self, slot: int, load: float) -> None:
+        """Set the requests ``slot``'s instance holds that this table did not send; the
+        pick counts them as ``load`` x the mean cost of this table's requests there (last
+        seen when it had any; 1.0 before).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``load`` is not a finite number in [0, MAX_EXTERNAL].
+        """
+
+    def external(self, slot: int) -> float:
+        """``slot``'s external load in requests, as last set (0.0 unless set)."""
+
+    def external_work(self, slot: int) -> float:
+        """``slot``'s external load in units of work, as the pick counts it."""
+
     def work(self, slot: int) -> float:
         """``slot``'s outstanding work: the sum of the costs in flight there."""
 

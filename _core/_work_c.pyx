@@ -39,6 +39,9 @@ cdef class WorkTable:
     # per slot
     cdef int64_t* _count
     cdef double* _work
+    cdef double* _ext        # external requests, as set
+    cdef double* _xwork      # external requests x mean cost
+    cdef double* _mcost      # mean cost of the requests in flight, last seen
     cdef double* _estimate   # seconds per unit of work; 0.0 = no sample yet
     cdef double* _last       # time of the last sample
     cdef double* _weight
@@ -63,6 +66,7 @@ cdef class WorkTable:
     def __cinit__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         self._count = NULL
         self._work = NULL
+        self._ext = self._xwork = self._mcost = NULL
         self._estimate = NULL
         self._last = NULL
         self._weight = NULL
@@ -93,6 +97,9 @@ cdef class WorkTable:
     def __dealloc__(self):
         PyMem_Free(self._count)
         PyMem_Free(self._work)
+        PyMem_Free(self._ext)
+        PyMem_Free(self._xwork)
+        PyMem_Free(self._mcost)
         PyMem_Free(self._estimate)
         PyMem_Free(self._last)
         PyMem_Free(self._weight)
@@ -157,6 +164,12 @@ cdef class WorkTable:
                 cap = self._slot_cap
                 self._work = <double*>_grow(self._work, &cap, slot + 1, sizeof(double))
                 cap = self._slot_cap
+                self._ext = <double*>_grow(self._ext, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._xwork = <double*>_grow(self._xwork, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
+                self._mcost = <double*>_grow(self._mcost, &cap, slot + 1, sizeof(double))
+                cap = self._slot_cap
                 self._estimate = <double*>_grow(self._estimate, &cap, slot + 1, sizeof(double))
                 cap = self._slot_cap
                 self._last = <double*>_grow(self._last, &cap, slot + 1, sizeof(double))
@@ -185,6 +198,9 @@ cdef class WorkTable:
             self._nslots += 1
         self._count[slot] = 0
         self._work[slot] = 0.0
+        self._ext[slot] = 0.0
+        self._xwork[slot] = 0.0
+        self._mcost[slot] = 1.0
         self._estimate[slot] = 0.0
         self._last[slot] = 0.0
         self._ln[slot] = 0.0
@@ -242,10 +258,34 @@ cdef class WorkTable:
         self._slot(slot)
         return self._state[slot] == ACTIVE
 
+    cpdef void set_external(self, Py_ssize_t slot, double load) except *:
+        """Set the slot's external load in requests; the pick counts them as load x the
+        mean cost of this table's requests there."""
+        self._slot(slot)
+        if not (0.0 <= load <= _MAX_EXTERNAL):
+            raise ValueError(f"external load must be a number in [0, {_MAX_EXTERNAL}], "
+                             f"got {load!r}")
+        if self._count[slot] > 0:
+            self._mcost[slot] = self._work[slot] / self._count[slot]
+        self._ext[slot] = load
+        self._xwork[slot] = load * self._mcost[slot]
+        self._debug_check()
+
+    cpdef double external(self, Py_ssize_t slot) except -1.0:
+        """The slot's external load in requests, as last set (0.0 unless set)."""
+        self._slot(slot)
+        return self._ext[slot]
+
+    cpdef double external_work(self, Py_ssize_t slot) except -1.0:
+        """The slot's external load in units of work, as the pick counts it."""
+        self._slot(slot)
+        return self._xwork[slot]
+
     # -- the pick ----------------------------------------------------------------------
 
     cpdef Py_ssize_t pick(self, double cost=1.0, Py_ssize_t limit=0) except -2:
-        """The pickable slot with the lowest (work + cost) * estimate / weight; -1 if none."""
+        """The pickable slot with the lowest (work + external work + cost) * estimate /
+        weight (limit: on the local count); -1 if none."""
         _check_cost(cost)
         cdef Py_ssize_t i, slot, best = -1, ties = 0, n = self._navail, n_known = 0
         cdef double known = 0.0, default, e, score, best_score = float("inf")
@@ -260,7 +300,8 @@ cdef class WorkTable:
             if limit > 0 and self._count[slot] >= limit:
                 continue
             e = self._estimate[slot]
-            score = (self._work[slot] + cost) * (e if e > 0.0 else default) / self._weight[slot]
+            score = (self._work[slot] + self._xwork[slot] + cost) \
+                * (e if e > 0.0 else default) / self._weight[slot]
             if score < best_score:
                 best = slot
                 best_score = score
@@ -427,6 +468,7 @@ cdef class WorkTable:
             total += count
             assert count >= 0, f"slot {slot}: negative count {count}"
             assert self._work[slot] >= 0.0, f"slot {slot}: negative work"
+            assert self._xwork[slot] >= 0.0, f"slot {slot}: negative external work"
             assert count or self._work[slot] == 0.0, f"slot {slot}: work with no requests"
             assert self._estimate[slot] >= 0.0, f"slot {slot}: negative estimate"
             assert state != REMOVED or count > 0, f"removed slot {slot} has no requests"

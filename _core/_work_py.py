@@ -31,6 +31,12 @@ depends on the new request's cost, so no ordering kept between picks can answer 
 Ties (all idle, say) are broken uniformly at random by reservoir sampling. Both
 implementations run the same arithmetic in the same order with the same random
 numbers, so for the same seed and operations they return the same slots.
+
+External load (``set_external``): requests the slot's instance holds that this table did
+not send (another router replica's, from Triton's load report). Triton reports requests,
+not their costs, so they count as that many requests of the mean cost of this table's own
+requests in flight there (last seen when it had any; 1 before): the replicas' traffic is
+one client mix split between them. The pick adds that work to the slot's own; 0 unless set.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from tritonmesh._core._outstanding_py import (
     _MASK,
     ACTIVE,
     FREE,
+    MAX_EXTERNAL,
     REMOVED,
     STATE_NAMES,
     UNAVAILABLE,
@@ -100,6 +107,9 @@ class WorkTable:
         self._lsamples: list[int] = []
         self._count: list[int] = []
         self._work: list[float] = []
+        self._ext: list[float] = []  # external requests, as set
+        self._xwork: list[float] = []  # external requests x mean cost
+        self._mcost: list[float] = []  # mean cost of the requests in flight, last seen
         self._estimate: list[float] = []  # seconds per unit of work; 0.0 = no sample yet
         self._last: list[float] = []  # time of the last sample
         self._weight: list[float] = []
@@ -170,12 +180,15 @@ class WorkTable:
             slot = len(self._state)
             for ints in (self._count, self._state, self._apos, self._lsamples):
                 ints.append(0)
-            for floats in (self._work, self._estimate, self._last, self._weight, self._ln,
-                           self._lx, self._ly, self._lxx, self._lxy):
+            for floats in (self._work, self._ext, self._xwork, self._mcost, self._estimate,
+                           self._last, self._weight, self._ln, self._lx, self._ly, self._lxx,
+                           self._lxy):
                 floats.append(0.0)
             self._apos[slot] = -1
         self._count[slot] = 0
         self._work[slot] = 0.0
+        self._ext[slot] = self._xwork[slot] = 0.0
+        self._mcost[slot] = 1.0
         self._estimate[slot] = 0.0
         self._last[slot] = 0.0
         self._ln[slot] = self._lx[slot] = self._ly[slot] = 0.0
@@ -246,11 +259,46 @@ class WorkTable:
         """
         return self._state[self._slot(slot)] == ACTIVE
 
+    def set_external(self, slot: int, load: float) -> None:
+        """Set the requests ``slot``'s instance holds that this table did not send; the
+        pick counts them as ``load`` x the mean cost of this table's requests there.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+            ValueError: ``load`` is not a finite number in [0, MAX_EXTERNAL].
+        """
+        self._slot(slot)
+        load = float(load)
+        if not 0.0 <= load <= MAX_EXTERNAL:
+            raise ValueError(f"external load must be a number in [0, {MAX_EXTERNAL}], "
+                             f"got {load!r}")
+        if self._count[slot] > 0:
+            self._mcost[slot] = self._work[slot] / self._count[slot]
+        self._ext[slot] = load
+        self._xwork[slot] = load * self._mcost[slot]
+
+    def external(self, slot: int) -> float:
+        """``slot``'s external load in requests, as last set (0.0 unless set).
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
+        return self._ext[self._slot(slot)]
+
+    def external_work(self, slot: int) -> float:
+        """``slot``'s external load in units of work, as the pick counts it.
+
+        Raises:
+            IndexError: ``slot`` is not in the table.
+        """
+        return self._xwork[self._slot(slot)]
+
     # -- the pick ----------------------------------------------------------------------
 
     def pick(self, cost: float = 1.0, limit: int = 0) -> int:
         """LEAST_OUTSTANDING_WORK: the pickable slot with the lowest
-        ``(work + cost) * estimate / weight``, ties broken uniformly at random.
+        ``(work + external work + cost) * estimate / weight``, ties broken uniformly at
+        random. ``limit`` reads the local count only.
 
         Counts the request (one more outstanding, ``cost`` more work) on the slot chosen.
 
@@ -281,7 +329,8 @@ class WorkTable:
             if limit > 0 and self._count[slot] >= limit:
                 continue
             e = estimate[slot]
-            score = (self._work[slot] + cost) * (e if e > 0.0 else default) / self._weight[slot]
+            score = (self._work[slot] + self._xwork[slot] + cost) \
+                * (e if e > 0.0 else default) / self._weight[slot]
             if score < best_score:
                 best = slot
                 best_score = score
@@ -491,6 +540,7 @@ class WorkTable:
             total += count
             assert count >= 0, f"slot {slot}: negative count {count}"
             assert self._work[slot] >= 0.0, f"slot {slot}: negative work"
+            assert self._xwork[slot] >= 0.0, f"slot {slot}: negative external work"
             assert count or self._work[slot] == 0.0, f"slot {slot}: work with no requests"
             assert self._estimate[slot] >= 0.0, f"slot {slot}: negative estimate"
             assert state != REMOVED or count > 0, f"removed slot {slot} has no requests"

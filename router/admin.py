@@ -26,6 +26,7 @@ from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
 from tritonmesh.balancer import Balancer, Instance, Variant
 from tritonmesh.config import IPNetwork
 from tritonmesh.health import readiness
+from tritonmesh.loadreport import InstanceLoad, LoadReporter
 from tritonmesh.membership import Drains, add
 from tritonmesh.weights import WeightError, WeightUpdate, update_weights
 
@@ -36,12 +37,14 @@ log = logging.getLogger("tritonmesh.admin")
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 
 
-def instance_message(instance: Instance) -> apb.Instance:
+def instance_message(instance: Instance, load: InstanceLoad | None = None) -> apb.Instance:
     return apb.Instance(
         variant=instance.variant.name, slot=instance.slot, address=instance.address,
         state=instance.state, healthy=instance.healthy, outstanding=instance.outstanding,
         requests=instance.requests, errors=instance.errors,
         weight=instance.weight,
+        load_report="off" if load is None else "stale" if load.stale else "ok",
+        external_requests=0.0 if load is None else load.external,
     )
 
 
@@ -119,6 +122,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         self.instance_networks = tuple(instance_networks)
         self.probe_timeout_s = probe_timeout_s
         self.drains = Drains() if drains is None else drains
+        self.load_reporters: Sequence[LoadReporter] = ()  # the router's, set once it starts
 
     async def ListInstances(self, request: apb.ListInstancesRequest,
                             context: grpc.aio.ServicerContext) -> apb.ListInstancesResponse:
@@ -126,9 +130,11 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
                     if not request.variant or v.name == request.variant]
         if request.variant and not variants:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
+        loads = {load.instance: load for r in self.load_reporters for load in r.loads.values()}
         return apb.ListInstancesResponse(
             variants=[variant_message(v) for v in variants],
-            instances=[instance_message(i) for v in variants for i in v.live_instances()],
+            instances=[instance_message(i, loads.get(i)) for v in variants
+                       for i in v.live_instances()],
         )
 
     async def AddInstance(self, request: apb.AddInstanceRequest,

@@ -189,14 +189,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for v in response.variants:
         models = ", ".join(v.models) or "all models"
         print(f"variant {v.name}: {v.routing_strategy}, weight {v.weight:g}, {models}")
+        mine = [i for i in response.instances if i.variant == v.name]
+        reports = any(i.load_report not in ("", "off") for i in mine)
         print(f"  {'slot':>4}  {'address':<22} {'state':<9} {'health':<9} "
-              f"{'outstanding':>11} {'requests':>9} {'errors':>7}")
-        for i in response.instances:
-            if i.variant != v.name:
-                continue
+              f"{'outstanding':>11} {'requests':>9} {'errors':>7}"
+              + (f" {'external':>8} {'report':<6}" if reports else ""))
+        for i in mine:
             health = "healthy" if i.healthy else "unhealthy"
             print(f"  {i.slot:>4}  {i.address:<22} {i.state:<9} {health:<9} "
-                  f"{i.outstanding:>11} {i.requests:>9} {i.errors:>7}")
+                  f"{i.outstanding:>11} {i.requests:>9} {i.errors:>7}"
+                  + (f" {i.external_requests:>8.1f} {i.load_report:<6}" if reports else ""))
     return 0
 
 

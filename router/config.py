@@ -33,6 +33,7 @@ from tritonmesh.configvalues import (
     _weight,
 )
 from tritonmesh.dnsname import DnsDiscovery, _discovery
+from tritonmesh.loadconfig import LoadReportConfig, parse_load_report
 from tritonmesh.routing import QueueOrder, RoutingStrategy, WorkHint, _strategy, _work_hints
 from tritonmesh.sagemaker import _from_sagemaker
 from tritonmesh.security import (
@@ -121,6 +122,8 @@ class VariantConfig:
     default_priority: int = 1
     priority_aging_s: float = 1.0
     shadow: ShadowConfig | None = None
+    # Triton's own load blended into picks (tritonmesh.loadreport); None: local counts only.
+    load_report: LoadReportConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                        "queue_order", "default_deadline_s", "slow_start_s",
                        "dispatch_ahead_s", "upstream_tls", "discovery",
                        "per_try_timeout_s", "default_priority", "priority_aging_s",
-                       "shadow"}, where)
+                       "shadow", "load_report"}, where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -256,6 +259,7 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                                        f"{where}default_priority"),
         priority_aging_s=_weight(data.get("priority_aging_s", 1.0), f"{where}priority_aging_s"),
         shadow=None if data.get("shadow") is None else _shadow(data["shadow"], f"{where}shadow"),
+        load_report=parse_load_report(data.get("load_report"), f"{where}load_report"),
     )
 
 

@@ -32,6 +32,7 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
     async with contextlib.AsyncExitStack() as stack:
         instances = {v.name: list(v.instances) for v in config.variants}
         scalers = []
+        metrics: dict[str, str] = {}  # local workers' metrics ports, for load reports
         for variant in config.variants:
             if variant.local_workers is None:
                 continue
@@ -50,7 +51,8 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
                 scaler = Autoscaler(variant.name, pool, variant.local_workers.autoscaling)
                 stack.push_async_callback(scaler.stop_workers)  # after the router stops
                 scalers.append(scaler)
-        router = Router(config, instances, seed=seed)
+            metrics.update((w.address, f"{w.host}:{w.metrics_port}") for w in pool.workers)
+        router = Router(config, instances, seed=seed, metrics_addresses=metrics)
         await router.start()
         stack.push_async_callback(router.stop)
         assert router.balancer is not None

@@ -88,9 +88,10 @@ class Instance:
 
     def work_ahead(self) -> float:
         """LEAST_OUTSTANDING_WORK: the work outstanding here, a just-picked request's own
-        included (what it will wait behind); 0.0 for other strategies."""
+        included, and other replicas' (load reports): what it will wait behind; 0.0 for
+        other strategies."""
         work = self.variant.work
-        return 0.0 if work is None else work.work(self.slot)
+        return 0.0 if work is None else work.work(self.slot) + work.external_work(self.slot)
 
     def observe(self, seconds: float, ok: bool, ahead: float = 0.0, cost: float = 1.0) -> None:
         """Record one finished request (after its release).

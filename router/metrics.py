@@ -23,8 +23,10 @@ from tritonmesh.instance import LATENCY_BUCKETS
 if TYPE_CHECKING:
     from tritonmesh.autoscaler import Autoscaler
     from tritonmesh.discovery import Discovery
+    from tritonmesh.loadreport import LoadReporter
 
-__all__ = ["AutoscalerCollector", "BalancerCollector", "DiscoveryCollector"]
+__all__ = ["AutoscalerCollector", "BalancerCollector", "DiscoveryCollector",
+           "LoadReportCollector"]
 
 
 class BalancerCollector(Collector):
@@ -157,3 +159,38 @@ class AutoscalerCollector(Collector):
             out.add_metric(lv, scaler.scaled_out)
             into.add_metric(lv, scaler.scaled_in)
         yield from (workers, wanted, out, into)
+
+
+class LoadReportCollector(Collector):
+    """Load reports (tritonmesh.loadreport), per instance of the variants that poll them."""
+
+    def __init__(self, reporters: Sequence[LoadReporter]):
+        self.reporters = reporters
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["variant", "instance"]
+        external = GaugeMetricFamily(
+            "tritonmesh_instance_external_requests",
+            "Requests Triton reports on the instance that this router did not send (queued "
+            "plus executing, less this router's outstanding), as blended into picks.",
+            labels=labels)
+        stale = GaugeMetricFamily(
+            "tritonmesh_instance_load_report_stale",
+            "1 while the instance's metrics had no good poll for stale_after_intervals: "
+            "picks there use local counts only.", labels=labels)
+        polls = CounterMetricFamily(
+            "tritonmesh_instance_load_report_polls", "Polls of the instance's metrics.",
+            labels=labels)
+        failures = CounterMetricFamily(
+            "tritonmesh_instance_load_report_failures",
+            "Polls of the instance's metrics that failed (unreachable, timeout, bad page).",
+            labels=labels)
+        for reporter in self.reporters:
+            # A copy: this runs on the scrape thread while the loop adds and drops instances.
+            for load in list(reporter.loads.values()):
+                lv = [reporter.variant.name, load.instance.address]
+                external.add_metric(lv, load.external)
+                stale.add_metric(lv, 1.0 if load.stale else 0.0)
+                polls.add_metric(lv, load.polls)
+                failures.add_metric(lv, load.failures)
+        yield from (external, stale, polls, failures)

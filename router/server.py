@@ -37,9 +37,15 @@ from tritonmesh.discovery import Discovery
 from tritonmesh.fanout import Fanout
 from tritonmesh.health import HealthChecker, probe_ready
 from tritonmesh.housekeeping import Housekeeper
+from tritonmesh.loadreport import LoadReporter
 from tritonmesh.logfilter import quiet_client_gone
 from tritonmesh.membership import Drains, active, reconcile
-from tritonmesh.metrics import AutoscalerCollector, BalancerCollector, DiscoveryCollector
+from tritonmesh.metrics import (
+    AutoscalerCollector,
+    BalancerCollector,
+    DiscoveryCollector,
+    LoadReportCollector,
+)
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
@@ -87,13 +93,17 @@ class Router:
     """One endpoint: its variants' instances behind one Triton-compatible gRPC port.
 
     ``instances`` maps each variant name to the Triton gRPC addresses behind it (static
-    ones from the config plus any local workers already started by the caller).
+    ones from the config plus any local workers already started by the caller);
+    ``metrics_addresses`` maps such an address to its Triton's metrics HOST:PORT, where
+    known (local workers), for variants with ``load_report``.
     """
 
     def __init__(self, config: EndpointConfig, instances: Mapping[str, Sequence[str]],
-                 *, seed: int | None = None):
+                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None):
         self.config = config
         self._instances = instances
+        self._metrics_addresses = metrics_addresses or {}
+        self.load_reporters: list[LoadReporter] = []
         self._seed = seed
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
@@ -166,6 +176,12 @@ class Router:
         await self._discover(balancer)
         await self.health.check_once()
         self.health.start()
+        for variant in balancer.variants:
+            if variant.config.load_report is not None:
+                reporter = LoadReporter(variant, variant.config.load_report,
+                                        self._metrics_addresses)
+                self.load_reporters.append(reporter)
+                reporter.start()
         self.housekeeper.start()
         await server.start()
         if self.admin_server is not None:
@@ -196,6 +212,7 @@ class Router:
             options=(("grpc.so_reuseport", 0),), interceptors=interceptors)
         self.admin_service = AdminService(balancer, self.config.instance_networks,
                                           self.config.health_check.timeout_s, self.drains)
+        self.admin_service.load_reporters = self.load_reporters
         strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
         tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -243,6 +260,7 @@ class Router:
         registry.register(AutoscalerCollector(self.autoscalers))
         if self.shadows:
             registry.register(ShadowCollector(self.shadows))
+        registry.register(LoadReportCollector(self.load_reporters))
         host, _, port = listen.rpartition(":")
         server, _thread = start_http_server(int(port), addr=host, registry=registry)
         self._metrics_server = server
@@ -255,6 +273,8 @@ class Router:
         """
         for discovery in self.discoveries:
             await discovery.stop()
+        for reporter in self.load_reporters:
+            await reporter.stop()
         if self.health is not None:
             await self.health.stop()
         if self.balancer is not None:

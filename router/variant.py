@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from tritonmesh._core import OutstandingTable, WorkTable
 from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig
@@ -36,6 +36,7 @@ class _Table(Protocol):
     def remove(self, slot: int) -> None: ...
     def set_weight(self, slot: int, weight: float) -> None: ...
     def set_available(self, slot: int, available: bool) -> None: ...
+    def set_external(self, slot: int, load: float) -> None: ...
     def outstanding(self, slot: int) -> int: ...
     def pick(self) -> int: ...
     def acquire(self, slot: int) -> None: ...
@@ -216,11 +217,10 @@ class Variant:
             return None
         limit = self.limit
         if limit is not None and self.table.outstanding(slot) > limit:
-            # The strategy's choice is full; the least loaded instance may not be.
+            # The strategy's choice is full; the least loaded instance with room takes it.
             self.table.release(slot)
-            slot = self.table.pick()
-            if self.table.outstanding(slot) > limit:
-                self.table.release(slot)
+            slot = cast(OutstandingTable, self.table).pick_under(limit)
+            if slot < 0:
                 return None
         return self.instances[slot]
 

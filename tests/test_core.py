@@ -344,6 +344,84 @@ def test_random_follows_weights(table_cls: Any) -> None:
     assert _chi_square(counts, expected) < CHI2_P001[3], counts
 
 
+# -- external load (another replica's requests, from Triton's load report) -----------------
+
+
+def test_external_load_is_compared_with_the_local_count(table_cls: Any) -> None:
+    t = checked(table_cls(seed=20))
+    a, b = t.add(), t.add()
+    t.set_external(a, 3)
+    assert [t.pick() for _ in range(3)] == [b, b, b]  # b's load climbs to a's 3
+    assert (t.outstanding(a), t.outstanding(b), t.external(a)) == (0, 3, 3)
+    assert {t.pick(), t.pick()} == {a, b}  # tied at 3: either, then the other
+    t.set_external(a, 0)
+    assert t.pick() == a  # a: 1 + 0 against b's 4 + 0, local counts alone again
+    assert t.total_outstanding() == 6  # external load is never outstanding here
+
+
+def test_external_load_rounds_and_is_bounded(table_cls: Any) -> None:
+    t = checked(table_cls(seed=21))
+    a = t.add()
+    for value, stored in ((2.5, 3), (2.49, 2), (0.4, 0), (core.MAX_EXTERNAL, core.MAX_EXTERNAL),
+                          (1, 1)):
+        t.set_external(a, value)
+        assert t.external(a) == stored
+    for bad in (-0.1, core.MAX_EXTERNAL + 1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="external load"):
+            t.set_external(a, bad)
+    assert t.external(a) == 1
+    with pytest.raises(IndexError, match="not in the table"):
+        t.set_external(5, 1)
+
+
+def test_external_load_follows_a_slot_out_of_and_back_into_the_pick_set(table_cls: Any) -> None:
+    t = checked(table_cls(seed=22))
+    a, b = t.add(), t.add()
+    t.set_available(a, False)
+    t.set_external(a, 4)  # while unpickable: kept, and counted once a is back
+    t.set_available(a, True)
+    t.set_weight(a, 1.0)
+    assert [t.pick() for _ in range(4)] == [b] * 4
+    t.remove(b)  # with 4 outstanding: removed, still in the table
+    t.remove(a)
+    assert t.add() == a and t.external(a) == 0  # a fresh slot starts with none
+
+
+def test_pick_two_compares_external_load(table_cls: Any) -> None:
+    t = checked(table_cls(seed=23))
+    a, b = t.add(), t.add()
+    t.set_external(b, 1)
+    assert t.pick_two() == a
+    assert t.pick_two() in (a, b)  # 1 + 0 against 0 + 1: a coin
+    t.set_external(b, 50)
+    assert all(t.pick_two() == a for _ in range(20))
+
+
+def test_pick_under_a_limit_reads_local_counts_and_compares_load(table_cls: Any) -> None:
+    t = checked(table_cls(seed=25))
+    a, b, c = t.add(), t.add(), t.add(2.0)
+    t.acquire(a)
+    t.set_external(b, 5)
+    t.set_external(c, 9)
+    assert t.pick() == a  # the least loaded overall (1 + 0 against 5 and 9 / 2)...
+    t.release(a)
+    assert t.pick_under(1) == c  # ...is full at 1: c's (0 + 9 + 1) / 2 beats b's 0 + 5 + 1
+    assert t.pick_under(1) == b
+    assert t.pick_under(1) == -1  # every slot holds one request of this router's
+    assert t.pick_under(2) == a
+    with pytest.raises(ValueError, match="limit"):
+        t.pick_under(0)
+
+
+def test_random_and_round_robin_ignore_external_load(table_cls: Any) -> None:
+    t = checked(table_cls(seed=24))
+    a, b = t.add(), t.add()
+    t.set_external(a, 1000)
+    assert {t.pick_round_robin(), t.pick_round_robin()} == {a, b}
+    seen = _spread(t.pick_random, t.release, 400)
+    assert seen[a] > 100 and seen[b] > 100
+
+
 # -- differential: C vs twin, and properties over any operation sequence -------------------
 
 Op = tuple[str, int, float, bool]
@@ -353,7 +431,8 @@ WEIGHTS = st.sampled_from([0.5, 1.0, 2.0, 3.0])
 OPS = st.lists(st.tuples(
     st.sampled_from(["pick", "pick", "pick_random", "pick_round_robin", "pick_two",
                      "release", "release", "release", "acquire", "add", "remove",
-                     "set_weight", "set_available", "weight", "outstanding", "is_available"]),
+                     "set_weight", "set_available", "weight", "outstanding", "is_available",
+                     "set_external", "set_external", "external", "pick_under"]),
     st.integers(-1, 11),
     st.one_of(WEIGHTS, st.just(0.0)),
     st.booleans(),
@@ -368,6 +447,7 @@ def _apply(t: Any, ops: list[Op]) -> list[Any]:
     out: list[Any] = []
     for name, slot, weight, flag in ops:
         before = t.snapshot()
+        external = {s: t.external(s) for s, *_ in before}
         try:
             if name == "add":
                 result = t.add(weight)
@@ -375,6 +455,10 @@ def _apply(t: Any, ops: list[Op]) -> list[Any]:
                 result = t.set_weight(slot, weight)
             elif name == "set_available":
                 result = t.set_available(slot, flag)
+            elif name == "pick_under":  # the slot field as the limit: -1 and 0 are refused
+                result = t.pick_under(slot)
+            elif name == "set_external":  # 0, 1.5 (rounds up), 3, 6, 9; -1.5 is refused
+                result = t.set_external(slot, weight * 3 * (1 if flag else -1))
             elif name in PICKS:
                 result = getattr(t, name)()
             else:
@@ -383,13 +467,16 @@ def _apply(t: Any, ops: list[Op]) -> list[Any]:
             result = (type(exc).__name__, str(exc))
         t.check()
         if name == "pick" and result != -1:
-            _assert_least_loaded(before, result)
-        out += [result, t.snapshot(), t.total_outstanding(), len(t), t.pickable()]
+            _assert_least_loaded(before, external, result)
+        out += [result, t.snapshot(), t.total_outstanding(), len(t), t.pickable(),
+                [t.external(s) for s, *_ in t.snapshot()]]
     return out
 
 
-def _assert_least_loaded(before: list[tuple[int, int, float, str]], chosen: int) -> None:
-    keys = {s: Fraction(c + 1) / Fraction(w) for s, c, w, state in before if state == "ACTIVE"}
+def _assert_least_loaded(before: list[tuple[int, int, float, str]], external: dict[int, int],
+                         chosen: int) -> None:
+    keys = {s: Fraction(c + external[s] + 1) / Fraction(w)
+            for s, c, w, state in before if state == "ACTIVE"}
     assert keys[chosen] == min(keys.values()), (chosen, before)
 
 

@@ -179,6 +179,46 @@ def test_bad_arguments(table_cls: Any) -> None:
     assert t.total_outstanding() == 0
 
 
+def test_external_load_counts_as_work_of_the_mean_cost(table_cls: Any) -> None:
+    t = checked(table_cls(seed=11))
+    a, b = t.add(), t.add()
+    t.set_external(a, 2.0)  # nothing of ours there yet: a mean cost of 1
+    assert (t.external(a), t.external_work(a)) == (2.0, 2.0)
+    assert t.pick(1.0) == b and t.pick(1.0) == b  # b: 0 + 1, then 1 + 1, against 2 + 1
+    t.acquire(a, 4.0)
+    t.acquire(a, 6.0)
+    t.set_external(a, 1.5)  # our requests there cost 5 on average
+    assert (t.outstanding(a), t.work(a), t.external_work(a)) == (2, 10.0, 7.5)
+    t.release(a, 4.0)
+    t.release(a, 6.0)
+    t.set_external(a, 1.0)  # idle: the last mean seen
+    assert t.external_work(a) == 5.0
+    t.set_external(a, 0.0)
+    assert t.pick(1.0) == a  # 0 + 0 + 1 against b's 2 + 1
+
+
+def test_limit_reads_the_local_count_not_external_load(table_cls: Any) -> None:
+    t = checked(table_cls(seed=12))
+    a, b = t.add(), t.add()
+    t.set_external(a, 30.0)
+    t.acquire(b, 1.0)
+    assert t.pick(1.0, 1) == a  # heavily loaded elsewhere, but this router sent it nothing
+    assert t.pick(1.0, 1) == -1
+
+
+def test_external_load_arguments(table_cls: Any) -> None:
+    t = table_cls(seed=13)
+    a = t.add()
+    for bad in (-1.0, math.inf, math.nan, float(core.MAX_EXTERNAL) + 1.0):
+        with pytest.raises(ValueError, match="external load"):
+            t.set_external(a, bad)
+    with pytest.raises(IndexError, match="not in the table"):
+        t.set_external(3, 1.0)
+    t.set_external(a, 2.0)
+    t.remove(a)
+    assert t.add() == a and t.external(a) == 0.0 and t.external_work(a) == 0.0
+
+
 def test_ties_spread_uniformly(table_cls: Any) -> None:
     """Idle slots with equal estimates tie: the pick must be uniform over them, not
     "always the lowest index" (which sends all low-load traffic to one instance)."""
@@ -258,7 +298,8 @@ COSTS = st.sampled_from([0.0, 0.5, 1.0, 3.0, 40.0, 1e6])
 OPS = st.lists(st.tuples(
     st.sampled_from(["pick", "pick", "pick", "release", "release", "release", "acquire",
                      "observe", "observe", "add", "remove", "set_weight", "set_available",
-                     "observe_service", "observe_service", "service_time"]),
+                     "observe_service", "observe_service", "service_time",
+                     "set_external", "set_external"]),
     st.integers(-1, 9),
     COSTS,
     st.sampled_from([1e-4, 0.01, 0.2, 5.0]),
@@ -292,13 +333,15 @@ def _apply(t: Any, weights: list[float], ops: list[Op]) -> list[Any]:
                 result = t.set_weight(slot, sample)
             elif name == "set_available":
                 result = t.set_available(slot, bool(limit & 1))
+            elif name == "set_external":
+                result = t.set_external(slot, cost * (limit - 1))
             else:
                 result = t.remove(slot)
         except (ValueError, IndexError) as exc:
             result = (type(exc).__name__, str(exc))
         t.check()
         estimates = [t.estimate(s) for s, *_ in t.snapshot()]
-        work = [t.work(s) for s, *_ in t.snapshot()]
+        work = [(t.work(s), t.external(s), t.external_work(s)) for s, *_ in t.snapshot()]
         out += [result, t.snapshot(), estimates, work, t.total_outstanding(), t.pickable(),
                 t.mean_estimate()]
     return out

@@ -27,7 +27,7 @@ class Variant(_message.Message):
     def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., routing_strategy: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency_per_instance: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("variant", "slot", "address", "state", "healthy", "outstanding", "requests", "errors", "weight")
+    __slots__ = ("variant", "slot", "address", "state", "healthy", "outstanding", "requests", "errors", "weight", "load_report", "external_requests")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class Instance(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_REPORT_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     variant: str
     slot: int
     address: str
@@ -46,7 +48,9 @@ class Instance(_message.Message):
     requests: int
     errors: int
     weight: float
-    def __init__(self, variant: _Optional[str] = ..., slot: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+    load_report: str
+    external_requests: float
+    def __init__(self, variant: _Optional[str] = ..., slot: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., weight: _Optional[float] = ..., load_report: _Optional[str] = ..., external_requests: _Optional[float] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
     __slots__ = ("variants", "instances")

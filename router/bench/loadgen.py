@@ -118,10 +118,15 @@ async def _stream_user(address: str, user: int, workload: Workload, until: float
 
 
 async def run_users(address: str, users: int, workload: Workload, seconds: float,
-                    streaming: bool) -> list[Outcome]:
-    """Run ``users`` closed-loop users for ``seconds``; in-flight requests then finish."""
+                    streaming: bool, first_user: int = 0) -> list[Outcome]:
+    """Run ``users`` closed-loop users for ``seconds``; in-flight requests then finish.
+
+    Users are numbered from ``first_user`` (each number draws its own lengths), so that
+    users split over several addresses still draw what one address's users would.
+    """
     until = time.monotonic() + seconds
     out: list[Outcome] = []
     user = _stream_user if streaming else _unary_user
-    await asyncio.gather(*(user(address, u, workload, until, out) for u in range(users)))
+    await asyncio.gather(*(user(address, u, workload, until, out)
+                           for u in range(first_user, first_user + users)))
     return out
