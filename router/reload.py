@@ -34,7 +34,8 @@ _FILE_KEYS = {"name": "endpoint"}
 _LIVE = ("variants", "health_check", "retries", "shutdown_grace_s", "work_hints", "tls",
          "auth", "instance_networks", "limits")
 # Variant keys fixed at start (upstream_tls: warned about, channels keep theirs).
-_VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discovery", "shadow")
+_VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discovery", "shadow",
+                     "load_report")
 _VARIANT_LIVE = ("name", "weight", "routing_strategy", "models", "instances",
                  "max_concurrency", "max_queue", "default_deadline_s", "slow_start_s",
                  "upstream_tls", "per_try_timeout_s", "default_priority", "priority_aging_s")
