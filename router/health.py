@@ -35,6 +35,7 @@ __all__ = ["HealthChecker", "NotReady", "probe_ready", "readiness"]
 log = logging.getLogger("tritonmesh.health")
 
 _SERVER_READY = pb.ServerReadyRequest().SerializeToString()
+_READY_INDEX = pb.RepositoryIndexRequest(ready=True).SerializeToString()
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
@@ -76,6 +77,17 @@ async def readiness(upstream: Upstream, models: Iterable[str] | None, timeout: f
     return None
 
 
+async def served_models(upstream: Upstream, timeout: float) -> list[str]:
+    """The models the Triton behind ``upstream`` reports READY; none if it cannot say."""
+    try:
+        raw = await await_call(upstream.unary["RepositoryIndex"](_READY_INDEX, timeout=timeout))
+    except grpc.aio.AioRpcError as exc:
+        log.debug("repository index of %s: %s", upstream.address, exc.code().name)
+        return []
+    return [m.name for m in pb.RepositoryIndexResponse.FromString(raw).models
+            if m.state == "READY"]
+
+
 async def probe_ready(upstream: Upstream, models: Iterable[str] | None, timeout: float) -> bool:
     """Whether :func:`readiness` finds the Triton behind ``upstream`` ready."""
     return await readiness(upstream, models, timeout) is None
@@ -101,10 +113,26 @@ class HealthChecker(Chore):
         results = await asyncio.gather(*(self.probe(i) for i in instances))
         for instance, ok in zip(instances, results, strict=True):
             self.record(instance, ok)
+        await self._learn_models(instances, results)
         # Streaks of removed instances go with them (membership changes at run time).
         for gone in [i for i in self._streak if i.removed]:
             del self._streak[gone]
         await self._publish()
+
+    async def _learn_models(self, instances: list[Instance], ready: list[bool]) -> None:
+        """Per-model metrics of variants that list no models name what Triton serves: one
+        repository index per such variant and round, from an instance that passed."""
+        asks: dict[str, Instance] = {}
+        for instance, ok in zip(instances, ready, strict=True):
+            if ok and instance.variant.models is None:
+                asks.setdefault(instance.variant.name, instance)
+        if not asks:
+            return
+        answers = await asyncio.gather(*(served_models(i.upstream, self.config.timeout_s)
+                                         for i in asks.values()))
+        metrics = self.balancer.metrics
+        for name, models in zip(asks, answers, strict=True):
+            metrics.serve(name, models, self.balancer.decoupled.max_entries)
 
     def record(self, instance: Instance, ok: bool) -> None:
         streak = self._streak.get(instance, 0)

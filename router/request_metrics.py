@@ -6,9 +6,11 @@ and model) and :meth:`ModelStats.finished` once when it lets go of it. Both only
 integers and floats that exist already; the collector (:mod:`tritonmesh.metrics`) turns
 them into metric families at scrape time.
 
-Label cardinality is bounded by the configuration, never by requests: the ``model``
-label is a model the variant lists under ``models``, or ``other`` (every model of a
-variant that lists none, and names it does not list). Error codes are gRPC's 17.
+Label cardinality is bounded by the configuration and the fleet, never by requests: the
+``model`` label is a model the variant lists under ``models``; for a variant that lists
+none, a model its Triton reports READY in the repository index (asked by the health
+checker, at most ``limits.max_model_policies`` per variant); else ``other``. Error codes
+are gRPC's 17.
 """
 
 from __future__ import annotations
@@ -131,10 +133,25 @@ class RequestMetrics:
                 models.setdefault(model, ModelStats())
         self._stats = stats
 
+    def serve(self, variant: str, models: Iterable[str], cap: int) -> None:
+        """Models a variant that lists none is seen to serve (its Triton reports them READY):
+        counted by name from now on, at most ``cap`` of them per variant (the rest stay
+        ``other``). Names come from Triton's repository, never from requests."""
+        current = self._stats.get(variant)
+        if current is None:
+            return
+        new = sorted(set(models) - current.keys())
+        room = cap - (len(current) - 1)
+        if not new or room <= 0:
+            return
+        stats = dict(self._stats)
+        stats[variant] = {**current, **{m: ModelStats() for m in new[:room]}}
+        self._stats = stats
+
     def started(self, variant: Variant, model: str) -> ModelStats:
         """A request for ``model`` holds an instance of ``variant`` now (concurrent + 1)."""
         models = self._stats[variant.name]
-        stats = models.get(model) if variant.models is not None else None
+        stats = models.get(model)
         if stats is None:
             stats = models[OTHER]
         stats.concurrent += 1

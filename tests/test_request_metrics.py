@@ -50,6 +50,23 @@ def _infer_error(client: Any, model: str, inputs: list[Any], **kwargs: Any) -> s
     return str(info.value.status())
 
 
+def test_a_variant_listing_no_models_names_what_triton_serves(make_router: Any) -> None:
+    """Without ``models``, the labels are the models Triton reports READY (asked by the
+    health checker before the router serves), and request names still never become one."""
+    router = make_router()  # the variant lists no models
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for _ in range(3):
+            client.infer("identity", _identity())
+        assert _infer_error(client, "no_such_model", _identity()) == "StatusCode.NOT_FOUND"
+    router.wait_idle()
+    s = _samples(router)
+    invocations = "tritonmesh_model_invocations_total"
+    assert (_get(s, invocations, "identity"), _get(s, invocations, "other")) == (3, 1)
+    served = {dict(labels)["model"] for name, labels in s if name == invocations}
+    assert {"identity", "generate", "generate_unary", "other"} <= served
+    assert "no_such_model" not in served
+
+
 def test_unary_counts_latencies_and_errors(make_router: Any) -> None:
     router = make_router(models=MODELS)
     with grpcclient.InferenceServerClient(router.address) as client:
