@@ -692,6 +692,16 @@ class SharedTable:
         return out
 
     def _check_slot_live(self, s: int, tries: int) -> bool:
+        # Under the lock every store takes: this build's loads are byte by byte, so an
+        # unlocked read can see half of a store (a pick only reads a stale count from it;
+        # a check would report a mismatch that is not there).
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+        try:
+            return self._check_slot_snapshot(s, tries)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _check_slot_snapshot(self, s: int, tries: int) -> bool:
         for _ in range(tries):
             g = self._load(self._word(s))
             stamp = g >> 32
