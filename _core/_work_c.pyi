@@ -103,6 +103,18 @@ class WorkTable:
         """Expected seconds for a request of ``cost`` on ``slot``; -1.0 before
         ``SERVICE_MIN_SAMPLES`` samples."""
 
+    def residual_sd(self) -> float:
+        """The spread (standard deviation) of ``log(seconds / predicted)`` over the recent
+        requests, the prediction being each slot's service-time line: about 0 when costs
+        predict service time exactly, about sigma for costs off by lognormal(0, sigma)
+        noise; -1.0 before ``SERVICE_MIN_SAMPLES`` such requests."""
+
+    def hint_quality(self) -> float:
+        """The share of the spread of log service time that the costs explain,
+        ``1 - var(residual) / var(log seconds)`` clamped to [0, 1]: 1 for an exact hint
+        (and until learned), about 0 without one. ``pick`` blends work toward outstanding
+        x mean cost by it."""
+
     def outstanding(self, slot: int) -> int:
         """``slot``'s outstanding count."""
 
