@@ -270,7 +270,9 @@ class WorkTable:
 
     def pick(self, cost: float = 1.0, limit: int = 0) -> int:
         """LEAST_OUTSTANDING_WORK: the pickable slot with the lowest
-        ``(work + cost) * estimate / weight``, ties broken uniformly at random.
+        ``(work + cost) * estimate / weight``, ties broken uniformly at random; with
+        ``hint_quality()`` q below 1 the work read is ``q * (work + cost) + (1 - q) *
+        (outstanding + 1) * mean cost picked``.
 
         Counts the request (one more outstanding, ``cost`` more work) on the slot chosen.
 

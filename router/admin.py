@@ -39,6 +39,19 @@ def instance_message(instance: Instance) -> apb.Instance:
     )
 
 
+def variant_message(variant: Variant) -> apb.Variant:
+    message = apb.Variant(name=variant.name, weight=variant.weight,
+                          routing_strategy=variant.strategy.value,
+                          models=sorted(variant.models or ()))
+    work = variant.work
+    if work is not None:
+        message.hint_quality = work.hint_quality()
+        residual = work.residual_sd()
+        if residual >= 0.0:
+            message.hint_residual_sd = residual
+    return message
+
+
 class _Refused(Exception):
     """AddInstance cannot go on: the status code and the message for the caller."""
 
@@ -113,9 +126,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         if request.variant and not variants:
             await _abort(context, grpc.StatusCode.NOT_FOUND, f"no variant '{request.variant}'")
         return apb.ListInstancesResponse(
-            variants=[apb.Variant(name=v.name, weight=v.weight,
-                                  routing_strategy=v.strategy.value,
-                                  models=sorted(v.models or ())) for v in variants],
+            variants=[variant_message(v) for v in variants],
             instances=[instance_message(i) for v in variants for i in v.live_instances()],
         )
 

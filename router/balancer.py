@@ -34,6 +34,11 @@ __all__ = ["Balancer", "Instance", "NoInstanceError", "Variant", "VariantFull"]
 # variant's slow_start_s, in steps of a tenth of the window.
 SLOW_START_FLOOR: Final = 0.1
 
+# Dispatch ahead sends early only while the spread of log(service time / predicted) is at
+# most this: bench/queue_sim.py --hints found it keeps an exact hint's gain and loses
+# nothing with noisy or absent hints (docs/strategies.md).
+AHEAD_MAX_RESIDUAL_SD: Final = 0.2
+
 # Bucket upper bounds (seconds) for the per-instance latency histogram.
 LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -134,12 +139,15 @@ class Instance:
         """
         work = self.variant.work
         if work is not None and ok and seconds > 0.0 and self.state != "REMOVED":
+            # The service-time line (dispatch ahead's, and what hint quality is learned
+            # against): alone on its instance (limit 1) a request's time is its own cost's;
+            # otherwise it waited behind the work it found there.
+            work.observe_service(self.slot, cost if self.variant.limit == 1 else ahead,
+                                 seconds)
             if self.variant.ahead_s > 0.0:
-                # Dispatch ahead's service-time line. Timed from when it was sent, a request
-                # sent ahead included (its few milliseconds in Triton's queue count): the
-                # line errs long, the safe side, and stays right when Triton runs two
-                # requests side by side.
-                work.observe_service(self.slot, cost, seconds)
+                # Timed from when it was sent, a request sent ahead included (its few
+                # milliseconds in Triton's queue count): the line errs long, the safe side,
+                # and stays right when Triton runs two requests side by side.
                 rate = seconds / cost if cost > 0.0 else math.inf
             else:
                 rate = seconds / ahead if ahead > 0.0 else math.inf
@@ -307,6 +315,8 @@ class Variant:
         """A request of ``cost`` was sent to ``instance``: when is it expected to end?"""
         assert self.work is not None  # dispatch ahead needs LEAST_OUTSTANDING_WORK
         expected = self.work.service_time(instance.slot, cost)
+        if not 0.0 <= self.work.residual_sd() <= AHEAD_MAX_RESIDUAL_SD:
+            expected = -1.0  # hints not known to predict the end: wait for it
         self._due.discard(instance)
         if expected < 0.0:  # not learned yet: never hand over ahead on a guess
             instance.free_at = 0.0
@@ -419,7 +429,9 @@ class Variant:
         if self.least_slack and self.work is not None:
             budget = self.default_deadline_s if timeout is None \
                 else min(timeout, self.default_deadline_s)
-            key = loop.time() + budget - cost * self.work.mean_estimate()
+            # Toward FIFO as far as the hints fail to predict service time.
+            key = loop.time() + budget - (
+                self.work.hint_quality() * cost * self.work.mean_estimate())
         entry = self.waiters.push(waiter, cost, key)
         if self._due:
             self._take_due()
