@@ -139,7 +139,8 @@ def test_repeated_runs(tmp_path: Path) -> None:
             "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
             "tritonmesh RANDOM")]
     over = (tmp_path / "routing.md").read_text().split("## Over the 2 runs")[1]
-    assert over.count("| 2 | 1 | 2 |") == 1  # one line for the scale point, over 2 runs
+    # one line for the scale point (and hint), over 2 runs
+    assert over.count("| 2 | 1 | exact (oracle) | 2 |") == 1
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("haproxy")),
@@ -178,6 +179,26 @@ def test_comparison_ratios() -> None:
     assert cmp["throughput_vs_best_peer"] == pytest.approx(420 / 430)
     assert cmp["lor_p99_vs_random"] == pytest.approx(2 / 3)
     assert cmp["lor_throughput_vs_random"] == pytest.approx(1.4)
+    assert "recommended_p99_vs_best_peer" not in cmp  # the recommended target did not run
+
+
+def test_comparison_per_hint_with_the_recommended_configuration() -> None:
+    """A comparison per hint; the recommended configuration against the best peer and
+    against LOR + late binding, whichever tritonmesh target had the best P99."""
+    from tritonmesh.bench.report import LATE_BINDING, RECOMMENDED, comparison
+
+    rows = [{"users": 20, "instances": 5, "hint": hint, "target": target, "p99_s": p99,
+             "req_per_min_per_instance": 400.0, "errors": 0}
+            for hint, values in (("exact (oracle)", (0.8, 1.0, 1.0)), ("none", (1.1, 1.0, 1.05)))
+            for target, p99 in zip((RECOMMENDED, LATE_BINDING, "haproxy leastconn maxconn 1"),
+                                   values, strict=True)]
+    exact, none = comparison(rows)
+    assert (exact["hint"], none["hint"]) == ("exact (oracle)", "none")
+    assert exact["recommended_p99_vs_best_peer"] == pytest.approx(0.8)
+    assert exact["recommended_p99_vs_late_binding"] == pytest.approx(0.8)
+    assert none["recommended_p99_vs_best_peer"] == pytest.approx(1.1 / 1.05)
+    assert none["recommended_p99_vs_late_binding"] == pytest.approx(1.1)
+    assert none["best_tritonmesh"] == LATE_BINDING.removeprefix("tritonmesh ")
 
 
 def test_spread_over_runs() -> None:
