@@ -22,8 +22,8 @@ import tritonclient.grpc as grpcclient
 from harness import generate_inputs
 from tritonmesh._core import SERVICE_MIN_SAMPLES, WorkTable
 from tritonmesh.balancer import Instance, Variant
-from tritonmesh.dispatch_ahead import AHEAD_MAX_RESIDUAL_SD
 from tritonmesh.config import QueueOrder, RoutingStrategy, VariantConfig, WorkHint
+from tritonmesh.dispatch_ahead import AHEAD_MAX_RESIDUAL_SD
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.workers.upstream import Upstream
 
