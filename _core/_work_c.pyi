@@ -51,7 +51,9 @@ class WorkTable:
     def pick(self, cost: float = 1.0, limit: int = 0) -> int:
         """LEAST_OUTSTANDING_WORK: the pickable slot with the lowest
         ``(work + cost) * estimate / weight``, ties broken uniformly at random; a slot
-        with no estimate yet is scored with the mean of the others' (1.0 if none).
+        with no estimate yet is scored with the mean of the others' (1.0 if none). With
+        ``hint_quality()`` q below 1 the work read is ``q * (work + cost) + (1 - q) *
+        (outstanding + 1) * mean cost picked``.
 
         Counts the request (one more outstanding, ``cost`` more work) on the slot chosen.
         ``limit`` > 0 considers only slots with fewer than ``limit`` outstanding. O(n)
@@ -102,6 +104,18 @@ class WorkTable:
     def service_time(self, slot: int, cost: float) -> float:
         """Expected seconds for a request of ``cost`` on ``slot``; -1.0 before
         ``SERVICE_MIN_SAMPLES`` samples."""
+
+    def residual_sd(self) -> float:
+        """The spread (standard deviation) of ``log(seconds / predicted)`` over the recent
+        requests, the prediction being each slot's service-time line: about 0 when costs
+        predict service time exactly, about sigma for costs off by lognormal(0, sigma)
+        noise; -1.0 before ``SERVICE_MIN_SAMPLES`` such requests."""
+
+    def hint_quality(self) -> float:
+        """The share of the spread of log service time that the costs explain,
+        ``1 - var(residual) / var(log seconds)`` clamped to [0, 1]: 1 for an exact hint
+        (and until learned), about 0 without one. ``pick`` blends work toward outstanding
+        x mean cost by it."""
 
     def outstanding(self, slot: int) -> int:
         """``slot``'s outstanding count."""

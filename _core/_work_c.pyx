@@ -7,7 +7,7 @@ model). Full API docs: _work_c.pyi.
 
 cimport cython
 from cpython.mem cimport PyMem_Free
-from libc.math cimport exp, isfinite
+from libc.math cimport exp, isfinite, log, sqrt
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 import os
@@ -62,6 +62,12 @@ cdef class WorkTable:
     cdef Py_ssize_t _avail_cap
     cdef int64_t _total
     cdef Py_ssize_t _used
+    # hint quality, over the whole table (as the twin): weighted sums of log residuals and
+    # log seconds (weight, r, r², s, s²), samples, the quality; the costs picked' mean
+    cdef double _qn, _qr, _qrr, _qs, _qss
+    cdef int64_t _qsamples
+    cdef double _quality
+    cdef double _cn, _cmean
 
     def __cinit__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         self._count = NULL
@@ -76,6 +82,10 @@ cdef class WorkTable:
         self._apos = NULL
         self._avail = NULL
         self._nslots = self._slot_cap = self._navail = self._avail_cap = 0
+        self._qn = self._qr = self._qrr = self._qs = self._qss = 0.0
+        self._qsamples = 0
+        self._quality = 1.0
+        self._cn = self._cmean = 0.0
 
     def __init__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         """Create an empty table; ``seed`` fixes the tie-breaking, ``decay_s`` how fast
@@ -288,7 +298,8 @@ cdef class WorkTable:
         weight (limit: on the local count); -1 if none."""
         _check_cost(cost)
         cdef Py_ssize_t i, slot, best = -1, ties = 0, n = self._navail, n_known = 0
-        cdef double known = 0.0, default, e, score, best_score = float("inf")
+        cdef double known = 0.0, default, e, score, best_score = float("inf"), work
+        cdef double q = self._quality, cmean = self._cmean
         for i in range(n):
             e = self._estimate[self._avail[i]]
             if e > 0.0:
@@ -300,8 +311,11 @@ cdef class WorkTable:
             if limit > 0 and self._count[slot] >= limit:
                 continue
             e = self._estimate[slot]
-            score = (self._work[slot] + self._xwork[slot] + cost) \
-                * (e if e > 0.0 else default) / self._weight[slot]
+            work = self._work[slot] + cost
+            if q < 1.0:  # the hint says less than it seems: toward outstanding x mean cost
+                work = q * work + (1.0 - q) * <double>(self._count[slot] + 1) * cmean
+            score = (work + self._xwork[slot]) * (e if e > 0.0 else default) \
+                / self._weight[slot]
             if score < best_score:
                 best = slot
                 best_score = score
@@ -314,6 +328,8 @@ cdef class WorkTable:
             self._count[best] += 1
             self._work[best] += cost
             self._total += 1
+            self._cn = self._cn * self._keep + 1.0
+            self._cmean += (cost - self._cmean) / self._cn
             self._debug_check()
         return best
 
@@ -376,6 +392,7 @@ cdef class WorkTable:
         xy = cost * seconds
         if not (isfinite(xx) and isfinite(xy)):
             return
+        self._observe_residual(slot, cost, seconds)
         keep = self._keep
         self._ln[slot] = self._ln[slot] * keep + 1.0
         self._lx[slot] = self._lx[slot] * keep + cost
@@ -384,11 +401,57 @@ cdef class WorkTable:
         self._lxy[slot] = self._lxy[slot] * keep + xy
         self._lsamples[slot] += 1
 
+    cdef void _observe_residual(self, Py_ssize_t slot, double cost,
+                                double seconds) noexcept nogil:
+        cdef double predicted, s, r, keep, n, mean_r, mean_s, var_r, var_s, q
+        if seconds <= 0.0 or self._lsamples[slot] < _SERVICE_MIN:
+            return
+        predicted = self._service_time(slot, cost)
+        if predicted <= 0.0:
+            return
+        s = log(seconds)
+        r = s - log(predicted)
+        keep = self._keep
+        self._qn = self._qn * keep + 1.0
+        self._qr = self._qr * keep + r
+        self._qrr = self._qrr * keep + r * r
+        self._qs = self._qs * keep + s
+        self._qss = self._qss * keep + s * s
+        self._qsamples += 1
+        if self._qsamples < _SERVICE_MIN:
+            return
+        n = self._qn
+        mean_r = self._qr / n
+        mean_s = self._qs / n
+        var_r = self._qrr / n - mean_r * mean_r
+        var_s = self._qss / n - mean_s * mean_s
+        if var_s <= 1e-12:  # every request took the same time: nothing to predict
+            self._quality = 1.0
+        else:
+            q = 1.0 - var_r / var_s
+            self._quality = 0.0 if q < 0.0 else (1.0 if q > 1.0 else q)
+
+    cpdef double residual_sd(self):
+        """Spread of log(seconds / predicted) over recent requests; -1.0 until learned."""
+        cdef double mean_r, var_r
+        if self._qsamples < _SERVICE_MIN:
+            return -1.0
+        mean_r = self._qr / self._qn
+        var_r = self._qrr / self._qn - mean_r * mean_r
+        return sqrt(var_r) if var_r > 0.0 else 0.0
+
+    cpdef double hint_quality(self):
+        """The share of the spread of log service time the costs explain, in [0, 1]."""
+        return self._quality
+
     cpdef double service_time(self, Py_ssize_t slot, double cost) except -2.0:
         """Expected seconds for a request of ``cost`` on the slot; -1.0 until learned."""
-        cdef double n, x, y, xx, spread, slope, value
         self._slot(slot)
         _check_cost(cost)
+        return self._service_time(slot, cost)
+
+    cdef double _service_time(self, Py_ssize_t slot, double cost) noexcept nogil:
+        cdef double n, x, y, xx, spread, slope, value
         if self._lsamples[slot] < _SERVICE_MIN:
             return -1.0
         n = self._ln[slot]

@@ -26,6 +26,18 @@ that is peak-EWMA's ``estimate * (outstanding + 1)``. A slot with no sample yet 
 scored with the mean estimate of the pickable slots that have one (1.0 when none has),
 so a new instance takes a fair share at once instead of all traffic or none.
 
+How well do costs predict service time? Over the whole table, each request that finished on
+a slot whose line is trusted adds its log residual ``r = log(seconds / predicted)`` and its
+``log(seconds)`` to exponentially weighted sums (the line's weight per sample). From them:
+``residual_sd()``, the spread of ``r`` (about 0 for an exact hint, about the noise's sigma
+for a hint that is the length times lognormal noise), and ``hint_quality()``, the share of
+the spread of log service time that the costs explain, ``1 - var(r) / var(log seconds)``
+in [0, 1] (1 until there are ``SERVICE_MIN_SAMPLES`` residuals: a hint is trusted until
+shown otherwise; about 0 without a hint, where every cost is the same). Below 1 the pick
+blends each slot's work toward its outstanding count times the mean cost picked:
+``q * (work + cost) + (1 - q) * (outstanding + 1) * mean_cost``, peak-EWMA x outstanding
+when the hint says nothing.
+
 The pick is a linear scan over a dense array of pickable slots: the score of every slot
 depends on the new request's cost, so no ordering kept between picks can answer it.
 Ties (all idle, say) are broken uniformly at random by reservoir sampling. Both
@@ -118,6 +130,14 @@ class WorkTable:
         self._avail: list[int] = []
         self._total = 0
         self._used = 0
+        # Hint quality, over the whole table: weighted sums of the log residuals against
+        # the slots' lines and of log seconds (weight, r, r², s, s²), samples, the
+        # quality they give; and the weighted mean of the costs picked.
+        self._qn = self._qr = self._qrr = self._qs = self._qss = 0.0
+        self._qsamples = 0
+        self._quality = 1.0
+        self._cn = 0.0
+        self._cmean = 0.0
 
     # -- random numbers (xorshift64*), identical in the compiled table -----------------
 
@@ -297,8 +317,10 @@ class WorkTable:
 
     def pick(self, cost: float = 1.0, limit: int = 0) -> int:
         """LEAST_OUTSTANDING_WORK: the pickable slot with the lowest
-        ``(work + external work + cost) * estimate / weight``, ties broken uniformly at
-        random. ``limit`` reads the local count only.
+        ``(work + cost + external work) * estimate / weight``, ties broken uniformly at
+        random; with ``hint_quality()`` q below 1 the work read is ``q * (work + cost) +
+        (1 - q) * (outstanding + 1) * mean cost picked``, the external work added after.
+        ``limit`` reads the local count only.
 
         Counts the request (one more outstanding, ``cost`` more work) on the slot chosen.
 
@@ -322,6 +344,8 @@ class WorkTable:
                 known += estimate[slot]
                 n_known += 1
         default = known / n_known if n_known else 1.0
+        q = self._quality
+        cmean = self._cmean
         best = -1
         best_score = _INF
         ties = 0
@@ -329,8 +353,11 @@ class WorkTable:
             if limit > 0 and self._count[slot] >= limit:
                 continue
             e = estimate[slot]
-            score = (self._work[slot] + self._xwork[slot] + cost) \
-                * (e if e > 0.0 else default) / self._weight[slot]
+            work = self._work[slot] + cost
+            if q < 1.0:  # the hint says less than it seems: toward outstanding x mean cost
+                work = q * work + (1.0 - q) * (self._count[slot] + 1) * cmean
+            score = (work + self._xwork[slot]) * (e if e > 0.0 else default) \
+                / self._weight[slot]
             if score < best_score:
                 best = slot
                 best_score = score
@@ -343,6 +370,8 @@ class WorkTable:
             self._count[best] += 1
             self._work[best] += cost
             self._total += 1
+            self._cn = self._cn * self._keep + 1.0
+            self._cmean += (cost - self._cmean) / self._cn
         return best
 
     # -- accounting --------------------------------------------------------------------
@@ -430,6 +459,7 @@ class WorkTable:
         xy = cost * seconds
         if not (xx < _INF and xy < _INF):
             return
+        self._observe_residual(slot, cost, seconds)
         keep = self._keep
         self._ln[slot] = self._ln[slot] * keep + 1.0
         self._lx[slot] = self._lx[slot] * keep + cost
@@ -437,6 +467,51 @@ class WorkTable:
         self._lxx[slot] = self._lxx[slot] * keep + xx
         self._lxy[slot] = self._lxy[slot] * keep + xy
         self._lsamples[slot] += 1
+
+    def _observe_residual(self, slot: int, cost: float, seconds: float) -> None:
+        """Fold how far ``slot``'s line (before this sample) missed ``seconds`` into the
+        table's hint-quality sums, and refresh the quality."""
+        if seconds <= 0.0 or self._lsamples[slot] < SERVICE_MIN_SAMPLES:
+            return
+        predicted = self.service_time(slot, cost)
+        if predicted <= 0.0:
+            return
+        s = math.log(seconds)
+        r = s - math.log(predicted)
+        keep = self._keep
+        self._qn = self._qn * keep + 1.0
+        self._qr = self._qr * keep + r
+        self._qrr = self._qrr * keep + r * r
+        self._qs = self._qs * keep + s
+        self._qss = self._qss * keep + s * s
+        self._qsamples += 1
+        if self._qsamples < SERVICE_MIN_SAMPLES:
+            return
+        n = self._qn
+        mean_r = self._qr / n
+        mean_s = self._qs / n
+        var_r = self._qrr / n - mean_r * mean_r
+        var_s = self._qss / n - mean_s * mean_s
+        if var_s <= 1e-12:  # every request took the same time: nothing to predict
+            self._quality = 1.0
+        else:
+            q = 1.0 - var_r / var_s
+            self._quality = 0.0 if q < 0.0 else (1.0 if q > 1.0 else q)
+
+    def residual_sd(self) -> float:
+        """The spread (standard deviation) of ``log(seconds / predicted)`` over the recent
+        requests, the prediction being each slot's service-time line; -1.0 before
+        ``SERVICE_MIN_SAMPLES`` such requests."""
+        if self._qsamples < SERVICE_MIN_SAMPLES:
+            return -1.0
+        mean_r = self._qr / self._qn
+        var_r = self._qrr / self._qn - mean_r * mean_r
+        return math.sqrt(var_r) if var_r > 0.0 else 0.0
+
+    def hint_quality(self) -> float:
+        """The share of the spread of log service time the costs explain, in [0, 1]: 1
+        for an exact hint (and until learned), about 0 without one."""
+        return self._quality
 
     def service_time(self, slot: int, cost: float) -> float:
         """Expected seconds for a request of ``cost`` on ``slot``, from its line; -1.0

@@ -49,10 +49,17 @@ def instance_message(instance: Instance, load: InstanceLoad | None = None) -> ap
 
 
 def variant_message(variant: Variant) -> apb.Variant:
-    return apb.Variant(name=variant.name, weight=variant.weight,
-                       routing_strategy=variant.strategy.value,
-                       models=sorted(variant.models or ()),
-                       max_concurrency_per_instance=variant.limit or 0)
+    message = apb.Variant(name=variant.name, weight=variant.weight,
+                          routing_strategy=variant.strategy.value,
+                          models=sorted(variant.models or ()),
+                          max_concurrency_per_instance=variant.limit or 0)
+    work = variant.work
+    if work is not None:
+        message.hint_quality = work.hint_quality()
+        residual = work.residual_sd()
+        if residual >= 0.0:
+            message.hint_residual_sd = residual
+    return message
 
 
 class _Refused(Exception):

@@ -189,6 +189,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for v in response.variants:
         models = ", ".join(v.models) or "all models"
         print(f"variant {v.name}: {v.routing_strategy}, weight {v.weight:g}, {models}")
+        if v.HasField("hint_quality"):
+            learned = (f"residual SD {v.hint_residual_sd:.2f}"
+                       if v.HasField("hint_residual_sd") else "not learned yet")
+            print(f"  work hints: quality {v.hint_quality:.2f}, {learned}")
         mine = [i for i in response.instances if i.variant == v.name]
         reports = any(i.load_report not in ("", "off") for i in mine)
         print(f"  {'slot':>4}  {'address':<22} {'state':<9} {'health':<9} "

@@ -1,9 +1,11 @@
 """Dispatch ahead: hand an instance its next waiting request shortly before its running
 one is expected to end, so Triton's queue is never empty between the two.
 
-It needs to know when the running request will end, so it learns each instance's service
-time as a line in the request's cost (``WorkTable.observe_service``) and keeps, per
-instance with one request running, when that request is expected to end. A timer fires
+It needs to know when the running request will end: it reads each instance's service-time
+line in the request's cost (``WorkTable.service_time``, learned from finished requests) and
+keeps, per instance with one request running, when that request is expected to end; only
+while the hints are known to predict service time (``WorkTable.residual_sd`` at most
+``AHEAD_MAX_RESIDUAL_SD``), else a request waits for the running one to end. A timer fires
 ``lead_s`` before then and hands over the oldest (or least-slack) waiting request, one over
 the instance's concurrency limit. An instance whose moment came while nobody waited is
 kept as *due*, and the next request that has to wait goes to it at once.
@@ -15,8 +17,7 @@ requires LEAST_OUTSTANDING_WORK); other variants hold none and pay nothing.
 from __future__ import annotations
 
 import asyncio
-import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import WorkTable
 from tritonmesh.instance import Instance, InstanceState
@@ -24,7 +25,12 @@ from tritonmesh.instance import Instance, InstanceState
 if TYPE_CHECKING:
     from tritonmesh.variant import Variant
 
-__all__ = ["DispatchAhead", "Plan"]
+__all__ = ["AHEAD_MAX_RESIDUAL_SD", "DispatchAhead", "Plan"]
+
+# Dispatch ahead sends early only while the spread of log(service time / predicted) is at
+# most this: bench/queue_sim.py --hints found it keeps an exact hint's gain and loses
+# nothing with noisy or absent hints (docs/strategies.md).
+AHEAD_MAX_RESIDUAL_SD: Final = 0.2
 
 
 class Plan:
@@ -50,19 +56,12 @@ class DispatchAhead:
         """What is expected of ``instance``; None while it has nothing running."""
         return self._plans.get(instance)
 
-    def observe(self, instance: Instance, cost: float, seconds: float) -> float:
-        """A request of ``cost`` succeeded in ``seconds``: teach the service-time line, and
-        return the seconds per unit of cost LEAST_OUTSTANDING_WORK learns from it.
-
-        Timed from when it was sent, a request sent ahead included (its few milliseconds in
-        Triton's queue count): the line errs long, the safe side, and stays right when
-        Triton runs two requests side by side."""
-        self._work().observe_service(instance.slot, cost, seconds)
-        return seconds / cost if cost > 0.0 else math.inf
-
     def booked(self, instance: Instance, cost: float) -> None:
         """A request of ``cost`` was sent to ``instance``: when is it expected to end?"""
-        expected = self._work().service_time(instance.slot, cost)
+        work = self._work()
+        expected = work.service_time(instance.slot, cost)
+        if not 0.0 <= work.residual_sd() <= AHEAD_MAX_RESIDUAL_SD:
+            expected = -1.0  # hints not known to predict the end: wait for it
         self._due.discard(instance)
         plan = self._plans.get(instance)
         if plan is None:

@@ -103,8 +103,14 @@ class Instance:
         variant = self.variant
         work = variant.work
         if work is not None and ok and seconds > 0.0 and self.state is not InstanceState.REMOVED:
+            # The service-time line (dispatch ahead's, and what hint quality is learned
+            # against): alone on its instance (limit 1) a request's time is its own cost's;
+            # otherwise it waited behind the work it found there. Timed from when it was
+            # sent, a request sent ahead included (its few milliseconds in Triton's queue
+            # count): the line errs long, the safe side.
+            work.observe_service(self.slot, cost if variant.limit == 1 else ahead, seconds)
             if variant.ahead is not None:
-                rate = variant.ahead.observe(self, cost, seconds)
+                rate = seconds / cost if cost > 0.0 else math.inf
             else:
                 rate = seconds / ahead if ahead > 0.0 else math.inf
             if rate < math.inf:

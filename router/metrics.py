@@ -64,8 +64,21 @@ class BalancerCollector(Collector):
             "tritonmesh_variant_queued_requests",
             "Requests waiting in the router for an instance below its concurrency limit.",
             labels=["variant"])
+        hint_quality = GaugeMetricFamily(
+            "tritonmesh_variant_hint_quality",
+            "LEAST_OUTSTANDING_WORK: the share of the spread of log service time that "
+            "request costs (work_hints) explain, 0 to 1 (1 until learned).",
+            labels=["variant"])
+        hint_residual = GaugeMetricFamily(
+            "tritonmesh_variant_hint_residual_sd",
+            "LEAST_OUTSTANDING_WORK: the spread of log(service time / predicted from the "
+            "cost) over recent requests (absent until learned).", labels=["variant"])
         for variant in self.balancer.variants:
             variant_outstanding.add_metric([variant.name], variant.table.total_outstanding())
+            if variant.work is not None:
+                hint_quality.add_metric([variant.name], variant.work.hint_quality())
+                if (residual := variant.work.residual_sd()) >= 0.0:
+                    hint_residual.add_metric([variant.name], residual)
             # len() only: this runs on the scrape thread while the loop mutates the deque.
             queued.add_metric([variant.name], len(variant.waiters))
             # Counts from one snapshot: an instance removed during the scrape may have
@@ -98,7 +111,7 @@ class BalancerCollector(Collector):
         for reason, n in list(budget.refused.items()):
             refused.add_metric([reason], n)
         yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
-                    queued, retries, refused)
+                    queued, retries, refused, hint_quality, hint_residual)
         yield from self.balancer.metrics.families(self.endpoint)
 
 

@@ -275,7 +275,8 @@ class Variant:
         if self.least_slack and self.work is not None:
             budget = self.default_deadline_s if timeout is None \
                 else min(timeout, self.default_deadline_s)
-            key += budget - cost * self.work.mean_estimate()
+            # Toward FIFO as far as the hints fail to predict service time.
+            key += budget - self.work.hint_quality() * cost * self.work.mean_estimate()
         entry = self.waiters.push(waiter, cost, key, priority)
         if self.ahead is not None:
             self.ahead.waiting()

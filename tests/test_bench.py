@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 from harness import descendants, wait_gone
 from tritonmesh.bench.experiment import percentile
-from tritonmesh.bench.loadgen import Workload
+from tritonmesh.bench.loadgen import Request, Workload, hint_label, parse_hint
 
 pytestmark = pytest.mark.triton
 
@@ -28,7 +30,31 @@ def test_every_target_gets_the_same_requests() -> None:
     w = Workload(seed=3)
     first = [w.draw(w.lengths(u)) for u in range(5)]
     assert first == [w.draw(w.lengths(u)) for u in range(5)]
-    assert all(1 <= t <= w.max_tokens for t in first)
+    assert all(1 <= r.tokens <= w.max_tokens for r in first)
+
+
+def test_hints_are_what_real_clients_send() -> None:
+    """Every hint serves the same requests; only the hint differs: the length itself (the
+    oracle), the length times lognormal noise, the cap the client asks for, or nothing."""
+    def draws(hint: str) -> list[Request]:
+        w = Workload(seed=3, hint=hint)
+        rng = w.lengths(0)
+        return [w.draw(rng) for _ in range(2000)]
+
+    exact, noisy, none = draws("exact"), draws("noisy:0.7"), draws("none")
+    assert [r.seed for r in noisy] == [r.seed for r in exact] == [r.seed for r in none]
+    assert [r.tokens for r in noisy] == [r.tokens for r in exact] == [r.tokens for r in none]
+    assert all(r.hint == r.tokens and r.cap == 2000 for r in exact)
+    assert all(r.hint is None for r in none)
+    errors = [math.log(r.hint / r.tokens) for r in noisy if r.hint and r.tokens > 20]
+    assert 0.6 < statistics.pstdev(errors) < 0.8 and abs(statistics.fmean(errors)) < 0.1
+    capped = draws("cap:30")
+    assert all(r.cap == r.hint == 30 and 1 <= r.tokens <= 30 for r in capped)
+    assert {r.tokens for r in capped if r.tokens < 30}  # the cap is a cap, not the length
+    assert hint_label("exact") == "exact (oracle)" and hint_label("none") == "none"
+    for bad in ("noisy", "noisy:0", "noisy:x", "cap:0", "exact:1", "oracle"):
+        with pytest.raises(ValueError, match="hint must be exact, noisy:SIGMA"):
+            parse_hint(bad)
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -60,10 +86,37 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
     report_md = (tmp_path / "routing.md").read_text()
-    assert report_md.count("| 2 | 1 | tritonmesh ") == 6  # a row per target
+    assert report_md.count("| 2 | 1 | exact (oracle) | tritonmesh ") == 6  # a row per target
     side_by_side = report_md.split("## Side by side")[1]
     assert side_by_side.count("| 2 | 1 |") == 1  # and the comparison of the scale point
     assert (tmp_path / "p99_latency.png").stat().st_size > 0
+
+
+def test_hints_side_by_side(tmp_path: Path) -> None:
+    """--hint with several values runs a table per hint in one run, over the same
+    requests (each ran to the length the model drew, so none is an error), the exact one
+    labeled as the oracle; a hint that is none of the kinds is refused, naming them."""
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    args = [tritonmesh, "--log-level", "WARNING", "bench", "--scale", "2/1", "--warmup", "1",
+            "--duration", "2", "--no-peers", "--targets", "LEAST_OUTSTANDING_WORK (late",
+            "--median-tokens", "10", "--hint", "exact", "noisy:0.7", "cap:25", "none",
+            "--out", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "routing.json").read_text())
+    assert report["meta"]["hints"] == ["exact", "noisy:0.7", "cap:25", "none"]
+    rows = report["rows"]
+    assert sorted({r["hint"] for r in rows}) == ["cap:25", "exact (oracle)", "noisy:0.7",
+                                                 "none"]
+    assert len(rows) == 4 * 2  # two late-binding LEAST_OUTSTANDING_WORK targets per hint
+    for row in rows:
+        assert row["errors"] == 0, row["error_samples"]
+        assert row["requests"] > 0 and row["completed"] == row["requests"]
+    side_by_side = (tmp_path / "routing.md").read_text().split("## Side by side")[1]
+    assert side_by_side.count("| 2 | 1 | ") == 4 and "| exact (oracle) |" in side_by_side
+    refused = subprocess.run([*args[:-2], "--hint", "noisy:-1"], capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2 and "hint must be exact, noisy:SIGMA" in refused.stderr
 
 
 def test_repeated_runs(tmp_path: Path) -> None:
@@ -86,7 +139,8 @@ def test_repeated_runs(tmp_path: Path) -> None:
             "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)",
             "tritonmesh RANDOM")]
     over = (tmp_path / "routing.md").read_text().split("## Over the 2 runs")[1]
-    assert over.count("| 2 | 1 | 2 |") == 1  # one line for the scale point, over 2 runs
+    # one line for the scale point (and hint), over 2 runs
+    assert over.count("| 2 | 1 | exact (oracle) | 2 |") == 1
 
 
 @pytest.mark.skipif(not (shutil.which("nginx") and shutil.which("haproxy")),
@@ -125,6 +179,26 @@ def test_comparison_ratios() -> None:
     assert cmp["throughput_vs_best_peer"] == pytest.approx(420 / 430)
     assert cmp["lor_p99_vs_random"] == pytest.approx(2 / 3)
     assert cmp["lor_throughput_vs_random"] == pytest.approx(1.4)
+    assert "recommended_p99_vs_best_peer" not in cmp  # the recommended target did not run
+
+
+def test_comparison_per_hint_with_the_recommended_configuration() -> None:
+    """A comparison per hint; the recommended configuration against the best peer and
+    against LOR + late binding, whichever tritonmesh target had the best P99."""
+    from tritonmesh.bench.report import LATE_BINDING, RECOMMENDED, comparison
+
+    rows = [{"users": 20, "instances": 5, "hint": hint, "target": target, "p99_s": p99,
+             "req_per_min_per_instance": 400.0, "errors": 0}
+            for hint, values in (("exact (oracle)", (0.8, 1.0, 1.0)), ("none", (1.1, 1.0, 1.05)))
+            for target, p99 in zip((RECOMMENDED, LATE_BINDING, "haproxy leastconn maxconn 1"),
+                                   values, strict=True)]
+    exact, none = comparison(rows)
+    assert (exact["hint"], none["hint"]) == ("exact (oracle)", "none")
+    assert exact["recommended_p99_vs_best_peer"] == pytest.approx(0.8)
+    assert exact["recommended_p99_vs_late_binding"] == pytest.approx(0.8)
+    assert none["recommended_p99_vs_best_peer"] == pytest.approx(1.1 / 1.05)
+    assert none["recommended_p99_vs_late_binding"] == pytest.approx(1.1)
+    assert none["best_tritonmesh"] == LATE_BINDING.removeprefix("tritonmesh ")
 
 
 def test_spread_over_runs() -> None:

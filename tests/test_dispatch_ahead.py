@@ -46,7 +46,8 @@ def _timer(variant: Variant, instance: Instance) -> asyncio.TimerHandle | None:
 async def _one_instance(ahead_s: float, *, teach: bool = True, service_alpha: float = 0.02
                         ) -> AsyncIterator[tuple[Variant, Instance]]:
     """A dispatch-ahead variant with one instance (an address nothing listens on: these
-    tests never send), its line taught 0.1 s per unit of cost unless ``teach`` is False."""
+    tests never send), its line taught 0.1 s per unit of cost unless ``teach`` is False
+    (twice the samples a line needs: the second half shows the costs predict exactly)."""
     config = VariantConfig("AllTraffic", routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK,
                            instances=("127.0.0.1:1",), max_concurrency=1,
                            queue_order=QueueOrder.FIFO, dispatch_ahead_s=ahead_s)
@@ -56,7 +57,7 @@ async def _one_instance(ahead_s: float, *, teach: bool = True, service_alpha: fl
     try:
         instance = variant.add(upstream)
         if teach:
-            for cost in range(1, SERVICE_MIN_SAMPLES + 1):
+            for cost in range(1, 2 * SERVICE_MIN_SAMPLES + 1):
                 variant.work.observe_service(instance.slot, float(cost), 0.1 * cost)
         yield variant, instance
     finally:
@@ -195,12 +196,14 @@ def test_a_removed_instance_ends_its_timer_and_releases_cleanly() -> None:
 def test_through_the_router(make_router: Any) -> None:
     """A request waiting behind a 300-token generation goes to Triton before that ends
     (the instance holds two), and both answers are whole. (A lead of 0.5 s: the line,
-    taught on short requests, extrapolates to this long one.)"""
+    taught on shorter requests, extrapolates to this long one.)"""
     hints = {m: WorkHint(input="MAX_TOKENS", base=1) for m in ("generate", "generate_unary")}
     router = make_router(strategy="LEAST_OUTSTANDING_WORK", workers=1, max_concurrency=1,
                          work_hints=hints, dispatch_ahead_s=0.5)
     (instance,) = router.instances()
-    for tokens in (1, 5, 20, 2, 40, 10, 3, 30, 8, 15):  # teaches the line
+    # Teaches the line, and then that the hint predicts it (dispatch ahead's gate): long
+    # enough that a few milliseconds of the machine's jitter are a small part of each.
+    for tokens in (20, 45, 30, 60, 25, 50, 35, 40, 55, 28) * 2:
         assert generate_unary(router.address, tokens) == list(range(tokens))
     work = router.balancer.variants[0].work
     assert work is not None and 0.3 < work.service_time(instance.slot, 301.0) < 3.0

@@ -292,6 +292,79 @@ def test_service_line_ignores_absurd_costs_and_checks_arguments(table_cls: Any) 
             table_cls(service_alpha=alpha)
 
 
+# -- hint quality: how well costs predict service time ------------------------------------
+
+
+def _serve(t: Any, slots: list[int], requests: int, seed: int,
+           hint: Any) -> None:
+    """Requests of lognormal length (median 40, sigma 1) on ``slots`` in turn, each taking
+    2 ms + 2 ms per token; ``hint(rng, length)`` is the cost the client stated."""
+    import random
+
+    rng = random.Random(seed)
+    for k in range(requests):
+        length = max(1, round(rng.lognormvariate(math.log(40), 1.0)))
+        t.observe_service(slots[k % len(slots)], hint(rng, length), 0.002 + 0.002 * length)
+
+
+def test_exact_hints_have_no_residual_and_full_quality(table_cls: Any) -> None:
+    t = checked(table_cls(seed=1))
+    slots = [t.add(), t.add()]
+    assert t.residual_sd() == -1.0 and t.hint_quality() == 1.0  # trusted until shown
+    _serve(t, slots, 400, seed=2, hint=lambda rng, length: length + 1.0)
+    assert 0.0 <= t.residual_sd() < 0.01
+    assert t.hint_quality() > 0.99
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.7])
+def test_noisy_service_times_show_as_their_sigma(table_cls: Any, sigma: float) -> None:
+    """Each request takes its line's time times lognormal(0, sigma): the residual spread is
+    sigma, and the costs still explain most of the spread of service time."""
+    import random
+
+    t = checked(table_cls(seed=1))
+    slots = [t.add(), t.add()]
+    noise = random.Random(5)
+    for k in range(600):
+        cost = max(1.0, round(noise.lognormvariate(math.log(40), 1.0)))
+        seconds = (0.002 + 0.002 * cost) * noise.lognormvariate(0.0, sigma)
+        t.observe_service(slots[k % 2], cost, seconds)
+    assert t.residual_sd() == pytest.approx(sigma, rel=0.25)
+    assert 0.2 < t.hint_quality() < 0.95
+
+
+def test_noisy_and_absent_hints_lower_the_quality(table_cls: Any) -> None:
+    """A hint off by lognormal(0, 0.7) explains part of the spread of service time; a
+    constant one (no hint: every request costs 1) explains none of it."""
+    noisy = checked(table_cls(seed=1))
+    _serve(noisy, [noisy.add(), noisy.add()], 600, seed=3,
+           hint=lambda rng, length: 1.0 + round(length * rng.lognormvariate(0.0, 0.7)))
+    absent = checked(table_cls(seed=1))
+    _serve(absent, [absent.add(), absent.add()], 600, seed=3, hint=lambda rng, length: 1.0)
+    assert 0.5 < noisy.residual_sd() < 1.0 and 0.1 < noisy.hint_quality() < 0.8
+    assert absent.residual_sd() > 0.7 and absent.hint_quality() < 0.05
+
+
+def test_pick_falls_back_to_outstanding_when_hints_say_nothing(table_cls: Any) -> None:
+    """Slot a runs one request stated to cost 100, slot b three of cost 1. Trusting the
+    hint, a new request goes to b (less work); with a hint shown to carry no information,
+    to a (fewer requests, as peak-EWMA x outstanding would choose)."""
+    for hint, expected in (("exact", "b"), ("absent", "a")):
+        t = checked(table_cls(seed=1))
+        a, b = t.add(), t.add()
+        if hint == "exact":
+            _serve(t, [a, b], 200, seed=4, hint=lambda rng, length: length + 1.0)
+        else:  # stated costs unrelated to the lengths
+            _serve(t, [a, b], 200, seed=4,
+                   hint=lambda rng, length: float(rng.randint(1, 100)))
+        for slot in (a, b):
+            t.observe(slot, 0.002, 1.0)
+        t.acquire(a, 100.0)
+        for _ in range(3):
+            t.acquire(b, 1.0)
+        assert t.pick(1.0) == {"a": a, "b": b}[expected], (hint, t.hint_quality())
+
+
 # -- differential: C vs twin over any operation sequence ---------------------------------
 
 COSTS = st.sampled_from([0.0, 0.5, 1.0, 3.0, 40.0, 1e6])
@@ -343,7 +416,7 @@ def _apply(t: Any, weights: list[float], ops: list[Op]) -> list[Any]:
         estimates = [t.estimate(s) for s, *_ in t.snapshot()]
         work = [(t.work(s), t.external(s), t.external_work(s)) for s, *_ in t.snapshot()]
         out += [result, t.snapshot(), estimates, work, t.total_outstanding(), t.pickable(),
-                t.mean_estimate()]
+                t.mean_estimate(), t.residual_sd(), t.hint_quality()]
     return out
 
 

@@ -67,6 +67,36 @@ def test_each_worker_serves_every_model(worker_addresses: list[str]) -> None:
             assert config.model_transaction_policy.decoupled
 
 
+def _seeded(max_tokens: int, seed: int) -> list[Any]:
+    inputs = _inputs(0, max_tokens)
+    t = grpcclient.InferInput("SEED", [1], "INT64")
+    t.set_data_from_numpy(np.array([seed], dtype=np.int64))
+    return [*inputs, t]
+
+
+def test_a_seeded_request_stops_at_its_own_length(worker_addresses: list[str]) -> None:
+    """With a SEED the demo models stop where an LLM would, at a length of their own drawn
+    from it (lognormal, median 40, sigma 0.75 by default), and MAX_TOKENS only caps it: the
+    same length on every call, and the one the bench computes for its hints."""
+    from tritonmesh.bench.loadgen import own_length
+
+    seeds = [11, 12, 13, 14, 15, 16]
+    expected = [own_length(s, 40.0, 0.75, 60) for s in seeds]
+    assert len(set(expected)) > 2 and min(expected) < 60  # lengths differ; not all capped
+    long_seed = next(s for s in range(1000) if own_length(s, 40.0, 0.75, 1000) > 5)
+    with grpcclient.InferenceServerClient(worker_addresses[0]) as client:
+        got = [client.infer("generate_unary", _seeded(60, s)).as_numpy("TOKENS").size
+               for s in seeds]
+        again = client.infer("generate_unary", _seeded(60, seeds[0])).as_numpy("TOKENS")
+        capped = client.infer("generate_unary", _seeded(5, long_seed)).as_numpy("TOKENS")
+    assert got == expected and again.size == expected[0]
+    assert capped.tolist() == list(range(5))
+    streamed = _stream(worker_addresses[0], [("generate", _seeded(60, seeds[1]), True)],
+                       expected[1] + 1)
+    assert all(error is None for _, error in streamed)
+    assert [_token(r) for r, _ in streamed] == [*range(expected[1]), None]
+
+
 def test_aio_client_direct(worker_addresses: list[str]) -> None:
     async def run() -> list[int]:
         async with aioclient.InferenceServerClient(worker_addresses[0]) as client:

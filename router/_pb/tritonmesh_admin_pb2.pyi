@@ -13,18 +13,22 @@ class ListInstancesRequest(_message.Message):
     def __init__(self, variant: _Optional[str] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("name", "weight", "routing_strategy", "models", "max_concurrency_per_instance")
+    __slots__ = ("name", "weight", "routing_strategy", "models", "max_concurrency_per_instance", "hint_quality", "hint_residual_sd")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ROUTING_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENCY_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    HINT_QUALITY_FIELD_NUMBER: _ClassVar[int]
+    HINT_RESIDUAL_SD_FIELD_NUMBER: _ClassVar[int]
     name: str
     weight: float
     routing_strategy: str
     models: _containers.RepeatedScalarFieldContainer[str]
     max_concurrency_per_instance: int
-    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., routing_strategy: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency_per_instance: _Optional[int] = ...) -> None: ...
+    hint_quality: float
+    hint_residual_sd: float
+    def __init__(self, name: _Optional[str] = ..., weight: _Optional[float] = ..., routing_strategy: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., max_concurrency_per_instance: _Optional[int] = ..., hint_quality: _Optional[float] = ..., hint_residual_sd: _Optional[float] = ...) -> None: ...
 
 class Instance(_message.Message):
     __slots__ = ("variant", "slot", "address", "state", "healthy", "outstanding", "requests", "errors", "weight", "load_report", "external_requests")

@@ -20,7 +20,7 @@ from tritonmesh.bench.experiment import (
     progress_bar,
     routing_experiment,
 )
-from tritonmesh.bench.loadgen import Workload
+from tritonmesh.bench.loadgen import Workload, parse_hint
 from tritonmesh.bench.overhead import overhead_experiment
 from tritonmesh.bench.report import write_results
 from tritonmesh.bench.targets import STDLIB_LOOP, available_targets
@@ -40,6 +40,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _hint(text: str) -> str:
+    try:
+        return parse_hint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "e^(2.33 sigma)); 0.75 reproduces the peers' ratios of the "
                             "reference workload (docs/BENCHMARKS.md)")
     bench.add_argument("--decode-ms", type=float, default=2.0, help="per-token time")
+    bench.add_argument("--hint", type=_hint, nargs="+", default=["exact"],
+                       metavar="exact|noisy:SIGMA|cap:N|none",
+                       help="what each request tells the router of its length (the "
+                            "length_hint parameter; the peers ignore it): exact (the oracle "
+                            "no real client has), the length times lognormal(0, SIGMA), the "
+                            "cap N the client asks for (also sent as MAX_TOKENS), or none; "
+                            "several: a table each, side by side in one run")
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--repeat", type=_positive, default=1, metavar="N",
                        help="run the whole table N times (run r draws with seed + r - 1) and "
@@ -123,15 +137,16 @@ def _run_bench(args: argparse.Namespace) -> int:
         meta.update(users=args.users, seconds_per_cell=args.duration)
     else:
         workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,
-                            decode_ms=args.decode_ms, seed=args.seed)
+                            decode_ms=args.decode_ms, seed=args.seed, hint=args.hint[0])
         scale = args.scale or (FULL_SCALE if args.full else QUICK_SCALE)
         results = asyncio.run(_terminable(routing_experiment(
             targets, scale, workload, args.warmup, args.duration, args.stream,
-            progress=progress_bar, repeats=args.repeat)))
+            progress=progress_bar, repeats=args.repeat, hints=args.hint)))
         rows = as_dicts(results)
         meta.update(workload=asdict(workload), scale=list(scale), warmup_s=args.warmup,
                     measured_s=args.duration, mode="stream" if args.stream else "unary",
-                    runs=args.repeat, seeds=[args.seed + r for r in range(args.repeat)])
+                    runs=args.repeat, seeds=[args.seed + r for r in range(args.repeat)],
+                    hints=args.hint)
     written = write_results(out, args.mode, rows, meta, notes)
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tritonclient.grpc.aio as aioclient
-from tritonmesh.bench.loadgen import Outcome, Workload, run_users
+from tritonmesh.bench.loadgen import Outcome, Workload, hint_label, run_users
 from tritonmesh.bench.targets import Target, running
 from tritonmesh.workers.launcher import WorkerPool
 from tritonmesh.workers.tritonserver import default_model_repository
@@ -39,6 +39,7 @@ class Cell:
     instances: int
     target: Target
     run: int = 1  # which pass over the table (``--repeat``)
+    hint: str = "exact"  # what the requests tell the router of their length (``--hint``)
 
 
 @dataclass
@@ -68,6 +69,7 @@ class CellResult:
     error_samples: list[str] = field(default_factory=list)
     run: int = 1  # which pass over the table (``--repeat``)
     seed: int = 7  # the lengths' seed this run drew from
+    hint: str = "exact (oracle)"  # hint_label of the cell's --hint
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -80,14 +82,17 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def timed_repository(workload: Workload, into: Path) -> Path:
-    """A copy of the demo repository with the workload's per-token times written in."""
+    """A copy of the demo repository with the workload's per-token times and length
+    distribution written in."""
     repo = into / "models"
     shutil.copytree(default_model_repository(), repo)
     for model in ("generate", "generate_unary"):
         config = repo / model / "config.pbtxt"
         text = config.read_text()
         for key, value in (("prefill_ms_per_token", workload.prefill_ms),
-                           ("decode_ms_per_token", workload.decode_ms)):
+                           ("decode_ms_per_token", workload.decode_ms),
+                           ("length_median_tokens", workload.median_tokens),
+                           ("length_sigma", workload.sigma)):
             pattern = rf'(key: "{key}" value: {{ string_value: )"[^"]*"'
             text, found = re.subn(pattern, rf'\g<1>"{value}"', text)
             if found != 1:  # a silent no-op would time the wrong workload
@@ -171,7 +176,7 @@ def summarize(cell: Cell, outcomes: list[Outcome], window: tuple[float, float],
         utilization=round(statistics.fmean(cell_busy) / busy_span_s, 3) if cell_busy else 0.0,
         sent=len(outcomes), triton_executed=executed,
         error_samples=sorted({o.error for o in measured if o.error})[:3], run=cell.run,
-        seed=workload.seed,
+        seed=workload.seed, hint=hint_label(cell.hint),
     )
 
 
@@ -206,6 +211,7 @@ async def routing_experiment(
     targets: Sequence[Target], scale: Sequence[tuple[int, int]], workload: Workload,
     warmup_s: float, measure_s: float, streaming: bool,
     progress: Callable[[int, int, str], None] | None = None, repeats: int = 1,
+    hints: Sequence[str] = (),
 ) -> list[CellResult]:
     """Every target at every (users, instances) point, on one pool of real workers.
 
@@ -213,10 +219,11 @@ async def routing_experiment(
     so that a drift in the machine over the run spreads over every target alike. Pass r
     draws its lengths with seed ``workload.seed + r - 1``: every target of a pass serves the
     same requests, and the passes differ, so the spread covers the draw as well as the
-    machine (with one seed, two passes mostly repeat each other's tail).
+    machine (with one seed, two passes mostly repeat each other's tail). Each of ``hints``
+    (default: the workload's) is a table of its own over the same requests.
     """
-    cells = [Cell(u, n, t, run) for run in range(1, repeats + 1)
-             for u, n in scale for t in targets]
+    cells = [Cell(u, n, t, run, hint) for run in range(1, repeats + 1)
+             for u, n in scale for hint in (hints or (workload.hint,)) for t in targets]
     results = []
     with tempfile.TemporaryDirectory(prefix="tritonmesh-bench-") as tmp:
         repo = timed_repository(workload, Path(tmp))
@@ -224,9 +231,9 @@ async def routing_experiment(
             for i, cell in enumerate(cells):
                 if progress:
                     run = f"run {cell.run}/{repeats}: " if repeats > 1 else ""
-                    progress(i, len(cells), f"{run}{cell.users} users / {cell.instances} "
-                                            f"instances: {cell.target.label}")
-                drawn = replace(workload, seed=workload.seed + cell.run - 1)
+                    progress(i, len(cells), f"{run}{cell.users}/{cell.instances}, "
+                                            f"{hint_label(cell.hint)}: {cell.target.label}")
+                drawn = replace(workload, seed=workload.seed + cell.run - 1, hint=cell.hint)
                 results.append(await run_cell(cell, pool.addresses, drawn, warmup_s,
                                               measure_s, streaming))
             if progress:

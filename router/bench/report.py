@@ -11,8 +11,9 @@ from typing import Any
 __all__ = ["comparison", "markdown_table", "plot_routing", "spread", "write_results"]
 
 ROUTING_COLUMNS = (
-    ("users", "users", "{}"), ("instances", "inst", "{}"), ("target", "target", "{}"),
-    ("p50_s", "P50 s", "{:.3f}"), ("p90_s", "P90 s", "{:.3f}"), ("p99_s", "P99 s", "{:.3f}"),
+    ("users", "users", "{}"), ("instances", "inst", "{}"), ("hint", "hint", "{}"),
+    ("target", "target", "{}"), ("p50_s", "P50 s", "{:.3f}"), ("p90_s", "P90 s", "{:.3f}"),
+    ("p99_s", "P99 s", "{:.3f}"),
     ("max_s", "max s", "{:.3f}"), ("queued_p99_s", "queued P99 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT P99 s", "{:.3f}"), ("req_per_s", "req/s", "{:.1f}"),
     ("req_per_min_per_instance", "req/min/inst", "{:.1f}"), ("errors", "errors", "{}"),
@@ -28,7 +29,7 @@ OVERHEAD_COLUMNS = (
 
 
 COMPARISON_COLUMNS = (
-    ("users", "users", "{}"), ("instances", "inst", "{}"),
+    ("users", "users", "{}"), ("instances", "inst", "{}"), ("hint", "hint", "{}"),
     ("best_tritonmesh", "best tritonmesh (P99)", "{}"),
     ("best_tritonmesh_p99_s", "P99 s", "{:.3f}"),
     ("best_peer", "best peer (P99)", "{}"), ("best_peer_p99_s", "P99 s", "{:.3f}"),
@@ -38,23 +39,35 @@ COMPARISON_COLUMNS = (
      "{:.3f}"),
     ("lor_p99_vs_random", "LOR / RANDOM P99", "{:.2f}"),
     ("lor_throughput_vs_random", "LOR / RANDOM req/min/inst", "{:.2f}"),
+    ("recommended_p99_vs_best_peer", "recommended P99 / peer's", "{:.2f}"),
+    ("recommended_p99_vs_late_binding", "recommended P99 / LOR + late binding's", "{:.2f}"),
 )
 
 
+RECOMMENDED = ("tritonmesh LEAST_OUTSTANDING_WORK (late binding, 1/instance, least slack, "
+               "dispatch ahead 10 ms)")
+LATE_BINDING = "tritonmesh LEAST_OUTSTANDING_REQUESTS (late binding, 1/instance)"
+
+
 def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scale point (and run): tritonmesh's best P99 against the best peer's; the highest
-    tritonmesh throughput per instance against the highest of the peers', and the
-    best-P99 target's own; LOR against RANDOM. Ratios of figures measured in the same
-    run; None where a side did not run."""
+    """Per scale point, hint (and run): tritonmesh's best P99 against the best peer's; the
+    highest tritonmesh throughput per instance against the highest of the peers', and the
+    best-P99 target's own; LOR against RANDOM; the recommended configuration against the
+    best peer and against LOR + late binding. Ratios of figures measured in the same run;
+    None where a side did not run."""
     out = []
-    for run, users, instances in sorted({(r.get("run", 1), r["users"], r["instances"])
-                                         for r in rows}):
-        cell = [r for r in rows if (r.get("run", 1), r["users"], r["instances"])
-                == (run, users, instances) and r["errors"] == 0]
+    keys = sorted({(r.get("run", 1), r["users"], r["instances"], r.get("hint", ""))
+                   for r in rows})
+    for run, users, instances, hint in keys:
+        cell = [r for r in rows if (r.get("run", 1), r["users"], r["instances"],
+                                    r.get("hint", "")) == (run, users, instances, hint)
+                and r["errors"] == 0]
         ours = [r for r in cell if r["target"].startswith("tritonmesh")]
         peers = [r for r in cell if not r["target"].startswith("tritonmesh")]
         by_name = {r["target"]: r for r in ours}
         row: dict[str, Any] = {"run": run, "users": users, "instances": instances}
+        if hint:
+            row["hint"] = hint
         if ours:
             best = min(ours, key=lambda r: r["p99_s"])
             row.update(best_tritonmesh=best["target"].removeprefix("tritonmesh "),
@@ -74,6 +87,12 @@ def comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row["lor_p99_vs_random"] = lor["p99_s"] / rnd["p99_s"]
             row["lor_throughput_vs_random"] = (lor["req_per_min_per_instance"]
                                                / rnd["req_per_min_per_instance"])
+        recommended = by_name.get(RECOMMENDED)
+        if recommended and peers:
+            row["recommended_p99_vs_best_peer"] = recommended["p99_s"] / best_peer["p99_s"]
+        if recommended and LATE_BINDING in by_name:
+            row["recommended_p99_vs_late_binding"] = (recommended["p99_s"]
+                                                      / by_name[LATE_BINDING]["p99_s"])
         out.append(row)
     return out
 
@@ -83,16 +102,23 @@ SPREAD_RATIOS = (
     ("throughput_vs_best_peer", "req/min/inst / best peer's"),
     ("best_p99_throughput_vs_best_peer", "best-P99 target's req/min/inst / best peer's"),
     ("lor_p99_vs_random", "LOR / RANDOM P99"),
+    ("recommended_p99_vs_best_peer", "recommended P99 / best peer's"),
+    ("recommended_p99_vs_late_binding", "recommended P99 / LOR + late binding's"),
 )
 
 
 def spread(compared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per scale point, each ratio of :func:`comparison` over the runs that have it (both
-    sides ran without errors): its mean, lowest and highest; and how many runs there were."""
+    """Per scale point and hint, each ratio of :func:`comparison` over the runs that have
+    it (both sides ran without errors): its mean, lowest and highest; and how many runs
+    there were."""
     out = []
-    for users, instances in sorted({(c["users"], c["instances"]) for c in compared}):
-        runs = [c for c in compared if (c["users"], c["instances"]) == (users, instances)]
+    for users, instances, hint in sorted({(c["users"], c["instances"], c.get("hint", ""))
+                                          for c in compared}):
+        runs = [c for c in compared if (c["users"], c["instances"], c.get("hint", ""))
+                == (users, instances, hint)]
         row: dict[str, Any] = {"users": users, "instances": instances, "runs": len(runs)}
+        if hint:
+            row["hint"] = hint
         for key, _ in SPREAD_RATIOS:
             values = [c[key] for c in runs if c.get(key) is not None]
             if values:
@@ -102,11 +128,12 @@ def spread(compared: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def spread_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["users", "inst", "runs"] + [title + " (mean, lowest to highest)"
-                                         for _, title in SPREAD_RATIOS]
+    head = ["users", "inst", "hint", "runs"] + [title + " (mean, lowest to highest)"
+                                                 for _, title in SPREAD_RATIOS]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for row in rows:
-        cells = [str(row["users"]), str(row["instances"]), str(row["runs"])]
+        cells = [str(row["users"]), str(row["instances"]), row.get("hint", "-"),
+                 str(row["runs"])]
         for key, _ in SPREAD_RATIOS:
             value = row.get(key)
             cells.append("-" if value is None else
@@ -144,7 +171,12 @@ def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     except ImportError:
         return []
     written = []
-    targets = sorted({r["target"] for r in rows})
+    hinted = len({r.get("hint") for r in rows}) > 1
+
+    def line_of(r: dict[str, Any]) -> str:
+        return f"{r['target']}, hint {r['hint']}" if hinted else str(r["target"])
+
+    targets = sorted({line_of(r) for r in rows})
     styles = {"tritonmesh": ("-", "o"), "nginx": ("--", "s"), "haproxy": (":", "^")}
     colours = [plt.get_cmap("tab20")(i) for i in range(20)]
     ratios = {r["users"] / r["instances"] for r in rows}
@@ -162,7 +194,7 @@ def plot_routing(rows: Sequence[dict[str, Any]], out: Path) -> list[Path]:
             line, marker = styles.get(target.split()[0], ("-.", "x"))
             points = [(n, sum(ys) / len(ys)) for n in counts
                       if (ys := [r[key] for r in rows
-                                 if r["target"] == target and r["instances"] == n])]
+                                 if line_of(r) == target and r["instances"] == n])]
             ax.plot([p[0] for p in points], [p[1] for p in points], linestyle=line,
                     marker=marker, color=colours[i % len(colours)], label=target)
         ax.set_xlabel(xlabel)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from tritonmesh.bench.loadgen import HINT_PARAMETER
 from tritonmesh.workers.launcher import free_ports
 
 __all__ = ["INSTALL_PEERS", "STDLIB_LOOP", "Target", "available_targets", "running", "terminate"]
@@ -53,7 +54,8 @@ class Target:
 TRITONMESH = [Target("tritonmesh", s) for s in
               ("RANDOM", "ROUND_ROBIN", "POWER_OF_TWO_CHOICES", "LEAST_OUTSTANDING_REQUESTS")]
 LATE_BINDING = Target("tritonmesh", "LEAST_OUTSTANDING_REQUESTS", max_concurrency=1)
-# Work-aware: the demo models' cost is MAX_TOKENS (their service time is linear in it).
+# Work-aware: a request's cost is its length hint (the demo models' service time is linear
+# in their length); one configuration whatever the hint's quality, or none.
 WORK_AWARE = [Target("tritonmesh", "LEAST_OUTSTANDING_WORK"),
               Target("tritonmesh", "LEAST_OUTSTANDING_WORK", max_concurrency=1,
                      least_slack=True),
@@ -144,7 +146,7 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
         limit += f"    dispatch_ahead_s: {target.dispatch_ahead_s}\n"
     hints = ""
     if target.strategy == "LEAST_OUTSTANDING_WORK":
-        hints = "".join(f"  {model}: {{input: MAX_TOKENS, base: 1}}\n"
+        hints = "".join(f"  {model}: {{parameter: {HINT_PARAMETER}, base: 1}}\n"
                         for model in ("generate", "generate_unary"))
         hints = "work_hints:\n" + hints
     return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"

@@ -1,6 +1,8 @@
 """generate: a decoupled model that streams tokens the way an LLM on one GPU would."""
 
 import json
+import math
+import random
 import time
 
 import numpy as np
@@ -17,6 +19,27 @@ def timing(args):
         return float(params.get(key, {}).get("string_value", default)) / 1000.0
 
     return ms("prefill_ms_per_token", 0.05), ms("decode_ms_per_token", 5)
+
+
+def lengths(args):
+    """The lognormal of the requests' own lengths: (median tokens, sigma)."""
+    params = json.loads(args["model_config"]).get("parameters", {})
+
+    def value(key, default):
+        return float(params.get(key, {}).get("string_value", default))
+
+    return value("length_median_tokens", 40), value("length_sigma", 0.75)
+
+
+def own_length(seed, median, sigma, cap):
+    """The length a request with ``seed`` stops at, at most ``cap``; the same function
+    as ``tritonmesh.bench.loadgen.own_length`` (Box-Muller on Python's seeded Mersenne
+    Twister: the same numbers on every platform)."""
+    rng = random.Random(seed)
+    u1 = 1.0 - rng.random()
+    u2 = rng.random()
+    z = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+    return min(cap, max(1, round(median * math.exp(sigma * z))))
 
 
 def scalar(request, name, default=None):
@@ -37,6 +60,7 @@ def validate(prompt, max_tokens):
 class TritonPythonModel:
     def initialize(self, args):
         self.prefill_s, self.decode_s = timing(args)
+        self.median, self.sigma = lengths(args)
 
     def execute(self, requests):
         # One instance, one request at a time: the next waits, as on a busy GPU.
@@ -45,13 +69,16 @@ class TritonPythonModel:
             prompt = scalar(request, "PROMPT_TOKENS")
             max_tokens = scalar(request, "MAX_TOKENS")
             fail_after = scalar(request, "FAIL_AFTER", -1)
+            seed = scalar(request, "SEED")
             problem = validate(prompt, max_tokens)
             if problem:
                 error = pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)
                 sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
                 continue
+            length = max_tokens if seed is None else own_length(
+                seed, self.median, self.sigma, max_tokens)
             time.sleep(prompt * self.prefill_s)
-            for i in range(max_tokens):
+            for i in range(length):
                 if i == fail_after:
                     error = pb_utils.TritonError(f"generation failed after {i} tokens")
                     sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)

@@ -1,12 +1,28 @@
-"""generate_unary: the work of `generate` (prefill, then decode per token) in one response."""
+"""generate_unary: the work of `generate` (prefill, then decode per token) in one response.
+
+With a SEED input the request stops at its own length (lognormal, drawn from the seed) and
+MAX_TOKENS only caps it; without one it produces MAX_TOKENS tokens.
+"""
 
 import json
+import math
+import random
 import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 MAX_TOKENS_LIMIT = 100_000
+
+
+def own_length(seed, median, sigma, cap):
+    """The length a request with ``seed`` stops at, at most ``cap``: the same function as
+    `generate`'s and ``tritonmesh.bench.loadgen.own_length``."""
+    rng = random.Random(seed)
+    u1 = 1.0 - rng.random()
+    u2 = rng.random()
+    z = math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+    return min(cap, max(1, round(median * math.exp(sigma * z))))
 
 
 class TritonPythonModel:
@@ -18,6 +34,8 @@ class TritonPythonModel:
 
         self.prefill_s = ms("prefill_ms_per_token", 0.05)
         self.decode_s = ms("decode_ms_per_token", 5)
+        self.median = float(params.get("length_median_tokens", {}).get("string_value", 40))
+        self.sigma = float(params.get("length_sigma", {}).get("string_value", 0.75))
 
     def execute(self, requests):
         responses = []
@@ -30,7 +48,10 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            time.sleep(prompt * self.prefill_s + max_tokens * self.decode_s)
-            tokens = pb_utils.Tensor("TOKENS", np.arange(max_tokens, dtype=np.int32))
+            seed = pb_utils.get_input_tensor_by_name(request, "SEED")
+            length = max_tokens if seed is None else own_length(
+                int(seed.as_numpy().reshape(-1)[0]), self.median, self.sigma, max_tokens)
+            time.sleep(prompt * self.prefill_s + length * self.decode_s)
+            tokens = pb_utils.Tensor("TOKENS", np.arange(length, dtype=np.int32))
             responses.append(pb_utils.InferenceResponse([tokens]))
         return responses
