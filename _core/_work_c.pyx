@@ -63,11 +63,11 @@ cdef class WorkTable:
     cdef int64_t _total
     cdef Py_ssize_t _used
     # hint quality, over the whole table (as the twin): weighted sums of log residuals and
-    # log seconds (weight, r, r², s, s²), samples, the quality; the costs picked' mean
+    # log seconds (weight, r, r², s, s²), samples, the quality; the costs picked (weight, sum)
     cdef double _qn, _qr, _qrr, _qs, _qss
     cdef int64_t _qsamples
     cdef double _quality
-    cdef double _cn, _cmean
+    cdef double _cn, _csum
 
     def __cinit__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         self._count = NULL
@@ -85,7 +85,7 @@ cdef class WorkTable:
         self._qn = self._qr = self._qrr = self._qs = self._qss = 0.0
         self._qsamples = 0
         self._quality = 1.0
-        self._cn = self._cmean = 0.0
+        self._cn = self._csum = 0.0
 
     def __init__(self, seed=None, decay_s=10.0, service_alpha=0.02):
         """Create an empty table; ``seed`` fixes the tie-breaking, ``decay_s`` how fast
@@ -299,13 +299,15 @@ cdef class WorkTable:
         _check_cost(cost)
         cdef Py_ssize_t i, slot, best = -1, ties = 0, n = self._navail, n_known = 0
         cdef double known = 0.0, default, e, score, best_score = float("inf"), work
-        cdef double q = self._quality, cmean = self._cmean
+        cdef double q = self._quality, cmean = 0.0, csum
         for i in range(n):
             e = self._estimate[self._avail[i]]
             if e > 0.0:
                 known += e
                 n_known += 1
         default = known / n_known if n_known else 1.0
+        if q < 1.0 and self._cn > 0.0:
+            cmean = self._csum / self._cn
         for i in range(n):
             slot = self._avail[i]
             if limit > 0 and self._count[slot] >= limit:
@@ -328,8 +330,10 @@ cdef class WorkTable:
             self._count[best] += 1
             self._work[best] += cost
             self._total += 1
-            self._cn = self._cn * self._keep + 1.0
-            self._cmean += (cost - self._cmean) / self._cn
+            csum = self._csum * self._keep + cost
+            if isfinite(csum):  # an absurd cost must not make the mean infinite for good
+                self._cn = self._cn * self._keep + 1.0
+                self._csum = csum
             self._debug_check()
         return best
 

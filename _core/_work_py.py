@@ -132,12 +132,12 @@ class WorkTable:
         self._used = 0
         # Hint quality, over the whole table: weighted sums of the log residuals against
         # the slots' lines and of log seconds (weight, r, r², s, s²), samples, the
-        # quality they give; and the weighted mean of the costs picked.
+        # quality they give; and the weighted sums of the costs picked (weight, cost).
         self._qn = self._qr = self._qrr = self._qs = self._qss = 0.0
         self._qsamples = 0
         self._quality = 1.0
         self._cn = 0.0
-        self._cmean = 0.0
+        self._csum = 0.0
 
     # -- random numbers (xorshift64*), identical in the compiled table -----------------
 
@@ -345,7 +345,7 @@ class WorkTable:
                 n_known += 1
         default = known / n_known if n_known else 1.0
         q = self._quality
-        cmean = self._cmean
+        cmean = self._csum / self._cn if q < 1.0 and self._cn > 0.0 else 0.0
         best = -1
         best_score = _INF
         ties = 0
@@ -370,8 +370,10 @@ class WorkTable:
             self._count[best] += 1
             self._work[best] += cost
             self._total += 1
-            self._cn = self._cn * self._keep + 1.0
-            self._cmean += (cost - self._cmean) / self._cn
+            csum = self._csum * self._keep + cost
+            if csum < _INF:  # an absurd cost must not make the mean infinite for good
+                self._cn = self._cn * self._keep + 1.0
+                self._csum = csum
         return best
 
     # -- accounting --------------------------------------------------------------------
