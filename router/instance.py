@@ -13,6 +13,7 @@ import asyncio
 import enum
 import math
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING, Final
 
 from tritonmesh.workers.upstream import Upstream
@@ -119,12 +120,7 @@ class Instance:
         if not ok:
             self.errors += 1
         self.latency_sum += seconds
-        i = 0
-        for bound in LATENCY_BUCKETS:
-            if seconds <= bound:
-                break
-            i += 1
-        self.latency_buckets[i] += 1
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def __repr__(self) -> str:
         return f"<Instance {self.variant.name}/{self.slot} {self.address} {self.state.name}>"

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import random
 import time
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from typing import Final
 
@@ -59,12 +60,7 @@ class _Stats:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
         if seconds is not None:
             self.latency_sum += seconds
-            i = 0
-            for bound in LATENCY_BUCKETS:
-                if seconds <= bound:
-                    break
-                i += 1
-            self.latency_buckets[i] += 1
+            self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
 
 class Shadows:
