@@ -150,16 +150,23 @@ class Balancer:
         this request's last attempt failed (see :meth:`_pick_avoiding`).
         Raises :class:`NoInstanceError` with the status to answer when none can serve it.
         """
+        return self._try(info, request, target_variant, avoid)[0]
+
+    def _try(self, info: RequestInfo, request: bytes, target_variant: str | None,
+             avoid: Instance | None) -> tuple[Lease | None, Variant | None, float]:
+        """:meth:`try_acquire`, with the variant it chose (None for a sequence) and the
+        request's cost: a full variant is where :meth:`acquire` waits, at that cost."""
         cost = self.cost(info.model_name, request) if self.work_aware else 1.0
         if info.sequence_id is not None:
-            return self._lease(self._pick_sequence(info, target_variant, cost), cost, info)
+            pinned = self._pick_sequence(info, target_variant, cost)
+            return self._lease(pinned, cost, info), None, cost
         variant = self.choose_variant(info.model_name, target_variant)
         instance = variant.pick(cost) if avoid is None \
             else self._pick_avoiding(variant, avoid, cost)
         if instance is not None:
-            return self._lease(instance, cost, info)
+            return self._lease(instance, cost, info), variant, cost
         if variant.full():
-            return None
+            return None, variant, cost
         raise NoInstanceError(
             f"no healthy instance in variant '{variant.name}' can serve model "
             f"'{info.model_name}' right now")
@@ -173,12 +180,10 @@ class Balancer:
         Raises :class:`NoInstanceError` with the status to answer: that of the refusal,
         RESOURCE_EXHAUSTED when the queue is full, or DEADLINE_EXCEEDED after waiting in
         vain."""
-        lease = self.try_acquire(info, request, target_variant, avoid)
+        lease, variant, cost = self._try(info, request, target_variant, avoid)
         if lease is not None:
             return lease
-        # Full: only requests outside sequences get here (a sequence never waits).
-        cost = self.cost(info.model_name, request) if self.work_aware else 1.0
-        variant = self.choose_variant(info.model_name, target_variant)
+        assert variant is not None  # full; a sequence never waits
         since = time.perf_counter()
         try:
             instance = await variant.wait(timeout, cost, info.priority or priority)
