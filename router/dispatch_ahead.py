@@ -141,7 +141,7 @@ class DispatchAhead:
                 plan.free_at - self.lead_s, self._due_now, instance)
 
     def _can_take(self, instance: Instance) -> bool:
-        return (instance.pickable and self.variant.instances[instance.slot] is instance
+        return (instance.pickable and self.variant.owns_slot(instance)
                 and self.variant.table.outstanding(instance.slot) == 1)
 
     def _due_now(self, instance: Instance) -> None:

@@ -268,15 +268,15 @@ class LoadReporter(Chore):
         load.stale = False
         load.last_good = now
         instance = load.instance
-        if instance.state == "REMOVED" or self.variant.instances[instance.slot] is not instance:
-            return  # its slot may belong to another instance now
+        if not self.variant.owns_slot(instance):
+            return
         local = self.variant.table.outstanding(instance.slot)
         load.external = min(max(0.0, triton.pending + executing - local), float(MAX_EXTERNAL))
         self.variant.table.set_external(instance.slot, load.external)
 
     def _go_stale(self, load: InstanceLoad, window: float) -> None:
         instance = load.instance
-        if instance.state != "REMOVED" and self.variant.instances[instance.slot] is instance:
+        if self.variant.owns_slot(instance):
             self.variant.table.set_external(instance.slot, 0.0)
         load.external = 0.0
         log.warning("load report of %s (%s): no good poll for %.1f s (%s); routing on local "

@@ -175,6 +175,11 @@ class Variant:
         if pickable:
             self.dispatch()
 
+    def owns_slot(self, instance: Instance) -> bool:
+        """Whether ``instance`` is a member whose slot is still its own: a removed one's
+        slot may belong to a newer instance once its last request ends."""
+        return not instance.removed and self.instances[instance.slot] is instance
+
     def holds(self, instance: Instance) -> bool:
         """Whether the table still answers for ``instance`` (a removed one's slot is freed
         when its last request ends)."""
