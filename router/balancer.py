@@ -10,10 +10,12 @@ limit, ``acquire`` waits in the variant's queue (late binding) itself.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Final
 
 from tritonmesh.config import RetryConfig, VariantConfig, WorkHint
 from tritonmesh.decoupled import DecoupledModels
@@ -26,6 +28,10 @@ from tritonmesh.variant import NoInstanceError, Variant
 from tritonmesh.wire import RequestInfo, WireError, peek_work
 
 __all__ = ["Balancer", "Instance", "InstanceState", "Lease", "NoInstanceError", "Variant"]
+
+# ``timeout`` is the caller's deadline read a moment before acquire() starts its clock: a
+# cancel this close to it is the deadline's.
+_DEADLINE_SLACK_S: Final = 0.005
 
 QUEUE_TIMEOUT = ("deadline exceeded while waiting in tritonmesh's queue for an instance "
                  "below its concurrency limit")
@@ -194,6 +200,15 @@ class Balancer:
         except NoInstanceError as exc:  # the queue is full, or shed this request
             self.metrics.refused(variant, info.model_name, exc.code_name,
                                  time.perf_counter() - since)
+            raise
+        except asyncio.CancelledError:
+            # The call ended while it waited: the client went, or its deadline passed (gRPC
+            # cancels the handler at the deadline, which can come before the queue's own
+            # timeout of the same length). Counted as what the client saw.
+            waited = time.perf_counter() - since
+            late = timeout is not None and waited >= timeout - _DEADLINE_SLACK_S
+            self.metrics.refused(variant, info.model_name,
+                                 "DEADLINE_EXCEEDED" if late else "CANCELLED", waited)
             raise
         return self._lease(instance, cost, info, time.perf_counter() - since)
 

@@ -106,6 +106,9 @@ def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
             with pytest.raises(asyncio.CancelledError):
                 await gone
             assert len(instance.variant.waiters) == 1
+            # Counted as the client saw it: an invocation cancelled in the queue.
+            stats = balancer.metrics._stats["AllTraffic"]["other"]
+            assert stats.errors == {"CANCELLED": 1} and stats.concurrent == 1
             held.release(True)  # the slot goes to the one still waiting
             lease = await asyncio.wait_for(behind, 5.0)
             lease.release(True)
