@@ -66,8 +66,13 @@ class StreamSession:
         self.metadata, self.target, _, priority = split_metadata(context)
         self.priority = priority_of(priority)
         self.upstreams: dict[Instance, UpstreamStream] = {}
-        # Requests sent as ModelInfer, still running, and what each holds on its instance.
+        # Requests sent as ModelInfer, until their answer is written, and what each holds.
         self.unary: dict[asyncio.Task[None], Pending] = {}
+        # Every pump, until it has written its last error: it may still be writing after
+        # its upstream left ``upstreams``, and the handler must not return before (gRPC
+        # cannot send the status while a write is in progress, and the client would wait
+        # for it until its deadline).
+        self.pumps: set[asyncio.Task[None]] = set()
         # Requests waiting for an instance or for their model's policy, each in its task.
         self.waiting: set[asyncio.Task[None]] = set()
         self.write_lock = asyncio.Lock()
@@ -92,12 +97,12 @@ class StreamSession:
                 if up.pump is not None and not up.pump.done():
                     async with up.lock:
                         await up.call.done_writing()
-            pumps = [up.pump for up in self.upstreams.values() if up.pump is not None]
-            if pumps or self.unary:
-                # wait(), not gather(): if the client goes now, this handler is cancelled and
-                # gather() would cancel the pumps mid-read (a native leak, see
-                # cancel_in_core); _close() ends them through their calls instead.
-                await asyncio.wait([*pumps, *self.unary])
+            # Every task that may still write to the client ends before the handler does.
+            # wait(), not gather(): if the client goes now, this handler is cancelled and
+            # gather() would cancel the pumps mid-read (a native leak, see cancel_in_core);
+            # _close() ends them through their calls instead.
+            while self.pumps or self.unary:
+                await asyncio.wait([*self.pumps, *self.unary])
         finally:
             await self._close()
 
@@ -281,13 +286,13 @@ class StreamSession:
                 # Triton's in-stream error for a non-decoupled request: message and id.
                 out = error_stream_response(details, pending.id)
             finally:
-                self.unary.pop(task, None)
                 lease.release(ok)  # once, whether here or in _close()
             try:
                 await self._write(out)
             except Exception as exc:  # the client went; nothing to answer
                 log.debug("answer for %s not written: %r", pending.id, exc)
         finally:
+            self.unary.pop(task, None)
             self._answered()
 
     def _open(self, instance: Instance) -> UpstreamStream:
@@ -296,7 +301,9 @@ class StreamSession:
         )
         up = UpstreamStream(instance, call)
         self.upstreams[instance] = up
-        up.pump = asyncio.get_running_loop().create_task(self._pump(up))
+        up.pump = pump = asyncio.get_running_loop().create_task(self._pump(up))
+        self.pumps.add(pump)
+        pump.add_done_callback(self.pumps.discard)
         return up
 
     async def _pump(self, up: UpstreamStream) -> None:
@@ -395,7 +402,7 @@ class StreamSession:
         for up in ups:
             cancel_in_core(up.call)  # again: one a waiting request opened meanwhile
             self._settle_all(up)
-        pumps = [up.pump for up in ups if up.pump is not None]
+        pumps = list(self.pumps)
         if pumps:
             _, stuck = await asyncio.wait(pumps, timeout=_PUMP_END_S)
             for pump in stuck:

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from harness import RecordingTriton, make_config, start_pool, start_router
+from harness import RecordingTriton, make_config, start_pool, start_router, wait_for
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonmesh.config import AuthConfig
@@ -63,6 +63,39 @@ def test_answers_and_errors_are_what_triton_sends_on_a_stream(make_router: Any,
     assert np.frombuffer(ok.infer_response.raw_output_contents[0], np.float32).tolist() == [0, 1, 2]
     assert "data-type is 'INT32'" in bad.error_message
     assert "no_such_model" in missing.error_message
+
+
+@pytest.mark.triton
+def test_a_half_close_while_an_answer_is_being_written_ends_the_stream_ok(
+        make_router: Any, worker_addresses: list[str]) -> None:
+    """The client half-closes while the router is still writing it an answer (8 MiB, and the
+    client reads nothing yet, so the write waits on flow control): the stream still ends
+    with that answer and OK. A handler that returned while a write was in progress left
+    gRPC unable to send the status (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and the client
+    waited until its deadline."""
+    router = make_router(workers=1)
+    request = pb.ModelInferRequest(model_name="identity", id="big")
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "INPUT0", "FP32"
+    tensor.shape.extend([2**23])
+    request.raw_input_contents.append(np.ones(2**23, np.float32).tobytes())
+    close = threading.Event()
+
+    def requests() -> Iterator[pb.ModelInferRequest]:
+        yield request
+        close.wait(30)
+
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    with grpc.insecure_channel(router.address, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers = stub.ModelStreamInfer(requests(), timeout=20)
+        # The lease is released (the request counted) right before the answer is written.
+        wait_for(lambda: sum(i.requests for i in router.instances()) == 1,
+                 "the answer back at the router", timeout=20)
+        close.set()
+        got = list(answers)
+    assert [a.infer_response.id for a in got] == ["big"], [a.error_message for a in got]
+    assert len(got[0].infer_response.raw_output_contents[0]) == 2**25
 
 
 def test_each_request_takes_the_rpc_its_model_policy_allows(
