@@ -25,9 +25,13 @@ test: test-compiled test-twin
 test-compiled: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop).
+# The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop). It
+# leaves out the benchmark harness's end-to-end runs (marker "bench", about 4 minutes): they
+# test the harness, which does not change with the core's build; every router path they
+# drive is in the rest of the suite, which the twin pass runs whole.
 test-twin: install
-	TRITONMESH_NO_EXTENSIONS=1 TRITONMESH_EVENT_LOOP=asyncio $(BIN)/python -m pytest $(PYTEST_ARGS)
+	TRITONMESH_NO_EXTENSIONS=1 TRITONMESH_EVENT_LOOP=asyncio $(BIN)/python -m pytest \
+		-m "not bench" $(PYTEST_ARGS)
 
 # The core with its invariant check compiled in after every mutation, then rebuilt for speed.
 test-debug: install

@@ -17,7 +17,7 @@ from harness import descendants, wait_gone
 from tritonmesh.bench.experiment import percentile
 from tritonmesh.bench.loadgen import Request, Workload, hint_label, parse_hint
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.bench]
 
 
 def test_percentile_nearest_rank() -> None:
