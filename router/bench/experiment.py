@@ -9,6 +9,7 @@ time per instance). Overhead: the `identity` model, direct vs through each route
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import shutil
@@ -193,16 +194,20 @@ async def run_cell(cell: Cell, workers: Sequence[str], workload: Workload, warmu
         before: list[tuple[int, int]] = []
         cpu: list[float] = []  # the target's CPU seconds at the window's start and end
 
+        def read_cpu() -> None:
+            # A target that died mid-cell shows in its errors; its CPU stays unknown.
+            if serving.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    cpu.append(tree_cpu_s(serving.pid))
+
         async def snapshot_after_warmup() -> None:
             await asyncio.sleep(warmup_s)
-            if serving.pid is not None:
-                cpu.append(tree_cpu_s(serving.pid))
+            read_cpu()
             before.extend(await _worker_stats(chosen, model))
 
         async def cpu_at_window_end() -> None:
             await asyncio.sleep(warmup_s + measure_s)
-            if serving.pid is not None:
-                cpu.append(tree_cpu_s(serving.pid))
+            read_cpu()
 
         snaps = [asyncio.create_task(snapshot_after_warmup()),
                  asyncio.create_task(cpu_at_window_end())]

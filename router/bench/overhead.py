@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as aioclient
 from tritonmesh.bench.cpu import tree_cpu_s
 from tritonmesh.bench.experiment import percentile
-from tritonmesh.bench.targets import Serving, Target, running
+from tritonmesh.bench.targets import Serving, Target, TargetFailed, running
 from tritonmesh.workers.launcher import WorkerPool
 from tritonmesh.workers.tritonserver import default_model_repository
 
@@ -133,7 +133,12 @@ async def overhead_experiment(
                         progress(turn, total, f"{n} users, round {r + 1}/{rounds}: "
                                               f"{target.label or 'direct'}")
                     await _load(where.address, n, min(1.0, seconds))  # warm-up
-                    await _round(where, triton, n, seconds, tally)
+                    try:
+                        await _round(where, triton, n, seconds, tally)
+                    except ProcessLookupError as gone:
+                        who = "the Triton worker" if gone.args == (triton,) else "the target"
+                        raise TargetFailed(f"{target.label or 'direct'}: {who} exited "
+                                           "mid-run") from None
                     turn += 1
             baseline = _row(DIRECT, n, seconds, tallies[0])
             for target, tally in zip(everything, tallies, strict=True):
