@@ -132,7 +132,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print("bench: terminated; workers and targets stopped", file=sys.stderr)
         return 128 + signal.SIGTERM
     except TargetFailed as exc:
-        print(f"bench: a target failed: {exc}", file=sys.stderr)
+        print(f"\nbench: a target failed: {exc}", file=sys.stderr)  # below the progress line
         return 1
 
 
