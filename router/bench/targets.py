@@ -1,8 +1,9 @@
 """What the load is sent to: tritonmesh (a separate process), nginx, HAProxy, nghttpx, or
 one Triton.
 
-Every target is a process of its own on a free loopback port, started for one cell and
-stopped by PID after it, so the load generator never shares an interpreter with a router.
+Every target is a process of its own on a free loopback port, started for one cell (the
+overhead mode: for the whole run) and stopped by PID after it, so the load generator never
+shares an interpreter with a router.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ __all__ = ["DATA_PATHS", "INSTALL_PEERS", "STDLIB_LOOP", "Serving", "Target", "T
            "available_targets", "running", "terminate", "tritonmesh_variants"]
 
 INSTALL_PEERS = "apt-get install -y nginx haproxy nghttp2-proxy"
-DATA_PATHS = ("grpc", "native")  # tritonmesh's data_path key; grpc is the router's default
+DATA_PATHS = ("grpc", "native")  # tritonmesh's data_path key
+# The router's defaults for the keys the bench writes only when they differ (see
+# _tritonmesh_conf): should the router's default data path change, change it here too, or
+# --data-path would label the new default with the old name.
+DEFAULT_PROCESSES, DEFAULT_DATA_PATH = 1, "grpc"
 
 
 @dataclass(frozen=True)
@@ -188,9 +193,9 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
     # Top-level keys only where they differ from the router's defaults, so that K=1 over
     # gRPC runs on a router that does not know these keys.
     top = f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
-    if target.processes not in (None, 1):
+    if target.processes not in (None, DEFAULT_PROCESSES):
         top += f"processes: {target.processes}\n"
-    if target.data_path not in ("", "grpc"):
+    if target.data_path not in ("", DEFAULT_DATA_PATH):
         top += f"data_path: {target.data_path}\n"
     if target.strategy == "LEAST_OUTSTANDING_WORK":
         top += "work_hints:\n" + "".join(f"  {model}: {{parameter: {HINT_PARAMETER}, base: 1}}\n"
