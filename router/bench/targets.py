@@ -120,7 +120,8 @@ def _nghttpx_args(prefix: Path, port: int, workers: Sequence[str]) -> list[str]:
     backends = []
     for address in workers:
         host, _, backend_port = address.rpartition(":")
-        backends.append(f"--backend={host},{backend_port};;proto=h2")  # catch-all pattern
+        # The catch-all pattern, no session affinity (nghttpx's default, spelled out).
+        backends.append(f"--backend={host},{backend_port};;proto=h2;affinity=none")
     return ["nghttpx", "--conf=/dev/null", f"--frontend=127.0.0.1,{port};no-tls", *backends,
             "--workers=1", f"--pid-file={prefix}/nghttpx.pid", "--no-via",
             "--backend-read-timeout=600s", "--backend-write-timeout=600s",
