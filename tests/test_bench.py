@@ -85,6 +85,7 @@ def test_smallest_routing_experiment(tmp_path: Path, stream: bool) -> None:
         assert row["utilization"] > 0
         assert row["p50_s"] <= row["p99_s"] <= row["max_s"]
         assert (row["ttft_p99_s"] is not None) == stream
+        assert row["cpu_us_per_request"] > 0  # the router's process tree, read from /proc
     report_md = (tmp_path / "routing.md").read_text()
     assert report_md.count("| 2 | 1 | exact (oracle) | tritonmesh ") == 6  # a row per target
     side_by_side = report_md.split("## Side by side")[1]
@@ -160,6 +161,7 @@ def test_peers_side_by_side(tmp_path: Path) -> None:
         assert row["errors"] == 0, row["error_samples"]
         assert row["requests"] > 0 and row["completed"] == row["requests"]
         assert row["triton_executed"] == row["sent"]
+        assert row["cpu_us_per_request"] > 0
 
 
 def test_comparison_ratios() -> None:
@@ -254,3 +256,126 @@ def test_sigterm_stops_workers_and_targets(tmp_path: Path) -> None:
     assert bench.returncode == 128 + signal.SIGTERM, err
     assert "terminated" in err
     wait_gone(started)
+
+
+BURNER = '''
+import os, subprocess, sys
+
+def burn(seconds):
+    start = sum(os.times()[:2])
+    while sum(os.times()[:2]) - start < seconds:
+        pass
+
+def cpu(t):
+    return t.user + t.system + t.children_user + t.children_system
+
+if sys.argv[1] == "leaf":
+    burn(0.3)
+    print(cpu(os.times()), flush=True)
+    if sys.argv[2] == "stay":
+        sys.stdin.read()
+    sys.exit(0)
+subprocess.run([sys.executable, __file__, "leaf", "exit"], check=True, stdout=subprocess.DEVNULL)
+staying = subprocess.Popen([sys.executable, __file__, "leaf", "stay"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+staying_cpu = float(staying.stdout.readline())
+burn(0.3)
+print(cpu(os.times()) + staying_cpu, flush=True)
+sys.stdin.read()
+staying.stdin.close()
+staying.wait()
+'''
+
+
+def test_process_tree_cpu_agrees_with_what_the_processes_report(tmp_path: Path) -> None:
+    """The bench's CPU column reads /proc for a target's whole tree; here the tree is a
+    process that burns CPU, a child it ran and waited for (only in its cutime by now) and
+    a child still running. /proc must agree with what they report of themselves through
+    os.times (getrusage): two independent readings of the same CPU, not a speed check."""
+    from tritonmesh.bench.cpu import process_tree, tree_cpu_s
+
+    script = tmp_path / "burner.py"
+    script.write_text(BURNER)
+    with subprocess.Popen([sys.executable, str(script), "root"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as root:
+        try:
+            assert root.stdout is not None and root.stdin is not None
+            reported = float(root.stdout.readline())
+            assert len(process_tree(root.pid)) == 2  # the root and the child still running
+            # about 0.3 s in each of the three, and the interpreters' start-up
+            assert reported > 0.9
+            assert tree_cpu_s(root.pid) == pytest.approx(reported, abs=0.1)
+            root.stdin.close()
+            assert root.wait(timeout=30) == 0
+        finally:
+            if root.poll() is None:
+                root.kill()
+    with pytest.raises(ProcessLookupError):
+        tree_cpu_s(root.pid)
+
+
+def test_router_options_are_written_only_where_they_differ() -> None:
+    """--processes and --data-path: a tritonmesh target per value, labeled with it; the
+    router's keys are written only when not its default, so that K=1 over gRPC runs on a
+    router that does not know them yet."""
+    import yaml
+    from tritonmesh.bench.targets import Target, _tritonmesh_conf, tritonmesh_variants
+    from tritonmesh.config import parse_config
+
+    peer = Target("nginx", "random")
+    expanded = tritonmesh_variants([Target("tritonmesh", "RANDOM"), peer], [1, 2],
+                                   ["grpc", "native"])
+    assert [t.label for t in expanded] == [
+        "tritonmesh RANDOM (K=1, grpc)", "tritonmesh RANDOM (K=1, native)",
+        "tritonmesh RANDOM (K=2, grpc)", "tritonmesh RANDOM (K=2, native)", "nginx random"]
+    assert tritonmesh_variants([Target("tritonmesh", "RANDOM")], None, None) == [
+        Target("tritonmesh", "RANDOM")]
+    workers = ["127.0.0.1:8001"]
+    for target in (expanded[0], Target("tritonmesh", "RANDOM")):
+        config = parse_config(yaml.safe_load(_tritonmesh_conf(9000, workers, target)))
+        assert list(config.variants[0].instances) == workers
+    written = yaml.safe_load(_tritonmesh_conf(9000, workers, expanded[3]))
+    assert (written["processes"], written["data_path"]) == (2, "native")
+
+
+@pytest.mark.parametrize(("target", "key"), [
+    ({"processes": 0}, "processes"), ({"data_path": "no-such-path"}, "data_path")])
+def test_a_target_the_router_refuses_fails_with_its_message(target: dict[str, object],
+                                                           key: str) -> None:
+    """A configuration the installed router refuses ends the target at once with the
+    router's own message, rather than waiting for it to serve."""
+    import asyncio
+
+    from tritonmesh.bench.targets import Target, TargetFailed, running
+
+    async def start() -> None:
+        async with running(Target("tritonmesh", "RANDOM", **target), ["127.0.0.1:1"]):
+            pass
+
+    with pytest.raises(TargetFailed, match="the target exited with 2") as failed:
+        asyncio.run(start())
+    assert "invalid configuration: " in str(failed.value)
+    assert f"endpoint.yaml: {key}: " in str(failed.value)
+
+
+@pytest.mark.skipif(not shutil.which("nghttpx"),
+                    reason="nghttpx is not installed (.ci/run installs nghttp2-proxy)")
+def test_overhead_rounds_with_cpu_per_request(tmp_path: Path) -> None:
+    """--mode overhead: Triton direct and nghttpx take turns for two rounds; every request
+    is answered through nghttpx's gRPC proxying, and each row has CPU per request: the
+    target's process tree (none for direct) and Triton's."""
+    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
+    args = [tritonmesh, "--log-level", "WARNING", "bench", "--mode", "overhead", "--users", "1",
+            "--duration", "0.25", "--rounds", "2", "--targets", "nghttpx", "--out", str(tmp_path)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "overhead.json").read_text())
+    assert report["meta"]["rounds"] == 2
+    rows = {r["target"]: r for r in report["rows"]}
+    assert set(rows) == {"direct", "nghttpx round-robin"}
+    for row in rows.values():
+        assert row["errors"] == 0 and row["req_per_s"] > 0 and len(row["per_round"]) == 2
+        assert row["triton_cpu_us_per_request"] > 0
+    assert rows["direct"]["cpu_us_per_request"] is None
+    assert rows["nghttpx round-robin"]["cpu_us_per_request"] > 0
+    assert "| CPU µs/req | Triton CPU µs/req |" in (tmp_path / "overhead.md").read_text()

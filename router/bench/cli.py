@@ -23,7 +23,13 @@ from tritonmesh.bench.experiment import (
 from tritonmesh.bench.loadgen import Workload, parse_hint
 from tritonmesh.bench.overhead import overhead_experiment
 from tritonmesh.bench.report import write_results
-from tritonmesh.bench.targets import STDLIB_LOOP, available_targets
+from tritonmesh.bench.targets import (
+    DATA_PATHS,
+    STDLIB_LOOP,
+    TargetFailed,
+    available_targets,
+    tritonmesh_variants,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -86,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "report the spread of each ratio over the runs")
     bench.add_argument("--users", type=int, nargs="+", default=[1, 8],
                        help="overhead mode: concurrent users")
+    bench.add_argument("--rounds", type=_positive, default=1, metavar="N",
+                       help="overhead mode: the targets take turns N times at each user "
+                            "count; figures pool the rounds")
+    bench.add_argument("--processes", type=_positive, nargs="+", metavar="K",
+                       help="run each tritonmesh target with K router processes (the "
+                            "processes key, written only when K is not 1); several: side "
+                            "by side")
+    bench.add_argument("--data-path", choices=DATA_PATHS, nargs="+",
+                       help="run each tritonmesh target on this data path (the data_path "
+                            "key, written only when not grpc); several: side by side")
     bench.add_argument("--out", type=Path, default=None,
                        help="results directory (default bench/results/<timestamp>)")
     return bench
@@ -115,10 +131,14 @@ def run_bench(args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         print("bench: terminated; workers and targets stopped", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except TargetFailed as exc:
+        print(f"\nbench: a target failed: {exc}", file=sys.stderr)  # below the progress line
+        return 1
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     targets, notes = available_targets(peers=not args.no_peers)
+    targets = tritonmesh_variants(targets, args.processes, args.data_path)
     if args.targets:
         targets = [t for t in targets if any(w.lower() in t.label.lower() for w in args.targets)]
     for note in notes:
@@ -127,14 +147,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     meta: dict[str, Any] = {"command": "tritonmesh " + shlex.join(sys.argv[1:]),
             "targets": [t.label for t in targets]}
     if args.mode == "overhead":
-        # One backend: every strategy picks it, so one configuration per router says it all.
-        first = {t.kind: t for t in reversed(targets) if t.max_concurrency is None}
-        chosen = [t for t in targets if first.get(t.kind) is t]
-        if "tritonmesh" in first:  # and the same router on the stdlib's event loop
-            chosen.insert(chosen.index(first["tritonmesh"]) + 1, STDLIB_LOOP)
+        # One backend: every strategy picks it, so one configuration per router (and per
+        # process count and data path) says it all.
+        first = {(t.kind, t.processes, t.data_path): t for t in reversed(targets)
+                 if t.max_concurrency is None}
+        chosen = [t for t in targets if first.get((t.kind, t.processes, t.data_path)) is t]
+        ours = [t for t in chosen if t.kind == "tritonmesh"]
+        if ours:  # and the same router on the stdlib's event loop
+            chosen.insert(chosen.index(ours[-1]) + 1, STDLIB_LOOP)
         rows = asyncio.run(_terminable(overhead_experiment(
-            chosen, args.users, args.duration, progress=progress_bar)))
-        meta.update(users=args.users, seconds_per_cell=args.duration)
+            chosen, args.users, args.duration, rounds=args.rounds, progress=progress_bar)))
+        meta.update(users=args.users, seconds_per_cell=args.duration, rounds=args.rounds,
+                    targets=[t.label for t in chosen])
     else:
         workload = Workload(median_tokens=args.median_tokens, sigma=args.sigma,
                             decode_ms=args.decode_ms, seed=args.seed, hint=args.hint[0])

@@ -9,6 +9,7 @@ time per instance). Overhead: the `identity` model, direct vs through each route
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import tritonclient.grpc.aio as aioclient
+from tritonmesh.bench.cpu import tree_cpu_s
 from tritonmesh.bench.loadgen import Outcome, Workload, hint_label, run_users
 from tritonmesh.bench.targets import Target, running
 from tritonmesh.workers.launcher import WorkerPool
@@ -70,6 +72,8 @@ class CellResult:
     run: int = 1  # which pass over the table (``--repeat``)
     seed: int = 7  # the lengths' seed this run drew from
     hint: str = "exact (oracle)"  # hint_label of the cell's --hint
+    # CPU of the target's process tree over the window / requests completed in it
+    cpu_us_per_request: float | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -184,27 +188,44 @@ async def run_cell(cell: Cell, workers: Sequence[str], workload: Workload, warmu
                    measure_s: float, streaming: bool) -> CellResult:
     chosen = list(workers[: cell.instances])
     model = "generate" if streaming else "generate_unary"
-    async with running(cell.target, chosen) as address:
+    async with running(cell.target, chosen) as serving:
         initial = await _settled_stats(chosen, model)
         begin = time.monotonic()
         before: list[tuple[int, int]] = []
+        cpu: list[float] = []  # the target's CPU seconds at the window's start and end
+
+        def read_cpu() -> None:
+            # A target that died mid-cell shows in its errors; its CPU stays unknown.
+            if serving.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    cpu.append(tree_cpu_s(serving.pid))
 
         async def snapshot_after_warmup() -> None:
             await asyncio.sleep(warmup_s)
+            read_cpu()
             before.extend(await _worker_stats(chosen, model))
 
-        snap = asyncio.create_task(snapshot_after_warmup())
-        outcomes = await run_users(address, cell.users, workload, warmup_s + measure_s,
-                                   streaming)
-        await snap
+        async def cpu_at_window_end() -> None:
+            await asyncio.sleep(warmup_s + measure_s)
+            read_cpu()
+
+        snaps = [asyncio.create_task(snapshot_after_warmup()),
+                 asyncio.create_task(cpu_at_window_end())]
+        outcomes = await run_users(serving.address, cell.users, workload,
+                                   warmup_s + measure_s, streaming)
+        await asyncio.gather(*snaps)
         after = await _settled_stats(chosen, model)
     shares = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
     executed = sum(a[0] - i[0] for a, i in zip(after, initial, strict=True))
     busy = [a[1] - i[1] for a, i in zip(after, initial, strict=True)]
     window = (begin + warmup_s, begin + warmup_s + measure_s)
     span = max((o.end for o in outcomes), default=window[1]) - begin
-    return summarize(cell, outcomes, window, workload, shares, busy, span, executed,
-                     streaming)
+    result = summarize(cell, outcomes, window, workload, shares, busy, span, executed,
+                       streaming)
+    completed = result.req_per_s * measure_s
+    if len(cpu) == 2 and completed:
+        result.cpu_us_per_request = (cpu[1] - cpu[0]) / completed * 1e6
+    return result
 
 
 async def routing_experiment(

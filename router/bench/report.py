@@ -18,13 +18,14 @@ ROUTING_COLUMNS = (
     ("ttft_p99_s", "TTFT P99 s", "{:.3f}"), ("req_per_s", "req/s", "{:.1f}"),
     ("req_per_min_per_instance", "req/min/inst", "{:.1f}"), ("errors", "errors", "{}"),
     ("work_share_cv", "share CV", "{:.2f}"), ("busy_share_cv", "busy CV", "{:.2f}"),
-    ("utilization", "util", "{:.2f}"),
+    ("utilization", "util", "{:.2f}"), ("cpu_us_per_request", "CPU µs/req", "{:.0f}"),
 )
 OVERHEAD_COLUMNS = (
     ("users", "users", "{}"), ("target", "target", "{}"), ("p50_ms", "P50 ms", "{:.2f}"),
     ("p99_ms", "P99 ms", "{:.2f}"), ("added_p50_ms", "+P50 ms", "{:.2f}"),
     ("added_p99_ms", "+P99 ms", "{:.2f}"), ("req_per_s", "req/s", "{:.0f}"),
-    ("throughput_vs_direct", "x direct", "{:.2f}"), ("errors", "errors", "{}"),
+    ("throughput_vs_direct", "x direct", "{:.2f}"), ("cpu_us_per_request", "CPU µs/req", "{:.0f}"),
+    ("triton_cpu_us_per_request", "Triton CPU µs/req", "{:.0f}"), ("errors", "errors", "{}"),
 )
 
 

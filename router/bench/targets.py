@@ -1,7 +1,9 @@
-"""What the load is sent to: tritonmesh (a separate process), nginx, HAProxy, or one Triton.
+"""What the load is sent to: tritonmesh (a separate process), nginx, HAProxy, nghttpx, or
+one Triton.
 
-Every target is a process of its own on a free loopback port, started for one cell and
-stopped by PID after it, so the load generator never shares an interpreter with a router.
+Every target is a process of its own on a free loopback port, started for one cell (the
+overhead mode: for the whole run) and stopped by PID after it, so the load generator never
+shares an interpreter with a router.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -22,14 +24,20 @@ import grpc.aio
 from tritonmesh.bench.loadgen import HINT_PARAMETER
 from tritonmesh.workers.launcher import free_ports
 
-__all__ = ["INSTALL_PEERS", "STDLIB_LOOP", "Target", "available_targets", "running", "terminate"]
+__all__ = ["DATA_PATHS", "INSTALL_PEERS", "STDLIB_LOOP", "Serving", "Target", "TargetFailed",
+           "available_targets", "running", "terminate", "tritonmesh_variants"]
 
-INSTALL_PEERS = "apt-get install -y nginx haproxy"
+INSTALL_PEERS = "apt-get install -y nginx haproxy nghttp2-proxy"
+DATA_PATHS = ("grpc", "native")  # tritonmesh's data_path key
+# The router's defaults for the keys the bench writes only when they differ (see
+# _tritonmesh_conf): should the router's default data path change, change it here too, or
+# --data-path would label the new default with the old name.
+DEFAULT_PROCESSES, DEFAULT_DATA_PATH = 1, "grpc"
 
 
 @dataclass(frozen=True)
 class Target:
-    """A router under test: ``kind`` is tritonmesh, nginx, haproxy or direct."""
+    """A router under test: ``kind`` is tritonmesh, nginx, haproxy, nghttpx or direct."""
 
     kind: str
     strategy: str
@@ -37,18 +45,25 @@ class Target:
     least_slack: bool = False  # tritonmesh late binding: queue_order LEAST_SLACK
     dispatch_ahead_s: float = 0.0  # tritonmesh late binding: dispatch_ahead_s
     event_loop: str = ""  # tritonmesh: --event-loop ("": the default, uvloop)
+    processes: int | None = None  # tritonmesh: router processes (None: not asked, one)
+    data_path: str = ""  # tritonmesh: one of DATA_PATHS ("": not asked, the default)
 
     @property
     def label(self) -> str:
+        notes = []
         if self.kind == "tritonmesh" and self.max_concurrency:
             order = ", least slack" if self.least_slack else ""
             if self.dispatch_ahead_s:
                 order += f", dispatch ahead {self.dispatch_ahead_s * 1000:g} ms"
-            return (f"tritonmesh {self.strategy} "
-                    f"(late binding, {self.max_concurrency}/instance{order})")
+            notes.append(f"late binding, {self.max_concurrency}/instance{order}")
         if self.event_loop:
-            return f"{self.kind} {self.strategy} ({self.event_loop} loop)"
-        return f"{self.kind} {self.strategy}".strip()
+            notes.append(f"{self.event_loop} loop")
+        if self.processes is not None:
+            notes.append(f"K={self.processes}")
+        if self.data_path:
+            notes.append(self.data_path)
+        name = f"{self.kind} {self.strategy}".strip()
+        return f"{name} ({', '.join(notes)})" if notes else name
 
 
 TRITONMESH = [Target("tritonmesh", s) for s in
@@ -66,6 +81,10 @@ STDLIB_LOOP = Target("tritonmesh", "RANDOM", event_loop="asyncio")
 NGINX = [Target("nginx", s) for s in ("random", "least_conn", "random two least_conn")]
 HAPROXY = [Target("haproxy", s) for s in ("random", "random(2)", "leastconn",
                                            "leastconn maxconn 1")]
+# nghttp2's own proxy, one worker: a data path on libnghttp2 with next to no policy, the floor
+# of what a proxy on that library costs. Its only choice among backends of one pattern is
+# weighted round robin (equal weights here, no affinity).
+NGHTTPX = [Target("nghttpx", "round-robin")]
 
 
 def available_targets(peers: bool = True) -> tuple[list[Target], list[str]]:
@@ -73,13 +92,41 @@ def available_targets(peers: bool = True) -> tuple[list[Target], list[str]]:
     targets = [*TRITONMESH, LATE_BINDING, *WORK_AWARE]
     notes = []
     if peers:
-        for binary, group in (("nginx", NGINX), ("haproxy", HAPROXY)):
+        for binary, group in (("nginx", NGINX), ("haproxy", HAPROXY), ("nghttpx", NGHTTPX)):
             if shutil.which(binary):
                 targets += group
             else:
                 notes.append(f"{binary} is not installed: its columns are missing "
                              f"(install with: {INSTALL_PEERS})")
     return targets, notes
+
+
+def tritonmesh_variants(targets: Sequence[Target], processes: Sequence[int] | None,
+                        data_paths: Sequence[str] | None) -> list[Target]:
+    """Each tritonmesh target once per process count and data path asked for (``None``:
+    not asked, the router's default, and no mention in the label); peers unchanged."""
+    counts: Sequence[int | None] = processes or [None]
+    out = []
+    for target in targets:
+        if target.kind != "tritonmesh":
+            out.append(target)
+            continue
+        out += [replace(target, processes=k, data_path=d)
+                for k in counts for d in (data_paths or [""])]
+    return out
+
+
+def _nghttpx_args(prefix: Path, port: int, workers: Sequence[str]) -> list[str]:
+    backends = []
+    for address in workers:
+        host, _, backend_port = address.rpartition(":")
+        # The catch-all pattern, no session affinity (nghttpx's default, spelled out).
+        backends.append(f"--backend={host},{backend_port};;proto=h2;affinity=none")
+    return ["nghttpx", "--conf=/dev/null", f"--frontend=127.0.0.1,{port};no-tls", *backends,
+            "--workers=1", f"--pid-file={prefix}/nghttpx.pid", "--no-via",
+            "--backend-read-timeout=600s", "--backend-write-timeout=600s",
+            "--frontend-http2-read-timeout=600s", "--frontend-write-timeout=600s",
+            "--stream-write-timeout=0"]
 
 
 def _nginx_conf(prefix: Path, port: int, workers: Sequence[str], strategy: str) -> str:
@@ -144,13 +191,17 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
         limit += "    queue_order: LEAST_SLACK\n"
     if target.dispatch_ahead_s:
         limit += f"    dispatch_ahead_s: {target.dispatch_ahead_s}\n"
-    hints = ""
+    # Top-level keys only where they differ from the router's defaults, so that K=1 over
+    # gRPC runs on a router that does not know these keys.
+    top = f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
+    if target.processes not in (None, DEFAULT_PROCESSES):
+        top += f"processes: {target.processes}\n"
+    if target.data_path not in ("", DEFAULT_DATA_PATH):
+        top += f"data_path: {target.data_path}\n"
     if target.strategy == "LEAST_OUTSTANDING_WORK":
-        hints = "".join(f"  {model}: {{parameter: {HINT_PARAMETER}, base: 1}}\n"
-                        for model in ("generate", "generate_unary"))
-        hints = "work_hints:\n" + hints
-    return (f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
-            f"{hints}variants:\n"
+        top += "work_hints:\n" + "".join(f"  {model}: {{parameter: {HINT_PARAMETER}, base: 1}}\n"
+                                         for model in ("generate", "generate_unary"))
+    return (f"{top}variants:\n"
             f"  - name: AllTraffic\n    routing_strategy: {target.strategy}\n{limit}"
             f"    instances: {list(workers)!r}\n")
 
@@ -189,11 +240,25 @@ async def _wait_serving(address: str, process: asyncio.subprocess.Process,
             await asyncio.sleep(0.1)
 
 
+class TargetFailed(RuntimeError):
+    """A target exited or never served; the message ends with the tail of its own log."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A running target: where to send load, and the root of its process tree (None for
+    Triton direct, whose processes are the workers')."""
+
+    address: str
+    pid: int | None
+
+
 @contextlib.asynccontextmanager
-async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
-    """Start ``target`` in front of ``workers``; yields the address to send load to."""
+async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[Serving]:
+    """Start ``target`` in front of ``workers``; yields where it serves. A target that exits
+    or does not come up raises :class:`TargetFailed` with what it logged."""
     if target.kind == "direct":
-        yield workers[0]
+        yield Serving(workers[0], None)
         return
     port = free_ports(1)[0]
     address = f"127.0.0.1:{port}"
@@ -207,6 +272,8 @@ async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
             conf = prefix / "haproxy.cfg"
             conf.write_text(_haproxy_conf(port, workers, target.strategy))
             args = ["haproxy", "-f", str(conf), "-db"]
+        elif target.kind == "nghttpx":
+            args = _nghttpx_args(prefix, port, workers)
         else:
             conf = prefix / "endpoint.yaml"
             conf.write_text(_tritonmesh_conf(port, workers, target))
@@ -218,11 +285,13 @@ async def running(target: Target, workers: Sequence[str]) -> AsyncIterator[str]:
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT)
         try:
-            await _wait_serving(address, process)
-            yield address
-        except RuntimeError as exc:
-            log.flush()
-            raise RuntimeError(f"{exc}\n{(prefix / 'target.log').read_text()[-2000:]}") from None
+            try:
+                await _wait_serving(address, process)
+            except RuntimeError as exc:
+                log.flush()
+                tail = (prefix / "target.log").read_text(errors="replace")[-2000:]
+                raise TargetFailed(f"{target.label}: {exc}\n{tail}") from None
+            yield Serving(address, process.pid)
         finally:
             await terminate(process, 15.0)
             log.close()
