@@ -46,6 +46,7 @@ from tritonmesh.metrics import (
     DiscoveryCollector,
     LoadReportCollector,
 )
+from tritonmesh.native_front import NativePort
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
@@ -107,6 +108,7 @@ class Router:
         self._seed = seed
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
+        self.native: NativePort | None = None  # data_path: native; then `server` is private
         self.health: HealthChecker | None = None
         self.shadows: Shadows | None = None
         self.port = 0
@@ -168,7 +170,12 @@ class Router:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )), strict)
-        self.port, self.certificates = self._listen(server, self.config.listen)
+        if self.config.data_path == "native":  # tokens and shadows: ModelInfer relayed too
+            self.native = NativePort(balancer, self.config.limits, native_infer=not (
+                self.data_tokens.configured or self.shadows))
+        native = self.native
+        self.port, self.certificates = self._listen(
+            server, self.config.listen if native is None else native.internal)
         if self.config.admin_listen is not None:
             self._open_admin_listener(balancer, self.config.admin_listen)
 
@@ -184,6 +191,8 @@ class Router:
                 reporter.start()
         self.housekeeper.start()
         await server.start()
+        if native is not None:
+            self.port = await native.start(self.config.listen)
         if self.admin_server is not None:
             await self.admin_server.start()
         if self.config.metrics_listen is not None:
@@ -280,6 +289,8 @@ class Router:
         if self.balancer is not None:
             await self.housekeeper.stop()
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.native is not None:
+            await self.native.stop(grace)
         await asyncio.gather(*(s.stop(grace) for s in (self.server, self.admin_server)
                                if s is not None))
         await self.drains.wait()
