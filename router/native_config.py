@@ -33,7 +33,12 @@ def default_data_path() -> str:
 
 
 def native_available() -> bool:
-    """Whether the native data path's extension was built and loads."""
+    """Whether the native data path's extension was built and loads (never with
+    ``TRITONMESH_NO_EXTENSIONS=1``, which means no compiled code at all)."""
+    from tritonmesh._core import NO_EXTENSIONS
+
+    if NO_EXTENSIONS:
+        return False
     try:
         import tritonmesh._core._h2  # noqa: F401
     except ImportError:

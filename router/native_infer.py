@@ -13,6 +13,7 @@ to it, see :func:`tritonmesh.native_front.NativeFront.request`): retries
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -153,6 +154,11 @@ class _Call:
             self.timer.cancel()
 
 
+def _abandon_if_cancelled(lease: Lease, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        lease.abandon("CANCELLED")
+
+
 class _Waiting:
     """A call waiting (late binding's queue, or a connection being made): a client that
     goes cancels the wait, and the task gives back whatever it holds."""
@@ -223,6 +229,8 @@ class NativeInfer:
         if lease is None or self.pool.get(lease.instance.address) is None:
             task = asyncio.ensure_future(self._wait(stream, lease, info, message, target,
                                                     priority, forward, deadline))
+            if lease is not None:  # a task cancelled before its first step runs no finally
+                task.add_done_callback(functools.partial(_abandon_if_cancelled, lease))
             stream.handler = _Waiting(task)
             return
         self._send(stream, lease, forward, deadline)

@@ -1,0 +1,290 @@
+"""``data_path: native``: unmodified tritonclient through the libnghttp2 engine against real
+Triton, the relay of every other RPC, endings (deadline, cancel, reset, lost connection),
+and raw HTTP/2 from a hostile client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from harness import (
+    LoopThread,
+    RecordingTriton,
+    generate_inputs,
+    identity_inputs,
+    make_config,
+    start_router,
+    wait_for,
+)
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
+from tritonmesh.native_config import native_available
+from tritonmesh.proxy import Proxy
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not native_available(), reason=(
+        "the native data path's extension (tritonmesh._core._h2) is not built here: no "
+        "libnghttp2 header at install time, or TRITONMESH_NO_EXTENSIONS=1")),
+]
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@pytest.fixture
+def native(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routers made from here on serve ``data_path: native``, and a ModelInfer that reached
+    the grpc.aio path fails the test."""
+    monkeypatch.setenv("TRITONMESH_DATA_PATH", "native")
+
+    async def refuse(self: Proxy, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise AssertionError("ModelInfer reached the grpc.aio path")
+
+    monkeypatch.setattr(Proxy, "model_infer", refuse)
+
+
+@pytest.fixture
+def holding_triton(loop_thread: LoopThread) -> Iterator[Holding]:
+    fake = Holding(loop_thread)
+    yield fake
+    fake.stop()
+
+
+class Holding(RecordingTriton):
+    """A Triton that never answers ModelInfer, and records the calls its client cancelled."""
+
+    def __init__(self, loop: LoopThread):
+        self.cancelled: list[str] = []
+        super().__init__(loop)
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        parsed = pb.ModelInferRequest.FromString(request)
+        self.seen.append(("ModelInfer", parsed.id))
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(parsed.id)
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_sync_and_aio_infer(native: None, make_router: Any) -> None:
+    router = make_router()
+    assert router.router.native is not None and router.router.native.infer is not None
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for i in range(20):
+            result = client.infer("identity", identity_inputs(), request_id=f"s{i}")
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(3))
+            assert result.get_response().id == f"s{i}"
+
+    async def aio() -> list[Any]:
+        async with aioclient.InferenceServerClient(router.address) as client:
+            return await asyncio.gather(*(client.infer("identity", identity_inputs(),
+                                                       request_id=f"a{i}") for i in range(16)))
+
+    results = asyncio.run(aio())
+    assert [r.get_response().id for r in results] == [f"a{i}" for i in range(16)]
+    router.wait_idle()
+
+
+def test_other_rpcs_and_streams_are_relayed(native: None, make_router: Any) -> None:
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.is_server_live() and client.is_model_ready("identity")
+        assert client.get_model_metadata("identity").name == "identity"
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.get_model_metadata("no_such_model")
+        responses: list[Any] = []
+        client.start_stream(callback=lambda result, error: responses.append(error or result))
+        client.async_stream_infer("generate", generate_inputs(5), request_id="g",
+                                  enable_empty_final_response=True)
+        wait_for(lambda: len(responses) == 6, "five tokens and the empty final")
+        client.stop_stream()
+    assert not [r for r in responses if isinstance(r, Exception)], responses
+    assert [r.as_numpy("TOKEN") is not None for r in responses] == [True] * 5 + [False]
+    assert responses[-1].get_response().parameters["triton_final_response"].bool_param
+    health = grpc.insecure_channel(router.address)
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    answer = health_pb2_grpc.HealthStub(health).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    health.close()
+    router.wait_idle()
+
+
+def test_unknown_model_gets_tritons_status(native: None, make_router: Any) -> None:
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client, \
+            pytest.raises(InferenceServerException) as caught:
+        client.infer("no_such_model", identity_inputs())
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    assert "Request for unknown model: 'no_such_model' is not found" in caught.value.message()
+    router.wait_idle()
+
+
+def test_deadline_expiring_upstream(native: None, make_router: Any) -> None:
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client, \
+            pytest.raises(InferenceServerException) as caught:
+        client.infer("generate_unary", generate_inputs(200), client_timeout=0.3)  # ~1 s of work
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    router.wait_idle()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+
+
+def test_client_cancel_resets_upstream(native: None, loop_thread: LoopThread,
+                                       holding_triton: Holding) -> None:
+    config, instances = make_config([holding_triton.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        async def cancel_one() -> None:
+            async with aioclient.InferenceServerClient(router.address) as client:
+                call = asyncio.ensure_future(client.infer("identity", identity_inputs(),
+                                                          request_id="c1"))
+                while ("ModelInfer", "c1") not in holding_triton.seen:
+                    await asyncio.sleep(0.005)
+                assert router.total_outstanding() == 1
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+
+        asyncio.run(cancel_one())
+        wait_for(lambda: holding_triton.cancelled == ["c1"], "the upstream call's cancellation")
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_twenty_megabytes_both_ways(native: None, make_router: Any) -> None:
+    router = make_router()
+    tensor = grpcclient.InferInput("INPUT0", [5 * 2**20], "FP32")
+    data = np.random.default_rng(1).random(5 * 2**20, dtype=np.float32)
+    tensor.set_data_from_numpy(data)
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for _ in range(2):
+            result = client.infer("identity", [tensor], client_timeout=60)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+    router.wait_idle()
+
+
+# -- raw HTTP/2 --
+
+class RawClient:
+    """A blocking HTTP/2 client (h2) on one connection to the router."""
+
+    def __init__(self, address: str):
+        host, _, port = address.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        self.send()
+
+    def send(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def events(self) -> list[Any]:
+        data = self.sock.recv(65536)
+        if not data:
+            return [None]
+        found = self.conn.receive_data(data)
+        with contextlib.suppress(OSError):  # the router may have closed after its GOAWAY
+            self.send()
+        return list(found)
+
+    def headers(self, path: str, content_type: str) -> list[tuple[str, str]]:
+        return [(":method", "POST"), (":scheme", "http"), (":path", path),
+                (":authority", "router"), ("te", "trailers"), ("content-type", content_type)]
+
+    def answer(self, stream_id: int) -> dict[str, str]:
+        """Every header and trailer the router sent on the stream, until it ended."""
+        seen: dict[str, str] = {}
+        while True:
+            for event in self.events():
+                assert event is not None, "the connection closed"
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    if event.stream_id == stream_id:
+                        seen.update((k.decode(), v.decode()) for k, v in event.headers)
+                if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)) \
+                        and event.stream_id == stream_id:
+                    return seen
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _identity_message() -> bytes:
+    request = pb.ModelInferRequest(model_name="identity", id="raw")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[3])
+    tensor.contents.fp32_contents.extend([0.0, 1.0, 2.0])
+    body = request.SerializeToString()
+    return b"\0" + len(body).to_bytes(4, "big") + body
+
+
+def test_non_grpc_content_type_answers_as_grpc_does(native: None, make_router: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router()
+        client = RawClient(router.address)
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "text/plain"))
+        client.conn.send_data(1, b"hello", end_stream=True)
+        client.send()
+        answers.append(client.answer(1))
+        client.close()
+    assert answers[0] == answers[1]
+    assert answers[1].get(":status") != "200" or answers[1].get("grpc-status") not in (None, "0")
+
+
+def test_malformed_frame_closes_only_that_connection(native: None, make_router: Any) -> None:
+    router = make_router()
+    client = RawClient(router.address)
+    # A SETTINGS frame five bytes long: its length must be a multiple of six.
+    client.sock.sendall(b"\x00\x00\x05\x04\x00\x00\x00\x00\x00" + b"\0" * 5)
+    goaway = None
+    while goaway is None:
+        events = client.events()
+        if events == [None]:
+            break
+        goaway = next((e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None)
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.FRAME_SIZE_ERROR
+    client.close()
+    with grpcclient.InferenceServerClient(router.address) as good:
+        assert good.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
+
+
+def test_rapid_reset_loop(native: None, make_router: Any) -> None:
+    router = make_router()
+    client = RawClient(router.address)
+    message = _identity_message()
+    for i in range(300):
+        stream_id = 1 + 2 * i
+        client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+        if i % 2:  # half reset mid-message, half after the whole request (a lease taken)
+            client.conn.send_data(stream_id, message[:7])
+        else:
+            client.conn.send_data(stream_id, message)
+        client.conn.reset_stream(stream_id)
+        client.send()
+    client.conn.send_headers(601, client.headers(MODEL_INFER, "application/grpc"))
+    client.conn.send_data(601, message, end_stream=True)
+    client.send()
+    assert client.answer(601).get("grpc-status") == "0"
+    client.close()
+    with grpcclient.InferenceServerClient(router.address) as good:
+        assert good.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
