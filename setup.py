@@ -60,6 +60,7 @@ if not NO_EXTENSIONS:
 
     ext_modules = cythonize(
         [
+            *h2,
             Extension(
                 "tritonmesh._core._outstanding_c",
                 ["_core/_outstanding_c.pyx"],
@@ -90,7 +91,7 @@ if not NO_EXTENSIONS:
                 extra_compile_args=COMPILE,
                 extra_link_args=LINK,
             ),
-        ] + h2,
+        ],
         compiler_directives={"language_level": "3"},
     )
 

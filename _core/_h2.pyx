@@ -325,7 +325,6 @@ cdef class Stream:
             self.connection.reset(self.id, error_code)
 
 
-
 cdef void _pair(Stream client, Stream upstream) noexcept:
     """From now on, bytes received on each go out on the other."""
     client.peer = upstream
@@ -554,7 +553,6 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
 
 cdef int _on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
                           void *user_data) noexcept:
-    cdef H2Connection conn = <H2Connection>user_data
     cdef Stream stream = _stream_of(session, stream_id)
     if stream is None:
         return 0

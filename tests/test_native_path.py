@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -67,11 +68,13 @@ class Holding(RecordingTriton):
 
     def __init__(self, loop: LoopThread):
         self.cancelled: list[str] = []
+        self.arrived = threading.Event()
         super().__init__(loop)
 
     async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         parsed = pb.ModelInferRequest.FromString(request)
         self.seen.append(("ModelInfer", parsed.id))
+        self.arrived.set()
         try:
             await asyncio.Event().wait()
         except asyncio.CancelledError:
@@ -154,8 +157,7 @@ def test_client_cancel_resets_upstream(native: None, loop_thread: LoopThread,
             async with aioclient.InferenceServerClient(router.address) as client:
                 call = asyncio.ensure_future(client.infer("identity", identity_inputs(),
                                                           request_id="c1"))
-                while ("ModelInfer", "c1") not in holding_triton.seen:
-                    await asyncio.sleep(0.005)
+                assert await asyncio.to_thread(holding_triton.arrived.wait, 30)
                 assert router.total_outstanding() == 1
                 call.cancel()
                 with pytest.raises(asyncio.CancelledError):
