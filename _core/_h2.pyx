@@ -101,6 +101,9 @@ cdef extern from "nghttp2/nghttp2.h":
     void nghttp2_session_callbacks_set_on_frame_recv_callback(
         nghttp2_session_callbacks *,
         int (*)(nghttp2_session *, const nghttp2_frame *, void *) noexcept)
+    void nghttp2_session_callbacks_set_on_frame_send_callback(
+        nghttp2_session_callbacks *,
+        int (*)(nghttp2_session *, const nghttp2_frame *, void *) noexcept)
     void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
         nghttp2_session_callbacks *,
         int (*)(nghttp2_session *, uint8_t, int32_t, const uint8_t *, size_t, void *) noexcept)
@@ -248,6 +251,7 @@ cdef class Stream:
     cdef bint out_eof
     cdef bint ended  # the call ended normally (trailers went through)
     cdef bint discard
+    cdef bint reset_after_answer
     cdef list trailers
 
     def __cinit__(self, H2Connection connection):
@@ -312,8 +316,9 @@ cdef class Stream:
             self.connection._respond(
                 self, [(b":status", b"200"), (b"content-type", b"application/grpc")] + trailers,
                 True)
-            if not self.remote_ended:  # the client need not send the rest
-                self.connection.reset(self.id, NGHTTP2_NO_ERROR)
+            # The client need not send the rest: RST_STREAM(NO_ERROR) once the answer is out
+            # (submitted now, it would cancel the answer).
+            self.reset_after_answer = not self.remote_ended
             return
         self.trailers = trailers
         self.out_eof = True
@@ -521,6 +526,17 @@ cdef inline void conn_resume(Stream stream) noexcept:
         _mark(stream.connection)
 
 
+cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
+                        void *user_data) noexcept:
+    cdef Stream stream
+    if frame.hd.type == NGHTTP2_HEADERS and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+        stream = _stream_of(session, frame.hd.stream_id)
+        if stream is not None and stream.reset_after_answer:
+            stream.reset_after_answer = False
+            nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream.id, NGHTTP2_NO_ERROR)
+    return 0
+
+
 cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id,
                              const uint8_t *data, size_t length, void *user_data) noexcept:
     cdef Stream stream = _stream_of(session, stream_id)
@@ -604,6 +620,7 @@ cdef int _setup() except -1:
     nghttp2_session_callbacks_set_on_header_callback(_callbacks, _on_header)
     nghttp2_session_callbacks_set_on_frame_recv_callback(_callbacks, _on_frame_recv)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(_callbacks, _on_data_chunk_recv)
+    nghttp2_session_callbacks_set_on_frame_send_callback(_callbacks, _on_frame_send)
     nghttp2_session_callbacks_set_on_stream_close_callback(_callbacks, _on_stream_close)
     nghttp2_option_set_no_auto_window_update(_option, 1)
     return 0

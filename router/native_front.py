@@ -100,7 +100,8 @@ class NativePort:
 
     def oversize(self, stream: Stream, length: int) -> None:
         stream.finish(_RESOURCE_EXHAUSTED, grpc_message(
-            f"Received message larger than max ({length} vs. {self.limits.max_message_bytes})"))
+            f"SERVER: Received message larger than max ({length} vs. "
+            f"{self.limits.max_message_bytes})"))  # grpc.aio's words
 
     def incomplete(self, stream: Stream) -> None:
         self.relay(stream)

@@ -125,9 +125,9 @@ class _Call:
         lease.code = "UNAVAILABLE"
         lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)
-        _refuse(self.client, "UNAVAILABLE",
-                f"upstream instance {instance.address} reset the stream (HTTP/2 error code "
-                f"{error_code})")
+        why = "the connection was lost" if stream.connection.lost \
+            else f"it reset the stream (HTTP/2 error code {error_code})"
+        _refuse(self.client, "UNAVAILABLE", f"upstream instance {instance.address}: {why}")
 
     def per_try_expired(self) -> None:
         lease = self.lease

@@ -170,6 +170,112 @@ def test_client_cancel_resets_upstream(native: None, loop_thread: LoopThread,
         router.stop()
 
 
+def test_per_try_timeout_resets_upstream(native: None, loop_thread: LoopThread,
+                                         holding_triton: Holding) -> None:
+    config, instances = make_config([holding_triton.address],
+                                    variant_options={"per_try_timeout_s": 0.3})
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client, \
+                pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", identity_inputs(), request_id="t1", client_timeout=30)
+        assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert f"upstream instance {holding_triton.address} did not answer within " \
+            "per_try_timeout_s (0.3 s)" in caught.value.message()
+        wait_for(lambda: holding_triton.cancelled == ["t1"], "the upstream call's cancellation")
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_cancel_while_queued(native: None, loop_thread: LoopThread,
+                             holding_triton: Holding) -> None:
+    """Late binding's queue: a client that goes while queued gives back what it holds, and
+    the call ahead of it, ended by its server, is released too."""
+    config, instances = make_config([holding_triton.address], max_concurrency=1)
+    router = start_router(loop_thread, config, instances)
+    try:
+        async def run() -> InferenceServerException:
+            async with aioclient.InferenceServerClient(router.address) as client:
+                first = asyncio.ensure_future(client.infer("identity", identity_inputs(),
+                                                           request_id="held"))
+                assert await asyncio.to_thread(holding_triton.arrived.wait, 30)
+                queued = asyncio.ensure_future(client.infer("identity", identity_inputs(),
+                                                            request_id="queued"))
+                variant = router.balancer.variants[0]
+                await asyncio.to_thread(wait_for, lambda: len(variant.waiters) == 1,
+                                        "the second request to queue")
+                queued.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await queued
+                await asyncio.to_thread(wait_for, lambda: not variant.waiters,
+                                        "the queue to empty")
+                assert router.total_outstanding() == 1
+                holding_triton.stop()  # it answers its held call UNAVAILABLE as it stops
+                with pytest.raises(InferenceServerException) as caught:
+                    await first
+                return caught.value
+
+        assert asyncio.run(run()).status() == "StatusCode.UNAVAILABLE"
+        assert [r for _, r in holding_triton.seen] == ["held"]
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_instance_connection_lost_mid_call(native: None, loop_thread: LoopThread) -> None:
+    """An instance whose connection drops with a call on it (no trailers, no reset)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def take_and_drop() -> None:  # each connection: read up to a request, then drop it
+        with contextlib.suppress(OSError):
+            while True:
+                connection, _ = listener.accept()
+                server = h2.connection.H2Connection(h2.config.H2Configuration(
+                    client_side=False))
+                server.initiate_connection()
+                connection.sendall(server.data_to_send())
+                while data := connection.recv(65536):
+                    events = server.receive_data(data)
+                    connection.sendall(server.data_to_send())
+                    if any(isinstance(e, h2.events.RequestReceived) for e in events):
+                        break
+                connection.close()
+
+    threading.Thread(target=take_and_drop, daemon=True).start()
+    config, instances = make_config([address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client, \
+                pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", identity_inputs())
+        assert caught.value.status() == "StatusCode.UNAVAILABLE"
+        assert f"upstream instance {address}: the connection was lost" in caught.value.message()
+        router.wait_idle()
+    finally:
+        router.stop()
+        listener.close()
+
+
+def test_oversize_message_answers_as_grpc_does(make_router: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tensor = grpcclient.InferInput("INPUT0", [4096], "FP32")
+    tensor.set_data_from_numpy(np.zeros(4096, dtype=np.float32))
+    errors = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router(limits={"max_message_bytes": 8192})
+        with grpcclient.InferenceServerClient(router.address) as client, \
+                pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", [tensor])
+        errors.append((caught.value.status(), caught.value.message()))
+        with grpcclient.InferenceServerClient(router.address) as client:
+            assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    assert errors[0] == errors[1]
+    assert errors[1][0] == "StatusCode.RESOURCE_EXHAUSTED"
+
+
 def test_twenty_megabytes_both_ways(native: None, make_router: Any) -> None:
     router = make_router()
     tensor = grpcclient.InferInput("INPUT0", [5 * 2**20], "FP32")
@@ -235,7 +341,7 @@ def _identity_message() -> bytes:
     return b"\0" + len(body).to_bytes(4, "big") + body
 
 
-def test_non_grpc_content_type_answers_as_grpc_does(native: None, make_router: Any,
+def test_non_grpc_content_type_answers_as_grpc_does(make_router: Any,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     answers = []
     for data_path in ("grpc", "native"):
