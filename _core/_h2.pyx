@@ -114,6 +114,7 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_option_new(nghttp2_option **)
     void nghttp2_option_del(nghttp2_option *)
     void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int)
+    void nghttp2_option_set_no_http_messaging(nghttp2_option *, int)
 
     int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *,
                                     void *, const nghttp2_option *)
@@ -609,12 +610,14 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
 
 
 cdef nghttp2_session_callbacks *_callbacks = NULL
-cdef nghttp2_option *_option = NULL
+cdef nghttp2_option *_option = NULL  # upstream connections
+cdef nghttp2_option *_server_option = NULL  # clients' connections
 
 
 cdef int _setup() except -1:
-    global _callbacks, _option
-    if nghttp2_session_callbacks_new(&_callbacks) != 0 or nghttp2_option_new(&_option) != 0:
+    global _callbacks, _option, _server_option
+    if nghttp2_session_callbacks_new(&_callbacks) != 0 or nghttp2_option_new(&_option) != 0 \
+            or nghttp2_option_new(&_server_option) != 0:
         raise MemoryError()
     nghttp2_session_callbacks_set_on_begin_headers_callback(_callbacks, _on_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(_callbacks, _on_header)
@@ -623,6 +626,12 @@ cdef int _setup() except -1:
     nghttp2_session_callbacks_set_on_frame_send_callback(_callbacks, _on_frame_send)
     nghttp2_session_callbacks_set_on_stream_close_callback(_callbacks, _on_stream_close)
     nghttp2_option_set_no_auto_window_update(_option, 1)
+    nghttp2_option_set_no_auto_window_update(_server_option, 1)
+    # Requests are checked as grpc.aio checks them, not by nghttp2's stricter HTTP rules:
+    # gRPC servers take connection-specific headers (`connection`, `upgrade`, ...) that
+    # RFC 9113 calls malformed, and a client must not tell which path served it. What is
+    # not ModelInfer goes to grpc.aio, which checks the rest.
+    nghttp2_option_set_no_http_messaging(_server_option, 1)
     return 0
 
 
@@ -657,7 +666,8 @@ cdef class H2Connection:
         self.streams = {}
         cdef int rv
         if server:
-            rv = nghttp2_session_server_new2(&self.session, _callbacks, <void *>self, _option)
+            rv = nghttp2_session_server_new2(&self.session, _callbacks, <void *>self,
+                                             _server_option)
         else:
             rv = nghttp2_session_client_new2(&self.session, _callbacks, <void *>self, _option)
         if rv != 0:
