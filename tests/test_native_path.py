@@ -170,6 +170,30 @@ def test_client_cancel_resets_upstream(native: None, loop_thread: LoopThread,
         router.stop()
 
 
+def test_metadata_forwarded_hop_by_hop_not(native: None, loop_thread: LoopThread,
+                                           recording_triton: RecordingTriton) -> None:
+    """The client's keys reach the instance unchanged, hop-by-hop and routing keys do not
+    (gRPC servers take connection-specific headers; so does this port), and the deadline
+    goes upstream as the remaining budget."""
+    config, instances = make_config([recording_triton.address])
+    router = start_router(loop_thread, config, instances)
+    user = {"authorization": "Bearer t", "x-trace": "7", "x-tenant": "a b,c"}
+    hop_by_hop = {"connection": "v", "upgrade": "v", "transfer-encoding": "v",
+                  "x-target-variant": "AllTraffic", "x-tritonmesh-priority": "2"}
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            result = client.infer("identity", identity_inputs(), headers={**user, **hop_by_hop},
+                                  client_timeout=5.0, request_id="m1")
+        assert result.get_response().id == "m1"
+        ((_, metadata, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
+        assert {k: metadata.get(k) for k in user} == user
+        assert not set(hop_by_hop) & set(metadata), metadata
+        assert remaining is not None and 0 < remaining <= 5.0
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
 def test_per_try_timeout_resets_upstream(native: None, loop_thread: LoopThread,
                                          holding_triton: Holding) -> None:
     config, instances = make_config([holding_triton.address],
