@@ -5,9 +5,9 @@ upstream stream paired with the client's), when Triton's trailers come (judge, r
 only if the call breaks, when a stream of the pair closes early (reset, connection lost).
 Everything between (request DATA up, response HEADERS and DATA down) stays in C.
 
-What the grpc.aio path does that this slice does not (:class:`NativeInfer` relays such calls
-to it, see :func:`tritonmesh.native_front.NativeFront.request`): retries
-(``x-tritonmesh-retry-on`` and a connection that could not be made), shadow copies, tokens.
+What the grpc.aio path does that this slice does not (such calls are relayed to it, see
+:meth:`tritonmesh.native_front.NativePort.request`): retries after a per-try timeout
+(``x-tritonmesh-retry-on``), shadow copies, tokens.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ from tritonmesh.forwarding import (
     priority_of,
     too_late,
 )
+from tritonmesh.proxy import _NOT_RETRIED
 from tritonmesh.wire import RequestInfo, WireError, peek_request
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import Stream
+    from tritonmesh.instance import Instance
     from tritonmesh.lease import Lease
     from tritonmesh.native_pool import UpstreamPool
 
@@ -221,6 +223,7 @@ class NativeInfer:
         if late is not None:
             _refuse(stream, "DEADLINE_EXCEEDED", late)
             return
+        self.balancer.retry_budget.deposit()
         try:
             lease = self.balancer.try_acquire(info, message, target)
         except NoInstanceError as exc:
@@ -238,25 +241,40 @@ class NativeInfer:
     async def _wait(self, stream: Stream, lease: Lease | None, info: RequestInfo,
                     message: bytes, target: str | None, priority: int,
                     forward: list[tuple[bytes, bytes]], deadline: float | None) -> None:
-        """The slow way: wait in the variant's queue, then for a connection if need be."""
+        """The slow way: wait in the variant's queue, then for a connection if need be. A
+        connection that cannot be made sends the request to another instance (it provably
+        never left), within ``retries.*`` as on the grpc.aio path; a sequence is not moved."""
+        attempt = 0
+        avoid: Instance | None = None
         try:
-            if lease is None:
+            while True:
                 remaining = None if deadline is None else deadline - time.monotonic()
+                if lease is None:
+                    try:
+                        lease = await self.balancer.acquire(info, message, target, remaining,
+                                                            avoid, priority)
+                    except NoInstanceError as exc:
+                        _refuse(stream, exc.code_name, str(exc))
+                        return
+                instance = lease.instance
                 try:
-                    lease = await self.balancer.acquire(info, message, target, remaining,
-                                                        None, priority)
-                except NoInstanceError as exc:
-                    _refuse(stream, exc.code_name, str(exc))
-                    return
-            address = lease.instance.address
-            try:
-                await self.pool.connect(address)
-            except OSError as exc:
-                lease.outliers.connect_failure(lease.instance)
-                lease.abandon("UNAVAILABLE")
-                _refuse(stream, "UNAVAILABLE",
-                        f"upstream instance {address}: cannot connect: {exc.strerror or exc}")
-                return
+                    await self.pool.connect(instance.address)
+                    break
+                except OSError as exc:
+                    lease.outliers.connect_failure(instance)
+                    lease.code = "UNAVAILABLE"
+                    lease.release(False)
+                    lease = None
+                    details = (f"upstream instance {instance.address}: cannot connect: "
+                               f"{exc.strerror or exc}")
+                    attempt += 1
+                    refused = "per_request" if info.sequence_id is not None \
+                        else self.balancer.retry_budget.withdraw(attempt, remaining)
+                    if refused is not None:
+                        _refuse(stream, "UNAVAILABLE",
+                                f"{details} (not retried: {_NOT_RETRIED[refused]})")
+                        return
+                    avoid = instance
         except asyncio.CancelledError:  # the client went while it waited
             if lease is not None:
                 lease.abandon("CANCELLED")

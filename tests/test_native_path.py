@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from harness import (
 )
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
+from tritonmesh.config import HealthCheckConfig
 from tritonmesh.native_config import native_available
 from tritonmesh.proxy import Proxy
 
@@ -189,6 +191,30 @@ def test_metadata_forwarded_hop_by_hop_not(native: None, loop_thread: LoopThread
         assert {k: metadata.get(k) for k in user} == user
         assert not set(hop_by_hop) & set(metadata), metadata
         assert remaining is not None and 0 < remaining <= 5.0
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_unreachable_instance_is_retried_elsewhere(native: None, loop_thread: LoopThread,
+                                                   worker_addresses: list[str]) -> None:
+    """A connection that cannot be made: the request provably never left, so it goes to
+    another instance, and the one that refused is ejected."""
+    with socket.create_server(("127.0.0.1", 0)) as reserved:  # a port nobody listens on
+        dead = f"127.0.0.1:{reserved.getsockname()[1]}"
+    config, instances = make_config(worker_addresses[:1], strategy="ROUND_ROBIN")
+    # No health check finds the dead instance first (it joins healthy, as after an admin
+    # add): only a request does.
+    config = dataclasses.replace(config, health_check=HealthCheckConfig(interval_s=600.0))
+    router = start_router(loop_thread, config, instances)
+    loop_thread.run(router.router.update_instances({"AllTraffic": [worker_addresses[0], dead]}))
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for i in range(20):
+                assert client.infer("identity", identity_inputs(),
+                                    request_id=str(i)).get_response().id == str(i)
+        (refused,) = [i for i in router.instances() if i.address == dead]
+        assert refused.ejected and router.balancer.retry_budget.retried == 1
         router.wait_idle()
     finally:
         router.stop()
