@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from tritonmesh.configvalues import ConfigError
 from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
 from tritonmesh.native_pool import UpstreamPool
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import H2Connection, Stream
     from tritonmesh.balancer import Balancer
-    from tritonmesh.config import LimitsConfig
+    from tritonmesh.config import EndpointConfig
 
 __all__ = ["NativePort"]
 
@@ -39,8 +41,16 @@ MAX_HEADER_LIST_BYTES: Final = 1 << 16
 class NativePort:
     """The listener, its client connections, and the relay to the grpc.aio server."""
 
-    def __init__(self, balancer: Balancer, limits: LimitsConfig, *, native_infer: bool):
-        self.limits = limits
+    def __init__(self, balancer: Balancer, config: EndpointConfig, *, native_infer: bool):
+        if config.tls is not None:  # parse_config says so too; this guards configs built in code
+            raise ConfigError("data_path: native does not serve TLS yet (tls is set); use "
+                              "data_path: grpc")
+        limits = self.limits = config.limits
+        # The grpc.aio server behind the relay: one connection carries every client's
+        # streams, so the per-connection bounds are this port's, not the relay's.
+        self.relay_limits = dataclasses.replace(
+            limits, max_concurrent_streams=2**31 - 1, connection_idle_timeout_s=0.0,
+            connection_max_age_s=0.0)
         self.pool = UpstreamPool(stream_window=STREAM_WINDOW,
                                  connection_window=CONNECTION_WINDOW,
                                  max_header_list_bytes=MAX_HEADER_LIST_BYTES)

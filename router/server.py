@@ -158,8 +158,12 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
-                                               interceptors=interceptors)
+        if self.config.data_path == "native":  # tokens and shadows: ModelInfer relayed too
+            self.native = NativePort(balancer, self.config, native_infer=not (
+                self.data_tokens.configured or self.shadows))
+        server = self.server = grpc.aio.server(options=server_options(
+            self.config.limits if self.native is None else self.native.relay_limits),
+            interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
@@ -170,9 +174,6 @@ class Router:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )), strict)
-        if self.config.data_path == "native":  # tokens and shadows: ModelInfer relayed too
-            self.native = NativePort(balancer, self.config.limits, native_infer=not (
-                self.data_tokens.configured or self.shadows))
         native = self.native
         self.port, self.certificates = self._listen(
             server, self.config.listen if native is None else native.internal)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import queue
 import socket
 import threading
 from collections.abc import Iterator
@@ -126,6 +127,26 @@ def test_other_rpcs_and_streams_are_relayed(native: None, make_router: Any) -> N
     answer = health_pb2_grpc.HealthStub(health).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
     health.close()
+    router.wait_idle()
+
+
+def test_stream_limit_is_per_client_connection(native: None, make_router: Any) -> None:
+    """``limits.max_concurrent_streams`` bounds each client connection; the relay's one
+    connection to grpc.aio, which carries every client's streams, is not held to it."""
+    router = make_router(limits={"max_concurrent_streams": 1}, workers=1)
+    path = "/inference.GRPCInferenceService/ModelStreamInfer"
+    request = pb.ModelInferRequest(model_name="identity", id="x")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    raw = request.SerializeToString()
+    with grpc.insecure_channel(router.address) as first, grpc.insecure_channel(
+            router.address, options=[("grpc.use_local_subchannel_pool", 1)]) as second:
+        held: queue.Queue[bytes] = queue.Queue()
+        call = first.stream_stream(path)(iter(held.get, b""))
+        held.put(raw)
+        next(call)  # answered: the stream is open, and stays so
+        assert len(list(second.stream_stream(path)(iter([raw]), timeout=10))) == 1
+        held.put(b"")
+        list(call)
     router.wait_idle()
 
 
