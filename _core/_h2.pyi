@@ -46,6 +46,7 @@ class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection (``server``: a client's; else one to an upstream)."""
 
     loop: asyncio.AbstractEventLoop | None
+    retired: str | None
     def __init__(self, owner: Any, server: bool, *, max_concurrent_streams: int = 100,
                  stream_window: int = 1 << 20, connection_window: int = 1 << 24,
                  max_header_list_bytes: int = 1 << 16) -> None: ...

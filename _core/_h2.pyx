@@ -651,6 +651,7 @@ cdef class H2Connection:
     cdef readonly bint lost
     cdef readonly dict streams
     cdef public object loop
+    cdef public object retired  # why the router closed it (its instance left), or None
     cdef object transport
     cdef bint dirty
     cdef bint paused

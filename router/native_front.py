@@ -23,7 +23,7 @@ from tritonmesh.native_pool import UpstreamPool
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import H2Connection, Stream
-    from tritonmesh.balancer import Balancer
+    from tritonmesh.balancer import Balancer, Instance
     from tritonmesh.config import EndpointConfig
 
 __all__ = ["NativePort"]
@@ -45,6 +45,7 @@ class NativePort:
         if config.tls is not None:  # parse_config says so too; this guards configs built in code
             raise ConfigError("data_path: native does not serve TLS yet (tls is set); use "
                               "data_path: grpc")
+        self.balancer = balancer
         limits = self.limits = config.limits
         # The grpc.aio server behind the relay: one connection carries every client's
         # streams, so the per-connection bounds are this port's, not the relay's.
@@ -115,6 +116,14 @@ class NativePort:
 
     def incomplete(self, stream: Stream) -> None:
         self.relay(stream)
+
+    def instance_removed(self, instance: Instance) -> None:
+        """A drain removed ``instance``: calls still on it are cancelled, as they are on
+        the grpc.aio path when its channel closes."""
+        address = instance.address
+        if not any(i.address == address for i in self.balancer.instances()):
+            self.pool.retire(address, f"upstream instance {address} was removed from the "
+                                      "router")
 
     def connection_lost(self, connection: H2Connection) -> None:
         self.connections.discard(connection)

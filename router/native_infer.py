@@ -124,6 +124,11 @@ class _Call:
             lease.release(False)
             return
         instance = lease.instance
+        retired = stream.connection.retired
+        if retired is not None:  # the router closed it: the instance left the fleet
+            lease.release(False)
+            _refuse(self.client, "CANCELLED", retired)
+            return
         lease.code = "UNAVAILABLE"
         lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)

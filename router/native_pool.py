@@ -72,6 +72,13 @@ class UpstreamPool:
             if known is connection:
                 del self._connections[address]
 
+    def retire(self, address: str, why: str) -> None:
+        """Close the connection to ``address`` now; its streams end, saying ``why``."""
+        connection = self._connections.pop(address, None)
+        if connection is not None:
+            connection.retired = why
+            connection.close()
+
     async def close(self) -> None:
         """Close every connection (their streams end as reset)."""
         self._closed = True

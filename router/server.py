@@ -175,6 +175,8 @@ class Router:
             reflection.SERVICE_NAME,
         )), strict)
         native = self.native
+        if native is not None:
+            self.drains.removed = native.instance_removed
         self.port, self.certificates = self._listen(
             server, self.config.listen if native is None else native.internal)
         if self.config.admin_listen is not None:

@@ -5,6 +5,7 @@ and raw HTTP/2 from a hostile client."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import queue
@@ -25,6 +26,7 @@ import tritonclient.grpc.aio as aioclient
 from harness import (
     LoopThread,
     RecordingTriton,
+    admin_stub,
     generate_inputs,
     identity_inputs,
     make_config,
@@ -33,6 +35,7 @@ from harness import (
 )
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
+from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh.config import HealthCheckConfig
 from tritonmesh.native_config import native_available
 from tritonmesh.proxy import Proxy
@@ -327,6 +330,35 @@ def test_instance_connection_lost_mid_call(native: None, loop_thread: LoopThread
     finally:
         router.stop()
         listener.close()
+
+
+def test_removed_instance_cancels_its_calls(native: None, loop_thread: LoopThread,
+                                            holding_triton: Holding) -> None:
+    """A drain that times out removes the instance: the call still on it is cancelled
+    upstream and answered CANCELLED, as on the grpc.aio path when the channel closes."""
+    config, instances = make_config([holding_triton.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            def infer() -> Any:
+                with grpcclient.InferenceServerClient(router.address) as client:
+                    return client.infer("identity", identity_inputs(), request_id="r")
+
+            held = pool.submit(infer)
+            assert holding_triton.arrived.wait(30)
+            removed = admin_stub(router.admin_address).RemoveInstance(
+                apb.RemoveInstanceRequest(variant="AllTraffic", address=holding_triton.address,
+                                          drain_timeout_s=0.2), timeout=30)
+            assert not removed.drained
+            with pytest.raises(InferenceServerException) as caught:
+                held.result(timeout=30)
+        assert caught.value.status() == "StatusCode.CANCELLED"
+        assert f"upstream instance {holding_triton.address} was removed from the router" \
+            in caught.value.message()
+        wait_for(lambda: holding_triton.cancelled == ["r"], "the upstream call's cancellation")
+        router.wait_idle()
+    finally:
+        router.stop()
 
 
 def test_oversize_message_answers_as_grpc_does(make_router: Any,
