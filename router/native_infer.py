@@ -310,8 +310,11 @@ class NativeInfer:
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", MODEL_INFER),
                    (b":authority", authority), (b"te", b"trailers"),
                    (b"content-type", b"application/grpc")]
-        if timeout is not None:
-            headers.append((_TIMEOUT, _encode_timeout(timeout)))
+        # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
+        # timer resets the stream), so that Triton's own expiry of the same instant does
+        # not answer in its place.
+        if remaining is not None:
+            headers.append((_TIMEOUT, _encode_timeout(remaining)))
         headers += forward
         connection = self.pool.get(address)
         call = _Call(lease, stream)
