@@ -215,6 +215,15 @@ cdef void _mark(H2Connection conn) noexcept:
         conn.loop.call_soon(flush_pending)
 
 
+cdef inline void _schedule_flush() noexcept:
+    """Write what every connection has pending once this loop iteration's reads are all
+    handled: requests from many clients to one instance share one write."""
+    global _scheduled
+    if _depth == 0 and _dirty and not _scheduled:
+        _scheduled = True
+        (<H2Connection>_dirty[0]).loop.call_soon(flush_pending)
+
+
 def flush_pending() -> None:
     """Write every connection's pending frames (after changes made outside its events)."""
     global _scheduled
@@ -717,8 +726,7 @@ cdef class H2Connection:
             self.transport.close()
             return
         _mark(self)
-        if _depth == 0:
-            flush_pending()
+        _schedule_flush()
 
     def eof_received(self) -> None:
         return None
@@ -732,8 +740,7 @@ cdef class H2Connection:
             _closed(stream, NGHTTP2_INTERNAL_ERROR)
         self.streams.clear()
         self.owner.connection_lost(self)
-        if _depth == 0:
-            flush_pending()
+        _schedule_flush()
 
     def pause_writing(self) -> None:
         self.paused = True
