@@ -8,11 +8,13 @@ it the config is refused at start (docs/native.md says how to get it).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from typing import Any, Final
 
-from tritonmesh.configvalues import ConfigError
+from tritonmesh.configvalues import ConfigError, _expect, _no_unknown, _positive_int
 
-__all__ = ["DATA_PATHS", "ENV", "default_data_path", "native_available", "parse_data_path"]
+__all__ = ["DATA_PATHS", "ENV", "NativeConfig", "default_data_path", "native_available",
+           "parse_data_path", "parse_native"]
 
 ENV: Final = "TRITONMESH_DATA_PATH"
 DATA_PATHS: Final = ("grpc", "native")
@@ -22,6 +24,34 @@ _MISSING: Final = (
     "libnghttp2's header is found: install libnghttp2-dev (Debian/Ubuntu) or "
     "libnghttp2-devel, or conda's libnghttp2, then reinstall tritonmesh "
     "(or use data_path: grpc)")
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    """The native data path's HTTP/2 bounds (docs/config.md, ``native.*``): what one stream
+    and one connection may have in flight, in each direction, before their reader gives the
+    window back; flow control is end to end, so it is also what the router holds for them."""
+
+    stream_window_bytes: int = 1 << 20
+    connection_window_bytes: int = 1 << 24
+    max_header_list_bytes: int = 1 << 16
+
+
+def parse_native(data: Any) -> NativeConfig:
+    """The ``native`` section (None: every default)."""
+    if data is None:
+        return NativeConfig()
+    _expect(data, dict, "native")
+    names = {f.name for f in fields(NativeConfig)}
+    _no_unknown(data, names, "native.")
+    values = {}
+    for name in names:
+        value = _positive_int(data.get(name, getattr(NativeConfig, name)), f"native.{name}")
+        if name.endswith("window_bytes") and value > 2**31 - 1:
+            raise ConfigError(f"native.{name}: HTTP/2's largest window is 2147483647, "
+                              f"got {value}")
+        values[name] = value
+    return NativeConfig(**values)
 
 
 def default_data_path() -> str:

@@ -31,11 +31,6 @@ __all__ = ["NativePort"]
 log = logging.getLogger("tritonmesh.native")
 
 _RESOURCE_EXHAUSTED: Final = 8
-# HTTP/2 flow-control windows: what one stream (and one connection) may have in flight
-# before its reader gives the window back; end to end, so also what the router buffers.
-STREAM_WINDOW: Final = 1 << 20
-CONNECTION_WINDOW: Final = 1 << 24
-MAX_HEADER_LIST_BYTES: Final = 1 << 16
 
 
 class NativePort:
@@ -52,9 +47,11 @@ class NativePort:
         self.relay_limits = dataclasses.replace(
             limits, max_concurrent_streams=2**31 - 1, connection_idle_timeout_s=0.0,
             connection_max_age_s=0.0)
-        self.pool = UpstreamPool(stream_window=STREAM_WINDOW,
-                                 connection_window=CONNECTION_WINDOW,
-                                 max_header_list_bytes=MAX_HEADER_LIST_BYTES)
+        native = config.native
+        self.h2_settings = {"stream_window": native.stream_window_bytes,
+                            "connection_window": native.connection_window_bytes,
+                            "max_header_list_bytes": native.max_header_list_bytes}
+        self.pool = UpstreamPool(**self.h2_settings)
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
         self._dir = Path(tempfile.mkdtemp(prefix="tritonmesh-"))
@@ -78,9 +75,7 @@ class NativePort:
 
         connection = H2Connection(self, True,
                                   max_concurrent_streams=self.limits.max_concurrent_streams,
-                                  stream_window=STREAM_WINDOW,
-                                  connection_window=CONNECTION_WINDOW,
-                                  max_header_list_bytes=MAX_HEADER_LIST_BYTES)
+                                  **self.h2_settings)
         self.connections.add(connection)
         return connection
 

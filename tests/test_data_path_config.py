@@ -80,3 +80,21 @@ def test_data_path_key_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITONMESH_DATA_PATH", "quic")
     with pytest.raises(ConfigError, match="TRITONMESH_DATA_PATH: must be one of"):
         parse_config({"variants": variants})
+
+
+def test_native_keys() -> None:
+    variants = [{"name": "v", "instances": ["127.0.0.1:8001"]}]
+    native = parse_config({"variants": variants}).native
+    assert (native.stream_window_bytes, native.connection_window_bytes,
+            native.max_header_list_bytes) == (1 << 20, 1 << 24, 1 << 16)
+    native = parse_config({"variants": variants, "native": {"stream_window_bytes": 65535}}).native
+    assert native.stream_window_bytes == 65535
+    for data, message in (({"stream_window_bytes": 0}, "native.stream_window_bytes: must be at "
+                           "least 1"),
+                          ({"connection_window_bytes": 2**31}, "native.connection_window_bytes: "
+                           "HTTP/2's largest window is 2147483647"),
+                          ({"max_header_list_bytes": "64k"}, "native.max_header_list_bytes: "
+                           "expected an integer"),
+                          ({"window": 1}, "native.window")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"variants": variants, "native": data})

@@ -37,7 +37,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh.config import HealthCheckConfig
-from tritonmesh.native_config import native_available
+from tritonmesh.native_config import NativeConfig, native_available
 from tritonmesh.proxy import Proxy
 
 pytestmark = [
@@ -389,6 +389,26 @@ def test_twenty_megabytes_both_ways(native: None, make_router: Any) -> None:
             result = client.infer("identity", [tensor], client_timeout=60)
             np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
     router.wait_idle()
+
+
+def test_small_windows_carry_large_messages(native: None, loop_thread: LoopThread,
+                                            worker_addresses: list[str]) -> None:
+    """Windows far smaller than the messages: each side waits for the other's reader, and
+    4 MiB goes both ways in 16 KiB steps."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(
+        stream_window_bytes=16384, connection_window_bytes=65535))
+    router = start_router(loop_thread, config, instances)
+    tensor = grpcclient.InferInput("INPUT0", [2**20], "FP32")
+    data = np.random.default_rng(2).random(2**20, dtype=np.float32)
+    tensor.set_data_from_numpy(data)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            result = client.infer("identity", [tensor], client_timeout=60)
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        router.wait_idle()
+    finally:
+        router.stop()
 
 
 # -- raw HTTP/2 --
