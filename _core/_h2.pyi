@@ -62,6 +62,9 @@ class H2Connection(asyncio.Protocol):
     def streams(self) -> dict[int, Stream]: ...
     @property
     def open_streams(self) -> int: ...
+    @property
+    def idle_since(self) -> float:
+        """``time.monotonic()`` when its last stream closed (or it opened)."""
     def flush(self) -> None: ...
     def open_stream(self, headers: list[tuple[bytes, bytes]], client: Stream,
                     handler: CallHandler | None) -> Stream:

@@ -18,6 +18,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from libc.stdint cimport int32_t, uint8_t, uint32_t
 from libc.string cimport memcpy, memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 import asyncio
 import logging
@@ -77,6 +78,13 @@ cdef inline void buf_free(Buf *buf) noexcept:
     PyMem_Free(buf.data)
     buf.data = NULL
     buf.start = buf.end = buf.cap = 0
+
+
+cdef inline double _monotonic() noexcept nogil:
+    """time.monotonic(), without a Python call."""
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
 
 
 cdef list _dirty = []  # connections with frames to write once the current event is handled
@@ -474,7 +482,10 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     if stream.closed:
         return 0
     stream.closed = True
-    stream.connection.streams.pop(stream.id, None)
+    cdef H2Connection connection = stream.connection
+    connection.streams.pop(stream.id, None)
+    if not connection.streams:
+        connection.idle_since = _monotonic()
     cdef Stream peer = stream.peer
     handler = stream.handler
     if not stream.ended:
@@ -541,6 +552,7 @@ cdef class H2Connection:
     cdef readonly dict streams
     cdef public object loop
     cdef public object retired  # why the router closed it (its instance left), or None
+    cdef readonly double idle_since  # time.monotonic() when its last stream closed
     cdef object transport
     cdef bint dirty
     cdef bint paused
@@ -567,6 +579,7 @@ cdef class H2Connection:
                          (NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_bytes),
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
+        self.idle_since = _monotonic()
 
     def __dealloc__(self):
         nghttp2_session_del(self.session)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -60,6 +61,7 @@ class NativePort:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # set when the last client connection is gone
+        self._idle_task: asyncio.Task[None] | None = None
 
     async def start(self, listen: str) -> int:
         """Listen on ``listen`` (HOST:PORT); returns the port."""
@@ -68,11 +70,16 @@ class NativePort:
         self._server = await loop.create_server(self._protocol, host.strip("[]"), int(port),
                                                 reuse_address=True, backlog=1024)
         await self.pool.connect(self.internal)
+        if self.limits.connection_idle_timeout_s > 0:
+            self._idle_task = asyncio.ensure_future(self._close_idle(
+                self.limits.connection_idle_timeout_s))
         return int(self._server.sockets[0].getsockname()[1])
 
     def _protocol(self) -> Any:
         from tritonmesh._core._h2 import H2Connection
 
+        if len(self.connections) >= self.limits.max_connections:
+            return _Refused()
         connection = H2Connection(self, True,
                                   max_concurrent_streams=self.limits.max_concurrent_streams,
                                   **self.h2_settings)
@@ -147,9 +154,21 @@ class NativePort:
         if not stream.closed:
             connection.open_stream(stream.headers, stream, None)
 
+    async def _close_idle(self, timeout_s: float) -> None:
+        """``limits.connection_idle_timeout_s``: GOAWAY to connections with no stream for
+        that long (gRPC clients reconnect on their next call), checked every half of it."""
+        while True:
+            await asyncio.sleep(timeout_s / 2)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                if not connection.open_streams and now - connection.idle_since >= timeout_s:
+                    connection.shutdown()
+
     async def stop(self, grace: float) -> None:
         """Stop accepting, GOAWAY every client, wait up to ``grace`` s for their streams to
         end, then close what is left (and the relay's connection)."""
+        if self._idle_task is not None:
+            self._idle_task.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):
@@ -167,3 +186,10 @@ class NativePort:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past ``limits.max_connections``: closed at once, as gRPC does."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()

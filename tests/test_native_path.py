@@ -498,6 +498,28 @@ def test_malformed_frame_closes_only_that_connection(native: None, make_router: 
     router.wait_idle()
 
 
+def test_connection_bounds(native: None, make_router: Any) -> None:
+    """``limits.max_connections``: one more is closed at once; ``connection_idle_timeout_s``:
+    a connection with no stream gets GOAWAY, and its client reconnects."""
+    router = make_router(limits={"max_connections": 1, "connection_idle_timeout_s": 0.5})
+    idle = RawClient(router.address)
+    host, _, port = router.address.rpartition(":")
+    refused = socket.create_connection((host, int(port)), timeout=10)
+    assert refused.recv(1) == b""  # closed, not served
+    refused.close()
+    goaway = None
+    while goaway is None:
+        events = idle.events()
+        assert events != [None], "closed without GOAWAY"
+        goaway = next((e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    idle.close()
+    wait_for(lambda: not router.router.native.connections, "the idle connection to close")
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
+
+
 def test_rapid_reset_loop(native: None, make_router: Any) -> None:
     router = make_router()
     client = RawClient(router.address)
