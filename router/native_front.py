@@ -57,11 +57,11 @@ class NativePort:
             if native_infer else None
         self._dir = Path(tempfile.mkdtemp(prefix="tritonmesh-"))
         self.internal = f"unix:{self._dir / 'grpc.sock'}"  # the grpc.aio server's address
-        self.connections: set[H2Connection] = set()
+        self.connections: dict[H2Connection, float] = {}  # when each opened (monotonic)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # set when the last client connection is gone
-        self._idle_task: asyncio.Task[None] | None = None
+        self._aging: asyncio.Task[None] | None = None
 
     async def start(self, listen: str) -> int:
         """Listen on ``listen`` (HOST:PORT); returns the port."""
@@ -70,9 +70,8 @@ class NativePort:
         self._server = await loop.create_server(self._protocol, host.strip("[]"), int(port),
                                                 reuse_address=True, backlog=1024)
         await self.pool.connect(self.internal)
-        if self.limits.connection_idle_timeout_s > 0:
-            self._idle_task = asyncio.ensure_future(self._close_idle(
-                self.limits.connection_idle_timeout_s))
+        if self.limits.connection_idle_timeout_s > 0 or self.limits.connection_max_age_s > 0:
+            self._aging = asyncio.ensure_future(self._close_old())
         return int(self._server.sockets[0].getsockname()[1])
 
     def _protocol(self) -> Any:
@@ -83,7 +82,7 @@ class NativePort:
         connection = H2Connection(self, True,
                                   max_concurrent_streams=self.limits.max_concurrent_streams,
                                   **self.h2_settings)
-        self.connections.add(connection)
+        self.connections[connection] = time.monotonic()
         return connection
 
     # -- what a client connection reports (H2Connection's owner) --
@@ -128,7 +127,7 @@ class NativePort:
                                       "router")
 
     def connection_lost(self, connection: H2Connection) -> None:
-        self.connections.discard(connection)
+        self.connections.pop(connection, None)
         if not self.connections:
             self._idle.set()
 
@@ -154,21 +153,26 @@ class NativePort:
         if not stream.closed:
             connection.open_stream(stream.headers, stream, None)
 
-    async def _close_idle(self, timeout_s: float) -> None:
-        """``limits.connection_idle_timeout_s``: GOAWAY to connections with no stream for
-        that long (gRPC clients reconnect on their next call), checked every half of it."""
+    async def _close_old(self) -> None:
+        """GOAWAY to connections with no stream for ``limits.connection_idle_timeout_s``
+        (gRPC clients reconnect on their next call), and to those older than
+        ``limits.connection_max_age_s`` (their calls finish); checked every half of the
+        shorter."""
+        idle_s = self.limits.connection_idle_timeout_s or float("inf")
+        age_s = self.limits.connection_max_age_s or float("inf")
         while True:
-            await asyncio.sleep(timeout_s / 2)
+            await asyncio.sleep(min(idle_s, age_s) / 2)
             now = time.monotonic()
-            for connection in list(self.connections):
-                if not connection.open_streams and now - connection.idle_since >= timeout_s:
+            for connection, opened in list(self.connections.items()):
+                if now - opened >= age_s or (not connection.open_streams
+                                             and now - connection.idle_since >= idle_s):
                     connection.shutdown()
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, GOAWAY every client, wait up to ``grace`` s for their streams to
         end, then close what is left (and the relay's connection)."""
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        if self._aging is not None:
+            self._aging.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):

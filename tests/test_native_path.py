@@ -520,6 +520,19 @@ def test_connection_bounds(native: None, make_router: Any) -> None:
     router.wait_idle()
 
 
+def test_connection_max_age(native: None, make_router: Any) -> None:
+    """``limits.connection_max_age_s`` with no idle timeout: GOAWAY by age alone."""
+    router = make_router(limits={"connection_max_age_s": 0.5, "connection_idle_timeout_s": 0})
+    client = RawClient(router.address)
+    goaway = None
+    while goaway is None:
+        events = client.events()
+        assert events != [None], "closed without GOAWAY"
+        goaway = next((e for e in events if isinstance(e, h2.events.ConnectionTerminated)), None)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    client.close()
+
+
 def test_rapid_reset_loop(native: None, make_router: Any) -> None:
     router = make_router()
     client = RawClient(router.address)
