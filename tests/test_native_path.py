@@ -533,6 +533,26 @@ def test_connection_max_age(native: None, make_router: Any) -> None:
     client.close()
 
 
+def test_header_flood_resets_only_that_stream(native: None, make_router: Any) -> None:
+    router = make_router()
+    client = RawClient(router.address)
+    flood = [(f"x-flood-{i}", "v") for i in range(300)]
+    client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc") + flood)
+    client.send()
+    reset = None
+    while reset is None:
+        events = client.events()
+        assert events != [None], "the connection closed"
+        reset = next((e for e in events if isinstance(e, h2.events.StreamReset)), None)
+    assert reset.stream_id == 1
+    client.conn.send_headers(3, client.headers(MODEL_INFER, "application/grpc"))
+    client.conn.send_data(3, _identity_message(), end_stream=True)
+    client.send()
+    assert client.answer(3).get("grpc-status") == "0"
+    client.close()
+    router.wait_idle()
+
+
 def test_rapid_reset_loop(native: None, make_router: Any) -> None:
     router = make_router()
     client = RawClient(router.address)
