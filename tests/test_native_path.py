@@ -153,6 +153,20 @@ def test_stream_limit_is_per_client_connection(native: None, make_router: Any) -
     router.wait_idle()
 
 
+def test_target_variant_is_honoured(native: None, make_router: Any) -> None:
+    router = make_router(variants=[("A", 1.0, "RANDOM", 0), ("B", 1.0, "RANDOM", 1)])
+    (b,) = [i for i in router.instances() if i.variant.name == "B"]
+    with grpcclient.InferenceServerClient(router.address) as client:
+        for _ in range(10):
+            client.infer("identity", identity_inputs(), headers={"x-target-variant": "B"})
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", identity_inputs(), headers={"x-target-variant": "C"})
+    assert b.requests == 10
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "'C'" in caught.value.message()
+    router.wait_idle()
+
+
 def test_unknown_model_gets_tritons_status(native: None, make_router: Any) -> None:
     router = make_router()
     with grpcclient.InferenceServerClient(router.address) as client, \
