@@ -120,7 +120,11 @@ def flush_pending() -> None:
     while _dirty:
         conn = _dirty.pop()
         conn.dirty = False
-        conn.flush()
+        try:
+            conn.flush()
+        except Exception:  # one broken connection must not leave the others unwritten
+            log.exception("native data path: writing to a connection")
+            conn.close()
 
 
 @cython.final
@@ -648,7 +652,7 @@ cdef class H2Connection:
         """Hand every frame nghttp2 has ready to the transport, in one write."""
         cdef const uint8_t *chunk
         cdef ssize_t n
-        if self.transport is None or self.paused:
+        if self.transport is None or self.paused or self.transport.is_closing():
             return
         while True:
             n = nghttp2_session_mem_send(self.session, &chunk)
