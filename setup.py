@@ -1,5 +1,8 @@
 """The extension list and three switches; everything else is in pyproject.toml.
 
+The native data path's extension (``_core/_h2.pyx``) links libnghttp2 and is built only
+where its header is found (pkg-config, else /usr/include); it has no pure-Python twin.
+
 TRITONMESH_NO_EXTENSIONS=1  build and install the pure-Python twin only.
 TRITONMESH_DEBUG=1          compile the core with its invariant checks after every operation.
 TRITONMESH_ASAN=1           compile with AddressSanitizer, for the fuzz (.ci/fuzz builds it into
@@ -7,6 +10,9 @@ TRITONMESH_ASAN=1           compile with AddressSanitizer, for the fuzz (.ci/fuz
 """
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 from setuptools import Extension, setup
 
@@ -18,12 +24,43 @@ ASAN = os.environ.get("TRITONMESH_ASAN", "") not in ("", "0")
 COMPILE = ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"] if ASAN else ["-O3"]
 LINK = ["-fsanitize=address"] if ASAN else []
 
+
+
+def nghttp2_flags() -> tuple[list[str], list[str]] | None:
+    """libnghttp2's include and library directories, or None without its header."""
+    if shutil.which("pkg-config"):
+        found = subprocess.run(["pkg-config", "--cflags-only-I", "--libs-only-L", "libnghttp2"],
+                               capture_output=True, text=True, check=False)
+        if found.returncode == 0:
+            flags = found.stdout.split()
+            include = [f[2:] for f in flags if f.startswith("-I")]
+            if any(Path(d, "nghttp2", "nghttp2.h").exists() for d in include or ["/usr/include"]):
+                return include, [f[2:] for f in flags if f.startswith("-L")]
+    if Path("/usr/include/nghttp2/nghttp2.h").exists():
+        return [], []
+    return None
+
+
 ext_modules = []
 if not NO_EXTENSIONS:
     from Cython.Build import cythonize
 
+    nghttp2 = nghttp2_flags()
+    h2 = [] if nghttp2 is None else [
+        Extension(
+            "tritonmesh._core._h2",
+            ["_core/_h2.pyx"],
+            include_dirs=nghttp2[0],
+            library_dirs=nghttp2[1],
+            libraries=["nghttp2"],
+            extra_compile_args=COMPILE,
+            extra_link_args=LINK,
+        ),
+    ]
+
     ext_modules = cythonize(
         [
+            *h2,
             Extension(
                 "tritonmesh._core._outstanding_c",
                 ["_core/_outstanding_c.pyx"],

@@ -34,6 +34,7 @@ from tritonmesh.configvalues import (
 )
 from tritonmesh.dnsname import DnsDiscovery, _discovery
 from tritonmesh.loadconfig import LoadReportConfig, parse_load_report
+from tritonmesh.native_config import NativeConfig, default_data_path, parse_data_path, parse_native
 from tritonmesh.routing import QueueOrder, RoutingStrategy, WorkHint, _strategy, _work_hints
 from tritonmesh.sagemaker import _from_sagemaker
 from tritonmesh.security import (
@@ -163,6 +164,8 @@ class EndpointConfig:
     # Admin AddInstance accepts only addresses in these networks.
     instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    data_path: str = field(default_factory=default_data_path)  # grpc | native (native_config)
+    native: NativeConfig = field(default_factory=NativeConfig)
 
 
 def _variant(data: Any, where: str, base: Path) -> VariantConfig:
@@ -313,7 +316,8 @@ def _retries(data: Any) -> RetryConfig:
 
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
-                                   "work_hints", "tls", "limits"}) | _SECURITY_KEYS
+                                   "work_hints", "tls", "limits", "data_path",
+                                   "native"}) | _SECURITY_KEYS
 
 
 def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> EndpointConfig:
@@ -363,6 +367,8 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
         else LOOPBACK_NETWORKS,
         limits=_limits(data.get("limits", {})),
+        data_path=parse_data_path(data.get("data_path"), tls=data.get("tls") not in (None, False)),
+        native=parse_native(data.get("native")),
     )
 
 

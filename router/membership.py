@@ -63,12 +63,18 @@ class Drains:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[bool]] = set()
+        # Told of each instance removed (the native data path closes its connection there,
+        # as drain closes the gRPC channel).
+        self.removed: Callable[[Instance], None] | None = None
 
     def start(self, instance: Instance, timeout_s: float) -> asyncio.Task[bool]:
         """Drain ``instance`` in a task of its own; the task's result is :func:`drain`'s."""
         task = asyncio.get_running_loop().create_task(drain(instance, timeout_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self.removed is not None:
+            removed = self.removed
+            task.add_done_callback(lambda _: removed(instance))
         return task
 
     def __len__(self) -> int:

@@ -46,6 +46,7 @@ from tritonmesh.metrics import (
     DiscoveryCollector,
     LoadReportCollector,
 )
+from tritonmesh.native_front import NativePort
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
@@ -107,6 +108,7 @@ class Router:
         self._seed = seed
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
+        self.native: NativePort | None = None  # data_path: native; then `server` is private
         self.health: HealthChecker | None = None
         self.shadows: Shadows | None = None
         self.port = 0
@@ -156,8 +158,12 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
-                                               interceptors=interceptors)
+        if self.config.data_path == "native":  # tokens and shadows: ModelInfer relayed too
+            self.native = NativePort(balancer, self.config, native_infer=not (
+                self.data_tokens.configured or self.shadows))
+        server = self.server = grpc.aio.server(options=server_options(
+            self.config.limits if self.native is None else self.native.relay_limits),
+            interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
@@ -168,7 +174,11 @@ class Router:
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )), strict)
-        self.port, self.certificates = self._listen(server, self.config.listen)
+        native = self.native
+        if native is not None:
+            self.drains.removed = native.instance_removed
+        self.port, self.certificates = self._listen(
+            server, self.config.listen if native is None else native.internal)
         if self.config.admin_listen is not None:
             self._open_admin_listener(balancer, self.config.admin_listen)
 
@@ -184,6 +194,8 @@ class Router:
                 reporter.start()
         self.housekeeper.start()
         await server.start()
+        if native is not None:
+            self.port = await native.start(self.config.listen)
         if self.admin_server is not None:
             await self.admin_server.start()
         if self.config.metrics_listen is not None:
@@ -280,6 +292,8 @@ class Router:
         if self.balancer is not None:
             await self.housekeeper.stop()
         grace = self.config.shutdown_grace_s if grace is None else grace
+        if self.native is not None:
+            await self.native.stop(grace)
         await asyncio.gather(*(s.stop(grace) for s in (self.server, self.admin_server)
                                if s is not None))
         await self.drains.wait()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tritonmesh.config import ConfigError, parse_config
+from tritonmesh.native_config import native_available, parse_data_path
 
 _VARIANT = {"name": "v", "instances": ["127.0.0.1:8001"]}
 
@@ -44,3 +48,53 @@ def test_values_are_read() -> None:
 def test_bad_values_name_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         parse_config({"variants": [_VARIANT], **data})
+
+
+def test_without_the_extension_native_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "native.yaml"
+    config.write_text("data_path: native\nvariants:\n  - name: a\n"
+                      "    instances: [127.0.0.1:8001]\n")
+    env = {"TRITONMESH_NO_EXTENSIONS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([str(Path(sys.executable).parent / "tritonmesh"), "serve",
+                             "--config", str(config)], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "data_path: native needs the tritonmesh._core._h2 extension" in result.stderr
+    assert "libnghttp2-dev" in result.stderr
+
+
+def test_data_path_key_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONMESH_DATA_PATH", raising=False)
+    variants = [{"name": "v", "instances": ["127.0.0.1:8001"]}]
+    assert parse_config({"variants": variants}).data_path == "grpc"
+    assert parse_config({"variants": variants, "data_path": "grpc"}).data_path == "grpc"
+    with pytest.raises(ConfigError, match="data_path: native does not serve TLS yet"
+                       if native_available() else "data_path: native needs"):
+        parse_data_path("native", tls=True)
+    with pytest.raises(ConfigError, match="data_path: must be one of grpc, native, got 'h3'"):
+        parse_config({"variants": variants, "data_path": "h3"})
+    if native_available():
+        assert parse_config({"variants": variants, "data_path": "native"}).data_path == "native"
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", "native")
+        assert parse_config({"variants": variants}).data_path == "native"
+    monkeypatch.setenv("TRITONMESH_DATA_PATH", "quic")
+    with pytest.raises(ConfigError, match="TRITONMESH_DATA_PATH: must be one of"):
+        parse_config({"variants": variants})
+
+
+def test_native_keys() -> None:
+    variants = [{"name": "v", "instances": ["127.0.0.1:8001"]}]
+    native = parse_config({"variants": variants}).native
+    assert (native.stream_window_bytes, native.connection_window_bytes,
+            native.max_header_list_bytes) == (1 << 20, 1 << 24, 1 << 16)
+    native = parse_config({"variants": variants, "native": {"stream_window_bytes": 65535}}).native
+    assert native.stream_window_bytes == 65535
+    for data, message in (({"stream_window_bytes": 0}, "native.stream_window_bytes: must be at "
+                           "least 1"),
+                          ({"connection_window_bytes": 2**31}, "native.connection_window_bytes: "
+                           "HTTP/2's largest window is 2147483647"),
+                          ({"max_header_list_bytes": "64k"}, "native.max_header_list_bytes: "
+                           "expected an integer"),
+                          ({"window": 1}, "native.window")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"variants": variants, "native": data})

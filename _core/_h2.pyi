@@ -1,0 +1,75 @@
+"""Stub for the native data path's HTTP/2 engine (``_core/_h2.pyx``, over libnghttp2)."""
+
+import asyncio
+from typing import Any, Protocol
+
+class H2Error(Exception): ...
+
+class CallHandler(Protocol):
+    """What a paired call tells its policy: Triton's trailers, or an early close."""
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def closed(self, stream: Stream, error_code: int) -> None: ...
+
+def flush_pending() -> None:
+    """Write every connection's pending frames."""
+
+class Stream:
+    """One HTTP/2 stream: its last HEADERS block, and the stream it is paired with."""
+
+    @property
+    def connection(self) -> H2Connection: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def remote_ended(self) -> bool: ...
+    @property
+    def responded(self) -> bool: ...
+    @property
+    def paired(self) -> bool: ...
+    handler: CallHandler | None
+    tag: Any
+    def await_message(self, limit: int) -> None:
+        """Collect DATA until the first gRPC message is whole (up to ``limit`` bytes), then
+        call the owner's ``message(stream, compressed, bytes)``; ``oversize(stream, length)``
+        when it is larger, ``incomplete(stream)`` when the client ended without one."""
+    def respond(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None: ...
+    def finish(self, status: int, message: bytes) -> None:
+        """End the call with a gRPC status and a percent-encoded message."""
+    def reset(self, error_code: int = 8) -> None: ...
+
+class H2Connection(asyncio.Protocol):
+    """One HTTP/2 connection (``server``: a client's; else one to an upstream)."""
+
+    loop: asyncio.AbstractEventLoop | None
+    retired: str | None
+    def __init__(self, owner: Any, server: bool, *, max_concurrent_streams: int = 100,
+                 stream_window: int = 1 << 20, connection_window: int = 1 << 24,
+                 max_header_list_bytes: int = 1 << 16) -> None: ...
+    @property
+    def owner(self) -> Any: ...
+    @property
+    def server(self) -> bool: ...
+    @property
+    def goaway(self) -> bool: ...
+    @property
+    def lost(self) -> bool: ...
+    @property
+    def streams(self) -> dict[int, Stream]: ...
+    @property
+    def open_streams(self) -> int: ...
+    @property
+    def idle_since(self) -> float:
+        """``time.monotonic()`` when its last stream closed (or it opened)."""
+    def flush(self) -> None: ...
+    def open_stream(self, headers: list[tuple[bytes, bytes]], client: Stream,
+                    handler: CallHandler | None) -> Stream:
+        """Send a request paired with ``client`` (its held bytes first)."""
+    def reset(self, stream_id: int, error_code: int = 8) -> None: ...
+    def shutdown(self) -> None:
+        """GOAWAY; the connection closes when its last stream ends."""
+    def close(self) -> None: ...

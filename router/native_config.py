@@ -1,0 +1,96 @@
+"""``data_path``: which engine serves the port, grpc.aio (``grpc``) or libnghttp2 (``native``).
+
+The key wins; without it ``TRITONMESH_DATA_PATH``, else ``grpc``. ``native`` needs the
+``tritonmesh._core._h2`` extension, built only where libnghttp2's header was found; without
+it the config is refused at start (docs/native.md says how to get it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+from tritonmesh.configvalues import ConfigError, _expect, _no_unknown, _positive_int
+
+__all__ = ["DATA_PATHS", "ENV", "NativeConfig", "default_data_path", "native_available",
+           "parse_data_path", "parse_native"]
+
+ENV: Final = "TRITONMESH_DATA_PATH"
+DATA_PATHS: Final = ("grpc", "native")
+
+_MISSING: Final = (
+    "data_path: native needs the tritonmesh._core._h2 extension, which is built only where "
+    "libnghttp2's header is found: install libnghttp2-dev (Debian/Ubuntu) or "
+    "libnghttp2-devel, or conda's libnghttp2, then reinstall tritonmesh "
+    "(or use data_path: grpc)")
+
+
+@dataclass(frozen=True)
+class NativeConfig:
+    """The native data path's HTTP/2 bounds (docs/config.md, ``native.*``): what one stream
+    and one connection may have in flight, in each direction, before their reader gives the
+    window back; flow control is end to end, so it is also what the router holds for them."""
+
+    stream_window_bytes: int = 1 << 20
+    connection_window_bytes: int = 1 << 24
+    max_header_list_bytes: int = 1 << 16
+
+
+def parse_native(data: Any) -> NativeConfig:
+    """The ``native`` section (None: every default)."""
+    if data is None:
+        return NativeConfig()
+    _expect(data, dict, "native")
+    names = {f.name for f in fields(NativeConfig)}
+    _no_unknown(data, names, "native.")
+    values = {}
+    for name in names:
+        value = _positive_int(data.get(name, getattr(NativeConfig, name)), f"native.{name}")
+        if name.endswith("window_bytes") and value > 2**31 - 1:
+            raise ConfigError(f"native.{name}: HTTP/2's largest window is 2147483647, "
+                              f"got {value}")
+        values[name] = value
+    return NativeConfig(**values)
+
+
+def default_data_path() -> str:
+    """``TRITONMESH_DATA_PATH``, else ``grpc``; a wrong value is a ConfigError naming it."""
+    value = os.environ.get(ENV) or "grpc"
+    if value not in DATA_PATHS:
+        raise ConfigError(f"{ENV}: must be one of {', '.join(DATA_PATHS)}, got {value!r}")
+    return value
+
+
+def native_available() -> bool:
+    """Whether the native data path's extension was built and loads (never with
+    ``TRITONMESH_NO_EXTENSIONS=1``, which means no compiled code at all)."""
+    from tritonmesh._core import NO_EXTENSIONS
+
+    if NO_EXTENSIONS:
+        return False
+    try:
+        import tritonmesh._core._h2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def parse_data_path(value: Any, *, tls: bool) -> str:
+    """The ``data_path`` key (None: the default), checked against what this build and the
+    rest of the configuration allow."""
+    if value is None:
+        path = default_data_path()
+        where = ENV
+    else:
+        if not isinstance(value, str) or value not in DATA_PATHS:
+            raise ConfigError(f"data_path: must be one of {', '.join(DATA_PATHS)}, "
+                              f"got {value!r}")
+        path, where = value, "data_path"
+    if path == "native":
+        if not native_available():
+            raise ConfigError(_MISSING.replace("data_path", where, 1))
+        if tls:
+            raise ConfigError(f"{where}: native does not serve TLS yet (tls is set); use "
+                              "data_path: grpc")
+    return path

@@ -1,0 +1,199 @@
+"""The native data path's port: HTTP/2 (h2c) on ``listen``, served by ``_core._h2``.
+
+``ModelInfer`` calls go to :class:`tritonmesh.native_infer.NativeInfer`. Every other stream
+(the other RPCs, ``ModelStreamInfer`` in this slice, ``grpc.health.v1``, reflection, and
+anything that is not gRPC at all) is relayed frame by frame to the router's grpc.aio server,
+which listens on a private Unix socket: it answers exactly as it does on ``data_path: grpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from tritonmesh.configvalues import ConfigError
+from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
+from tritonmesh.native_pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from tritonmesh._core._h2 import H2Connection, Stream
+    from tritonmesh.balancer import Balancer, Instance
+    from tritonmesh.config import EndpointConfig
+
+__all__ = ["NativePort"]
+
+log = logging.getLogger("tritonmesh.native")
+
+_RESOURCE_EXHAUSTED: Final = 8
+
+
+class NativePort:
+    """The listener, its client connections, and the relay to the grpc.aio server."""
+
+    def __init__(self, balancer: Balancer, config: EndpointConfig, *, native_infer: bool):
+        if config.tls is not None:  # parse_config says so too; this guards configs built in code
+            raise ConfigError("data_path: native does not serve TLS yet (tls is set); use "
+                              "data_path: grpc")
+        self.balancer = balancer
+        limits = self.limits = config.limits
+        # The grpc.aio server behind the relay: one connection carries every client's
+        # streams, so the per-connection bounds are this port's, not the relay's.
+        self.relay_limits = dataclasses.replace(
+            limits, max_concurrent_streams=2**31 - 1, connection_idle_timeout_s=0.0,
+            connection_max_age_s=0.0)
+        native = config.native
+        self.h2_settings = {"stream_window": native.stream_window_bytes,
+                            "connection_window": native.connection_window_bytes,
+                            "max_header_list_bytes": native.max_header_list_bytes}
+        self.pool = UpstreamPool(**self.h2_settings)
+        self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
+            if native_infer else None
+        self._dir = Path(tempfile.mkdtemp(prefix="tritonmesh-"))
+        self.internal = f"unix:{self._dir / 'grpc.sock'}"  # the grpc.aio server's address
+        self.connections: dict[H2Connection, float] = {}  # when each opened (monotonic)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()  # set when the last client connection is gone
+        self._aging: asyncio.Task[None] | None = None
+
+    async def start(self, listen: str) -> int:
+        """Listen on ``listen`` (HOST:PORT); returns the port."""
+        host, _, port = listen.rpartition(":")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._protocol, host.strip("[]"), int(port),
+                                                reuse_address=True, backlog=1024)
+        await self.pool.connect(self.internal)
+        if self.limits.connection_idle_timeout_s > 0 or self.limits.connection_max_age_s > 0:
+            self._aging = asyncio.ensure_future(self._close_old())
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _protocol(self) -> Any:
+        from tritonmesh._core._h2 import H2Connection
+
+        if len(self.connections) >= self.limits.max_connections:
+            return _Refused()
+        connection = H2Connection(self, True,
+                                  max_concurrent_streams=self.limits.max_concurrent_streams,
+                                  **self.h2_settings)
+        self.connections[connection] = time.monotonic()
+        return connection
+
+    # -- what a client connection reports (H2Connection's owner) --
+
+    def request(self, stream: Stream, end_stream: bool) -> None:
+        """A request's HEADERS are here."""
+        if self.infer is not None and not end_stream:
+            path = content_type = None
+            for name, value in stream.headers:
+                if name == b":path":
+                    path = value
+                elif name == b"content-type":
+                    content_type = value
+            if path == MODEL_INFER and content_type is not None \
+                    and content_type.startswith(b"application/grpc") \
+                    and self.infer.wants(stream.headers):
+                stream.await_message(self.limits.max_message_bytes)
+                return
+        self.relay(stream)
+
+    def message(self, stream: Stream, compressed: int, message: bytes) -> None:
+        assert self.infer is not None
+        if compressed:  # the peek reads plain protobuf; grpc.aio decompresses
+            self.relay(stream)
+            return
+        self.infer.start(stream, message)
+
+    def oversize(self, stream: Stream, length: int) -> None:
+        stream.finish(_RESOURCE_EXHAUSTED, grpc_message(
+            f"SERVER: Received message larger than max ({length} vs. "
+            f"{self.limits.max_message_bytes})"))  # grpc.aio's words
+
+    def incomplete(self, stream: Stream) -> None:
+        self.relay(stream)
+
+    def instance_removed(self, instance: Instance) -> None:
+        """A drain removed ``instance``: calls still on it are cancelled, as they are on
+        the grpc.aio path when its channel closes."""
+        address = instance.address
+        if not any(i.address == address for i in self.balancer.instances()):
+            self.pool.retire(address, f"upstream instance {address} was removed from the "
+                                      "router")
+
+    def connection_lost(self, connection: H2Connection) -> None:
+        self.connections.pop(connection, None)
+        if not self.connections:
+            self._idle.set()
+
+    # -- the relay --
+
+    def relay(self, stream: Stream) -> None:
+        """Hand the stream to the grpc.aio server, as it came."""
+        connection = self.pool.get(self.internal)
+        if connection is not None:
+            connection.open_stream(stream.headers, stream, None)
+            return
+        task = asyncio.ensure_future(self._relay_later(stream))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _relay_later(self, stream: Stream) -> None:
+        try:
+            connection = await self.pool.connect(self.internal)
+        except OSError as exc:
+            log.error("native data path: cannot reach the grpc.aio server: %s", exc)
+            stream.reset()
+            return
+        if not stream.closed:
+            connection.open_stream(stream.headers, stream, None)
+
+    async def _close_old(self) -> None:
+        """GOAWAY to connections with no stream for ``limits.connection_idle_timeout_s``
+        (gRPC clients reconnect on their next call), and to those older than
+        ``limits.connection_max_age_s`` (their calls finish); checked every half of the
+        shorter."""
+        idle_s = self.limits.connection_idle_timeout_s or float("inf")
+        age_s = self.limits.connection_max_age_s or float("inf")
+        while True:
+            await asyncio.sleep(min(idle_s, age_s) / 2)
+            now = time.monotonic()
+            for connection, opened in list(self.connections.items()):
+                if now - opened >= age_s or (not connection.open_streams
+                                             and now - connection.idle_since >= idle_s):
+                    connection.shutdown()
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, GOAWAY every client, wait up to ``grace`` s for their streams to
+        end, then close what is left (and the relay's connection)."""
+        if self._aging is not None:
+            self._aging.cancel()
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.shutdown()
+        if self.connections:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        for connection in list(self.connections):
+            connection.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _Refused(asyncio.Protocol):
+    """A connection past ``limits.max_connections``: closed at once, as gRPC does."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()

@@ -1,0 +1,332 @@
+"""``ModelInfer`` on the native data path: the policy around the engine in ``_core._h2``.
+
+Per call, Python runs three times: when the first message is whole (peek, acquire, open the
+upstream stream paired with the client's), when Triton's trailers come (judge, release), and
+only if the call breaks, when a stream of the pair closes early (reset, connection lost).
+Everything between (request DATA up, response HEADERS and DATA down) stays in C.
+
+What the grpc.aio path does that this slice does not (such calls are relayed to it, see
+:meth:`tritonmesh.native_front.NativePort.request`): retries after a per-try timeout
+(``x-tritonmesh-retry-on``), shadow copies, tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from typing import TYPE_CHECKING, Final
+
+import grpc
+from tritonmesh.balancer import Balancer, NoInstanceError
+from tritonmesh.forwarding import (
+    _HOP_BY_HOP,
+    PRIORITY_KEY,
+    RETRY_ON_KEY,
+    TARGET_VARIANT_KEY,
+    attempt_timeout,
+    priority_of,
+    too_late,
+)
+from tritonmesh.proxy import _NOT_RETRIED
+from tritonmesh.wire import RequestInfo, WireError, peek_request
+
+if TYPE_CHECKING:
+    from tritonmesh._core._h2 import Stream
+    from tritonmesh.instance import Instance
+    from tritonmesh.lease import Lease
+    from tritonmesh.native_pool import UpstreamPool
+
+__all__ = ["MODEL_INFER", "NativeInfer", "grpc_message", "parse_timeout"]
+
+MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
+_CANCEL: Final = 8  # HTTP/2 CANCEL
+_CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
+_CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
+_UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
+                 ord("u"): 1e-6, ord("n"): 1e-9}
+_DROPPED: Final = frozenset(k.encode() for k in _HOP_BY_HOP)
+_TARGET: Final = TARGET_VARIANT_KEY.encode()
+_PRIORITY: Final = PRIORITY_KEY.encode()
+_RETRY_ON: Final = RETRY_ON_KEY.encode()
+_TIMEOUT: Final = b"grpc-timeout"
+
+
+def parse_timeout(value: bytes) -> float | None:
+    """A ``grpc-timeout`` value in seconds; None when malformed."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit() or value[-1] not in _UNITS:
+        return None
+    return int(value[:-1]) * _UNITS[value[-1]]
+
+
+def _encode_timeout(seconds: float) -> bytes:
+    micros = max(1, int(seconds * 1e6))
+    if micros < 100_000_000:
+        return b"%du" % micros
+    millis = micros // 1000
+    if millis < 100_000_000:
+        return b"%dm" % millis
+    return b"%dS" % min(micros // 1_000_000, 99_999_999)
+
+
+def grpc_message(text: str) -> bytes:
+    """``text`` as a ``grpc-message`` value (percent-encoded UTF-8)."""
+    raw = text.encode()
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+                    for b in raw)
+
+
+def _refuse(stream: Stream, code_name: str, text: str) -> None:
+    stream.finish(_CODES[code_name], grpc_message(text))
+
+
+class _Call:
+    """One ModelInfer sent upstream: what ends it releases its lease, once."""
+
+    __slots__ = ("client", "lease", "timer", "upstream")
+
+    def __init__(self, lease: Lease, client: Stream):
+        self.lease = lease
+        self.client = client
+        self.upstream: Stream | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Triton answered (its trailers are on their way to the client)."""
+        code = b""
+        for name, value in headers:
+            if name == b"grpc-status":
+                code = value
+                break
+        lease = self.lease
+        self._done()
+        if code == b"0":
+            lease.succeeded()
+            lease.release(True)
+            return
+        name = _CODE_NAMES.get(code, "UNKNOWN")
+        lease.code = name
+        lease.outliers.failure(lease.instance, name)
+        lease.release(False)
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        """One side of the pair closed before Triton's trailers came."""
+        lease = self.lease
+        if not lease.held:
+            return
+        self._done()
+        if stream is self.client:  # the client cancelled, or its connection was lost
+            if self.upstream is not None:
+                self.upstream.reset(_CANCEL)
+            lease.code = "CANCELLED"
+            lease.release(False)
+            return
+        instance = lease.instance
+        retired = stream.connection.retired
+        if retired is not None:  # the router closed it: the instance left the fleet
+            lease.release(False)
+            _refuse(self.client, "CANCELLED", retired)
+            return
+        lease.code = "UNAVAILABLE"
+        lease.outliers.failure(instance, "UNAVAILABLE")
+        lease.release(False)
+        why = "the connection was lost" if stream.connection.lost \
+            else f"it reset the stream (HTTP/2 error code {error_code})"
+        _refuse(self.client, "UNAVAILABLE", f"upstream instance {instance.address}: {why}")
+
+    def per_try_expired(self) -> None:
+        lease = self.lease
+        if not lease.held:
+            return
+        self.timer = None
+        self._done()
+        if self.upstream is not None:
+            self.upstream.reset(_CANCEL)
+        instance = lease.instance
+        lease.code = "DEADLINE_EXCEEDED"
+        lease.outliers.failure(instance, "PER_TRY_TIMEOUT")
+        lease.release(False)
+        per_try = instance.variant.config.per_try_timeout_s
+        _refuse(self.client, "DEADLINE_EXCEEDED",
+                f"upstream instance {instance.address} did not answer within "
+                f"per_try_timeout_s ({per_try:g} s)")
+
+    def _done(self) -> None:
+        self.client.handler = None
+        if self.upstream is not None:
+            self.upstream.handler = None
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def _abandon_if_cancelled(lease: Lease, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        lease.abandon("CANCELLED")
+
+
+class _Waiting:
+    """A call waiting (late binding's queue, or a connection being made): a client that
+    goes cancels the wait, and the task gives back whatever it holds."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: asyncio.Task[None]):
+        self.task = task
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        self.task.cancel()
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+
+class NativeInfer:
+    """The ModelInfer policy of the native path over a :class:`Balancer`."""
+
+    def __init__(self, balancer: Balancer, pool: UpstreamPool, floor_s: float):
+        self.balancer = balancer
+        self.pool = pool
+        self.floor_s = floor_s
+        self._authority: dict[str, bytes] = {}
+
+    def wants(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        """Whether this path serves a call with these headers (else it is relayed)."""
+        for name, value in headers:
+            if name == _RETRY_ON or (name == _TIMEOUT and parse_timeout(value) is None):
+                return False
+        return True
+
+    def start(self, stream: Stream, message: bytes) -> None:
+        """The first message of a ModelInfer is here: choose an instance and send it."""
+        try:
+            info = peek_request(message)
+        except WireError as exc:
+            _refuse(stream, "INVALID_ARGUMENT", f"malformed ModelInferRequest: {exc}")
+            return
+        forward: list[tuple[bytes, bytes]] = []
+        target = priority_value = None
+        deadline = None
+        for name, value in stream.headers:
+            if name == _TIMEOUT:
+                timeout = parse_timeout(value)
+                if timeout is not None:
+                    deadline = time.monotonic() + timeout
+            elif name == _TARGET:
+                target = value.decode(errors="replace")
+            elif name == _PRIORITY:
+                priority_value = value.decode(errors="replace")
+            elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
+                forward.append((name, value))
+        priority = priority_of(priority_value)
+        if isinstance(priority, str):
+            _refuse(stream, "INVALID_ARGUMENT", priority)
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        late = too_late(remaining, self.floor_s)
+        if late is not None:
+            _refuse(stream, "DEADLINE_EXCEEDED", late)
+            return
+        self.balancer.retry_budget.deposit()
+        try:
+            lease = self.balancer.try_acquire(info, message, target)
+        except NoInstanceError as exc:
+            _refuse(stream, exc.code_name, str(exc))
+            return
+        if lease is None or self.pool.get(lease.instance.address) is None:
+            task = asyncio.ensure_future(self._wait(stream, lease, info, message, target,
+                                                    priority, forward, deadline))
+            if lease is not None:  # a task cancelled before its first step runs no finally
+                task.add_done_callback(functools.partial(_abandon_if_cancelled, lease))
+            stream.handler = _Waiting(task)
+            return
+        self._send(stream, lease, forward, deadline)
+
+    async def _wait(self, stream: Stream, lease: Lease | None, info: RequestInfo,
+                    message: bytes, target: str | None, priority: int,
+                    forward: list[tuple[bytes, bytes]], deadline: float | None) -> None:
+        """The slow way: wait in the variant's queue, then for a connection if need be. A
+        connection that cannot be made sends the request to another instance (it provably
+        never left), within ``retries.*`` as on the grpc.aio path; a sequence is not moved."""
+        attempt = 0
+        avoid: Instance | None = None
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if lease is None:
+                    try:
+                        lease = await self.balancer.acquire(info, message, target, remaining,
+                                                            avoid, priority)
+                    except NoInstanceError as exc:
+                        _refuse(stream, exc.code_name, str(exc))
+                        return
+                instance = lease.instance
+                try:
+                    await self.pool.connect(instance.address)
+                    break
+                except OSError as exc:
+                    lease.outliers.connect_failure(instance)
+                    lease.code = "UNAVAILABLE"
+                    lease.release(False)
+                    lease = None
+                    details = (f"upstream instance {instance.address}: cannot connect: "
+                               f"{exc.strerror or exc}")
+                    attempt += 1
+                    refused = "per_request" if info.sequence_id is not None \
+                        else self.balancer.retry_budget.withdraw(attempt, remaining)
+                    if refused is not None:
+                        _refuse(stream, "UNAVAILABLE",
+                                f"{details} (not retried: {_NOT_RETRIED[refused]})")
+                        return
+                    avoid = instance
+        except asyncio.CancelledError:  # the client went while it waited
+            if lease is not None:
+                lease.abandon("CANCELLED")
+            return
+        if stream.closed:
+            lease.abandon("CANCELLED")
+            return
+        stream.handler = None
+        self._send(stream, lease, forward, deadline)
+
+    def _send(self, stream: Stream, lease: Lease, forward: list[tuple[bytes, bytes]],
+              deadline: float | None) -> None:
+        instance = lease.instance
+        remaining = None
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            late = too_late(remaining, self.floor_s)
+            if late is not None:  # its deadline went by in the queue
+                lease.abandon()
+                _refuse(stream, "DEADLINE_EXCEEDED", late)
+                return
+        timeout, per_try_bound = attempt_timeout(remaining,
+                                                 instance.variant.config.per_try_timeout_s)
+        address = instance.address
+        authority = self._authority.get(address)
+        if authority is None:
+            authority = self._authority[address] = address.encode()
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", MODEL_INFER),
+                   (b":authority", authority), (b"te", b"trailers"),
+                   (b"content-type", b"application/grpc")]
+        # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
+        # timer resets the stream), so that Triton's own expiry of the same instant does
+        # not answer in its place.
+        if remaining is not None:
+            headers.append((_TIMEOUT, _encode_timeout(remaining)))
+        headers += forward
+        connection = self.pool.get(address)
+        call = _Call(lease, stream)
+        lease.sending()
+        try:
+            if connection is None:
+                raise OSError("the upstream connection closed")
+            call.upstream = connection.open_stream(headers, stream, call)
+        except Exception as exc:
+            lease.code = "UNAVAILABLE"
+            lease.release(False)
+            _refuse(stream, "UNAVAILABLE", f"upstream instance {address}: {exc}")
+            return
+        if per_try_bound and timeout is not None:
+            call.timer = asyncio.get_running_loop().call_later(timeout, call.per_try_expired)

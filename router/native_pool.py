@@ -1,0 +1,89 @@
+"""HTTP/2 connections to where the native data path sends streams: one per address, made on
+first use and kept while it lives (a lost or GOAWAY-ed connection is replaced on next use).
+
+The addresses are Triton instances (``HOST:PORT``) and the router's own grpc.aio server,
+which serves every RPC the native path relays (``unix:PATH``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tritonmesh._core._h2 import H2Connection
+
+__all__ = ["UpstreamPool"]
+
+log = logging.getLogger("tritonmesh.native")
+
+
+class UpstreamPool:
+    """Client-side :class:`H2Connection` objects by address."""
+
+    def __init__(self, *, stream_window: int, connection_window: int,
+                 max_header_list_bytes: int):
+        self._settings = {"stream_window": stream_window, "connection_window": connection_window,
+                          "max_header_list_bytes": max_header_list_bytes}
+        self._connections: dict[str, H2Connection] = {}
+        self._connecting: dict[str, asyncio.Future[H2Connection]] = {}
+        self._closed = False
+
+    def get(self, address: str) -> H2Connection | None:
+        """The open connection to ``address``, or None (then :meth:`connect`)."""
+        connection = self._connections.get(address)
+        if connection is None or connection.goaway or connection.lost:
+            return None
+        return connection
+
+    async def connect(self, address: str) -> H2Connection:
+        """A connection to ``address``, opened now unless one is open or opening.
+        Raises OSError when it cannot be made."""
+        connection = self.get(address)
+        if connection is not None:
+            return connection
+        pending = self._connecting.get(address)
+        if pending is None:
+            pending = self._connecting[address] = asyncio.ensure_future(self._open(address))
+            pending.add_done_callback(lambda _: self._connecting.pop(address, None))
+        return await asyncio.shield(pending)
+
+    async def _open(self, address: str) -> H2Connection:
+        from tritonmesh._core._h2 import H2Connection
+
+        if self._closed:
+            raise OSError("the router is stopping")
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> Any:
+            return H2Connection(self, False, **self._settings)
+
+        if address.startswith("unix:"):
+            _, connection = await loop.create_unix_connection(protocol, address[5:])
+        else:
+            host, _, port = address.rpartition(":")
+            _, connection = await loop.create_connection(protocol, host.strip("[]"), int(port))
+        self._connections[address] = connection
+        return connection  # type: ignore[no-any-return]
+
+    def connection_lost(self, connection: H2Connection) -> None:
+        for address, known in list(self._connections.items()):
+            if known is connection:
+                del self._connections[address]
+
+    def retire(self, address: str, why: str) -> None:
+        """Close the connection to ``address`` now; its streams end, saying ``why``."""
+        connection = self._connections.pop(address, None)
+        if connection is not None:
+            connection.retired = why
+            connection.close()
+
+    async def close(self) -> None:
+        """Close every connection (their streams end as reset)."""
+        self._closed = True
+        for pending in list(self._connecting.values()):
+            pending.cancel()
+        for connection in list(self._connections.values()):
+            connection.close()
+        self._connections.clear()
