@@ -54,15 +54,18 @@ from tritonmesh.workers.upstream import SERVICE, channel_options
 
 if TYPE_CHECKING:
     from tritonmesh.autoscaler import Autoscaler
+    from tritonmesh.processconfig import ProcessRole
 
 __all__ = ["Router", "server_options"]
 
 log = logging.getLogger("tritonmesh.server")
 
-def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
+def server_options(limits: LimitsConfig, reuse_port: bool = False
+                   ) -> tuple[tuple[str, Any], ...]:
     """The port's gRPC options: what one client may make the router hold
     (docs/config.md, "Limits"). A message over ``max_message_bytes`` is refused by gRPC
-    itself with RESOURCE_EXHAUSTED before the router reads it."""
+    itself with RESOURCE_EXHAUSTED before the router reads it. ``reuse_port``: several
+    router processes share the port (SO_REUSEPORT; the kernel spreads connections)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -74,7 +77,7 @@ def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
         # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
         ("grpc.server.max_pending_requests", limits.max_pending_calls),
@@ -96,11 +99,15 @@ class Router:
     ones from the config plus any local workers already started by the caller);
     ``metrics_addresses`` maps such an address to its Triton's metrics HOST:PORT, where
     known (local workers), for variants with ``load_report``.
+    ``role``: with several router processes, whether this one serves the port or runs the
+    control plane, and its shared tables (:mod:`tritonmesh.processconfig`).
     """
 
     def __init__(self, config: EndpointConfig, instances: Mapping[str, Sequence[str]],
-                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None):
+                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None,
+                 role: ProcessRole | None = None):
         self.config = config
+        self.role = role
         self._instances = instances
         self._metrics_addresses = metrics_addresses or {}
         self.load_reporters: list[LoadReporter] = []
@@ -140,6 +147,15 @@ class Router:
 
     async def start(self) -> None:
         balancer = self.balancer = self._balancer()
+        role = self.role
+        if role is not None:
+            role.on_balancer(balancer)
+            if not role.serves_data:  # the supervisor: the control plane only
+                self.shadows = Shadows(balancer)
+                await self._start_control(balancer, None)
+                log.info("tritonmesh supervisor running (admin API: %s)",
+                         self.admin_address or "off")
+                return
 
         self.shadows = Shadows(balancer)
         proxy = Proxy(balancer, self.config, self.shadows)
@@ -156,8 +172,9 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        server = self.server = grpc.aio.server(options=server_options(self.config.limits),
-                                               interceptors=interceptors)
+        server = self.server = grpc.aio.server(
+            options=server_options(self.config.limits, reuse_port=role is not None),
+            interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
         health_servicer = health.aio.HealthServicer()
@@ -169,9 +186,22 @@ class Router:
             reflection.SERVICE_NAME,
         )), strict)
         self.port, self.certificates = self._listen(server, self.config.listen)
+        if role is not None:  # a router process: the supervisor runs the control plane
+            self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
+            self.housekeeper.start()
+            await server.start()
+            log.info("tritonmesh router process listening on %s", self.address)
+            return
+        await self._start_control(balancer, health_servicer)
+        await server.start()
+        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
+                 self.admin_address or "off")
+
+    async def _start_control(self, balancer: Balancer,
+                             health_servicer: health.aio.HealthServicer | None) -> None:
+        """The control plane: admin API, health checks, discovery, load reports, metrics."""
         if self.config.admin_listen is not None:
             self._open_admin_listener(balancer, self.config.admin_listen)
-
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
         await self._discover(balancer)
         await self.health.check_once()
@@ -183,13 +213,10 @@ class Router:
                 self.load_reporters.append(reporter)
                 reporter.start()
         self.housekeeper.start()
-        await server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
         if self.config.metrics_listen is not None:
             self._start_metrics(balancer, self.config.metrics_listen)
-        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
-                 self.admin_address or "off")
 
     def _listen(self, server: grpc.aio.Server, address: str
                 ) -> tuple[int, ServerCertificates | None]:
@@ -242,7 +269,8 @@ class Router:
         variants = []
         for i, vc in enumerate(self.config.variants):
             variant = Variant(vc, seed=None if self._seed is None else self._seed + i,
-                              channel_options=options)
+                              channel_options=options,
+                              table=None if self.role is None else self.role.table(vc))
             for address in self._instances.get(vc.name, ()):
                 variant.add(variant.connect(address))
             variants.append(variant)

@@ -58,7 +58,10 @@ class Variant:
     """A production variant: a weight, a routing strategy and a table of instances."""
 
     def __init__(self, config: VariantConfig, *, seed: int | None = None,
-                 channel_options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS):
+                 channel_options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS,
+                 table: _Table | None = None):
+        """``table``: the counts to pick on instead of a private table (several router
+        processes: :class:`tritonmesh.sharedcounts.SharedCounts`)."""
         self.config = config
         self.channel_options = channel_options
         self.name = config.name
@@ -73,7 +76,7 @@ class Variant:
             self.table = self.work = WorkTable(seed)
             self._pick = self.work.pick
         else:
-            counts = OutstandingTable(seed)
+            counts = OutstandingTable(seed) if table is None else cast(OutstandingTable, table)
             self.table = counts
             self._pick = _strategy_pick(counts, self.strategy)
         # Indexed by slot: the hot path turns a slot into an instance with one list index.
@@ -98,8 +101,8 @@ class Variant:
         limits, queue bound, default deadline, slow start, and the strategy within one table.
         Waiting requests get any capacity a higher limit frees at once."""
         if config.routing_strategy is not self.strategy and self.work is None:
-            assert isinstance(self.table, OutstandingTable)
-            self._pick = _strategy_pick(self.table, config.routing_strategy)
+            self._pick = _strategy_pick(cast(OutstandingTable, self.table),
+                                        config.routing_strategy)
             self.strategy = config.routing_strategy
         # Channels keep the TLS they opened with; new ones too, until a restart.
         self.config = dataclasses.replace(config, upstream_tls=self.config.upstream_tls)

@@ -1,0 +1,113 @@
+"""One router process of a multi-process endpoint: ``python -m tritonmesh.routerchild
+RUN_FILE INDEX``, started (and restarted) by :mod:`tritonmesh.supervisor`.
+
+It serves ``listen`` with SO_REUSEPORT beside the other router processes, picks on the
+variants' shared tables as process ``INDEX``, and learns membership from the
+supervisor's file (:class:`tritonmesh.members.Follower`). It runs no control plane:
+health checks, discovery, the admin API and reloads are the supervisor's. It writes one
+line, ``ready``, on stdout once it serves; its logs name it ``router[INDEX]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import pickle
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tritonmesh._core import SharedTable
+from tritonmesh.loop import run as run_on_loop
+from tritonmesh.members import Follower
+from tritonmesh.server import Router
+from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.signals import StopSignals
+from tritonmesh.supervisor import RunFile
+
+if TYPE_CHECKING:
+    from tritonmesh.balancer import Balancer
+    from tritonmesh.config import VariantConfig
+
+__all__ = ["RouterProcess", "main"]
+
+log = logging.getLogger("tritonmesh.routerchild")
+
+_PR_SET_PDEATHSIG = 1
+
+
+class RouterProcess:
+    """A router process's :class:`~tritonmesh.processconfig.ProcessRole`."""
+
+    serves_data = True
+    controls = False
+
+    def __init__(self, run: RunFile, index: int):
+        self.run = run
+        self.index = index
+        self.tables = {name: SharedTable.attach(segment, index)
+                       for name, segment in run.segments.items()}
+        self.follower: Follower | None = None
+
+    def table(self, config: VariantConfig) -> SharedCounts:
+        return SharedCounts(self.tables[config.name], owner=False)
+
+    def on_balancer(self, balancer: Balancer) -> None:
+        self.follower = Follower(self.run.members, balancer)
+        self.follower.sync()
+
+    def serve(self, router: Router) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            table.close()
+
+
+async def serve(run: RunFile, index: int) -> None:
+    role = RouterProcess(run, index)
+    loop = asyncio.get_running_loop()
+    # Reloads are the supervisor's; membership comes from it. A hangup must not end us.
+    loop.add_signal_handler(signal.SIGHUP, log.info,
+                            "SIGHUP ignored: the supervisor reloads the configuration")
+    try:
+        with StopSignals() as signals:
+            router = Router(run.config, {}, role=role)
+            await router.start()
+            assert role.follower is not None
+            following = loop.create_task(role.follower.run(router))
+            try:
+                print("ready", flush=True)
+                os.dup2(2, 1)  # nobody reads the pipe after this line
+                signals.serving()
+                await signals.stop.wait()
+            finally:
+                await router.stop()
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+                await role.follower.close()
+    finally:
+        role.close()
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    run_path, index_text = sys.argv[1:] if argv is None else argv
+    index = int(index_text)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the supervisor
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    with open(run_path, "rb") as f:
+        run: RunFile = pickle.load(f)  # written by our own supervisor, mode 0600
+    logging.basicConfig(level=run.log_level,
+                        format=f"%(asctime)s %(levelname)s router[{index}] %(name)s: "
+                               "%(message)s")
+    run_on_loop(serve(run, index), run.event_loop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
