@@ -34,13 +34,14 @@ MULTIPROCESS_STRATEGIES: Final = frozenset({
     RoutingStrategy.POWER_OF_TWO_CHOICES,
 })
 DEFAULT_SHARED_TABLE_SLOTS: Final = 1024
-MAX_PROCESSES: Final = 126  # the shared table's 127 process indexes, less the supervisor's
+# The shared table's 127 process indexes, less the supervisor's and an inspector's.
+MAX_PROCESSES: Final = 125
 
 
 def parse_processes(value: Any, key: str = "processes") -> int:
     """An integer >= 1, or ``"auto"``: the CPUs this process may run on."""
     if value == "auto":
-        return len(os.sched_getaffinity(0))
+        return min(len(os.sched_getaffinity(0)), MAX_PROCESSES)
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)  # from the command line
     if isinstance(value, bool) or not isinstance(value, int):

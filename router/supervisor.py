@@ -81,6 +81,9 @@ class Supervisor:
     def __init__(self, config: EndpointConfig, event_loop: str | None = None):
         self.config = config
         self.processes = config.processes
+        # Indexes: 0 the supervisor, 1..K the router processes, K + 1 for one process
+        # that inspects the tables (tests; a debugger), so that it never takes a router's.
+        self.inspector = self.processes + 1
         self.event_loop = event_loop
         self.tables: dict[str, SharedTable] = {}
         self.run_path = _segment.path(_segment.segment_name("run"))
@@ -99,7 +102,7 @@ class Supervisor:
         try:
             for i, variant in enumerate(self.config.variants):
                 self.tables[variant.name] = SharedTable.create(
-                    self.config.shared_table_slots, self.processes + 1, tag=f"v{i}",
+                    self.config.shared_table_slots, self.inspector + 1, tag=f"v{i}",
                     unlink_stale=False)
         except OSError as exc:
             self.__exit__(None, None, None)
