@@ -85,21 +85,31 @@ class Publisher:
             members[variant.name] = [
                 [i.slot, counts.shared.generation(i.slot), i.address, i.weight]
                 for i in variant.live_instances()]
+        limits = {v.name: v.limit or 0 for v in balancer.variants}
         self.version += 1
         partial = f"{self.path}.partial"
         with open(partial, "w", encoding="utf-8") as f:
             json.dump({"version": self.version, "segments": self.segments,
-                       "members": members}, f)
+                       "members": members, "limits": limits}, f)
         os.replace(partial, self.path)
         for counts in counts_of(balancer).values():
             counts.published()
 
     async def run(self) -> None:
-        """Drains: a router process's release does not reach the supervisor's event."""
+        """Drains (a router process's release does not reach the supervisor's event), and
+        a new concurrency limit (a reload, UpdateVariantWeights) into every slot."""
         while True:
             await asyncio.sleep(POLL_S)
             if self.balancer is None:
                 continue
+            changed = False
+            for variant in self.balancer.variants:
+                counts = cast(SharedCounts, variant.table)
+                if counts.limit != (variant.limit or 0):
+                    counts.set_limit(variant.limit or 0)
+                    changed = True
+            if changed:
+                self.publish()
             for instance in self.balancer.instances():
                 drained = instance.drained
                 if drained is not None and not drained.is_set() and not instance.outstanding:
@@ -132,6 +142,7 @@ class Follower:
         self._seen = seen
         members = data["members"]
         for variant in self.balancer.variants:
+            variant.limit = data["limits"].get(variant.name) or None
             counts = cast(SharedCounts, variant.table)
             wanted = {slot: (gen, address, weight)
                       for slot, gen, address, weight in members.get(variant.name, ())}

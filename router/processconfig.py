@@ -61,8 +61,8 @@ def parse_shared_table_slots(value: Any) -> int:
 
 def check_processes(config: EndpointConfig) -> None:
     """Refuse, naming the key and the reason, what K >= 2 router processes cannot do
-    exactly: the shared table has no work table, no round-robin cursor, no external load
-    and no cross-process wait queue yet."""
+    exactly: the shared table has no work table, no round-robin cursor and no external
+    load."""
     if config.processes < 2:
         return
     for i, v in enumerate(config.variants):
@@ -72,14 +72,13 @@ def check_processes(config: EndpointConfig) -> None:
             raise ConfigError(
                 f"{where}routing_strategy: {v.routing_strategy.value} needs one router "
                 f"process (processes: {config.processes}); the shared table picks by {names}")
-        for key, used in (("max_concurrency_per_instance", v.max_concurrency is not None),
-                          ("dispatch_ahead_s", v.dispatch_ahead_s > 0),
+        for key, used in (("dispatch_ahead_s", v.dispatch_ahead_s > 0),
                           ("load_report", v.load_report is not None)):
             if used:
                 raise ConfigError(
                     f"{where}{key}: not supported with processes: {config.processes} yet "
-                    "(late binding's queue, dispatch ahead and load reports keep their state "
-                    "in one process); use processes: 1")
+                    "(dispatch ahead's timers and load reports keep their state in one "
+                    "process); use processes: 1")
 
 
 class ProcessRole(Protocol):

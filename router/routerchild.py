@@ -19,9 +19,10 @@ import pickle
 import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from tritonmesh._core import SharedTable
+from tritonmesh.crosswake import ReleaseWaker
 from tritonmesh.loop import run as run_on_loop
 from tritonmesh.members import Follower
 from tritonmesh.server import Router
@@ -78,8 +79,10 @@ async def serve(run: RunFile, index: int) -> None:
         with StopSignals() as signals:
             router = Router(run.config, {}, role=role)
             await router.start()
-            assert role.follower is not None
+            assert role.follower is not None and router.balancer is not None
             following = loop.create_task(role.follower.run(router))
+            wakers = [ReleaseWaker(v, cast(SharedCounts, v.table), loop)
+                      for v in router.balancer.variants]
             try:
                 print("ready", flush=True)
                 os.dup2(2, 1)  # nobody reads the pipe after this line
@@ -87,6 +90,8 @@ async def serve(run: RunFile, index: int) -> None:
                 await signals.stop.wait()
             finally:
                 await router.stop()
+                for waker in wakers:
+                    waker.stop()
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
                 await role.follower.close()

@@ -74,6 +74,13 @@ class SharedCounts:
         for slot, available in pending.items():
             self.shared.set_available(slot, available)
 
+    def set_limit(self, limit: int) -> None:
+        """Every slot's concurrency limit (0: none), this one for slots added later."""
+        self._owner_only("set_limit")
+        self.limit = limit
+        for slot, *_ in self.shared.snapshot():
+            self.shared.set_limit(slot, limit)
+
     def set_weight(self, slot: int, weight: float) -> None:
         self._owner_only("set_weight")
         self.shared.set_weight(slot, weight)

@@ -91,6 +91,9 @@ class Variant:
         self.default_priority = config.default_priority
         self.aging_s = config.priority_aging_s
         self.waiters = WaitQueue()
+        # Several router processes: told when a request starts to wait, so that releases
+        # in the other processes wake this one (tritonmesh.crosswake).
+        self.on_wait: Callable[[], None] | None = None
         self.ahead: DispatchAhead | None = None
         if config.dispatch_ahead_s > 0.0 and self.work is not None:
             self.ahead = DispatchAhead(self, config.dispatch_ahead_s)
@@ -286,6 +289,8 @@ class Variant:
             # Toward FIFO as far as the hints fail to predict service time.
             key += budget - self.work.hint_quality() * cost * self.work.mean_estimate()
         entry = self.waiters.push(waiter, cost, key, priority)
+        if self.on_wait is not None:
+            self.on_wait()
         if self.ahead is not None:
             self.ahead.waiting()
         try:

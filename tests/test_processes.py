@@ -95,7 +95,7 @@ def endpoints() -> Iterator[list[Endpoint]]:
 
 
 def _concurrently(address: str, clients: int, requests: int, model: str = "identity",
-                  max_tokens: int = 0) -> tuple[int, list[str]]:
+                  max_tokens: int = 0, timeout: float = 60) -> tuple[int, list[str]]:
     """``clients`` threads, each with its own connection, sending ``requests`` each:
     (answered, errors as status names)."""
     answered = [0] * clients
@@ -108,7 +108,7 @@ def _concurrently(address: str, clients: int, requests: int, model: str = "ident
             inputs = identity_inputs() if model == "identity" else generate_inputs(max_tokens)
             for _ in range(requests):
                 try:
-                    client.infer(model, inputs, client_timeout=60)
+                    client.infer(model, inputs, client_timeout=timeout)
                     answered[i] += 1
                 except InferenceServerException as exc:
                     errors.append(str(exc.status()))
@@ -138,9 +138,21 @@ def _logged_by_every_router(running: Running, text: str, processes: int) -> None
 
 
 def _inferences(address: str, model: str = "identity") -> int:
+    return _statistics(address, model)[0]
+
+
+def _statistics(address: str, model: str) -> tuple[int, int, int]:
+    """Triton's own figures for ``model``: (inferences, ns waiting in its queue, ns
+    computing)."""
     with grpcclient.InferenceServerClient(address) as client:
         stats = client.get_inference_statistics(model, as_json=True)
-        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+    count = queued = computed = 0
+    for s in stats.get("model_stats", []):
+        count += int(s.get("inference_count", 0))
+        figures = s.get("inference_stats", {})
+        queued += int(figures.get("queue", {}).get("ns", 0))
+        computed += int(figures.get("compute_infer", {}).get("ns", 0))
+    return count, queued, computed
 
 
 @pytest.mark.parametrize("value", [0, -1, "x", 1.5, True])
@@ -164,7 +176,6 @@ def test_processes_option_is_checked_too(tmp_path: Path, value: str) -> None:
 @pytest.mark.parametrize(("extra", "key"), [
     ({"routing_strategy": "ROUND_ROBIN"}, "variants[0].routing_strategy"),
     ({"routing_strategy": "LEAST_OUTSTANDING_WORK"}, "variants[0].routing_strategy"),
-    ({"max_concurrency_per_instance": 1}, "variants[0].max_concurrency_per_instance"),
 ])
 def test_what_one_process_keeps_is_refused_with_several(tmp_path: Path, extra: dict[str, Any],
                                                          key: str) -> None:
@@ -256,6 +267,43 @@ def test_membership_reaches_every_router_process(
     running.process.send_signal(signal.SIGHUP)
     _logged_by_every_router(running, f"{third} joined", 2)
     assert _concurrently(running.address, 16, 5) == (80, [])
+    endpoint.quiescent()
+
+
+@pytest.mark.triton
+def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+    """max_concurrency_per_instance: 1 with three router processes and one instance:
+    Triton never holds two requests (its own queue statistics: nothing waited there),
+    and requests waiting in one process get the instance a release in another frees
+    (none runs into its deadline)."""
+    instance = worker_addresses[0]
+    endpoint = Endpoint(_write_config(tmp_path / "c.json", [instance], 3,
+                                      max_concurrency_per_instance=1), 3)
+    endpoints.append(endpoint)
+    most = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            most[0] = max(most[0], endpoint.total())
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    before = _statistics(instance, "generate_unary")
+    try:
+        answered = _concurrently(endpoint.running.address, 12, 3, "generate_unary",
+                                 max_tokens=10, timeout=30)
+    finally:
+        done.set()
+        watcher.join()
+    assert answered == (36, [])
+    count, queued, computed = (a - b for a, b in
+                               zip(_statistics(instance, "generate_unary"), before, strict=True))
+    assert count == 36
+    # Two at once would have one wait in Triton's queue for the other's whole compute.
+    assert queued < computed / 10, (queued, computed)
+    assert most[0] == 1
     endpoint.quiescent()
 
 
