@@ -65,6 +65,7 @@ class Publisher:
         self.segments = segments
         self.balancer: Balancer | None = None
         self.version = 0
+        self.weights: dict[str, float] = {}  # the variants' weights last published
         self._scheduled = False
 
     def changed(self) -> None:
@@ -86,18 +87,20 @@ class Publisher:
                 [i.slot, counts.shared.generation(i.slot), i.address, i.weight]
                 for i in variant.live_instances()]
         limits = {v.name: v.limit or 0 for v in balancer.variants}
+        self.weights = {v.name: v.weight for v in balancer.variants}
         self.version += 1
         partial = f"{self.path}.partial"
         with open(partial, "w", encoding="utf-8") as f:
             json.dump({"version": self.version, "segments": self.segments,
-                       "members": members, "limits": limits}, f)
+                       "members": members, "limits": limits, "weights": self.weights}, f)
         os.replace(partial, self.path)
         for counts in counts_of(balancer).values():
             counts.published()
 
     async def run(self) -> None:
         """Drains (a router process's release does not reach the supervisor's event), and
-        a new concurrency limit (a reload, UpdateVariantWeights) into every slot."""
+        a variant's new weight or concurrency limit (a reload, UpdateVariantWeights) out to
+        the router processes, the limit into every slot."""
         while True:
             await asyncio.sleep(POLL_S)
             if self.balancer is None:
@@ -108,6 +111,7 @@ class Publisher:
                 if counts.limit != (variant.limit or 0):
                     counts.set_limit(variant.limit or 0)
                     changed = True
+                changed = changed or self.weights.get(variant.name) != variant.weight
             if changed:
                 self.publish()
             for instance in self.balancer.instances():
@@ -128,8 +132,11 @@ class Follower:
         for counts in counts_of(balancer).values():
             counts.resync = self.sync
 
-    def sync(self) -> None:
-        """Re-read the membership file if it changed since the last read."""
+    def sync(self, force: bool = False) -> None:
+        """Re-read the membership file if it changed since the last read (``force``: even
+        if not, after a reload set the variants' weights and limits from the file)."""
+        if force:
+            self._seen = None
         try:
             with open(self.path, encoding="utf-8") as f:
                 stat = os.fstat(f.fileno())
@@ -143,6 +150,7 @@ class Follower:
         members = data["members"]
         for variant in self.balancer.variants:
             variant.limit = data["limits"].get(variant.name) or None
+            variant.weight = data["weights"].get(variant.name, variant.weight)
             counts = cast(SharedCounts, variant.table)
             wanted = {slot: (gen, address, weight)
                       for slot, gen, address, weight in members.get(variant.name, ())}

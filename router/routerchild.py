@@ -69,16 +69,32 @@ class RouterProcess:
             table.close()
 
 
-async def serve(run: RunFile, index: int) -> None:
+def reload(router: Router, role: RouterProcess, run_path: str) -> None:
+    """SIGHUP from the supervisor: it applied a reload and wrote the run file anew. The
+    variants' live keys, retries and work hints apply here as they did there; membership,
+    weights and limits come from the membership file, as always."""
+    with open(run_path, "rb") as f:
+        config = pickle.load(f).config
+    balancer = router.balancer
+    assert balancer is not None and role.follower is not None
+    balancer.set_work_hints(config.work_hints)
+    balancer.set_retries(config.retries)
+    balancer.reconfigure(config.variants)
+    router.reconfigure(config)
+    role.follower.sync(force=True)
+    log.info("reloaded the configuration the supervisor applied")
+
+
+async def serve(run: RunFile, index: int, run_path: str) -> None:
     role = RouterProcess(run, index)
     loop = asyncio.get_running_loop()
-    # Reloads are the supervisor's; membership comes from it. A hangup must not end us.
-    loop.add_signal_handler(signal.SIGHUP, log.info,
-                            "SIGHUP ignored: the supervisor reloads the configuration")
+    # Until it serves, a hangup must not end it; the supervisor sends none before.
+    loop.add_signal_handler(signal.SIGHUP, log.info, "SIGHUP ignored while starting")
     try:
         with StopSignals() as signals:
             router = Router(run.config, {}, role=role)
             await router.start()
+            loop.add_signal_handler(signal.SIGHUP, reload, router, role, run_path)
             assert role.follower is not None and router.balancer is not None
             following = loop.create_task(role.follower.run(router))
             wakers = [ReleaseWaker(v, cast(SharedCounts, v.table), loop)
@@ -110,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=run.log_level,
                         format=f"%(asctime)s %(levelname)s router[{index}] %(name)s: "
                                "%(message)s")
-    run_on_loop(serve(run, index), run.event_loop)
+    run_on_loop(serve(run, index, run_path), run.event_loop)
     return 0
 
 

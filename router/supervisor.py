@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import SharedTable, _segment, unlink_stale
 from tritonmesh.configvalues import ConfigError
-from tritonmesh.members import Publisher, members_path
+from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
 
 if TYPE_CHECKING:
@@ -113,13 +113,34 @@ class Supervisor:
         self.publisher.segments = {name: t.name for name, t in self.tables.items()}
         host, _, port = self.config.listen.rpartition(":")
         self.port = int(port) or self._reserve(host)
-        child_config = dataclasses.replace(self.config, listen=f"{host}:{self.port}")
-        run = RunFile(child_config, self.publisher.path, self.publisher.segments,
+        self._write_run(self.config)
+        return self
+
+    def _write_run(self, config: EndpointConfig) -> None:
+        """The run file router processes start (and reload) from; replaced whole."""
+        host = config.listen.rpartition(":")[0]
+        run = RunFile(dataclasses.replace(config, listen=f"{host}:{self.port}"),
+                      self.publisher.path, self.publisher.segments,
                       logging.getLogger().getEffectiveLevel(), self.event_loop)
-        fd = os.open(self.run_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        partial = f"{self.run_path}.partial"
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             pickle.dump(run, f)
-        return self
+        os.replace(partial, self.run_path)
+
+    async def _forward_reloads(self, router: Router) -> None:
+        """A SIGHUP reload applied here (``router.config`` replaced) goes to every router
+        process: the run file anew, then SIGHUP to each."""
+        applied = router.config
+        while True:
+            await asyncio.sleep(POLL_S)
+            if router.config is not applied:
+                applied = router.config
+                self._write_run(applied)
+                for proc in self.children.values():
+                    if proc.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            proc.send_signal(signal.SIGHUP)
 
     def _reserve(self, host: str) -> int:
         """Port 0: bind a port for every router process to share (SO_REUSEPORT), held
@@ -139,9 +160,11 @@ class Supervisor:
             table.unlink()
             table.close()
         self.tables.clear()
-        for path in (self.run_path, self.publisher.path, f"{self.publisher.path}.partial"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for path in (self.run_path, f"{self.run_path}.partial", self.publisher.path,
+                     f"{self.publisher.path}.partial"):
+            if os.path.lexists(path):  # a read-only /dev/shm refuses even a missing name
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
@@ -163,7 +186,9 @@ class Supervisor:
         stop them (before the control plane and the workers stop)."""
         router.port = self.port
         self.publisher.publish()
-        publishing = asyncio.get_running_loop().create_task(self.publisher.run())
+        loop = asyncio.get_running_loop()
+        publishing = loop.create_task(self.publisher.run())
+        reloading = loop.create_task(self._forward_reloads(router))
         try:
             started = await asyncio.gather(
                 *(self._start(i) for i in range(1, self.processes + 1)),
@@ -179,7 +204,8 @@ class Supervisor:
             self._stopping = True
             await self._stop_children(router.config.shutdown_grace_s)
             publishing.cancel()
-            await asyncio.gather(publishing, return_exceptions=True)
+            reloading.cancel()
+            await asyncio.gather(publishing, reloading, return_exceptions=True)
 
     # -- router processes --------------------------------------------------------------
 

@@ -130,9 +130,10 @@ def _in_background(address: str, clients: int, max_tokens: int) -> tuple[
     return thread, result
 
 
-def _logged_by_every_router(running: Running, text: str, processes: int) -> None:
+def _logged_by_every_router(running: Running, text: str, processes: int,
+                            logger: str = "tritonmesh.members") -> None:
     """Wait until each router process has logged ``text`` (in any order)."""
-    wanted = [f"router[{i}] tritonmesh.members: {text}" for i in range(1, processes + 1)]
+    wanted = [f"router[{i}] {logger}: {text}" for i in range(1, processes + 1)]
     while not all(any(w in line for line in running.lines) for w in wanted):
         running.expect(text)
 
@@ -184,6 +185,23 @@ def test_what_one_process_keeps_is_refused_with_several(tmp_path: Path, extra: d
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"{key}:" in result.stderr and "processes: 2" in result.stderr, result.stderr
+
+
+def test_a_read_only_dev_shm_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    """In a mount namespace of its own, with a read-only tmpfs on /dev/shm."""
+    config = _write_config(tmp_path / "c.json", ["127.0.0.1:9"], 2)
+    probe = subprocess.run(["unshare", "-m", "sh", "-c",
+                            "mount -t tmpfs -o ro tmpfs /dev/shm"],
+                           capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.strip()}")
+    result = subprocess.run(["unshare", "-m", "sh", "-c",
+                             f"mount -t tmpfs -o ro tmpfs /dev/shm && exec {TRITONMESH} "
+                             f"serve --config {config}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "processes: 2 router processes share their counts in /dev/shm, which cannot be " \
+           "used: Read-only file system" in result.stderr, result.stderr
 
 
 @pytest.mark.triton
@@ -262,11 +280,16 @@ def test_membership_reaches_every_router_process(
     before = _inferences(first), _inferences(second)
     assert _concurrently(running.address, 16, 5) == (80, [])
     assert (_inferences(first), _inferences(second)) == (before[0], before[1] + 80)
-    # A SIGHUP reload's static instances reach them too (the admin-added one stays).
-    _write_config(config, [third], 2)
+    # A SIGHUP reload's static instances reach them too (the admin-added one stays),
+    # and so do the variant's live keys: a per-try timeout shorter than any generation.
+    _write_config(config, [third], 2, per_try_timeout_s=1.0)
     running.process.send_signal(signal.SIGHUP)
     _logged_by_every_router(running, f"{third} joined", 2)
+    _logged_by_every_router(running, "reloaded the configuration", 2,
+                            "tritonmesh.routerchild")
     assert _concurrently(running.address, 16, 5) == (80, [])
+    answered, errors = _concurrently(running.address, 6, 1, "generate_unary", max_tokens=600)
+    assert (answered, set(errors)) == (0, {"StatusCode.DEADLINE_EXCEEDED"}), errors
     endpoint.quiescent()
 
 
