@@ -116,6 +116,10 @@ def _serve(config: EndpointConfig, args: argparse.Namespace, config_path: str | 
                                  config_path=config_path), args.event_loop)
     from tritonmesh.supervisor import ChildStartError, Supervisor
 
+    # Router processes log as router[i]; this one says it is the supervisor.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s supervisor %(name)s: %(message)s"))
     with Supervisor(config, args.event_loop) as supervisor:
         try:
             return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,

@@ -16,11 +16,14 @@ Two kinds of owner:
   detector's ejections, and a retry's "not that one again", are this process's
   exclusions, never written to the shared state (the health checker's flag lives there).
   A pick that lands on an excluded slot, or on one whose address this process does not
-  know yet (its membership event is in flight), is released and picked again.
+  know yet (its membership event is in flight), is released, and the least loaded slot
+  this process may use is taken instead (whatever the strategy: this is the rare path).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from typing import Final
 
@@ -28,9 +31,9 @@ from tritonmesh._core import SharedTable
 
 __all__ = ["MAX_REPICKS", "SharedCounts"]
 
-# Picks that land on a slot this process may not use are released and tried again this
-# many times (the later tries at random, weighted, so one least-loaded excluded slot does
-# not win every time); then the pick answers "none".
+# A pick that lands on a slot this process may not use is released, and the least loaded
+# slot it may use is counted instead by compare-and-swap; this many tries when other
+# processes keep winning the race for it, then the pick answers "none".
 MAX_REPICKS: Final = 8
 
 
@@ -123,22 +126,48 @@ class SharedCounts:
         raise NotImplementedError("ROUND_ROBIN needs processes: 1")
 
     def _usable(self, slot: int) -> int:
-        """``slot`` if this process may send there, else another pick (released first)."""
+        """``slot`` if this process may send there, else another (``slot`` released)."""
         if slot < 0 or self.owner:
             return slot
-        shared = self.shared
-        for attempt in range(MAX_REPICKS):
-            if slot not in self.excluded:
-                if not self._knows(slot):
-                    self.resync()
-                if self._knows(slot):
-                    return slot
-            shared.release(slot)
-            if attempt + 1 == MAX_REPICKS:
-                break
-            slot = shared.pick_random()
-            if slot < 0:
+        if slot not in self.excluded:
+            if self._knows(slot):
                 return slot
+            self.resync()
+            if self._knows(slot):
+                return slot
+        self.shared.release(slot)
+        return self._least_loaded_usable()
+
+    def _least_loaded_usable(self) -> int:
+        """The least loaded slot (ties at random) that this process may use and that is
+        below its limit, counted by compare-and-swap; -1 when there is none."""
+        shared, excluded = self.shared, self.excluded
+        resynced = False
+        for _ in range(MAX_REPICKS):
+            best, best_load, ties = -1, math.inf, 0
+            snapshot = shared.snapshot()
+            if not resynced and any(state == "ACTIVE" and not self._knows(slot)
+                                    for slot, _, _, state, _ in snapshot):
+                self.resync()  # a member this process has not heard of yet
+                resynced = True
+            for slot, count, weight, state, limit in snapshot:
+                if state != "ACTIVE" or slot in excluded or (limit and count >= limit) \
+                        or not self._knows(slot):
+                    continue
+                load = (count + 1) / weight
+                if load < best_load:
+                    best, best_load, ties = slot, load, 1
+                elif load == best_load:
+                    ties += 1
+                    if random.randrange(ties) == 0:
+                        best = slot
+            if best < 0:
+                return -1
+            try:
+                if shared.try_acquire(best):
+                    return best
+            except ValueError:  # removed meanwhile
+                pass
         return -1
 
     def _knows(self, slot: int) -> bool:

@@ -364,3 +364,42 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
     wait_gone({pid: "router" for pid in routers.values()})
     endpoint.table.close()
     assert _ours(endpoint.pid) == []
+
+
+def test_a_router_process_never_sends_where_it_may_not() -> None:
+    """SharedCounts in a router process: a pick that lands on a slot whose address it
+    does not know yet (the membership event in flight), or on one its own outlier
+    detector ejected, is released and picked again; the supervisor's slots become
+    pickable only once published. Both builds, no gRPC."""
+    from tritonmesh.sharedcounts import SharedCounts
+
+    supervisor = SharedTable.create(8, 3, tag="counts-test")
+    router = SharedTable.attach(supervisor.name, 1)
+    try:
+        owner = SharedCounts(supervisor, owner=True)
+        first, second = owner.add(), owner.add()
+        assert owner.pickable() == 0  # not published yet
+        owner.published()
+        view = SharedCounts(router, owner=False)
+        view.generations = [router.generation(first), -1]
+        resyncs: list[int] = []
+        view.resync = lambda: resyncs.append(1)
+        picks = {view.pick() for _ in range(50)}
+        assert picks == {first} and resyncs  # the unknown slot is never returned
+        assert router.outstanding(second) == 0 and router.outstanding(first) == 50
+        for _ in range(50):
+            view.release(first)
+        view.resync = lambda: view.generations.__setitem__(second, router.generation(second))
+        view.set_available(first, False)  # its outlier detector ejected it: here only
+        assert supervisor.is_available(first)
+        assert {view.pick_two() for _ in range(20)} == {second}
+        view.set_available(first, True)
+        assert {view.pick_random() for _ in range(200)} == {first, second}
+        for slot, count, *_ in router.snapshot():
+            for _ in range(count):
+                view.release(slot)
+        supervisor.check()
+    finally:
+        router.close()
+        supervisor.unlink()
+        supervisor.close()
