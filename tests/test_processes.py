@@ -165,6 +165,13 @@ def test_processes_must_be_a_positive_integer_or_auto(tmp_path: Path, value: obj
     assert "processes:" in result.stderr and repr(value) in result.stderr, result.stderr
 
 
+def test_processes_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    from tritonmesh.config import load_config
+
+    config = load_config(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], "auto"))
+    assert config.processes == len(os.sched_getaffinity(0))
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_processes_option_is_checked_too(tmp_path: Path, value: str) -> None:
     config = _write_config(tmp_path / "c.json", ["127.0.0.1:9"], 1)
