@@ -20,6 +20,7 @@ from tritonmesh.routing import RoutingStrategy
 if TYPE_CHECKING:
     import contextlib
 
+    from prometheus_client.registry import Collector
     from tritonmesh.balancer import Balancer
     from tritonmesh.config import EndpointConfig, VariantConfig
     from tritonmesh.server import Router
@@ -94,6 +95,9 @@ class ProcessRole(Protocol):
 
     def on_balancer(self, balancer: Balancer) -> None:
         """The router's balancer exists (before the port serves)."""
+
+    def metrics(self, own: Collector) -> Collector:
+        """What ``/metrics`` serves in place of the router's own counts."""
 
     def serve(self, router: Router) -> contextlib.AbstractAsyncContextManager[None]:
         """What runs beside the started router, until the endpoint stops."""

@@ -23,14 +23,17 @@ from typing import TYPE_CHECKING, cast
 
 from tritonmesh._core import SharedTable
 from tritonmesh.crosswake import ReleaseWaker
+from tritonmesh.fleetmetrics import SYNC_S, MetricsWriter
 from tritonmesh.loop import run as run_on_loop
 from tritonmesh.members import Follower
+from tritonmesh.metrics import BalancerCollector
 from tritonmesh.server import Router
 from tritonmesh.sharedcounts import SharedCounts
 from tritonmesh.signals import StopSignals
 from tritonmesh.supervisor import RunFile
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
     from tritonmesh.balancer import Balancer
     from tritonmesh.config import VariantConfig
 
@@ -60,6 +63,9 @@ class RouterProcess:
     def on_balancer(self, balancer: Balancer) -> None:
         self.follower = Follower(self.run.members, balancer)
         self.follower.sync()
+
+    def metrics(self, own: Collector) -> Collector:
+        return own  # a router process serves no /metrics: the supervisor does
 
     def serve(self, router: Router) -> contextlib.AbstractAsyncContextManager[None]:
         return contextlib.nullcontext()
@@ -99,6 +105,9 @@ async def serve(run: RunFile, index: int, run_path: str) -> None:
             following = loop.create_task(role.follower.run(router))
             wakers = [ReleaseWaker(v, cast(SharedCounts, v.table), loop)
                       for v in router.balancer.variants]
+            writer = None if run.metrics_dir is None else MetricsWriter(
+                run.metrics_dir, [BalancerCollector(router.balancer, run.config.name)])
+            writing = None if writer is None else loop.create_task(_write_metrics(writer))
             try:
                 print("ready", flush=True)
                 os.dup2(2, 1)  # nobody reads the pipe after this line
@@ -108,12 +117,23 @@ async def serve(run: RunFile, index: int, run_path: str) -> None:
                 await router.stop()
                 for waker in wakers:
                     waker.stop()
+                if writer is not None and writing is not None:
+                    writing.cancel()
+                    await asyncio.gather(writing, return_exceptions=True)
+                    writer.write()  # the last counts, after every call ended
+                    writer.close()
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
                 await role.follower.close()
     finally:
         role.close()
         loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _write_metrics(writer: MetricsWriter) -> None:
+    while True:
+        await asyncio.sleep(SYNC_S)
+        writer.write()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

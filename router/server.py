@@ -21,6 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.registry import Collector
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
 from tritonmesh.admin import AdminService
 from tritonmesh.auth import (
@@ -283,7 +284,8 @@ class Router:
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(BalancerCollector(balancer, self.config.name))
+        counts: Collector = BalancerCollector(balancer, self.config.name)
+        registry.register(counts if self.role is None else self.role.metrics(counts))
         registry.register(DiscoveryCollector(self.discoveries))
         registry.register(AutoscalerCollector(self.autoscalers))
         if self.shadows:

@@ -24,9 +24,11 @@ import dataclasses
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -34,10 +36,12 @@ from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import SharedTable, _segment, unlink_stale
 from tritonmesh.configvalues import ConfigError
+from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts
 from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
     from tritonmesh.balancer import Balancer
     from tritonmesh.config import EndpointConfig, VariantConfig
     from tritonmesh.server import Router
@@ -65,6 +69,7 @@ class RunFile:
     segments: dict[str, str]  # variant name -> its shared table's segment
     log_level: int
     event_loop: str | None  # --event-loop, else the environment's choice
+    metrics_dir: str | None  # where its counts go (tritonmesh.fleetmetrics)
 
 
 class ChildStartError(RuntimeError):
@@ -89,6 +94,7 @@ class Supervisor:
         self.run_path = _segment.path(_segment.segment_name("run"))
         self.publisher = Publisher(members_path(), {})
         self.port = 0
+        self.metrics_dir: str | None = None
         self._reserved: socket.socket | None = None
         self.children: dict[int, asyncio.subprocess.Process] = {}
         self.restarts = 0
@@ -113,6 +119,7 @@ class Supervisor:
         self.publisher.segments = {name: t.name for name, t in self.tables.items()}
         host, _, port = self.config.listen.rpartition(":")
         self.port = int(port) or self._reserve(host)
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"tritonmesh-{os.getpid()}-metrics-")
         self._write_run(self.config)
         return self
 
@@ -121,12 +128,25 @@ class Supervisor:
         host = config.listen.rpartition(":")[0]
         run = RunFile(dataclasses.replace(config, listen=f"{host}:{self.port}"),
                       self.publisher.path, self.publisher.segments,
-                      logging.getLogger().getEffectiveLevel(), self.event_loop)
+                      logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir)
         partial = f"{self.run_path}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             pickle.dump(run, f)
         os.replace(partial, self.run_path)
+
+    async def _count_fleet(self, router: Router) -> None:
+        """The router processes' request and error counts onto this process's instances,
+        for the admin API (``tritonmesh status``); /metrics reads the files itself."""
+        if self.metrics_dir is None:
+            return
+        while True:
+            await asyncio.sleep(SYNC_S)
+            counts = instance_counts(self.metrics_dir)
+            assert router.balancer is not None
+            for instance in router.balancer.instances():
+                instance.requests, instance.errors = counts.get(
+                    (instance.variant.name, instance.address), (0, 0))
 
     async def _forward_reloads(self, router: Router) -> None:
         """A SIGHUP reload applied here (``router.config`` replaced) goes to every router
@@ -168,6 +188,9 @@ class Supervisor:
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
 
     # -- ProcessRole -------------------------------------------------------------------
 
@@ -180,6 +203,10 @@ class Supervisor:
     def on_balancer(self, balancer: Balancer) -> None:
         self.publisher.balancer = balancer
 
+    def metrics(self, own: Collector) -> Collector:
+        assert self.metrics_dir is not None
+        return FleetCollector(self.metrics_dir, own)
+
     @contextlib.asynccontextmanager
     async def serve(self, router: Router) -> AsyncIterator[None]:
         """Publish the membership, start the K router processes and watch them; on exit,
@@ -189,6 +216,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         publishing = loop.create_task(self.publisher.run())
         reloading = loop.create_task(self._forward_reloads(router))
+        counting = loop.create_task(self._count_fleet(router))
         try:
             started = await asyncio.gather(
                 *(self._start(i) for i in range(1, self.processes + 1)),
@@ -203,9 +231,9 @@ class Supervisor:
         finally:
             self._stopping = True
             await self._stop_children(router.config.shutdown_grace_s)
-            publishing.cancel()
-            reloading.cancel()
-            await asyncio.gather(publishing, reloading, return_exceptions=True)
+            for task in (publishing, reloading, counting):
+                task.cancel()
+            await asyncio.gather(publishing, reloading, counting, return_exceptions=True)
 
     # -- router processes --------------------------------------------------------------
 

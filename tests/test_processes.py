@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,11 @@ from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 TRITONMESH = str(Path(sys.executable).parent / "tritonmesh")
 
 
-def _write_config(path: Path, addresses: list[str], processes: object = 2,
-                  **extra: object) -> Path:
+def _write_config(path: Path, addresses: list[str], processes: object = 2, *,
+                  metrics: bool = False, **extra: object) -> Path:
     path.write_text(json.dumps({
-        "listen": "127.0.0.1:0", "metrics_listen": None, "admin_listen": "127.0.0.1:0",
+        "listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0" if metrics else None,
+        "admin_listen": "127.0.0.1:0",
         "processes": processes, "shutdown_grace_s": 5.0,
         "health_check": {"interval_s": 0.5, "timeout_s": 1.0},
         "variants": [{"name": "AllTraffic", "routing_strategy": "LEAST_OUTSTANDING_REQUESTS",
@@ -216,8 +218,8 @@ def test_a_read_only_dev_shm_is_a_clear_error_at_start(tmp_path: Path) -> None:
 def test_k_processes_share_exact_counts_under_load(tmp_path: Path, worker_addresses: list[str],
                                                   endpoints: list[Endpoint],
                                                   processes: int) -> None:
-    endpoint = Endpoint(_write_config(tmp_path / "c.json", worker_addresses[:2], processes),
-                        processes)
+    endpoint = Endpoint(_write_config(tmp_path / "c.json", worker_addresses[:2], processes,
+                                      metrics=True), processes)
     endpoints.append(endpoint)
     address = endpoint.running.address
     # Six long requests at once, from six connections: the picks are fleet-wide
@@ -238,6 +240,24 @@ def test_k_processes_share_exact_counts_under_load(tmp_path: Path, worker_addres
     assert all(served), served
     assert sum(served) == 2 * (240 + 6)  # one pick and one release per request
     assert endpoint.updates(0) == 0  # the supervisor serves nothing
+    # The supervisor's /metrics: the router processes' counts, added up.
+    wait_for(lambda: _metric(endpoint, "tritonmesh_instance_requests_total") == 246,
+             "the fleet's request count on /metrics", timeout=30)
+    assert _metric(endpoint, "tritonmesh_instance_request_duration_seconds_count") == 246
+    assert _metric(endpoint, "tritonmesh_instance_outstanding_requests") == 0
+    # tritonmesh status (the admin API) shows the fleet's counts too.
+    assert endpoint.running.admin is not None
+    admin = admin_stub(endpoint.running.admin)
+    wait_for(lambda: sum(i.requests for i in admin.ListInstances(
+        apb.ListInstancesRequest()).instances) == 246, "the fleet's request count on status")
+
+
+def _metric(endpoint: Endpoint, name: str) -> float:
+    """The sum of ``name``'s samples on the supervisor's /metrics."""
+    with urllib.request.urlopen(f"http://{endpoint.running.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
 
 
 @pytest.mark.triton
