@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import pickle
@@ -58,6 +59,22 @@ START_TIMEOUT_S: Final = 60.0
 RESTART_BACKOFF_S: Final = 1.0
 # After its grace period a router process that has not exited is killed.
 STOP_MARGIN_S: Final = 10.0
+
+
+# The router processes' metrics files live in a temporary directory named for the supervisor.
+METRICS_PREFIX: Final = "tritonmesh-metrics-"
+
+
+def _remove_stale_metrics() -> list[str]:
+    """Metrics directories of supervisors that are no longer running (killed, so their
+    own cleanup never ran)."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{METRICS_PREFIX}*-*")):
+        pid = os.path.basename(path)[len(METRICS_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _segment.running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +119,10 @@ class Supervisor:
         self._watches: set[asyncio.Task[None]] = set()
 
     def __enter__(self) -> Supervisor:
-        removed = unlink_stale()
+        removed = unlink_stale() + _remove_stale_metrics()
         if removed:
-            log.info("removed %d stale shared-memory files: %s", len(removed), ", ".join(removed))
+            log.info("removed %d stale shared-memory files and metrics directories: %s",
+                     len(removed), ", ".join(removed))
         try:
             for i, variant in enumerate(self.config.variants):
                 self.tables[variant.name] = SharedTable.create(
@@ -119,7 +137,7 @@ class Supervisor:
         self.publisher.segments = {name: t.name for name, t in self.tables.items()}
         host, _, port = self.config.listen.rpartition(":")
         self.port = int(port) or self._reserve(host)
-        self.metrics_dir = tempfile.mkdtemp(prefix=f"tritonmesh-{os.getpid()}-metrics-")
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
         self._write_run(self.config)
         return self
 

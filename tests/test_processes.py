@@ -5,12 +5,14 @@ each process's ledger, and how many updates each process made."""
 
 from __future__ import annotations
 
+import glob
 import json
 import mmap
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -375,11 +377,13 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
     crashed.running.process.wait(30)
     wait_gone({pid: "router" for pid in routers.values()})
     assert _ours(crashed.pid) == left
+    metrics = glob.glob(f"{tempfile.gettempdir()}/tritonmesh-metrics-{crashed.pid}-*")
+    assert len(metrics) == 1
 
     endpoint = Endpoint(config, 2)
     endpoints.append(endpoint)
     assert "stale shared-memory files" in "".join(endpoint.running.lines)
-    assert _ours(crashed.pid) == []
+    assert _ours(crashed.pid) == [] and not os.path.exists(metrics[0])
     routers = endpoint.router_pids()
     # SIGTERM: in-flight requests finish (shutdown_grace_s), then everything exits.
     thread, result = _in_background(endpoint.running.address, 2, max_tokens=100)
