@@ -27,7 +27,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 from tritonmesh._core import _segment
 from tritonmesh.health import INFERENCE_SERVICE
 from tritonmesh.instance import Instance, InstanceState
@@ -66,6 +66,11 @@ class Publisher:
         self.balancer: Balancer | None = None
         self.version = 0
         self.weights: dict[str, float] = {}  # the variants' weights last published
+        # The supervisor's health checker publishes here what the port's grpc.health.v1
+        # says (SERVING while some instance passed its last probe), for the router
+        # processes to answer; None until its first round.
+        self.health = health.aio.HealthServicer()
+        self.serving: bool | None = None
         self._scheduled = False
 
     def changed(self) -> None:
@@ -92,7 +97,8 @@ class Publisher:
         partial = f"{self.path}.partial"
         with open(partial, "w", encoding="utf-8") as f:
             json.dump({"version": self.version, "segments": self.segments,
-                       "members": members, "limits": limits, "weights": self.weights}, f)
+                       "members": members, "limits": limits, "weights": self.weights,
+                       "serving": self.serving}, f)
         os.replace(partial, self.path)
         for counts in counts_of(balancer).values():
             counts.published()
@@ -112,6 +118,11 @@ class Publisher:
                     counts.set_limit(variant.limit or 0)
                     changed = True
                 changed = changed or self.weights.get(variant.name) != variant.weight
+            answer = await self.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+            serving = answer.status == health_pb2.HealthCheckResponse.SERVING
+            if serving is not self.serving:
+                self.serving = serving
+                changed = True
             if changed:
                 self.publish()
             for instance in self.balancer.instances():
@@ -129,6 +140,7 @@ class Follower:
         self._seen: tuple[int, int, int] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None
+        self._published_serving: bool | None = None  # the supervisor's verdict
         for counts in counts_of(balancer).values():
             counts.resync = self.sync
 
@@ -147,6 +159,7 @@ class Follower:
         except FileNotFoundError:
             return
         self._seen = seen
+        self._published_serving = data.get("serving")
         members = data["members"]
         for variant in self.balancer.variants:
             variant.limit = data["limits"].get(variant.name) or None
@@ -200,7 +213,9 @@ class Follower:
         servicer = None if router.health is None else router.health.servicer
         if servicer is None:
             return
-        serving = any(counts.pickable() for counts in counts_of(self.balancer).values())
+        serving = self._published_serving
+        if serving is None:  # the supervisor's checks have not run yet
+            serving = any(counts.pickable() for counts in counts_of(self.balancer).values())
         if serving is not self._serving:
             self._serving = serving
             status = (health_pb2.HealthCheckResponse.SERVING if serving

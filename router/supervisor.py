@@ -230,6 +230,9 @@ class Supervisor:
         """Publish the membership, start the K router processes and watch them; on exit,
         stop them (before the control plane and the workers stop)."""
         router.port = self.port
+        assert router.health is not None
+        # No port of its own to answer on: the verdict goes to the router processes.
+        router.health.servicer = self.publisher.health
         self.publisher.publish()
         loop = asyncio.get_running_loop()
         publishing = loop.create_task(self.publisher.run())

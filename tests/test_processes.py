@@ -19,9 +19,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import admin_stub, generate_inputs, identity_inputs, wait_for, wait_gone
 from test_cli import Running
 from tritonclient.utils import InferenceServerException
@@ -169,6 +171,19 @@ def test_processes_must_be_a_positive_integer_or_auto(tmp_path: Path, value: obj
     assert "processes:" in result.stderr and repr(value) in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("slots", [0, -1, "many", 2**20 + 1])
+def test_shared_table_slots_is_checked(tmp_path: Path, slots: object) -> None:
+    config = tmp_path / "c.json"
+    _write_config(config, ["127.0.0.1:9"], 2)
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({**data, "shared_table_slots": slots}))
+    result = subprocess.run([TRITONMESH, "serve", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"shared_table_slots: expected an integer in [1, {2**20}], got {slots!r}" \
+        in result.stderr, result.stderr
+
+
 def test_processes_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None:
     from tritonmesh.config import load_config
 
@@ -299,6 +314,7 @@ def test_membership_reaches_every_router_process(
     endpoints.append(endpoint)
     running = endpoint.running
     assert running.admin is not None
+    assert _health(running.address) == health_pb2.HealthCheckResponse.SERVING
     admin = admin_stub(running.admin)
     admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=second))
     _logged_by_every_router(running, f"{second} joined", 2)
@@ -357,6 +373,27 @@ def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
     assert queued < computed / 10, (queued, computed)
     assert most[0] == 1
     endpoint.quiescent()
+
+
+def _health(address: str) -> int:
+    """The port's grpc.health.v1 status (one router process answers)."""
+    with grpc.insecure_channel(address,
+                               options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10)
+    return int(answer.status)
+
+
+def test_the_port_says_not_serving_as_the_supervisor_checks_say(
+        tmp_path: Path, endpoints: list[Endpoint]) -> None:
+    """One instance, refusing connections: health checks fail open (it stays pickable),
+    but no instance passed its last probe, so the port is NOT_SERVING, as with one
+    process, in every router process (new connections reach either)."""
+    endpoint = Endpoint(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], 2), 2)
+    endpoints.append(endpoint)
+    address = endpoint.running.address
+    wait_for(lambda: all(_health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+                         for _ in range(8)), "NOT_SERVING from every router process")
 
 
 def _ours(pid: int) -> list[str]:
