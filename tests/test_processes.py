@@ -106,11 +106,15 @@ def _concurrently(address: str, clients: int, requests: int, model: str = "ident
     (answered, errors as status names)."""
     answered = [0] * clients
     errors: list[str] = []
+    connected = threading.Barrier(clients)
 
     def run(i: int) -> None:
-        # A connection of its own (gRPC shares one between like channels by default).
+        # A connection of its own (gRPC shares one between like channels by default),
+        # opened before any request, so that the requests start together.
         with grpcclient.InferenceServerClient(
                 address, channel_args=[("grpc.use_local_subchannel_pool", 1)]) as client:
+            client.is_server_live()
+            connected.wait(60)
             inputs = identity_inputs() if model == "identity" else generate_inputs(max_tokens)
             for _ in range(requests):
                 try:
