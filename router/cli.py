@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -61,6 +62,8 @@ def _banner(router: object) -> None:
               f"{', private_key=..., certificate_chain=...' if mutual else ''} "
               "to InferenceServerClient")
     print(f"  event loop: {loop_name(asyncio.get_running_loop())}")
+    if router.config.processes > 1:
+        print(f"  router processes: {router.config.processes} (SO_REUSEPORT), and a supervisor")
     for variant in router.balancer.variants:
         print(f"  variant {variant.name!r}: {variant.strategy.value}, weight {variant.weight:g}")
         for inst in variant.live_instances():
@@ -80,8 +83,6 @@ def _banner(router: object) -> None:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from tritonmesh.endpoint import run_endpoint
-
     config = EndpointConfig(
         name="local",
         listen=f"{args.host}:{args.port}",
@@ -95,15 +96,38 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ),),
     )
     print(f"starting {args.workers} local Triton workers and the router...", flush=True)
-    return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner), args.event_loop)
+    return _serve(config, args, None)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from tritonmesh.endpoint import run_endpoint
+    return _serve(load_config(args.config), args, args.config)
 
-    config = load_config(args.config)
-    return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
-                             config_path=args.config), args.event_loop)
+
+def _serve(config: EndpointConfig, args: argparse.Namespace, config_path: str | None) -> int:
+    """Run the endpoint in this process, or (``processes`` >= 2) supervise router processes."""
+    from tritonmesh.endpoint import run_endpoint
+    from tritonmesh.processconfig import check_processes, parse_processes
+
+    if args.processes is not None:
+        config = dataclasses.replace(config, processes=parse_processes(args.processes))
+        check_processes(config)
+    if config.processes < 2:
+        return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
+                                 config_path=config_path), args.event_loop)
+    from tritonmesh.supervisor import ChildStartError, Supervisor
+
+    # Router processes log as router[i]; this one says it is the supervisor.
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s supervisor %(name)s: %(message)s"))
+    with Supervisor(config, args.event_loop) as supervisor:
+        try:
+            return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
+                                     config_path=config_path, role=supervisor),
+                        args.event_loop)
+        except ChildStartError as exc:
+            print(f"tritonmesh: {exc}", file=sys.stderr)
+            return 1
 
 
 def _cmd_workers(args: argparse.Namespace) -> int:
@@ -294,12 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model-repository", default=None,
                     help="Triton model repository (default: the bundled demo models)")
     up.add_argument("--log-dir", default=None, help="where Triton logs go (default: a temp dir)")
+    _processes_option(up)
     up.set_defaults(func=_cmd_up)
 
     serve = sub.add_parser("serve", help="serve an endpoint from a config file "
                                          "(YAML, TOML or SageMaker JSON)")
     serve.add_argument("--config", required=True)
     serve.add_argument("--log-dir", default=None)
+    _processes_option(serve)
     serve.set_defaults(func=_cmd_serve)
 
     workers = sub.add_parser("workers", help="start local Triton workers only")
@@ -336,6 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(tritonmesh bench --help)")
     bench.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _processes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--processes", default=None, metavar="K",
+                        help="router processes serving the port (an integer >= 1, or 'auto': "
+                             "one per CPU this process may use); overrides the config's "
+                             "'processes' (default 1)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -35,6 +35,12 @@ from tritonmesh.configvalues import (
 from tritonmesh.dnsname import DnsDiscovery, _discovery
 from tritonmesh.loadconfig import LoadReportConfig, parse_load_report
 from tritonmesh.native_config import NativeConfig, default_data_path, parse_data_path, parse_native
+from tritonmesh.processconfig import (
+    DEFAULT_SHARED_TABLE_SLOTS,
+    check_processes,
+    parse_processes,
+    parse_shared_table_slots,
+)
 from tritonmesh.routing import QueueOrder, RoutingStrategy, WorkHint, _strategy, _work_hints
 from tritonmesh.sagemaker import _from_sagemaker
 from tritonmesh.security import (
@@ -166,6 +172,9 @@ class EndpointConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     data_path: str = field(default_factory=default_data_path)  # grpc | native (native_config)
     native: NativeConfig = field(default_factory=NativeConfig)
+    # Router processes on `listen` (tritonmesh.processconfig), and their tables' slots.
+    processes: int = 1
+    shared_table_slots: int = DEFAULT_SHARED_TABLE_SLOTS
 
 
 def _variant(data: Any, where: str, base: Path) -> VariantConfig:
@@ -317,7 +326,8 @@ def _retries(data: Any) -> RetryConfig:
 _ENDPOINT_KEYS: Final = frozenset({"endpoint", "listen", "metrics_listen", "variants",
                                    "health_check", "retries", "shutdown_grace_s",
                                    "work_hints", "tls", "limits", "data_path",
-                                   "native"}) | _SECURITY_KEYS
+                                   "native", "processes",
+                                   "shared_table_slots"}) | _SECURITY_KEYS
 
 
 def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> EndpointConfig:
@@ -348,7 +358,7 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         raise ConfigError("variants: at least one variant must take live traffic (not shadow)")
     metrics = data.get("metrics_listen", EndpointConfig.metrics_listen)
     listen = _address(data.get("listen", EndpointConfig.listen), "listen", listen=True)
-    return EndpointConfig(
+    config = EndpointConfig(
         name=_expect(data.get("endpoint", "tritonmesh"), str, "endpoint"),
         listen=listen,
         metrics_listen=None if metrics is None else _address(metrics, "metrics_listen",
@@ -369,7 +379,12 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         limits=_limits(data.get("limits", {})),
         data_path=parse_data_path(data.get("data_path"), tls=data.get("tls") not in (None, False)),
         native=parse_native(data.get("native")),
+        processes=parse_processes(data.get("processes", 1)),
+        shared_table_slots=parse_shared_table_slots(
+            data.get("shared_table_slots", DEFAULT_SHARED_TABLE_SLOTS)),
     )
+    check_processes(config)
+    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> EndpointConfig:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tritonmesh.config import ConfigError, EndpointConfig, load_config
 from tritonmesh.membership import active
+from tritonmesh.processconfig import ProcessRole
 from tritonmesh.reload import restart_keys
 from tritonmesh.server import Router
 from tritonmesh.signals import StopSignals
@@ -27,8 +28,11 @@ MEMORY_SNAPSHOTS_ENV = "TRITONMESH_MEMORY_SNAPSHOTS"
 
 @contextlib.asynccontextmanager
 async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = None,
-                        seed: int | None = None) -> AsyncIterator[Router]:
-    """Start every variant's local workers, then the router; stop both on exit."""
+                        seed: int | None = None,
+                        role: ProcessRole | None = None) -> AsyncIterator[Router]:
+    """Start every variant's local workers, then the router; stop both on exit. With a
+    ``role`` (the supervisor of several router processes) the router runs the control
+    plane and the role what serves the port."""
     async with contextlib.AsyncExitStack() as stack:
         instances = {v.name: list(v.instances) for v in config.variants}
         scalers = []
@@ -52,9 +56,11 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
                 stack.push_async_callback(scaler.stop_workers)  # after the router stops
                 scalers.append(scaler)
             metrics.update((w.address, f"{w.host}:{w.metrics_port}") for w in pool.workers)
-        router = Router(config, instances, seed=seed, metrics_addresses=metrics)
+        router = Router(config, instances, seed=seed, metrics_addresses=metrics, role=role)
         await router.start()
         stack.push_async_callback(router.stop)
+        if role is not None:
+            await stack.enter_async_context(role.serve(router))
         assert router.balancer is not None
         for scaler in scalers:
             scaler.start(router.balancer)
@@ -65,7 +71,8 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
 
 async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = None,
                        on_ready: Callable[[Router], None] | None = None,
-                       config_path: str | Path | None = None) -> None:
+                       config_path: str | Path | None = None,
+                       role: ProcessRole | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (workers included).
     Either signal while starting stops what had started and raises
     :class:`~tritonmesh.signals.Interrupted`.
@@ -101,7 +108,7 @@ async def run_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = N
                                 MEMORY_SNAPSHOTS_ENV)
     try:
         with StopSignals() as signals:
-            async with open_endpoint(config, log_dir=log_dir) as router:
+            async with open_endpoint(config, log_dir=log_dir, role=role) as router:
                 serving.append(router)
                 signals.serving()
                 if on_ready is not None:

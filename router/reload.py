@@ -26,7 +26,8 @@ __all__ = ["restart_keys"]
 
 # Endpoint keys fixed at start (tls has its own rules: tritonmesh.endpoint._reload_tls).
 # ``name`` labels every per-model metric series: renaming would split them.
-_AT_START = ("name", "listen", "metrics_listen", "admin_listen", "data_path", "native")
+_AT_START = ("name", "listen", "metrics_listen", "admin_listen", "data_path", "native",
+             "processes", "shared_table_slots")
 # Where the file's key is not the attribute's name.
 _FILE_KEYS = {"name": "endpoint"}
 # Applied live, or by rules of their own (auth, limits, tls: see restart_keys and

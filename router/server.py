@@ -21,6 +21,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.registry import Collector
 from tritonmesh._pb import tritonmesh_admin_pb2, tritonmesh_admin_pb2_grpc
 from tritonmesh.admin import AdminService
 from tritonmesh.auth import (
@@ -55,15 +56,18 @@ from tritonmesh.workers.upstream import SERVICE, channel_options
 
 if TYPE_CHECKING:
     from tritonmesh.autoscaler import Autoscaler
+    from tritonmesh.processconfig import ProcessRole
 
 __all__ = ["Router", "server_options"]
 
 log = logging.getLogger("tritonmesh.server")
 
-def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
+def server_options(limits: LimitsConfig, reuse_port: bool = False
+                   ) -> tuple[tuple[str, Any], ...]:
     """The port's gRPC options: what one client may make the router hold
     (docs/config.md, "Limits"). A message over ``max_message_bytes`` is refused by gRPC
-    itself with RESOURCE_EXHAUSTED before the router reads it."""
+    itself with RESOURCE_EXHAUSTED before the router reads it. ``reuse_port``: several
+    router processes share the port (SO_REUSEPORT; the kernel spreads connections)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", limits.max_message_bytes),
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -75,7 +79,7 @@ def server_options(limits: LimitsConfig) -> tuple[tuple[str, Any], ...]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         # gRPC refuses calls at random (CANCELLED) past 1,000 waiting for the event loop to
         # take them up, and all past 3,000: a burst of opens would fail here, not in Triton.
         ("grpc.server.max_pending_requests", limits.max_pending_calls),
@@ -97,11 +101,15 @@ class Router:
     ones from the config plus any local workers already started by the caller);
     ``metrics_addresses`` maps such an address to its Triton's metrics HOST:PORT, where
     known (local workers), for variants with ``load_report``.
+    ``role``: with several router processes, whether this one serves the port or runs the
+    control plane, and its shared tables (:mod:`tritonmesh.processconfig`).
     """
 
     def __init__(self, config: EndpointConfig, instances: Mapping[str, Sequence[str]],
-                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None):
+                 *, seed: int | None = None, metrics_addresses: Mapping[str, str] | None = None,
+                 role: ProcessRole | None = None):
         self.config = config
+        self.role = role
         self._instances = instances
         self._metrics_addresses = metrics_addresses or {}
         self.load_reporters: list[LoadReporter] = []
@@ -142,6 +150,15 @@ class Router:
 
     async def start(self) -> None:
         balancer = self.balancer = self._balancer()
+        role = self.role
+        if role is not None:
+            role.on_balancer(balancer)
+            if not role.serves_data:  # the supervisor: the control plane only
+                self.shadows = Shadows(balancer)
+                await self._start_control(balancer, None)
+                log.info("tritonmesh supervisor running (admin API: %s)",
+                         self.admin_address or "off")
+                return
 
         self.shadows = Shadows(balancer)
         proxy = Proxy(balancer, self.config, self.shadows)
@@ -162,7 +179,8 @@ class Router:
             self.native = NativePort(balancer, self.config, native_infer=not (
                 self.data_tokens.configured or self.shadows))
         server = self.server = grpc.aio.server(options=server_options(
-            self.config.limits if self.native is None else self.native.relay_limits),
+            self.config.limits if self.native is None else self.native.relay_limits,
+            reuse_port=role is not None),
             interceptors=interceptors)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
@@ -179,9 +197,24 @@ class Router:
             self.drains.removed = native.instance_removed
         self.port, self.certificates = self._listen(
             server, self.config.listen if native is None else native.internal)
+        if role is not None:  # a router process: the supervisor runs the control plane
+            self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
+            self.housekeeper.start()
+            await server.start()
+            log.info("tritonmesh router process listening on %s", self.address)
+            return
+        await self._start_control(balancer, health_servicer)
+        await server.start()
+        if native is not None:
+            self.port = await native.start(self.config.listen)
+        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
+                 self.admin_address or "off")
+
+    async def _start_control(self, balancer: Balancer,
+                             health_servicer: health.aio.HealthServicer | None) -> None:
+        """The control plane: admin API, health checks, discovery, load reports, metrics."""
         if self.config.admin_listen is not None:
             self._open_admin_listener(balancer, self.config.admin_listen)
-
         self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
         await self._discover(balancer)
         await self.health.check_once()
@@ -193,15 +226,10 @@ class Router:
                 self.load_reporters.append(reporter)
                 reporter.start()
         self.housekeeper.start()
-        await server.start()
-        if native is not None:
-            self.port = await native.start(self.config.listen)
         if self.admin_server is not None:
             await self.admin_server.start()
         if self.config.metrics_listen is not None:
             self._start_metrics(balancer, self.config.metrics_listen)
-        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
-                 self.admin_address or "off")
 
     def _listen(self, server: grpc.aio.Server, address: str
                 ) -> tuple[int, ServerCertificates | None]:
@@ -254,7 +282,8 @@ class Router:
         variants = []
         for i, vc in enumerate(self.config.variants):
             variant = Variant(vc, seed=None if self._seed is None else self._seed + i,
-                              channel_options=options)
+                              channel_options=options,
+                              table=None if self.role is None else self.role.table(vc))
             for address in self._instances.get(vc.name, ()):
                 variant.add(variant.connect(address))
             variants.append(variant)
@@ -267,7 +296,8 @@ class Router:
 
     def _start_metrics(self, balancer: Balancer, listen: str) -> None:
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(BalancerCollector(balancer, self.config.name))
+        counts: Collector = BalancerCollector(balancer, self.config.name)
+        registry.register(counts if self.role is None else self.role.metrics(counts))
         registry.register(DiscoveryCollector(self.discoveries))
         registry.register(AutoscalerCollector(self.autoscalers))
         if self.shadows:

@@ -58,7 +58,10 @@ class Variant:
     """A production variant: a weight, a routing strategy and a table of instances."""
 
     def __init__(self, config: VariantConfig, *, seed: int | None = None,
-                 channel_options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS):
+                 channel_options: tuple[tuple[str, Any], ...] = CHANNEL_OPTIONS,
+                 table: _Table | None = None):
+        """``table``: the counts to pick on instead of a private table (several router
+        processes: :class:`tritonmesh.sharedcounts.SharedCounts`)."""
         self.config = config
         self.channel_options = channel_options
         self.name = config.name
@@ -73,7 +76,7 @@ class Variant:
             self.table = self.work = WorkTable(seed)
             self._pick = self.work.pick
         else:
-            counts = OutstandingTable(seed)
+            counts = OutstandingTable(seed) if table is None else cast(OutstandingTable, table)
             self.table = counts
             self._pick = _strategy_pick(counts, self.strategy)
         # Indexed by slot: the hot path turns a slot into an instance with one list index.
@@ -88,6 +91,9 @@ class Variant:
         self.default_priority = config.default_priority
         self.aging_s = config.priority_aging_s
         self.waiters = WaitQueue()
+        # Several router processes: told when a request starts to wait, so that releases
+        # in the other processes wake this one (tritonmesh.crosswake).
+        self.on_wait: Callable[[], None] | None = None
         self.ahead: DispatchAhead | None = None
         if config.dispatch_ahead_s > 0.0 and self.work is not None:
             self.ahead = DispatchAhead(self, config.dispatch_ahead_s)
@@ -98,8 +104,8 @@ class Variant:
         limits, queue bound, default deadline, slow start, and the strategy within one table.
         Waiting requests get any capacity a higher limit frees at once."""
         if config.routing_strategy is not self.strategy and self.work is None:
-            assert isinstance(self.table, OutstandingTable)
-            self._pick = _strategy_pick(self.table, config.routing_strategy)
+            self._pick = _strategy_pick(cast(OutstandingTable, self.table),
+                                        config.routing_strategy)
             self.strategy = config.routing_strategy
         # Channels keep the TLS they opened with; new ones too, until a restart.
         self.config = dataclasses.replace(config, upstream_tls=self.config.upstream_tls)
@@ -283,6 +289,8 @@ class Variant:
             # Toward FIFO as far as the hints fail to predict service time.
             key += budget - self.work.hint_quality() * cost * self.work.mean_estimate()
         entry = self.waiters.push(waiter, cost, key, priority)
+        if self.on_wait is not None:
+            self.on_wait()
         if self.ahead is not None:
             self.ahead.waiting()
         try:
