@@ -328,6 +328,11 @@ class StreamSession:
                 judge(self.balancer.outliers, instance, exc, False, self.context)
                 failure = f"failed: [{exc.code().name}] {exc.details()}"
         finally:
+            if self.context.cancelled():
+                # The client went (a write to it may have failed with an error of gRPC's
+                # own, not an AioRpcError): its requests end CANCELLED, not the instance's
+                # failure, and nobody is left to answer.
+                code_name, failure = "CANCELLED", None
             # Whatever ended this pump (upstream death, a write to a client that is gone,
             # cancellation), nothing it carried may stay outstanding: release before any
             # await, since _close() no longer sees an upstream once it leaves the dict.
