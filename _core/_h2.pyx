@@ -155,6 +155,7 @@ cdef class Stream:
     cdef bint discard
     cdef bint reset_after_answer
     cdef list trailers
+    cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
 
     def __cinit__(self, H2Connection connection):
         self.connection = connection
@@ -334,7 +335,12 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
         else:
             stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None:
-            stream.headers = []
+            if conn.server and stream.headers is not None:
+                # A client's trailers: the request headers stay what the stream is judged
+                # (and relayed) by.
+                stream.received_trailers = []
+            else:
+                stream.headers = []
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -346,11 +352,13 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     cdef Stream stream = _stream_of(session, frame.hd.stream_id)
     if stream is None or stream.headers is None:
         return 0
-    if len(stream.headers) >= MAX_HEADERS:  # the stream is reset, the connection lives
+    cdef list block = stream.headers if stream.received_trailers is None \
+        else stream.received_trailers
+    if len(block) >= MAX_HEADERS:  # the stream is reset, the connection lives
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
     try:
-        stream.headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
-                               PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        block.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                      PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -407,18 +415,23 @@ cdef int _forward_headers(Stream upstream, bint end) except -1:
         client.responded = True
         client.connection._respond(client, upstream.headers, False)
         return 0
-    upstream.ended = True
-    client.ended = True
-    if not client.responded:  # trailers-only
-        client.responded = True
-        client.connection._respond(client, upstream.headers, True)
-    else:
-        client.trailers = upstream.headers
-        client.out_eof = True
-        conn_resume(client)
     handler = upstream.handler
-    if handler is not None:
-        handler.trailers(upstream.headers)
+    try:
+        if not client.responded:  # trailers-only
+            client.responded = True
+            client.connection._respond(client, upstream.headers, True)
+        else:
+            client.trailers = upstream.headers
+            client.out_eof = True
+            conn_resume(client)
+    finally:
+        # Whatever happened to the answer, the call is over: its owner hears of it once
+        # (the ended flags keep _closed from telling it again).
+        upstream.ended = True
+        client.ended = True
+        if handler is not None:
+            upstream.handler = None
+            handler.trailers(upstream.headers)
     return 0
 
 
@@ -491,25 +504,30 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     if not connection.streams:
         connection.idle_since = _monotonic()
     cdef Stream peer = stream.peer
+    cdef size_t unsent
     handler = stream.handler
-    if not stream.ended:
-        if handler is not None:
-            handler.closed(stream, error_code)
-        elif peer is not None and not peer.closed:
-            # A relayed call broke on one side: the other side is reset alike.
-            peer.reset(error_code or NGHTTP2_CANCEL)
-    if stream.peer is not None:
-        stream.peer.peer = None
-        stream.peer = None
     stream.handler = None
-    stream.tag = None
-    cdef size_t unsent = buf_len(&stream.out)
-    if unsent > stream.preconsumed:
-        _give_back(stream.source, stream.source_id, unsent - stream.preconsumed)
-    if stream.held:
-        _give_back(stream.connection, stream.id, stream.held)
-    buf_free(&stream.inbuf)
-    buf_free(&stream.out)
+    try:
+        if not stream.ended:
+            if handler is not None:
+                handler.closed(stream, error_code)
+            elif peer is not None and not peer.closed and not peer.ended:
+                # A relayed call broke on one side: the other side is reset alike. A peer
+                # that was answered already (its trailers may still wait to be written)
+                # keeps that answer.
+                peer.reset(error_code or NGHTTP2_CANCEL)
+    finally:
+        if stream.peer is not None:
+            stream.peer.peer = None
+            stream.peer = None
+        stream.tag = None
+        unsent = buf_len(&stream.out)
+        if unsent > stream.preconsumed:
+            _give_back(stream.source, stream.source_id, unsent - stream.preconsumed)
+        if stream.held:
+            _give_back(stream.connection, stream.id, stream.held)
+        buf_free(&stream.inbuf)
+        buf_free(&stream.out)
     return 0
 
 
@@ -634,10 +652,15 @@ cdef class H2Connection:
         self.lost = True
         self.transport = None
         for stream in list(self.streams.values()):
-            _closed(stream, NGHTTP2_INTERNAL_ERROR)
+            try:
+                _closed(stream, NGHTTP2_INTERNAL_ERROR)
+            except Exception:  # the other streams' owners must still hear of it
+                log.exception("native data path: closing stream %d", stream.id)
         self.streams.clear()
-        self.owner.connection_lost(self)
-        _schedule_flush()
+        try:
+            self.owner.connection_lost(self)
+        finally:
+            _schedule_flush()
 
     def pause_writing(self) -> None:
         self.paused = True

@@ -32,6 +32,7 @@ __all__ = ["NativePort"]
 log = logging.getLogger("tritonmesh.native")
 
 _RESOURCE_EXHAUSTED: Final = 8
+_INTERNAL_ERROR: Final = 2  # HTTP/2
 
 
 class NativePort:
@@ -146,12 +147,11 @@ class NativePort:
     async def _relay_later(self, stream: Stream) -> None:
         try:
             connection = await self.pool.connect(self.internal)
-        except OSError as exc:
-            log.error("native data path: cannot reach the grpc.aio server: %s", exc)
-            stream.reset()
-            return
-        if not stream.closed:
-            connection.open_stream(stream.headers, stream, None)
+            if not stream.closed:
+                connection.open_stream(stream.headers, stream, None)
+        except Exception as exc:  # no stream may stay open with no owner
+            log.error("native data path: cannot relay to the grpc.aio server: %s", exc)
+            stream.reset(_INTERNAL_ERROR)
 
     async def _close_old(self) -> None:
         """GOAWAY to connections with no stream for ``limits.connection_idle_timeout_s``

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from tritonmesh.native_pool import UpstreamPool
 
 __all__ = ["MODEL_INFER", "NativeInfer", "grpc_message", "parse_timeout"]
+
+log = logging.getLogger("tritonmesh.native")
 
 MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
 _CANCEL: Final = 8  # HTTP/2 CANCEL
@@ -283,6 +286,12 @@ class NativeInfer:
         except asyncio.CancelledError:  # the client went while it waited
             if lease is not None:
                 lease.abandon("CANCELLED")
+            return
+        except Exception as exc:  # a bug, not the client's doing: answer, hold nothing
+            log.exception("native data path: waiting for an instance")
+            if lease is not None:
+                lease.abandon("INTERNAL")
+            _refuse(stream, "INTERNAL", f"the router failed to send the request: {exc!r}")
             return
         if stream.closed:
             lease.abandon("CANCELLED")

@@ -588,3 +588,100 @@ def test_rapid_reset_loop(native: None, make_router: Any) -> None:
     with grpcclient.InferenceServerClient(router.address) as good:
         assert good.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
     router.wait_idle()
+
+
+# -- endings that once went wrong --
+
+_PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"\0" * 8
+
+
+def test_per_try_expiry_keeps_its_answer_behind_other_writes(native: None,
+                                                             loop_thread: LoopThread,
+                                                             holding_triton: Holding) -> None:
+    """The per-try timer fires in the loop iteration that also read a frame from the same
+    client (here a PING): the client's connection is written after the upstream's RST, and
+    the client must still get DEADLINE_EXCEEDED, not the upstream stream's reset."""
+    config, instances = make_config([holding_triton.address],
+                                    variant_options={"per_try_timeout_s": 60.0})
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc"))
+        client.conn.send_data(1, _identity_message(), end_stream=True)
+        client.send()
+        assert holding_triton.arrived.wait(30)
+
+        async def expire_after_a_ping() -> None:
+            native = router.router.native
+            assert native is not None
+            (connection,) = native.connections
+            call = connection.streams[1].handler
+            connection.data_received(_PING)  # its answer is now pending on that connection
+            call.per_try_expired()
+
+        loop_thread.run(expire_after_a_ping())
+        answer = client.answer(1)
+        assert answer.get("grpc-status") == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        assert "per_try_timeout_s" in answer.get("grpc-message", "")
+        wait_for(lambda: holding_triton.cancelled == ["raw"], "the upstream call's cancellation")
+        router.wait_idle()
+    finally:
+        client.close()
+        router.stop()
+
+
+def test_client_trailers_do_not_replace_the_request_headers(make_router: Any,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """HEADERS, half a message, then trailers ending the stream: relayed with the request's
+    own headers (its ``grpc-timeout`` included), so grpc.aio answers as it answers half a
+    message ended by empty DATA: at the deadline. The relay, shared by every client, keeps
+    serving."""
+    answers = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router()
+        client = RawClient(router.address)
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc")
+                                 + [("grpc-timeout", "1S")])
+        client.conn.send_data(1, _identity_message()[:7])
+        if data_path == "grpc":  # grpc.aio waits past the deadline after a client's trailers
+            client.conn.send_data(1, b"", end_stream=True)
+        else:
+            client.conn.send_headers(1, [("x-trailer", "t")], end_stream=True)
+        client.send()
+        answers.append(client.answer(1))
+        client.close()
+        with grpcclient.InferenceServerClient(router.address) as good:
+            assert good.is_model_ready("identity")
+    assert answers[1] == answers[0]
+    assert answers[1].get("grpc-status") not in (None, "0")
+
+
+def test_connect_failing_unexpectedly_answers_and_releases(native: None, make_router: Any,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An exception other than OSError while a connection is made (a bug) answers INTERNAL
+    and gives the lease back; the next call is served."""
+    from tritonmesh.native_pool import UpstreamPool
+
+    router = make_router()
+    real_connect = UpstreamPool.connect
+    failed = []
+
+    async def connect_once_broken(self: UpstreamPool, address: str) -> Any:
+        if not failed:
+            failed.append(address)
+            raise RuntimeError("broken on purpose")
+        return await real_connect(self, address)
+
+    monkeypatch.setattr(UpstreamPool, "connect", connect_once_broken)
+    with grpcclient.InferenceServerClient(router.address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", identity_inputs(), client_timeout=30)
+        assert caught.value.status() == "StatusCode.INTERNAL"
+        assert "broken on purpose" in caught.value.message()
+        router.wait_idle()
+        assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
+
