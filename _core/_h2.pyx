@@ -9,8 +9,9 @@ see it (the wire peek). Two streams can be paired (a client's and an upstream's)
 on their DATA, response headers and trailers go from one to the other in C, and Python hears
 of the pair only when the call ends (trailers) or breaks (a reset, a lost connection).
 
-Flow control is end to end: automatic WINDOW_UPDATE is off, and bytes received on one stream
-are consumed (their window given back) only when its peer has sent them on.
+Flow control is end to end per stream: automatic WINDOW_UPDATE is off, and bytes received on
+one stream are consumed from its window only when its peer has sent them on. The connection's
+window is given back as bytes arrive: every client's calls to one instance share a connection.
 """
 
 cimport cython
@@ -296,7 +297,7 @@ cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *bu
 cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n) noexcept:
     """``n`` bytes received on that stream were sent on (or dropped): open its windows."""
     if connection is not None and not connection.lost:
-        nghttp2_session_consume(connection.session, stream_id, n)
+        nghttp2_session_consume_stream(connection.session, stream_id, n)
         _mark(connection)
 
 
@@ -456,9 +457,13 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
                              const uint8_t *data, size_t length, void *user_data) noexcept:
     cdef Stream stream = _stream_of(session, stream_id)
     cdef Stream peer
+    # The connection's window is given back at once: it is shared by every stream on it
+    # (every client's calls to one instance, every relayed call), so a reader that does
+    # not read must hold only its own streams' windows.
+    nghttp2_session_consume_connection(session, length)
     try:
         if stream is None or stream.discard:
-            nghttp2_session_consume(session, stream_id, length)
+            nghttp2_session_consume_stream(session, stream_id, length)
             return 0
         peer = stream.peer
         if peer is not None and not peer.closed and not peer.ended:
@@ -466,13 +471,13 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
             conn_resume(peer)
             return 0
         if peer is not None or stream.source is not None:  # the other side is done
-            nghttp2_session_consume(session, stream_id, length)
+            nghttp2_session_consume_stream(session, stream_id, length)
             return 0
         # Not paired yet. While the first message is peeked, its window is given back at
         # once (the peek's limit bounds it); after it, the stream's window bounds what waits.
         buf_append(&stream.inbuf, <const char *>data, length)
         if stream.peek_limit >= 0:
-            nghttp2_session_consume(session, stream_id, length)
+            nghttp2_session_consume_stream(session, stream_id, length)
             stream._check_message()
         else:
             stream.held += length

@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -684,4 +685,71 @@ def test_connect_failing_unexpectedly_answers_and_releases(native: None, make_ro
         router.wait_idle()
         assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
     router.wait_idle()
+
+
+# -- flow control against a reader that does not read --
+
+def _send_flow_controlled(client: RawClient, stream_id: int, payload: bytes,
+                          events: list[Any]) -> None:
+    """All of ``payload`` on the stream, as the router's windows allow, then END_STREAM;
+    the events read meanwhile are added to ``events``."""
+    sent = 0
+    while sent < len(payload):
+        room = min(client.conn.local_flow_control_window(stream_id),
+                   client.conn.max_outbound_frame_size, len(payload) - sent)
+        if room <= 0:
+            events += client.events()
+            assert events[-1] is not None, "the connection closed"
+            continue
+        client.conn.send_data(stream_id, payload[sent:sent + room],
+                              end_stream=sent + room == len(payload))
+        sent += room
+        client.send()
+
+
+def test_slow_reader_stalls_only_its_own_streams(native: None, loop_thread: LoopThread,
+                                                 worker_addresses: list[str]) -> None:
+    """A client that never gives a window back (its initial window is 0) holds four 1 MiB
+    answers from the only instance, twice the router's connection window to it; another
+    client's call to the same instance is answered meanwhile."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(
+        stream_window_bytes=256 * 1024, connection_window_bytes=512 * 1024))
+    router = start_router(loop_thread, config, instances)
+    request = pb.ModelInferRequest(model_name="identity", id="slow")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[2**18])
+    tensor.contents.fp32_contents.extend(np.arange(2**18, dtype=np.float32).tolist())
+    body = request.SerializeToString()
+    message = b"\0" + len(body).to_bytes(4, "big") + body
+    slow = RawClient(router.address)
+    try:
+        slow.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        slow.send()
+        streams = [1, 3, 5, 7]
+        events: list[Any] = []
+        for stream_id in streams:
+            slow.conn.send_headers(stream_id, slow.headers(MODEL_INFER, "application/grpc"))
+            _send_flow_controlled(slow, stream_id, message, events)
+        answered: set[int] = set()
+        while True:  # until Triton is sending all four answers
+            for event in events:
+                assert event is not None, "the connection closed"
+                assert not isinstance(event, (h2.events.StreamReset, h2.events.DataReceived))
+                if isinstance(event, h2.events.ResponseReceived):
+                    answered.add(event.stream_id)
+            if len(answered) == len(streams):
+                break
+            events = slow.events()
+        good = grpcclient.InferInput("INPUT0", [2**18], "FP32")
+        data = np.random.default_rng(3).random(2**18, dtype=np.float32)
+        good.set_data_from_numpy(data)
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(3):
+                result = client.infer("identity", [good], client_timeout=30)
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        slow.close()
+        router.wait_idle()
+    finally:
+        slow.close()
+        router.stop()
 
