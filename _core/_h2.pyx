@@ -33,6 +33,7 @@ log = logging.getLogger("tritonmesh.native")
 cdef enum:
     MESSAGE_PREFIX = 5
     MAX_HEADERS = 256  # per block (SETTINGS_MAX_HEADER_LIST_SIZE bounds them first)
+    RESOURCE_EXHAUSTED = 8  # gRPC status
 
 
 class H2Error(Exception):
@@ -155,6 +156,7 @@ cdef class Stream:
     cdef bint ended  # the call ended normally (trailers went through)
     cdef bint discard
     cdef bint reset_after_answer
+    cdef size_t header_bytes  # of the block being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
     cdef list trailers
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
 
@@ -336,6 +338,7 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
         else:
             stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None:
+            stream.header_bytes = 0
             if conn.server and stream.headers is not None:
                 # A client's trailers: the request headers stay what the stream is judged
                 # (and relayed) by.
@@ -353,6 +356,14 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     cdef Stream stream = _stream_of(session, frame.hd.stream_id)
     if stream is None or stream.headers is None:
         return 0
+    cdef H2Connection conn = <H2Connection>user_data
+    # nghttp2 only advertises the limit; HPACK lets a few bytes on the wire name a large
+    # indexed field many times, so the decoded size is what is bounded.
+    stream.header_bytes += namelen + valuelen + 32
+    if stream.header_bytes > conn.max_header_list:
+        if not conn.server:  # an upstream's answer: its stream is reset
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        return 0  # nothing more is kept; the request is answered when its block ends
     cdef list block = stream.headers if stream.received_trailers is None \
         else stream.received_trailers
     if len(block) >= MAX_HEADERS:  # the stream is reset, the connection lives
@@ -384,6 +395,10 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             stream.remote_ended = True
         if frame.hd.type == NGHTTP2_HEADERS:
             if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                if stream.header_bytes > conn.max_header_list:
+                    stream.finish(RESOURCE_EXHAUSTED, b"request header list larger than "
+                                  b"native.max_header_list_bytes (%d bytes)" % conn.max_header_list)
+                    return 0
                 conn.owner.request(stream, end)
                 return 0
             if not conn.server:
@@ -586,6 +601,7 @@ cdef class H2Connection:
     cdef Buf wbuf
     cdef list settings
     cdef int32_t connection_window
+    cdef size_t max_header_list
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
@@ -606,6 +622,7 @@ cdef class H2Connection:
                          (NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_bytes),
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
+        self.max_header_list = max_header_list_bytes
         self.idle_since = _monotonic()
 
     def __dealloc__(self):

@@ -753,3 +753,23 @@ def test_slow_reader_stalls_only_its_own_streams(native: None, loop_thread: Loop
         slow.close()
         router.stop()
 
+
+def test_header_list_limit_counts_decoded_bytes(native: None, make_router: Any) -> None:
+    """HPACK: one 4000-byte field enters the dynamic table and is then named by one byte, 200
+    times: ~800 KB of headers for ~4 KB on the wire. The decoded size is held to
+    ``native.max_header_list_bytes``: RESOURCE_EXHAUSTED, and the connection serves on."""
+    router = make_router()
+    client = RawClient(router.address)
+    flood = [("x-big", "a" * 4000)] * 200
+    client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc") + flood)
+    client.conn.send_data(1, _identity_message(), end_stream=True)
+    client.send()
+    answer = client.answer(1)
+    assert answer.get("grpc-status") == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    assert "native.max_header_list_bytes (65536 bytes)" in answer.get("grpc-message", "")
+    client.conn.send_headers(3, client.headers(MODEL_INFER, "application/grpc"))
+    client.conn.send_data(3, _identity_message(), end_stream=True)
+    client.send()
+    assert client.answer(3).get("grpc-status") == "0"
+    client.close()
+    router.wait_idle()
