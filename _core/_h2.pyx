@@ -34,6 +34,7 @@ cdef enum:
     MESSAGE_PREFIX = 5
     MAX_HEADERS = 256  # per block (SETTINGS_MAX_HEADER_LIST_SIZE bounds them first)
     RESOURCE_EXHAUSTED = 8  # gRPC status
+    MAX_STREAM_ID = 0x7FFFFFFF
 
 
 class H2Error(Exception):
@@ -589,7 +590,7 @@ cdef class H2Connection:
     cdef nghttp2_session *session
     cdef readonly object owner
     cdef readonly bint server
-    cdef readonly bint goaway  # the peer sent GOAWAY: no new streams here
+    cdef readonly bint goaway  # the peer sent GOAWAY, or its stream IDs ran out: no new streams
     cdef readonly bint lost
     cdef readonly dict streams
     cdef public object loop
@@ -739,8 +740,18 @@ cdef class H2Connection:
         stream.handler = handler
         client.handler = handler
         _pair(client, stream)
+        if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
+            # Its stream IDs are spent: the pool opens another for the next request, and
+            # this one closes when its last stream ends.
+            self.goaway = True
+            self.shutdown()
         _mark(self)
         return stream
+
+    def skip_stream_ids(self, int32_t next_stream_id) -> None:
+        """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
+        if nghttp2_session_set_next_stream_id(self.session, next_stream_id) != 0:
+            raise H2Error(f"cannot use stream ID {next_stream_id} next")
 
     cdef int _respond(self, Stream stream, list headers, bint end_stream) except -1:
         cdef nghttp2_nv nva[MAX_HEADERS]

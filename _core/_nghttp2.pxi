@@ -125,4 +125,6 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
                               size_t)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
+    uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *)
+    int nghttp2_session_set_next_stream_id(nghttp2_session *, int32_t)
     const char *nghttp2_strerror(int)

@@ -773,3 +773,32 @@ def test_header_list_limit_counts_decoded_bytes(native: None, make_router: Any) 
     assert client.answer(3).get("grpc-status") == "0"
     client.close()
     router.wait_idle()
+
+
+def test_spent_stream_ids_replace_the_connection(native: None, loop_thread: LoopThread,
+                                                 worker_addresses: list[str]) -> None:
+    """A pooled connection that used the last stream ID HTTP/2 allows (2**31 - 1) is
+    replaced for the next call, and closes once its streams are done."""
+    address = worker_addresses[0]
+    config, instances = make_config([address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        native = router.router.native
+        assert native is not None
+        with grpcclient.InferenceServerClient(router.address) as client:
+            assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+            spent = native.pool.get(address)
+            assert spent is not None
+
+            async def skip() -> None:
+                spent.skip_stream_ids(2**31 - 1)
+
+            loop_thread.run(skip())
+            for _ in range(3):
+                result = client.infer("identity", identity_inputs())
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(3))
+        assert native.pool.get(address) not in (None, spent)
+        wait_for(lambda: spent.lost, "the spent connection to close")
+        router.wait_idle()
+    finally:
+        router.stop()
