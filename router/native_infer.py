@@ -44,6 +44,9 @@ log = logging.getLogger("tritonmesh.native")
 
 MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
 _CANCEL: Final = 8  # HTTP/2 CANCEL
+# Upstream resets that say the request was refused or malformed, not that the instance
+# failed (HTTP/2 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM): not charged to it.
+_NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
 _CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
 _CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
 _UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
@@ -133,7 +136,8 @@ class _Call:
             _refuse(self.client, "CANCELLED", retired)
             return
         lease.code = "UNAVAILABLE"
-        lease.outliers.failure(instance, "UNAVAILABLE")
+        if stream.connection.lost or error_code not in _NOT_THE_INSTANCES:
+            lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)
         why = "the connection was lost" if stream.connection.lost \
             else f"it reset the stream (HTTP/2 error code {error_code})"

@@ -643,8 +643,8 @@ def test_client_trailers_do_not_replace_the_request_headers(make_router: Any,
         monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
         router = make_router()
         client = RawClient(router.address)
-        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc")
-                                 + [("grpc-timeout", "1S")])
+        client.conn.send_headers(1, [*client.headers(MODEL_INFER, "application/grpc"),
+                                     ("grpc-timeout", "1S")])
         client.conn.send_data(1, _identity_message()[:7])
         if data_path == "grpc":  # grpc.aio waits past the deadline after a client's trailers
             client.conn.send_data(1, b"", end_stream=True)
@@ -802,3 +802,62 @@ def test_spent_stream_ids_replace_the_connection(native: None, loop_thread: Loop
         router.wait_idle()
     finally:
         router.stop()
+
+
+class RefusingUpstream:
+    """An HTTP/2 server (h2) that resets every stream with one error code."""
+
+    def __init__(self, error_code: h2.errors.ErrorCodes):
+        self.error_code = error_code
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.refused = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                sock, _ = self.listener.accept()
+                threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        with sock, contextlib.suppress(OSError):
+            sock.sendall(conn.data_to_send())
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        conn.reset_stream(event.stream_id, self.error_code)
+                        self.refused += 1
+                sock.sendall(conn.data_to_send())
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("error_code", [h2.errors.ErrorCodes.REFUSED_STREAM,
+                                        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                                        h2.errors.ErrorCodes.PROTOCOL_ERROR])
+def test_refusing_resets_are_not_charged_to_the_instance(native: None, loop_thread: LoopThread,
+                                                         error_code: h2.errors.ErrorCodes
+                                                         ) -> None:
+    """An upstream that refuses streams (or calls them malformed) fails the calls UNAVAILABLE
+    but is not ejected for it: five in a row would eject an instance that failed them."""
+    upstream = RefusingUpstream(error_code)
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(6):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("identity", identity_inputs(), client_timeout=30)
+                assert caught.value.status() == "StatusCode.UNAVAILABLE"
+                assert f"HTTP/2 error code {int(error_code)}" in caught.value.message()
+        (instance,) = router.balancer.instances()
+        assert upstream.refused >= 6 and instance.failures == 0 and not instance.ejected
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
