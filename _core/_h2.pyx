@@ -153,6 +153,7 @@ cdef class Stream:
     cdef size_t preconsumed  # bytes at the head of `out` whose window was already given back
     cdef size_t held  # bytes at the tail of `inbuf` whose window was not given back yet
     cdef Py_ssize_t peek_limit  # >= 0 while the first message is awaited
+    cdef size_t peeked  # of the connection's peek budget, reserved for its first message
     cdef bint out_eof
     cdef bint ended  # the call ended normally (trailers went through)
     cdef bint discard
@@ -189,16 +190,16 @@ cdef class Stream:
             p = <const unsigned char *>self.inbuf.data + self.inbuf.start
             length = (<size_t>p[1] << 24) | (<size_t>p[2] << 16) | (<size_t>p[3] << 8) | p[4]
             if <Py_ssize_t>length > self.peek_limit:
-                self.peek_limit = -1
+                _end_peek(self)
                 owner.oversize(self, length)
                 return 0
             if have >= MESSAGE_PREFIX + length:
-                self.peek_limit = -1
+                _end_peek(self)
                 owner.message(self, p[0], PyBytes_FromStringAndSize(
                     <const char *>p + MESSAGE_PREFIX, length))
                 return 0
         if self.remote_ended:
-            self.peek_limit = -1
+            _end_peek(self)
             owner.incomplete(self)
         return 0
 
@@ -237,6 +238,52 @@ cdef class Stream:
             self.connection.reset(self.id, error_code)
 
 
+cdef void _reserve(Stream stream) noexcept:
+    """Once its length is known, a first message reserves its size from the connection's
+    peek budget, whole, and its bytes' window is given back as they come: the message may
+    be larger than a stream window. While the budget cannot cover it, its bytes stay under
+    flow control. Whole reservations let every reserved message finish, so peeking streams
+    cannot starve each other."""
+    cdef H2Connection conn = stream.connection
+    cdef const unsigned char *p
+    cdef size_t need
+    if not stream.peeked:
+        if buf_len(&stream.inbuf) < MESSAGE_PREFIX:
+            return
+        p = <const unsigned char *>stream.inbuf.data + stream.inbuf.start
+        need = MESSAGE_PREFIX + ((<size_t>p[1] << 24) | (<size_t>p[2] << 16)
+                                 | (<size_t>p[3] << 8) | p[4])
+        if <Py_ssize_t>need > stream.peek_limit + MESSAGE_PREFIX:
+            return  # refused as oversize by _check_message
+        if conn.peek_bytes + need > conn.peek_budget:
+            conn.peek_stalled = True
+            return
+        stream.peeked = need
+        conn.peek_bytes += need
+    if stream.held:
+        nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
+        stream.held = 0
+        _mark(conn)
+
+
+cdef void _end_peek(Stream stream) noexcept:
+    """The stream's first message is whole (or never will be): its reservation goes to the
+    streams that wait for one."""
+    stream.peek_limit = -1
+    if not stream.peeked:
+        return
+    cdef H2Connection conn = stream.connection
+    cdef Stream other
+    conn.peek_bytes -= stream.peeked
+    stream.peeked = 0
+    if conn.peek_stalled and not conn.lost:
+        conn.peek_stalled = False
+        for value in list(conn.streams.values()):
+            other = <Stream>value
+            if other.peek_limit >= 0 and not other.peeked:
+                _reserve(other)
+
+
 cdef void _pair(Stream client, Stream upstream) noexcept:
     """From now on, bytes received on each go out on the other."""
     client.peer = upstream
@@ -251,7 +298,7 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
     client.inbuf.data = NULL
     client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
     client.held = 0
-    client.peek_limit = -1
+    _end_peek(client)
     if client.remote_ended:
         upstream.out_eof = True
 
@@ -489,14 +536,13 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
         if peer is not None or stream.source is not None:  # the other side is done
             nghttp2_session_consume_stream(session, stream_id, length)
             return 0
-        # Not paired yet. While the first message is peeked, its window is given back at
-        # once (the peek's limit bounds it); after it, the stream's window bounds what waits.
+        # Not paired yet: the stream's window bounds what waits, except while the first
+        # message is peeked (it may be larger than a window; see _reserve).
         buf_append(&stream.inbuf, <const char *>data, length)
+        stream.held += length
         if stream.peek_limit >= 0:
-            nghttp2_session_consume_stream(session, stream_id, length)
+            _reserve(stream)
             stream._check_message()
-        else:
-            stream.held += length
     except Exception:
         log.exception("native data path: DATA on stream %d", stream_id)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_INTERNAL_ERROR)
@@ -522,6 +568,7 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     stream.closed = True
     cdef H2Connection connection = stream.connection
     connection.streams.pop(stream.id, None)
+    _end_peek(stream)
     if not connection.streams:
         connection.idle_since = _monotonic()
     cdef Stream peer = stream.peer
@@ -603,10 +650,13 @@ cdef class H2Connection:
     cdef list settings
     cdef int32_t connection_window
     cdef size_t max_header_list
+    cdef size_t peek_budget  # bytes all its streams' first-message peeks may hold unwindowed
+    cdef size_t peek_bytes
+    cdef bint peek_stalled  # a peeking stream holds bytes the budget did not cover
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
-                  uint32_t max_header_list_bytes=1 << 16):
+                  uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0):
         self.owner = owner
         self.server = server
         self.streams = {}
@@ -624,6 +674,7 @@ cdef class H2Connection:
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
         self.max_header_list = max_header_list_bytes
+        self.peek_budget = peek_budget
         self.idle_since = _monotonic()
 
     def __dealloc__(self):

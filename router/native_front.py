@@ -80,9 +80,11 @@ class NativePort:
 
         if len(self.connections) >= self.limits.max_connections:
             return _Refused()
+        # Peeked first messages may be larger than a stream window, so their bytes leave
+        # flow control; what all of one connection's streams hold so is one message's worth.
         connection = H2Connection(self, True,
                                   max_concurrent_streams=self.limits.max_concurrent_streams,
-                                  **self.h2_settings)
+                                  peek_budget=self.limits.max_message_bytes, **self.h2_settings)
         self.connections[connection] = time.monotonic()
         return connection
 

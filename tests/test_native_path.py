@@ -861,3 +861,67 @@ def test_refusing_resets_are_not_charged_to_the_instance(native: None, loop_thre
     finally:
         router.stop()
         upstream.stop()
+
+
+def _send_until_blocked(client: RawClient, left: dict[int, int]) -> int:
+    """Zeros on each stream (``left``: how many more each may send) while the router's
+    windows allow; returns how many went. Blocked: two PING round trips in a row with no
+    window to send in (the router writes the WINDOW_UPDATEs a read earns no later than the
+    PING ACK it answers to the next read)."""
+    sent = quiet = 0
+    while quiet < 2:
+        progressed = False
+        for stream_id in left:
+            room = min(client.conn.local_flow_control_window(stream_id),
+                       client.conn.max_outbound_frame_size, left[stream_id])
+            if room > 0:
+                client.conn.send_data(stream_id, bytes(room))
+                left[stream_id] -= room
+                sent += room
+                progressed = True
+        client.conn.ping(b"barrier!")
+        client.send()
+        acked = False
+        while not acked:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        quiet = 0 if progressed else quiet + 1
+    return sent
+
+
+def test_first_message_peeks_share_one_message_budget(native: None, loop_thread: LoopThread,
+                                                      worker_addresses: list[str]) -> None:
+    """Six streams each start a 700 KiB first message and never finish it. Their bytes leave
+    flow control only within one message's worth per connection (``max_message_bytes``, 1
+    MiB here): one stream sends all of it, the others a stream window each. When the first
+    message ends, the next stream gets the budget."""
+    config, instances = make_config(worker_addresses[:1], limits={"max_message_bytes": 2**20})
+    window = 64 * 1024
+    config = dataclasses.replace(config, native=NativeConfig(stream_window_bytes=window))
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        length = 700 * 1024
+        streams = [1, 3, 5, 7, 9, 11]
+        for stream_id in streams:
+            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.send_data(stream_id, b"\0" + length.to_bytes(4, "big"))
+        client.send()
+        left = dict.fromkeys(streams, length - 1)
+        sent = _send_until_blocked(client, left)
+        assert left[1] == 0  # the first reserved the budget and sent all but its last byte
+        assert sent <= 2**20 + len(streams) * window
+        client.conn.send_data(1, b"\0", end_stream=True)  # a malformed request, now whole
+        client.send()
+        opened = False
+        while not opened:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                opened = opened or (isinstance(event, h2.events.WindowUpdated)
+                                    and event.stream_id == 3)
+        client.close()
+        router.wait_idle()
+    finally:
+        client.close()
+        router.stop()
