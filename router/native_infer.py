@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -56,6 +57,9 @@ _TARGET: Final = TARGET_VARIANT_KEY.encode()
 _PRIORITY: Final = PRIORITY_KEY.encode()
 _RETRY_ON: Final = RETRY_ON_KEY.encode()
 _TIMEOUT: Final = b"grpc-timeout"
+# What grpc-core takes as metadata (its legal header key / non-binary value).
+_LEGAL_KEY: Final = re.compile(rb"[0-9a-z_.\-]+")
+_LEGAL_VALUE: Final = re.compile(rb"[\x20-\x7e]*")
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -225,6 +229,16 @@ class NativeInfer:
             elif name == _PRIORITY:
                 priority_value = value.decode(errors="replace")
             elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
+                # Checked as grpc.aio checks a client's metadata, so that Triton (and the
+                # instance's standing) never sees what a gRPC server would refuse.
+                if _LEGAL_KEY.fullmatch(name) is None:
+                    _refuse(stream, "INTERNAL", "Illegal header key: "
+                            + name.decode(errors="backslashreplace"))
+                    return
+                if not name.endswith(b"-bin") and _LEGAL_VALUE.fullmatch(value) is None:
+                    _refuse(stream, "INTERNAL", "Illegal header value for key "
+                            + name.decode())
+                    return
                 forward.append((name, value))
         priority = priority_of(priority_value)
         if isinstance(priority, str):

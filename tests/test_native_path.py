@@ -431,10 +431,12 @@ def test_small_windows_carry_large_messages(native: None, loop_thread: LoopThrea
 class RawClient:
     """A blocking HTTP/2 client (h2) on one connection to the router."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, **config: bool):
+        """``config``: more H2Configuration settings (what h2 itself refuses to send)."""
         host, _, port = address.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                         **config))
         self.conn.initiate_connection()
         self.send()
 
@@ -925,3 +927,35 @@ def test_first_message_peeks_share_one_message_budget(native: None, loop_thread:
     finally:
         client.close()
         router.stop()
+
+
+_UNCHECKED = {"validate_outbound_headers": False, "normalize_outbound_headers": False,
+              "validate_inbound_headers": False}
+
+
+def test_illegal_metadata_is_refused_as_grpc_does(make_router: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An uppercase metadata key gets grpc.aio's answer on both paths, never reaching
+    Triton from the native one. A control character in a value: INTERNAL naming the key
+    (grpc.aio leaves that call unanswered)."""
+    answers = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router()
+        client = RawClient(router.address, **_UNCHECKED)
+        client.conn.send_headers(1, [*client.headers(MODEL_INFER, "application/grpc"),
+                                     ("X-Upper", "v")])
+        client.conn.send_data(1, _identity_message(), end_stream=True)
+        client.send()
+        answers.append(client.answer(1))
+        if data_path == "native":
+            client.conn.send_headers(3, [*client.headers(MODEL_INFER, "application/grpc"),
+                                         ("x-ctl", "a\x01b")])
+            client.conn.send_data(3, _identity_message(), end_stream=True)
+            client.send()
+            answer = client.answer(3)
+            assert answer.get("grpc-status") == str(grpc.StatusCode.INTERNAL.value[0])
+            assert answer.get("grpc-message") == "Illegal header value for key x-ctl"
+        client.close()
+    assert answers[0].get("grpc-status") == str(grpc.StatusCode.INTERNAL.value[0])
+    assert answers[1] == answers[0]
