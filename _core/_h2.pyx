@@ -456,6 +456,13 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             # a client's trailers: only their END_STREAM matters
         if end:  # the last DATA (or a client's trailers)
             peer = stream.peer
+            if not conn.server and peer is not None:
+                # An upstream's DATA ended the stream: there are no trailers to forward, so
+                # the client is told (a gRPC call always ends with a grpc-status).
+                stream.headers = [(b"grpc-status", b"13"),
+                                  (b"grpc-message", b"upstream ended the stream without trailers")]
+                _forward_headers(stream, True)
+                return 0
             if peer is not None:
                 peer.out_eof = True
                 conn_resume(peer)

@@ -50,6 +50,11 @@ _CANCEL: Final = 8  # HTTP/2 CANCEL
 _NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
 _CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
 _CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
+# gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md) for answers without
+# grpc-status (others UNKNOWN); a 200 without one broke the protocol (INTERNAL).
+_HTTP_CODES: Final = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSION_DENIED",
+                      b"404": "UNIMPLEMENTED", b"429": "UNAVAILABLE", b"502": "UNAVAILABLE",
+                      b"503": "UNAVAILABLE", b"504": "UNAVAILABLE"}
 _UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                  ord("u"): 1e-6, ord("n"): 1e-9}
 _DROPPED: Final = frozenset(k.encode() for k in _HOP_BY_HOP)
@@ -105,20 +110,27 @@ class _Call:
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Triton answered (its trailers are on their way to the client)."""
-        code = b""
+        code = status = b""
         for name, value in headers:
             if name == b"grpc-status":
                 code = value
                 break
+            if name == b":status":
+                status = value
         lease = self.lease
         self._done()
         if code == b"0":
             lease.succeeded()
             lease.release(True)
             return
-        name = _CODE_NAMES.get(code, "UNKNOWN")
-        lease.code = name
-        lease.outliers.failure(lease.instance, name)
+        # No grpc-status: what a gRPC client makes of the HTTP status (an HTTP proxy's 503
+        # in front of Triton is UNAVAILABLE, and the instance's failure).
+        if code:
+            code_name = _CODE_NAMES.get(code, "UNKNOWN")
+        else:
+            code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
+        lease.code = code_name
+        lease.outliers.failure(lease.instance, code_name)
         lease.release(False)
 
     def closed(self, stream: Stream, error_code: int) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -807,10 +807,13 @@ def test_spent_stream_ids_replace_the_connection(native: None, loop_thread: Loop
 
 
 class RefusingUpstream:
-    """An HTTP/2 server (h2) that resets every stream with one error code."""
+    """An HTTP/2 server (h2) that resets every stream with one error code, or answers each
+    with ``answer(connection, stream_id)``."""
 
-    def __init__(self, error_code: h2.errors.ErrorCodes):
+    def __init__(self, error_code: h2.errors.ErrorCodes,
+                 answer: Callable[[h2.connection.H2Connection, int], None] | None = None):
         self.error_code = error_code
+        self.answer = answer
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.refused = 0
@@ -831,7 +834,10 @@ class RefusingUpstream:
             while data := sock.recv(65536):
                 for event in conn.receive_data(data):
                     if isinstance(event, h2.events.RequestReceived):
-                        conn.reset_stream(event.stream_id, self.error_code)
+                        if self.answer is not None:
+                            self.answer(conn, event.stream_id)
+                        else:
+                            conn.reset_stream(event.stream_id, self.error_code)
                         self.refused += 1
                 sock.sendall(conn.data_to_send())
 
@@ -959,3 +965,41 @@ def test_illegal_metadata_is_refused_as_grpc_does(make_router: Any,
         client.close()
     assert answers[0].get("grpc-status") == str(grpc.StatusCode.INTERNAL.value[0])
     assert answers[1] == answers[0]
+
+
+def _http_503(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.send_headers(stream_id, [(":status", "503"), ("content-type", "text/plain")],
+                      end_stream=True)
+
+
+def _no_trailers(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+    conn.send_data(stream_id, b"\0\0\0\0\0", end_stream=True)
+
+
+@pytest.mark.parametrize(("answer", "status", "text"), [
+    (_http_503, "StatusCode.UNAVAILABLE", None),
+    (_no_trailers, "StatusCode.INTERNAL", "upstream ended the stream without trailers")])
+def test_answers_without_grpc_status(native: None, loop_thread: LoopThread, answer: Any,
+                                     status: str, text: str | None) -> None:
+    """An upstream (an HTTP proxy in front of Triton, say) that answers 503 without
+    grpc-status, or ends its DATA without trailers: the client gets a gRPC status, and each
+    call counts against the instance (UNAVAILABLE / INTERNAL, not UNKNOWN, which would end
+    its run of failures)."""
+    upstream = RefusingUpstream(h2.errors.ErrorCodes.NO_ERROR, answer)
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(3):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("identity", identity_inputs(), client_timeout=30)
+                assert caught.value.status() == status
+                if text is not None:
+                    assert text in caught.value.message()
+        (instance,) = router.balancer.instances()
+        assert instance.failures == 3
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
