@@ -35,6 +35,7 @@ cdef enum:
     MAX_HEADERS = 256  # per block (SETTINGS_MAX_HEADER_LIST_SIZE bounds them first)
     RESOURCE_EXHAUSTED = 8  # gRPC status
     MAX_STREAM_ID = 0x7FFFFFFF
+    MAX_REQUEST_HEADERS = MAX_HEADERS + 16
 
 
 class H2Error(Exception):
@@ -351,11 +352,11 @@ cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n
         _mark(connection)
 
 
-cdef size_t _fill_nv(nghttp2_nv *nva, list headers) except? 0:
+cdef size_t _fill_nv(nghttp2_nv *nva, list headers, size_t capacity=MAX_HEADERS) except? 0:
     cdef size_t i = 0
     cdef bytes name, value
-    if len(headers) > MAX_HEADERS:
-        raise H2Error(f"more than {MAX_HEADERS} headers")
+    if <size_t>len(headers) > capacity:
+        raise H2Error(f"more than {capacity} headers")
     for name, value in headers:
         nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
         nva[i].namelen = PyBytes_GET_SIZE(name)
@@ -779,8 +780,10 @@ cdef class H2Connection:
     def open_stream(self, list headers, Stream client, handler) -> Stream:
         """Send a request on this (client-side) connection, paired with ``client``: its
         held bytes go first, then everything it receives."""
-        cdef nghttp2_nv nva[MAX_HEADERS]
-        cdef size_t count = _fill_nv(nva, headers)
+        # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
+        # plus what the router adds in their place.
+        cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
+        cdef size_t count = _fill_nv(nva, headers, MAX_REQUEST_HEADERS)
         cdef nghttp2_data_provider provider
         if self.lost or self.goaway:
             raise H2Error("the upstream connection is closing")

@@ -1003,3 +1003,25 @@ def test_answers_without_grpc_status(native: None, loop_thread: LoopThread, answ
     finally:
         router.stop()
         upstream.stop()
+
+
+def test_a_full_header_block_is_forwarded(native: None, make_router: Any) -> None:
+    """A request of 256 fields (the most a block may have): no ``te`` nor ``:authority``,
+    and 252 metadata entries. It is forwarded with the router's own headers added (258),
+    and Triton answers it: at ~8.5 KB of metadata, past grpc-core's 8 KiB soft limit, that
+    is OK or, by grpc-core's random draw, its own RESOURCE_EXHAUSTED; never the router's
+    UNAVAILABLE."""
+    router = make_router()
+    client = RawClient(router.address, **_UNCHECKED)
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", MODEL_INFER),
+               ("content-type", "application/grpc")]
+    headers += [(f"x{i}", "") for i in range(252)]
+    client.conn.send_headers(1, headers)
+    client.conn.send_data(1, _identity_message(), end_stream=True)
+    client.send()
+    answer = client.answer(1)
+    assert answer.get("grpc-status") == "0" or (
+        answer.get("grpc-status") == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        and "metadata size exceeds" in answer.get("grpc-message", "")), answer
+    client.close()
+    router.wait_idle()
