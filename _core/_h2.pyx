@@ -103,17 +103,23 @@ cdef void _mark(H2Connection conn) noexcept:
     conn.dirty = True
     _dirty.append(conn)
     if _depth == 0 and not _scheduled and conn.loop is not None:
-        _scheduled = True
-        conn.loop.call_soon(flush_pending)
+        _call_flush(conn.loop)
 
 
 cdef inline void _schedule_flush() noexcept:
     """Write what every connection has pending once this loop iteration's reads are all
     handled: requests from many clients to one instance share one write."""
-    global _scheduled
     if _depth == 0 and _dirty and not _scheduled:
-        _scheduled = True
-        (<H2Connection>_dirty[0]).loop.call_soon(flush_pending)
+        _call_flush((<H2Connection>_dirty[-1]).loop)
+
+
+cdef void _call_flush(loop) noexcept:
+    global _scheduled
+    try:
+        loop.call_soon(flush_pending)
+    except Exception:  # a closed loop (a connection outliving it): the next mark retries
+        return
+    _scheduled = True
 
 
 def flush_pending() -> None:

@@ -1025,3 +1025,21 @@ def test_a_full_header_block_is_forwarded(native: None, make_router: Any) -> Non
         and "metadata size exceeds" in answer.get("grpc-message", "")), answer
     client.close()
     router.wait_idle()
+
+
+def test_a_flush_that_cannot_be_scheduled_stops_nothing(native: None,
+                                                        make_router: Any) -> None:
+    """A connection whose loop is closed cannot schedule its write; every other
+    connection's writes still go out (the engine's flush flag is process-wide)."""
+    from tritonmesh._core._h2 import H2Connection
+
+    dead_loop = asyncio.new_event_loop()
+    dead_loop.close()
+    orphan = H2Connection(None, False)
+    orphan.loop = dead_loop
+    orphan.reset(1)  # marks it to be written: call_soon on the closed loop raises
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        result = client.infer("identity", identity_inputs(), client_timeout=30)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(3))
+    router.wait_idle()
