@@ -49,7 +49,9 @@ class H2Connection(asyncio.Protocol):
     retired: str | None
     def __init__(self, owner: Any, server: bool, *, max_concurrent_streams: int = 100,
                  stream_window: int = 1 << 20, connection_window: int = 1 << 24,
-                 max_header_list_bytes: int = 1 << 16) -> None: ...
+                 max_header_list_bytes: int = 1 << 16, peek_budget: int = 0) -> None:
+        """``peek_budget``: bytes the first-message peeks of all its streams may hold
+        outside flow control (server side)."""
     @property
     def owner(self) -> Any: ...
     @property
@@ -68,7 +70,10 @@ class H2Connection(asyncio.Protocol):
     def flush(self) -> None: ...
     def open_stream(self, headers: list[tuple[bytes, bytes]], client: Stream,
                     handler: CallHandler | None) -> Stream:
-        """Send a request paired with ``client`` (its held bytes first)."""
+        """Send a request paired with ``client`` (its held bytes first). After the one
+        that takes the last stream ID, the connection is ``goaway`` and sends GOAWAY."""
+    def skip_stream_ids(self, next_stream_id: int) -> None:
+        """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
     def reset(self, stream_id: int, error_code: int = 8) -> None: ...
     def shutdown(self) -> None:
         """GOAWAY; the connection closes when its last stream ends."""

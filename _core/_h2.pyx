@@ -9,8 +9,9 @@ see it (the wire peek). Two streams can be paired (a client's and an upstream's)
 on their DATA, response headers and trailers go from one to the other in C, and Python hears
 of the pair only when the call ends (trailers) or breaks (a reset, a lost connection).
 
-Flow control is end to end: automatic WINDOW_UPDATE is off, and bytes received on one stream
-are consumed (their window given back) only when its peer has sent them on.
+Flow control is end to end per stream: automatic WINDOW_UPDATE is off, and bytes received on
+one stream are consumed from its window only when its peer has sent them on. The connection's
+window is given back as bytes arrive: every client's calls to one instance share a connection.
 """
 
 cimport cython
@@ -32,6 +33,9 @@ log = logging.getLogger("tritonmesh.native")
 cdef enum:
     MESSAGE_PREFIX = 5
     MAX_HEADERS = 256  # per block (SETTINGS_MAX_HEADER_LIST_SIZE bounds them first)
+    RESOURCE_EXHAUSTED = 8  # gRPC status
+    MAX_STREAM_ID = 0x7FFFFFFF
+    MAX_REQUEST_HEADERS = MAX_HEADERS + 16
 
 
 class H2Error(Exception):
@@ -99,17 +103,23 @@ cdef void _mark(H2Connection conn) noexcept:
     conn.dirty = True
     _dirty.append(conn)
     if _depth == 0 and not _scheduled and conn.loop is not None:
-        _scheduled = True
-        conn.loop.call_soon(flush_pending)
+        _call_flush(conn.loop)
 
 
 cdef inline void _schedule_flush() noexcept:
     """Write what every connection has pending once this loop iteration's reads are all
     handled: requests from many clients to one instance share one write."""
-    global _scheduled
     if _depth == 0 and _dirty and not _scheduled:
-        _scheduled = True
-        (<H2Connection>_dirty[0]).loop.call_soon(flush_pending)
+        _call_flush((<H2Connection>_dirty[-1]).loop)
+
+
+cdef void _call_flush(loop) noexcept:
+    global _scheduled
+    try:
+        loop.call_soon(flush_pending)
+    except Exception:  # a closed loop (a connection outliving it): the next mark retries
+        return
+    _scheduled = True
 
 
 def flush_pending() -> None:
@@ -150,11 +160,14 @@ cdef class Stream:
     cdef size_t preconsumed  # bytes at the head of `out` whose window was already given back
     cdef size_t held  # bytes at the tail of `inbuf` whose window was not given back yet
     cdef Py_ssize_t peek_limit  # >= 0 while the first message is awaited
+    cdef size_t peeked  # of the connection's peek budget, reserved for its first message
     cdef bint out_eof
     cdef bint ended  # the call ended normally (trailers went through)
     cdef bint discard
     cdef bint reset_after_answer
+    cdef size_t header_bytes  # of the block being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
     cdef list trailers
+    cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
 
     def __cinit__(self, H2Connection connection):
         self.connection = connection
@@ -184,16 +197,16 @@ cdef class Stream:
             p = <const unsigned char *>self.inbuf.data + self.inbuf.start
             length = (<size_t>p[1] << 24) | (<size_t>p[2] << 16) | (<size_t>p[3] << 8) | p[4]
             if <Py_ssize_t>length > self.peek_limit:
-                self.peek_limit = -1
+                _end_peek(self)
                 owner.oversize(self, length)
                 return 0
             if have >= MESSAGE_PREFIX + length:
-                self.peek_limit = -1
+                _end_peek(self)
                 owner.message(self, p[0], PyBytes_FromStringAndSize(
                     <const char *>p + MESSAGE_PREFIX, length))
                 return 0
         if self.remote_ended:
-            self.peek_limit = -1
+            _end_peek(self)
             owner.incomplete(self)
         return 0
 
@@ -232,6 +245,52 @@ cdef class Stream:
             self.connection.reset(self.id, error_code)
 
 
+cdef void _reserve(Stream stream) noexcept:
+    """Once its length is known, a first message reserves its size from the connection's
+    peek budget, whole, and its bytes' window is given back as they come: the message may
+    be larger than a stream window. While the budget cannot cover it, its bytes stay under
+    flow control. Whole reservations let every reserved message finish, so peeking streams
+    cannot starve each other."""
+    cdef H2Connection conn = stream.connection
+    cdef const unsigned char *p
+    cdef size_t need
+    if not stream.peeked:
+        if buf_len(&stream.inbuf) < MESSAGE_PREFIX:
+            return
+        p = <const unsigned char *>stream.inbuf.data + stream.inbuf.start
+        need = MESSAGE_PREFIX + ((<size_t>p[1] << 24) | (<size_t>p[2] << 16)
+                                 | (<size_t>p[3] << 8) | p[4])
+        if <Py_ssize_t>need > stream.peek_limit + MESSAGE_PREFIX:
+            return  # refused as oversize by _check_message
+        if conn.peek_bytes + need > conn.peek_budget:
+            conn.peek_stalled = True
+            return
+        stream.peeked = need
+        conn.peek_bytes += need
+    if stream.held:
+        nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
+        stream.held = 0
+        _mark(conn)
+
+
+cdef void _end_peek(Stream stream) noexcept:
+    """The stream's first message is whole (or never will be): its reservation goes to the
+    streams that wait for one."""
+    stream.peek_limit = -1
+    if not stream.peeked:
+        return
+    cdef H2Connection conn = stream.connection
+    cdef Stream other
+    conn.peek_bytes -= stream.peeked
+    stream.peeked = 0
+    if conn.peek_stalled and not conn.lost:
+        conn.peek_stalled = False
+        for value in list(conn.streams.values()):
+            other = <Stream>value
+            if other.peek_limit >= 0 and not other.peeked:
+                _reserve(other)
+
+
 cdef void _pair(Stream client, Stream upstream) noexcept:
     """From now on, bytes received on each go out on the other."""
     client.peer = upstream
@@ -246,7 +305,7 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
     client.inbuf.data = NULL
     client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
     client.held = 0
-    client.peek_limit = -1
+    _end_peek(client)
     if client.remote_ended:
         upstream.out_eof = True
 
@@ -295,15 +354,15 @@ cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *bu
 cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n) noexcept:
     """``n`` bytes received on that stream were sent on (or dropped): open its windows."""
     if connection is not None and not connection.lost:
-        nghttp2_session_consume(connection.session, stream_id, n)
+        nghttp2_session_consume_stream(connection.session, stream_id, n)
         _mark(connection)
 
 
-cdef size_t _fill_nv(nghttp2_nv *nva, list headers) except? 0:
+cdef size_t _fill_nv(nghttp2_nv *nva, list headers, size_t capacity=MAX_HEADERS) except? 0:
     cdef size_t i = 0
     cdef bytes name, value
-    if len(headers) > MAX_HEADERS:
-        raise H2Error(f"more than {MAX_HEADERS} headers")
+    if <size_t>len(headers) > capacity:
+        raise H2Error(f"more than {capacity} headers")
     for name, value in headers:
         nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
         nva[i].namelen = PyBytes_GET_SIZE(name)
@@ -334,7 +393,13 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
         else:
             stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None:
-            stream.headers = []
+            stream.header_bytes = 0
+            if conn.server and stream.headers is not None:
+                # A client's trailers: the request headers stay what the stream is judged
+                # (and relayed) by.
+                stream.received_trailers = []
+            else:
+                stream.headers = []
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -346,11 +411,21 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
     cdef Stream stream = _stream_of(session, frame.hd.stream_id)
     if stream is None or stream.headers is None:
         return 0
-    if len(stream.headers) >= MAX_HEADERS:  # the stream is reset, the connection lives
+    cdef H2Connection conn = <H2Connection>user_data
+    # nghttp2 only advertises the limit; HPACK lets a few bytes on the wire name a large
+    # indexed field many times, so the decoded size is what is bounded.
+    stream.header_bytes += namelen + valuelen + 32
+    if stream.header_bytes > conn.max_header_list:
+        if not conn.server:  # an upstream's answer: its stream is reset
+            return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+        return 0  # nothing more is kept; the request is answered when its block ends
+    cdef list block = stream.headers if stream.received_trailers is None \
+        else stream.received_trailers
+    if len(block) >= MAX_HEADERS:  # the stream is reset, the connection lives
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
     try:
-        stream.headers.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
-                               PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        block.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
+                      PyBytes_FromStringAndSize(<const char *>value, valuelen)))
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -375,6 +450,10 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             stream.remote_ended = True
         if frame.hd.type == NGHTTP2_HEADERS:
             if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                if stream.header_bytes > conn.max_header_list:
+                    stream.finish(RESOURCE_EXHAUSTED, b"request header list larger than "
+                                  b"native.max_header_list_bytes (%d bytes)" % conn.max_header_list)
+                    return 0
                 conn.owner.request(stream, end)
                 return 0
             if not conn.server:
@@ -384,6 +463,13 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             # a client's trailers: only their END_STREAM matters
         if end:  # the last DATA (or a client's trailers)
             peer = stream.peer
+            if not conn.server and peer is not None:
+                # An upstream's DATA ended the stream: there are no trailers to forward, so
+                # the client is told (a gRPC call always ends with a grpc-status).
+                stream.headers = [(b"grpc-status", b"13"),
+                                  (b"grpc-message", b"upstream ended the stream without trailers")]
+                _forward_headers(stream, True)
+                return 0
             if peer is not None:
                 peer.out_eof = True
                 conn_resume(peer)
@@ -407,18 +493,23 @@ cdef int _forward_headers(Stream upstream, bint end) except -1:
         client.responded = True
         client.connection._respond(client, upstream.headers, False)
         return 0
-    upstream.ended = True
-    client.ended = True
-    if not client.responded:  # trailers-only
-        client.responded = True
-        client.connection._respond(client, upstream.headers, True)
-    else:
-        client.trailers = upstream.headers
-        client.out_eof = True
-        conn_resume(client)
     handler = upstream.handler
-    if handler is not None:
-        handler.trailers(upstream.headers)
+    try:
+        if not client.responded:  # trailers-only
+            client.responded = True
+            client.connection._respond(client, upstream.headers, True)
+        else:
+            client.trailers = upstream.headers
+            client.out_eof = True
+            conn_resume(client)
+    finally:
+        # Whatever happened to the answer, the call is over: its owner hears of it once
+        # (the ended flags keep _closed from telling it again).
+        upstream.ended = True
+        client.ended = True
+        if handler is not None:
+            upstream.handler = None
+            handler.trailers(upstream.headers)
     return 0
 
 
@@ -443,9 +534,13 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
                              const uint8_t *data, size_t length, void *user_data) noexcept:
     cdef Stream stream = _stream_of(session, stream_id)
     cdef Stream peer
+    # The connection's window is given back at once: it is shared by every stream on it
+    # (every client's calls to one instance, every relayed call), so a reader that does
+    # not read must hold only its own streams' windows.
+    nghttp2_session_consume_connection(session, length)
     try:
         if stream is None or stream.discard:
-            nghttp2_session_consume(session, stream_id, length)
+            nghttp2_session_consume_stream(session, stream_id, length)
             return 0
         peer = stream.peer
         if peer is not None and not peer.closed and not peer.ended:
@@ -453,16 +548,15 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
             conn_resume(peer)
             return 0
         if peer is not None or stream.source is not None:  # the other side is done
-            nghttp2_session_consume(session, stream_id, length)
+            nghttp2_session_consume_stream(session, stream_id, length)
             return 0
-        # Not paired yet. While the first message is peeked, its window is given back at
-        # once (the peek's limit bounds it); after it, the stream's window bounds what waits.
+        # Not paired yet: the stream's window bounds what waits, except while the first
+        # message is peeked (it may be larger than a window; see _reserve).
         buf_append(&stream.inbuf, <const char *>data, length)
+        stream.held += length
         if stream.peek_limit >= 0:
-            nghttp2_session_consume(session, stream_id, length)
+            _reserve(stream)
             stream._check_message()
-        else:
-            stream.held += length
     except Exception:
         log.exception("native data path: DATA on stream %d", stream_id)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_INTERNAL_ERROR)
@@ -488,28 +582,34 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     stream.closed = True
     cdef H2Connection connection = stream.connection
     connection.streams.pop(stream.id, None)
+    _end_peek(stream)
     if not connection.streams:
         connection.idle_since = _monotonic()
     cdef Stream peer = stream.peer
+    cdef size_t unsent
     handler = stream.handler
-    if not stream.ended:
-        if handler is not None:
-            handler.closed(stream, error_code)
-        elif peer is not None and not peer.closed:
-            # A relayed call broke on one side: the other side is reset alike.
-            peer.reset(error_code or NGHTTP2_CANCEL)
-    if stream.peer is not None:
-        stream.peer.peer = None
-        stream.peer = None
     stream.handler = None
-    stream.tag = None
-    cdef size_t unsent = buf_len(&stream.out)
-    if unsent > stream.preconsumed:
-        _give_back(stream.source, stream.source_id, unsent - stream.preconsumed)
-    if stream.held:
-        _give_back(stream.connection, stream.id, stream.held)
-    buf_free(&stream.inbuf)
-    buf_free(&stream.out)
+    try:
+        if not stream.ended:
+            if handler is not None:
+                handler.closed(stream, error_code)
+            elif peer is not None and not peer.closed and not peer.ended:
+                # A relayed call broke on one side: the other side is reset alike. A peer
+                # that was answered already (its trailers may still wait to be written)
+                # keeps that answer.
+                peer.reset(error_code or NGHTTP2_CANCEL)
+    finally:
+        if stream.peer is not None:
+            stream.peer.peer = None
+            stream.peer = None
+        stream.tag = None
+        unsent = buf_len(&stream.out)
+        if unsent > stream.preconsumed:
+            _give_back(stream.source, stream.source_id, unsent - stream.preconsumed)
+        if stream.held:
+            _give_back(stream.connection, stream.id, stream.held)
+        buf_free(&stream.inbuf)
+        buf_free(&stream.out)
     return 0
 
 
@@ -551,7 +651,7 @@ cdef class H2Connection:
     cdef nghttp2_session *session
     cdef readonly object owner
     cdef readonly bint server
-    cdef readonly bint goaway  # the peer sent GOAWAY: no new streams here
+    cdef readonly bint goaway  # the peer sent GOAWAY, or its stream IDs ran out: no new streams
     cdef readonly bint lost
     cdef readonly dict streams
     cdef public object loop
@@ -563,10 +663,14 @@ cdef class H2Connection:
     cdef Buf wbuf
     cdef list settings
     cdef int32_t connection_window
+    cdef size_t max_header_list
+    cdef size_t peek_budget  # bytes all its streams' first-message peeks may hold unwindowed
+    cdef size_t peek_bytes
+    cdef bint peek_stalled  # a peeking stream holds bytes the budget did not cover
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
-                  uint32_t max_header_list_bytes=1 << 16):
+                  uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0):
         self.owner = owner
         self.server = server
         self.streams = {}
@@ -583,6 +687,8 @@ cdef class H2Connection:
                          (NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_bytes),
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
+        self.max_header_list = max_header_list_bytes
+        self.peek_budget = peek_budget
         self.idle_since = _monotonic()
 
     def __dealloc__(self):
@@ -634,10 +740,15 @@ cdef class H2Connection:
         self.lost = True
         self.transport = None
         for stream in list(self.streams.values()):
-            _closed(stream, NGHTTP2_INTERNAL_ERROR)
+            try:
+                _closed(stream, NGHTTP2_INTERNAL_ERROR)
+            except Exception:  # the other streams' owners must still hear of it
+                log.exception("native data path: closing stream %d", stream.id)
         self.streams.clear()
-        self.owner.connection_lost(self)
-        _schedule_flush()
+        try:
+            self.owner.connection_lost(self)
+        finally:
+            _schedule_flush()
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -675,8 +786,10 @@ cdef class H2Connection:
     def open_stream(self, list headers, Stream client, handler) -> Stream:
         """Send a request on this (client-side) connection, paired with ``client``: its
         held bytes go first, then everything it receives."""
-        cdef nghttp2_nv nva[MAX_HEADERS]
-        cdef size_t count = _fill_nv(nva, headers)
+        # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
+        # plus what the router adds in their place.
+        cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
+        cdef size_t count = _fill_nv(nva, headers, MAX_REQUEST_HEADERS)
         cdef nghttp2_data_provider provider
         if self.lost or self.goaway:
             raise H2Error("the upstream connection is closing")
@@ -694,8 +807,18 @@ cdef class H2Connection:
         stream.handler = handler
         client.handler = handler
         _pair(client, stream)
+        if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
+            # Its stream IDs are spent: the pool opens another for the next request, and
+            # this one closes when its last stream ends.
+            self.goaway = True
+            self.shutdown()
         _mark(self)
         return stream
+
+    def skip_stream_ids(self, int32_t next_stream_id) -> None:
+        """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
+        if nghttp2_session_set_next_stream_id(self.session, next_stream_id) != 0:
+            raise H2Error(f"cannot use stream ID {next_stream_id} next")
 
     cdef int _respond(self, Stream stream, list headers, bint end_stream) except -1:
         cdef nghttp2_nv nva[MAX_HEADERS]

@@ -110,6 +110,8 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_session_set_stream_user_data(nghttp2_session *, int32_t, void *)
     int nghttp2_session_resume_data(nghttp2_session *, int32_t)
     int nghttp2_session_consume(nghttp2_session *, int32_t, size_t)
+    int nghttp2_session_consume_connection(nghttp2_session *, size_t)
+    int nghttp2_session_consume_stream(nghttp2_session *, int32_t, size_t)
     int nghttp2_session_set_local_window_size(nghttp2_session *, uint8_t, int32_t, int32_t)
     int nghttp2_session_terminate_session(nghttp2_session *, uint32_t)
     int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *,
@@ -123,4 +125,6 @@ cdef extern from "nghttp2/nghttp2.h":
     int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
                               size_t)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)
+    uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *)
+    int nghttp2_session_set_next_stream_id(nghttp2_session *, int32_t)
     const char *nghttp2_strerror(int)

@@ -32,6 +32,7 @@ __all__ = ["NativePort"]
 log = logging.getLogger("tritonmesh.native")
 
 _RESOURCE_EXHAUSTED: Final = 8
+_INTERNAL_ERROR: Final = 2  # HTTP/2
 
 
 class NativePort:
@@ -79,9 +80,11 @@ class NativePort:
 
         if len(self.connections) >= self.limits.max_connections:
             return _Refused()
+        # Peeked first messages may be larger than a stream window, so their bytes leave
+        # flow control; what all of one connection's streams hold so is one message's worth.
         connection = H2Connection(self, True,
                                   max_concurrent_streams=self.limits.max_concurrent_streams,
-                                  **self.h2_settings)
+                                  peek_budget=self.limits.max_message_bytes, **self.h2_settings)
         self.connections[connection] = time.monotonic()
         return connection
 
@@ -146,12 +149,11 @@ class NativePort:
     async def _relay_later(self, stream: Stream) -> None:
         try:
             connection = await self.pool.connect(self.internal)
-        except OSError as exc:
-            log.error("native data path: cannot reach the grpc.aio server: %s", exc)
-            stream.reset()
-            return
-        if not stream.closed:
-            connection.open_stream(stream.headers, stream, None)
+            if not stream.closed:
+                connection.open_stream(stream.headers, stream, None)
+        except Exception as exc:  # no stream may stay open with no owner
+            log.error("native data path: cannot relay to the grpc.aio server: %s", exc)
+            stream.reset(_INTERNAL_ERROR)
 
     async def _close_old(self) -> None:
         """GOAWAY to connections with no stream for ``limits.connection_idle_timeout_s``

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
+import re
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -39,10 +41,20 @@ if TYPE_CHECKING:
 
 __all__ = ["MODEL_INFER", "NativeInfer", "grpc_message", "parse_timeout"]
 
+log = logging.getLogger("tritonmesh.native")
+
 MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
 _CANCEL: Final = 8  # HTTP/2 CANCEL
+# Upstream resets that say the request was refused or malformed, not that the instance
+# failed (HTTP/2 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM): not charged to it.
+_NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
 _CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
 _CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
+# gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md) for answers without
+# grpc-status (others UNKNOWN); a 200 without one broke the protocol (INTERNAL).
+_HTTP_CODES: Final = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSION_DENIED",
+                      b"404": "UNIMPLEMENTED", b"429": "UNAVAILABLE", b"502": "UNAVAILABLE",
+                      b"503": "UNAVAILABLE", b"504": "UNAVAILABLE"}
 _UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
                  ord("u"): 1e-6, ord("n"): 1e-9}
 _DROPPED: Final = frozenset(k.encode() for k in _HOP_BY_HOP)
@@ -50,6 +62,9 @@ _TARGET: Final = TARGET_VARIANT_KEY.encode()
 _PRIORITY: Final = PRIORITY_KEY.encode()
 _RETRY_ON: Final = RETRY_ON_KEY.encode()
 _TIMEOUT: Final = b"grpc-timeout"
+# What grpc-core takes as metadata (its legal header key / non-binary value).
+_LEGAL_KEY: Final = re.compile(rb"[0-9a-z_.\-]+")
+_LEGAL_VALUE: Final = re.compile(rb"[\x20-\x7e]*")
 
 
 def parse_timeout(value: bytes) -> float | None:
@@ -95,20 +110,27 @@ class _Call:
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Triton answered (its trailers are on their way to the client)."""
-        code = b""
+        code = status = b""
         for name, value in headers:
             if name == b"grpc-status":
                 code = value
                 break
+            if name == b":status":
+                status = value
         lease = self.lease
         self._done()
         if code == b"0":
             lease.succeeded()
             lease.release(True)
             return
-        name = _CODE_NAMES.get(code, "UNKNOWN")
-        lease.code = name
-        lease.outliers.failure(lease.instance, name)
+        # No grpc-status: what a gRPC client makes of the HTTP status (an HTTP proxy's 503
+        # in front of Triton is UNAVAILABLE, and the instance's failure).
+        if code:
+            code_name = _CODE_NAMES.get(code, "UNKNOWN")
+        else:
+            code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
+        lease.code = code_name
+        lease.outliers.failure(lease.instance, code_name)
         lease.release(False)
 
     def closed(self, stream: Stream, error_code: int) -> None:
@@ -130,7 +152,8 @@ class _Call:
             _refuse(self.client, "CANCELLED", retired)
             return
         lease.code = "UNAVAILABLE"
-        lease.outliers.failure(instance, "UNAVAILABLE")
+        if stream.connection.lost or error_code not in _NOT_THE_INSTANCES:
+            lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)
         why = "the connection was lost" if stream.connection.lost \
             else f"it reset the stream (HTTP/2 error code {error_code})"
@@ -218,6 +241,16 @@ class NativeInfer:
             elif name == _PRIORITY:
                 priority_value = value.decode(errors="replace")
             elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
+                # Checked as grpc.aio checks a client's metadata, so that Triton (and the
+                # instance's standing) never sees what a gRPC server would refuse.
+                if _LEGAL_KEY.fullmatch(name) is None:
+                    _refuse(stream, "INTERNAL", "Illegal header key: "
+                            + name.decode(errors="backslashreplace"))
+                    return
+                if not name.endswith(b"-bin") and _LEGAL_VALUE.fullmatch(value) is None:
+                    _refuse(stream, "INTERNAL", "Illegal header value for key "
+                            + name.decode())
+                    return
                 forward.append((name, value))
         priority = priority_of(priority_value)
         if isinstance(priority, str):
@@ -283,6 +316,12 @@ class NativeInfer:
         except asyncio.CancelledError:  # the client went while it waited
             if lease is not None:
                 lease.abandon("CANCELLED")
+            return
+        except Exception as exc:  # a bug, not the client's doing: answer, hold nothing
+            log.exception("native data path: waiting for an instance")
+            if lease is not None:
+                lease.abandon("INTERNAL")
+            _refuse(stream, "INTERNAL", f"the router failed to send the request: {exc!r}")
             return
         if stream.closed:
             lease.abandon("CANCELLED")

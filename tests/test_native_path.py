@@ -11,7 +11,7 @@ import dataclasses
 import queue
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -19,6 +19,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -430,10 +431,12 @@ def test_small_windows_carry_large_messages(native: None, loop_thread: LoopThrea
 class RawClient:
     """A blocking HTTP/2 client (h2) on one connection to the router."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, **config: bool):
+        """``config``: more H2Configuration settings (what h2 itself refuses to send)."""
         host, _, port = address.rpartition(":")
         self.sock = socket.create_connection((host, int(port)), timeout=10)
-        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True,
+                                                                         **config))
         self.conn.initiate_connection()
         self.send()
 
@@ -587,4 +590,456 @@ def test_rapid_reset_loop(native: None, make_router: Any) -> None:
     client.close()
     with grpcclient.InferenceServerClient(router.address) as good:
         assert good.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
+
+
+# -- endings that once went wrong --
+
+_PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"\0" * 8
+
+
+def test_per_try_expiry_keeps_its_answer_behind_other_writes(native: None,
+                                                             loop_thread: LoopThread,
+                                                             holding_triton: Holding) -> None:
+    """The per-try timer fires in the loop iteration that also read a frame from the same
+    client (here a PING): the client's connection is written after the upstream's RST, and
+    the client must still get DEADLINE_EXCEEDED, not the upstream stream's reset."""
+    config, instances = make_config([holding_triton.address],
+                                    variant_options={"per_try_timeout_s": 60.0})
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc"))
+        client.conn.send_data(1, _identity_message(), end_stream=True)
+        client.send()
+        assert holding_triton.arrived.wait(30)
+
+        async def expire_after_a_ping() -> None:
+            native = router.router.native
+            assert native is not None
+            (connection,) = native.connections
+            call = connection.streams[1].handler
+            connection.data_received(_PING)  # its answer is now pending on that connection
+            call.per_try_expired()
+
+        loop_thread.run(expire_after_a_ping())
+        answer = client.answer(1)
+        assert answer.get("grpc-status") == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
+        assert "per_try_timeout_s" in answer.get("grpc-message", "")
+        wait_for(lambda: holding_triton.cancelled == ["raw"], "the upstream call's cancellation")
+        router.wait_idle()
+    finally:
+        client.close()
+        router.stop()
+
+
+def test_client_trailers_do_not_replace_the_request_headers(make_router: Any,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """HEADERS, half a message, then trailers ending the stream: relayed with the request's
+    own headers (its ``grpc-timeout`` included), so grpc.aio answers as it answers half a
+    message ended by empty DATA: at the deadline. The relay, shared by every client, keeps
+    serving."""
+    answers = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router()
+        client = RawClient(router.address)
+        client.conn.send_headers(1, [*client.headers(MODEL_INFER, "application/grpc"),
+                                     ("grpc-timeout", "1S")])
+        client.conn.send_data(1, _identity_message()[:7])
+        if data_path == "grpc":  # grpc.aio waits past the deadline after a client's trailers
+            client.conn.send_data(1, b"", end_stream=True)
+        else:
+            client.conn.send_headers(1, [("x-trailer", "t")], end_stream=True)
+        client.send()
+        answers.append(client.answer(1))
+        client.close()
+        with grpcclient.InferenceServerClient(router.address) as good:
+            assert good.is_model_ready("identity")
+    assert answers[1] == answers[0]
+    assert answers[1].get("grpc-status") not in (None, "0")
+
+
+def test_connect_failing_unexpectedly_answers_and_releases(native: None, make_router: Any,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An exception other than OSError while a connection is made (a bug) answers INTERNAL
+    and gives the lease back; the next call is served."""
+    from tritonmesh.native_pool import UpstreamPool
+
+    router = make_router()
+    real_connect = UpstreamPool.connect
+    failed = []
+
+    async def connect_once_broken(self: UpstreamPool, address: str) -> Any:
+        if not failed:
+            failed.append(address)
+            raise RuntimeError("broken on purpose")
+        return await real_connect(self, address)
+
+    monkeypatch.setattr(UpstreamPool, "connect", connect_once_broken)
+    with grpcclient.InferenceServerClient(router.address) as client:
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer("identity", identity_inputs(), client_timeout=30)
+        assert caught.value.status() == "StatusCode.INTERNAL"
+        assert "broken on purpose" in caught.value.message()
+        router.wait_idle()
+        assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+    router.wait_idle()
+
+
+# -- flow control against a reader that does not read --
+
+def _send_flow_controlled(client: RawClient, stream_id: int, payload: bytes,
+                          events: list[Any]) -> None:
+    """All of ``payload`` on the stream, as the router's windows allow, then END_STREAM;
+    the events read meanwhile are added to ``events``."""
+    sent = 0
+    while sent < len(payload):
+        room = min(client.conn.local_flow_control_window(stream_id),
+                   client.conn.max_outbound_frame_size, len(payload) - sent)
+        if room <= 0:
+            events += client.events()
+            assert events[-1] is not None, "the connection closed"
+            continue
+        client.conn.send_data(stream_id, payload[sent:sent + room],
+                              end_stream=sent + room == len(payload))
+        sent += room
+        client.send()
+
+
+def test_slow_reader_stalls_only_its_own_streams(native: None, loop_thread: LoopThread,
+                                                 worker_addresses: list[str]) -> None:
+    """A client that never gives a window back (its initial window is 0) holds four 1 MiB
+    answers from the only instance, twice the router's connection window to it; another
+    client's call to the same instance is answered meanwhile."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(
+        stream_window_bytes=256 * 1024, connection_window_bytes=512 * 1024))
+    router = start_router(loop_thread, config, instances)
+    request = pb.ModelInferRequest(model_name="identity", id="slow")
+    tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[2**18])
+    tensor.contents.fp32_contents.extend(np.arange(2**18, dtype=np.float32).tolist())
+    body = request.SerializeToString()
+    message = b"\0" + len(body).to_bytes(4, "big") + body
+    slow = RawClient(router.address)
+    try:
+        slow.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        slow.send()
+        streams = [1, 3, 5, 7]
+        events: list[Any] = []
+        for stream_id in streams:
+            slow.conn.send_headers(stream_id, slow.headers(MODEL_INFER, "application/grpc"))
+            _send_flow_controlled(slow, stream_id, message, events)
+        answered: set[int] = set()
+        while True:  # until Triton is sending all four answers
+            for event in events:
+                assert event is not None, "the connection closed"
+                assert not isinstance(event, (h2.events.StreamReset, h2.events.DataReceived))
+                if isinstance(event, h2.events.ResponseReceived):
+                    answered.add(event.stream_id)
+            if len(answered) == len(streams):
+                break
+            events = slow.events()
+        good = grpcclient.InferInput("INPUT0", [2**18], "FP32")
+        data = np.random.default_rng(3).random(2**18, dtype=np.float32)
+        good.set_data_from_numpy(data)
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(3):
+                result = client.infer("identity", [good], client_timeout=30)
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+        slow.close()
+        router.wait_idle()
+    finally:
+        slow.close()
+        router.stop()
+
+
+def test_header_list_limit_counts_decoded_bytes(native: None, make_router: Any) -> None:
+    """HPACK: one 4000-byte field enters the dynamic table and is then named by one byte, 200
+    times: ~800 KB of headers for ~4 KB on the wire. The decoded size is held to
+    ``native.max_header_list_bytes``: RESOURCE_EXHAUSTED, and the connection serves on."""
+    router = make_router()
+    client = RawClient(router.address)
+    flood = [("x-big", "a" * 4000)] * 200
+    client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc") + flood)
+    client.conn.send_data(1, _identity_message(), end_stream=True)
+    client.send()
+    answer = client.answer(1)
+    assert answer.get("grpc-status") == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    assert "native.max_header_list_bytes (65536 bytes)" in answer.get("grpc-message", "")
+    client.conn.send_headers(3, client.headers(MODEL_INFER, "application/grpc"))
+    client.conn.send_data(3, _identity_message(), end_stream=True)
+    client.send()
+    assert client.answer(3).get("grpc-status") == "0"
+    client.close()
+    router.wait_idle()
+
+
+def test_spent_stream_ids_replace_the_connection(native: None, loop_thread: LoopThread,
+                                                 worker_addresses: list[str]) -> None:
+    """A pooled connection that used the last stream ID HTTP/2 allows (2**31 - 1) is
+    replaced for the next call, and closes once its streams are done."""
+    address = worker_addresses[0]
+    config, instances = make_config([address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        native = router.router.native
+        assert native is not None
+        with grpcclient.InferenceServerClient(router.address) as client:
+            assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+            spent = native.pool.get(address)
+            assert spent is not None
+
+            async def skip() -> None:
+                spent.skip_stream_ids(2**31 - 1)
+
+            loop_thread.run(skip())
+            for _ in range(3):
+                result = client.infer("identity", identity_inputs())
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(3))
+        assert native.pool.get(address) not in (None, spent)
+        wait_for(lambda: spent.lost, "the spent connection to close")
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+class RefusingUpstream:
+    """An HTTP/2 server (h2) that resets every stream with one error code, or answers each
+    with ``answer(connection, stream_id)``."""
+
+    def __init__(self, error_code: h2.errors.ErrorCodes,
+                 answer: Callable[[h2.connection.H2Connection, int], None] | None = None):
+        self.error_code = error_code
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.refused = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                sock, _ = self.listener.accept()
+                threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        with sock, contextlib.suppress(OSError):
+            sock.sendall(conn.data_to_send())
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.RequestReceived):
+                        if self.answer is not None:
+                            self.answer(conn, event.stream_id)
+                        else:
+                            conn.reset_stream(event.stream_id, self.error_code)
+                        self.refused += 1
+                sock.sendall(conn.data_to_send())
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("error_code", [h2.errors.ErrorCodes.REFUSED_STREAM,
+                                        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                                        h2.errors.ErrorCodes.PROTOCOL_ERROR])
+def test_refusing_resets_are_not_charged_to_the_instance(native: None, loop_thread: LoopThread,
+                                                         error_code: h2.errors.ErrorCodes
+                                                         ) -> None:
+    """An upstream that refuses streams (or calls them malformed) fails the calls UNAVAILABLE
+    but is not ejected for it: five in a row would eject an instance that failed them."""
+    upstream = RefusingUpstream(error_code)
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(6):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("identity", identity_inputs(), client_timeout=30)
+                assert caught.value.status() == "StatusCode.UNAVAILABLE"
+                assert f"HTTP/2 error code {int(error_code)}" in caught.value.message()
+        (instance,) = router.balancer.instances()
+        assert upstream.refused >= 6 and instance.failures == 0 and not instance.ejected
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def _send_until_blocked(client: RawClient, left: dict[int, int]) -> int:
+    """Zeros on each stream (``left``: how many more each may send) while the router's
+    windows allow; returns how many went. Blocked: two PING round trips in a row with no
+    window to send in (the router writes the WINDOW_UPDATEs a read earns no later than the
+    PING ACK it answers to the next read)."""
+    sent = quiet = 0
+    while quiet < 2:
+        progressed = False
+        for stream_id in left:
+            room = min(client.conn.local_flow_control_window(stream_id),
+                       client.conn.max_outbound_frame_size, left[stream_id])
+            if room > 0:
+                client.conn.send_data(stream_id, bytes(room))
+                left[stream_id] -= room
+                sent += room
+                progressed = True
+        client.conn.ping(b"barrier!")
+        client.send()
+        acked = False
+        while not acked:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        quiet = 0 if progressed else quiet + 1
+    return sent
+
+
+def test_first_message_peeks_share_one_message_budget(native: None, loop_thread: LoopThread,
+                                                      worker_addresses: list[str]) -> None:
+    """Six streams each start a 700 KiB first message and never finish it. Their bytes leave
+    flow control only within one message's worth per connection (``max_message_bytes``, 1
+    MiB here): one stream sends all of it, the others a stream window each. When the first
+    message ends, the next stream gets the budget."""
+    config, instances = make_config(worker_addresses[:1], limits={"max_message_bytes": 2**20})
+    window = 64 * 1024
+    config = dataclasses.replace(config, native=NativeConfig(stream_window_bytes=window))
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        length = 700 * 1024
+        streams = [1, 3, 5, 7, 9, 11]
+        for stream_id in streams:
+            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.send_data(stream_id, b"\0" + length.to_bytes(4, "big"))
+        client.send()
+        left = dict.fromkeys(streams, length - 1)
+        sent = _send_until_blocked(client, left)
+        assert left[1] == 0  # the first reserved the budget and sent all but its last byte
+        assert sent <= 2**20 + len(streams) * window
+        client.conn.send_data(1, b"\0", end_stream=True)  # a malformed request, now whole
+        client.send()
+        opened = False
+        while not opened:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                opened = opened or (isinstance(event, h2.events.WindowUpdated)
+                                    and event.stream_id == 3)
+        client.close()
+        router.wait_idle()
+    finally:
+        client.close()
+        router.stop()
+
+
+_UNCHECKED = {"validate_outbound_headers": False, "normalize_outbound_headers": False,
+              "validate_inbound_headers": False}
+
+
+def test_illegal_metadata_is_refused_as_grpc_does(make_router: Any,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An uppercase metadata key gets grpc.aio's answer on both paths, never reaching
+    Triton from the native one. A control character in a value: INTERNAL naming the key
+    (grpc.aio leaves that call unanswered)."""
+    answers = []
+    for data_path in ("grpc", "native"):
+        monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+        router = make_router()
+        client = RawClient(router.address, **_UNCHECKED)
+        client.conn.send_headers(1, [*client.headers(MODEL_INFER, "application/grpc"),
+                                     ("X-Upper", "v")])
+        client.conn.send_data(1, _identity_message(), end_stream=True)
+        client.send()
+        answers.append(client.answer(1))
+        if data_path == "native":
+            client.conn.send_headers(3, [*client.headers(MODEL_INFER, "application/grpc"),
+                                         ("x-ctl", "a\x01b")])
+            client.conn.send_data(3, _identity_message(), end_stream=True)
+            client.send()
+            answer = client.answer(3)
+            assert answer.get("grpc-status") == str(grpc.StatusCode.INTERNAL.value[0])
+            assert answer.get("grpc-message") == "Illegal header value for key x-ctl"
+        client.close()
+    assert answers[0].get("grpc-status") == str(grpc.StatusCode.INTERNAL.value[0])
+    assert answers[1] == answers[0]
+
+
+def _http_503(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.send_headers(stream_id, [(":status", "503"), ("content-type", "text/plain")],
+                      end_stream=True)
+
+
+def _no_trailers(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+    conn.send_data(stream_id, b"\0\0\0\0\0", end_stream=True)
+
+
+@pytest.mark.parametrize(("answer", "status", "text"), [
+    (_http_503, "StatusCode.UNAVAILABLE", None),
+    (_no_trailers, "StatusCode.INTERNAL", "upstream ended the stream without trailers")])
+def test_answers_without_grpc_status(native: None, loop_thread: LoopThread, answer: Any,
+                                     status: str, text: str | None) -> None:
+    """An upstream (an HTTP proxy in front of Triton, say) that answers 503 without
+    grpc-status, or ends its DATA without trailers: the client gets a gRPC status, and each
+    call counts against the instance (UNAVAILABLE / INTERNAL, not UNKNOWN, which would end
+    its run of failures)."""
+    upstream = RefusingUpstream(h2.errors.ErrorCodes.NO_ERROR, answer)
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for _ in range(3):
+                with pytest.raises(InferenceServerException) as caught:
+                    client.infer("identity", identity_inputs(), client_timeout=30)
+                assert caught.value.status() == status
+                if text is not None:
+                    assert text in caught.value.message()
+        (instance,) = router.balancer.instances()
+        assert instance.failures == 3
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def test_a_full_header_block_is_forwarded(native: None, make_router: Any) -> None:
+    """A request of 256 fields (the most a block may have): no ``te`` nor ``:authority``,
+    and 252 metadata entries. It is forwarded with the router's own headers added (258),
+    and Triton answers it: at ~8.5 KB of metadata, past grpc-core's 8 KiB soft limit, that
+    is OK or, by grpc-core's random draw, its own RESOURCE_EXHAUSTED; never the router's
+    UNAVAILABLE."""
+    router = make_router()
+    client = RawClient(router.address, **_UNCHECKED)
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", MODEL_INFER),
+               ("content-type", "application/grpc")]
+    headers += [(f"x{i}", "") for i in range(252)]
+    client.conn.send_headers(1, headers)
+    client.conn.send_data(1, _identity_message(), end_stream=True)
+    client.send()
+    answer = client.answer(1)
+    assert answer.get("grpc-status") == "0" or (
+        answer.get("grpc-status") == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+        and "metadata size exceeds" in answer.get("grpc-message", "")), answer
+    client.close()
+    router.wait_idle()
+
+
+def test_a_flush_that_cannot_be_scheduled_stops_nothing(native: None,
+                                                        make_router: Any) -> None:
+    """A connection whose loop is closed cannot schedule its write; every other
+    connection's writes still go out (the engine's flush flag is process-wide)."""
+    from tritonmesh._core._h2 import H2Connection
+
+    dead_loop = asyncio.new_event_loop()
+    dead_loop.close()
+    orphan = H2Connection(None, False)
+    orphan.loop = dead_loop
+    orphan.reset(1)  # marks it to be written: call_soon on the closed loop raises
+    router = make_router()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        result = client.infer("identity", identity_inputs(), client_timeout=30)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.arange(3))
     router.wait_idle()
