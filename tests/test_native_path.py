@@ -229,7 +229,9 @@ def test_metadata_forwarded_hop_by_hop_not(native: None, loop_thread: LoopThread
         ((_, metadata, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
         assert {k: metadata.get(k) for k in user} == user
         assert not set(hop_by_hop) & set(metadata), metadata
-        assert remaining is not None and 0 < remaining <= 5.0
+        # The deadline went upstream: the client's gRPC rounds its grpc-timeout up by a few
+        # ms (test_router's twin of this test has the same bound).
+        assert remaining is not None and 0 < remaining <= 5.5
         router.wait_idle()
     finally:
         router.stop()
