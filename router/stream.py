@@ -322,9 +322,8 @@ class StreamSession:
                 raise upstream_cancelled() from None  # the instance's channel closed
         except grpc.aio.AioRpcError as exc:
             code_name = exc.code().name
-            if exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled():
-                failure = None
-            else:
+            # Cancelled because the client went: the finally below settles that case.
+            if not (exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled()):
                 judge(self.balancer.outliers, instance, exc, False, self.context)
                 failure = f"failed: [{exc.code().name}] {exc.details()}"
         finally:
