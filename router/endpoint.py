@@ -144,10 +144,15 @@ def _reload_tls(router: Router, config: EndpointConfig) -> None:
     assert router.balancer is not None
     serving = router.certificates.tls if router.certificates is not None else None
     if config.tls != serving:
-        if config.tls is not None and router.certificates is not None \
-                and router.certificates.replace(config.tls):
-            log.info("reload: new certificates for %s handed to gRPC; new connections "
-                     "get them, open ones keep theirs", router.address)
+        try:
+            replaced = config.tls is not None and router.certificates is not None \
+                and router.certificates.replace(config.tls)
+        except ConfigError as exc:  # OpenSSL refused what the config check passed
+            log.error("reload: keeping the running certificates: %s", exc)
+            return
+        if replaced:
+            log.info("reload: new certificates for %s; new connections get them, open "
+                     "ones keep theirs", router.address)
         else:
             log.warning("reload: turning TLS or client certificates on or off takes a "
                         "restart; the running settings stay")
