@@ -206,7 +206,10 @@ class Router:
             self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
             self.housekeeper.start()
             await server.start()
-            log.info("tritonmesh router process listening on %s", self.address)
+            if native is not None:  # beside the other router processes (SO_REUSEPORT)
+                self.port = await native.start(self.config.listen, reuse_port=True)
+            log.info("tritonmesh router process listening on %s (data_path: %s)",
+                     self.address, self.config.data_path)
             return
         await self._start_control(balancer, health_servicer)
         await server.start()

@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import LoopThread, RouterHandle, generate_inputs, make_config, start_router
+from test_processes import Endpoint, _logged_by_every_router, _write_config
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -352,6 +354,53 @@ def test_a_reload_moves_mutual_tls_to_a_new_client_ca(
         router.wait_idle()
     finally:
         router.stop()
+
+
+def _presented(address: str, pki: Path, connections: int) -> set[str]:
+    """The names in the certificates the port presents to ``connections`` new TLS
+    connections (SO_REUSEPORT spreads them over the router processes)."""
+    host, _, port = address.rpartition(":")
+    context = ssl.create_default_context(cadata=(pki / "ca.pem").read_text()
+                                         + (pki / "rogue-ca.pem").read_text())
+    context.set_alpn_protocols(["h2"])
+    names = set()
+    for _ in range(connections):
+        with socket.create_connection((host, int(port)), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            subject = dict(field for rdn in tls.getpeercert()["subject"] for field in rdn)
+            names.add(subject["commonName"])
+    return names
+
+
+@pytest.mark.triton
+def test_a_reload_renews_the_certificates_of_every_router_process(
+        tmp_path: Path, worker_addresses: list[str], pki: Path, data_path: str) -> None:
+    config = _write_config(tmp_path / "c.json", worker_addresses[:1], 2)
+    data = json.loads(config.read_text())
+
+    def write(cert: str) -> None:
+        config.write_text(json.dumps({**data, "tls": {"cert_file": str(pki / f"{cert}.pem"),
+                                                      "key_file": str(pki / f"{cert}.key")}}))
+
+    write("server")
+    endpoint = Endpoint(config, 2)
+    try:
+        endpoint.serves(data_path)
+        address = endpoint.running.address
+        assert _presented(address, pki, 16) == {"server"}
+        with _client(address, pki) as before:
+            _serves(before)
+            write("renewed")
+            endpoint.running.process.send_signal(signal.SIGHUP)
+            _logged_by_every_router(endpoint.running, "reload: new certificates", 2,
+                                    "tritonmesh")
+            assert _presented(address, pki, 16) == {"renewed"}
+            with _client(address, pki, ca="rogue-ca") as client:
+                _serves(client)
+            _serves(before)  # an open connection keeps its certificate
+        endpoint.quiescent()
+    finally:
+        endpoint.close()
 
 
 # -- the channels to Triton --------------------------------------------------------------
