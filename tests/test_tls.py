@@ -8,6 +8,7 @@ native port's (the event loop's ssl).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -304,6 +305,12 @@ def test_a_reload_replaces_the_certificates_for_new_connections(
             with _client(router.address, pki, ca="rogue-ca") as client:
                 _serves(client)
             _serves(before)
+            # A key that does not match its certificate: the running ones stay.
+            path.write_text(head + "  cert_file: server.pem\n  key_file: renewed.key\n")
+            loop_thread.run(_reload(router.router, path, running))
+            assert "keeping the running configuration" in caplog.text
+            with _client(router.address, pki, ca="rogue-ca") as client:
+                _serves(client)
             # Client certificates cannot be turned on without a restart: a warning, and
             # the running settings stay.
             path.write_text(head + "  cert_file: server.pem\n  key_file: server.key\n"
@@ -424,6 +431,39 @@ def _unavailable_through(front: RouterHandle) -> None:
         with pytest.raises(InferenceServerException) as caught:
             client.infer("identity", [x], client_timeout=10)
         assert caught.value.status() == "StatusCode.UNAVAILABLE", caught.value
+
+
+def test_an_upstream_that_does_not_choose_h2_is_unavailable(
+        loop_thread: LoopThread, pki: Path, data_path: str) -> None:
+    """A TLS server that offers only HTTP/1.1 by ALPN is not taken for a Triton: the
+    request fails UNAVAILABLE instead of hanging."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pki / "server.pem", pki / "server.key")
+    context.set_alpn_protocols(["http/1.1"])
+
+    async def listen() -> asyncio.Server:
+        return await asyncio.get_running_loop().create_server(
+            asyncio.Protocol, "127.0.0.1", 0, ssl=context)
+
+    server = loop_thread.run(listen())
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    upstream = UpstreamTLS((pki / "ca.pem").read_bytes())
+    front = _fronting(loop_thread, address, upstream)
+    try:
+        _unavailable_through(front)
+        native = front.router.native
+        if native is not None:  # why: the connection counts as one that could not be made
+            with pytest.raises(OSError, match="its TLS server did not choose ALPN h2"):
+                loop_thread.run(native.pool.connect(address, upstream))
+        front.wait_idle()
+    finally:
+        front.stop()
+        loop_thread.run(_closed(server))
+
+
+async def _closed(server: asyncio.Server) -> None:
+    server.close()
+    await server.wait_closed()
 
 
 @pytest.mark.triton
