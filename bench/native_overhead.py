@@ -104,7 +104,8 @@ async def load(d: Path, address: str, users: int, seconds: float, pid: int | Non
     process = await asyncio.create_subprocess_exec(
         "h2load", "-c", str(users), "-m", "1", "-D", f"{seconds:g}", "--warm-up-time", "1",
         "-d", str(d / "body.bin"), "-H", "content-type: application/grpc",
-        "-H", "te: trailers", "--log-file", str(log), f"{'https' if tls else 'http'}://{address}{PATH}",
+        "-H", "te: trailers", "--log-file", str(log),
+        f"{'https' if tls else 'http'}://{address}{PATH}",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await process.communicate()
     after = cpu_seconds(pid) if pid else 0.0

@@ -1,4 +1,4 @@
-"""The native data path's port: HTTP/2 on ``listen`` (h2c, or h2 over TLS), served by ``_core._h2``.
+"""The native data path's port: HTTP/2 on ``listen`` (h2c, or h2 over TLS), by ``_core._h2``.
 
 ``ModelInfer`` calls go to :class:`tritonmesh.native_infer.NativeInfer`. Every other stream
 (the other RPCs, ``ModelStreamInfer`` in this slice, ``grpc.health.v1``, reflection, and

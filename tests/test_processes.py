@@ -325,11 +325,13 @@ def test_sigkill_of_a_router_process_fails_only_its_requests(
 
 @pytest.mark.triton
 def test_membership_reaches_every_router_process(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     first, second, third = worker_addresses[:3]
     config = _write_config(tmp_path / "c.json", [first], 2)
     endpoint = Endpoint(config, 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     running = endpoint.running
     assert running.admin is not None
     assert _health(running.address) == health_pb2.HealthCheckResponse.SERVING
@@ -422,7 +424,8 @@ def _ours(pid: int) -> list[str]:
 
 @pytest.mark.triton
 def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     config = _write_config(tmp_path / "c.json", worker_addresses[:1], 2)
     crashed = Endpoint(config, 2)
     endpoints.append(crashed)
@@ -439,6 +442,7 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
 
     endpoint = Endpoint(config, 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     assert "stale shared-memory files" in "".join(endpoint.running.lines)
     assert _ours(crashed.pid) == [] and not os.path.exists(metrics[0])
     routers = endpoint.router_pids()
