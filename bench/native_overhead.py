@@ -51,14 +51,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def router(d: Path, data_path: str, worker: str) -> AsyncIterator[tuple[str, int]]:
-    """``tritonmesh serve`` in a process of its own; yields its address and pid."""
+async def router(d: Path, data_path: str, worker: str, *, tls: bool = False
+                 ) -> AsyncIterator[tuple[str, int]]:
+    """``tritonmesh serve`` in a process of its own; yields its address and pid. With
+    ``tls``, its port serves TLS with ``d``'s server.pem and server.key (bench/tls_overhead.py
+    makes them)."""
     (port,) = free_ports(1)
-    config = d / f"{data_path}.yaml"
+    config = d / f"{data_path}{'-tls' if tls else ''}.yaml"
     config.write_text(
         f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
         f"data_path: {data_path}\nvariants:\n  - name: AllTraffic\n"
-        f"    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n    instances: ['{worker}']\n")
+        f"    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n    instances: ['{worker}']\n"
+        + ("tls: {cert_file: server.pem, key_file: server.key}\n" if tls else ""))
     tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
     process = await asyncio.create_subprocess_exec(
         tritonmesh, "--log-level", "WARNING", "serve", "--config", str(config),
@@ -66,7 +70,7 @@ async def router(d: Path, data_path: str, worker: str) -> AsyncIterator[tuple[st
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while not await asyncio.to_thread(answers, address):
+        while not await asyncio.to_thread(answers, address, d / "ca.pem" if tls else None):
             if time.monotonic() > deadline or process.returncode is not None:
                 raise RuntimeError(f"the {data_path} router did not come up")
             await asyncio.sleep(0.2)
@@ -75,10 +79,13 @@ async def router(d: Path, data_path: str, worker: str) -> AsyncIterator[tuple[st
         await terminate(process, 30.0)
 
 
-def answers(address: str) -> bool:
-    """Whether an identity ModelInfer through ``address`` comes back right."""
+def answers(address: str, ca: Path | None = None) -> bool:
+    """Whether an identity ModelInfer through ``address`` (over TLS trusting ``ca``)
+    comes back right."""
     try:
-        with grpcclient.InferenceServerClient(address) as client:
+        with grpcclient.InferenceServerClient(
+                address, ssl=ca is not None,
+                root_certificates=None if ca is None else str(ca)) as client:
             x = grpcclient.InferInput("INPUT0", [3], "FP32")
             x.set_data_from_numpy(np.arange(3, dtype=np.float32))
             out = client.infer("identity", [x], client_timeout=5).as_numpy("OUTPUT0")
@@ -87,16 +94,18 @@ def answers(address: str) -> bool:
         return False
 
 
-async def load(d: Path, address: str, users: int, seconds: float, pid: int | None
-               ) -> tuple[float, float, float, float | None]:
-    """h2load for ``seconds``: (req/s, P50 ms, P99 ms, router CPU µs per request)."""
+async def load(d: Path, address: str, users: int, seconds: float, pid: int | None, *,
+               tls: bool = False) -> tuple[float, float, float, float | None]:
+    """h2load for ``seconds`` (over TLS with ``tls``: h2 by ALPN, connections made before
+    the timed window): (req/s, P50 ms, P99 ms, router CPU µs per request)."""
     log = d / "h2load.tsv"
     log.unlink(missing_ok=True)
     before = cpu_seconds(pid) if pid else 0.0
     process = await asyncio.create_subprocess_exec(
         "h2load", "-c", str(users), "-m", "1", "-D", f"{seconds:g}", "--warm-up-time", "1",
         "-d", str(d / "body.bin"), "-H", "content-type: application/grpc",
-        "-H", "te: trailers", "--log-file", str(log), f"http://{address}{PATH}",
+        "-H", "te: trailers", "--log-file", str(log),
+        f"{'https' if tls else 'http'}://{address}{PATH}",
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = await process.communicate()
     after = cpu_seconds(pid) if pid else 0.0

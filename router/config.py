@@ -377,7 +377,7 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         instance_networks=_networks(data["instance_networks"]) if "instance_networks" in data
         else LOOPBACK_NETWORKS,
         limits=_limits(data.get("limits", {})),
-        data_path=parse_data_path(data.get("data_path"), tls=data.get("tls") not in (None, False)),
+        data_path=parse_data_path(data.get("data_path")),
         native=parse_native(data.get("native")),
         processes=parse_processes(data.get("processes", 1)),
         shared_table_slots=parse_shared_table_slots(

@@ -19,7 +19,7 @@ from tritonmesh.reload import restart_keys
 from tritonmesh.server import Router
 from tritonmesh.signals import StopSignals
 
-__all__ = ["MEMORY_SNAPSHOTS_ENV", "open_endpoint", "run_endpoint"]
+__all__ = ["MEMORY_SNAPSHOTS_ENV", "open_endpoint", "reload_port_certificates", "run_endpoint"]
 
 log = logging.getLogger("tritonmesh")
 
@@ -138,19 +138,31 @@ def _trace_memory(loop: asyncio.AbstractEventLoop, directory: Path) -> None:
     loop.add_signal_handler(signal.SIGUSR1, dump)
 
 
-def _reload_tls(router: Router, config: EndpointConfig) -> None:
+def reload_port_certificates(router: Router, config: EndpointConfig) -> None:
     """New certificates for the router's port take effect (new connections); the rest of
-    TLS is fixed at start. Compared with what is in effect, not with the last file read."""
-    assert router.balancer is not None
+    TLS is fixed at start. Compared with what is in effect, not with the last file read.
+    With several router processes each does this for its own port."""
     serving = router.certificates.tls if router.certificates is not None else None
-    if config.tls != serving:
-        if config.tls is not None and router.certificates is not None \
-                and router.certificates.replace(config.tls):
-            log.info("reload: new certificates for %s handed to gRPC; new connections "
-                     "get them, open ones keep theirs", router.address)
-        else:
-            log.warning("reload: turning TLS or client certificates on or off takes a "
-                        "restart; the running settings stay")
+    if config.tls == serving:
+        return
+    try:
+        replaced = config.tls is not None and router.certificates is not None \
+            and router.certificates.replace(config.tls)
+    except ConfigError as exc:  # OpenSSL refused what the config check passed
+        log.error("reload: keeping the running certificates: %s", exc)
+        return
+    if replaced:
+        log.info("reload: new certificates for %s; new connections get them, open ones "
+                 "keep theirs", router.address)
+    else:
+        log.warning("reload: turning TLS or client certificates on or off takes a restart; "
+                    "the running settings stay")
+
+
+def _reload_tls(router: Router, config: EndpointConfig) -> None:
+    assert router.balancer is not None
+    if router.role is None or router.role.serves_data:  # else the router processes' part
+        reload_port_certificates(router, config)
     variants = router.balancer.by_name
     if any(v.name in variants and v.upstream_tls != variants[v.name].config.upstream_tls
            for v in config.variants):

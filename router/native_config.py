@@ -76,9 +76,8 @@ def native_available() -> bool:
     return True
 
 
-def parse_data_path(value: Any, *, tls: bool) -> str:
-    """The ``data_path`` key (None: the default), checked against what this build and the
-    rest of the configuration allow."""
+def parse_data_path(value: Any) -> str:
+    """The ``data_path`` key (None: the default), checked against what this build allows."""
     if value is None:
         path = default_data_path()
         where = ENV
@@ -87,10 +86,6 @@ def parse_data_path(value: Any, *, tls: bool) -> str:
             raise ConfigError(f"data_path: must be one of {', '.join(DATA_PATHS)}, "
                               f"got {value!r}")
         path, where = value, "data_path"
-    if path == "native":
-        if not native_available():
-            raise ConfigError(_MISSING.replace("data_path", where, 1))
-        if tls:
-            raise ConfigError(f"{where}: native does not serve TLS yet (tls is set); use "
-                              "data_path: grpc")
+    if path == "native" and not native_available():
+        raise ConfigError(_MISSING.replace("data_path", where, 1))
     return path

@@ -1,9 +1,10 @@
-"""The native data path's port: HTTP/2 (h2c) on ``listen``, served by ``_core._h2``.
+"""The native data path's port: HTTP/2 on ``listen`` (h2c, or h2 over TLS), by ``_core._h2``.
 
 ``ModelInfer`` calls go to :class:`tritonmesh.native_infer.NativeInfer`. Every other stream
 (the other RPCs, ``ModelStreamInfer`` in this slice, ``grpc.health.v1``, reflection, and
 anything that is not gRPC at all) is relayed frame by frame to the router's grpc.aio server,
 which listens on a private Unix socket: it answers exactly as it does on ``data_path: grpc``.
+With ``tls``, the port speaks TLS (ALPN h2; :mod:`tritonmesh.native_tls`); the relay does not.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import shutil
 import tempfile
@@ -18,9 +20,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from tritonmesh.configvalues import ConfigError
 from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
 from tritonmesh.native_pool import UpstreamPool
+from tritonmesh.native_tls import Handshake, PortCertificates
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import H2Connection, Stream
@@ -39,10 +41,9 @@ class NativePort:
     """The listener, its client connections, and the relay to the grpc.aio server."""
 
     def __init__(self, balancer: Balancer, config: EndpointConfig, *, native_infer: bool):
-        if config.tls is not None:  # parse_config says so too; this guards configs built in code
-            raise ConfigError("data_path: native does not serve TLS yet (tls is set); use "
-                              "data_path: grpc")
         self.balancer = balancer
+        # TLS is the event loop's; the relay behind stays plaintext on its private socket.
+        self.certificates = None if config.tls is None else PortCertificates(config.tls)
         limits = self.limits = config.limits
         # The grpc.aio server behind the relay: one connection carries every client's
         # streams, so the per-connection bounds are this port's, not the relay's.
@@ -64,12 +65,17 @@ class NativePort:
         self._idle = asyncio.Event()  # set when the last client connection is gone
         self._aging: asyncio.Task[None] | None = None
 
-    async def start(self, listen: str) -> int:
-        """Listen on ``listen`` (HOST:PORT); returns the port."""
+    async def start(self, listen: str, *, reuse_port: bool = False) -> int:
+        """Listen on ``listen`` (HOST:PORT), beside other processes with ``reuse_port``
+        (SO_REUSEPORT); returns the port."""
         host, _, port = listen.rpartition(":")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, host.strip("[]"), int(port),
-                                                reuse_address=True, backlog=1024)
+        certificates = self.certificates
+        self._server = await loop.create_server(
+            self._protocol if certificates is None else functools.partial(
+                Handshake, self._protocol),
+            host.strip("[]"), int(port), reuse_address=True, reuse_port=reuse_port,
+            backlog=1024, ssl=None if certificates is None else certificates.context)
         await self.pool.connect(self.internal)
         if self.limits.connection_idle_timeout_s > 0 or self.limits.connection_max_age_s > 0:
             self._aging = asyncio.ensure_future(self._close_old())

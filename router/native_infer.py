@@ -212,7 +212,8 @@ class NativeInfer:
         self.balancer = balancer
         self.pool = pool
         self.floor_s = floor_s
-        self._authority: dict[str, bytes] = {}
+        # Per address: its :scheme and :authority fields (https for upstream_tls).
+        self._origin: dict[str, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
 
     def wants(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether this path serves a call with these headers (else it is relayed)."""
@@ -296,7 +297,8 @@ class NativeInfer:
                         return
                 instance = lease.instance
                 try:
-                    await self.pool.connect(instance.address)
+                    await self.pool.connect(instance.address,
+                                            instance.variant.config.upstream_tls)
                     break
                 except OSError as exc:
                     lease.outliers.connect_failure(instance)
@@ -343,12 +345,13 @@ class NativeInfer:
         timeout, per_try_bound = attempt_timeout(remaining,
                                                  instance.variant.config.per_try_timeout_s)
         address = instance.address
-        authority = self._authority.get(address)
-        if authority is None:
-            authority = self._authority[address] = address.encode()
-        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", MODEL_INFER),
-                   (b":authority", authority), (b"te", b"trailers"),
-                   (b"content-type", b"application/grpc")]
+        origin = self._origin.get(address)
+        if origin is None:
+            scheme = b"http" if instance.variant.config.upstream_tls is None else b"https"
+            origin = self._origin[address] = ((b":scheme", scheme),
+                                              (b":authority", address.encode()))
+        headers = [(b":method", b"POST"), origin[0], (b":path", MODEL_INFER), origin[1],
+                   (b"te", b"trailers"), (b"content-type", b"application/grpc")]
         # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
         # timer resets the stream), so that Triton's own expiry of the same instant does
         # not answer in its place.

@@ -1,18 +1,23 @@
 """HTTP/2 connections to where the native data path sends streams: one per address, made on
 first use and kept while it lives (a lost or GOAWAY-ed connection is replaced on next use).
 
-The addresses are Triton instances (``HOST:PORT``) and the router's own grpc.aio server,
-which serves every RPC the native path relays (``unix:PATH``).
+The addresses are Triton instances (``HOST:PORT``; over TLS when their variant has
+``upstream_tls``) and the router's own grpc.aio server, which serves every RPC the native
+path relays (``unix:PATH``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING, Any
+
+from tritonmesh.native_tls import ALPN, upstream_context
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import H2Connection
+    from tritonmesh.tls import UpstreamTLS
 
 __all__ = ["UpstreamPool"]
 
@@ -28,6 +33,7 @@ class UpstreamPool:
                           "max_header_list_bytes": max_header_list_bytes}
         self._connections: dict[str, H2Connection] = {}
         self._connecting: dict[str, asyncio.Future[H2Connection]] = {}
+        self._contexts: dict[UpstreamTLS, ssl.SSLContext] = {}  # one per variant's settings
         self._closed = False
 
     def get(self, address: str) -> H2Connection | None:
@@ -37,19 +43,20 @@ class UpstreamPool:
             return None
         return connection
 
-    async def connect(self, address: str) -> H2Connection:
-        """A connection to ``address``, opened now unless one is open or opening.
-        Raises OSError when it cannot be made."""
+    async def connect(self, address: str, tls: UpstreamTLS | None = None) -> H2Connection:
+        """A connection to ``address`` (over TLS as ``tls`` says), opened now unless one
+        is open or opening. Raises OSError when it cannot be made."""
         connection = self.get(address)
         if connection is not None:
             return connection
         pending = self._connecting.get(address)
         if pending is None:
-            pending = self._connecting[address] = asyncio.ensure_future(self._open(address))
+            pending = self._connecting[address] = asyncio.ensure_future(
+                self._open(address, tls))
             pending.add_done_callback(lambda _: self._connecting.pop(address, None))
         return await asyncio.shield(pending)
 
-    async def _open(self, address: str) -> H2Connection:
+    async def _open(self, address: str, tls: UpstreamTLS | None) -> H2Connection:
         from tritonmesh._core._h2 import H2Connection
 
         if self._closed:
@@ -63,9 +70,25 @@ class UpstreamPool:
             _, connection = await loop.create_unix_connection(protocol, address[5:])
         else:
             host, _, port = address.rpartition(":")
-            _, connection = await loop.create_connection(protocol, host.strip("[]"), int(port))
+            host = host.strip("[]")
+            if tls is None:
+                _, connection = await loop.create_connection(protocol, host, int(port))
+            else:
+                transport, connection = await loop.create_connection(
+                    protocol, host, int(port), ssl=self._context(tls),
+                    server_hostname=tls.server_name or host)
+                ssl_object = transport.get_extra_info("ssl_object")
+                if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN:
+                    transport.close()
+                    raise OSError(f"its TLS server did not choose ALPN {ALPN}")
         self._connections[address] = connection
         return connection  # type: ignore[no-any-return]
+
+    def _context(self, tls: UpstreamTLS) -> ssl.SSLContext:
+        context = self._contexts.get(tls)
+        if context is None:
+            context = self._contexts[tls] = upstream_context(tls)
+        return context
 
     def connection_lost(self, connection: H2Connection) -> None:
         for address, known in list(self._connections.items()):

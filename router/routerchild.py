@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, cast
 
 from tritonmesh._core import SharedTable
 from tritonmesh.crosswake import ReleaseWaker
+from tritonmesh.endpoint import reload_port_certificates
 from tritonmesh.fleetmetrics import SYNC_S, MetricsWriter
 from tritonmesh.loop import run as run_on_loop
 from tritonmesh.members import Follower
@@ -77,12 +78,13 @@ class RouterProcess:
 
 def reload(router: Router, role: RouterProcess, run_path: str) -> None:
     """SIGHUP from the supervisor: it applied a reload and wrote the run file anew. The
-    variants' live keys, retries and work hints apply here as they did there; membership,
-    weights and limits come from the membership file, as always."""
+    port's certificates, the variants' live keys, retries and work hints apply here as they
+    did there; membership, weights and limits come from the membership file, as always."""
     with open(run_path, "rb") as f:
         config = pickle.load(f).config
     balancer = router.balancer
     assert balancer is not None and role.follower is not None
+    reload_port_certificates(router, config)
     balancer.set_work_hints(config.work_hints)
     balancer.set_retries(config.retries)
     balancer.reconfigure(config.variants)

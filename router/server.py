@@ -48,6 +48,7 @@ from tritonmesh.metrics import (
     LoadReportCollector,
 )
 from tritonmesh.native_front import NativePort
+from tritonmesh.native_tls import PortCertificates
 from tritonmesh.proxy import Proxy
 from tritonmesh.shadow import ShadowCollector, Shadows
 from tritonmesh.strict import StrictRegistrar
@@ -121,7 +122,8 @@ class Router:
         self.shadows: Shadows | None = None
         self.port = 0
         self._metrics_server: Any = None
-        self.certificates: ServerCertificates | None = None  # with tls: replaceable
+        # With tls: replaceable (gRPC's, or the native port's ssl context).
+        self.certificates: ServerCertificates | PortCertificates | None = None
         self.metrics_port: int | None = None
         self.admin_server: grpc.aio.Server | None = None
         self.admin_service: AdminService | None = None
@@ -195,13 +197,19 @@ class Router:
         native = self.native
         if native is not None:
             self.drains.removed = native.instance_removed
-        self.port, self.certificates = self._listen(
-            server, self.config.listen if native is None else native.internal)
+        if native is None:
+            self.port, self.certificates = self._listen(server, self.config.listen)
+        else:  # the relay's socket is private: TLS is the native port's
+            self.port, _ = self._listen(server, native.internal, tls=False)
+            self.certificates = native.certificates
         if role is not None:  # a router process: the supervisor runs the control plane
             self.health = HealthChecker(balancer, self.config.health_check, health_servicer)
             self.housekeeper.start()
             await server.start()
-            log.info("tritonmesh router process listening on %s", self.address)
+            if native is not None:  # beside the other router processes (SO_REUSEPORT)
+                self.port = await native.start(self.config.listen, reuse_port=True)
+            log.info("tritonmesh router process listening on %s (data_path: %s)",
+                     self.address, self.config.data_path)
             return
         await self._start_control(balancer, health_servicer)
         await server.start()
@@ -231,12 +239,12 @@ class Router:
         if self.config.metrics_listen is not None:
             self._start_metrics(balancer, self.config.metrics_listen)
 
-    def _listen(self, server: grpc.aio.Server, address: str
+    def _listen(self, server: grpc.aio.Server, address: str, *, tls: bool = True
                 ) -> tuple[int, ServerCertificates | None]:
-        """Open ``address`` on ``server``, over TLS when configured; the port and, with TLS,
-        the port's replaceable certificates."""
+        """Open ``address`` on ``server``, over TLS when configured (and ``tls``); the port
+        and, with TLS, the port's replaceable certificates."""
         certificates = None
-        if self.config.tls is None:
+        if self.config.tls is None or not tls:
             port = server.add_insecure_port(address)
         else:
             certificates = ServerCertificates(self.config.tls)

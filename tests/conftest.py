@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from harness import LoopThread, RecordingTriton, RouterHandle, make_config, start_router
+from harness import LoopThread, RecordingTriton, RouterHandle, make_config, serve_on, start_router
+from tritonmesh.native_config import native_available
 
 _UNMARKED = ("starts real Triton without @pytest.mark.triton: mark it (pytestmark for a "
              "module), so that -m 'not triton' stays the fast pass")
@@ -34,6 +35,16 @@ def _triton_tests_are_marked(request: pytest.FixtureRequest,
 
     monkeypatch.setattr(WorkerPool, "start", refuse)
     monkeypatch.setattr(TritonWorker, "start", refuse)
+
+
+@pytest.fixture(params=["grpc", "native"])
+def data_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each data path in turn, for tests of what both must do alike (harness.serve_on)."""
+    if request.param == "native" and not native_available():
+        pytest.skip("the native data path's extension (tritonmesh._core._h2) is not built "
+                    "here (TRITONMESH_NO_EXTENSIONS=1, or no libnghttp2 header)")
+    serve_on(monkeypatch, request.param)
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
@@ -34,6 +35,7 @@ from tritonmesh.config import (
     WorkHint,
 )
 from tritonmesh.loop import new_event_loop
+from tritonmesh.proxy import Proxy
 from tritonmesh.server import Router
 from tritonmesh.wire import RequestInfo
 from tritonmesh.workers.launcher import WorkerPool
@@ -140,6 +142,20 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
         limits=LimitsConfig(**(limits or {})),
     )
     return config, instances
+
+
+def serve_on(monkeypatch: pytest.MonkeyPatch, data_path: str) -> None:
+    """Routers made from here on (in this process and those it starts) serve
+    ``data_path``; on ``native``, a ModelInfer that reaches this process's grpc.aio path
+    fails the test."""
+    monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+    if data_path != "native":
+        return
+
+    async def refuse(self: Proxy, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        raise AssertionError("ModelInfer reached the grpc.aio path")
+
+    monkeypatch.setattr(Proxy, "model_infer", refuse)
 
 
 def start_router(loop: LoopThread, config: EndpointConfig,

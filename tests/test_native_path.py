@@ -31,6 +31,7 @@ from harness import (
     generate_inputs,
     identity_inputs,
     make_config,
+    serve_on,
     start_router,
     wait_for,
 )
@@ -39,7 +40,6 @@ from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
 from tritonmesh.config import HealthCheckConfig
 from tritonmesh.native_config import NativeConfig, native_available
-from tritonmesh.proxy import Proxy
 
 pytestmark = [
     pytest.mark.triton,
@@ -55,12 +55,7 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 def native(monkeypatch: pytest.MonkeyPatch) -> None:
     """Routers made from here on serve ``data_path: native``, and a ModelInfer that reached
     the grpc.aio path fails the test."""
-    monkeypatch.setenv("TRITONMESH_DATA_PATH", "native")
-
-    async def refuse(self: Proxy, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        raise AssertionError("ModelInfer reached the grpc.aio path")
-
-    monkeypatch.setattr(Proxy, "model_infer", refuse)
+    serve_on(monkeypatch, "native")
 
 
 @pytest.fixture

@@ -1,7 +1,10 @@
 """K router processes on one port (``processes``; tritonmesh.supervisor): a real
 supervisor and real router processes over the session's real Triton workers. The test
 reads the variant's shared table as its spare process index (K + 1): fleet-wide counts,
-each process's ledger, and how many updates each process made."""
+each process's ledger, and how many updates each process made. The tests of the data
+path's accounting run on each data path (the ``data_path`` fixture; native only on the
+compiled build): every router process serves the port with its own native port and its own
+grpc.aio relay."""
 
 from __future__ import annotations
 
@@ -55,6 +58,12 @@ class Endpoint:
         self.pid = self.running.process.pid
         self.segment = f"tritonmesh-{self.pid}-v0"
         self.table = SharedTable.attach(self.segment, processes + 1)
+
+    def serves(self, data_path: str) -> None:
+        """Every router process serves the port on ``data_path`` (as it logged at start)."""
+        for index in range(1, self.processes + 1):
+            assert any(f"router[{index}] " in line and f"(data_path: {data_path})" in line
+                       for line in self.running.lines), (index, "".join(self.running.lines))
 
     def close(self) -> None:
         self.table.close()
@@ -217,21 +226,6 @@ def test_what_one_process_keeps_is_refused_with_several(tmp_path: Path, extra: d
     assert f"{key}:" in result.stderr and "processes: 2" in result.stderr, result.stderr
 
 
-def test_the_native_data_path_is_refused_with_several(tmp_path: Path) -> None:
-    from tritonmesh.native_config import native_available
-
-    config = tmp_path / "c.json"
-    _write_config(config, ["127.0.0.1:9"], 2)
-    config.write_text(json.dumps({**json.loads(config.read_text()), "data_path": "native"}))
-    result = subprocess.run([TRITONMESH, "serve", "--config", str(config)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr
-    # Without the extension (the twin build) its absence is the first thing said.
-    expected = ("data_path: native serves from one router process" if native_available()
-                else "data_path: native needs the tritonmesh._core._h2 extension")
-    assert expected in result.stderr, result.stderr
-
-
 def test_a_read_only_dev_shm_is_a_clear_error_at_start(tmp_path: Path) -> None:
     """In a mount namespace of its own, with a read-only tmpfs on /dev/shm."""
     config = _write_config(tmp_path / "c.json", ["127.0.0.1:9"], 2)
@@ -253,10 +247,11 @@ def test_a_read_only_dev_shm_is_a_clear_error_at_start(tmp_path: Path) -> None:
 @pytest.mark.parametrize("processes", [2, 3])
 def test_k_processes_share_exact_counts_under_load(tmp_path: Path, worker_addresses: list[str],
                                                   endpoints: list[Endpoint],
-                                                  processes: int) -> None:
+                                                  processes: int, data_path: str) -> None:
     endpoint = Endpoint(_write_config(tmp_path / "c.json", worker_addresses[:2], processes,
                                       metrics=True), processes)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     address = endpoint.running.address
     # Six long requests at once, from six connections: the picks are fleet-wide
     # least-outstanding, so the two instances hold three each whichever processes took them.
@@ -298,9 +293,11 @@ def _metric(endpoint: Endpoint, name: str) -> float:
 
 @pytest.mark.triton
 def test_sigkill_of_a_router_process_fails_only_its_requests(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     endpoint = Endpoint(_write_config(tmp_path / "c.json", worker_addresses[:2], 2), 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     address = endpoint.running.address
     thread, result = _in_background(address, 8, max_tokens=400)
     wait_for(lambda: endpoint.total() == 8, "eight requests in flight")
@@ -328,11 +325,13 @@ def test_sigkill_of_a_router_process_fails_only_its_requests(
 
 @pytest.mark.triton
 def test_membership_reaches_every_router_process(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     first, second, third = worker_addresses[:3]
     config = _write_config(tmp_path / "c.json", [first], 2)
     endpoint = Endpoint(config, 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     running = endpoint.running
     assert running.admin is not None
     assert _health(running.address) == health_pb2.HealthCheckResponse.SERVING
@@ -361,7 +360,8 @@ def test_membership_reaches_every_router_process(
 
 @pytest.mark.triton
 def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     """max_concurrency_per_instance: 1 with three router processes and one instance:
     Triton never holds two requests (its own queue statistics: nothing waited there),
     and requests waiting in one process get the instance a release in another frees
@@ -370,6 +370,7 @@ def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
     endpoint = Endpoint(_write_config(tmp_path / "c.json", [instance], 3,
                                       max_concurrency_per_instance=1), 3)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     most = [0]
     done = threading.Event()
 
@@ -423,7 +424,8 @@ def _ours(pid: int) -> list[str]:
 
 @pytest.mark.triton
 def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
-        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint],
+        data_path: str) -> None:
     config = _write_config(tmp_path / "c.json", worker_addresses[:1], 2)
     crashed = Endpoint(config, 2)
     endpoints.append(crashed)
@@ -440,6 +442,7 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
 
     endpoint = Endpoint(config, 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     assert "stale shared-memory files" in "".join(endpoint.running.lines)
     assert _ours(crashed.pid) == [] and not os.path.exists(metrics[0])
     routers = endpoint.router_pids()
