@@ -407,12 +407,13 @@ def _health(address: str) -> int:
 
 
 def test_the_port_says_not_serving_as_the_supervisor_checks_say(
-        tmp_path: Path, endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, endpoints: list[Endpoint], data_path: str) -> None:
     """One instance, refusing connections: health checks fail open (it stays pickable),
     but no instance passed its last probe, so the port is NOT_SERVING, as with one
     process, in every router process (new connections reach either)."""
     endpoint = Endpoint(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], 2), 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     address = endpoint.running.address
     wait_for(lambda: all(_health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
                          for _ in range(8)), "NOT_SERVING from every router process")
