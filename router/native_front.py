@@ -14,12 +14,14 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from tritonmesh._core._segment import running
 from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
 from tritonmesh.native_pool import UpstreamPool
 from tritonmesh.native_tls import Handshake, PortCertificates
@@ -35,6 +37,19 @@ log = logging.getLogger("tritonmesh.native")
 
 _RESOURCE_EXHAUSTED: Final = 8
 _INTERNAL_ERROR: Final = 2  # HTTP/2
+# The relay's socket is in a private directory named for its process, so that one a killed
+# process left behind is found and removed by the next router process to start.
+_RELAY_PREFIX: Final = "tritonmesh-relay-"
+
+
+def _relay_directory() -> Path:
+    """A new directory for this process's relay socket, after removing those of router
+    processes that are no longer running."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_RELAY_PREFIX}*-*"):
+        pid = path.name[len(_RELAY_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{_RELAY_PREFIX}{os.getpid()}-"))
 
 
 class NativePort:
@@ -57,7 +72,7 @@ class NativePort:
         self.pool = UpstreamPool(**self.h2_settings)
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
-        self._dir = Path(tempfile.mkdtemp(prefix="tritonmesh-"))
+        self._dir = _relay_directory()
         self.internal = f"unix:{self._dir / 'grpc.sock'}"  # the grpc.aio server's address
         self.connections: dict[H2Connection, float] = {}  # when each opened (monotonic)
         self._server: asyncio.Server | None = None

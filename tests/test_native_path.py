@@ -669,11 +669,11 @@ def test_connect_failing_unexpectedly_answers_and_releases(native: None, make_ro
     real_connect = UpstreamPool.connect
     failed = []
 
-    async def connect_once_broken(self: UpstreamPool, address: str) -> Any:
+    async def connect_once_broken(self: UpstreamPool, address: str, tls: Any = None) -> Any:
         if not failed:
             failed.append(address)
             raise RuntimeError("broken on purpose")
-        return await real_connect(self, address)
+        return await real_connect(self, address, tls)
 
     monkeypatch.setattr(UpstreamPool, "connect", connect_once_broken)
     with grpcclient.InferenceServerClient(router.address) as client:

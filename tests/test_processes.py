@@ -8,6 +8,7 @@ grpc.aio relay."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import mmap
@@ -64,6 +65,23 @@ class Endpoint:
         for index in range(1, self.processes + 1):
             assert any(f"router[{index}] " in line and f"(data_path: {data_path})" in line
                        for line in self.running.lines), (index, "".join(self.running.lines))
+
+    def relay_directory(self, index: int) -> str:
+        """Where router process ``index`` has its grpc.aio relay's socket (native only):
+        the path /proc/net/unix gives the socket inode it holds open."""
+        pid = self.table.pid(index)
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        with open("/proc/net/unix") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) == 8 and fields[6] in inodes and fields[7].endswith("grpc.sock"):
+                    return os.path.dirname(fields[7])
+        raise AssertionError(f"router[{index}] (pid {pid}) holds no relay socket")
 
     def close(self) -> None:
         self.table.close()
@@ -304,6 +322,7 @@ def test_sigkill_of_a_router_process_fails_only_its_requests(
     pids = endpoint.router_pids()
     victim = max(pids, key=endpoint.held)
     lost = endpoint.held(victim)
+    relay = endpoint.relay_directory(victim) if data_path == "native" else None
     os.kill(pids[victim], signal.SIGKILL)
     # Reaped: all its threads are gone, and its socket with them. (A connection the
     # kernel hands its socket in the instant it dies is reset, as with any SO_REUSEPORT
@@ -318,6 +337,9 @@ def test_sigkill_of_a_router_process_fails_only_its_requests(
     endpoint.running.expect(f"router[{victim}] started")
     restarted = endpoint.router_pids()[victim]
     assert restarted not in (0, pids[victim])
+    if relay is not None:  # what the killed process left, its successor removed
+        assert not os.path.exists(relay)
+        assert os.path.exists(endpoint.relay_directory(victim))
     endpoint.quiescent()
     assert _concurrently(address, 16, 5) == (80, [])
     endpoint.quiescent()
@@ -407,12 +429,13 @@ def _health(address: str) -> int:
 
 
 def test_the_port_says_not_serving_as_the_supervisor_checks_say(
-        tmp_path: Path, endpoints: list[Endpoint]) -> None:
+        tmp_path: Path, endpoints: list[Endpoint], data_path: str) -> None:
     """One instance, refusing connections: health checks fail open (it stays pickable),
     but no instance passed its last probe, so the port is NOT_SERVING, as with one
     process, in every router process (new connections reach either)."""
     endpoint = Endpoint(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], 2), 2)
     endpoints.append(endpoint)
+    endpoint.serves(data_path)
     address = endpoint.running.address
     wait_for(lambda: all(_health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
                          for _ in range(8)), "NOT_SERVING from every router process")
