@@ -29,6 +29,7 @@ from tritonmesh.members import Follower
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.server import Router
 from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.sharedpins import SharedPins
 from tritonmesh.signals import StopSignals
 from tritonmesh.supervisor import RunFile
 
@@ -55,12 +56,16 @@ class RouterProcess:
         self.index = index
         self.tables = {name: SharedTable.attach(segment, index)
                        for name, segment in run.segments.items()}
+        limits = run.config.limits
+        self.pins = SharedPins.attach(run.pins, limits.max_sequences)
+        self.pins.idle_ns = int(limits.sequence_idle_timeout_s * 1e9)
         self.follower: Follower | None = None
 
     def table(self, config: VariantConfig) -> SharedCounts:
         return SharedCounts(self.tables[config.name], owner=False)
 
     def on_balancer(self, balancer: Balancer) -> None:
+        balancer.shared_pins = self.pins
         self.follower = Follower(self.run.members, balancer)
         self.follower.sync()
 
@@ -73,6 +78,7 @@ class RouterProcess:
     def close(self) -> None:
         for table in self.tables.values():
             table.close()
+        self.pins.close()
 
 
 def reload(router: Router, role: RouterProcess, run_path: str) -> None:

@@ -174,6 +174,11 @@ class SharedCounts:
         generations = self.generations
         return slot < len(generations) and generations[slot] == self.shared.generation(slot)
 
+    def knows(self, slot: int, generation: int) -> bool:
+        """Whether this process knows ``slot`` as the instance of ``generation`` (a pin's)."""
+        generations = self.generations
+        return slot < len(generations) and generations[slot] == generation
+
     # -- counting ----------------------------------------------------------------------
 
     def acquire(self, slot: int) -> None:

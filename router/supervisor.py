@@ -40,6 +40,7 @@ from tritonmesh.configvalues import ConfigError
 from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts
 from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.sharedpins import SharedPins
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -87,6 +88,7 @@ class RunFile:
     log_level: int
     event_loop: str | None  # --event-loop, else the environment's choice
     metrics_dir: str | None  # where its counts go (tritonmesh.fleetmetrics)
+    pins: str  # the sequence pins' segment (tritonmesh.sharedpins)
 
 
 class ChildStartError(RuntimeError):
@@ -108,6 +110,7 @@ class Supervisor:
         self.inspector = self.processes + 1
         self.event_loop = event_loop
         self.tables: dict[str, SharedTable] = {}
+        self.pins: SharedPins | None = None
         self.run_path = _segment.path(_segment.segment_name("run"))
         self.publisher = Publisher(members_path(), {})
         self.port = 0
@@ -128,6 +131,7 @@ class Supervisor:
                 self.tables[variant.name] = SharedTable.create(
                     self.config.shared_table_slots, self.inspector + 1, tag=f"v{i}",
                     unlink_stale=False)
+            self.pins = SharedPins.create(self.config.limits.max_sequences)
         except OSError as exc:
             self.__exit__(None, None, None)
             raise ConfigError(
@@ -146,7 +150,8 @@ class Supervisor:
         host = config.listen.rpartition(":")[0]
         run = RunFile(dataclasses.replace(config, listen=f"{host}:{self.port}"),
                       self.publisher.path, self.publisher.segments,
-                      logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir)
+                      logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir,
+                      self.pins.name if self.pins is not None else "")
         partial = f"{self.run_path}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -198,6 +203,10 @@ class Supervisor:
             table.unlink()
             table.close()
         self.tables.clear()
+        if self.pins is not None:
+            self.pins.unlink()
+            self.pins.close()
+            self.pins = None
         for path in (self.run_path, f"{self.run_path}.partial", self.publisher.path,
                      f"{self.publisher.path}.partial"):
             if os.path.lexists(path):  # a read-only /dev/shm refuses even a missing name
@@ -220,6 +229,7 @@ class Supervisor:
 
     def on_balancer(self, balancer: Balancer) -> None:
         self.publisher.balancer = balancer
+        balancer.shared_pins = self.pins  # the supervisor sweeps idle pins
 
     def metrics(self, own: Collector) -> Collector:
         assert self.metrics_dir is not None
