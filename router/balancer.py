@@ -94,6 +94,7 @@ class Balancer:
         previous: RetryBudget | None = getattr(self, "retry_budget", None)
         if previous is not None:
             budget.retried, budget.refused = previous.retried, previous.refused
+            budget.others = previous.others
         self.retry_budget = budget
 
     def set_work_hints(self, work_hints: Mapping[str, WorkHint]) -> None:

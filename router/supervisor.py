@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import SharedTable, _segment, unlink_stale
 from tritonmesh.configvalues import ConfigError
+from tritonmesh.fleetbudget import SharedRetryCounts
 from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts
+from tritonmesh.fleetoutliers import FleetOutliers, SharedEjections
 from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
 from tritonmesh.sharedpins import SharedPins
@@ -89,6 +91,8 @@ class RunFile:
     event_loop: str | None  # --event-loop, else the environment's choice
     metrics_dir: str | None  # where its counts go (tritonmesh.fleetmetrics)
     pins: str  # the sequence pins' segment (tritonmesh.sharedpins)
+    ejections: str  # the fleet's ejections (tritonmesh.fleetoutliers)
+    retries: str  # each router process's retry counts (tritonmesh.fleetbudget)
 
 
 class ChildStartError(RuntimeError):
@@ -111,6 +115,9 @@ class Supervisor:
         self.event_loop = event_loop
         self.tables: dict[str, SharedTable] = {}
         self.pins: SharedPins | None = None
+        self.ejections: SharedEjections | None = None
+        self.retries: SharedRetryCounts | None = None
+        self.variant_index = {v.name: i for i, v in enumerate(config.variants)}
         self.run_path = _segment.path(_segment.segment_name("run"))
         self.publisher = Publisher(members_path(), {})
         self.port = 0
@@ -132,6 +139,9 @@ class Supervisor:
                     self.config.shared_table_slots, self.inspector + 1, tag=f"v{i}",
                     unlink_stale=False)
             self.pins = SharedPins.create(self.config.limits.max_sequences)
+            self.ejections = SharedEjections.create(len(self.config.variants),
+                                                    self.config.shared_table_slots)
+            self.retries = SharedRetryCounts.create(self.inspector + 1)
         except OSError as exc:
             self.__exit__(None, None, None)
             raise ConfigError(
@@ -151,7 +161,9 @@ class Supervisor:
         run = RunFile(dataclasses.replace(config, listen=f"{host}:{self.port}"),
                       self.publisher.path, self.publisher.segments,
                       logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir,
-                      self.pins.name if self.pins is not None else "")
+                      self.pins.name if self.pins is not None else "",
+                      self.ejections.name if self.ejections is not None else "",
+                      self.retries.name if self.retries is not None else "")
         partial = f"{self.run_path}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -203,10 +215,11 @@ class Supervisor:
             table.unlink()
             table.close()
         self.tables.clear()
-        if self.pins is not None:
-            self.pins.unlink()
-            self.pins.close()
-            self.pins = None
+        for shared in (self.pins, self.ejections, self.retries):
+            if shared is not None:
+                shared.unlink()
+                shared.close()
+        self.pins = self.ejections = self.retries = None
         for path in (self.run_path, f"{self.run_path}.partial", self.publisher.path,
                      f"{self.publisher.path}.partial"):
             if os.path.lexists(path):  # a read-only /dev/shm refuses even a missing name
@@ -223,13 +236,17 @@ class Supervisor:
 
     def table(self, config: VariantConfig) -> SharedCounts:
         counts = SharedCounts(self.tables[config.name], owner=True,
-                              limit=config.max_concurrency or 0)
+                              limit=config.max_concurrency or 0, ejections=self.ejections,
+                              variant_index=self.variant_index[config.name])
         counts.on_change = self.publisher.changed
         return counts
 
     def on_balancer(self, balancer: Balancer) -> None:
         self.publisher.balancer = balancer
         balancer.shared_pins = self.pins  # the supervisor sweeps idle pins
+        assert self.ejections is not None
+        # Its health checks end ejections (probe_passed); it ejects nothing itself.
+        balancer.outliers = FleetOutliers(self.ejections, self.variant_index, supervisor=True)
 
     def metrics(self, own: Collector) -> Collector:
         assert self.metrics_dir is not None
@@ -315,6 +332,8 @@ class Supervisor:
 
     def _reclaim(self, index: int) -> int:
         """The share of router process ``index`` (exited and reaped) in every table."""
+        if self.retries is not None:
+            self.retries.clear(index)
         return sum(table.reclaim(index) for table in self.tables.values()
                    if table.pid(index))
 
