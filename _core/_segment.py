@@ -34,6 +34,11 @@ import os
 import re
 
 MAGIC = 0x31_4C_42_54_48_53_4D_54  # b"TMSHTBL1" read as a little-endian u64
+# The segments of the sequence pins, ejections and retry counts (tritonmesh.sharedpins,
+# .fleetoutliers, .fleetbudget) keep the owner at the same offsets.
+PINS_MAGIC = 0x31_53_4E_49_50_53_4D_54  # b"TMSPINS1"
+EJECTIONS_MAGIC = 0x31_4A_43_45_4A_45_4D_54  # b"TMEJECJ1"
+RETRIES_MAGIC = 0x31_59_52_54_45_52_4D_54  # b"TMRETRY1"
 VERSION = 1
 PREFIX = "tritonmesh-"
 SHM_DIR = "/dev/shm"
@@ -145,7 +150,8 @@ def _owner_alive(seg: str, pid: int) -> bool:
             header = f.read(HEADER)
     except OSError:
         return True
-    if len(header) < HEADER or int.from_bytes(header[H_MAGIC:H_MAGIC + 8], "little") != MAGIC:
+    if len(header) < HEADER or int.from_bytes(header[H_MAGIC:H_MAGIC + 8], "little") not in (
+            MAGIC, PINS_MAGIC, EJECTIONS_MAGIC, RETRIES_MAGIC):
         return True  # not initialised yet, or not ours to judge: leave it
     recorded = int.from_bytes(header[H_OWNER_START:H_OWNER_START + 8], "little")
     return recorded == 0 or recorded == start_time(pid)

@@ -126,48 +126,7 @@ cdef class SharedTable:
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
-        fd = _segment.open_file(name)
-        try:
-            mm = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
-        try:
-            capacity, max_processes = _segment.read_sizes(name, memoryview(mm))
-        except BaseException:
-            mm.close()
-            raise
-        if not 0 <= process_index < max_processes:
-            mm.close()
-            raise ValueError(f"process_index must be in [0, {max_processes}), got {process_index}")
-        self._mm = mm
-        self._view = mm
-        self._base = <char*>&self._view[0]
-        procs, slots, ledgers, _ = _segment.offsets(capacity, max_processes)
-        self._procs = self._base + <Py_ssize_t>procs
-        self._slots = self._base + <Py_ssize_t>slots
-        self._ledgers = self._base + <Py_ssize_t>ledgers
-        self._row = _segment.ledger_row(capacity)
-        self._capacity = capacity
-        self._max_processes = max_processes
-        self._pi = process_index
-        self._mine = <uint64_t*>(self._ledgers + process_index * self._row)
-        self._high = <uint32_t*>(self._base + H_HIGH)
-        self._generation = <uint64_t*>(self._base + H_GENERATION)
-        self._wake_seq = <uint32_t*>(self._base + H_WAKE_SEQ)
-        self._waiters = <uint32_t*>(self._base + H_WAITERS)
-        self.name = name
-        self._waiting = False
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        self._rng = splitmix64(<uint64_t>(seed & 0xFFFFFFFFFFFFFFFF)) or 1
-        cdef uint64_t expected = 0
-        cdef uint64_t* pid = <uint64_t*>(self._procs + process_index * 64)
-        if not tm_cas64(pid, &expected, <uint64_t>os.getpid()):
-            self._unmap()
-            raise ValueError(f"process index {process_index} of {name!r} is held by pid "
-                             f"{expected} (reclaim it first if that process has exited)")
-        tm_store64(<uint64_t*>(self._procs + process_index * 64 + P_START),
-                   <uint64_t>_segment.start_time(os.getpid()))
+        _map(self, name, process_index, seed)
 
     @classmethod
     def create(cls, Py_ssize_t capacity, Py_ssize_t max_processes, *, str tag="table",
@@ -204,7 +163,7 @@ cdef class SharedTable:
         """Release what this process still holds, give up its index, and unmap."""
         if self._base == NULL:
             return
-        self._reclaim(self._pi)
+        _reclaim(self, self._pi)
         self._waiting = False
         self._unmap()
 
@@ -252,92 +211,6 @@ cdef class SharedTable:
 
     # -- the update protocol (module docstring) ----------------------------------------
 
-    cdef inline void _help(self, Py_ssize_t s, uint64_t g) noexcept nogil:
-        """Apply the stamped update on count word ``g`` to its process's ledger, if it is not."""
-        cdef uint32_t stamp = <uint32_t>(g >> 32)
-        cdef uint64_t* cell
-        cdef uint64_t cur
-        cdef uint32_t seq, held
-        if stamp == 0:
-            return
-        cell = self._cell((stamp >> 25) - 1, s)
-        cur = tm_load64(cell)
-        seq = <uint32_t>(cur >> 32) + 1
-        if (seq & SEQ_MASK) != (stamp & SEQ_MASK):
-            return
-        held = <uint32_t>cur
-        held = held - 1 if stamp & STAMP_NEG else held + 1
-        tm_cas64(cell, &cur, ((<uint64_t>seq) << 32) | held)
-
-    cdef int _update(self, Py_ssize_t s, bint up, uint32_t limit) noexcept nogil:
-        """+1 (``up``, refused at ``limit`` when it is not 0) or -1 on slot ``s``, in the
-        global count and this process's ledger. Returns 1, or 0 when refused."""
-        cdef uint64_t* cell = self._mine + s
-        cdef uint64_t* word = self._word(s)
-        cdef uint64_t cur = tm_load64(cell)
-        cdef uint32_t seq = <uint32_t>(cur >> 32) + 1
-        cdef uint32_t held = <uint32_t>cur
-        cdef uint64_t stamp = ((<uint64_t>(self._pi + 1)) << 25) | (seq & SEQ_MASK)
-        cdef uint64_t g = tm_load64(word)
-        cdef uint32_t count
-        if not up:
-            stamp |= STAMP_NEG
-        while True:
-            self._help(s, g)
-            count = <uint32_t>g
-            if up and limit != 0 and count >= limit:
-                return 0
-            count = count + 1 if up else count - 1
-            if tm_cas64(word, &g, (stamp << 32) | count):
-                break
-        held = held + 1 if up else held - 1
-        # Fails only when a helper applied it already.
-        tm_cas64(cell, &cur, ((<uint64_t>seq) << 32) | held)
-        return 1
-
-    cdef void _drop(self, Py_ssize_t s) noexcept nogil:
-        """-1 on ``s``; frees the slot when it is REMOVED and this was its last request."""
-        cdef uint64_t st
-        self._update(s, False, 0)
-        if <uint32_t>tm_load64(self._word(s)) == 0:
-            st = tm_load64(self._statusp(s))
-            if <uint32_t>st == REMOVED:
-                if tm_cas64(self._statusp(s), &st, _status(FREE, <uint32_t>(st >> 32))):
-                    tm_add64(self._generation, 1)
-
-    cdef int _check_slot_live(self, Py_ssize_t s, int tries) except -2:
-        """Global count == sum of the ledgers (+ the one pending stamped update) for slot
-        ``s``, while other processes update it: read the count word, every ledger cell, the
-        word again; if the word did not change, the only cell that can have moved is the
-        stamped process's (its update being applied), which is accounted either way.
-        Returns 1 when verified, 0 when the word never stood still for ``tries`` reads."""
-        cdef uint64_t g, cur
-        cdef uint32_t stamp, total, held
-        cdef Py_ssize_t p, owner
-        cdef int _t
-        for _t in range(tries):
-            g = tm_load64(self._word(s))
-            stamp = <uint32_t>(g >> 32)
-            owner = <Py_ssize_t>(stamp >> 25) - 1 if stamp else -1
-            total = 0
-            for p in range(self._max_processes):
-                cur = tm_load64(self._cell(p, s))
-                held = <uint32_t>cur
-                if p == owner and ((<uint32_t>(cur >> 32) + 1) & SEQ_MASK) == (stamp & SEQ_MASK):
-                    held = held - 1 if stamp & STAMP_NEG else held + 1
-                total += held
-            if tm_load64(self._word(s)) != g:
-                continue
-            if total != <uint32_t>g:
-                raise AssertionError(f"slot {s}: global count {<uint32_t>g} != sum of ledgers "
-                                     f"{total} (with the pending update)")
-            return 1
-        return 0
-
-    cdef int _debug_after(self, Py_ssize_t s) except -1:
-        self._check_slot_live(s, 8)
-        return 0
-
     # -- argument checks ---------------------------------------------------------------
 
     cdef inline uint32_t _live(self, Py_ssize_t slot) except 0xFFFFFFFF:
@@ -367,62 +240,15 @@ cdef class SharedTable:
 
     cpdef Py_ssize_t add(self, weight=1.0, limit=0) except -1:
         """Add a pickable slot; returns its id (the lowest free one)."""
-        cdef double w = self._check_weight(weight)
-        cdef uint32_t lim = self._check_limit(limit)
-        cdef Py_ssize_t s
-        cdef uint64_t st
-        cdef uint32_t gen, high
-        if self._base == NULL:
-            raise ValueError("the table is closed")
-        for s in range(self._capacity):
-            st = tm_load64(self._statusp(s))
-            if <uint32_t>st != FREE:
-                continue
-            gen = <uint32_t>(st >> 32) + 1
-            if tm_cas64(self._statusp(s), &st,
-                        _status(CLAIMED | <uint32_t>((self._pi + 1) << 8), gen)):
-                break
-        else:
-            raise ValueError(f"the shared table is full (capacity {self._capacity})")
-        tm_store_f64(self._weightp(s), w)
-        tm_store32(self._limitp(s), lim)
-        high = tm_load32(self._high)
-        while high < s + 1:
-            if tm_cas32(self._high, &high, <uint32_t>(s + 1)):
-                break
-        tm_store64(self._statusp(s), _status(ACTIVE, gen))
-        tm_add64(self._generation, 1)
-        return s
+        return _add(self, weight, limit)
 
     cpdef void remove(self, Py_ssize_t slot) except *:
         """Never pick ``slot`` again; it is freed after its last release, in any process."""
-        self._live(slot)
-        cdef uint64_t st = tm_load64(self._statusp(slot))
-        while True:
-            if <uint32_t>st == REMOVED:
-                return
-            if <uint32_t>st == FREE or (<uint32_t>st & STATE_MASK) == CLAIMED:
-                raise IndexError(f"slot {slot} is not in the table")
-            if tm_cas64(self._statusp(slot), &st, _status(REMOVED, <uint32_t>(st >> 32))):
-                break
-        st = _status(REMOVED, <uint32_t>(st >> 32))
-        if <uint32_t>tm_load64(self._word(slot)) == 0:
-            tm_cas64(self._statusp(slot), &st, _status(FREE, <uint32_t>(st >> 32)))
-        tm_add64(self._generation, 1)
+        _remove(self, slot)
 
     cpdef void set_available(self, Py_ssize_t slot, bint available) except *:
         """Put ``slot`` back in the pick set, or take it out (draining, unhealthy)."""
-        self._live(slot)
-        cdef uint64_t st = tm_load64(self._statusp(slot))
-        cdef uint32_t want = ACTIVE if available else UNAVAILABLE
-        while <uint32_t>st != want:
-            if <uint32_t>st == REMOVED:
-                raise ValueError(f"slot {slot} was removed")
-            if <uint32_t>st != ACTIVE and <uint32_t>st != UNAVAILABLE:
-                raise IndexError(f"slot {slot} is not in the table")
-            if tm_cas64(self._statusp(slot), &st, _status(want, <uint32_t>(st >> 32))):
-                tm_add64(self._generation, 1)
-                break
+        _set_available(self, slot, available)
 
     cpdef bint is_available(self, Py_ssize_t slot) except -1:
         """Whether ``slot`` can be picked."""
@@ -462,93 +288,20 @@ cdef class SharedTable:
 
     # -- picks -------------------------------------------------------------------------
 
-    cdef inline bint _pickable(self, Py_ssize_t s, uint64_t* status, uint32_t* count) \
-            noexcept nogil:
-        status[0] = tm_load64(self._statusp(s))
-        if <uint32_t>status[0] != ACTIVE:
-            return False
-        count[0] = <uint32_t>tm_load64(self._word(s))
-        cdef uint32_t lim = tm_load32(self._limitp(s))
-        return lim == 0 or count[0] < lim
-
-    cdef inline bint _take(self, Py_ssize_t s, uint64_t status) noexcept nogil:
-        """+1 on the scanned slot ``s``, kept only if it is still ACTIVE in that generation."""
-        if not self._update(s, True, tm_load32(self._limitp(s))):
-            return False
-        if tm_load64(self._statusp(s)) == status:
-            return True
-        self._drop(s)
-        return False
-
-    cdef Py_ssize_t _scan_least(self) noexcept nogil:
-        """The pickable slot with the lowest (count + 1) / weight, uniform among ties.
-
-        Two passes rather than one with a reservoir: a random number (a division) per tied
-        slot costs more than reading the tied slots again. Pass 2 starts at the first
-        minimum; if the counts moved meanwhile and it finds fewer ties, the first stands.
-        Ties are counted without a branch: with counts near the minimum mixed at random,
-        a branch on "tied or above" is mispredicted half the time.
-        """
-        cdef Py_ssize_t high = tm_load32(self._high)
-        cdef Py_ssize_t s, best = -1
-        cdef uint64_t ties = 0, status, best_status = 0
-        cdef int64_t r
-        cdef uint32_t count, best_count = 0
-        cdef double w, best_w = 0.0, lhs, rhs
-        for s in range(high):
-            if not self._pickable(s, &status, &count):
-                continue
-            w = tm_load_f64(self._weightp(s))
-            lhs = (<double>count + 1.0) * best_w
-            rhs = (<double>best_count + 1.0) * w
-            if lhs < rhs or best < 0:
-                best, best_count, best_w, best_status, ties = s, count, w, status, 1
-            else:
-                ties += lhs == rhs
-        self._scanned = best_status
-        if ties <= 1:
-            return best
-        r = <int64_t>self._below(ties)
-        for s in range(best, high):
-            if not self._pickable(s, &status, &count):
-                continue
-            r -= (<double>count + 1.0) * best_w == \
-                (<double>best_count + 1.0) * tm_load_f64(self._weightp(s))
-            if r < 0:
-                self._scanned = status
-                return s
-        return best
-
     cpdef Py_ssize_t pick(self) except -2:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
         cdef Py_ssize_t s, _attempt
         if self._base == NULL:
             raise ValueError("the table is closed")
         for _attempt in range(PICK_ATTEMPTS):
-            s = self._scan_least()
+            s = _scan_least(self)
             if s < 0:
                 return -1
-            if self._take(s, self._scanned):
+            if _take(self, s, self._scanned):
                 if TRITONMESH_DEBUG:
-                    self._debug_after(s)
+                    _debug_after(self, s)
                 return s
         return -1
-
-    cdef Py_ssize_t _scan_random(self) noexcept nogil:
-        cdef Py_ssize_t high = tm_load32(self._high)
-        cdef Py_ssize_t s, chosen = -1
-        cdef double total = 0.0, w
-        cdef uint64_t status
-        cdef uint32_t count
-        # One pass, weighted reservoir: keep slot s with probability w_s / (sum so far).
-        for s in range(high):
-            if not self._pickable(s, &status, &count):
-                continue
-            w = tm_load_f64(self._weightp(s))
-            total += w
-            if <double>(xorshift64star(&self._rng) >> 11) * (1.0 / 9007199254740992.0) * total < w:
-                chosen, self._scanned = s, status
-        return chosen
 
     cpdef Py_ssize_t pick_random(self) except -2:
         """RANDOM: a pickable slot with probability proportional to its weight."""
@@ -556,66 +309,22 @@ cdef class SharedTable:
         if self._base == NULL:
             raise ValueError("the table is closed")
         for _attempt in range(PICK_ATTEMPTS):
-            s = self._scan_random()
+            s = _scan_random(self)
             if s < 0:
                 return -1
-            if self._take(s, self._scanned):
-                return s
-        return -1
-
-    cdef Py_ssize_t _sample(self, Py_ssize_t high, Py_ssize_t skip, uint64_t* status,
-                            uint32_t* count) noexcept nogil:
-        """A uniformly random pickable slot other than ``skip``, by rejection; -1 when
-        ``high`` tries in a row found none (then the caller falls back to a scan)."""
-        cdef Py_ssize_t s, _i
-        for _i in range(high + 8):
-            s = <Py_ssize_t>self._below(<uint64_t>high)
-            if s != skip and self._pickable(s, status, count):
+            if _take(self, s, self._scanned):
                 return s
         return -1
 
     cpdef Py_ssize_t pick_two(self) except -2:
         """POWER_OF_TWO_CHOICES on the fleet-wide counts; -1 when nothing is pickable."""
-        cdef Py_ssize_t high, a, b, s, _attempt
-        cdef uint64_t sa, sb
-        cdef uint32_t ca, cb
-        cdef double lhs, rhs
-        if self._base == NULL:
-            raise ValueError("the table is closed")
-        for _attempt in range(PICK_ATTEMPTS):
-            high = tm_load32(self._high)
-            if high == 0:
-                return -1
-            a = self._sample(high, -1, &sa, &ca)
-            if a < 0:
-                a = self._scan_random()
-                if a < 0:
-                    return -1
-                sa = self._scanned
-                ca = <uint32_t>tm_load64(self._word(a))
-            b = self._sample(high, a, &sb, &cb)
-            s, self._scanned = a, sa
-            if b >= 0:
-                lhs = (<double>ca + 1.0) * tm_load_f64(self._weightp(b))
-                rhs = (<double>cb + 1.0) * tm_load_f64(self._weightp(a))
-                if rhs < lhs or (rhs == lhs and xorshift64star(&self._rng) & 1):
-                    s, self._scanned = b, sb
-            if self._take(s, self._scanned):
-                return s
-        return -1
+        return _pick_two(self)
 
     # -- accounting --------------------------------------------------------------------
 
     cpdef void acquire(self, Py_ssize_t slot, long long generation=-1) except *:
         """Count one more request on ``slot`` (a pinned sequence); ignores the limit."""
-        cdef uint32_t state = self._live(slot)
-        cdef uint64_t st = tm_load64(self._statusp(slot))
-        if state == REMOVED:
-            raise ValueError(f"slot {slot} was removed")
-        if generation >= 0 and <uint32_t>(st >> 32) != generation:
-            raise ValueError(f"slot {slot} was reused (generation {st >> 32}, not {generation})")
-        self._update(slot, True, 0)
-        self._confirm(slot, st)
+        _acquire(self, slot, generation)
 
     cdef int _confirm(self, Py_ssize_t slot, uint64_t st) except -1:
         """After +1 on ``slot`` read in status ``st``: undo and raise if it was removed or
@@ -623,25 +332,15 @@ cdef class SharedTable:
         cdef uint64_t now = tm_load64(self._statusp(slot))
         if (now >> 32) == (st >> 32) and (<uint32_t>now == ACTIVE or <uint32_t>now == UNAVAILABLE):
             if TRITONMESH_DEBUG:
-                self._debug_after(slot)
+                _debug_after(self, slot)
             return 0
-        self._drop(slot)
+        _drop(self, slot)
         raise ValueError(f"slot {slot} was removed")
 
     cpdef bint try_acquire(self, Py_ssize_t slot, limit=0) except -1:
         """One more request on ``slot`` if its count is below ``limit`` (0: the slot's own
         limit, if any); a compare-and-swap, so the count never exceeds the limit."""
-        cdef uint32_t lim = self._check_limit(limit)
-        cdef uint32_t state = self._live(slot)
-        cdef uint64_t st = tm_load64(self._statusp(slot))
-        if state == REMOVED:
-            raise ValueError(f"slot {slot} was removed")
-        if lim == 0:
-            lim = tm_load32(self._limitp(slot))
-        if not self._update(slot, True, lim):
-            return False
-        self._confirm(slot, st)
-        return True
+        return _try_acquire(self, slot, limit)
 
     cpdef void release(self, Py_ssize_t slot) except *:
         """One request of this process on ``slot`` ended: count one fewer."""
@@ -649,12 +348,12 @@ cdef class SharedTable:
             raise IndexError(f"slot {slot} is not in the table")
         if <uint32_t>tm_load64(self._mine + slot) == 0:
             raise ValueError(f"release of slot {slot}, on which this process holds no requests")
-        self._drop(slot)
+        _drop(self, slot)
         if tm_load32(self._waiters) != 0:
             tm_add32(self._wake_seq, 1)
             tm_futex_wake_all(self._wake_seq)
         if TRITONMESH_DEBUG:
-            self._debug_after(slot)
+            _debug_after(self, slot)
 
     cpdef uint32_t outstanding(self, Py_ssize_t slot) except 0xFFFFFFFF:
         """``slot``'s fleet-wide outstanding count."""
@@ -670,7 +369,7 @@ cdef class SharedTable:
         if not 0 <= process_index < self._max_processes:
             raise ValueError(f"process_index must be in [0, {self._max_processes}), "
                              f"got {process_index}")
-        self._help(slot, tm_load64(self._word(slot)))
+        _help(self, slot, tm_load64(self._word(slot)))
         return <uint32_t>tm_load64(self._cell(process_index, slot))
 
     cpdef Py_ssize_t pid(self, Py_ssize_t process_index) except -1:
@@ -684,144 +383,53 @@ cdef class SharedTable:
         """Subtract everything process ``process_index`` held from the global counts, zero
         its ledger, and free its index. Call it after that process exited (and was reaped);
         returns the number of requests reclaimed."""
-        if self._base == NULL:
-            raise ValueError("the table is closed")
-        if not 0 <= process_index < self._max_processes:
-            raise ValueError(f"process_index must be in [0, {self._max_processes}), "
-                             f"got {process_index}")
-        if process_index == self._pi:
-            raise ValueError("a process cannot reclaim its own index; close() the table")
-        pid = tm_load64(<uint64_t*>(self._procs + process_index * 64))
-        if pid != 0 and _segment.still_attached(
-                pid, tm_load64(<uint64_t*>(self._procs + process_index * 64 + P_START))):
-            raise ValueError(f"process index {process_index} is held by pid {pid}, "
-                             "which is still running")
-        return self._reclaim(process_index)
-
-    cdef Py_ssize_t _reclaim(self, Py_ssize_t process_index) except -1:
-        cdef uint64_t* pidp = <uint64_t*>(self._procs + process_index * 64)
-        cdef uint32_t* waiting = <uint32_t*>(self._procs + process_index * 64 + P_WAITING)
-        cdef uint32_t claimed = CLAIMED | <uint32_t>((process_index + 1) << 8)
-        cdef Py_ssize_t s
-        cdef uint64_t* cell
-        cdef uint64_t cur, g
-        cdef uint32_t held
-        cdef Py_ssize_t total = 0
-        # The whole capacity, not the high-water mark: a process may die between claiming a
-        # slot in add() and raising the mark.
-        for s in range(self._capacity):
-            g = tm_load64(self._statusp(s))
-            if <uint32_t>g == claimed:  # it died inside add()
-                tm_cas64(self._statusp(s), &g, _status(FREE, <uint32_t>(g >> 32)))
-            self._help(s, tm_load64(self._word(s)))
-            cell = self._cell(process_index, s)
-            cur = tm_load64(cell)
-            held = <uint32_t>cur
-            if held:
-                g = tm_load64(self._word(s))
-                # Keep the stamp: it may be another process's update, not yet in its ledger.
-                while not tm_cas64(self._word(s), &g, (g & 0xFFFFFFFF00000000) |
-                                   <uint32_t>(<uint32_t>g - held)):
-                    pass
-                tm_store64(cell, cur & 0xFFFFFFFF00000000)
-                total += held
-            # Also when it held nothing here: it may have died between its last release's
-            # count update and freeing the removed slot, or inside remove().
-            if <uint32_t>tm_load64(self._word(s)) == 0:
-                g = tm_load64(self._statusp(s))
-                if <uint32_t>g == REMOVED:
-                    tm_cas64(self._statusp(s), &g, _status(FREE, <uint32_t>(g >> 32)))
-        if tm_load32(waiting):
-            tm_store32(waiting, 0)
-            tm_add32(self._waiters, -1)
-        tm_store64(pidp, 0)
-        if total and tm_load32(self._waiters) != 0:
-            tm_add32(self._wake_seq, 1)
-            tm_futex_wake_all(self._wake_seq)
-        return total
+        return _reclaim_exited(self, process_index)
 
     # -- waiting for a release in any process -------------------------------------------
 
     def begin_wait(self):
         """Register as a waiter; returns the wake-up sequence to pass to wait_for_release.
         Read it *before* checking the condition (try_acquire), then wait if that failed."""
-        if self._base == NULL:
-            raise ValueError("the table is closed")
-        if not self._waiting:
-            # Count first, flag second: a death between leaves one waiter too many (releases
-            # then make a needless wake call), never one too few.
-            tm_add32(self._waiters, 1)
-            tm_store32(<uint32_t*>(self._procs + self._pi * 64 + P_WAITING), 1)
-            self._waiting = True
-        return tm_load32(self._wake_seq)
+        return _begin_wait(self)
 
     def wait_for_release(self, uint32_t seen, double timeout):
         """Block (GIL released) until a release in any process moves the wake-up sequence
         off ``seen``, or ``timeout`` seconds; returns the sequence now (``seen``: timed out)."""
-        if not self._waiting:
-            raise ValueError("begin_wait() first")
-        cdef uint32_t* word = self._wake_seq
-        with nogil:
-            tm_futex_wait(word, seen, timeout)
-        return tm_load32(self._wake_seq)
+        return _wait_for_release(self, seen, timeout)
 
     def end_wait(self):
         """Stop being a waiter (releases stop paying for the wake-up)."""
-        if self._waiting and self._base != NULL:
-            tm_store32(<uint32_t*>(self._procs + self._pi * 64 + P_WAITING), 0)
-            tm_add32(self._waiters, -1)
-        self._waiting = False
+        _end_wait(self)
 
     # -- inspection ----------------------------------------------------------------------
 
     def snapshot(self):
         """``(slot, outstanding, weight, state, limit)`` for every slot in use, by id."""
-        out = []
-        cdef Py_ssize_t s
-        cdef uint64_t st
-        for s in range(tm_load32(self._high)):
-            st = tm_load64(self._statusp(s))
-            if <uint32_t>st != FREE:
-                out.append((s, <uint32_t>tm_load64(self._word(s)), tm_load_f64(self._weightp(s)),
-                            _segment.STATE_NAMES[<uint32_t>st & STATE_MASK],
-                            tm_load32(self._limitp(s))))
-        return out
+        return _snapshot(self)
 
     def check_live(self, int tries=100):
         """Under load, for every slot: global count == sum of the ledgers, counting the one
         update whose count step is done and ledger step not yet (module docstring). Not
         during a reclaim. Returns the number of slots verified (a slot whose count changed
         on every one of ``tries`` attempts is skipped); raises AssertionError on a mismatch."""
-        if self._base == NULL:
-            raise ValueError("the table is closed")
-        cdef Py_ssize_t s, verified = 0
-        for s in range(tm_load32(self._high)):
-            verified += self._check_slot_live(s, tries)
-        return verified
+        return _check_live(self, tries)
 
     def check(self):
         """At quiescence: every global count is the sum of the ledgers, every free slot and
         every unattached process's ledger is zero. Raises AssertionError naming the first
         broken invariant."""
-        cdef Py_ssize_t s, p
-        cdef uint64_t total
-        cdef uint32_t count, held, state
-        for s in range(self._capacity):
-            self._help(s, tm_load64(self._word(s)))
-            count = <uint32_t>tm_load64(self._word(s))
-            state = <uint32_t>tm_load64(self._statusp(s))
-            total = 0
-            for p in range(self._max_processes):
-                held = <uint32_t>tm_load64(self._cell(p, s))
-                if held and tm_load64(<uint64_t*>(self._procs + p * 64)) == 0:
-                    raise AssertionError(f"slot {s}: unattached process {p} holds {held}")
-                total += held
-            if total != count:
-                raise AssertionError(f"slot {s}: global count {count} != sum of ledgers {total}")
-            if state == FREE and count != 0:
-                raise AssertionError(f"free slot {s} has count {count}")
-            if state == REMOVED and count == 0:
-                raise AssertionError(f"removed slot {s} with no requests should be free")
+        _check_quiescent(self)
+
+
+# The table's parts by concern, as functions of the table (cdef, and the class is final:
+# calls stay direct, the small ones inline): mapping the segment; the update protocol,
+# ledgers and checks; membership; the picks' scans; waiting for a release in another
+# process.
+include "_shared_segment.pxi"
+include "_shared_ledger.pxi"
+include "_shared_members.pxi"
+include "_shared_pick.pxi"
+include "_shared_wake.pxi"
 
 
 def _bench_pick_release(SharedTable table, Py_ssize_t rounds, int strategy=0):

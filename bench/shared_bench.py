@@ -5,8 +5,10 @@
 Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
 request, so every least-outstanding pick breaks a tie among the other half), side by side
 in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
-"from_python" (the pair called from a Python loop: what a router pays) and "in_c" (the pair
-in a C loop: the structure alone), and the shared twin from Python for scale. Then
+"from_python" (the pair called from a Python loop) and "in_c" (the pair in a C loop: the
+structure alone), "adapter" (the pair through ``SharedCounts`` as a router process calls
+it, with its checks that it knows the slot and may use it: what a router pays), and the
+shared twin from Python for scale. Then
 "contended": two processes running the C loop on one shared table at once (started
 together), each one's ns per pair against the same loop alone. Every figure is the best of
 5 runs, in CPU time of the process (``time.process_time_ns``): on a shared machine, time spent
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tritonmesh._core import COutstandingTable, CSharedTable, PySharedTable
+from tritonmesh.sharedcounts import SharedCounts
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
@@ -57,6 +60,18 @@ def from_python(t: Any, strategy: str, rounds: int) -> float:
             release(pick())
 
     return _best_ns(run, rounds)
+
+
+def through_adapter(owner: Any, strategy: str, rounds: int) -> float:
+    """The pair through a router process's ``SharedCounts`` (process index 2), which knows
+    every slot."""
+    table = CSharedTable.attach(owner.name, 2, seed=3)  # type: ignore[union-attr]
+    try:
+        counts = SharedCounts(table, owner=False)
+        counts.generations = [table.generation(slot) for slot, *_ in table.snapshot()]
+        return from_python(counts, strategy, rounds)
+    finally:
+        table.close()
 
 
 def in_c(t: Any, strategy: str, rounds: int) -> float:
@@ -109,7 +124,7 @@ def main() -> None:
         for n in SIZES:
             rounds = max(args.rounds // max(n // 64, 1), 2000)
             private = _load(COutstandingTable(seed=1), n)
-            shared = _load(CSharedTable.create(n, 2, tag=f"bench-{uuid.uuid4().hex[:8]}",
+            shared = _load(CSharedTable.create(n, 3, tag=f"bench-{uuid.uuid4().hex[:8]}",
                                                seed=1), n)
             twin = PySharedTable.attach(shared.name, 1, seed=2)
             try:
@@ -117,6 +132,7 @@ def main() -> None:
                     "strategy": strategy, "instances": n,
                     "private_ns_from_python": round(from_python(private, strategy, rounds), 1),
                     "shared_ns_from_python": round(from_python(shared, strategy, rounds), 1),
+                    "adapter_ns_from_python": round(through_adapter(shared, strategy, rounds), 1),
                     "private_ns_in_c": round(in_c(private, strategy, rounds * 5), 1),
                     "shared_ns_in_c": round(in_c(shared, strategy, rounds), 1),
                 }
@@ -127,6 +143,8 @@ def main() -> None:
                     row["shared_ns_in_c"] / row["private_ns_in_c"], 1)
                 row["shared_over_private_from_python"] = round(
                     row["shared_ns_from_python"] / row["private_ns_from_python"], 1)
+                row["adapter_over_private_from_python"] = round(
+                    row["adapter_ns_from_python"] / row["private_ns_from_python"], 1)
             finally:
                 twin.close()
                 shared.close()

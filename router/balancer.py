@@ -15,7 +15,7 @@ import math
 import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Final, cast
 
 from tritonmesh.config import RetryConfig, VariantConfig, WorkHint
 from tritonmesh.decoupled import DecoupledModels
@@ -24,6 +24,8 @@ from tritonmesh.lease import Lease
 from tritonmesh.outlier import OutlierDetector
 from tritonmesh.request_metrics import RequestMetrics
 from tritonmesh.retry import RetryBudget
+from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.sharedpins import PinsFullError, SharedPins
 from tritonmesh.variant import NoInstanceError, Variant
 from tritonmesh.wire import RequestInfo, WireError, peek_work
 
@@ -62,6 +64,8 @@ class Balancer:
         self.sequences: dict[tuple[str | None, str, int | str], tuple[Instance, float]] = {}
         self.max_sequences = max_sequences
         self.max_sequence_id_bytes = max_sequence_id_bytes
+        # Several router processes: the fleet's pins, in place of ``sequences``.
+        self.shared_pins: SharedPins | None = None
 
     def _map_models(self) -> None:
         # Which variants serve a model, fixed with the variants. Built from the variants'
@@ -90,6 +94,7 @@ class Balancer:
         previous: RetryBudget | None = getattr(self, "retry_budget", None)
         if previous is not None:
             budget.retried, budget.refused = previous.retried, previous.refused
+            budget.others = previous.others
         self.retry_budget = budget
 
     def set_work_hints(self, work_hints: Mapping[str, WorkHint]) -> None:
@@ -244,6 +249,8 @@ class Balancer:
                 f"sequence_id is longer than this router's limit of "
                 f"{self.max_sequence_id_bytes} bytes (limits.max_sequence_id_bytes)",
                 "INVALID_ARGUMENT")
+        if self.shared_pins is not None:
+            return self._pick_shared_sequence(self.shared_pins, info, target_variant, cost)
         key = (target_variant, info.model_name, sequence_id)
         sequences = self.sequences
         pinned = None if info.sequence_start else sequences.get(key)
@@ -253,28 +260,84 @@ class Balancer:
         else:
             if not info.sequence_end and key not in sequences \
                     and len(sequences) >= self.max_sequences:
-                raise NoInstanceError(
-                    f"{len(sequences)} sequences are open, this router's limit "
-                    f"(limits.max_sequences); end sequences with sequence_end, or an idle "
-                    f"one is forgotten after limits.sequence_idle_timeout_s",
-                    "RESOURCE_EXHAUSTED")
-            variant = self.choose_variant(info.model_name, target_variant)
-            picked = variant.pick(cost)
-            if picked is None:
-                raise NoInstanceError(
-                    f"no healthy instance in variant '{variant.name}' can start sequence "
-                    f"{sequence_id} of model '{info.model_name}'"
-                )
-            instance = picked
+                raise _too_many_sequences(len(sequences))
+            instance = self._start_sequence(info, target_variant, cost)
         if info.sequence_end:
             sequences.pop(key, None)
         else:
             sequences[key] = (instance, time.monotonic())
         return instance
 
+    def _start_sequence(self, info: RequestInfo, target_variant: str | None,
+                        cost: float) -> Instance:
+        """The instance a sequence with no (usable) pin goes to, counted."""
+        variant = self.choose_variant(info.model_name, target_variant)
+        picked = variant.pick(cost)
+        if picked is None:
+            raise NoInstanceError(
+                f"no healthy instance in variant '{variant.name}' can start sequence "
+                f"{info.sequence_id} of model '{info.model_name}'")
+        return picked
+
+    def _pick_shared_sequence(self, pins: SharedPins, info: RequestInfo,
+                              target_variant: str | None, cost: float) -> Instance:
+        """:meth:`_pick_sequence` on the fleet's pins (several router processes): the
+        first request to reach any process pins the sequence for all of them; two
+        processes starting one sequence at once agree on the pin that was claimed first."""
+        assert info.sequence_id is not None
+        key = pins.key(target_variant, info.model_name, info.sequence_id)
+        found = None if info.sequence_start else pins.find(key)
+        if found is not None:
+            pinned = self._pinned_instance(found)
+            if pinned is not None:
+                pinned.variant.count(pinned, cost)
+                if info.sequence_end:
+                    pins.drop(key)
+                return pinned
+        instance = self._start_sequence(info, target_variant, cost)
+        if info.sequence_end:
+            pins.drop(key)
+            return instance
+        variant = instance.variant
+        pin = (self.variants.index(variant), instance.slot,
+               cast(SharedCounts, variant.table).generations[instance.slot])
+        try:
+            if info.sequence_start:
+                pins.put(key, pin)
+                return instance
+            claimed = pins.claim(key, pin, stale=found)
+        except PinsFullError as exc:
+            variant.give_back(instance, cost)
+            raise _too_many_sequences(len(pins)) from exc
+        if claimed == pin:
+            return instance
+        winner = self._pinned_instance(claimed)
+        if winner is None:  # the other process pinned an instance that left since
+            pins.put(key, pin)
+            return instance
+        variant.give_back(instance, cost)
+        winner.variant.count(winner, cost)
+        return winner
+
+    def _pinned_instance(self, pin: tuple[int, int, int]) -> Instance | None:
+        """The instance a shared pin names, if this process knows it still."""
+        index, slot, generation = pin
+        if index >= len(self.variants):
+            return None
+        variant = self.variants[index]
+        counts = cast(SharedCounts, variant.table)
+        if not counts.knows(slot, generation):
+            counts.resync()  # pinned by a process that heard of the instance first
+            if not counts.knows(slot, generation):
+                return None
+        instance = variant.instances[slot]
+        return None if instance is None or instance.removed else instance
+
     def expire_sequences(self, idle_s: float) -> int:
         """Forget sequences idle for longer than ``idle_s``, and those pinned to a removed
         instance; returns how many."""
+        if self.shared_pins is not None:
+            return self.shared_pins.expire(idle_s)
         cutoff = time.monotonic() - idle_s
         stale = [k for k, (instance, last) in self.sequences.items()
                  if last < cutoff or instance.removed]
@@ -284,3 +347,10 @@ class Balancer:
 
     def total_outstanding(self) -> int:
         return sum(v.table.total_outstanding() for v in self.variants)
+
+
+def _too_many_sequences(open_now: int) -> NoInstanceError:
+    return NoInstanceError(
+        f"{open_now} sequences are open, this router's limit (limits.max_sequences); end "
+        f"sequences with sequence_end, or an idle one is forgotten after "
+        f"limits.sequence_idle_timeout_s", "RESOURCE_EXHAUSTED")

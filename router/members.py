@@ -12,10 +12,10 @@ out (:meth:`SharedCounts.published`).
 A router process re-reads the file when it changes (checked every ``POLL_S``) and at
 once when a pick lands on a slot it does not know; an instance that left the file (its
 drain is over, or its slot was reused) is removed here and its channel closed. The same
-poll returns this process's ejected instances once their back-off is over and the
-supervisor's health checks let the slot be picked (the active-probe return of
-:meth:`OutlierDetector.probe_passed`, with the supervisor's probes), and keeps the
-port's ``grpc.health.v1`` status in step.
+poll brings each instance's ``ejected`` in step with the fleet's ejections
+(:mod:`tritonmesh.fleetoutliers`; picks read those directly), in the supervisor too,
+exchanges retry counts with the other processes (:mod:`tritonmesh.fleetbudget`), and
+keeps the port's ``grpc.health.v1`` status in step.
 """
 
 from __future__ import annotations
@@ -24,17 +24,18 @@ import asyncio
 import json
 import logging
 import os
-import time
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from grpc_health.v1 import health, health_pb2
 from tritonmesh._core import _segment
+from tritonmesh.fleetoutliers import FleetOutliers
 from tritonmesh.health import INFERENCE_SERVICE
 from tritonmesh.instance import Instance, InstanceState
 from tritonmesh.sharedcounts import SharedCounts
 
 if TYPE_CHECKING:
     from tritonmesh.balancer import Balancer
+    from tritonmesh.fleetbudget import SharedRetryCounts
     from tritonmesh.server import Router
 
 __all__ = ["POLL_S", "Follower", "Publisher", "members_path"]
@@ -118,6 +119,8 @@ class Publisher:
                     counts.set_limit(variant.limit or 0)
                     changed = True
                 changed = changed or self.weights.get(variant.name) != variant.weight
+            if isinstance(self.balancer.outliers, FleetOutliers):
+                self.balancer.outliers.follow(self.balancer.instances())
             answer = await self.health.Check(health_pb2.HealthCheckRequest(service=""), None)
             serving = answer.status == health_pb2.HealthCheckResponse.SERVING
             if serving is not self.serving:
@@ -134,9 +137,10 @@ class Publisher:
 class Follower:
     """A router process's side: its variants' instances as the supervisor published them."""
 
-    def __init__(self, path: str, balancer: Balancer):
+    def __init__(self, path: str, balancer: Balancer, retries: SharedRetryCounts | None = None):
         self.path = path
         self.balancer = balancer
+        self.retries = retries  # the fleet's retry counts, exchanged every poll
         self._seen: tuple[int, int, int] | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None
@@ -197,17 +201,12 @@ class Follower:
     async def run(self, router: Router) -> None:
         while True:
             self.sync()
-            self._return_ejected()
+            if isinstance(self.balancer.outliers, FleetOutliers):
+                self.balancer.outliers.follow(self.balancer.instances())
+            if self.retries is not None:
+                self.retries.exchange(self.balancer.retry_budget)
             await self._publish_health(router)
             await asyncio.sleep(POLL_S)
-
-    def _return_ejected(self) -> None:
-        now = time.monotonic()
-        for instance in self.balancer.instances():
-            if instance.ejected and now >= instance.ejected_until:
-                counts = cast(SharedCounts, instance.variant.table)
-                if counts.shared.is_available(instance.slot):
-                    self.balancer.outliers.probe_passed(instance)
 
     async def _publish_health(self, router: Router) -> None:
         servicer = None if router.health is None else router.health.servicer

@@ -6,7 +6,9 @@ the deadline; this budget bounds it across the endpoint, so that when many insta
 fail at once retries cannot multiply the load on the survivors (a retry storm). The
 rule is Finagle's ``RetryBudget`` and Linkerd's ``retryBudget``: over the last
 ``ttl_s`` seconds, retries may not exceed ``ratio`` x requests + ``min_per_s`` x ``ttl_s``.
-The floor lets a quiet endpoint retry at all; the ratio caps a busy one.
+The floor lets a quiet endpoint retry at all; the ratio caps a busy one. With several
+router processes the budget is the fleet's: ``others`` holds the other processes'
+sums (:mod:`tritonmesh.fleetbudget`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class RetryBudget:
         self._request_sum = 0
         self._retry_sum = 0
         self._now = int(clock() / self._width)
+        # The other router processes' (requests, retries) in their windows, as last read.
+        self.others: tuple[int, int] = (0, 0)
         # Totals for the metrics endpoint: retries sent, and retries refused per reason.
         self.retried = 0
         self.refused: dict[str, int] = {"budget": 0, "per_request": 0, "deadline": 0}
@@ -66,7 +70,9 @@ class RetryBudget:
             reason = "deadline"
         else:
             i = self._advance()
-            if self._retry_sum + 1 > self.floor + self.ratio * self._request_sum:
+            requests, retries = self.others
+            if self._retry_sum + retries + 1 > \
+                    self.floor + self.ratio * (self._request_sum + requests):
                 reason = "budget"
             else:
                 self._retries[i] += 1
@@ -80,4 +86,11 @@ class RetryBudget:
         """Retries the budget would allow now. It moves the window, so call it on the
         event loop only (the metrics endpoint, on its own thread, reads the totals)."""
         self._advance()
-        return max(0.0, self.floor + self.ratio * self._request_sum - self._retry_sum)
+        requests, retries = self.others
+        return max(0.0, self.floor + self.ratio * (self._request_sum + requests)
+                   - self._retry_sum - retries)
+
+    def window(self) -> tuple[int, int]:
+        """This process's (requests, retries) in the window now; on the event loop only."""
+        self._advance()
+        return self._request_sum, self._retry_sum

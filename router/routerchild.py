@@ -24,12 +24,15 @@ from typing import TYPE_CHECKING, cast
 from tritonmesh._core import SharedTable
 from tritonmesh.crosswake import ReleaseWaker
 from tritonmesh.endpoint import reload_port_certificates
+from tritonmesh.fleetbudget import SharedRetryCounts
 from tritonmesh.fleetmetrics import SYNC_S, MetricsWriter
+from tritonmesh.fleetoutliers import FleetOutliers, SharedEjections
 from tritonmesh.loop import run as run_on_loop
 from tritonmesh.members import Follower
 from tritonmesh.metrics import BalancerCollector
 from tritonmesh.server import Router
 from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.sharedpins import SharedPins
 from tritonmesh.signals import StopSignals
 from tritonmesh.supervisor import RunFile
 
@@ -56,13 +59,22 @@ class RouterProcess:
         self.index = index
         self.tables = {name: SharedTable.attach(segment, index)
                        for name, segment in run.segments.items()}
+        limits = run.config.limits
+        self.pins = SharedPins.attach(run.pins, limits.max_sequences)
+        self.pins.idle_ns = int(limits.sequence_idle_timeout_s * 1e9)
+        self.ejections = SharedEjections.attach(run.ejections)
+        self.retries = SharedRetryCounts.attach(run.retries, index)
+        self.variant_index = {v.name: i for i, v in enumerate(run.config.variants)}
         self.follower: Follower | None = None
 
     def table(self, config: VariantConfig) -> SharedCounts:
-        return SharedCounts(self.tables[config.name], owner=False)
+        return SharedCounts(self.tables[config.name], owner=False, ejections=self.ejections,
+                            variant_index=self.variant_index[config.name])
 
     def on_balancer(self, balancer: Balancer) -> None:
-        self.follower = Follower(self.run.members, balancer)
+        balancer.shared_pins = self.pins
+        balancer.outliers = FleetOutliers(self.ejections, self.variant_index, supervisor=False)
+        self.follower = Follower(self.run.members, balancer, self.retries)
         self.follower.sync()
 
     def metrics(self, own: Collector) -> Collector:
@@ -74,6 +86,9 @@ class RouterProcess:
     def close(self) -> None:
         for table in self.tables.values():
             table.close()
+        self.pins.close()
+        self.ejections.close()
+        self.retries.close()
 
 
 def reload(router: Router, role: RouterProcess, run_path: str) -> None:

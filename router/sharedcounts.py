@@ -12,12 +12,13 @@ Two kinds of owner:
   availability (membership state and health checks) is the shared state every process
   picks by. A new slot stays unavailable until the supervisor has published its address
   (:mod:`tritonmesh.members`), so no router process picks an instance it cannot reach.
-* a router process (``owner=False``) keeps its own flags to itself: the outlier
-  detector's ejections, and a retry's "not that one again", are this process's
-  exclusions, never written to the shared state (the health checker's flag lives there).
-  A pick that lands on an excluded slot, or on one whose address this process does not
-  know yet (its membership event is in flight), is released, and the least loaded slot
-  this process may use is taken instead (whatever the strategy: this is the rare path).
+* a router process (``owner=False``) keeps a retry's "not that one again" to itself, an
+  exclusion never written to the shared state (the health checker's flag lives there).
+  The outlier detector's ejections are the fleet's (:mod:`tritonmesh.fleetoutliers`): a
+  word per slot, which every pick reads. A pick that lands on an excluded or ejected
+  slot, or on one whose address this process does not know yet (its membership event is
+  in flight), is released, and the least loaded slot this process may use is taken
+  instead (whatever the strategy: this is the rare path).
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import SharedTable
+
+if TYPE_CHECKING:
+    from tritonmesh.fleetoutliers import SharedEjections
 
 __all__ = ["MAX_REPICKS", "SharedCounts"]
 
@@ -40,10 +44,18 @@ MAX_REPICKS: Final = 8
 class SharedCounts:
     """One variant's shared table behind the private table's interface."""
 
-    def __init__(self, shared: SharedTable, *, owner: bool, limit: int = 0):
+    def __init__(self, shared: SharedTable, *, owner: bool, limit: int = 0,
+                 ejections: SharedEjections | None = None, variant_index: int = 0):
         self.shared = shared
         self.owner = owner
+        # The table's own method: a release needs nothing of this adapter.
+        self.release: Callable[[int], None] = shared.release
         self.limit = limit
+        # The fleet's ejection word per slot (0: not ejected), read by every pick.
+        self.ejections = ejections
+        self.variant_index = variant_index
+        self.ejected = memoryview(bytes(8 * shared.capacity)).cast("Q") if ejections is None \
+            else ejections.words(variant_index)
         # Router processes: the generation of each slot whose instance this process knows
         # (-1: none), kept by the membership follower; the supervisor knows every slot.
         self.generations: list[int] = []
@@ -61,6 +73,8 @@ class SharedCounts:
         self._owner_only("add")
         slot = self.shared.add(weight, self.limit)
         self.shared.set_available(slot, False)
+        if self.ejections is not None:  # a reused slot: its last instance's ejection ends
+            self.ejections.forget(self.variant_index, slot)
         self.unpublished[slot] = True
         self.on_change()
         return slot
@@ -127,11 +141,19 @@ class SharedCounts:
 
     def _usable(self, slot: int) -> int:
         """``slot`` if this process may send there, else another (``slot`` released)."""
+        # Every pick of a router process comes through here: one frame, the checks inline.
         if slot < 0 or self.owner:
             return slot
-        if slot not in self.excluded:
-            if self._knows(slot):
-                return slot
+        generations = self.generations
+        if slot < len(generations) and generations[slot] == self.shared.generation(slot) \
+                and not self.ejected[slot] and slot not in self.excluded:
+            return slot
+        return self._elsewhere(slot)
+
+    def _elsewhere(self, slot: int) -> int:
+        """The pick landed on ``slot``, which this process does not know (its membership
+        event is in flight) or may not use: ``slot`` once known, else another."""
+        if slot not in self.excluded and not self.ejected[slot]:
             self.resync()
             if self._knows(slot):
                 return slot
@@ -141,7 +163,7 @@ class SharedCounts:
     def _least_loaded_usable(self) -> int:
         """The least loaded slot (ties at random) that this process may use and that is
         below its limit, counted by compare-and-swap; -1 when there is none."""
-        shared, excluded = self.shared, self.excluded
+        shared, excluded, ejected = self.shared, self.excluded, self.ejected
         resynced = False
         for _ in range(MAX_REPICKS):
             best, best_load, ties = -1, math.inf, 0
@@ -151,8 +173,8 @@ class SharedCounts:
                 self.resync()  # a member this process has not heard of yet
                 resynced = True
             for slot, count, weight, state, limit in snapshot:
-                if state != "ACTIVE" or slot in excluded or (limit and count >= limit) \
-                        or not self._knows(slot):
+                if state != "ACTIVE" or slot in excluded or ejected[slot] \
+                        or (limit and count >= limit) or not self._knows(slot):
                     continue
                 load = (count + 1) / weight
                 if load < best_load:
@@ -174,6 +196,11 @@ class SharedCounts:
         generations = self.generations
         return slot < len(generations) and generations[slot] == self.shared.generation(slot)
 
+    def knows(self, slot: int, generation: int) -> bool:
+        """Whether this process knows ``slot`` as the instance of ``generation`` (a pin's)."""
+        generations = self.generations
+        return slot < len(generations) and generations[slot] == generation
+
     # -- counting ----------------------------------------------------------------------
 
     def acquire(self, slot: int) -> None:
@@ -181,9 +208,6 @@ class SharedCounts:
             self.shared.acquire(slot)
         else:  # a slot reused since this process learned it raises, never counts elsewhere
             self.shared.acquire(slot, self.generations[slot])
-
-    def release(self, slot: int) -> None:
-        self.shared.release(slot)
 
     def outstanding(self, slot: int) -> int:
         return self.shared.outstanding(slot)
@@ -196,9 +220,9 @@ class SharedCounts:
         return sum(count for _, count, _, _, _ in self.shared.snapshot())
 
     def pickable(self) -> int:
-        excluded = self.excluded
+        excluded, ejected = self.excluded, self.ejected
         return sum(1 for slot, _, _, state, _ in self.shared.snapshot()
-                   if state == "ACTIVE" and slot not in excluded)
+                   if state == "ACTIVE" and slot not in excluded and not ejected[slot])
 
 
 def _nothing() -> None:

@@ -37,9 +37,12 @@ from typing import TYPE_CHECKING, Final
 
 from tritonmesh._core import SharedTable, _segment, unlink_stale
 from tritonmesh.configvalues import ConfigError
+from tritonmesh.fleetbudget import SharedRetryCounts
 from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts
+from tritonmesh.fleetoutliers import FleetOutliers, SharedEjections
 from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
+from tritonmesh.sharedpins import SharedPins
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -87,6 +90,9 @@ class RunFile:
     log_level: int
     event_loop: str | None  # --event-loop, else the environment's choice
     metrics_dir: str | None  # where its counts go (tritonmesh.fleetmetrics)
+    pins: str  # the sequence pins' segment (tritonmesh.sharedpins)
+    ejections: str  # the fleet's ejections (tritonmesh.fleetoutliers)
+    retries: str  # each router process's retry counts (tritonmesh.fleetbudget)
 
 
 class ChildStartError(RuntimeError):
@@ -108,6 +114,10 @@ class Supervisor:
         self.inspector = self.processes + 1
         self.event_loop = event_loop
         self.tables: dict[str, SharedTable] = {}
+        self.pins: SharedPins | None = None
+        self.ejections: SharedEjections | None = None
+        self.retries: SharedRetryCounts | None = None
+        self.variant_index = {v.name: i for i, v in enumerate(config.variants)}
         self.run_path = _segment.path(_segment.segment_name("run"))
         self.publisher = Publisher(members_path(), {})
         self.port = 0
@@ -128,6 +138,10 @@ class Supervisor:
                 self.tables[variant.name] = SharedTable.create(
                     self.config.shared_table_slots, self.inspector + 1, tag=f"v{i}",
                     unlink_stale=False)
+            self.pins = SharedPins.create(self.config.limits.max_sequences)
+            self.ejections = SharedEjections.create(len(self.config.variants),
+                                                    self.config.shared_table_slots)
+            self.retries = SharedRetryCounts.create(self.inspector + 1)
         except OSError as exc:
             self.__exit__(None, None, None)
             raise ConfigError(
@@ -146,7 +160,10 @@ class Supervisor:
         host = config.listen.rpartition(":")[0]
         run = RunFile(dataclasses.replace(config, listen=f"{host}:{self.port}"),
                       self.publisher.path, self.publisher.segments,
-                      logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir)
+                      logging.getLogger().getEffectiveLevel(), self.event_loop, self.metrics_dir,
+                      self.pins.name if self.pins is not None else "",
+                      self.ejections.name if self.ejections is not None else "",
+                      self.retries.name if self.retries is not None else "")
         partial = f"{self.run_path}.partial"
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -198,6 +215,11 @@ class Supervisor:
             table.unlink()
             table.close()
         self.tables.clear()
+        for shared in (self.pins, self.ejections, self.retries):
+            if shared is not None:
+                shared.unlink()
+                shared.close()
+        self.pins = self.ejections = self.retries = None
         for path in (self.run_path, f"{self.run_path}.partial", self.publisher.path,
                      f"{self.publisher.path}.partial"):
             if os.path.lexists(path):  # a read-only /dev/shm refuses even a missing name
@@ -214,12 +236,17 @@ class Supervisor:
 
     def table(self, config: VariantConfig) -> SharedCounts:
         counts = SharedCounts(self.tables[config.name], owner=True,
-                              limit=config.max_concurrency or 0)
+                              limit=config.max_concurrency or 0, ejections=self.ejections,
+                              variant_index=self.variant_index[config.name])
         counts.on_change = self.publisher.changed
         return counts
 
     def on_balancer(self, balancer: Balancer) -> None:
         self.publisher.balancer = balancer
+        balancer.shared_pins = self.pins  # the supervisor sweeps idle pins
+        assert self.ejections is not None
+        # Its health checks end ejections (probe_passed); it ejects nothing itself.
+        balancer.outliers = FleetOutliers(self.ejections, self.variant_index, supervisor=True)
 
     def metrics(self, own: Collector) -> Collector:
         assert self.metrics_dir is not None
@@ -305,6 +332,8 @@ class Supervisor:
 
     def _reclaim(self, index: int) -> int:
         """The share of router process ``index`` (exited and reaped) in every table."""
+        if self.retries is not None:
+            self.retries.clear(index)
         return sum(table.reclaim(index) for table in self.tables.values()
                    if table.pid(index))
 

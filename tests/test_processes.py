@@ -453,7 +453,9 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
     crashed = Endpoint(config, 2)
     endpoints.append(crashed)
     left = _ours(crashed.pid)
-    assert len(left) == 3  # the table, the membership file, the router processes' run file
+    # The table, the membership file, the router processes' run file, the sequence pins
+    # and the ejections.
+    assert len(left) == 5
     routers = crashed.router_pids()
     for pid in [*routers.values(), crashed.pid]:
         os.kill(pid, signal.SIGKILL)
@@ -483,8 +485,8 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
 
 def test_a_router_process_never_sends_where_it_may_not() -> None:
     """SharedCounts in a router process: a pick that lands on a slot whose address it
-    does not know yet (the membership event in flight), or on one its own outlier
-    detector ejected, is released and picked again; the supervisor's slots become
+    does not know yet (the membership event in flight), or on one it excludes (a retry's
+    "not that one again"), is released and picked again; the supervisor's slots become
     pickable only once published. Both builds, no gRPC."""
     from tritonmesh.sharedcounts import SharedCounts
 
@@ -505,7 +507,7 @@ def test_a_router_process_never_sends_where_it_may_not() -> None:
         for _ in range(50):
             view.release(first)
         view.resync = lambda: view.generations.__setitem__(second, router.generation(second))
-        view.set_available(first, False)  # its outlier detector ejected it: here only
+        view.set_available(first, False)  # a retry avoids it: here only
         assert supervisor.is_available(first)
         assert {view.pick_two() for _ in range(20)} == {second}
         view.set_available(first, True)

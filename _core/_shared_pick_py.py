@@ -1,0 +1,133 @@
+"""The twin's picks (least outstanding, random, power of two choices): mixed into
+``_shared_py.SharedTable``, as ``_shared_pick.pxi`` is included in the compiled one."""
+
+from __future__ import annotations
+
+from tritonmesh._core._segment import ACTIVE
+from tritonmesh._core._shared_words_py import (
+    _F64,
+    _LOW,
+    _PICK_ATTEMPTS,
+    SharedWords,
+)
+
+
+class _Picks(SharedWords):
+    """The picks: least outstanding, random, power of two choices."""
+
+    def _pickable(self, s: int) -> tuple[int, int] | None:
+        """``(status, count)`` of a pickable slot, or None."""
+        status = self._load(self._statusp(s))
+        if status & _LOW != ACTIVE:
+            return None
+        count = self._load(self._word(s)) & _LOW
+        lim = self._load32(self._limitp(s))
+        return (status, count) if lim == 0 or count < lim else None
+
+    def _take(self, s: int, status: int) -> bool:
+        if not self._update(s, True, self._load32(self._limitp(s))):
+            return False
+        if self._load(self._statusp(s)) == status:
+            return True
+        self._drop(s)
+        return False
+
+    def _scan_least(self) -> int:
+        """The pickable slot with the lowest (count + 1) / weight, uniform among ties: the
+        same two passes, and random draws, as the compiled table."""
+        best, best_count, best_w, best_status, ties = -1, 0, 0.0, 0, 0
+        buf = self._buf()
+        high = self._high()
+        for s in range(high):
+            found = self._pickable(s)
+            if found is None:
+                continue
+            status, count = found
+            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            lhs = (count + 1) * best_w
+            rhs = (best_count + 1) * w
+            if lhs < rhs or best < 0:
+                best, best_count, best_w, best_status, ties = s, count, w, status, 1
+            else:
+                ties += lhs == rhs
+        self._scanned = best_status
+        if ties <= 1:
+            return best
+        r = self._below(ties)
+        for s in range(best, high):
+            found = self._pickable(s)
+            if found is None:
+                continue
+            status, count = found
+            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            r -= (count + 1) * best_w == (best_count + 1) * w
+            if r < 0:
+                self._scanned = status
+                return s
+        return best
+
+    def pick(self) -> int:
+        """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
+        for _ in range(_PICK_ATTEMPTS):
+            s = self._scan_least()
+            if s < 0:
+                return -1
+            if self._take(s, self._scanned):
+                return s
+        return -1
+
+    def _scan_random(self) -> int:
+        chosen, total = -1, 0.0
+        buf = self._buf()
+        for s in range(self._high()):
+            found = self._pickable(s)
+            if found is None:
+                continue
+            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            total += w
+            if (self._next() >> 11) * (1.0 / 9007199254740992.0) * total < w:
+                chosen, self._scanned = s, found[0]
+        return chosen
+
+    def pick_random(self) -> int:
+        """RANDOM: a pickable slot with probability proportional to its weight."""
+        for _ in range(_PICK_ATTEMPTS):
+            s = self._scan_random()
+            if s < 0:
+                return -1
+            if self._take(s, self._scanned):
+                return s
+        return -1
+
+    def _sample(self, high: int, skip: int) -> tuple[int, int, int]:
+        for _ in range(high + 8):
+            s = self._below(high)
+            if s != skip:
+                found = self._pickable(s)
+                if found is not None:
+                    return s, found[0], found[1]
+        return -1, 0, 0
+
+    def pick_two(self) -> int:
+        """POWER_OF_TWO_CHOICES on the fleet-wide counts; -1 when nothing is pickable."""
+        buf = self._buf()
+        for _ in range(_PICK_ATTEMPTS):
+            high = self._high()
+            if high == 0:
+                return -1
+            a, sa, ca = self._sample(high, -1)
+            if a < 0:
+                a = self._scan_random()
+                if a < 0:
+                    return -1
+                sa, ca = self._scanned, self._load(self._word(a)) & _LOW
+            b, sb, cb = self._sample(high, a)
+            s, self._scanned = a, sa
+            if b >= 0:
+                lhs = (ca + 1) * float(_F64.unpack_from(buf, self._weightp(b))[0])
+                rhs = (cb + 1) * float(_F64.unpack_from(buf, self._weightp(a))[0])
+                if rhs < lhs or (rhs == lhs and self._next() & 1):
+                    s, self._scanned = b, sb
+            if self._take(s, self._scanned):
+                return s
+        return -1
