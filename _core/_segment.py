@@ -30,8 +30,11 @@ Layout (little-endian, every word naturally aligned; ``P`` = max_processes,
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import mmap
 import os
 import re
+from collections.abc import Iterator
 
 MAGIC = 0x31_4C_42_54_48_53_4D_54  # b"TMSHTBL1" read as a little-endian u64
 # The segments of the sequence pins, ejections and retry counts (tritonmesh.sharedpins,
@@ -124,6 +127,31 @@ def create_file(name: str, size: int) -> int:
         os.unlink(path(name))
         raise
     return fd
+
+
+def create_owned(name: str, size: int, magic: int, fields: dict[int, bytes]) -> int:
+    """Create a segment of another kind (the router's pins, ejections, retry counts) with
+    ``fields`` written at their header offsets, this process as its owner at the table's
+    offsets (so ``unlink_stale`` judges it the same way) and ``magic`` written last;
+    returns an O_RDWR fd."""
+    fd = create_file(name, size)
+    with mmap.mmap(fd, 64) as header:
+        for offset, value in fields.items():
+            header[offset:offset + len(value)] = value
+        header[H_OWNER_PID:H_OWNER_PID + 8] = os.getpid().to_bytes(8, "little")
+        header[H_OWNER_START:H_OWNER_START + 8] = start_time(os.getpid()).to_bytes(8, "little")
+        header[H_MAGIC:H_MAGIC + 8] = magic.to_bytes(8, "little")
+    return fd
+
+
+@contextlib.contextmanager
+def flocked(fd: int) -> Iterator[None]:
+    """An exclusive ``flock`` on the segment's fd (the kernel drops a dead holder's)."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def open_file(name: str) -> int:

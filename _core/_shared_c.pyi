@@ -5,6 +5,8 @@ flock around each compare-and-swap); ``_segment``'s docstring describes the layo
 ``_shared_c``'s module docstring why counts stay exact when a process dies.
 """
 
+from typing import Any
+
 class SharedTable:
     """Outstanding-request counts per upstream slot, shared by several processes.
 
@@ -76,6 +78,25 @@ class SharedTable:
     def capacity(self) -> int: ...
     @property
     def max_processes(self) -> int: ...
+
+    def set_view(self, generations: Any, ejected: Any = None) -> None:
+        """Make this process's picks skip the slots it may not send to.
+
+        After this call, ``pick``, ``pick_random`` and ``pick_two`` in this process (this
+        table object) return a slot only if ``generations[slot]`` equals the slot's
+        generation (the instance this process knows by that slot, and has not excluded)
+        and ``ejected[slot]`` is 0 (the fleet's ejection word). The buffers stay this
+        process's: it changes them whenever it learns or forgets a slot, and each pick
+        reads them as it scans. ``acquire`` and ``try_acquire`` ignore the view.
+
+        Args:
+            generations: a writable buffer of u32 (``array('I')``), one per slot at least;
+                0xFFFFFFFF for a slot this process may not use.
+            ejected: a buffer of u64 per slot (0: not ejected), or None.
+
+        Raises:
+            ValueError: a buffer shorter than the table's capacity.
+        """
 
     def add(self, weight: float = 1.0, limit: int = 0) -> int:
         """Add a pickable slot with weight ``weight`` and concurrency limit ``limit``

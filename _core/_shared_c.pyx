@@ -123,6 +123,11 @@ cdef class SharedTable:
     cdef uint64_t _scanned
     cdef readonly str name
     cdef bint _waiting
+    # This process's view (set_view): the generation it may send each slot by, and the
+    # fleet's ejection words; NULL: every pickable slot.
+    cdef uint32_t* _view_gen
+    cdef uint64_t* _view_ejected
+    cdef object _view_buffers
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
@@ -155,6 +160,9 @@ cdef class SharedTable:
     cdef void _unmap(self):
         self._base = NULL
         self._view = None
+        self._view_gen = NULL
+        self._view_ejected = NULL
+        self._view_buffers = None
         if self._mm is not None:
             self._mm.close()
             self._mm = None
@@ -235,6 +243,21 @@ cdef class SharedTable:
             raise ValueError(f"limit must be an integer in [0, {_segment.MAX_COUNT}] "
                              f"(0: none), got {limit!r}")
         return <uint32_t>limit
+
+    def set_view(self, generations, ejected=None):
+        """Picks in this process skip a slot unless ``generations[slot]`` is its generation
+        and ``ejected[slot]`` is 0 (module docstring of tritonmesh.sharedcounts)."""
+        cdef uint32_t[::1] gens = generations
+        cdef uint64_t[::1] words
+        if gens.shape[0] < self._capacity:
+            raise ValueError(f"generations has {gens.shape[0]} slots, the table {self._capacity}")
+        if ejected is not None:
+            words = ejected
+            if words.shape[0] < self._capacity:
+                raise ValueError(f"ejected has {words.shape[0]} slots, the table {self._capacity}")
+            self._view_ejected = &words[0]
+        self._view_gen = &gens[0]
+        self._view_buffers = (gens, None if ejected is None else words)
 
     # -- membership ------------------------------------------------------------------
 

@@ -3,6 +3,9 @@ cdef inline bint _pickable(SharedTable table, Py_ssize_t s, uint64_t* status, ui
     status[0] = tm_load64(table._statusp(s))
     if <uint32_t>status[0] != ACTIVE:
         return False
+    if table._view_gen != NULL and (table._view_gen[s] != <uint32_t>(status[0] >> 32) or (
+            table._view_ejected != NULL and tm_load64(table._view_ejected + s) != 0)):
+        return False
     count[0] = <uint32_t>tm_load64(table._word(s))
     cdef uint32_t lim = tm_load32(table._limitp(s))
     return lim == 0 or count[0] < lim

@@ -20,6 +20,9 @@ class _Picks(SharedWords):
         status = self._load(self._statusp(s))
         if status & _LOW != ACTIVE:
             return None
+        gens, ejected = self._view_gen, self._view_ejected
+        if gens is not None and (gens[s] != status >> 32 or (ejected is not None and ejected[s])):
+            return None
         count = self._load(self._word(s)) & _LOW
         lim = self._load32(self._limitp(s))
         return (status, count) if lim == 0 or count < lim else None

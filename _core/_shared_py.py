@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from typing import Any
 
 from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE
@@ -77,6 +78,14 @@ class SharedTable(_Ledger, _Members, _Picks, _Wake):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def set_view(self, generations: Any, ejected: Any = None) -> None:
+        """Picks in this process skip a slot unless ``generations[slot]`` is its generation
+        and ``ejected[slot]`` is 0."""
+        if len(generations) < self._capacity or (
+                ejected is not None and len(ejected) < self._capacity):
+            raise ValueError(f"a view needs {self._capacity} slots")
+        self._view_gen, self._view_ejected = generations, ejected
 
     @property
     def process_index(self) -> int:

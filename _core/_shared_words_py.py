@@ -72,6 +72,9 @@ class SharedWords:
         self._row = _segment.ledger_row(capacity)
         self._waiting = False
         self._futex_word: Any = None
+        # This process's view (set_view); None: every pickable slot.
+        self._view_gen: Any = None
+        self._view_ejected: Any = None
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
@@ -86,6 +89,7 @@ class SharedWords:
 
     def _unmap(self) -> None:
         self._futex_word = None
+        self._view_gen = self._view_ejected = None
         if self._mm is not None:
             self._mm.close()
             self._mm = None

@@ -68,7 +68,8 @@ def through_adapter(owner: Any, strategy: str, rounds: int) -> float:
     table = CSharedTable.attach(owner.name, 2, seed=3)  # type: ignore[union-attr]
     try:
         counts = SharedCounts(table, owner=False)
-        counts.generations = [table.generation(slot) for slot, *_ in table.snapshot()]
+        for slot, *_ in table.snapshot():
+            counts.learn(slot, table.generation(slot))
         return from_python(counts, strategy, rounds)
     finally:
         table.close()

@@ -52,14 +52,8 @@ class SharedRetryCounts:
     @classmethod
     def create(cls, processes: int, tag: str = "retries") -> SharedRetryCounts:
         name = _segment.segment_name(tag)
-        fd = _segment.create_file(name, HEADER + ROW * processes)
-        with mmap.mmap(fd, HEADER) as header:
-            header[H_PROCESSES:H_PROCESSES + 4] = processes.to_bytes(4, "little")
-            header[_segment.H_OWNER_PID:_segment.H_OWNER_PID + 8] = \
-                os.getpid().to_bytes(8, "little")
-            header[_segment.H_OWNER_START:_segment.H_OWNER_START + 8] = \
-                _segment.start_time(os.getpid()).to_bytes(8, "little")
-            header[:8] = MAGIC.to_bytes(8, "little")
+        fd = _segment.create_owned(name, HEADER + ROW * processes, MAGIC,
+                                   {H_PROCESSES: processes.to_bytes(4, "little")})
         return cls(name, fd, 0)
 
     @classmethod

@@ -29,7 +29,6 @@ other.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import mmap
 import os
@@ -79,16 +78,9 @@ class SharedEjections:
     @classmethod
     def create(cls, variants: int, capacity: int, tag: str = "ejections") -> SharedEjections:
         name = _segment.segment_name(tag)
-        fd = _segment.create_file(name, HEADER + 16 * variants * capacity)
-        with mmap.mmap(fd, HEADER) as header:
-            header[8:12] = VERSION.to_bytes(4, "little")
-            header[H_VARIANTS:H_VARIANTS + 4] = variants.to_bytes(4, "little")
-            header[H_CAPACITY:H_CAPACITY + 4] = capacity.to_bytes(4, "little")
-            header[_segment.H_OWNER_PID:_segment.H_OWNER_PID + 8] = \
-                os.getpid().to_bytes(8, "little")
-            header[_segment.H_OWNER_START:_segment.H_OWNER_START + 8] = \
-                _segment.start_time(os.getpid()).to_bytes(8, "little")
-            header[:8] = MAGIC.to_bytes(8, "little")
+        fd = _segment.create_owned(name, HEADER + 16 * variants * capacity, MAGIC, {
+            8: VERSION.to_bytes(4, "little"), H_VARIANTS: variants.to_bytes(4, "little"),
+            H_CAPACITY: capacity.to_bytes(4, "little")})
         return cls(name, fd)
 
     @classmethod
@@ -154,13 +146,8 @@ class SharedEjections:
                 return
             self._records[2 * cell + 1] = 0
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _segment.flocked(self._fd)
 
 
 class FleetOutliers(OutlierDetector):

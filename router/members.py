@@ -9,8 +9,9 @@ version or the next), naming each variant's segment and, per slot in use, its
 generation, address and weight. A slot becomes pickable only once the file naming it is
 out (:meth:`SharedCounts.published`).
 
-A router process re-reads the file when it changes (checked every ``POLL_S``) and at
-once when a pick lands on a slot it does not know; an instance that left the file (its
+A router process re-reads the file when it changes (checked every ``POLL_S``; a pin
+naming a slot it does not know yet makes it read at once), and its picks skip a slot
+until then (``SharedCounts.learn``); an instance that left the file (its
 drain is over, or its slot was reused) is removed here and its channel closed. The same
 poll brings each instance's ``ejected`` in step with the fleet's ejections
 (:mod:`tritonmesh.fleetoutliers`; picks read those directly), in the supervisor too,
@@ -171,26 +172,22 @@ class Follower:
             counts = cast(SharedCounts, variant.table)
             wanted = {slot: (gen, address, weight)
                       for slot, gen, address, weight in members.get(variant.name, ())}
-            generations = counts.generations
             for instance in list(variant.live_instances()):
                 entry = wanted.get(instance.slot)
-                if entry is None or entry[0] != generations[instance.slot]:
+                if entry is None or not counts.knows(instance.slot, entry[0]):
                     self._remove(counts, instance)
             for slot, (gen, address, weight) in wanted.items():
-                generations.extend([-1] * (slot + 1 - len(generations)))
                 variant.instances.extend([None] * (slot + 1 - len(variant.instances)))
-                if generations[slot] == gen:
+                if counts.knows(slot, gen):
                     continue
                 variant.instances[slot] = Instance(variant, slot, variant.connect(address),
                                                    weight)
-                generations[slot] = gen
-                counts.excluded.discard(slot)
+                counts.learn(slot, gen)
                 log.info("%s joined variant '%s'", address, variant.name)
 
     def _remove(self, counts: SharedCounts, instance: Instance) -> None:
         instance.state = InstanceState.REMOVED
-        counts.generations[instance.slot] = -1
-        counts.excluded.discard(instance.slot)
+        counts.forget(instance.slot)
         log.info("%s left variant '%s'", instance.address, instance.variant.name)
         # The supervisor removes an instance after its drain: what is still running here
         # is cancelled, as the supervisor's own drain does, and releases in its finally.

@@ -12,19 +12,20 @@ Two kinds of owner:
   availability (membership state and health checks) is the shared state every process
   picks by. A new slot stays unavailable until the supervisor has published its address
   (:mod:`tritonmesh.members`), so no router process picks an instance it cannot reach.
-* a router process (``owner=False``) keeps a retry's "not that one again" to itself, an
-  exclusion never written to the shared state (the health checker's flag lives there).
-  The outlier detector's ejections are the fleet's (:mod:`tritonmesh.fleetoutliers`): a
-  word per slot, which every pick reads. A pick that lands on an excluded or ejected
-  slot, or on one whose address this process does not know yet (its membership event is
-  in flight), is released, and the least loaded slot this process may use is taken
-  instead (whatever the strategy: this is the rare path).
+* a router process (``owner=False``) may send only to the instances it knows: it gives
+  the table a view (``SharedTable.set_view``), one u32 per slot, the generation it knows
+  the slot's instance by, or ``NOT_USABLE`` for a slot it does not know yet (its
+  membership event is in flight: the follower's next poll brings it), a slot it excludes
+  (a retry's "not that one again", an exclusion never written to the shared state, where
+  the health checker's flag lives), and the fleet's ejection words
+  (:mod:`tritonmesh.fleetoutliers`). The table's own scan skips what the view rules out,
+  so a router process's picks are the table's methods, with nothing of this adapter on
+  the path.
 """
 
 from __future__ import annotations
 
-import math
-import random
+from array import array
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
@@ -33,12 +34,10 @@ from tritonmesh._core import SharedTable
 if TYPE_CHECKING:
     from tritonmesh.fleetoutliers import SharedEjections
 
-__all__ = ["MAX_REPICKS", "SharedCounts"]
+__all__ = ["NOT_USABLE", "SharedCounts"]
 
-# A pick that lands on a slot this process may not use is released, and the least loaded
-# slot it may use is counted instead by compare-and-swap; this many tries when other
-# processes keep winning the race for it, then the pick answers "none".
-MAX_REPICKS: Final = 8
+# A slot's entry in a router process's view when it may not send there.
+NOT_USABLE: Final = 0xFFFFFFFF
 
 
 class SharedCounts:
@@ -54,12 +53,20 @@ class SharedCounts:
         # The fleet's ejection word per slot (0: not ejected), read by every pick.
         self.ejections = ejections
         self.variant_index = variant_index
-        self.ejected = memoryview(bytes(8 * shared.capacity)).cast("Q") if ejections is None \
+        self.ejected = memoryview(bytearray(8 * shared.capacity)).cast("Q") if ejections is None \
             else ejections.words(variant_index)
         # Router processes: the generation of each slot whose instance this process knows
-        # (-1: none), kept by the membership follower; the supervisor knows every slot.
+        # (-1: none), kept by the membership follower (learn, forget); the supervisor knows
+        # every slot. The view is what picks read: known and not excluded.
         self.generations: list[int] = []
         self.excluded: set[int] = set()
+        self.view = array("I", [NOT_USABLE]) * shared.capacity
+        if not owner:
+            shared.set_view(self.view, self.ejected)
+        # Each pick is the table's own (the supervisor's never runs: it serves no requests).
+        self.pick: Callable[[], int] = shared.pick
+        self.pick_random: Callable[[], int] = shared.pick_random
+        self.pick_two: Callable[[], int] = shared.pick_two
         # Membership follower (router processes): re-read the published membership.
         self.resync: Callable[[], None] = _nothing
         # Supervisor: a slot was added or removed; publish the membership.
@@ -108,6 +115,7 @@ class SharedCounts:
                 self.excluded.discard(slot)
             else:
                 self.excluded.add(slot)
+            self._see(slot)
         elif slot in self.unpublished:
             self.unpublished[slot] = available
         else:
@@ -121,16 +129,7 @@ class SharedCounts:
         if not self.owner:
             raise RuntimeError(f"only the supervisor changes membership ({what})")
 
-    # -- picks -------------------------------------------------------------------------
-
-    def pick(self) -> int:
-        return self._usable(self.shared.pick())
-
-    def pick_random(self) -> int:
-        return self._usable(self.shared.pick_random())
-
-    def pick_two(self) -> int:
-        return self._usable(self.shared.pick_two())
+    # -- picks and what this process knows ---------------------------------------------
 
     def pick_under(self, limit: int) -> int:
         # Each slot carries the variant's limit; every shared pick honours it.
@@ -139,62 +138,25 @@ class SharedCounts:
     def pick_round_robin(self) -> int:
         raise NotImplementedError("ROUND_ROBIN needs processes: 1")
 
-    def _usable(self, slot: int) -> int:
-        """``slot`` if this process may send there, else another (``slot`` released)."""
-        # Every pick of a router process comes through here: one frame, the checks inline.
-        if slot < 0 or self.owner:
-            return slot
+    def learn(self, slot: int, generation: int) -> None:
+        """This process knows ``slot`` now, as the instance of ``generation``."""
         generations = self.generations
-        if slot < len(generations) and generations[slot] == self.shared.generation(slot) \
-                and not self.ejected[slot] and slot not in self.excluded:
-            return slot
-        return self._elsewhere(slot)
+        if len(generations) <= slot:
+            generations.extend([-1] * (slot + 1 - len(generations)))
+        generations[slot] = generation
+        self.excluded.discard(slot)
+        self._see(slot)
 
-    def _elsewhere(self, slot: int) -> int:
-        """The pick landed on ``slot``, which this process does not know (its membership
-        event is in flight) or may not use: ``slot`` once known, else another."""
-        if slot not in self.excluded and not self.ejected[slot]:
-            self.resync()
-            if self._knows(slot):
-                return slot
-        self.shared.release(slot)
-        return self._least_loaded_usable()
+    def forget(self, slot: int) -> None:
+        """``slot``'s instance left this process (removed, or its slot reused)."""
+        self.generations[slot] = -1
+        self.excluded.discard(slot)
+        self._see(slot)
 
-    def _least_loaded_usable(self) -> int:
-        """The least loaded slot (ties at random) that this process may use and that is
-        below its limit, counted by compare-and-swap; -1 when there is none."""
-        shared, excluded, ejected = self.shared, self.excluded, self.ejected
-        resynced = False
-        for _ in range(MAX_REPICKS):
-            best, best_load, ties = -1, math.inf, 0
-            snapshot = shared.snapshot()
-            if not resynced and any(state == "ACTIVE" and not self._knows(slot)
-                                    for slot, _, _, state, _ in snapshot):
-                self.resync()  # a member this process has not heard of yet
-                resynced = True
-            for slot, count, weight, state, limit in snapshot:
-                if state != "ACTIVE" or slot in excluded or ejected[slot] \
-                        or (limit and count >= limit) or not self._knows(slot):
-                    continue
-                load = (count + 1) / weight
-                if load < best_load:
-                    best, best_load, ties = slot, load, 1
-                elif load == best_load:
-                    ties += 1
-                    if random.randrange(ties) == 0:
-                        best = slot
-            if best < 0:
-                return -1
-            try:
-                if shared.try_acquire(best):
-                    return best
-            except ValueError:  # removed meanwhile
-                pass
-        return -1
-
-    def _knows(self, slot: int) -> bool:
+    def _see(self, slot: int) -> None:
         generations = self.generations
-        return slot < len(generations) and generations[slot] == self.shared.generation(slot)
+        known = generations[slot] if slot < len(generations) else -1
+        self.view[slot] = NOT_USABLE if known < 0 or slot in self.excluded else known
 
     def knows(self, slot: int, generation: int) -> bool:
         """Whether this process knows ``slot`` as the instance of ``generation`` (a pin's)."""
@@ -220,9 +182,12 @@ class SharedCounts:
         return sum(count for _, count, _, _, _ in self.shared.snapshot())
 
     def pickable(self) -> int:
-        excluded, ejected = self.excluded, self.ejected
+        """Slots a pick may return here: ACTIVE, not ejected, and (a router process) known
+        and not excluded."""
+        view, ejected, owner = self.view, self.ejected, self.owner
         return sum(1 for slot, _, _, state, _ in self.shared.snapshot()
-                   if state == "ACTIVE" and slot not in excluded and not ejected[slot])
+                   if state == "ACTIVE" and not ejected[slot]
+                   and (owner or view[slot] != NOT_USABLE))
 
 
 def _nothing() -> None:

@@ -33,14 +33,12 @@ it dies, so there is nothing to reclaim.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import mmap
 import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
 from typing import Final
 
 from tritonmesh._core import _segment
@@ -94,16 +92,9 @@ class SharedPins:
         """A segment owned by this process for ``max_sequences`` open sequences."""
         capacity = _capacity(max_sequences)
         name = _segment.segment_name(tag)
-        fd = _segment.create_file(name, HEADER + CELL.size * capacity)
-        with mmap.mmap(fd, HEADER) as header:
-            header[8:12] = VERSION.to_bytes(4, "little")
-            header[H_CAPACITY:H_CAPACITY + 4] = capacity.to_bytes(4, "little")
-            header[_segment.H_OWNER_PID:_segment.H_OWNER_PID + 8] = \
-                os.getpid().to_bytes(8, "little")
-            header[_segment.H_OWNER_START:_segment.H_OWNER_START + 8] = \
-                _segment.start_time(os.getpid()).to_bytes(8, "little")
-            header[H_SECRET:H_SECRET + 16] = os.urandom(16)
-            header[:8] = MAGIC.to_bytes(8, "little")
+        fd = _segment.create_owned(name, HEADER + CELL.size * capacity, MAGIC, {
+            8: VERSION.to_bytes(4, "little"), H_CAPACITY: capacity.to_bytes(4, "little"),
+            H_SECRET: os.urandom(16)})
         pins = cls(name, fd, owner=True)
         pins.max_sequences = max_sequences
         return pins
@@ -195,13 +186,8 @@ class SharedPins:
 
     # -- under the lock ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _segment.flocked(self._fd)
 
     def _offset(self, index: int) -> int:
         return HEADER + CELL.size * index

@@ -453,9 +453,9 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
     crashed = Endpoint(config, 2)
     endpoints.append(crashed)
     left = _ours(crashed.pid)
-    # The table, the membership file, the router processes' run file, the sequence pins
-    # and the ejections.
-    assert len(left) == 5
+    # The table, the membership file, the router processes' run file, the sequence pins,
+    # the ejections and the retry counts.
+    assert len(left) == 6
     routers = crashed.router_pids()
     for pid in [*routers.values(), crashed.pid]:
         os.kill(pid, signal.SIGKILL)
@@ -484,39 +484,43 @@ def test_sigkill_of_everything_then_restart_leaves_nothing_and_sigterm_drains(
 
 
 def test_a_router_process_never_sends_where_it_may_not() -> None:
-    """SharedCounts in a router process: a pick that lands on a slot whose address it
-    does not know yet (the membership event in flight), or on one it excludes (a retry's
-    "not that one again"), is released and picked again; the supervisor's slots become
-    pickable only once published. Both builds, no gRPC."""
+    """SharedCounts in a router process: its picks never return a slot whose address it
+    does not know yet (the membership event in flight), one it excludes (a retry's "not
+    that one again"), or one the fleet ejected; the supervisor's slots become pickable
+    only once published. Both builds, no gRPC."""
+    from tritonmesh.fleetoutliers import SharedEjections
     from tritonmesh.sharedcounts import SharedCounts
 
     supervisor = SharedTable.create(8, 3, tag="counts-test")
     router = SharedTable.attach(supervisor.name, 1)
+    ejections = SharedEjections.create(1, 8, tag="counts-test-ejections")
     try:
         owner = SharedCounts(supervisor, owner=True)
         first, second = owner.add(), owner.add()
         assert owner.pickable() == 0  # not published yet
         owner.published()
-        view = SharedCounts(router, owner=False)
-        view.generations = [router.generation(first), -1]
-        resyncs: list[int] = []
-        view.resync = lambda: resyncs.append(1)
+        view = SharedCounts(router, owner=False, ejections=ejections)
+        view.learn(first, router.generation(first))
         picks = {view.pick() for _ in range(50)}
-        assert picks == {first} and resyncs  # the unknown slot is never returned
+        assert picks == {first}  # the unknown slot is never returned
         assert router.outstanding(second) == 0 and router.outstanding(first) == 50
         for _ in range(50):
             view.release(first)
-        view.resync = lambda: view.generations.__setitem__(second, router.generation(second))
+        view.learn(second, router.generation(second))
         view.set_available(first, False)  # a retry avoids it: here only
         assert supervisor.is_available(first)
         assert {view.pick_two() for _ in range(20)} == {second}
         view.set_available(first, True)
         assert {view.pick_random() for _ in range(200)} == {first, second}
+        assert ejections.eject(0, second, router.generation(second), 30.0, 30.0)
+        assert {view.pick() for _ in range(20)} == {first} and view.pickable() == 1
         for slot, count, *_ in router.snapshot():
             for _ in range(count):
                 view.release(slot)
         supervisor.check()
     finally:
         router.close()
+        ejections.unlink()
+        ejections.close()
         supervisor.unlink()
         supervisor.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -199,4 +200,31 @@ def test_slow_start_reaches_every_router_process(
     assert endpoint.table.weight(slot) < 0.5  # still ramping (120 s, from 0.1)
     assert (_inferences(old) - before[0], _inferences(new) - before[1]) == (16, 0)
     assert all(endpoint.updates(i) > s for i, s in zip((1, 2), served, strict=True))
+    endpoint.quiescent()
+
+
+@pytest.mark.triton
+def test_a_pin_outlives_the_router_process_that_made_it(
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]  # noqa: F811
+        ) -> None:
+    """A pin belongs to no process: SIGKILL the one that pinned a sequence, and the rest of
+    the sequence, through the other process and the restarted one, reaches its instance."""
+    workers = worker_addresses[:2]
+    endpoint = Endpoint(_write_config(tmp_path / "c.json", workers, 2), 2)
+    endpoints.append(endpoint)
+    address = endpoint.running.address
+    before = [_inferences(w) for w in workers]
+    served = [endpoint.updates(i) for i in (1, 2)]
+    _on_a_new_connection(address, 77, True, False)
+    (maker,) = [i for i in (1, 2) if endpoint.updates(i) != served[i - 1]]
+    pid = endpoint.router_pids()[maker]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: endpoint.table.pid(maker) not in (0, pid), "the router process restarted",
+             timeout=60)
+    served = [endpoint.updates(i) for i in (1, 2)]
+    for step in range(8):
+        _on_a_new_connection(address, 77, False, step == 7)
+    gained = [_inferences(w) - b for w, b in zip(workers, before, strict=True)]
+    assert sorted(gained) == [0, 9], gained
+    assert all(endpoint.updates(i) > served[i - 1] for i in (1, 2))  # both processes served
     endpoint.quiescent()
