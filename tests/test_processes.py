@@ -400,9 +400,9 @@ def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
         while not done.is_set():
             most[0] = max(most[0], endpoint.total())
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
     before = _statistics(instance, "generate_unary")
+    watcher = threading.Thread(target=watch)
+    watcher.start()  # stopped in the finally: it reads the table the teardown unmaps
     try:
         answered = _concurrently(endpoint.running.address, 12, 3, "generate_unary",
                                  max_tokens=10, timeout=30)
