@@ -9,10 +9,13 @@ supervisor made (the ``PROMETHEUS_MULTIPROC_DIR`` layout), every ``SYNC_S`` and 
 stops. The supervisor's ``/metrics`` adds them up with the library's
 ``MultiProcessCollector``, the files of exited processes included, so a counter does not
 go back when a router process is restarted (its successor, a new pid, starts from zero).
-The gauges are the supervisor's own: outstanding counts are fleet-wide already (the
-shared table), health is its checks'. Not in the fleet view: per-process gauges (the
-per-model concurrent requests), and what a router process counted in the last
-``SYNC_S`` before it was killed.
+The gauges are the supervisor's own (outstanding counts are fleet-wide already in the
+shared table, health is its checks'), except those a router process keeps alone
+(``FLEET_GAUGES``: the per-model concurrent requests, the requests waiting in a queue):
+each writes them as a ``livesum`` gauge file, ``gauge_livesum_<pid>.db``, the supervisor
+serves their sum and deletes an exited process's file when it reaps the process
+(``mark_process_dead``). They are up to ``SYNC_S`` old. Not in the fleet view: what a
+router process counted in the last ``SYNC_S`` before it was killed.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from typing import Final
 
 from prometheus_client.core import Metric
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
-__all__ = ["SYNC_S", "FleetCollector", "MetricsWriter", "instance_counts"]
+__all__ = ["FLEET_GAUGES", "SYNC_S", "FleetCollector", "MetricsWriter", "instance_counts",
+           "process_exited"]
 
 # How often a router process writes its counts for the supervisor's /metrics.
 SYNC_S: Final = 1.0
+# Gauges each router process keeps of its own requests: the fleet's value is their sum.
+FLEET_GAUGES: Final = frozenset({"tritonmesh_model_concurrent_requests",
+                                 "tritonmesh_variant_queued_requests"})
 
 
 class MetricsWriter:
@@ -46,6 +53,8 @@ class MetricsWriter:
             os.path.join(directory, f"counter_{pid}.db"))
         self._histograms = MmapedDict(  # type: ignore[no-untyped-call]
             os.path.join(directory, f"histogram_{pid}.db"))
+        self._gauges = MmapedDict(  # type: ignore[no-untyped-call]
+            os.path.join(directory, f"gauge_livesum_{pid}.db"))
 
     def write(self) -> None:
         for collector in self.collectors:
@@ -54,6 +63,14 @@ class MetricsWriter:
                     self._counter(family)
                 elif family.type == "histogram":
                     self._histogram(family)
+                elif family.name in FLEET_GAUGES:
+                    self._gauge(family)
+
+    def _gauge(self, family: Metric) -> None:
+        for s in family.samples:
+            key = mmap_key(family.name, s.name, list(s.labels), list(s.labels.values()),
+                           family.documentation)
+            self._gauges.write_value(key, s.value, 0.0)  # type: ignore[no-untyped-call]
 
     def _counter(self, family: Metric) -> None:
         for s in family.samples:
@@ -80,6 +97,13 @@ class MetricsWriter:
     def close(self) -> None:
         self._counters.close()  # type: ignore[no-untyped-call]
         self._histograms.close()  # type: ignore[no-untyped-call]
+        self._gauges.close()  # type: ignore[no-untyped-call]
+
+
+def process_exited(directory: str, pid: int) -> None:
+    """Router process ``pid`` exited: its gauges leave the fleet's sums (its counters stay:
+    a counter must not go back)."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def instance_counts(directory: str) -> dict[tuple[str, str], tuple[int, int]]:
@@ -109,6 +133,6 @@ class FleetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for family in self.own.collect():
-            if family.type not in ("counter", "histogram"):
+            if family.type not in ("counter", "histogram") and family.name not in FLEET_GAUGES:
                 yield family
         yield from self.processes.collect()  # type: ignore[no-untyped-call]

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final
 from tritonmesh._core import SharedTable, _segment, unlink_stale
 from tritonmesh.configvalues import ConfigError
 from tritonmesh.fleetbudget import SharedRetryCounts
-from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts
+from tritonmesh.fleetmetrics import SYNC_S, FleetCollector, instance_counts, process_exited
 from tritonmesh.fleetoutliers import FleetOutliers, SharedEjections
 from tritonmesh.members import POLL_S, Publisher, members_path
 from tritonmesh.sharedcounts import SharedCounts
@@ -334,6 +334,8 @@ class Supervisor:
         """The share of router process ``index`` (exited and reaped) in every table."""
         if self.retries is not None:
             self.retries.clear(index)
+        if self.metrics_dir is not None and index in self.children:
+            process_exited(self.metrics_dir, self.children[index].pid)
         return sum(table.reclaim(index) for table in self.tables.values()
                    if table.pid(index))
 

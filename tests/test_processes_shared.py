@@ -19,8 +19,10 @@ import tritonclient.grpc.service_pb2 as pb
 from harness import LoopThread, RecordingTriton, admin_stub, wait_for
 from test_processes import (  # noqa: F401
     Endpoint,
+    _in_background,
     _inferences,
     _logged_by_every_router,
+    _metric,
     _write_config,
     endpoints,
 )
@@ -227,4 +229,41 @@ def test_a_pin_outlives_the_router_process_that_made_it(
     gained = [_inferences(w) - b for w, b in zip(workers, before, strict=True)]
     assert sorted(gained) == [0, 9], gained
     assert all(endpoint.updates(i) > served[i - 1] for i in (1, 2))  # both processes served
+    endpoint.quiescent()
+
+
+@pytest.mark.triton
+def test_the_per_model_concurrency_gauge_is_the_fleets(
+        tmp_path: Path, worker_addresses: list[str], endpoints: list[Endpoint]  # noqa: F811
+        ) -> None:
+    """Each router process counts the requests it holds per model; the supervisor's
+    /metrics serves their sum (prometheus_client's livesum gauges), and a killed process's
+    share leaves it."""
+    endpoint = Endpoint(_write_config(tmp_path / "c.json", worker_addresses[:2], 2,
+                                      metrics=True), 2)
+    endpoints.append(endpoint)
+    gauge = "tritonmesh_model_concurrent_requests"
+    # Six generations of 1,200 tokens (6 s each at 5 ms a token) from six connections.
+    thread, result = _in_background(endpoint.running.address, 6, max_tokens=1200)
+    wait_for(lambda: endpoint.total() == 6, "six requests in flight")
+    wait_for(lambda: _metric(endpoint, gauge) == 6, "the fleet's concurrency on /metrics",
+             timeout=30)
+    thread.join(90)
+    assert result == [(6, [])]
+    endpoint.quiescent()
+    wait_for(lambda: _metric(endpoint, gauge) == 0, "the gauge back to 0", timeout=30)
+    # A process SIGKILLed while it holds requests: its gauge file goes with it.
+    thread, result = _in_background(endpoint.running.address, 6, max_tokens=1200)
+    wait_for(lambda: endpoint.total() == 6, "six requests in flight")
+    wait_for(lambda: _metric(endpoint, gauge) == 6, "the fleet's concurrency on /metrics",
+             timeout=30)
+    victim = max((1, 2), key=endpoint.held)
+    held = endpoint.held(victim)
+    pid = endpoint.router_pids()[victim]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: endpoint.table.pid(victim) not in (0, pid), "the router process restarted",
+             timeout=60)
+    wait_for(lambda: _metric(endpoint, gauge) <= 6 - held, "the killed process's share gone",
+             timeout=30)
+    thread.join(90)
     endpoint.quiescent()
