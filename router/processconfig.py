@@ -66,11 +66,6 @@ def check_processes(config: EndpointConfig) -> None:
     load."""
     if config.processes < 2:
         return
-    if config.data_path != "grpc":
-        raise ConfigError(
-            f"data_path: {config.data_path} serves from one router process for now (its port "
-            f"is not opened with SO_REUSEPORT); with processes: {config.processes} use "
-            "data_path: grpc")
     for i, v in enumerate(config.variants):
         where = f"variants[{i}]."
         if v.routing_strategy not in MULTIPROCESS_STRATEGIES:
