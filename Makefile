@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make up     install everything, then start local Triton workers and the router
 #   make test   install everything, then run the whole suite (compiled core, then the twin)
+# The suite runs on both data paths: the compiled pass on the native one (the router's
+# default where _h2 is built), the twin pass (no _h2) on grpc.aio.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,10 +27,11 @@ test: test-compiled test-twin
 test-compiled: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop). It
-# leaves out the benchmark harness's end-to-end runs (marker "bench", about 4 minutes): they
-# test the harness, which does not change with the core's build; every router path they
-# drive is in the rest of the suite, which the twin pass runs whole.
+# The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop), and on
+# the grpc.aio data path (the twin has no _h2). It leaves out the benchmark harness's
+# end-to-end runs (marker "bench", about 4 minutes): they test the harness, which does not
+# change with the core's build; every router path they drive is in the rest of the suite,
+# which the twin pass runs whole.
 test-twin: install
 	TRITONMESH_NO_EXTENSIONS=1 TRITONMESH_EVENT_LOOP=asyncio $(BIN)/python -m pytest \
 		-m "not bench" $(PYTEST_ARGS)

@@ -106,11 +106,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _serve(config: EndpointConfig, args: argparse.Namespace, config_path: str | None) -> int:
     """Run the endpoint in this process, or (``processes`` >= 2) supervise router processes."""
     from tritonmesh.endpoint import run_endpoint
+    from tritonmesh.native_config import choose_data_path
     from tritonmesh.processconfig import check_processes, parse_processes
 
     if args.processes is not None:
         config = dataclasses.replace(config, processes=parse_processes(args.processes))
         check_processes(config)
+    choose_data_path(config)  # an explicit native it cannot serve: exit 2 before any worker
     if config.processes < 2:
         return _run(run_endpoint(config, log_dir=args.log_dir, on_ready=_banner,
                                  config_path=config_path), args.event_loop)
@@ -210,6 +212,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"cannot reach tritonmesh at {args.address}: {exc.details()}", file=sys.stderr)
             return 1
+    if response.data_path:  # absent from a router older than the field
+        print(f"data path: {response.data_path} ({response.data_path_reason})")
     for v in response.variants:
         models = ", ".join(v.models) or "all models"
         print(f"variant {v.name}: {v.routing_strategy}, weight {v.weight:g}, {models}")

@@ -34,7 +34,7 @@ from tritonmesh.configvalues import (
 )
 from tritonmesh.dnsname import DnsDiscovery, _discovery
 from tritonmesh.loadconfig import LoadReportConfig, parse_load_report
-from tritonmesh.native_config import NativeConfig, default_data_path, parse_data_path, parse_native
+from tritonmesh.native_config import NativeConfig, choose_data_path, parse_data_path, parse_native
 from tritonmesh.processconfig import (
     DEFAULT_SHARED_TABLE_SLOTS,
     check_processes,
@@ -170,7 +170,8 @@ class EndpointConfig:
     # Admin AddInstance accepts only addresses in these networks.
     instance_networks: tuple[IPNetwork, ...] = LOOPBACK_NETWORKS
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    data_path: str = field(default_factory=default_data_path)  # grpc | native (native_config)
+    # grpc | native; None: TRITONMESH_DATA_PATH, else the default (native_config.choose_data_path)
+    data_path: str | None = None
     native: NativeConfig = field(default_factory=NativeConfig)
     # Router processes on `listen` (tritonmesh.processconfig), and their tables' slots.
     processes: int = 1
@@ -383,6 +384,7 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         shared_table_slots=parse_shared_table_slots(
             data.get("shared_table_slots", DEFAULT_SHARED_TABLE_SLOTS)),
     )
+    choose_data_path(config)  # an explicit native it cannot serve is refused here
     check_processes(config)
     return config
 

@@ -1,26 +1,31 @@
 """``data_path``: which engine serves the port, grpc.aio (``grpc``) or libnghttp2 (``native``).
 
-The key wins; without it ``TRITONMESH_DATA_PATH``, else ``grpc``. ``native`` needs the
-``tritonmesh._core._h2`` extension, built only where libnghttp2's header was found; without
-it the config is refused at start (docs/native.md says how to get it).
+The key wins; without it ``TRITONMESH_DATA_PATH``; without either, ``native`` where the native
+port serves the configuration, else ``grpc`` (:func:`choose_data_path`, the one place that
+decides). ``native`` needs the ``tritonmesh._core._h2`` extension, built only where
+libnghttp2's header was found; asked for where it cannot serve, the config is refused at
+start (docs/native.md says how to get it).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from tritonmesh.configvalues import ConfigError, _expect, _no_unknown, _positive_int
 
-__all__ = ["DATA_PATHS", "ENV", "NativeConfig", "default_data_path", "native_available",
-           "parse_data_path", "parse_native"]
+if TYPE_CHECKING:
+    from tritonmesh.config import EndpointConfig
+
+__all__ = ["DATA_PATHS", "ENV", "DataPath", "NativeConfig", "choose_data_path",
+           "native_available", "parse_data_path", "parse_native"]
 
 ENV: Final = "TRITONMESH_DATA_PATH"
 DATA_PATHS: Final = ("grpc", "native")
 
 _MISSING: Final = (
-    "data_path: native needs the tritonmesh._core._h2 extension, which is built only where "
+    "{key}: native needs the tritonmesh._core._h2 extension, which is built only where "
     "libnghttp2's header is found: install libnghttp2-dev (Debian/Ubuntu) or "
     "libnghttp2-devel, or conda's libnghttp2, then reinstall tritonmesh "
     "(or use data_path: grpc)")
@@ -54,14 +59,6 @@ def parse_native(data: Any) -> NativeConfig:
     return NativeConfig(**values)
 
 
-def default_data_path() -> str:
-    """``TRITONMESH_DATA_PATH``, else ``grpc``; a wrong value is a ConfigError naming it."""
-    value = os.environ.get(ENV) or "grpc"
-    if value not in DATA_PATHS:
-        raise ConfigError(f"{ENV}: must be one of {', '.join(DATA_PATHS)}, got {value!r}")
-    return value
-
-
 def native_available() -> bool:
     """Whether the native data path's extension was built and loads (never with
     ``TRITONMESH_NO_EXTENSIONS=1``, which means no compiled code at all)."""
@@ -76,16 +73,44 @@ def native_available() -> bool:
     return True
 
 
-def parse_data_path(value: Any) -> str:
-    """The ``data_path`` key (None: the default), checked against what this build allows."""
+def parse_data_path(value: Any) -> str | None:
+    """The ``data_path`` key as written (None: not set); :func:`choose_data_path` decides."""
+    if value is not None and (not isinstance(value, str) or value not in DATA_PATHS):
+        raise ConfigError(f"data_path: must be one of {', '.join(DATA_PATHS)}, got {value!r}")
+    return value
+
+
+class DataPath(NamedTuple):
+    """What serves the port, and why (for the start log)."""
+
+    path: str
+    why: str
+
+
+def _not_served(config: EndpointConfig) -> tuple[str, str] | None:
+    """The reason the native port cannot serve ``config``, as (the start log's words, the
+    refusal of an explicit ``native``, where ``{key}`` is what asked for it); None: it can.
+    TLS on either side and several router processes it serves as grpc.aio does; what is
+    left is a build without the extension."""
+    if not native_available():
+        return "the tritonmesh._core._h2 extension is not built", _MISSING
+    return None
+
+
+def choose_data_path(config: EndpointConfig) -> DataPath:
+    """The data path ``config`` runs on: its ``data_path`` key, else ``TRITONMESH_DATA_PATH``,
+    else ``native`` where the native port serves this configuration and ``grpc`` where it
+    does not. An explicit ``native`` it cannot serve, or a wrong value, is a ConfigError
+    naming the key (or the variable). Read at start: a reload does not change it."""
+    key, value = "data_path", config.data_path
     if value is None:
-        path = default_data_path()
-        where = ENV
-    else:
-        if not isinstance(value, str) or value not in DATA_PATHS:
-            raise ConfigError(f"data_path: must be one of {', '.join(DATA_PATHS)}, "
-                              f"got {value!r}")
-        path, where = value, "data_path"
-    if path == "native" and not native_available():
-        raise ConfigError(_MISSING.replace("data_path", where, 1))
-    return path
+        key, value = ENV, os.environ.get(ENV) or None
+        if value is not None and value not in DATA_PATHS:
+            raise ConfigError(f"{ENV}: must be one of {', '.join(DATA_PATHS)}, got {value!r}")
+    reason = _not_served(config) if value != "grpc" else None
+    if value is None:
+        return DataPath("grpc", f"the default; native cannot serve here: {reason[0]}") \
+            if reason is not None else DataPath("native", "the default")
+    if reason is not None:
+        raise ConfigError(reason[1].format(key=key))
+    return DataPath(value, f"{key}: {value}")

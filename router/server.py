@@ -47,6 +47,7 @@ from tritonmesh.metrics import (
     DiscoveryCollector,
     LoadReportCollector,
 )
+from tritonmesh.native_config import DataPath, choose_data_path
 from tritonmesh.native_front import NativePort
 from tritonmesh.native_tls import PortCertificates
 from tritonmesh.proxy import Proxy
@@ -117,6 +118,7 @@ class Router:
         self._seed = seed
         self.balancer: Balancer | None = None
         self.server: grpc.aio.Server | None = None
+        self.data_path = DataPath("grpc", "not started")  # what serves the port, and why
         self.native: NativePort | None = None  # data_path: native; then `server` is private
         self.health: HealthChecker | None = None
         self.shadows: Shadows | None = None
@@ -151,6 +153,7 @@ class Router:
         return f"{listen.rpartition(':')[0]}:{self.admin_port}"
 
     async def start(self) -> None:
+        self.data_path = choose_data_path(self.config)
         balancer = self.balancer = self._balancer()
         role = self.role
         if role is not None:
@@ -177,7 +180,7 @@ class Router:
         interceptors = [] if not self.data_tokens.configured else [TokenInterceptor(
             (self.data_tokens, self.admin_tokens), data_plane_message(), (HEALTH_PREFIX,),
             strip=True)]
-        if self.config.data_path == "native":  # tokens and shadows: ModelInfer relayed too
+        if self.data_path.path == "native":  # tokens and shadows: ModelInfer relayed too
             self.native = NativePort(balancer, self.config, native_infer=not (
                 self.data_tokens.configured or self.shadows))
         server = self.server = grpc.aio.server(options=server_options(
@@ -209,14 +212,14 @@ class Router:
             if native is not None:  # beside the other router processes (SO_REUSEPORT)
                 self.port = await native.start(self.config.listen, reuse_port=True)
             log.info("tritonmesh router process listening on %s (data_path: %s)",
-                     self.address, self.config.data_path)
+                     self.address, self.data_path.path)
             return
         await self._start_control(balancer, health_servicer)
         await server.start()
         if native is not None:
             self.port = await native.start(self.config.listen)
-        log.info("tritonmesh listening on %s (admin API: %s)", self.address,
-                 self.admin_address or "off")
+        log.info("tritonmesh listening on %s (data path: %s, %s; admin API: %s)", self.address,
+                 *self.data_path, self.admin_address or "off")
 
     async def _start_control(self, balancer: Balancer,
                              health_servicer: health.aio.HealthServicer | None) -> None:
@@ -261,6 +264,7 @@ class Router:
         self.admin_service = AdminService(balancer, self.config.instance_networks,
                                           self.config.health_check.timeout_s, self.drains)
         self.admin_service.load_reporters = self.load_reporters
+        self.admin_service.data_path = self.data_path
         strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
         tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

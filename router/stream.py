@@ -80,6 +80,9 @@ class StreamSession:
         self.floor_s = floor_s
         self.in_flight = 0
         self.room: asyncio.Future[None] | None = None  # set while reading is paused
+        # The client went (its reset cancelled the handler, or a write to it failed).
+        # grpc.aio's context.cancelled() stays False after a client's RST_STREAM.
+        self.client_gone = False
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
         if isinstance(self.priority, str):
@@ -103,6 +106,9 @@ class StreamSession:
             # _close() ends them through their calls instead.
             while self.pumps or self.unary:
                 await asyncio.wait([*self.pumps, *self.unary])
+        except asyncio.CancelledError:
+            self.client_gone = True
+            raise
         finally:
             await self._close()
 
@@ -323,11 +329,11 @@ class StreamSession:
         except grpc.aio.AioRpcError as exc:
             code_name = exc.code().name
             # Cancelled because the client went: the finally below settles that case.
-            if not (exc.code() == grpc.StatusCode.CANCELLED and self.context.cancelled()):
+            if not (exc.code() == grpc.StatusCode.CANCELLED and self.client_gone):
                 judge(self.balancer.outliers, instance, exc, False, self.context)
                 failure = f"failed: [{exc.code().name}] {exc.details()}"
         finally:
-            if self.context.cancelled():
+            if self.client_gone:
                 # The client went (a write to it may have failed with an error of gRPC's
                 # own, not an AioRpcError): its requests end CANCELLED, not the instance's
                 # failure, and nobody is left to answer.
@@ -379,7 +385,13 @@ class StreamSession:
 
     async def _write(self, response: bytes) -> None:
         async with self.write_lock:
-            await self.context.write(response)
+            try:
+                await self.context.write(response)
+            except Exception:
+                # The handler writes until every pump has ended, so a failed write means
+                # the call has ended: the client went (gRPC raises its own batch error).
+                self.client_gone = True
+                raise
 
     async def _close(self) -> None:
         """Release everything still pending and end every upstream call."""

@@ -316,11 +316,17 @@ def test_process_tree_cpu_agrees_with_what_the_processes_report(tmp_path: Path) 
 
 def test_router_options_are_written_only_where_they_differ() -> None:
     """--processes and --data-path: a tritonmesh target per value, labeled with it; the
-    router's keys are written only when not its default, so that K=1 over gRPC runs on a
-    router that does not know them yet."""
+    router's keys are written only when not its real default (native where it serves), so
+    that a router that does not know them yet runs its default."""
     import yaml
-    from tritonmesh.bench.targets import Target, _tritonmesh_conf, tritonmesh_variants
+    from tritonmesh.bench.targets import (
+        Target,
+        _tritonmesh_conf,
+        default_data_path,
+        tritonmesh_variants,
+    )
     from tritonmesh.config import parse_config
+    from tritonmesh.native_config import native_available
 
     peer = Target("nginx", "random")
     expanded = tritonmesh_variants([Target("tritonmesh", "RANDOM"), peer], [1, 2],
@@ -336,6 +342,14 @@ def test_router_options_are_written_only_where_they_differ() -> None:
         assert list(config.variants[0].instances) == workers
     written = yaml.safe_load(_tritonmesh_conf(9000, workers, expanded[3]))
     assert (written["processes"], written["data_path"]) == (2, "native")
+    # At K=1 the router's default is native where this build serves it, else grpc: the
+    # other one is written.
+    default = default_data_path(1).path
+    assert default == ("native" if native_available() else "grpc")
+    for target in expanded[:2]:
+        written = yaml.safe_load(_tritonmesh_conf(9000, workers, target))
+        assert written.get("data_path") == (None if target.data_path == default
+                                            else target.data_path)
 
 
 @pytest.mark.parametrize(("target", "key"), [

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import descendants, processes, wait_gone
+from tritonmesh.native_config import native_available
 from tritonmesh.workers.tritonserver import default_model_repository
 
 pytestmark = pytest.mark.triton
@@ -122,6 +123,12 @@ def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
         assert "LEAST_OUTSTANDING_REQUESTS" in status.stdout and "healthy" in status.stdout
+        # It serves the default data path (native where built), and says so at start and
+        # in status.
+        path = os.environ.get("TRITONMESH_DATA_PATH") or (
+            "native" if native_available() else "grpc")
+        assert f"(data path: {path}, " in "".join(running.lines)
+        assert f"data path: {path} (" in status.stdout
         status = subprocess.run([TRITONMESH, "status", "--address", running.address],
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 1 and "Method not found" in status.stderr, status.stderr

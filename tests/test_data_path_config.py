@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tritonmesh.config import ConfigError, parse_config
-from tritonmesh.native_config import native_available, parse_data_path
+from tritonmesh.native_config import choose_data_path, native_available
+from tritonmesh.tls import ServerTLS, UpstreamTLS
 
 _VARIANT = {"name": "v", "instances": ["127.0.0.1:8001"]}
 
@@ -66,20 +69,74 @@ def test_without_the_extension_native_is_refused(tmp_path: Path) -> None:
 def test_data_path_key_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITONMESH_DATA_PATH", raising=False)
     variants = [{"name": "v", "instances": ["127.0.0.1:8001"]}]
-    assert parse_config({"variants": variants}).data_path == "grpc"
-    assert parse_config({"variants": variants, "data_path": "grpc"}).data_path == "grpc"
-    if not native_available():
-        with pytest.raises(ConfigError, match="data_path: native needs"):
-            parse_data_path("native")
+    assert parse_config({"variants": variants}).data_path is None  # chosen at start
+    config = parse_config({"variants": variants, "data_path": "grpc"})
+    assert choose_data_path(config) == ("grpc", "data_path: grpc")
     with pytest.raises(ConfigError, match="data_path: must be one of grpc, native, got 'h3'"):
         parse_config({"variants": variants, "data_path": "h3"})
     if native_available():
-        assert parse_config({"variants": variants, "data_path": "native"}).data_path == "native"
+        config = parse_config({"variants": variants, "data_path": "native"})
+        assert choose_data_path(config) == ("native", "data_path: native")
         monkeypatch.setenv("TRITONMESH_DATA_PATH", "native")
-        assert parse_config({"variants": variants}).data_path == "native"
+        config = parse_config({"variants": variants})
+        assert choose_data_path(config) == ("native", "TRITONMESH_DATA_PATH: native")
+    monkeypatch.setenv("TRITONMESH_DATA_PATH", "grpc")
+    assert choose_data_path(parse_config({"variants": variants})) == (
+        "grpc", "TRITONMESH_DATA_PATH: grpc")
+    # The key wins over the variable.
+    config = parse_config({"variants": variants, "data_path": "grpc"})
+    assert choose_data_path(config) == ("grpc", "data_path: grpc")
     monkeypatch.setenv("TRITONMESH_DATA_PATH", "quic")
     with pytest.raises(ConfigError, match="TRITONMESH_DATA_PATH: must be one of"):
         parse_config({"variants": variants})
+
+
+_TLS = ServerTLS(b"a certificate", b"a key")  # the decision reads only whether tls is set
+
+
+def test_the_default_is_native_where_it_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONMESH_DATA_PATH", raising=False)
+    config = parse_config({"variants": [_VARIANT]})
+    if not native_available():
+        assert choose_data_path(config) == (
+            "grpc", "the default; native cannot serve here: the tritonmesh._core._h2 "
+            "extension is not built")
+        return
+    assert choose_data_path(config) == ("native", "the default")
+    # TLS on either side and several router processes are the native port's too.
+    upstream_tls = replace(config, variants=(
+        config.variants[0], replace(config.variants[0], name="w", upstream_tls=UpstreamTLS())))
+    for served in (replace(config, tls=_TLS), replace(config, processes=2), upstream_tls):
+        assert choose_data_path(served) == ("native", "the default")
+
+
+def test_the_default_without_the_extension_is_grpc() -> None:
+    code = ("from tritonmesh.config import parse_config\n"
+            "from tritonmesh.native_config import choose_data_path\n"
+            f"print(choose_data_path(parse_config({{'variants': [{_VARIANT!r}]}})))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, env={"TRITONMESH_NO_EXTENSIONS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ("DataPath(path='grpc', why='the default; native cannot serve "
+                             "here: the tritonmesh._core._h2 extension is not built')\n")
+
+
+@pytest.mark.skipif(not native_available(), reason="without the extension every explicit "
+                    "native is refused for that (test_without_the_extension_native_is_refused)")
+@pytest.mark.parametrize("key", ["data_path", "TRITONMESH_DATA_PATH"])
+def test_an_explicit_native_serves_tls_and_several_processes(
+        key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITONMESH_DATA_PATH", raising=False)
+    data: dict[str, Any] = {"variants": [_VARIANT]}
+    if key == "data_path":
+        data["data_path"] = "native"
+    else:
+        monkeypatch.setenv(key, "native")
+    config = parse_config(data)
+    for served in (replace(config, tls=_TLS), replace(config, processes=2),
+                   parse_config({**data, "processes": 2}),
+                   parse_config({**data, "variants": [{**_VARIANT, "upstream_tls": {}}]})):
+        assert choose_data_path(served) == ("native", f"{key}: native")
 
 
 def test_native_keys() -> None:
@@ -98,3 +155,14 @@ def test_native_keys() -> None:
                           ({"window": 1}, "native.window")):
         with pytest.raises(ConfigError, match=message):
             parse_config({"variants": variants, "native": data})
+
+
+@pytest.mark.skipif(os.environ.get("TRITONMESH_NO_EXTENSIONS", "") not in ("", "0"),
+                    reason="TRITONMESH_NO_EXTENSIONS=1: no compiled code, grpc by design")
+def test_the_compiled_pass_serves_native_where_libnghttp2_is() -> None:
+    """Where libnghttp2's header is (as in CI), the extension is built and loads, so the
+    compiled pass of the suite runs on the native data path, the default, and does not
+    quietly fall back to grpc.aio."""
+    if not Path("/usr/include/nghttp2/nghttp2.h").exists():
+        pytest.skip("no /usr/include/nghttp2/nghttp2.h here: the extension may be absent")
+    assert native_available(), "libnghttp2's header is here but tritonmesh._core._h2 is not"

@@ -28,6 +28,7 @@ from tritonmesh.bench.targets import (
     STDLIB_LOOP,
     TargetFailed,
     available_targets,
+    default_data_path,
     tritonmesh_variants,
 )
 
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "by side")
     bench.add_argument("--data-path", choices=DATA_PATHS, nargs="+",
                        help="run each tritonmesh target on this data path (the data_path "
-                            "key, written only when not grpc); several: side by side")
+                            "key, written only when not the router's default: native where "
+                            "it serves, else grpc); several: side by side")
     bench.add_argument("--out", type=Path, default=None,
                        help="results directory (default bench/results/<timestamp>)")
     return bench
@@ -141,6 +143,12 @@ def _run_bench(args: argparse.Namespace) -> int:
     targets = tritonmesh_variants(targets, args.processes, args.data_path)
     if args.targets:
         targets = [t for t in targets if any(w.lower() in t.label.lower() for w in args.targets)]
+    # Targets with no --data-path run on the router's own default: say which, per K.
+    defaults = {t.processes: default_data_path(t.processes) for t in targets
+                if t.kind == "tritonmesh" and not t.data_path}
+    notes = [*notes, *(f"tritonmesh targets{'' if k is None else f' (K={k})'} run on the "
+                       f"router's default data path: {d.path} ({d.why})"
+                       for k, d in defaults.items())]
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     out = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")

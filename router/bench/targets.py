@@ -22,17 +22,18 @@ from pathlib import Path
 import grpc
 import grpc.aio
 from tritonmesh.bench.loadgen import HINT_PARAMETER
+from tritonmesh.config import EndpointConfig
+from tritonmesh.native_config import DataPath, choose_data_path
 from tritonmesh.workers.launcher import free_ports
 
 __all__ = ["DATA_PATHS", "INSTALL_PEERS", "STDLIB_LOOP", "Serving", "Target", "TargetFailed",
-           "available_targets", "running", "terminate", "tritonmesh_variants"]
+           "available_targets", "default_data_path", "running", "terminate",
+           "tritonmesh_variants"]
 
 INSTALL_PEERS = "apt-get install -y nginx haproxy nghttp2-proxy"
 DATA_PATHS = ("grpc", "native")  # tritonmesh's data_path key
-# The router's defaults for the keys the bench writes only when they differ (see
-# _tritonmesh_conf): should the router's default data path change, change it here too, or
-# --data-path would label the new default with the old name.
-DEFAULT_PROCESSES, DEFAULT_DATA_PATH = 1, "grpc"
+# The router's default for the processes key, which the bench writes only when it differs.
+DEFAULT_PROCESSES = 1
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,13 @@ def tritonmesh_variants(targets: Sequence[Target], processes: Sequence[int] | No
     return out
 
 
+def default_data_path(processes: int | None) -> DataPath:
+    """What a tritonmesh target with ``processes`` (None: not asked) and no data path asked
+    runs on: the router's own choice for the bench's configuration with this build and
+    this environment (``TRITONMESH_DATA_PATH`` reaches the router too)."""
+    return choose_data_path(EndpointConfig(processes=processes or DEFAULT_PROCESSES))
+
+
 def _nghttpx_args(prefix: Path, port: int, workers: Sequence[str]) -> list[str]:
     backends = []
     for address in workers:
@@ -196,7 +204,7 @@ def _tritonmesh_conf(port: int, workers: Sequence[str], target: Target) -> str:
     top = f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
     if target.processes not in (None, DEFAULT_PROCESSES):
         top += f"processes: {target.processes}\n"
-    if target.data_path not in ("", DEFAULT_DATA_PATH):
+    if target.data_path and target.data_path != default_data_path(target.processes).path:
         top += f"data_path: {target.data_path}\n"
     if target.strategy == "LEAST_OUTSTANDING_WORK":
         top += "work_hints:\n" + "".join(f"  {model}: {{parameter: {HINT_PARAMETER}, base: 1}}\n"
