@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard _core/*.pyx _core/*
 
 install: $(STAMP)
 
+# The machine's CPUs serve the port (processes: auto); ARGS="--processes 1" for one process.
 up: install
-	$(BIN)/tritonmesh up $(ARGS)
+	$(BIN)/tritonmesh up --processes auto $(ARGS)
 
 test: test-compiled test-twin
 

@@ -107,10 +107,12 @@ def _serve(config: EndpointConfig, args: argparse.Namespace, config_path: str | 
     """Run the endpoint in this process, or (``processes`` >= 2) supervise router processes."""
     from tritonmesh.endpoint import run_endpoint
     from tritonmesh.native_config import choose_data_path
-    from tritonmesh.processconfig import check_processes, parse_processes
+    from tritonmesh.processconfig import check_processes, fit_auto, parse_processes
 
     if args.processes is not None:
         config = dataclasses.replace(config, processes=parse_processes(args.processes))
+        if args.processes == "auto":
+            config = fit_auto(config)
         check_processes(config)
     choose_data_path(config)  # an explicit native it cannot serve: exit 2 before any worker
     if config.processes < 2:
@@ -371,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _processes_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes", default=None, metavar="K",
                         help="router processes serving the port (an integer >= 1, or 'auto': "
-                             "one per CPU this process may use); overrides the config's "
-                             "'processes' (default 1)")
+                             "one per CPU this process may use, or one where the "
+                             "configuration needs one process); overrides the config's "
+                             "'processes' (default 1; make up passes auto)")
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from tritonmesh.native_config import NativeConfig, choose_data_path, parse_data_
 from tritonmesh.processconfig import (
     DEFAULT_SHARED_TABLE_SLOTS,
     check_processes,
+    fit_auto,
     parse_processes,
     parse_shared_table_slots,
 )
@@ -384,6 +385,8 @@ def parse_config(data: Any, base: str | os.PathLike[str] | None = None) -> Endpo
         shared_table_slots=parse_shared_table_slots(
             data.get("shared_table_slots", DEFAULT_SHARED_TABLE_SLOTS)),
     )
+    if data.get("processes") == "auto":
+        config = fit_auto(config)
     choose_data_path(config)  # an explicit native it cannot serve is refused here
     check_processes(config)
     return config

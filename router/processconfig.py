@@ -11,6 +11,8 @@ table can do exactly across processes runs there; the rest is refused at start
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -27,7 +29,9 @@ if TYPE_CHECKING:
     from tritonmesh.variant import _Table
 
 __all__ = ["DEFAULT_SHARED_TABLE_SLOTS", "MULTIPROCESS_STRATEGIES", "ProcessRole",
-           "check_processes", "parse_processes", "parse_shared_table_slots"]
+           "check_processes", "fit_auto", "parse_processes", "parse_shared_table_slots"]
+
+log = logging.getLogger("tritonmesh.processes")
 
 # Strategies with a pick on the shared table (SharedTable.pick, pick_random, pick_two).
 MULTIPROCESS_STRATEGIES: Final = frozenset({
@@ -80,6 +84,18 @@ def check_processes(config: EndpointConfig) -> None:
                     f"{where}{key}: not supported with processes: {config.processes} yet "
                     "(dispatch ahead's timers and load reports keep their state in one "
                     "process); use processes: 1")
+
+
+def fit_auto(config: EndpointConfig) -> EndpointConfig:
+    """``processes: auto`` asks for the machine where the configuration can use it: where
+    several router processes would be refused (:func:`check_processes`), one serves, and
+    the log says why. An explicit K >= 2 is still refused."""
+    try:
+        check_processes(config)
+    except ConfigError as exc:
+        log.info("processes: auto runs one router process: %s", exc)
+        return dataclasses.replace(config, processes=1)
+    return config
 
 
 class ProcessRole(Protocol):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import logging
 import mmap
 import os
 import signal
@@ -220,6 +221,21 @@ def test_processes_auto_is_the_cpus_this_process_may_use(tmp_path: Path) -> None
 
     config = load_config(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], "auto"))
     assert config.processes == len(os.sched_getaffinity(0))
+
+
+def test_processes_auto_is_one_where_the_configuration_needs_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``auto`` (what make up passes) serves a configuration several processes would be
+    refused for with one process, and says why; an explicit K is refused as before."""
+    from tritonmesh.config import load_config
+
+    with caplog.at_level(logging.INFO, "tritonmesh.processes"):
+        config = load_config(_write_config(tmp_path / "c.json", ["127.0.0.1:9"], "auto",
+                                           routing_strategy="ROUND_ROBIN"))
+    assert config.processes == 1
+    if len(os.sched_getaffinity(0)) > 1:
+        assert "processes: auto runs one router process: variants[0].routing_strategy: " \
+               "ROUND_ROBIN needs one router process" in caplog.text, caplog.text
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
