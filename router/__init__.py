@@ -6,7 +6,15 @@ grpc); the public names load on first use.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# Before anything imports grpc (it reads this once): the supervisor starts router processes,
+# and the router Triton workers, by fork + exec from its event loop (uvloop's spawn forks)
+# while gRPC's threads run, and gRPC's fork handlers then crash about one child in 70 with
+# SIGSEGV before its exec (bench/grpc_fork_crash.py). No tritonmesh process forks to go on
+# using gRPC, so the handlers are off unless the environment asks for them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 __version__ = "0.1.0"
 __all__ = ["EndpointConfig", "Router", "__version__", "load_config", "run_endpoint"]

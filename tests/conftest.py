@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported (it reads this once), as tritonmesh/__init__.py does for its own
+# processes: this one starts Triton workers from a uvloop loop while gRPC's threads run.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 from collections.abc import Iterator
 from typing import Any
 
