@@ -148,6 +148,10 @@ cdef class Stream:
     cdef readonly bint closed
     cdef readonly bint remote_ended  # the peer sent END_STREAM
     cdef readonly bint responded  # response HEADERS submitted (server side)
+    cdef readonly bint headers_sent  # its HEADERS went to the transport (client side)
+    # A client's stream: request bytes came beyond its first message (sent on, or dropped
+    # once its upstream stream closed), so the request can no longer be sent again whole.
+    cdef readonly bint sent_more
     cdef public object handler  # told of trailers and abnormal closes (NativeCall)
     cdef public object tag  # whatever the owner keeps with the stream
     cdef Stream peer
@@ -161,6 +165,8 @@ cdef class Stream:
     cdef size_t held  # bytes at the tail of `inbuf` whose window was not given back yet
     cdef Py_ssize_t peek_limit  # >= 0 while the first message is awaited
     cdef size_t peeked  # of the connection's peek budget, reserved for its first message
+    cdef size_t first_size  # the peeked first message, prefix included
+    cdef double peek_since  # _monotonic() at its HEADERS, then at its reservation
     cdef bint out_eof
     cdef bint ended  # the call ended normally (trailers went through)
     cdef bint discard
@@ -186,6 +192,7 @@ cdef class Stream:
         call the owner's ``message(stream, bytes)``; ``oversize`` / ``incomplete`` when it
         is too large or the client ended without one."""
         self.peek_limit = limit
+        self.peek_since = _monotonic()
         self._check_message()
 
     cdef int _check_message(self) except -1:
@@ -201,6 +208,7 @@ cdef class Stream:
                 owner.oversize(self, length)
                 return 0
             if have >= MESSAGE_PREFIX + length:
+                self.first_size = MESSAGE_PREFIX + length
                 _end_peek(self)
                 owner.message(self, p[0], PyBytes_FromStringAndSize(
                     <const char *>p + MESSAGE_PREFIX, length))
@@ -266,6 +274,7 @@ cdef void _reserve(Stream stream) noexcept:
             conn.peek_stalled = True
             return
         stream.peeked = need
+        stream.peek_since = _monotonic()
         conn.peek_bytes += need
     if stream.held:
         nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
@@ -300,11 +309,16 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
     upstream.source = client.connection
     upstream.source_id = client.id
     # The peeked bytes move over whole (no copy); their window was given back as they came.
-    upstream.out = client.inbuf
-    upstream.preconsumed = buf_len(&client.inbuf) - client.held
-    client.inbuf.data = NULL
-    client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
-    client.held = 0
+    # (A request sent again has none left: they moved to its first upstream stream.)
+    if client.inbuf.data != NULL:
+        if buf_len(&client.inbuf) > client.first_size:
+            client.sent_more = True
+        buf_free(&upstream.out)
+        upstream.out = client.inbuf
+        upstream.preconsumed = buf_len(&client.inbuf) - client.held
+        client.inbuf.data = NULL
+        client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
+        client.held = 0
     _end_peek(client)
     if client.remote_ended:
         upstream.out_eof = True
@@ -440,6 +454,11 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     if frame.hd.type == NGHTTP2_GOAWAY:
         conn.goaway = True
         return 0
+    if frame.hd.type == NGHTTP2_RST_STREAM:
+        if conn.server and not _take_reset(conn):
+            # Rapid reset (CVE-2023-44487), whatever the nghttp2 build limits on its own.
+            nghttp2_session_terminate_session(session, NGHTTP2_ENHANCE_YOUR_CALM)
+        return 0
     if frame.hd.type != NGHTTP2_HEADERS and frame.hd.type != NGHTTP2_DATA:
         return 0
     stream = _stream_of(session, frame.hd.stream_id)
@@ -482,6 +501,19 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     return 0
 
 
+cdef inline bint _take_reset(H2Connection conn) noexcept:
+    """A client's RST_STREAM, from its connection's token bucket; False when it is empty."""
+    cdef double now = _monotonic()
+    conn.reset_tokens += (now - conn.reset_at) * conn.reset_rate
+    if conn.reset_tokens > conn.reset_burst:
+        conn.reset_tokens = conn.reset_burst
+    conn.reset_at = now
+    if conn.reset_tokens < 1.0:
+        return False
+    conn.reset_tokens -= 1.0
+    return True
+
+
 cdef int _forward_headers(Stream upstream, bint end) except -1:
     """An upstream's response HEADERS or trailers, to its client stream."""
     cdef Stream client = upstream.peer
@@ -522,7 +554,13 @@ cdef inline void conn_resume(Stream stream) noexcept:
 cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                         void *user_data) noexcept:
     cdef Stream stream
-    if frame.hd.type == NGHTTP2_HEADERS and frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+    if frame.hd.type != NGHTTP2_HEADERS:
+        return 0
+    if not (<H2Connection>user_data).server:
+        stream = _stream_of(session, frame.hd.stream_id)
+        if stream is not None:
+            stream.headers_sent = True
+    elif frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
         stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None and stream.reset_after_answer:
             stream.reset_after_answer = False
@@ -544,11 +582,13 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
             return 0
         peer = stream.peer
         if peer is not None and not peer.closed and not peer.ended:
+            stream.sent_more = True
             buf_append(&peer.out, <const char *>data, length)
             conn_resume(peer)
             return 0
         if peer is not None or stream.source is not None:  # the other side is done
             nghttp2_session_consume_stream(session, stream_id, length)
+            stream.sent_more = True
             return 0
         # Not paired yet: the stream's window bounds what waits, except while the first
         # message is peeked (it may be larger than a window; see _reserve).
@@ -667,10 +707,16 @@ cdef class H2Connection:
     cdef size_t peek_budget  # bytes all its streams' first-message peeks may hold unwindowed
     cdef size_t peek_bytes
     cdef bint peek_stalled  # a peeking stream holds bytes the budget did not cover
+    # The client's RST_STREAMs: a token bucket of reset_burst, refilled at reset_rate per s.
+    cdef double reset_tokens
+    cdef double reset_at
+    cdef double reset_burst
+    cdef double reset_rate
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
-                  uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0):
+                  uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0,
+                  uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33):
         self.owner = owner
         self.server = server
         self.streams = {}
@@ -690,6 +736,9 @@ cdef class H2Connection:
         self.max_header_list = max_header_list_bytes
         self.peek_budget = peek_budget
         self.idle_since = _monotonic()
+        self.reset_tokens = self.reset_burst = stream_reset_burst
+        self.reset_rate = stream_reset_rate
+        self.reset_at = self.idle_since
 
     def __dealloc__(self):
         nghttp2_session_del(self.session)
@@ -783,9 +832,10 @@ cdef class H2Connection:
                 not nghttp2_session_want_write(self.session):
             self.transport.close()
 
-    def open_stream(self, list headers, Stream client, handler) -> Stream:
+    def open_stream(self, list headers, Stream client, handler, bytes first=None) -> Stream:
         """Send a request on this (client-side) connection, paired with ``client``: its
-        held bytes go first, then everything it receives."""
+        held bytes go first (or ``first``, a request sent again), then everything it
+        receives."""
         # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
         # plus what the router adds in their place.
         cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
@@ -806,6 +856,9 @@ cdef class H2Connection:
         self.streams[stream_id] = stream
         stream.handler = handler
         client.handler = handler
+        if first is not None:  # its window was given back when it first came
+            buf_append(&stream.out, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
+            stream.preconsumed = PyBytes_GET_SIZE(first)
         _pair(client, stream)
         if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
             # Its stream IDs are spent: the pool opens another for the next request, and
@@ -814,6 +867,20 @@ cdef class H2Connection:
             self.shutdown()
         _mark(self)
         return stream
+
+    def expire_peeks(self, double before) -> list:
+        """End the first-message peeks that waited since before ``before`` (monotonic
+        seconds) for their length prefix, or for the rest once reserved; returns their
+        streams, for the owner to answer."""
+        cdef Stream stream
+        expired = []
+        for value in self.streams.values():
+            stream = <Stream>value
+            if stream.peek_limit >= 0 and stream.peek_since < before:
+                expired.append(stream)
+        for stream in expired:
+            _end_peek(stream)
+        return expired
 
     def skip_stream_ids(self, int32_t next_stream_id) -> None:
         """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""

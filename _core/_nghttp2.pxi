@@ -54,6 +54,8 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_DATA
         NGHTTP2_HEADERS
         NGHTTP2_GOAWAY
+        NGHTTP2_RST_STREAM
+        NGHTTP2_PING
         NGHTTP2_FLAG_NONE
         NGHTTP2_FLAG_END_STREAM
         NGHTTP2_NV_FLAG_NONE
@@ -69,6 +71,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_NO_ERROR
         NGHTTP2_INTERNAL_ERROR
         NGHTTP2_CANCEL
+        NGHTTP2_ENHANCE_YOUR_CALM
 
     int nghttp2_session_callbacks_new(nghttp2_session_callbacks **)
     void nghttp2_session_callbacks_del(nghttp2_session_callbacks *)

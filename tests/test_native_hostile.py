@@ -1,0 +1,239 @@
+"""``data_path: native`` against hostile peers and broken deadlines: the router's own
+deadline timer, retries of what provably never left, the first-message peek's time bound,
+the router's own rapid-reset limit, and keepalive PINGs, each on real parts (raw ``h2``
+clients, ``h2`` servers standing in for a misbehaving upstream, real Triton)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+import tritonclient.grpc as grpcclient
+from harness import LoopThread, identity_inputs, make_config, start_router, wait_for
+from test_native_path import MODEL_INFER, RawClient, _identity_message, native  # noqa: F401
+from tritonclient.utils import InferenceServerException
+from tritonmesh.config import HealthCheckConfig
+from tritonmesh.native_config import NativeConfig, native_available
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(not native_available(), reason=(
+        "the native data path's extension (tritonmesh._core._h2) is not built here: no "
+        "libnghttp2 header at install time, or TRITONMESH_NO_EXTENSIONS=1")),
+]
+
+CANCEL = h2.errors.ErrorCodes.CANCEL
+
+
+class H2Upstream:
+    """An HTTP/2 server (h2) standing in for Triton: ``answer(connection, stream_id)`` for
+    each request (nothing: it never answers); records the resets it receives."""
+
+    def __init__(self, answer: Callable[[h2.connection.H2Connection, int], None]
+                 = lambda conn, stream_id: None):
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests = 0
+        self.resets: list[int] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                sock, _ = self.listener.accept()
+                threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        conn.initiate_connection()
+        infers: set[int] = set()
+        with sock, contextlib.suppress(OSError):
+            sock.sendall(conn.data_to_send())
+            while data := sock.recv(65536):
+                if conn.state_machine.state == h2.connection.ConnectionState.CLOSED:
+                    return  # after its GOAWAY
+                for event in conn.receive_data(data):
+                    # Only ModelInfer: the router's health checks come here too, unanswered.
+                    if isinstance(event, h2.events.RequestReceived) \
+                            and (b":path", MODEL_INFER.encode()) in event.headers:
+                        infers.add(event.stream_id)
+                        self.requests += 1
+                        self.answer(conn, event.stream_id)
+                    elif isinstance(event, h2.events.StreamReset) and event.stream_id in infers:
+                        self.resets.append(event.error_code)
+                sock.sendall(conn.data_to_send())
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+def _send_infer(client: RawClient, stream_id: int, *extra: tuple[str, str]) -> None:
+    client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc")
+                             + list(extra))
+    client.conn.send_data(stream_id, _identity_message(), end_stream=True)
+    client.send()
+
+
+def test_deadline_is_the_routers_to_enforce(native: None, loop_thread: LoopThread) -> None:
+    """A client that sets a deadline and then neither resets nor closes, in front of an
+    upstream that never answers: the router answers DEADLINE_EXCEEDED when the deadline
+    passes, cancels the upstream stream, and releases the lease."""
+    upstream = H2Upstream()
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        _send_infer(client, 1, ("grpc-timeout", "300m"))
+        answer = client.answer(1)
+        assert answer.get("grpc-status") == "4", answer
+        assert answer.get("grpc-message") == "Deadline Exceeded"
+        wait_for(lambda: upstream.resets == [CANCEL], "the upstream stream's cancellation")
+        router.wait_idle()
+        client.close()
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def _refuse_stream(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+
+
+def _goaway(conn: h2.connection.H2Connection, stream_id: int) -> None:
+    """GOAWAY below the request's stream: nghttp2 reports the stream as refused."""
+    conn.close_connection(last_stream_id=0)
+
+
+@pytest.mark.parametrize("refuse", [_refuse_stream, _goaway])
+def test_refused_requests_go_to_another_instance(native: None, loop_thread: LoopThread,
+                                                 worker_addresses: list[str],
+                                                 refuse: Callable[..., None]) -> None:
+    """A request an upstream refused (REFUSED_STREAM, or a stream past its GOAWAY) provably
+    never reached it: it goes to another instance, and the client sees only the answer."""
+    upstream = H2Upstream(refuse)
+    config, instances = make_config(worker_addresses[:1], strategy="ROUND_ROBIN")
+    # No health check finds the stand-in (it answers no health RPC) before the requests do.
+    config = dataclasses.replace(config, health_check=HealthCheckConfig(interval_s=600.0))
+    router = start_router(loop_thread, config, instances)
+    loop_thread.run(router.router.update_instances(
+        {"AllTraffic": [worker_addresses[0], upstream.address]}))
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            for i in range(6):
+                assert client.infer("identity", identity_inputs(), request_id=str(i),
+                                    client_timeout=30).get_response().id == str(i)
+        assert upstream.requests >= 3
+        assert router.balancer.retry_budget.retried == upstream.requests
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def test_refused_sequence_request_is_not_moved(native: None, loop_thread: LoopThread) -> None:
+    """A request in a sequence stays on its instance: refused, it fails UNAVAILABLE saying
+    why it was not retried; the same request outside a sequence is tried again."""
+    upstream = H2Upstream(_refuse_stream)
+    config, instances = make_config([upstream.address])
+    router = start_router(loop_thread, config, instances)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("identity", identity_inputs(), sequence_id=7, sequence_start=True,
+                             client_timeout=30)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert "not retried: this request's retries are used up" in caught.value.message()
+            assert upstream.requests == 1
+            with pytest.raises(InferenceServerException) as caught:
+                client.infer("identity", identity_inputs(), client_timeout=30)
+            assert caught.value.status() == "StatusCode.UNAVAILABLE"
+            assert upstream.requests > 2  # tried again (on the only instance there is)
+        router.wait_idle()
+    finally:
+        router.stop()
+        upstream.stop()
+
+
+def _answers(client: RawClient, *stream_ids: int) -> dict[int, dict[str, str]]:
+    """Every header and trailer the router sent on each stream, until all ended."""
+    seen: dict[int, dict[str, str]] = {i: {} for i in stream_ids}
+    ended: set[int] = set()
+    while ended != set(stream_ids):
+        for event in client.events():
+            assert event is not None, "the connection closed"
+            stream_id = getattr(event, "stream_id", None)
+            if stream_id not in seen:
+                continue
+            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                seen[stream_id].update((k.decode(), v.decode()) for k, v in event.headers)
+            if isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                ended.add(stream_id)
+    return seen
+
+
+def test_a_first_message_that_never_ends_is_answered(native: None, loop_thread: LoopThread,
+                                                     worker_addresses: list[str]) -> None:
+    """A client that starts its first message and never finishes it holds the connection's
+    peek budget only until ``native.first_message_timeout_s``: it is answered
+    DEADLINE_EXCEEDED naming the key; the connection's other calls go on."""
+    limit = 1 << 16
+    config, instances = make_config(worker_addresses[:1], limits={"max_message_bytes": limit})
+    config = dataclasses.replace(config, native=NativeConfig(first_message_timeout_s=0.5))
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc"))
+        # A length prefix that reserves nearly the whole budget, then two bytes, then nothing.
+        client.conn.send_data(1, b"\0" + (limit - 40).to_bytes(4, "big") + b"\n\x08")
+        _send_infer(client, 3)
+        answers = _answers(client, 1, 3)
+        assert answers[1].get("grpc-status") == "4", answers
+        assert "native.first_message_timeout_s (0.5 s)" in answers[1]["grpc-message"]
+        assert answers[3].get("grpc-status") == "0", answers
+        client.close()
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_rapid_reset_past_the_routers_limit(native: None, loop_thread: LoopThread,
+                                            worker_addresses: list[str]) -> None:
+    """Client-sent RST_STREAMs past ``native.stream_reset_burst`` (refilled at
+    ``native.stream_reset_rate`` per s) get GOAWAY ENHANCE_YOUR_CALM, whatever limit the
+    nghttp2 build has of its own (Debian's 1.52 backport and 1.57+ allow 1000); the router
+    keeps serving other connections."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
+                                                             stream_reset_rate=1))
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        for i in range(60):
+            stream_id = 1 + 2 * i
+            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.reset_stream(stream_id)
+        client.send()
+        goaway = None
+        while goaway is None:
+            events = client.events()
+            assert events != [None], "closed without GOAWAY"
+            goaway = next((e for e in events if isinstance(e, h2.events.ConnectionTerminated)),
+                          None)
+        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        client.close()
+        with grpcclient.InferenceServerClient(router.address) as good:
+            assert good.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+        router.wait_idle()
+    finally:
+        router.stop()
