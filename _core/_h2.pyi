@@ -89,4 +89,11 @@ class H2Connection(asyncio.Protocol):
     def reset(self, stream_id: int, error_code: int = 8) -> None: ...
     def shutdown(self) -> None:
         """GOAWAY; the connection closes when its last stream ends."""
+    @property
+    def ping_sent(self) -> float:
+        """``time.monotonic()`` when :meth:`ping` sent a PING not answered yet, else 0."""
+    def ping(self) -> None:
+        """Send a keepalive PING."""
     def close(self) -> None: ...
+    def abort(self) -> None:
+        """Close now, dropping unwritten bytes (a peer that stopped reading)."""

@@ -36,6 +36,10 @@ cdef enum:
     RESOURCE_EXHAUSTED = 8  # gRPC status
     MAX_STREAM_ID = 0x7FFFFFFF
     MAX_REQUEST_HEADERS = MAX_HEADERS + 16
+    # A client's PINGs, policed as the grpc.aio port's options set grpc-core's (server.py:
+    # min_ping_interval_without_data_ms 10000, max_ping_strikes 2, permitted without calls).
+    MIN_PING_INTERVAL_S = 10
+    MAX_PING_STRIKES = 2
 
 
 class H2Error(Exception):
@@ -454,6 +458,12 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
     if frame.hd.type == NGHTTP2_GOAWAY:
         conn.goaway = True
         return 0
+    if frame.hd.type == NGHTTP2_PING:
+        if frame.hd.flags & NGHTTP2_FLAG_ACK:
+            conn.ping_sent = 0.0
+        elif conn.server:
+            _police_ping(conn)
+        return 0
     if frame.hd.type == NGHTTP2_RST_STREAM:
         if conn.server and not _take_reset(conn):
             # Rapid reset (CVE-2023-44487), whatever the nghttp2 build limits on its own.
@@ -461,6 +471,9 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
         return 0
     if frame.hd.type != NGHTTP2_HEADERS and frame.hd.type != NGHTTP2_DATA:
         return 0
+    if conn.server:  # a client sending requests is not idle: its PINGs start afresh
+        conn.ping_strikes = 0
+        conn.ping_at = 0.0
     stream = _stream_of(session, frame.hd.stream_id)
     if stream is None:
         return 0
@@ -499,6 +512,22 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id,
                                   NGHTTP2_INTERNAL_ERROR)
     return 0
+
+
+cdef void _police_ping(H2Connection conn) noexcept:
+    """grpc-core's ping abuse policy: a PING sooner than MIN_PING_INTERVAL_S after the last
+    one is a strike (strikes clear when headers or data go either way); past
+    MAX_PING_STRIKES, GOAWAY ENHANCE_YOUR_CALM "too_many_pings" and close."""
+    cdef double now = _monotonic()
+    if now - conn.ping_at < MIN_PING_INTERVAL_S:
+        conn.ping_strikes += 1
+        if conn.ping_strikes > MAX_PING_STRIKES and not conn.close_after_flush:
+            nghttp2_submit_goaway(conn.session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(conn.session),
+                                  NGHTTP2_ENHANCE_YOUR_CALM, <const uint8_t *>b"too_many_pings",
+                                  14)
+            conn.close_after_flush = True
+    conn.ping_at = now
 
 
 cdef inline bint _take_reset(H2Connection conn) noexcept:
@@ -554,9 +583,14 @@ cdef inline void conn_resume(Stream stream) noexcept:
 cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
                         void *user_data) noexcept:
     cdef Stream stream
+    cdef H2Connection conn = <H2Connection>user_data
+    if conn.server and frame.hd.type in (NGHTTP2_DATA, NGHTTP2_HEADERS, NGHTTP2_WINDOW_UPDATE):
+        # The client is being served (flow control included): its PINGs start afresh.
+        conn.ping_strikes = 0
+        conn.ping_at = 0.0
     if frame.hd.type != NGHTTP2_HEADERS:
         return 0
-    if not (<H2Connection>user_data).server:
+    if not conn.server:
         stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None:
             stream.headers_sent = True
@@ -712,6 +746,10 @@ cdef class H2Connection:
     cdef double reset_at
     cdef double reset_burst
     cdef double reset_rate
+    cdef double ping_at  # a client's last PING
+    cdef int ping_strikes
+    cdef bint close_after_flush  # GOAWAY is submitted: close once it is written
+    cdef readonly double ping_sent  # our keepalive PING's time, until its ACK (else 0)
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
@@ -828,7 +866,7 @@ cdef class H2Connection:
             self.transport.write(PyBytes_FromStringAndSize(self.wbuf.data + self.wbuf.start,
                                                            buf_len(&self.wbuf)))
             self.wbuf.start = self.wbuf.end = 0
-        if not nghttp2_session_want_read(self.session) and \
+        if self.close_after_flush or not nghttp2_session_want_read(self.session) and \
                 not nghttp2_session_want_write(self.session):
             self.transport.close()
 
@@ -918,9 +956,20 @@ cdef class H2Connection:
                                   NGHTTP2_NO_ERROR, NULL, 0)
             _mark(self)
 
+    def ping(self) -> None:
+        """Send a keepalive PING; ``ping_sent`` says when, until its ACK comes."""
+        if not self.lost and nghttp2_submit_ping(self.session, NGHTTP2_FLAG_NONE, NULL) == 0:
+            self.ping_sent = _monotonic()
+            _mark(self)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping unwritten bytes (a peer that stopped reading)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     @property
     def open_streams(self) -> int:

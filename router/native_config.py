@@ -48,6 +48,11 @@ class NativeConfig:
     # defaults); past them, GOAWAY ENHANCE_YOUR_CALM.
     stream_reset_burst: int = 1000
     stream_reset_rate: int = 33
+    # A PING on each upstream connection with calls open, this often (0: never), and how
+    # long its ACK may take before the connection is taken for dead (grpc.aio's upstream
+    # channels: workers/upstream.py).
+    upstream_keepalive_time_s: float = 300.0
+    upstream_keepalive_timeout_s: float = 20.0
 
 
 def parse_native(data: Any) -> NativeConfig:

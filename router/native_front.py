@@ -62,7 +62,7 @@ class NativePort:
                                 "stream_reset_rate": native.stream_reset_rate,
                                 "max_concurrent_streams": limits.max_concurrent_streams,
                                 **self.h2_settings}
-        self.first_message_timeout_s = native.first_message_timeout_s
+        self.native = native
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
         self._dir = Path(tempfile.mkdtemp(prefix="tritonmesh-"))
@@ -81,9 +81,11 @@ class NativePort:
         self._server = await loop.create_server(self._protocol, host.strip("[]"), int(port),
                                                 reuse_address=True, backlog=1024)
         await self.pool.connect(self.internal)
+        self.pool.start_keepalive(self.native.upstream_keepalive_time_s,
+                                  self.native.upstream_keepalive_timeout_s)
         if self.limits.connection_idle_timeout_s > 0 or self.limits.connection_max_age_s > 0:
             self._aging = asyncio.ensure_future(self._close_old())
-        if self.infer is not None and self.first_message_timeout_s > 0:
+        if self.infer is not None and self.native.first_message_timeout_s > 0:
             self._peeks = asyncio.ensure_future(self._expire_slow_peeks())
         return int(self._server.sockets[0].getsockname()[1])
 
@@ -181,7 +183,7 @@ class NativePort:
     async def _expire_slow_peeks(self) -> None:
         """Answer the first-message peeks that outlived ``native.first_message_timeout_s``
         (their reservations go to the connection's other peeks); checked every half of it."""
-        timeout = self.first_message_timeout_s
+        timeout = self.native.first_message_timeout_s
         message = grpc_message(f"the request's first message did not arrive within "
                                f"native.first_message_timeout_s ({timeout:g} s)")
         while True:

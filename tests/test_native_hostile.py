@@ -237,3 +237,53 @@ def test_rapid_reset_past_the_routers_limit(native: None, loop_thread: LoopThrea
         router.wait_idle()
     finally:
         router.stop()
+
+
+@pytest.mark.parametrize("data_path", ["grpc", "native"])
+def test_too_many_pings_as_grpc_does(make_router: Any, monkeypatch: pytest.MonkeyPatch,
+                                     data_path: str) -> None:
+    """A client that PINGs faster than every 10 s with nothing served in between gets
+    GOAWAY ENHANCE_YOUR_CALM "too_many_pings" after two strikes, on either data path."""
+    monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
+    router = make_router()
+    client = RawClient(router.address)
+    goaway = None
+    for i in range(6):
+        client.conn.ping(b"%8d" % i)
+        client.send()
+        for event in client.events():
+            assert event is not None, "closed without GOAWAY"
+            if isinstance(event, h2.events.ConnectionTerminated):
+                goaway = event
+        if goaway is not None:
+            break
+    assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway.additional_data == b"too_many_pings"
+    client.close()
+
+
+def test_dead_upstream_connection_is_noticed_by_ping(native: None, loop_thread: LoopThread
+                                                     ) -> None:
+    """An upstream that stops reading (no PING ACK) within
+    ``native.upstream_keepalive_timeout_s`` is closed: its calls fail UNAVAILABLE and are
+    released, with no deadline to end them."""
+    stuck = threading.Event()
+    upstream = H2Upstream(lambda conn, stream_id: stuck.wait(60))
+    config, instances = make_config([upstream.address])
+    config = dataclasses.replace(
+        config, native=NativeConfig(upstream_keepalive_time_s=0.3,
+                                    upstream_keepalive_timeout_s=0.3),
+        health_check=HealthCheckConfig(interval_s=600.0))
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        _send_infer(client, 1)
+        answer = client.answer(1)
+        assert answer.get("grpc-status") == "14", answer
+        assert "the connection was lost" in answer.get("grpc-message", "")
+        client.close()
+        router.wait_idle()
+    finally:
+        stuck.set()
+        router.stop()
+        upstream.stop()
