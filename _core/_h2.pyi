@@ -56,11 +56,14 @@ class H2Connection(asyncio.Protocol):
     def __init__(self, owner: Any, server: bool, *, max_concurrent_streams: int = 100,
                  stream_window: int = 1 << 20, connection_window: int = 1 << 24,
                  max_header_list_bytes: int = 1 << 16, peek_budget: int = 0,
-                 stream_reset_burst: int = 1000, stream_reset_rate: int = 33) -> None:
+                 stream_reset_burst: int = 1000, stream_reset_rate: int = 33,
+                 buffer_cap: int = 2**64 - 1) -> None:
         """``peek_budget``: bytes the first-message peeks of all its streams may hold
         outside flow control (server side). ``stream_reset_burst`` / ``stream_reset_rate``:
         the client's RST_STREAMs it takes (a token bucket, per s); past them, GOAWAY
-        ENHANCE_YOUR_CALM (server side)."""
+        ENHANCE_YOUR_CALM (server side). ``buffer_cap``: what the windows of the upstream
+        streams paired with its streams may add up to; past it, a new one keeps the base
+        window (64 KiB) instead of ``stream_window`` (server side)."""
     @property
     def owner(self) -> Any: ...
     @property
@@ -73,6 +76,12 @@ class H2Connection(asyncio.Protocol):
     def streams(self) -> dict[int, Stream]: ...
     @property
     def open_streams(self) -> int: ...
+    @property
+    def window_bytes(self) -> int:
+        """A client's connection: the windows of its upstream streams, all together."""
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in the router to be sent on its streams."""
     @property
     def idle_since(self) -> float:
         """``time.monotonic()`` when its last stream closed (or it opened)."""

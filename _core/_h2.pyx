@@ -40,6 +40,9 @@ cdef enum:
     # min_ping_interval_without_data_ms 10000, max_ping_strikes 2, permitted without calls).
     MIN_PING_INTERVAL_S = 10
     MAX_PING_STRIKES = 2
+    # What an upstream stream may send before the router raises its window (HTTP/2's
+    # default): the floor of what a client connection's streams hold past its buffer cap.
+    BASE_STREAM_WINDOW = 65535
 
 
 class H2Error(Exception):
@@ -176,6 +179,7 @@ cdef class Stream:
     cdef bint discard
     cdef bint reset_after_answer
     cdef size_t header_bytes  # of the block being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
+    cdef uint32_t window  # an upstream stream's window, counted in its client's window_bytes
     cdef list trailers
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
 
@@ -302,6 +306,20 @@ cdef void _end_peek(Stream stream) noexcept:
             other = <Stream>value
             if other.peek_limit >= 0 and not other.peeked:
                 _reserve(other)
+
+
+cdef inline void _grant_window(H2Connection client, Stream upstream) noexcept:
+    """An upstream stream's window: its connection's stream window while its client's
+    connection is within ``buffer_cap``, else the base window (its HEADERS go with a
+    WINDOW_UPDATE when raised). A client that does not read holds at most that in the
+    router, whatever its number of streams (beyond a base window each)."""
+    cdef H2Connection conn = upstream.connection
+    cdef size_t raised = client.window_bytes + conn.stream_window
+    if raised <= client.buffer_cap:
+        upstream.window = conn.stream_window
+    else:
+        upstream.window = conn.initial_window
+    client.window_bytes += upstream.window
 
 
 cdef void _pair(Stream client, Stream upstream) noexcept:
@@ -594,6 +612,9 @@ cdef int _on_frame_send(nghttp2_session *session, const nghttp2_frame *frame,
         stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None:
             stream.headers_sent = True
+            if stream.window > conn.initial_window:
+                nghttp2_session_set_local_window_size(session, NGHTTP2_FLAG_NONE, stream.id,
+                                                      stream.window)
     elif frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
         stream = _stream_of(session, frame.hd.stream_id)
         if stream is not None and stream.reset_after_answer:
@@ -661,6 +682,9 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
         connection.idle_since = _monotonic()
     cdef Stream peer = stream.peer
     cdef size_t unsent
+    if stream.window:
+        (<H2Connection>stream.source).window_bytes -= stream.window
+        stream.window = 0
     handler = stream.handler
     stream.handler = None
     try:
@@ -738,6 +762,10 @@ cdef class H2Connection:
     cdef list settings
     cdef int32_t connection_window
     cdef size_t max_header_list
+    cdef uint32_t stream_window  # what a stream's window is (upstream: raised to, within cap)
+    cdef uint32_t initial_window  # what SETTINGS says it is
+    cdef size_t buffer_cap  # a client's: its upstream streams' windows, all together
+    cdef readonly size_t window_bytes  # a client's: what they are now
     cdef size_t peek_budget  # bytes all its streams' first-message peeks may hold unwindowed
     cdef size_t peek_bytes
     cdef bint peek_stalled  # a peeking stream holds bytes the budget did not cover
@@ -754,7 +782,8 @@ cdef class H2Connection:
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
                   uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0,
-                  uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33):
+                  uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33,
+                  size_t buffer_cap=<size_t>-1):
         self.owner = owner
         self.server = server
         self.streams = {}
@@ -767,11 +796,15 @@ cdef class H2Connection:
         if rv != 0:
             raise MemoryError()
         self.settings = [(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, max_concurrent_streams),
-                         (NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, stream_window),
+                         (NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+                          stream_window if server else min(stream_window, BASE_STREAM_WINDOW)),
                          (NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_bytes),
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
         self.max_header_list = max_header_list_bytes
+        self.stream_window = stream_window
+        self.initial_window = stream_window if server else min(stream_window, BASE_STREAM_WINDOW)
+        self.buffer_cap = buffer_cap
         self.peek_budget = peek_budget
         self.idle_since = _monotonic()
         self.reset_tokens = self.reset_burst = stream_reset_burst
@@ -898,6 +931,7 @@ cdef class H2Connection:
             buf_append(&stream.out, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
             stream.preconsumed = PyBytes_GET_SIZE(first)
         _pair(client, stream)
+        _grant_window(client.connection, stream)
         if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
             # Its stream IDs are spent: the pool opens another for the next request, and
             # this one closes when its last stream ends.
@@ -974,3 +1008,11 @@ cdef class H2Connection:
     @property
     def open_streams(self) -> int:
         return len(self.streams)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in the router to be sent on its streams."""
+        cdef size_t total = 0
+        for value in self.streams.values():
+            total += buf_len(&(<Stream>value).out)
+        return total

@@ -46,6 +46,10 @@ class NativeConfig:
     first_message_timeout_s: float = 30.0
     # The client-sent RST_STREAMs a connection may make (a token bucket; nghttp2 1.57's
     # defaults); past them, GOAWAY ENHANCE_YOUR_CALM.
+    # What the upstream streams of one client connection may send the router before their
+    # client reads (their windows, all together); past it, a stream's window is HTTP/2's base
+    # 64 KiB instead of stream_window_bytes.
+    connection_buffer_bytes: int = 1 << 24
     stream_reset_burst: int = 1000
     stream_reset_rate: int = 33
     # A PING on each upstream connection with calls open, this often (0: never), and how

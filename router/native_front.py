@@ -60,6 +60,7 @@ class NativePort:
         self.client_settings = {"peek_budget": limits.max_message_bytes,
                                 "stream_reset_burst": native.stream_reset_burst,
                                 "stream_reset_rate": native.stream_reset_rate,
+                                "buffer_cap": native.connection_buffer_bytes,
                                 "max_concurrent_streams": limits.max_concurrent_streams,
                                 **self.h2_settings}
         self.native = native

@@ -16,6 +16,8 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import LoopThread, identity_inputs, make_config, start_router, wait_for
@@ -26,6 +28,7 @@ from tritonmesh.native_config import NativeConfig, native_available
 
 pytestmark = [
     pytest.mark.triton,
+    pytest.mark.usefixtures("native"),  # data_path: native; ModelInfer on grpc.aio fails
     pytest.mark.skipif(not native_available(), reason=(
         "the native data path's extension (tritonmesh._core._h2) is not built here: no "
         "libnghttp2 header at install time, or TRITONMESH_NO_EXTENSIONS=1")),
@@ -39,8 +42,11 @@ class H2Upstream:
     each request (nothing: it never answers); records the resets it receives."""
 
     def __init__(self, answer: Callable[[h2.connection.H2Connection, int], None]
-                 = lambda conn, stream_id: None):
+                 = lambda conn, stream_id: None,
+                 more: Callable[[h2.connection.H2Connection], None] = lambda conn: None):
+        """``more(connection)``: after each read, whatever else it sends."""
         self.answer = answer
+        self.more = more
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests = 0
@@ -72,6 +78,7 @@ class H2Upstream:
                         self.answer(conn, event.stream_id)
                     elif isinstance(event, h2.events.StreamReset) and event.stream_id in infers:
                         self.resets.append(event.error_code)
+                self.more(conn)
                 sock.sendall(conn.data_to_send())
 
     def stop(self) -> None:
@@ -85,7 +92,7 @@ def _send_infer(client: RawClient, stream_id: int, *extra: tuple[str, str]) -> N
     client.send()
 
 
-def test_deadline_is_the_routers_to_enforce(native: None, loop_thread: LoopThread) -> None:
+def test_deadline_is_the_routers_to_enforce(loop_thread: LoopThread) -> None:
     """A client that sets a deadline and then neither resets nor closes, in front of an
     upstream that never answers: the router answers DEADLINE_EXCEEDED when the deadline
     passes, cancels the upstream stream, and releases the lease."""
@@ -116,7 +123,7 @@ def _goaway(conn: h2.connection.H2Connection, stream_id: int) -> None:
 
 
 @pytest.mark.parametrize("refuse", [_refuse_stream, _goaway])
-def test_refused_requests_go_to_another_instance(native: None, loop_thread: LoopThread,
+def test_refused_requests_go_to_another_instance(loop_thread: LoopThread,
                                                  worker_addresses: list[str],
                                                  refuse: Callable[..., None]) -> None:
     """A request an upstream refused (REFUSED_STREAM, or a stream past its GOAWAY) provably
@@ -141,7 +148,7 @@ def test_refused_requests_go_to_another_instance(native: None, loop_thread: Loop
         upstream.stop()
 
 
-def test_refused_sequence_request_is_not_moved(native: None, loop_thread: LoopThread) -> None:
+def test_refused_sequence_request_is_not_moved(loop_thread: LoopThread) -> None:
     """A request in a sequence stays on its instance: refused, it fails UNAVAILABLE saying
     why it was not retried; the same request outside a sequence is tried again."""
     upstream = H2Upstream(_refuse_stream)
@@ -182,7 +189,7 @@ def _answers(client: RawClient, *stream_ids: int) -> dict[int, dict[str, str]]:
     return seen
 
 
-def test_a_first_message_that_never_ends_is_answered(native: None, loop_thread: LoopThread,
+def test_a_first_message_that_never_ends_is_answered(loop_thread: LoopThread,
                                                      worker_addresses: list[str]) -> None:
     """A client that starts its first message and never finishes it holds the connection's
     peek budget only until ``native.first_message_timeout_s``: it is answered
@@ -207,7 +214,7 @@ def test_a_first_message_that_never_ends_is_answered(native: None, loop_thread: 
         router.stop()
 
 
-def test_rapid_reset_past_the_routers_limit(native: None, loop_thread: LoopThread,
+def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
                                             worker_addresses: list[str]) -> None:
     """Client-sent RST_STREAMs past ``native.stream_reset_burst`` (refilled at
     ``native.stream_reset_rate`` per s) get GOAWAY ENHANCE_YOUR_CALM, whatever limit the
@@ -262,7 +269,7 @@ def test_too_many_pings_as_grpc_does(make_router: Any, monkeypatch: pytest.Monke
     client.close()
 
 
-def test_dead_upstream_connection_is_noticed_by_ping(native: None, loop_thread: LoopThread
+def test_dead_upstream_connection_is_noticed_by_ping(loop_thread: LoopThread
                                                      ) -> None:
     """An upstream that stops reading (no PING ACK) within
     ``native.upstream_keepalive_timeout_s`` is closed: its calls fail UNAVAILABLE and are
@@ -285,5 +292,75 @@ def test_dead_upstream_connection_is_noticed_by_ping(native: None, loop_thread: 
         router.wait_idle()
     finally:
         stuck.set()
+        router.stop()
+        upstream.stop()
+
+
+class Flood:
+    """An upstream's answers that never end: response HEADERS, then DATA as fast as flow
+    control lets it; ``blocked``: the streams with no window left."""
+
+    def __init__(self) -> None:
+        self.streams: list[int] = []
+        self.blocked: set[int] = set()
+
+    def answer(self, conn: h2.connection.H2Connection, stream_id: int) -> None:
+        conn.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+        conn.send_data(stream_id, b"\0" + (1 << 30).to_bytes(4, "big"))
+        self.streams.append(stream_id)
+
+    def more(self, conn: h2.connection.H2Connection) -> None:
+        for stream_id in list(self.streams):
+            try:
+                while room := min(conn.local_flow_control_window(stream_id),
+                                  conn.max_outbound_frame_size):
+                    conn.send_data(stream_id, bytes(room))
+            except (h2.exceptions.StreamClosedError, h2.exceptions.NoSuchStreamError):  # reset
+                self.streams.remove(stream_id)
+        self.blocked = set(self.streams)
+
+
+def test_slow_reader_holds_at_most_the_connection_buffer(loop_thread: LoopThread) -> None:
+    """A client that opens windows it never reads into: what its streams make the router
+    hold is bounded by ``native.connection_buffer_bytes`` (plus a base 64 KiB window per
+    stream past it), not a stream window per stream; flow control holds the rest upstream."""
+    flood = Flood()
+    upstream = H2Upstream(flood.answer, flood.more)
+    config, instances = make_config([upstream.address])
+    cap, streams = 2 << 20, 16
+    config = dataclasses.replace(
+        config, native=NativeConfig(connection_buffer_bytes=cap),  # stream windows: 1 MiB
+        health_check=HealthCheckConfig(interval_s=600.0))
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.conn.increment_flow_control_window(2**31 - 1 - 65535)
+        for i in range(streams):
+            _send_infer(client, 1 + 2 * i)  # and never reads another byte
+
+        async def buffered() -> int:
+            assert router.router.native is not None
+            return sum(c.buffered_bytes for c in router.router.native.connections)
+
+        bound = cap + streams * 65535
+        seen = [-1]
+
+        def settled() -> bool:
+            """Past the bound, or every upstream stream out of window with the router's
+            count still (its streams then hold what flow control lets them: at least half
+            their windows, as nghttp2 sends WINDOW_UPDATE for half a window at a time)."""
+            held, seen[0] = seen[0], loop_thread.run(buffered())
+            return seen[0] > bound or (len(flood.blocked) == streams
+                                       and held == seen[0] >= cap // 2)
+
+        wait_for(settled, "every upstream stream to run out of window")
+        assert seen[0] <= bound, seen[0]
+        client.close()
+        wait_for(lambda: upstream.resets.count(CANCEL) == streams, "the upstream cancels")
+        router.wait_idle()
+    finally:
+        client.close()
         router.stop()
         upstream.stop()
