@@ -364,3 +364,18 @@ def test_slow_reader_holds_at_most_the_connection_buffer(loop_thread: LoopThread
         client.close()
         router.stop()
         upstream.stop()
+
+
+def test_relayed_calls_keep_grpc_aios_deadline(make_router: Any) -> None:
+    """A relayed call (here ModelStreamInfer) whose client sets a deadline and then sends
+    nothing more: grpc.aio behind the relay enforces it, and the answer comes through."""
+    router = make_router()
+    client = RawClient(router.address)
+    stream_infer = "/inference.GRPCInferenceService/ModelStreamInfer"
+    client.conn.send_headers(1, [*client.headers(stream_infer, "application/grpc"),
+                                 ("grpc-timeout", "300m")])
+    client.send()
+    answer = client.answer(1)
+    assert answer.get("grpc-status") == "4", answer
+    client.close()
+    router.wait_idle()
