@@ -4,7 +4,7 @@ are relayed on (paired streams: forwarding, trailers, resets, closes, all in C).
 
 Each input: its first byte says where it splits; the first part follows a valid client
 preface and ModelInfer request (so the fuzzer starts past the preface), the second is what
-the upstream answers. Whatever comes, the connections answer or close, never crash, and
+the upstream answers, each read as frames (``_frames``). Whatever comes, the connections answer or close, never crash, and
 hold no stream once lost. ``.ci/fuzz`` runs it against an AddressSanitizer build of ``_h2``
 (``TRITONMESH_FUZZ_H2_C``: the .so to load instead of the tree's own), for a fixed number
 of runs from a fixed seed::
@@ -39,24 +39,6 @@ def _load() -> Any:
     return _h2
 
 
-class _Transport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.closed = False
-
-    def write(self, data: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-
 class _Relay:
     """The owner of both connections: every request is relayed to the upstream side."""
 
@@ -87,33 +69,34 @@ class _Relay:
         pass
 
 
-def _preface() -> bytes:
-    import h2.config
-    import h2.connection
-
-    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
-                            (":path", "/inference.GRPCInferenceService/ModelInfer"),
-                            ("content-type", "application/grpc")])
-    return client.data_to_send()
-
-
 def _seeds() -> list[bytes]:
-    frame = bytes.fromhex
-    return [
-        # request DATA (a whole message, END_STREAM) | response HEADERS-less SETTINGS
-        b"\x10" + frame("00000a00010000000100000000050102030405")[:16]
-        + frame("000000040000000000"),
-        # a PING, a RST_STREAM, a GOAWAY from the client | a WINDOW_UPDATE upstream
-        b"\x20" + frame("000008060000000000") + bytes(8) + frame("00000403000000000100000008")
-        + frame("0000080700000000000000000100000000") + frame("000004080000000000000f0000"),
-    ]
+    """In ``check``'s encoding: a split byte, then 4-byte frame heads and their payloads."""
+    request = bytes((0, 1, 1, 7)) + b"\0\0\0\0\x02ab"  # DATA, END_STREAM: a whole message
+    ping, reset = bytes((6, 0, 0, 8)) + bytes(8), bytes((3, 0, 1, 4)) + b"\0\0\0\x08"
+    settings, window = bytes((4, 0, 0, 0)), bytes((8, 0, 0, 4)) + b"\0\0\x0f\0"
+    return [bytes((len(request),)) + request + settings + window,
+            bytes((len(ping + reset),)) + ping + reset + window + bytes((7, 0, 0, 8)) + bytes(8)]
+
+
+def _frames(data: bytes) -> bytes:
+    """Bytes as HTTP/2 frames: each from a 4-byte head (type, flags, stream, payload length)
+    and that many bytes, so that blind mutation still reaches past the frame layer."""
+    out = bytearray()
+    i = 0
+    while i + 4 <= len(data):
+        kind, flags, stream, length = data[i:i + 4]
+        payload = data[i + 4:i + 4 + length]
+        out += len(payload).to_bytes(3, "big") + bytes((kind % 11, flags))
+        out += (stream % 8).to_bytes(4, "big") + payload
+        i += 4 + length
+    return bytes(out)
 
 
 def check(data: bytes, _h2: Any, preface: bytes) -> None:
+    from test_h2_fuzz import Transport
+
     split = 1 + data[0] if data else 1
-    client_bytes, upstream_bytes = data[1:split], data[split:]
+    client_bytes, upstream_bytes = _frames(data[1:split]), _frames(data[split:])
 
     async def run() -> None:
         owner = _Relay()
@@ -121,7 +104,7 @@ def check(data: bytes, _h2: Any, preface: bytes) -> None:
                                   stream_reset_burst=4, stream_reset_rate=1)
         upstream = _h2.H2Connection(owner, False, stream_window=1 << 16)
         owner.upstream = upstream
-        server_transport, upstream_transport = _Transport(), _Transport()
+        server_transport, upstream_transport = Transport(), Transport()
         server.connection_made(server_transport)
         upstream.connection_made(upstream_transport)
         payload = preface + client_bytes
@@ -148,7 +131,9 @@ def main() -> None:  # pragma: no cover (run by .ci/fuzz)
     import atheris
 
     _h2 = _load()
-    preface = _preface()
+    from test_h2_fuzz import _preface_and_request  # after _load: it imports _h2 too
+
+    preface = _preface_and_request()
     argv = list(sys.argv)
     corpora = [a for a in argv[1:] if not a.startswith("-")]
     if not corpora:

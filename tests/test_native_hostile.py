@@ -21,7 +21,13 @@ import h2.settings
 import pytest
 import tritonclient.grpc as grpcclient
 from harness import LoopThread, identity_inputs, make_config, start_router, wait_for
-from test_native_path import MODEL_INFER, RawClient, _identity_message, native  # noqa: F401
+from test_native_path import (  # noqa: F401 (native: a fixture)
+    MODEL_INFER,
+    RawClient,
+    RefusingUpstream,
+    _identity_message,
+    native,
+)
 from tritonclient.utils import InferenceServerException
 from tritonmesh.config import HealthCheckConfig
 from tritonmesh.native_config import NativeConfig, native_available
@@ -37,28 +43,18 @@ pytestmark = [
 CANCEL = h2.errors.ErrorCodes.CANCEL
 
 
-class H2Upstream:
+class H2Upstream(RefusingUpstream):
     """An HTTP/2 server (h2) standing in for Triton: ``answer(connection, stream_id)`` for
-    each request (nothing: it never answers); records the resets it receives."""
+    each ModelInfer (by default nothing: it never answers); records the resets of those."""
 
     def __init__(self, answer: Callable[[h2.connection.H2Connection, int], None]
                  = lambda conn, stream_id: None,
                  more: Callable[[h2.connection.H2Connection], None] = lambda conn: None):
         """``more(connection)``: after each read, whatever else it sends."""
-        self.answer = answer
         self.more = more
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests = 0
         self.resets: list[int] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                sock, _ = self.listener.accept()
-                threading.Thread(target=self._connection, args=(sock,), daemon=True).start()
+        super().__init__(h2.errors.ErrorCodes.NO_ERROR, answer)
 
     def _connection(self, sock: socket.socket) -> None:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
