@@ -4,10 +4,10 @@ are relayed on (paired streams: forwarding, trailers, resets, closes, all in C).
 
 Each input: its first byte says where it splits; the first part follows a valid client
 preface and ModelInfer request (so the fuzzer starts past the preface), the second is what
-the upstream answers, each read as frames (``_frames``). Whatever comes, the connections answer or close, never crash, and
-hold no stream once lost. ``.ci/fuzz`` runs it against an AddressSanitizer build of ``_h2``
-(``TRITONMESH_FUZZ_H2_C``: the .so to load instead of the tree's own), for a fixed number
-of runs from a fixed seed::
+the upstream answers, each read as frames (``_frames``). Whatever comes, the connections
+answer or close, never crash, and hold no stream once lost. ``.ci/fuzz`` runs it against
+an AddressSanitizer build of ``_h2`` (``TRITONMESH_FUZZ_H2_C``: the .so to load instead of
+the tree's own), for a fixed number of runs from a fixed seed::
 
     python tests/fuzz_h2.py -runs=20000 -seed=1 [libFuzzer options]
 
