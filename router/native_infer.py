@@ -189,7 +189,7 @@ class _Call:
         # for streams past an upstream's GOAWAY), or lost before its HEADERS left. It goes
         # elsewhere if the client sent nothing beyond the first message (held, it can be
         # sent again whole), as on the grpc.aio path.
-        if (error_code == _REFUSED_STREAM or lost and not stream.headers_sent) \
+        if (error_code == _REFUSED_STREAM or (lost and not stream.headers_sent)) \
                 and not self.client.sent_more:
             self.infer.retry(self.request, instance, details)
             return
