@@ -43,7 +43,8 @@ test-debug: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py tests/test_shared_table.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
 
-# The wire peek under Hypothesis and atheris, against an AddressSanitizer build (in build/asan).
+# The wire peek under Hypothesis and atheris, and atheris over the native HTTP/2 engine, against
+# an AddressSanitizer build (in build/asan).
 fuzz: install
 	.ci/fuzz
 

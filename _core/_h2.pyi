@@ -30,6 +30,12 @@ class Stream:
     @property
     def responded(self) -> bool: ...
     @property
+    def headers_sent(self) -> bool:
+        """Its HEADERS went to the transport (an upstream stream)."""
+    @property
+    def sent_more(self) -> bool:
+        """A client's stream: request bytes came beyond its first message."""
+    @property
     def paired(self) -> bool: ...
     handler: CallHandler | None
     tag: Any
@@ -49,9 +55,15 @@ class H2Connection(asyncio.Protocol):
     retired: str | None
     def __init__(self, owner: Any, server: bool, *, max_concurrent_streams: int = 100,
                  stream_window: int = 1 << 20, connection_window: int = 1 << 24,
-                 max_header_list_bytes: int = 1 << 16, peek_budget: int = 0) -> None:
+                 max_header_list_bytes: int = 1 << 16, peek_budget: int = 0,
+                 stream_reset_burst: int = 1000, stream_reset_rate: int = 33,
+                 buffer_cap: int = 2**64 - 1) -> None:
         """``peek_budget``: bytes the first-message peeks of all its streams may hold
-        outside flow control (server side)."""
+        outside flow control (server side). ``stream_reset_burst`` / ``stream_reset_rate``:
+        the client's RST_STREAMs it takes (a token bucket, per s); past them, GOAWAY
+        ENHANCE_YOUR_CALM (server side). ``buffer_cap``: what the windows of the upstream
+        streams paired with its streams may add up to; past it, a new one keeps the base
+        window (64 KiB) instead of ``stream_window`` (server side)."""
     @property
     def owner(self) -> Any: ...
     @property
@@ -65,16 +77,32 @@ class H2Connection(asyncio.Protocol):
     @property
     def open_streams(self) -> int: ...
     @property
+    def window_bytes(self) -> int:
+        """A client's connection: the windows of its upstream streams, all together."""
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in the router to be sent on its streams."""
+    @property
     def idle_since(self) -> float:
         """``time.monotonic()`` when its last stream closed (or it opened)."""
     def flush(self) -> None: ...
     def open_stream(self, headers: list[tuple[bytes, bytes]], client: Stream,
-                    handler: CallHandler | None) -> Stream:
-        """Send a request paired with ``client`` (its held bytes first). After the one
-        that takes the last stream ID, the connection is ``goaway`` and sends GOAWAY."""
+                    handler: CallHandler | None, first: bytes | None = None) -> Stream:
+        """Send a request paired with ``client`` (its held bytes first, or ``first``: a
+        request sent again). After the one that takes the last stream ID, the connection
+        is ``goaway`` and sends GOAWAY."""
+    def expire_peeks(self, before: float) -> list[Stream]:
+        """End the first-message peeks waiting since before ``before`` (monotonic s)."""
     def skip_stream_ids(self, next_stream_id: int) -> None:
         """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
     def reset(self, stream_id: int, error_code: int = 8) -> None: ...
     def shutdown(self) -> None:
         """GOAWAY; the connection closes when its last stream ends."""
+    @property
+    def ping_sent(self) -> float:
+        """``time.monotonic()`` when :meth:`ping` sent a PING not answered yet, else 0."""
+    def ping(self) -> None:
+        """Send a keepalive PING."""
     def close(self) -> None: ...
+    def abort(self) -> None:
+        """Close now, dropping unwritten bytes (a peer that stopped reading)."""

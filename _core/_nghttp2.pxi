@@ -54,7 +54,11 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_DATA
         NGHTTP2_HEADERS
         NGHTTP2_GOAWAY
+        NGHTTP2_RST_STREAM
+        NGHTTP2_PING
         NGHTTP2_FLAG_NONE
+        NGHTTP2_FLAG_ACK
+        NGHTTP2_WINDOW_UPDATE
         NGHTTP2_FLAG_END_STREAM
         NGHTTP2_NV_FLAG_NONE
         NGHTTP2_DATA_FLAG_EOF
@@ -69,6 +73,7 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_NO_ERROR
         NGHTTP2_INTERNAL_ERROR
         NGHTTP2_CANCEL
+        NGHTTP2_ENHANCE_YOUR_CALM
 
     int nghttp2_session_callbacks_new(nghttp2_session_callbacks **)
     void nghttp2_session_callbacks_del(nghttp2_session_callbacks *)
@@ -122,6 +127,7 @@ cdef extern from "nghttp2/nghttp2.h":
                                 const nghttp2_data_provider *)
     int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t)
     int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t)
+    int nghttp2_submit_ping(nghttp2_session *, uint8_t, const uint8_t *)
     int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *,
                               size_t)
     int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *)

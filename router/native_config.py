@@ -13,7 +13,13 @@ import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from tritonmesh.configvalues import ConfigError, _expect, _no_unknown, _positive_int
+from tritonmesh.configvalues import (
+    ConfigError,
+    _expect,
+    _no_unknown,
+    _non_negative,
+    _positive_int,
+)
 
 if TYPE_CHECKING:
     from tritonmesh.config import EndpointConfig
@@ -40,6 +46,22 @@ class NativeConfig:
     stream_window_bytes: int = 1 << 20
     connection_window_bytes: int = 1 << 24
     max_header_list_bytes: int = 1 << 16
+    # A client's first ModelInfer message must reach its length prefix, and once reserved
+    # its last byte, within this many seconds (0: no bound, as grpc.aio).
+    first_message_timeout_s: float = 30.0
+    # The client-sent RST_STREAMs a connection may make (a token bucket; nghttp2 1.57's
+    # defaults); past them, GOAWAY ENHANCE_YOUR_CALM.
+    # What the upstream streams of one client connection may send the router before their
+    # client reads (their windows, all together); past it, a stream's window is HTTP/2's base
+    # 64 KiB instead of stream_window_bytes.
+    connection_buffer_bytes: int = 1 << 24
+    stream_reset_burst: int = 1000
+    stream_reset_rate: int = 33
+    # A PING on each upstream connection with calls open, this often (0: never), and how
+    # long its ACK may take before the connection is taken for dead (grpc.aio's upstream
+    # channels: workers/upstream.py).
+    upstream_keepalive_time_s: float = 300.0
+    upstream_keepalive_timeout_s: float = 20.0
 
 
 def parse_native(data: Any) -> NativeConfig:
@@ -49,9 +71,13 @@ def parse_native(data: Any) -> NativeConfig:
     _expect(data, dict, "native")
     names = {f.name for f in fields(NativeConfig)}
     _no_unknown(data, names, "native.")
-    values = {}
+    values: dict[str, Any] = {}
     for name in names:
-        value = _positive_int(data.get(name, getattr(NativeConfig, name)), f"native.{name}")
+        default = getattr(NativeConfig, name)
+        if name.endswith("_s"):
+            values[name] = _non_negative(data.get(name, default), f"native.{name}")
+            continue
+        value = _positive_int(data.get(name, default), f"native.{name}")
         if name.endswith("window_bytes") and value > 2**31 - 1:
             raise ConfigError(f"native.{name}: HTTP/2's largest window is 2147483647, "
                               f"got {value}")

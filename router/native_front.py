@@ -35,6 +35,7 @@ __all__ = ["NativePort"]
 
 log = logging.getLogger("tritonmesh.native")
 
+_DEADLINE_EXCEEDED: Final = 4
 _RESOURCE_EXHAUSTED: Final = 8
 _INTERNAL_ERROR: Final = 2  # HTTP/2
 # The relay's socket is in a private directory named for its process, so that one a killed
@@ -70,6 +71,15 @@ class NativePort:
                             "connection_window": native.connection_window_bytes,
                             "max_header_list_bytes": native.max_header_list_bytes}
         self.pool = UpstreamPool(**self.h2_settings)
+        # Peeked first messages may be larger than a stream window, so their bytes leave
+        # flow control; what all of one connection's streams hold so is one message's worth.
+        self.client_settings = {"peek_budget": limits.max_message_bytes,
+                                "stream_reset_burst": native.stream_reset_burst,
+                                "stream_reset_rate": native.stream_reset_rate,
+                                "buffer_cap": native.connection_buffer_bytes,
+                                "max_concurrent_streams": limits.max_concurrent_streams,
+                                **self.h2_settings}
+        self.native = native
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
         self._dir = _relay_directory()
@@ -79,6 +89,7 @@ class NativePort:
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()  # set when the last client connection is gone
         self._aging: asyncio.Task[None] | None = None
+        self._peeks: asyncio.Task[None] | None = None
 
     async def start(self, listen: str, *, reuse_port: bool = False) -> int:
         """Listen on ``listen`` (HOST:PORT), beside other processes with ``reuse_port``
@@ -92,8 +103,12 @@ class NativePort:
             host.strip("[]"), int(port), reuse_address=True, reuse_port=reuse_port,
             backlog=1024, ssl=None if certificates is None else certificates.context)
         await self.pool.connect(self.internal)
+        self.pool.start_keepalive(self.native.upstream_keepalive_time_s,
+                                  self.native.upstream_keepalive_timeout_s)
         if self.limits.connection_idle_timeout_s > 0 or self.limits.connection_max_age_s > 0:
             self._aging = asyncio.ensure_future(self._close_old())
+        if self.infer is not None and self.native.first_message_timeout_s > 0:
+            self._peeks = asyncio.ensure_future(self._expire_slow_peeks())
         return int(self._server.sockets[0].getsockname()[1])
 
     def _protocol(self) -> Any:
@@ -101,11 +116,7 @@ class NativePort:
 
         if len(self.connections) >= self.limits.max_connections:
             return _Refused()
-        # Peeked first messages may be larger than a stream window, so their bytes leave
-        # flow control; what all of one connection's streams hold so is one message's worth.
-        connection = H2Connection(self, True,
-                                  max_concurrent_streams=self.limits.max_concurrent_streams,
-                                  peek_budget=self.limits.max_message_bytes, **self.h2_settings)
+        connection = H2Connection(self, True, **self.client_settings)
         self.connections[connection] = time.monotonic()
         return connection
 
@@ -191,11 +202,25 @@ class NativePort:
                                              and now - connection.idle_since >= idle_s):
                     connection.shutdown()
 
+    async def _expire_slow_peeks(self) -> None:
+        """Answer the first-message peeks that outlived ``native.first_message_timeout_s``
+        (their reservations go to the connection's other peeks); checked every half of it."""
+        timeout = self.native.first_message_timeout_s
+        message = grpc_message(f"the request's first message did not arrive within "
+                               f"native.first_message_timeout_s ({timeout:g} s)")
+        while True:
+            await asyncio.sleep(timeout / 2)
+            before = time.monotonic() - timeout
+            for connection in list(self.connections):
+                for stream in connection.expire_peeks(before):
+                    stream.finish(_DEADLINE_EXCEEDED, message)
+
     async def stop(self, grace: float) -> None:
         """Stop accepting, GOAWAY every client, wait up to ``grace`` s for their streams to
         end, then close what is left (and the relay's connection)."""
-        if self._aging is not None:
-            self._aging.cancel()
+        for task in (self._aging, self._peeks):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             self._server.close()
         for connection in list(self.connections):

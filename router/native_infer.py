@@ -45,6 +45,7 @@ log = logging.getLogger("tritonmesh.native")
 
 MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
 _CANCEL: Final = 8  # HTTP/2 CANCEL
+_REFUSED_STREAM: Final = 7
 # Upstream resets that say the request was refused or malformed, not that the instance
 # failed (HTTP/2 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM): not charged to it.
 _NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
@@ -97,14 +98,39 @@ def _refuse(stream: Stream, code_name: str, text: str) -> None:
     stream.finish(_CODES[code_name], grpc_message(text))
 
 
+class _Request:
+    """A ModelInfer as the peek found it: what each attempt sends. The first message stays
+    held so that a request that provably never reached Triton can go to another instance."""
+
+    __slots__ = ("attempt", "deadline", "forward", "info", "message", "priority", "sent",
+                 "stream", "target")
+
+    def __init__(self, stream: Stream, info: RequestInfo, message: bytes, target: str | None,
+                 priority: int, forward: list[tuple[bytes, bytes]], deadline: float | None):
+        self.stream = stream
+        self.info = info
+        self.message = message
+        self.target = target
+        self.priority = priority
+        self.forward = forward
+        self.deadline = deadline
+        self.attempt = 0  # retries so far
+        self.sent = False  # its first message left the client's stream (to an upstream's)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
 class _Call:
     """One ModelInfer sent upstream: what ends it releases its lease, once."""
 
-    __slots__ = ("client", "lease", "timer", "upstream")
+    __slots__ = ("client", "infer", "lease", "request", "timer", "upstream")
 
-    def __init__(self, lease: Lease, client: Stream):
+    def __init__(self, lease: Lease, request: _Request, infer: NativeInfer):
         self.lease = lease
-        self.client = client
+        self.request = request
+        self.infer = infer
+        self.client = request.stream
         self.upstream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
 
@@ -152,14 +178,34 @@ class _Call:
             _refuse(self.client, "CANCELLED", retired)
             return
         lease.code = "UNAVAILABLE"
-        if stream.connection.lost or error_code not in _NOT_THE_INSTANCES:
+        lost = stream.connection.lost
+        if lost or error_code not in _NOT_THE_INSTANCES:
             lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)
-        why = "the connection was lost" if stream.connection.lost \
+        why = "the connection was lost" if lost \
             else f"it reset the stream (HTTP/2 error code {error_code})"
-        _refuse(self.client, "UNAVAILABLE", f"upstream instance {instance.address}: {why}")
+        details = f"upstream instance {instance.address}: {why}"
+        # Provably never reached Triton: refused (REFUSED_STREAM, also what nghttp2 reports
+        # for streams past an upstream's GOAWAY), or lost before its HEADERS left. It goes
+        # elsewhere if the client sent nothing beyond the first message (held, it can be
+        # sent again whole), as on the grpc.aio path.
+        if (error_code == _REFUSED_STREAM or (lost and not stream.headers_sent)) \
+                and not self.client.sent_more:
+            self.infer.retry(self.request, instance, details)
+            return
+        _refuse(self.client, "UNAVAILABLE", details)
 
     def per_try_expired(self) -> None:
+        per_try = self.lease.instance.variant.config.per_try_timeout_s
+        self._expired("PER_TRY_TIMEOUT", f"upstream instance {self.lease.instance.address} "
+                      f"did not answer within per_try_timeout_s ({per_try:g} s)")
+
+    def deadline_expired(self) -> None:
+        """The client's ``grpc-timeout`` passed: the router answers it, whether or not the
+        client resets its stream or Triton answers (grpc.aio's charge and words)."""
+        self._expired("DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+    def _expired(self, charge: str, text: str) -> None:
         lease = self.lease
         if not lease.held:
             return
@@ -167,14 +213,10 @@ class _Call:
         self._done()
         if self.upstream is not None:
             self.upstream.reset(_CANCEL)
-        instance = lease.instance
         lease.code = "DEADLINE_EXCEEDED"
-        lease.outliers.failure(instance, "PER_TRY_TIMEOUT")
+        lease.outliers.failure(lease.instance, charge)
         lease.release(False)
-        per_try = instance.variant.config.per_try_timeout_s
-        _refuse(self.client, "DEADLINE_EXCEEDED",
-                f"upstream instance {instance.address} did not answer within "
-                f"per_try_timeout_s ({per_try:g} s)")
+        _refuse(self.client, "DEADLINE_EXCEEDED", text)
 
     def _done(self) -> None:
         self.client.handler = None
@@ -263,35 +305,53 @@ class NativeInfer:
             _refuse(stream, "DEADLINE_EXCEEDED", late)
             return
         self.balancer.retry_budget.deposit()
+        request = _Request(stream, info, message, target, priority, forward, deadline)
         try:
             lease = self.balancer.try_acquire(info, message, target)
         except NoInstanceError as exc:
             _refuse(stream, exc.code_name, str(exc))
             return
         if lease is None or self.pool.get(lease.instance.address) is None:
-            task = asyncio.ensure_future(self._wait(stream, lease, info, message, target,
-                                                    priority, forward, deadline))
-            if lease is not None:  # a task cancelled before its first step runs no finally
-                task.add_done_callback(functools.partial(_abandon_if_cancelled, lease))
-            stream.handler = _Waiting(task)
+            self._wait_then_send(request, lease, None)
             return
-        self._send(stream, lease, forward, deadline)
+        self._send(request, lease)
 
-    async def _wait(self, stream: Stream, lease: Lease | None, info: RequestInfo,
-                    message: bytes, target: str | None, priority: int,
-                    forward: list[tuple[bytes, bytes]], deadline: float | None) -> None:
+    def retry(self, request: _Request, failed: Instance, details: str) -> None:
+        """Send ``request``, which provably never reached ``failed``, to another instance
+        within ``retries.*`` and its deadline (never a sequence's); else answer UNAVAILABLE
+        with ``details`` and why it was not retried."""
+        if self._may_retry(request, details):
+            self._wait_then_send(request, None, failed)
+
+    def _may_retry(self, request: _Request, details: str) -> bool:
+        request.attempt += 1
+        refused = "per_request" if request.info.sequence_id is not None \
+            else self.balancer.retry_budget.withdraw(request.attempt, request.remaining())
+        if refused is None:
+            return True
+        _refuse(request.stream, "UNAVAILABLE", f"{details} (not retried: {_NOT_RETRIED[refused]})")
+        return False
+
+    def _wait_then_send(self, request: _Request, lease: Lease | None,
+                        avoid: Instance | None) -> None:
+        task = asyncio.ensure_future(self._wait(request, lease, avoid))
+        if lease is not None:  # a task cancelled before its first step runs no finally
+            task.add_done_callback(functools.partial(_abandon_if_cancelled, lease))
+        request.stream.handler = _Waiting(task)
+
+    async def _wait(self, request: _Request, lease: Lease | None,
+                    avoid: Instance | None) -> None:
         """The slow way: wait in the variant's queue, then for a connection if need be. A
         connection that cannot be made sends the request to another instance (it provably
         never left), within ``retries.*`` as on the grpc.aio path; a sequence is not moved."""
-        attempt = 0
-        avoid: Instance | None = None
+        stream = request.stream
         try:
             while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
                 if lease is None:
                     try:
-                        lease = await self.balancer.acquire(info, message, target, remaining,
-                                                            avoid, priority)
+                        lease = await self.balancer.acquire(
+                            request.info, request.message, request.target,
+                            request.remaining(), avoid, request.priority)
                     except NoInstanceError as exc:
                         _refuse(stream, exc.code_name, str(exc))
                         return
@@ -305,14 +365,8 @@ class NativeInfer:
                     lease.code = "UNAVAILABLE"
                     lease.release(False)
                     lease = None
-                    details = (f"upstream instance {instance.address}: cannot connect: "
-                               f"{exc.strerror or exc}")
-                    attempt += 1
-                    refused = "per_request" if info.sequence_id is not None \
-                        else self.balancer.retry_budget.withdraw(attempt, remaining)
-                    if refused is not None:
-                        _refuse(stream, "UNAVAILABLE",
-                                f"{details} (not retried: {_NOT_RETRIED[refused]})")
+                    if not self._may_retry(request, f"upstream instance {instance.address}: "
+                                           f"cannot connect: {exc.strerror or exc}"):
                         return
                     avoid = instance
         except asyncio.CancelledError:  # the client went while it waited
@@ -329,14 +383,14 @@ class NativeInfer:
             lease.abandon("CANCELLED")
             return
         stream.handler = None
-        self._send(stream, lease, forward, deadline)
+        self._send(request, lease)
 
-    def _send(self, stream: Stream, lease: Lease, forward: list[tuple[bytes, bytes]],
-              deadline: float | None) -> None:
+    def _send(self, request: _Request, lease: Lease) -> None:
+        stream = request.stream
         instance = lease.instance
         remaining = None
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
+        if request.deadline is not None:
+            remaining = request.deadline - time.monotonic()
             late = too_late(remaining, self.floor_s)
             if late is not None:  # its deadline went by in the queue
                 lease.abandon()
@@ -357,18 +411,23 @@ class NativeInfer:
         # not answer in its place.
         if remaining is not None:
             headers.append((_TIMEOUT, _encode_timeout(remaining)))
-        headers += forward
+        headers += request.forward
         connection = self.pool.get(address)
-        call = _Call(lease, stream)
+        call = _Call(lease, request, self)
+        # A request sent again: its first message left the client's stream with the first try.
+        first = None if not request.sent else \
+            b"\0" + len(request.message).to_bytes(4, "big") + request.message
         lease.sending()
         try:
             if connection is None:
                 raise OSError("the upstream connection closed")
-            call.upstream = connection.open_stream(headers, stream, call)
+            call.upstream = connection.open_stream(headers, stream, call, first)
+            request.sent = True
         except Exception as exc:
             lease.code = "UNAVAILABLE"
             lease.release(False)
             _refuse(stream, "UNAVAILABLE", f"upstream instance {address}: {exc}")
             return
-        if per_try_bound and timeout is not None:
-            call.timer = asyncio.get_running_loop().call_later(timeout, call.per_try_expired)
+        if timeout is not None:  # one timer, only for calls with a deadline
+            call.timer = asyncio.get_running_loop().call_later(
+                timeout, call.per_try_expired if per_try_bound else call.deadline_expired)

@@ -35,6 +35,26 @@ class UpstreamPool:
         self._connecting: dict[str, asyncio.Future[H2Connection]] = {}
         self._contexts: dict[UpstreamTLS, ssl.SSLContext] = {}  # one per variant's settings
         self._closed = False
+        self._keepalive: asyncio.Task[None] | None = None
+
+    def start_keepalive(self, time_s: float, timeout_s: float) -> None:
+        """PING every connection with calls open every ``time_s``; one whose ACK does not
+        come within ``timeout_s`` is closed (its streams fail, their leases released)."""
+        if time_s > 0:
+            self._keepalive = asyncio.ensure_future(self._ping(time_s, timeout_s))
+
+    async def _ping(self, time_s: float, timeout_s: float) -> None:
+        while True:
+            await asyncio.sleep(time_s)
+            pinged = [c for c in self._connections.values() if c.open_streams and not c.lost]
+            for connection in pinged:
+                connection.ping()
+            await asyncio.sleep(timeout_s)
+            for connection in pinged:
+                if connection.ping_sent and not connection.lost:
+                    log.warning("native data path: no PING answer within %g s; closing the "
+                                "connection", timeout_s)
+                    connection.abort()
 
     def get(self, address: str) -> H2Connection | None:
         """The open connection to ``address``, or None (then :meth:`connect`)."""
@@ -105,6 +125,8 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close every connection (their streams end as reset)."""
         self._closed = True
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         for pending in list(self._connecting.values()):
             pending.cancel()
         for connection in list(self._connections.values()):

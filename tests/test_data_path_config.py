@@ -166,3 +166,22 @@ def test_the_compiled_pass_serves_native_where_libnghttp2_is() -> None:
     if not Path("/usr/include/nghttp2/nghttp2.h").exists():
         pytest.skip("no /usr/include/nghttp2/nghttp2.h here: the extension may be absent")
     assert native_available(), "libnghttp2's header is here but tritonmesh._core._h2 is not"
+
+
+def test_native_bounds_against_hostile_peers() -> None:
+    variants = [{"name": "v", "instances": ["127.0.0.1:8001"]}]
+    native = parse_config({"variants": variants}).native
+    assert (native.connection_buffer_bytes, native.first_message_timeout_s,
+            native.stream_reset_burst, native.stream_reset_rate,
+            native.upstream_keepalive_time_s, native.upstream_keepalive_timeout_s) == (
+        1 << 24, 30.0, 1000, 33, 300.0, 20.0)
+    native = parse_config({"variants": variants, "native": {"first_message_timeout_s": 0}}).native
+    assert native.first_message_timeout_s == 0.0
+    for data, message in (({"first_message_timeout_s": -1}, "native.first_message_timeout_s: "
+                           "must be a finite number >= 0"),
+                          ({"stream_reset_rate": 0}, "native.stream_reset_rate: must be at "
+                           "least 1"),
+                          ({"connection_buffer_bytes": 1.5}, "native.connection_buffer_bytes: "
+                           "expected an integer")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"variants": variants, "native": data})

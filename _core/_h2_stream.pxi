@@ -1,0 +1,276 @@
+# Included by _h2.pyx: Stream, the first-message peek and its budget, pairing, and what a
+# paired stream sends (nghttp2 reads it through _read_data).
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.string cimport memcpy
+
+
+@cython.final
+cdef class Stream:
+    """One HTTP/2 stream of a :class:`H2Connection`: its headers, the bytes waiting to be
+    sent on it, and the stream it is paired with."""
+
+    cdef readonly H2Connection connection
+    cdef readonly int32_t id
+    cdef readonly list headers  # the last HEADERS block: [(name, value), ...]
+    cdef readonly bint closed
+    cdef readonly bint remote_ended  # the peer sent END_STREAM
+    cdef readonly bint responded  # response HEADERS submitted (server side)
+    cdef readonly bint headers_sent  # its HEADERS went to the transport (client side)
+    # A client's stream: request bytes came beyond its first message (sent on, or dropped
+    # once its upstream stream closed), so the request can no longer be sent again whole.
+    cdef readonly bint sent_more
+    cdef public object handler  # told of trailers and abnormal closes (NativeCall)
+    cdef public object tag  # whatever the owner keeps with the stream
+    cdef Stream peer
+    # The stream whose bytes fill `out` (kept after it closes: its connection's window is
+    # given back as they are sent, or when this stream closes with them unsent).
+    cdef H2Connection source
+    cdef int32_t source_id
+    cdef Buf inbuf  # DATA received before pairing (a first message being peeked)
+    cdef Buf out  # DATA to send on this stream
+    cdef size_t preconsumed  # bytes at the head of `out` whose window was already given back
+    cdef size_t held  # bytes at the tail of `inbuf` whose window was not given back yet
+    cdef Py_ssize_t peek_limit  # >= 0 while the first message is awaited
+    cdef size_t peeked  # of the connection's peek budget, reserved for its first message
+    cdef size_t first_size  # the peeked first message, prefix included
+    cdef double peek_since  # _monotonic() at its HEADERS, then at its reservation
+    cdef bint out_eof
+    cdef bint ended  # the call ended normally (trailers went through)
+    cdef bint discard
+    cdef bint reset_after_answer
+    cdef size_t header_bytes  # of the block being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
+    cdef uint32_t window  # an upstream stream's window, counted in its client's window_bytes
+    cdef list trailers
+    cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
+
+    def __cinit__(self, H2Connection connection):
+        self.connection = connection
+        self.peek_limit = -1
+
+    def __dealloc__(self):
+        buf_free(&self.inbuf)
+        buf_free(&self.out)
+
+    @property
+    def paired(self) -> bool:
+        return self.peer is not None
+
+    def await_message(self, Py_ssize_t limit) -> None:
+        """Collect DATA until the first gRPC message is whole (up to ``limit`` bytes), then
+        call the owner's ``message(stream, bytes)``; ``oversize`` / ``incomplete`` when it
+        is too large or the client ended without one."""
+        self.peek_limit = limit
+        self.peek_since = _monotonic()
+        self._check_message()
+
+    cdef int _check_message(self) except -1:
+        cdef size_t have = buf_len(&self.inbuf)
+        cdef const unsigned char *p
+        cdef size_t length
+        owner = self.connection.owner
+        if have >= MESSAGE_PREFIX:
+            p = <const unsigned char *>self.inbuf.data + self.inbuf.start
+            length = (<size_t>p[1] << 24) | (<size_t>p[2] << 16) | (<size_t>p[3] << 8) | p[4]
+            if <Py_ssize_t>length > self.peek_limit:
+                _end_peek(self)
+                owner.oversize(self, length)
+                return 0
+            if have >= MESSAGE_PREFIX + length:
+                self.first_size = MESSAGE_PREFIX + length
+                _end_peek(self)
+                owner.message(self, p[0], PyBytes_FromStringAndSize(
+                    <const char *>p + MESSAGE_PREFIX, length))
+                return 0
+        if self.remote_ended:
+            _end_peek(self)
+            owner.incomplete(self)
+        return 0
+
+    def respond(self, list headers, bint end_stream=False) -> None:
+        """Submit the response HEADERS (``end_stream``: a trailers-only response)."""
+        if self.closed or self.responded:
+            return
+        self.responded = True
+        self.connection._respond(self, headers, end_stream)
+
+    def finish(self, int status, bytes message) -> None:
+        """End the call with gRPC ``status`` and ``message`` (percent-encoded already):
+        trailers-only if nothing was sent yet, else trailers after the DATA queued. DATA
+        from the client is dropped from now on."""
+        if self.closed or self.ended:
+            return
+        self.ended = True
+        self.discard = True
+        trailers = [(b"grpc-status", str(status).encode()), (b"grpc-message", message)]
+        if not self.responded:
+            self.responded = True
+            self.connection._respond(
+                self, [(b":status", b"200"), (b"content-type", b"application/grpc")] + trailers,
+                True)
+            # The client need not send the rest: RST_STREAM(NO_ERROR) once the answer is out
+            # (submitted now, it would cancel the answer).
+            self.reset_after_answer = not self.remote_ended
+            return
+        self.trailers = trailers
+        self.out_eof = True
+        self.connection._resume(self)
+
+    def reset(self, uint32_t error_code=NGHTTP2_CANCEL) -> None:
+        """RST_STREAM this stream (if it is still open)."""
+        if not self.closed:
+            self.connection.reset(self.id, error_code)
+
+
+cdef void _reserve(Stream stream) noexcept:
+    """Once its length is known, a first message reserves its size from the connection's
+    peek budget, whole, and its bytes' window is given back as they come: the message may
+    be larger than a stream window. While the budget cannot cover it, its bytes stay under
+    flow control. Whole reservations let every reserved message finish, so peeking streams
+    cannot starve each other."""
+    cdef H2Connection conn = stream.connection
+    cdef const unsigned char *p
+    cdef size_t need
+    if not stream.peeked:
+        if buf_len(&stream.inbuf) < MESSAGE_PREFIX:
+            return
+        p = <const unsigned char *>stream.inbuf.data + stream.inbuf.start
+        need = MESSAGE_PREFIX + ((<size_t>p[1] << 24) | (<size_t>p[2] << 16)
+                                 | (<size_t>p[3] << 8) | p[4])
+        if <Py_ssize_t>need > stream.peek_limit + MESSAGE_PREFIX:
+            return  # refused as oversize by _check_message
+        if conn.peek_bytes + need > conn.peek_budget:
+            conn.peek_stalled = True
+            return
+        stream.peeked = need
+        stream.peek_since = _monotonic()
+        conn.peek_bytes += need
+    if stream.held:
+        nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
+        stream.held = 0
+        _mark(conn)
+
+
+cdef void _end_peek(Stream stream) noexcept:
+    """The stream's first message is whole (or never will be): its reservation goes to the
+    streams that wait for one."""
+    stream.peek_limit = -1
+    if not stream.peeked:
+        return
+    cdef H2Connection conn = stream.connection
+    cdef Stream other
+    conn.peek_bytes -= stream.peeked
+    stream.peeked = 0
+    if conn.peek_stalled and not conn.lost:
+        conn.peek_stalled = False
+        for value in list(conn.streams.values()):
+            other = <Stream>value
+            if other.peek_limit >= 0 and not other.peeked:
+                _reserve(other)
+
+
+cdef inline void _grant_window(H2Connection client, Stream upstream) noexcept:
+    """An upstream stream's window: its connection's stream window while its client's
+    connection is within ``buffer_cap``, else the base window (its HEADERS go with a
+    WINDOW_UPDATE when raised). A client that does not read holds at most that in the
+    router, whatever its number of streams (beyond a base window each)."""
+    cdef H2Connection conn = upstream.connection
+    cdef size_t raised = client.window_bytes + conn.stream_window
+    if raised <= client.buffer_cap:
+        upstream.window = conn.stream_window
+    else:
+        upstream.window = conn.initial_window
+    client.window_bytes += upstream.window
+
+
+cdef void _pair(Stream client, Stream upstream) noexcept:
+    """From now on, bytes received on each go out on the other."""
+    client.peer = upstream
+    upstream.peer = client
+    client.source = upstream.connection
+    client.source_id = upstream.id
+    upstream.source = client.connection
+    upstream.source_id = client.id
+    # The peeked bytes move over whole (no copy); their window was given back as they came.
+    # (A request sent again has none left: they moved to its first upstream stream.)
+    if client.inbuf.data != NULL:
+        if buf_len(&client.inbuf) > client.first_size:
+            client.sent_more = True
+        buf_free(&upstream.out)
+        upstream.out = client.inbuf
+        upstream.preconsumed = buf_len(&client.inbuf) - client.held
+        client.inbuf.data = NULL
+        client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
+        client.held = 0
+    _end_peek(client)
+    if client.remote_ended:
+        upstream.out_eof = True
+
+
+cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *buf,
+                        size_t length, uint32_t *data_flags, nghttp2_data_source *source,
+                        void *user_data) noexcept:
+    cdef Stream stream = <Stream>source.ptr
+    cdef size_t n = buf_len(&stream.out)
+    cdef size_t owed
+    cdef size_t count
+    cdef nghttp2_nv nva[MAX_HEADERS]
+    if n > length:
+        n = length
+    if n:
+        memcpy(buf, stream.out.data + stream.out.start, n)
+        stream.out.start += n
+        if stream.out.start == stream.out.end:
+            stream.out.start = stream.out.end = 0
+        owed = n
+        if stream.preconsumed:
+            if stream.preconsumed >= owed:
+                stream.preconsumed -= owed
+                owed = 0
+            else:
+                owed -= stream.preconsumed
+                stream.preconsumed = 0
+        if owed:
+            _give_back(stream.source, stream.source_id, owed)
+    if buf_len(&stream.out) == 0:
+        if stream.out_eof:
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF
+            if stream.trailers is not None:
+                data_flags[0] |= NGHTTP2_DATA_FLAG_NO_END_STREAM
+                try:
+                    count = _fill_nv(nva, stream.trailers)
+                except Exception:
+                    return NGHTTP2_ERR_CALLBACK_FAILURE
+                nghttp2_submit_trailer(session, stream_id, nva, count)
+                stream.trailers = None
+        elif n == 0:
+            return NGHTTP2_ERR_DEFERRED
+    return <ssize_t>n
+
+
+cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n) noexcept:
+    """``n`` bytes received on that stream were sent on (or dropped): open its windows."""
+    if connection is not None and not connection.lost:
+        nghttp2_session_consume_stream(connection.session, stream_id, n)
+        _mark(connection)
+
+
+cdef size_t _fill_nv(nghttp2_nv *nva, list headers, size_t capacity=MAX_HEADERS) except? 0:
+    cdef size_t i = 0
+    cdef bytes name, value
+    if <size_t>len(headers) > capacity:
+        raise H2Error(f"more than {capacity} headers")
+    for name, value in headers:
+        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+        nva[i].namelen = PyBytes_GET_SIZE(name)
+        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+        nva[i].valuelen = PyBytes_GET_SIZE(value)
+        nva[i].flags = NGHTTP2_NV_FLAG_NONE
+        i += 1
+    return i
+
+
+cdef inline Stream _stream_of(nghttp2_session *session, int32_t stream_id):
+    cdef void *p = nghttp2_session_get_stream_user_data(session, stream_id)
+    return None if p == NULL else <Stream>p
