@@ -1,7 +1,7 @@
 # Included by _h2.pyx: the byte buffers of streams and connections, and the clock.
 
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcmp, memcpy, memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 

@@ -16,6 +16,7 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
         if frame.headers.cat == NGHTTP2_HCAT_REQUEST:
             stream = Stream(conn)
             stream.id = frame.hd.stream_id
+            stream.opened = _monotonic()
             conn.streams[stream.id] = stream
             nghttp2_session_set_stream_user_data(session, stream.id, <void *>stream)
         else:
@@ -49,6 +50,8 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
         return 0  # nothing more is kept; the request is answered when its block ends
     cdef list block = stream.headers if stream.received_trailers is None \
         else stream.received_trailers
+    if conn.server and namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
+        stream.timeout = _grpc_timeout(value, valuelen)
     if len(block) >= MAX_HEADERS:  # the stream is reset, the connection lives
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
     try:
@@ -75,7 +78,8 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             _police_ping(conn)
         return 0
     if frame.hd.type == NGHTTP2_RST_STREAM:
-        if conn.server and not _take_reset(conn):
+        if conn.server and not _deadline_explains(_stream_of(session, frame.hd.stream_id)) \
+                and not _take_reset(conn):
             # Rapid reset (CVE-2023-44487), whatever the nghttp2 build limits on its own.
             nghttp2_session_terminate_session(session, NGHTTP2_ENHANCE_YOUR_CALM)
         return 0
@@ -138,6 +142,41 @@ cdef void _police_ping(H2Connection conn) noexcept:
                                   14)
             conn.close_after_flush = True
     conn.ping_at = now
+
+
+cdef inline double _grpc_timeout(const uint8_t *value, size_t n) noexcept:
+    """A grpc-timeout value in seconds (1-8 digits and a unit); 0 when malformed."""
+    cdef double amount = 0
+    cdef size_t i
+    if n < 2 or n > 9:
+        return 0
+    for i in range(n - 1):
+        if value[i] < 48 or value[i] > 57:
+            return 0
+        amount = amount * 10 + (value[i] - 48)
+    cdef uint8_t unit = value[n - 1]
+    if unit == 72:  # H
+        return amount * 3600
+    if unit == 77:  # M
+        return amount * 60
+    if unit == 83:  # S
+        return amount
+    if unit == 109:  # m
+        return amount * 1e-3
+    if unit == 117:  # u
+        return amount * 1e-6
+    if unit == 110:  # n
+        return amount * 1e-9
+    return 0
+
+
+cdef inline bint _deadline_explains(Stream stream) noexcept:
+    """Whether a client's reset of ``stream`` is its own deadline passing (gRPC clients
+    cancel a call whose deadline is up): it held the stream for its grpc-timeout, as any
+    call may, so it is not rapid reset and is not charged to the connection's bucket. 90%:
+    the client's clock started before its HEADERS reached the router."""
+    return stream is not None and stream.timeout > 0 \
+        and _monotonic() - stream.opened >= 0.9 * stream.timeout
 
 
 cdef inline bint _take_reset(H2Connection conn) noexcept:

@@ -44,6 +44,8 @@ cdef class Stream:
     cdef uint32_t window  # an upstream stream's window, counted in its client's window_bytes
     cdef list trailers
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
+    cdef double opened  # _monotonic() at a request's HEADERS (server side)
+    cdef double timeout  # its grpc-timeout in seconds (0: none)
 
     def __cinit__(self, H2Connection connection):
         self.connection = connection

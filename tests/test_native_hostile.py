@@ -242,6 +242,46 @@ def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
         router.stop()
 
 
+def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
+        loop_thread: LoopThread, worker_addresses: list[str]) -> None:
+    """gRPC clients reset a call whose deadline is up: many calls timing out together (an
+    overloaded fleet, short deadlines) must not read as rapid reset and lose the client its
+    connection. A reset after the stream's grpc-timeout is not charged to the bucket; the
+    connection then still serves."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
+                                                             stream_reset_rate=1))
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        streams = [1 + 2 * i for i in range(60)]
+        headers = [*client.headers(MODEL_INFER, "application/grpc"), ("grpc-timeout", "50m")]
+        for stream_id in streams:  # calls that never send their message: they wait
+            client.conn.send_headers(stream_id, headers)
+        client.conn.ping(b"headers!")  # its ACK: the router has read every HEADERS above
+        client.send()
+        acked = False
+        while not acked:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        threading.Event().wait(0.1)  # past every stream's 50 ms deadline, as the client sees it
+        for stream_id in streams:
+            client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        client.conn.ping(b"resets!!")  # answered, not a GOAWAY: the connection serves on
+        client.send()
+        acked = False
+        while not acked:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                assert not isinstance(event, h2.events.ConnectionTerminated), event
+                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        client.close()
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
 @pytest.mark.parametrize("data_path", ["grpc", "native"])
 def test_too_many_pings_as_grpc_does(make_router: Any, monkeypatch: pytest.MonkeyPatch,
                                      data_path: str) -> None:
