@@ -3,7 +3,19 @@
 # RST_STREAMs, and the callbacks' setup.
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.stdint cimport int32_t, uint8_t, uint32_t, uint64_t
+
+
+cdef extern from "dlfcn.h" nogil:
+    ctypedef struct Dl_info:
+        const char *dli_fname
+    int dladdr(const void *addr, Dl_info *info)
+    void *dlopen(const char *filename, int flags)
+    void *dlsym(void *handle, const char *symbol)
+    int RTLD_NOW
+    int RTLD_NOLOAD
+
+ctypedef void (*_reset_limit_t)(nghttp2_option *, uint64_t, uint64_t) noexcept nogil
 
 
 cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
@@ -78,7 +90,7 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             _police_ping(conn)
         return 0
     if frame.hd.type == NGHTTP2_RST_STREAM:
-        if conn.server and not _deadline_explains(_stream_of(session, frame.hd.stream_id)) \
+        if conn.server and not _reset_is_free(_stream_of(session, frame.hd.stream_id)) \
                 and not _take_reset(conn):
             # Rapid reset (CVE-2023-44487), whatever the nghttp2 build limits on its own.
             nghttp2_session_terminate_session(session, NGHTTP2_ENHANCE_YOUR_CALM)
@@ -170,13 +182,19 @@ cdef inline double _grpc_timeout(const uint8_t *value, size_t n) noexcept:
     return 0
 
 
-cdef inline bint _deadline_explains(Stream stream) noexcept:
-    """Whether a client's reset of ``stream`` is its own deadline passing (gRPC clients
-    cancel a call whose deadline is up): it held the stream for its grpc-timeout, as any
-    call may, so it is not rapid reset and is not charged to the connection's bucket. 90%:
-    the client's clock started before its HEADERS reached the router."""
-    return stream is not None and stream.timeout > 0 \
-        and _monotonic() - stream.opened >= 0.9 * stream.timeout
+cdef inline bint _reset_is_free(Stream stream) noexcept:
+    """Whether a client's reset of ``stream`` is left out of the rapid-reset bucket: rapid
+    reset (CVE-2023-44487) is starting upstream work and freeing the stream slot at once,
+    so a stream that started nothing upstream yet (its first message awaited, or waiting
+    for an instance) is free; so is one reset once it has lived 90% of its own
+    grpc-timeout (gRPC clients cancel a call whose deadline is up; it held its slot under
+    the stream limit for that long; 90%: the client's clock started before its HEADERS
+    reached the router)."""
+    if stream is None:
+        return False
+    if stream.peer is None:
+        return True
+    return stream.timeout > 0 and _monotonic() - stream.opened >= 0.9 * stream.timeout
 
 
 cdef inline bint _take_reset(H2Connection conn) noexcept:
@@ -347,6 +365,23 @@ cdef nghttp2_option *_option = NULL  # upstream connections
 cdef nghttp2_option *_server_option = NULL  # clients' connections
 
 
+cdef void _lift_nghttp2_reset_limit(nghttp2_option *option) noexcept:
+    """nghttp2 1.57+ (and Debian's 1.52 backport) limit a client's RST_STREAMs on their own
+    (1000 at once, 33 per s) and charge every one, a call its own deadline cancelled
+    included; the router's bucket (_take_reset, _reset_is_free) is the limit, so nghttp2's
+    is raised out of its way. Looked up at run time: older builds lack the function."""
+    cdef Dl_info info
+    if dladdr(<const void *>nghttp2_option_new, &info) == 0 or info.dli_fname == NULL:
+        return
+    cdef void *lib = dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD)
+    if lib == NULL:
+        return
+    cdef _reset_limit_t set_limit = <_reset_limit_t>dlsym(
+        lib, b"nghttp2_option_set_stream_reset_rate_limit")
+    if set_limit != NULL:
+        set_limit(option, 1 << 40, 1 << 20)
+
+
 cdef int _setup() except -1:
     global _callbacks, _option, _server_option
     if nghttp2_session_callbacks_new(&_callbacks) != 0 or nghttp2_option_new(&_option) != 0 \
@@ -365,6 +400,7 @@ cdef int _setup() except -1:
     # RFC 9113 calls malformed, and a client must not tell which path served it. What is
     # not ModelInfer goes to grpc.aio, which checks the rest.
     nghttp2_option_set_no_http_messaging(_server_option, 1)
+    _lift_nghttp2_reset_limit(_server_option)
     return 0
 
 

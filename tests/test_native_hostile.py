@@ -221,10 +221,13 @@ def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
                                                              stream_reset_rate=1))
     router = start_router(loop_thread, config, instances)
     try:
+        with grpcclient.InferenceServerClient(router.address) as warm:  # its upstream connection
+            assert warm.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
         client = RawClient(router.address)
-        for i in range(60):
+        for i in range(60):  # each sent upstream, then reset at once
             stream_id = 1 + 2 * i
             client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.send_data(stream_id, _identity_message())
             client.conn.reset_stream(stream_id)
         client.send()
         goaway = None
@@ -246,29 +249,68 @@ def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
         loop_thread: LoopThread, worker_addresses: list[str]) -> None:
     """gRPC clients reset a call whose deadline is up: many calls timing out together (an
     overloaded fleet, short deadlines) must not read as rapid reset and lose the client its
-    connection. A reset after the stream's grpc-timeout is not charged to the bucket; the
-    connection then still serves."""
+    connection. A reset once the stream has lived 90% of its grpc-timeout is not charged to
+    the bucket, even for a call already sent upstream, nor one of a call not sent anywhere
+    yet; the connection still serves."""
     config, instances = make_config(worker_addresses[:1])
     config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
                                                              stream_reset_rate=1))
     router = start_router(loop_thread, config, instances)
     try:
+        with grpcclient.InferenceServerClient(router.address) as warm:  # its upstream connection
+            assert warm.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
         client = RawClient(router.address)
         streams = [1 + 2 * i for i in range(60)]
-        headers = [*client.headers(MODEL_INFER, "application/grpc"), ("grpc-timeout", "50m")]
-        for stream_id in streams:  # calls that never send their message: they wait
-            client.conn.send_headers(stream_id, headers)
-        client.conn.ping(b"headers!")  # its ACK: the router has read every HEADERS above
-        client.send()
-        acked = False
-        while not acked:
-            for event in client.events():
-                assert event is not None, "the connection closed"
-                acked = acked or isinstance(event, h2.events.PingAckReceived)
-        threading.Event().wait(0.1)  # past every stream's 50 ms deadline, as the client sees it
+        headers = [*client.headers(MODEL_INFER, "application/grpc"), ("grpc-timeout", "200m")]
         for stream_id in streams:
+            client.conn.send_headers(stream_id, headers)
+
+        def barrier(data: bytes) -> None:
+            """A PING's ACK: the router has read every frame sent before it."""
+            client.conn.ping(data)
+            client.send()
+            acked = False
+            while not acked:
+                for event in client.events():
+                    assert event is not None, "the connection closed"
+                    assert not isinstance(event, h2.events.ConnectionTerminated), event
+                    acked = acked or isinstance(event, h2.events.PingAckReceived)
+
+        barrier(b"headers!")
+        # Calls not sent anywhere yet (their messages not in): resetting them starts and
+        # frees nothing upstream, so it is not charged either.
+        waiting = [streams[-1] + 2 * (i + 1) for i in range(60)]
+        for stream_id in waiting:
+            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
             client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        client.conn.ping(b"resets!!")  # answered, not a GOAWAY: the connection serves on
+        threading.Event().wait(0.19)  # 95% of each stream's 200 ms, as the client counts it
+        for stream_id in streams:  # each sent upstream (a fresh 200 ms), then reset
+            client.conn.send_data(stream_id, _identity_message())
+            client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        barrier(b"resets!!")  # answered, not a GOAWAY: the connection serves on
+        client.close()
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_the_routers_reset_limit_is_the_only_one(loop_thread: LoopThread,
+                                                worker_addresses: list[str]) -> None:
+    """nghttp2 1.57+ and Debian's 1.52 backport would end a connection after 1000 client
+    resets of any kind (GOAWAY INTERNAL_ERROR); the router's own bucket decides instead, so
+    1,200 resets it does not charge (calls not sent anywhere yet) leave the connection
+    serving."""
+    config, instances = make_config(worker_addresses[:1])
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        for i in range(1200):
+            stream_id = 1 + 2 * i
+            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+            if i % 100 == 99:
+                client.send()
+        client.conn.ping(b"resets!!")
         client.send()
         acked = False
         while not acked:
