@@ -186,13 +186,12 @@ cdef inline bint _reset_is_free(Stream stream) noexcept:
     """Whether a client's reset of ``stream`` is left out of the rapid-reset bucket: rapid
     reset (CVE-2023-44487) is starting upstream work and freeing the stream slot at once,
     so a stream that started nothing upstream yet (its first message awaited, or waiting
-    for an instance) is free; so is one reset once it has lived 90% of its own
+    for an instance) is free, and so is one the router has closed already (a client whose
+    deadline fired as the router's answer was on its way resets a stream that is over); so is one reset once it has lived 90% of its own
     grpc-timeout (gRPC clients cancel a call whose deadline is up; it held its slot under
     the stream limit for that long; 90%: the client's clock started before its HEADERS
     reached the router)."""
-    if stream is None:
-        return False
-    if stream.peer is None:
+    if stream is None or stream.peer is None:  # closed already, or nothing sent yet
         return True
     return stream.timeout > 0 and _monotonic() - stream.opened >= 0.9 * stream.timeout
 

@@ -294,6 +294,42 @@ def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
         router.stop()
 
 
+def test_resets_of_calls_already_answered_are_free(loop_thread: LoopThread,
+                                                   worker_addresses: list[str]) -> None:
+    """A client whose deadline fires while the router's answer is on its way resets a
+    stream that is already over: that starts and frees nothing, so it is not charged."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
+                                                             stream_reset_rate=1))
+    router = start_router(loop_thread, config, instances)
+    try:
+        client = RawClient(router.address)
+        # 1 ms left is below limits.min_upstream_deadline_ms: the router answers at once.
+        headers = [*client.headers(MODEL_INFER, "application/grpc"), ("grpc-timeout", "1m")]
+        streams = [1 + 2 * i for i in range(60)]
+        for stream_id in streams:
+            client.conn.send_headers(stream_id, headers)
+            client.conn.send_data(stream_id, _identity_message(), end_stream=True)
+            client.send()
+            assert client.answer(stream_id)["grpc-status"] == "4"  # DEADLINE_EXCEEDED
+        # h2 refuses to reset a closed stream, so the frames are written as they are.
+        client.sock.sendall(b"".join(
+            (4).to_bytes(3, "big") + b"\x03\x00" + stream_id.to_bytes(4, "big")
+            + (8).to_bytes(4, "big") for stream_id in streams))
+        client.conn.ping(b"resets!!")
+        client.send()
+        acked = False
+        while not acked:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                assert not isinstance(event, h2.events.ConnectionTerminated), event
+                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        client.close()
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
 def test_the_routers_reset_limit_is_the_only_one(loop_thread: LoopThread,
                                                 worker_addresses: list[str]) -> None:
     """nghttp2 1.57+ and Debian's 1.52 backport would end a connection after 1000 client
