@@ -245,6 +245,19 @@ def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
         router.stop()
 
 
+def _barrier(client: RawClient, data: bytes) -> None:
+    """A PING's ACK, with no GOAWAY before it: the router has read every frame sent before
+    it and still serves the connection."""
+    client.conn.ping(data)
+    client.send()
+    acked = False
+    while not acked:
+        for event in client.events():
+            assert event is not None, "the connection closed"
+            assert not isinstance(event, h2.events.ConnectionTerminated), event
+            acked = acked or isinstance(event, h2.events.PingAckReceived)
+
+
 def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
         loop_thread: LoopThread, worker_addresses: list[str]) -> None:
     """gRPC clients reset a call whose deadline is up: many calls timing out together (an
@@ -265,18 +278,7 @@ def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
         for stream_id in streams:
             client.conn.send_headers(stream_id, headers)
 
-        def barrier(data: bytes) -> None:
-            """A PING's ACK: the router has read every frame sent before it."""
-            client.conn.ping(data)
-            client.send()
-            acked = False
-            while not acked:
-                for event in client.events():
-                    assert event is not None, "the connection closed"
-                    assert not isinstance(event, h2.events.ConnectionTerminated), event
-                    acked = acked or isinstance(event, h2.events.PingAckReceived)
-
-        barrier(b"headers!")
+        _barrier(client, b"headers!")
         # Calls not sent anywhere yet (their messages not in): resetting them starts and
         # frees nothing upstream, so it is not charged either.
         waiting = [streams[-1] + 2 * (i + 1) for i in range(60)]
@@ -287,7 +289,7 @@ def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
         for stream_id in streams:  # each sent upstream (a fresh 200 ms), then reset
             client.conn.send_data(stream_id, _identity_message())
             client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        barrier(b"resets!!")  # answered, not a GOAWAY: the connection serves on
+        _barrier(client, b"resets!!")  # answered, not a GOAWAY: the connection serves on
         client.close()
         router.wait_idle()
     finally:
@@ -316,14 +318,7 @@ def test_resets_of_calls_already_answered_are_free(loop_thread: LoopThread,
         client.sock.sendall(b"".join(
             (4).to_bytes(3, "big") + b"\x03\x00" + stream_id.to_bytes(4, "big")
             + (8).to_bytes(4, "big") for stream_id in streams))
-        client.conn.ping(b"resets!!")
-        client.send()
-        acked = False
-        while not acked:
-            for event in client.events():
-                assert event is not None, "the connection closed"
-                assert not isinstance(event, h2.events.ConnectionTerminated), event
-                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        _barrier(client, b"resets!!")  # answered, not a GOAWAY: the connection serves on
         client.close()
         router.wait_idle()
     finally:
@@ -346,14 +341,7 @@ def test_the_routers_reset_limit_is_the_only_one(loop_thread: LoopThread,
             client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
             if i % 100 == 99:
                 client.send()
-        client.conn.ping(b"resets!!")
-        client.send()
-        acked = False
-        while not acked:
-            for event in client.events():
-                assert event is not None, "the connection closed"
-                assert not isinstance(event, h2.events.ConnectionTerminated), event
-                acked = acked or isinstance(event, h2.events.PingAckReceived)
+        _barrier(client, b"resets!!")  # answered, not a GOAWAY: the connection serves on
         client.close()
         router.wait_idle()
     finally:
