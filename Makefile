@@ -29,13 +29,17 @@ test-compiled: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The twin pass also runs on the stdlib event loop (the compiled pass runs on uvloop), and on
-# the grpc.aio data path (the twin has no _h2). It leaves out the benchmark harness's
-# end-to-end runs (marker "bench", about 4 minutes): they test the harness, which does not
-# change with the core's build; every router path they drive is in the rest of the suite,
-# which the twin pass runs whole.
+# the grpc.aio data path (the twin has no _h2). It leaves out what no router runs in and so
+# does not change with the core's build: the benchmark harness's end-to-end runs (marker
+# "bench", about 4 minutes; every router path they drive is in the rest of the suite), the
+# Triton workers' own tests (no router), and lint and types (the same files either way).
+TWIN_SKIPS := --ignore=tests/test_workers.py \
+	--deselect tests/test_sourcecode.py::test_ruff \
+	--deselect tests/test_sourcecode.py::test_cython_lint \
+	--deselect tests/test_sourcecode.py::test_mypy_strict
 test-twin: install
 	TRITONMESH_NO_EXTENSIONS=1 TRITONMESH_EVENT_LOOP=asyncio $(BIN)/python -m pytest \
-		-m "not bench" $(PYTEST_ARGS)
+		-m "not bench" $(TWIN_SKIPS) $(PYTEST_ARGS)
 
 # The core with its invariant check compiled in after every mutation, then rebuilt for speed.
 test-debug: install

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 NO_EXTENSIONS = os.environ.get("TRITONMESH_NO_EXTENSIONS", "") not in ("", "0")
 DEBUG = os.environ.get("TRITONMESH_DEBUG", "") not in ("", "0")
@@ -93,6 +94,18 @@ if not NO_EXTENSIONS:
             ),
         ],
         compiler_directives={"language_level": "3"},
+        nthreads=len(os.sched_getaffinity(0)),
     )
 
-setup(ext_modules=ext_modules)
+
+class ParallelBuildExt(build_ext):
+    """Compiles the extensions side by side, one per CPU this process may use: every install
+    (``make install``, a user's ``pip install``, the fuzz's ASan build) builds them all."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = len(os.sched_getaffinity(0))
+
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": ParallelBuildExt})

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, RecordingTriton, RouterHandle, make_config, start_router
+from harness import LoopThread, RecordingTriton, RouterHandle, make_config, start_router, wait_for
 from tritonmesh.config import ShadowConfig
 from tritonmesh.shadow import ShadowCollector
 from tritonmesh.workers.launcher import free_ports
@@ -89,7 +89,9 @@ def test_a_slow_shadow_never_holds_the_live_requests(loop_thread: LoopThread,
         _identity(router.address, 10)
         (shadow,) = [i for i in router.instances() if i.variant.name == "Candidate"]
         assert shadow.outstanding == 10  # all ten copies still wait at the shadow
-        assert sum(1 for call in fake.calls if call[0] == "ModelInfer") == 10
+        # A copy's lease is taken before its call reaches the shadow: wait for the last.
+        wait_for(lambda: sum(1 for call in fake.calls if call[0] == "ModelInfer") == 10,
+                 "ten copies at the shadow")
         loop_thread.run(_set(fake.hold))
         _shadow_done(router)
         samples = _samples(router)
