@@ -6,8 +6,7 @@ only if the call breaks, when a stream of the pair closes early (reset, connecti
 Everything between (request DATA up, response HEADERS and DATA down) stays in C.
 
 What the grpc.aio path does that this slice does not (such calls are relayed to it, see
-:meth:`tritonmesh.native_front.NativePort.request`): retries after a per-try timeout
-(``x-tritonmesh-retry-on``), shadow copies, tokens.
+:meth:`tritonmesh.native_front.NativePort.request`): shadow copies, tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from tritonmesh.forwarding import (
     priority_of,
     too_late,
 )
-from tritonmesh.proxy import _NOT_RETRIED
+from tritonmesh.proxy import _NOT_RETRIED, _retry_on_error
 from tritonmesh.wire import RequestInfo, WireError, peek_request
 
 if TYPE_CHECKING:
@@ -102,11 +101,12 @@ class _Request:
     """A ModelInfer as the peek found it: what each attempt sends. The first message stays
     held so that a request that provably never reached Triton can go to another instance."""
 
-    __slots__ = ("attempt", "deadline", "forward", "info", "message", "priority", "sent",
-                 "stream", "target")
+    __slots__ = ("attempt", "deadline", "forward", "info", "message", "priority",
+                 "retry_on_timeout", "sent", "stream", "target")
 
     def __init__(self, stream: Stream, info: RequestInfo, message: bytes, target: str | None,
-                 priority: int, forward: list[tuple[bytes, bytes]], deadline: float | None):
+                 priority: int, forward: list[tuple[bytes, bytes]], deadline: float | None,
+                 retry_on_timeout: bool):
         self.stream = stream
         self.info = info
         self.message = message
@@ -114,6 +114,7 @@ class _Request:
         self.priority = priority
         self.forward = forward
         self.deadline = deadline
+        self.retry_on_timeout = retry_on_timeout  # x-tritonmesh-retry-on: timeout
         self.attempt = 0  # retries so far
         self.sent = False  # its first message left the client's stream (to an upstream's)
 
@@ -191,14 +192,34 @@ class _Call:
         # sent again whole), as on the grpc.aio path.
         if (error_code == _REFUSED_STREAM or (lost and not stream.headers_sent)) \
                 and not self.client.sent_more:
-            self.infer.retry(self.request, instance, details)
+            self.infer.retry(self.request, instance, details, "UNAVAILABLE")
             return
         _refuse(self.client, "UNAVAILABLE", details)
 
     def per_try_expired(self) -> None:
-        per_try = self.lease.instance.variant.config.per_try_timeout_s
-        self._expired("PER_TRY_TIMEOUT", f"upstream instance {self.lease.instance.address} "
-                      f"did not answer within per_try_timeout_s ({per_try:g} s)")
+        """The variant's ``per_try_timeout_s`` passed: charged to the instance, and sent
+        again elsewhere when the client marked it safe (as on the grpc.aio path)."""
+        lease = self.lease
+        if not lease.held:
+            return
+        instance = lease.instance
+        request = self.request
+        details = (f"upstream instance {instance.address} did not answer within "
+                   f"per_try_timeout_s ({instance.variant.config.per_try_timeout_s:g} s)")
+        if not request.retry_on_timeout or request.info.sequence_id is not None:
+            self._expired("PER_TRY_TIMEOUT", details)
+            return
+        self._give_up("PER_TRY_TIMEOUT")
+        client = self.client
+        client.unpair()  # the reset upstream stream must not reset the client's with it
+        # This path forwards an answer as it comes (grpc.aio's holds it whole), and holds
+        # only the first message: past either, the request cannot go again whole.
+        if client.responded or client.sent_more:
+            why = "its answer had begun" if client.responded \
+                else "the client sent more than one message"
+            _refuse(client, "DEADLINE_EXCEEDED", f"{details} (not retried: {why})")
+            return
+        self.infer.retry(request, instance, details, "DEADLINE_EXCEEDED")
 
     def deadline_expired(self) -> None:
         """The client's ``grpc-timeout`` passed: the router answers it, whether or not the
@@ -206,9 +227,15 @@ class _Call:
         self._expired("DEADLINE_EXCEEDED", "Deadline Exceeded")
 
     def _expired(self, charge: str, text: str) -> None:
-        lease = self.lease
-        if not lease.held:
+        if not self.lease.held:
             return
+        self._give_up(charge)
+        _refuse(self.client, "DEADLINE_EXCEEDED", text)
+
+    def _give_up(self, charge: str) -> None:
+        """Its timer fired: the upstream stream is reset (Triton sees the cancellation),
+        the instance charged ``charge``, the lease released."""
+        lease = self.lease
         self.timer = None
         self._done()
         if self.upstream is not None:
@@ -216,7 +243,6 @@ class _Call:
         lease.code = "DEADLINE_EXCEEDED"
         lease.outliers.failure(lease.instance, charge)
         lease.release(False)
-        _refuse(self.client, "DEADLINE_EXCEEDED", text)
 
     def _done(self) -> None:
         self.client.handler = None
@@ -260,7 +286,7 @@ class NativeInfer:
     def wants(self, headers: list[tuple[bytes, bytes]]) -> bool:
         """Whether this path serves a call with these headers (else it is relayed)."""
         for name, value in headers:
-            if name == _RETRY_ON or (name == _TIMEOUT and parse_timeout(value) is None):
+            if name == _TIMEOUT and parse_timeout(value) is None:
                 return False
         return True
 
@@ -272,7 +298,7 @@ class NativeInfer:
             _refuse(stream, "INVALID_ARGUMENT", f"malformed ModelInferRequest: {exc}")
             return
         forward: list[tuple[bytes, bytes]] = []
-        target = priority_value = None
+        target = priority_value = retry_on = None
         deadline = None
         for name, value in stream.headers:
             if name == _TIMEOUT:
@@ -283,6 +309,8 @@ class NativeInfer:
                 target = value.decode(errors="replace")
             elif name == _PRIORITY:
                 priority_value = value.decode(errors="replace")
+            elif name == _RETRY_ON:
+                retry_on = value.decode(errors="replace")
             elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
                 # Checked as grpc.aio checks a client's metadata, so that Triton (and the
                 # instance's standing) never sees what a gRPC server would refuse.
@@ -299,13 +327,19 @@ class NativeInfer:
         if isinstance(priority, str):
             _refuse(stream, "INVALID_ARGUMENT", priority)
             return
+        if retry_on is not None:
+            refused = _retry_on_error(retry_on)
+            if refused is not None:
+                _refuse(stream, "INVALID_ARGUMENT", refused)
+                return
         remaining = None if deadline is None else deadline - time.monotonic()
         late = too_late(remaining, self.floor_s)
         if late is not None:
             _refuse(stream, "DEADLINE_EXCEEDED", late)
             return
         self.balancer.retry_budget.deposit()
-        request = _Request(stream, info, message, target, priority, forward, deadline)
+        request = _Request(stream, info, message, target, priority, forward, deadline,
+                           retry_on is not None)
         try:
             lease = self.balancer.try_acquire(info, message, target)
         except NoInstanceError as exc:
@@ -316,21 +350,27 @@ class NativeInfer:
             return
         self._send(request, lease)
 
-    def retry(self, request: _Request, failed: Instance, details: str) -> None:
-        """Send ``request``, which provably never reached ``failed``, to another instance
-        within ``retries.*`` and its deadline (never a sequence's); else answer UNAVAILABLE
-        with ``details`` and why it was not retried."""
-        if self._may_retry(request, details):
+    def retry(self, request: _Request, failed: Instance, details: str, code_name: str) -> None:
+        """Send ``request``, whose try on ``failed`` ended as ``details`` say (it provably
+        never reached Triton, or the client marked it safe to run twice), to another
+        instance within ``retries.*`` and its deadline (never a sequence's); else answer
+        ``code_name`` with ``details`` and why it was not retried."""
+        if self._may_retry(request, details, code_name):
             self._wait_then_send(request, None, failed)
 
-    def _may_retry(self, request: _Request, details: str) -> bool:
+    def _may_retry(self, request: _Request, details: str, code_name: str) -> bool:
         request.attempt += 1
         refused = "per_request" if request.info.sequence_id is not None \
             else self.balancer.retry_budget.withdraw(request.attempt, request.remaining())
-        if refused is None:
-            return True
-        _refuse(request.stream, "UNAVAILABLE", f"{details} (not retried: {_NOT_RETRIED[refused]})")
-        return False
+        if refused is not None:
+            _refuse(request.stream, code_name,
+                    f"{details} (not retried: {_NOT_RETRIED[refused]})")
+            return False
+        late = too_late(request.remaining(), self.floor_s)
+        if late is not None:  # what is left is below the floor: the retry is not sent
+            _refuse(request.stream, "DEADLINE_EXCEEDED", late)
+            return False
+        return True
 
     def _wait_then_send(self, request: _Request, lease: Lease | None,
                         avoid: Instance | None) -> None:
@@ -366,7 +406,8 @@ class NativeInfer:
                     lease.release(False)
                     lease = None
                     if not self._may_retry(request, f"upstream instance {instance.address}: "
-                                           f"cannot connect: {exc.strerror or exc}"):
+                                           f"cannot connect: {exc.strerror or exc}",
+                                           "UNAVAILABLE"):
                         return
                     avoid = instance
         except asyncio.CancelledError:  # the client went while it waited
