@@ -96,7 +96,8 @@ class H2Connection(asyncio.Protocol):
         request sent again). After the one that takes the last stream ID, the connection
         is ``goaway`` and sends GOAWAY."""
     def expire_peeks(self, before: float) -> list[Stream]:
-        """End the first-message peeks waiting since before ``before`` (monotonic s)."""
+        """End the first-message peeks waiting since before ``before`` (monotonic s), but
+        not those whose length is known that wait for the peek budget."""
     def skip_stream_ids(self, next_stream_id: int) -> None:
         """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
     def reset(self, stream_id: int, error_code: int = 8) -> None: ...

@@ -310,12 +310,15 @@ cdef class H2Connection:
     def expire_peeks(self, double before) -> list:
         """End the first-message peeks that waited since before ``before`` (monotonic
         seconds) for their length prefix, or for the rest once reserved; returns their
-        streams, for the owner to answer."""
+        streams, for the owner to answer. One whose length is known and that waits for the
+        peek budget is not ended: other messages hold it (waiting for an instance, or for
+        Triton to take them), not its client."""
         cdef Stream stream
         expired = []
         for value in self.streams.values():
             stream = <Stream>value
-            if stream.peek_limit >= 0 and stream.peek_since < before:
+            if stream.peek_limit >= 0 and stream.peek_since < before \
+                    and (stream.peeked or buf_len(&stream.inbuf) < MESSAGE_PREFIX):
                 expired.append(stream)
         for stream in expired:
             _end_peek(stream)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from pathlib import Path
 
 import h2.errors
@@ -111,6 +112,46 @@ def test_requests_for_an_upstream_that_takes_nothing_hold_a_bounded_amount(
         client.close()
         wait_for(lambda: upstream.resets == [h2.errors.ErrorCodes.CANCEL],
                  "the upstream stream's cancellation")
+        router.wait_idle()
+    finally:
+        client.close()
+        router.stop()
+        upstream.stop()
+
+
+def test_a_message_waiting_for_the_peek_budget_is_not_expired(loop_thread: LoopThread) -> None:
+    """A first message whose length is known but that waits for the connection's peek
+    budget, held by a message Triton has not taken, is not slow on its client's part:
+    ``native.first_message_timeout_s`` does not end it (the bound is the budget's holder's
+    deadline, or the client's)."""
+    upstream = H2Upstream()
+    budget = 1 << 20
+    config, instances = make_config([upstream.address], limits={"max_message_bytes": budget})
+    config = dataclasses.replace(config, health_check=HealthCheckConfig(interval_s=600.0))
+    router = start_router(loop_thread, config, instances)
+    client = RawClient(router.address)
+    try:
+        held = _big_message(budget - 1024)  # the budget's holder: whole, sent, never taken
+        client.conn.send_headers(1, client.headers(MODEL_INFER, "application/grpc"))
+        client.conn.send_data(1, held[:4096])  # its length: it reserves the budget
+        _barrier(client, b"reserved")
+        client.conn.send_headers(3, client.headers(MODEL_INFER, "application/grpc"))
+        client.conn.send_data(3, _big_message(budget // 2)[:4096])  # its length, some bytes
+        sent = {1: 4096}
+        while sent[1] < len(held):
+            assert _send_what_the_windows_allow(client, sent, held), "the holder was stalled"
+        wait_for(lambda: upstream.requests == 1, "the holder to go upstream")
+
+        async def expire_everything_old() -> list[int]:
+            native = router.router.native
+            assert native is not None
+            (connection,) = native.connections
+            return [s.id for s in connection.expire_peeks(time.monotonic() + 3600.0)]
+
+        assert loop_thread.run(expire_everything_old()) == []
+        client.close()
+        wait_for(lambda: upstream.resets == [h2.errors.ErrorCodes.CANCEL],
+                 "the holder's upstream cancellation")
         router.wait_idle()
     finally:
         client.close()
