@@ -47,6 +47,8 @@ class Stream:
     def finish(self, status: int, message: bytes) -> None:
         """End the call with a gRPC status and a percent-encoded message."""
     def reset(self, error_code: int = 8) -> None: ...
+    def unpair(self) -> None:
+        """End its pairing: neither stream's end reaches the other any more."""
 
 class H2Connection(asyncio.Protocol):
     """One HTTP/2 connection (``server``: a client's; else one to an upstream)."""
@@ -62,8 +64,9 @@ class H2Connection(asyncio.Protocol):
         outside flow control (server side). ``stream_reset_burst`` / ``stream_reset_rate``:
         the client's RST_STREAMs it takes (a token bucket, per s); past them, GOAWAY
         ENHANCE_YOUR_CALM (server side). ``buffer_cap``: what the windows of the upstream
-        streams paired with its streams may add up to; past it, a new one keeps the base
-        window (64 KiB) instead of ``stream_window`` (server side)."""
+        streams paired with its streams, and its own streams' raised windows, may add up
+        to; past it, a new one keeps the base window (64 KiB) instead of ``stream_window``
+        (server side)."""
     @property
     def owner(self) -> Any: ...
     @property
@@ -78,7 +81,8 @@ class H2Connection(asyncio.Protocol):
     def open_streams(self) -> int: ...
     @property
     def window_bytes(self) -> int:
-        """A client's connection: the windows of its upstream streams, all together."""
+        """A client's connection: the windows of its upstream streams and its own raised
+        ones, all together."""
     @property
     def buffered_bytes(self) -> int:
         """Bytes waiting in the router to be sent on its streams."""
@@ -92,7 +96,8 @@ class H2Connection(asyncio.Protocol):
         request sent again). After the one that takes the last stream ID, the connection
         is ``goaway`` and sends GOAWAY."""
     def expire_peeks(self, before: float) -> list[Stream]:
-        """End the first-message peeks waiting since before ``before`` (monotonic s)."""
+        """End the first-message peeks waiting since before ``before`` (monotonic s), but
+        not those whose length is known that wait for the peek budget."""
     def skip_stream_ids(self, next_stream_id: int) -> None:
         """Make ``next_stream_id`` the next stream's ID (client side; to test exhaustion)."""
     def reset(self, stream_id: int, error_code: int = 8) -> None: ...

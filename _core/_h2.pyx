@@ -127,7 +127,8 @@ cdef class H2Connection:
     cdef size_t max_header_list
     cdef uint32_t stream_window  # what a stream's window is (upstream: raised to, within cap)
     cdef uint32_t initial_window  # what SETTINGS says it is
-    cdef size_t buffer_cap  # a client's: its upstream streams' windows, all together
+    # A client's: the windows of its upstream streams and its own raised ones, all together
+    cdef size_t buffer_cap
     cdef readonly size_t window_bytes  # a client's: what they are now
     cdef size_t peek_budget  # bytes all its streams' first-message peeks may hold unwindowed
     cdef size_t peek_bytes
@@ -158,15 +159,18 @@ cdef class H2Connection:
             rv = nghttp2_session_client_new2(&self.session, _callbacks, <void *>self, _option)
         if rv != 0:
             raise MemoryError()
+        # Streams start with the base window both ways, raised to stream_window within
+        # buffer_cap: a client's requests by _raise_window, an upstream's answers by
+        # _grant_window.
         self.settings = [(NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, max_concurrent_streams),
                          (NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
-                          stream_window if server else min(stream_window, BASE_STREAM_WINDOW)),
+                          min(stream_window, BASE_STREAM_WINDOW)),
                          (NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, max_header_list_bytes),
                          (NGHTTP2_SETTINGS_ENABLE_PUSH, 0)]
         self.connection_window = connection_window
         self.max_header_list = max_header_list_bytes
         self.stream_window = stream_window
-        self.initial_window = stream_window if server else min(stream_window, BASE_STREAM_WINDOW)
+        self.initial_window = min(stream_window, BASE_STREAM_WINDOW)
         self.buffer_cap = buffer_cap
         self.peek_budget = peek_budget
         self.idle_since = _monotonic()
@@ -306,12 +310,15 @@ cdef class H2Connection:
     def expire_peeks(self, double before) -> list:
         """End the first-message peeks that waited since before ``before`` (monotonic
         seconds) for their length prefix, or for the rest once reserved; returns their
-        streams, for the owner to answer."""
+        streams, for the owner to answer. One whose length is known and that waits for the
+        peek budget is not ended: other messages hold it (waiting for an instance, or for
+        Triton to take them), not its client."""
         cdef Stream stream
         expired = []
         for value in self.streams.values():
             stream = <Stream>value
-            if stream.peek_limit >= 0 and stream.peek_since < before:
+            if stream.peek_limit >= 0 and stream.peek_since < before \
+                    and (stream.peeked or buf_len(&stream.inbuf) < MESSAGE_PREFIX):
                 expired.append(stream)
         for stream in expired:
             _end_peek(stream)

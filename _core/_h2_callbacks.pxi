@@ -325,13 +325,17 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     stream.closed = True
     cdef H2Connection connection = stream.connection
     connection.streams.pop(stream.id, None)
-    _end_peek(stream)
-    if not connection.streams:
-        connection.idle_since = _monotonic()
+    stream.peek_limit = -1
     cdef Stream peer = stream.peer
     cdef size_t unsent
+    # A client's stream counts in its own connection, an upstream's in its client's.
+    cdef H2Connection counted = connection if connection.server else stream.source
+    if stream.peeked:  # first-message bytes it held outside flow control are dropped
+        _unreserve(counted, stream)
+    if not connection.streams:
+        connection.idle_since = _monotonic()
     if stream.window:
-        (<H2Connection>stream.source).window_bytes -= stream.window
+        counted.window_bytes -= stream.window
         stream.window = 0
     handler = stream.handler
     stream.handler = None

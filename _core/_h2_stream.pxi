@@ -33,7 +33,9 @@ cdef class Stream:
     cdef size_t preconsumed  # bytes at the head of `out` whose window was already given back
     cdef size_t held  # bytes at the tail of `inbuf` whose window was not given back yet
     cdef Py_ssize_t peek_limit  # >= 0 while the first message is awaited
-    cdef size_t peeked  # of the connection's peek budget, reserved for its first message
+    # Of its client connection's peek budget, reserved for its first message while the router
+    # holds those bytes outside flow control (moved to the upstream stream with them)
+    cdef size_t peeked
     cdef size_t first_size  # the peeked first message, prefix included
     cdef double peek_since  # _monotonic() at its HEADERS, then at its reservation
     cdef bint out_eof
@@ -41,7 +43,9 @@ cdef class Stream:
     cdef bint discard
     cdef bint reset_after_answer
     cdef size_t header_bytes  # of the block being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
-    cdef uint32_t window  # an upstream stream's window, counted in its client's window_bytes
+    # An upstream stream's window, counted in its client's window_bytes; a client's stream's
+    # window once raised (_raise_window), counted in its own connection's
+    cdef uint32_t window
     cdef list trailers
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
     cdef double opened  # _monotonic() at a request's HEADERS (server side)
@@ -81,7 +85,10 @@ cdef class Stream:
                 return 0
             if have >= MESSAGE_PREFIX + length:
                 self.first_size = MESSAGE_PREFIX + length
-                _end_peek(self)
+                # Its reservation stays until its bytes leave for the upstream (_pair,
+                # _read_data) or the stream closes: a message waiting for an instance, or
+                # for a slow Triton to take it, still counts against the peek budget.
+                self.peek_limit = -1
                 owner.message(self, p[0], PyBytes_FromStringAndSize(
                     <const char *>p + MESSAGE_PREFIX, length))
                 return 0
@@ -124,6 +131,14 @@ cdef class Stream:
         if not self.closed:
             self.connection.reset(self.id, error_code)
 
+    def unpair(self) -> None:
+        """End its pairing (a client's stream whose upstream stream was given up on: the
+        call goes to another); what either holds stays, and neither's end reaches the other."""
+        cdef Stream peer = self.peer
+        if peer is not None:
+            peer.peer = None
+            self.peer = None
+
 
 cdef void _reserve(Stream stream) noexcept:
     """Once its length is known, a first message reserves its size from the connection's
@@ -148,6 +163,8 @@ cdef void _reserve(Stream stream) noexcept:
         stream.peeked = need
         stream.peek_since = _monotonic()
         conn.peek_bytes += need
+        if need > conn.initial_window:
+            _raise_window(stream)  # its bytes come at a stream window's pace
     if stream.held:
         nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
         stream.held = 0
@@ -155,12 +172,18 @@ cdef void _reserve(Stream stream) noexcept:
 
 
 cdef void _end_peek(Stream stream) noexcept:
-    """The stream's first message is whole (or never will be): its reservation goes to the
-    streams that wait for one."""
+    """The stream's first message will never be whole: its reservation goes to the streams
+    that wait for one."""
     stream.peek_limit = -1
+    _unreserve(stream.connection, stream)
+
+
+cdef void _unreserve(H2Connection conn, Stream stream) noexcept:
+    """``stream`` (a client's, or the upstream stream its first message moved to) holds no
+    more bytes of a first message outside flow control: its reservation of ``conn``'s peek
+    budget goes to the streams that wait for one."""
     if not stream.peeked:
         return
-    cdef H2Connection conn = stream.connection
     cdef Stream other
     conn.peek_bytes -= stream.peeked
     stream.peeked = 0
@@ -170,6 +193,22 @@ cdef void _end_peek(Stream stream) noexcept:
             other = <Stream>value
             if other.peek_limit >= 0 and not other.peeked:
                 _reserve(other)
+
+
+cdef void _raise_window(Stream stream) noexcept:
+    """A client's stream: its window raised from the base window to a stream window while
+    its connection's windows stay within ``buffer_cap`` (the request direction's bound, as
+    _grant_window is the response's): request bytes a slow Triton has not taken wait in the
+    router within that cap, plus a base window per stream past it."""
+    cdef H2Connection conn = stream.connection
+    if stream.window or conn.stream_window <= conn.initial_window \
+            or conn.window_bytes + conn.stream_window > conn.buffer_cap:
+        return
+    if nghttp2_session_set_local_window_size(conn.session, NGHTTP2_FLAG_NONE, stream.id,
+                                             conn.stream_window) == 0:
+        stream.window = conn.stream_window
+        conn.window_bytes += conn.stream_window
+        _mark(conn)
 
 
 cdef inline void _grant_window(H2Connection client, Stream upstream) noexcept:
@@ -194,7 +233,8 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
     client.source_id = upstream.id
     upstream.source = client.connection
     upstream.source_id = client.id
-    # The peeked bytes move over whole (no copy); their window was given back as they came.
+    # The peeked bytes move over whole (no copy); their window was given back as they came,
+    # so their reservation moves with them, until they are sent (_read_data).
     # (A request sent again has none left: they moved to its first upstream stream.)
     if client.inbuf.data != NULL:
         if buf_len(&client.inbuf) > client.first_size:
@@ -205,9 +245,15 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
         client.inbuf.data = NULL
         client.inbuf.start = client.inbuf.end = client.inbuf.cap = 0
         client.held = 0
-    _end_peek(client)
+    client.peek_limit = -1
+    upstream.peeked = client.peeked
+    client.peeked = 0
+    if not upstream.preconsumed:
+        _unreserve(client.connection, upstream)
     if client.remote_ended:
         upstream.out_eof = True
+    elif client.connection.server:  # more may come (a relayed stream): a stream window
+        _raise_window(client)
 
 
 cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *buf,
@@ -233,6 +279,8 @@ cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *bu
             else:
                 owed -= stream.preconsumed
                 stream.preconsumed = 0
+            if not stream.preconsumed and stream.peeked:
+                _unreserve(stream.source, stream)
         if owed:
             _give_back(stream.source, stream.source_id, owed)
     if buf_len(&stream.out) == 0:

@@ -19,7 +19,7 @@ import math
 
 from tritonmesh.autoscale_config import Autoscaling
 from tritonmesh.balancer import Balancer, InstanceState, Variant
-from tritonmesh.membership import drain
+from tritonmesh.membership import Drains
 from tritonmesh.workers.launcher import TritonWorker, WorkerPool
 
 __all__ = ["Autoscaler"]
@@ -39,6 +39,7 @@ class Autoscaler:
         self.scaled_in = 0
         self.last_wanted = spec.min
         self._variant: Variant | None = None
+        self._drains: Drains | None = None
         self._task: asyncio.Task[None] | None = None
         self._next_index = len(pool.workers)
 
@@ -46,8 +47,11 @@ class Autoscaler:
     def workers(self) -> int:
         return len(self.pool.workers) + len(self.added)
 
-    def start(self, balancer: Balancer) -> None:
+    def start(self, balancer: Balancer, drains: Drains) -> None:
+        """Scale the balancer's variant; its drains go through ``drains`` (the router's),
+        so that whoever closes a removed instance's connections hears of it."""
         self._variant = balancer.by_name[self.variant_name]
+        self._drains = drains
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
@@ -133,7 +137,7 @@ class Autoscaler:
 
     async def _scale_in(self) -> None:
         variant = self._variant
-        assert variant is not None
+        assert variant is not None and self._drains is not None
         if not self.added:
             return
         worker = self.added[-1]
@@ -141,7 +145,7 @@ class Autoscaler:
                  self.workers, worker.address)
         for instance in list(variant.live_instances()):
             if instance.address == worker.address:
-                drained = await drain(instance, self.spec.drain_timeout_s)
+                drained = await self._drains.start(instance, self.spec.drain_timeout_s)
                 if not drained:
                     log.warning("variant '%s': %s still had requests after drain_timeout_s "
                                 "(%g s); they were cancelled", self.variant_name,

@@ -63,7 +63,7 @@ async def open_endpoint(config: EndpointConfig, *, log_dir: str | Path | None = 
             await stack.enter_async_context(role.serve(router))
         assert router.balancer is not None
         for scaler in scalers:
-            scaler.start(router.balancer)
+            scaler.start(router.balancer, router.drains)
             stack.push_async_callback(scaler.close)
         router.autoscalers.extend(scalers)
         yield router

@@ -35,6 +35,8 @@ from tritonmesh.instance import Instance, InstanceState
 from tritonmesh.sharedcounts import SharedCounts
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from tritonmesh.balancer import Balancer
     from tritonmesh.fleetbudget import SharedRetryCounts
     from tritonmesh.server import Router
@@ -146,6 +148,8 @@ class Follower:
         self._closing: set[asyncio.Task[None]] = set()
         self._serving: bool | None = None
         self._published_serving: bool | None = None  # the supervisor's verdict
+        # Told of each instance removed (the native data path closes its connection there).
+        self.removed: Callable[[Instance], None] | None = None
         for counts in counts_of(balancer).values():
             counts.resync = self.sync
 
@@ -194,6 +198,8 @@ class Follower:
         task = asyncio.get_running_loop().create_task(instance.upstream.close(grace=0))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+        if self.removed is not None:
+            self.removed(instance)
 
     async def run(self, router: Router) -> None:
         while True:

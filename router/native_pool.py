@@ -116,11 +116,15 @@ class UpstreamPool:
                 del self._connections[address]
 
     def retire(self, address: str, why: str) -> None:
-        """Close the connection to ``address`` now; its streams end, saying ``why``."""
+        """Close the connection to ``address`` now (its instance left: drained, or its
+        drain timed out): GOAWAY, then the streams still open, if any, end saying ``why``."""
         connection = self._connections.pop(address, None)
         if connection is not None:
             connection.retired = why
-            connection.close()
+            connection.shutdown()  # with no stream open, it closes once GOAWAY is written
+            if connection.open_streams:
+                connection.flush()
+                connection.close()
 
     async def close(self) -> None:
         """Close every connection (their streams end as reset)."""

@@ -119,6 +119,8 @@ async def serve(run: RunFile, index: int, run_path: str) -> None:
             await router.start()
             loop.add_signal_handler(signal.SIGHUP, reload, router, role, run_path)
             assert role.follower is not None and router.balancer is not None
+            if router.native is not None:  # it closes a removed instance's connection
+                role.follower.removed = router.native.instance_removed
             following = loop.create_task(role.follower.run(router))
             wakers = [ReleaseWaker(v, cast(SharedCounts, v.table), loop)
                       for v in router.balancer.variants]

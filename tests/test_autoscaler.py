@@ -87,6 +87,18 @@ def test_scales_out_under_load_and_back_in_without_a_failed_request(
         _until("a second worker joined", lambda: scaler.workers == 2, clients)
         (added,) = scaler.added
         second = [i for i in variant.live_instances() if i.address == added.address]
+        # On the native data path: whether the router still had its connection to the
+        # worker when the worker was told to stop (a drained instance's is closed first).
+        native, connected_at_stop = router.native, []
+        stop = added.stop
+
+        async def stop_after_checking(grace: float = 10.0) -> None:
+            assert native is not None
+            connected_at_stop.append(native.pool.get(added.address) is not None)
+            await stop(grace)
+
+        if native is not None:
+            added.stop = stop_after_checking  # type: ignore[method-assign]
         _until("the new worker served requests", lambda: second[0].requests >= 20, clients)
         # One client left: one worker carries it (1 <= target), so the newest drains and
         # stops while that client goes on.
@@ -100,6 +112,7 @@ def test_scales_out_under_load_and_back_in_without_a_failed_request(
         assert (scaler.scaled_out, scaler.scaled_in) == (1, 1)
         assert [i.address for i in variant.live_instances()] == [first]
         assert added.process is not None and added.process.returncode is not None
+        assert connected_at_stop == ([] if native is None else [False])
         assert router.balancer.total_outstanding() == 0
     finally:
         loop_thread.run(stack.aclose(), timeout=120)

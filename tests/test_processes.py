@@ -71,18 +71,26 @@ class Endpoint:
         """Where router process ``index`` has its grpc.aio relay's socket (native only):
         the path /proc/net/unix gives the socket inode it holds open."""
         pid = self.table.pid(index)
-        inodes = set()
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):  # closed meanwhile
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
+        inodes = _socket_inodes(pid)
         with open("/proc/net/unix") as table:
             for line in table:
                 fields = line.split()
                 if len(fields) == 8 and fields[6] in inodes and fields[7].endswith("grpc.sock"):
                     return os.path.dirname(fields[7])
         raise AssertionError(f"router[{index}] (pid {pid}) holds no relay socket")
+
+    def connections_to(self, address: str) -> int:
+        """The router processes' established TCP connections to ``address``'s port, the
+        sockets /proc/net/tcp and tcp6 (gRPC's, v4-mapped) list against the inodes they
+        hold."""
+        port = int(address.rpartition(":")[2])
+        inodes = set().union(*(_socket_inodes(pid) for pid in self.router_pids().values()))
+        rows = []
+        for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(name) as table:
+                rows += [line.split() for line in table][1:]
+        return sum(1 for row in rows if row[3] == "01" and row[9] in inodes
+                   and int(row[2].rpartition(":")[2], 16) == port)
 
     def close(self) -> None:
         self.table.close()
@@ -388,12 +396,17 @@ def test_membership_reaches_every_router_process(
     assert running.admin is not None
     assert _health(running.address) == health_pb2.HealthCheckResponse.SERVING
     admin = admin_stub(running.admin)
+    assert _concurrently(running.address, 16, 5) == (80, [])  # connections to the first
+    assert endpoint.connections_to(first) > 0
     admin.AddInstance(apb.AddInstanceRequest(variant="AllTraffic", address=second))
     _logged_by_every_router(running, f"{second} joined", 2)
     removed = admin.RemoveInstance(apb.RemoveInstanceRequest(variant="AllTraffic",
                                                              address=first))
     assert removed.drained
     _logged_by_every_router(running, f"{first} left", 2)
+    # Each router process closes its connections to an instance that left, as one process
+    # does (native: its upstream connection, GOAWAY; grpc: its channel).
+    wait_for(lambda: endpoint.connections_to(first) == 0, "connections to the removed one closed")
     before = _inferences(first), _inferences(second)
     assert _concurrently(running.address, 16, 5) == (80, [])
     assert (_inferences(first), _inferences(second)) == (before[0], before[1] + 80)
@@ -447,6 +460,17 @@ def test_late_binding_limit_holds_fleet_wide_and_wakes_every_process(
     assert queued < computed / 10, (queued, computed)
     assert most[0] == 1
     endpoint.quiescent()
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
 
 
 def _health(address: str) -> int:

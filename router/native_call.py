@@ -1,0 +1,224 @@
+"""One native ``ModelInfer`` sent upstream, and how each of its endings releases its lease
+once (docs/native.md, "What serves what"): Triton's trailers, an early close of either
+stream of the pair, the per-try or deadline timer, and a wait the client gives up.
+:class:`tritonmesh.native_infer.NativeInfer` makes them; a retry goes back to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Final
+
+import grpc
+
+if TYPE_CHECKING:
+    from tritonmesh._core._h2 import Stream
+    from tritonmesh.lease import Lease
+    from tritonmesh.native_infer import NativeInfer
+    from tritonmesh.wire import RequestInfo
+
+__all__ = ["Call", "Request", "Waiting", "abandon_if_cancelled", "grpc_message", "refuse"]
+
+_CANCEL: Final = 8  # HTTP/2 CANCEL
+_REFUSED_STREAM: Final = 7
+# Upstream resets that say the request was refused or malformed, not that the instance
+# failed (HTTP/2 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM): not charged to it.
+_NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
+_CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
+_CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
+# gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md) for answers without
+# grpc-status (others UNKNOWN); a 200 without one broke the protocol (INTERNAL).
+_HTTP_CODES: Final = {b"400": "INTERNAL", b"401": "UNAUTHENTICATED", b"403": "PERMISSION_DENIED",
+                      b"404": "UNIMPLEMENTED", b"429": "UNAVAILABLE", b"502": "UNAVAILABLE",
+                      b"503": "UNAVAILABLE", b"504": "UNAVAILABLE"}
+
+
+def grpc_message(text: str) -> bytes:
+    """``text`` as a ``grpc-message`` value (percent-encoded UTF-8)."""
+    raw = text.encode()
+    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
+        return raw
+    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b
+                    for b in raw)
+
+
+def refuse(stream: Stream, code_name: str, text: str) -> None:
+    """End ``stream``'s call with the status ``code_name`` and ``text``."""
+    stream.finish(_CODES[code_name], grpc_message(text))
+
+
+class Request:
+    """A ModelInfer as the peek found it: what each attempt sends. The first message stays
+    held so that a request that provably never reached Triton can go to another instance."""
+
+    __slots__ = ("attempt", "deadline", "forward", "info", "message", "priority",
+                 "retry_on_timeout", "sent", "stream", "target")
+
+    def __init__(self, stream: Stream, info: RequestInfo, message: bytes, target: str | None,
+                 priority: int, forward: list[tuple[bytes, bytes]], deadline: float | None,
+                 retry_on_timeout: bool):
+        self.stream = stream
+        self.info = info
+        self.message = message
+        self.target = target
+        self.priority = priority
+        self.forward = forward
+        self.deadline = deadline
+        self.retry_on_timeout = retry_on_timeout  # x-tritonmesh-retry-on: timeout
+        self.attempt = 0  # retries so far
+        self.sent = False  # its first message left the client's stream (to an upstream's)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class Call:
+    """One ModelInfer sent upstream: what ends it releases its lease, once."""
+
+    __slots__ = ("client", "infer", "lease", "request", "timer", "upstream")
+
+    def __init__(self, lease: Lease, request: Request, infer: NativeInfer):
+        self.lease = lease
+        self.request = request
+        self.infer = infer
+        self.client = request.stream
+        self.upstream: Stream | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Triton answered (its trailers are on their way to the client)."""
+        code = status = b""
+        for name, value in headers:
+            if name == b"grpc-status":
+                code = value
+                break
+            if name == b":status":
+                status = value
+        lease = self.lease
+        self._done()
+        if code == b"0":
+            lease.succeeded()
+            lease.release(True)
+            return
+        # No grpc-status: what a gRPC client makes of the HTTP status (an HTTP proxy's 503
+        # in front of Triton is UNAVAILABLE, and the instance's failure).
+        if code:
+            code_name = _CODE_NAMES.get(code, "UNKNOWN")
+        else:
+            code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
+        lease.code = code_name
+        lease.outliers.failure(lease.instance, code_name)
+        lease.release(False)
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        """One side of the pair closed before Triton's trailers came."""
+        lease = self.lease
+        if not lease.held:
+            return
+        self._done()
+        if stream is self.client:  # the client cancelled, or its connection was lost
+            if self.upstream is not None:
+                self.upstream.reset(_CANCEL)
+            lease.code = "CANCELLED"
+            lease.release(False)
+            return
+        instance = lease.instance
+        retired = stream.connection.retired
+        if retired is not None:  # the router closed it: the instance left the fleet
+            lease.release(False)
+            refuse(self.client, "CANCELLED", retired)
+            return
+        lease.code = "UNAVAILABLE"
+        lost = stream.connection.lost
+        if lost or error_code not in _NOT_THE_INSTANCES:
+            lease.outliers.failure(instance, "UNAVAILABLE")
+        lease.release(False)
+        why = "the connection was lost" if lost \
+            else f"it reset the stream (HTTP/2 error code {error_code})"
+        details = f"upstream instance {instance.address}: {why}"
+        # Provably never reached Triton: refused (REFUSED_STREAM, also what nghttp2 reports
+        # for streams past an upstream's GOAWAY), or lost before its HEADERS left. It goes
+        # elsewhere if the client sent nothing beyond the first message (held, it can be
+        # sent again whole), as on the grpc.aio path.
+        if (error_code == _REFUSED_STREAM or (lost and not stream.headers_sent)) \
+                and not self.client.sent_more:
+            self.infer.retry(self.request, instance, details, "UNAVAILABLE")
+            return
+        refuse(self.client, "UNAVAILABLE", details)
+
+    def per_try_expired(self) -> None:
+        """The variant's ``per_try_timeout_s`` passed: charged to the instance, and sent
+        again elsewhere when the client marked it safe (as on the grpc.aio path)."""
+        lease = self.lease
+        if not lease.held:
+            return
+        instance = lease.instance
+        request = self.request
+        details = (f"upstream instance {instance.address} did not answer within "
+                   f"per_try_timeout_s ({instance.variant.config.per_try_timeout_s:g} s)")
+        if not request.retry_on_timeout or request.info.sequence_id is not None:
+            self._expired("PER_TRY_TIMEOUT", details)
+            return
+        self._give_up("PER_TRY_TIMEOUT")
+        client = self.client
+        client.unpair()  # the reset upstream stream must not reset the client's with it
+        # This path forwards an answer as it comes (grpc.aio's holds it whole), and holds
+        # only the first message: past either, the request cannot go again whole.
+        if client.responded or client.sent_more:
+            why = "its answer had begun" if client.responded \
+                else "the client sent more than one message"
+            refuse(client, "DEADLINE_EXCEEDED", f"{details} (not retried: {why})")
+            return
+        self.infer.retry(request, instance, details, "DEADLINE_EXCEEDED")
+
+    def deadline_expired(self) -> None:
+        """The client's ``grpc-timeout`` passed: the router answers it, whether or not the
+        client resets its stream or Triton answers (grpc.aio's charge and words)."""
+        self._expired("DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+    def _expired(self, charge: str, text: str) -> None:
+        if not self.lease.held:
+            return
+        self._give_up(charge)
+        refuse(self.client, "DEADLINE_EXCEEDED", text)
+
+    def _give_up(self, charge: str) -> None:
+        """Its timer fired: the upstream stream is reset (Triton sees the cancellation),
+        the instance charged ``charge``, the lease released."""
+        lease = self.lease
+        self.timer = None
+        self._done()
+        if self.upstream is not None:
+            self.upstream.reset(_CANCEL)
+        lease.code = "DEADLINE_EXCEEDED"
+        lease.outliers.failure(lease.instance, charge)
+        lease.release(False)
+
+    def _done(self) -> None:
+        self.client.handler = None
+        if self.upstream is not None:
+            self.upstream.handler = None
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+def abandon_if_cancelled(lease: Lease, task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        lease.abandon("CANCELLED")
+
+
+class Waiting:
+    """A call waiting (late binding's queue, or a connection being made): a client that
+    goes cancels the wait, and the task gives back whatever it holds."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, task: asyncio.Task[None]):
+        self.task = task
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        self.task.cancel()
+
+    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
