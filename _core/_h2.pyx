@@ -277,37 +277,16 @@ cdef class H2Connection:
         """Send a request on this (client-side) connection, paired with ``client``: its
         held bytes go first (or ``first``, a request sent again), then everything it
         receives."""
-        # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
-        # plus what the router adds in their place.
-        cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
-        cdef size_t count = _fill_nv(nva, headers, MAX_REQUEST_HEADERS)
-        cdef nghttp2_data_provider provider
-        if self.lost or self.goaway:
-            raise H2Error("the upstream connection is closing")
         if client.closed:
             raise H2Error("the client's stream is closed")
-        stream = Stream(self)
-        provider.source.ptr = <void *>stream
-        provider.read_callback = _read_data
-        cdef int32_t stream_id = nghttp2_submit_request(self.session, NULL, nva, count,
-                                                        &provider, <void *>stream)
-        if stream_id < 0:
-            raise H2Error(nghttp2_strerror(stream_id).decode())
-        stream.id = stream_id
-        self.streams[stream_id] = stream
-        stream.handler = handler
+        cdef Stream stream = self._submit(headers, handler)
         client.handler = handler
         if first is not None:  # its window was given back when it first came
             buf_append(&stream.out, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
             stream.preconsumed = PyBytes_GET_SIZE(first)
         _pair(client, stream)
         _grant_window(client.connection, stream)
-        if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
-            # Its stream IDs are spent: the pool opens another for the next request, and
-            # this one closes when its last stream ends.
-            self.goaway = True
-            self.shutdown()
-        _mark(self)
+        self._opened()
         return stream
 
     def open_message_stream(self, list headers, handler, size_t limit,
@@ -316,6 +295,18 @@ cdef class H2Connection:
         its messages, and its answer's messages go to ``handler`` as
         :meth:`Stream.read_messages` says (up to ``limit`` bytes each). ``client``: the
         client stream it serves, whose connection's buffer cap its window counts in."""
+        cdef Stream stream = self._submit(headers, handler)
+        stream.message_mode = True
+        stream.message_limit = limit
+        if client is not None:
+            _grant_window(client.connection, stream)
+        self._opened()
+        return stream
+
+    cdef Stream _submit(self, list headers, handler):
+        """A request's HEADERS, with DATA to come from the new stream's ``out``."""
+        # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
+        # plus what the router adds in their place.
         cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
         cdef size_t count = _fill_nv(nva, headers, MAX_REQUEST_HEADERS)
         cdef nghttp2_data_provider provider
@@ -331,15 +322,16 @@ cdef class H2Connection:
         stream.id = stream_id
         self.streams[stream_id] = stream
         stream.handler = handler
-        stream.message_mode = True
-        stream.message_limit = limit
-        if client is not None:
-            _grant_window(client.connection, stream)
+        return stream
+
+    cdef int _opened(self) except -1:
         if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
+            # Its stream IDs are spent: the pool opens another for the next request, and
+            # this one closes when its last stream ends.
             self.goaway = True
             self.shutdown()
         _mark(self)
-        return stream
+        return 0
 
     def expire_peeks(self, double before) -> list:
         """End the first-message peeks that waited since before ``before`` (monotonic

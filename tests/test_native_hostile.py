@@ -469,12 +469,12 @@ def test_slow_reader_holds_at_most_the_connection_buffer(loop_thread: LoopThread
 
 
 def test_relayed_calls_keep_grpc_aios_deadline(make_router: Any) -> None:
-    """A relayed call (here ModelStreamInfer) whose client sets a deadline and then sends
+    """A relayed call (here ModelConfig) whose client sets a deadline and then sends
     nothing more: grpc.aio behind the relay enforces it, and the answer comes through."""
     router = make_router()
     client = RawClient(router.address)
-    stream_infer = "/inference.GRPCInferenceService/ModelStreamInfer"
-    client.conn.send_headers(1, [*client.headers(stream_infer, "application/grpc"),
+    model_config = "/inference.GRPCInferenceService/ModelConfig"
+    client.conn.send_headers(1, [*client.headers(model_config, "application/grpc"),
                                  ("grpc-timeout", "300m")])
     client.send()
     answer = client.answer(1)

@@ -10,35 +10,25 @@ import time
 from typing import Any
 
 import h2.settings
-import pytest
+import test_native_path
 import tritonclient.grpc as grpcclient
 from harness import (
     LoopThread,
     RecordingTriton,
     generate_inputs,
     make_config,
-    serve_on,
     start_router,
     wait_for,
 )
 from test_native_path import RawClient
 from tritonclient.grpc import service_pb2 as pb
-from tritonmesh.native_config import NativeConfig, native_available
+from tritonmesh.native_config import NativeConfig
 from tritonmesh.native_stream import MODEL_STREAM_INFER
 
-pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(not native_available(), reason=(
-        "the native data path's extension (tritonmesh._core._h2) is not built here: no "
-        "libnghttp2 header at install time, or TRITONMESH_NO_EXTENSIONS=1")),
-]
-
-
-@pytest.fixture
-def native(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Routers made from here on serve ``data_path: native``; a ModelInfer or
-    ModelStreamInfer that reaches the grpc.aio path fails the test."""
-    serve_on(monkeypatch, "native")
+# Triton tests, only where the extension is built; the `native` fixture: routers serve
+# data_path native, and a ModelInfer or ModelStreamInfer reaching grpc.aio fails the test.
+pytestmark = test_native_path.pytestmark
+native = test_native_path.native
 
 
 class Collector:
@@ -177,3 +167,26 @@ def test_a_client_that_does_not_read_holds_the_upstreams_back(native: None,
     finally:
         slow.close()
         router.stop()
+
+
+def test_a_stream_whose_deadline_passes_is_answered_by_the_router(native: None,
+                                                                  make_router: Any) -> None:
+    """A client sets a deadline on its stream and sends nothing: the router's own timer
+    answers DEADLINE_EXCEEDED (the stream is not relayed to grpc.aio, whose deadline it
+    would be)."""
+    router = make_router()
+    port = router.router.native
+    assert port is not None
+    client = RawClient(router.address)
+    try:
+        client.conn.send_headers(1, [*client.headers(MODEL_STREAM_INFER.decode(),
+                                                     "application/grpc"),
+                                     ("grpc-timeout", "300m")])
+        client.send()
+        answer = client.answer(1)
+        assert (answer.get("grpc-status"), answer.get("grpc-message")) \
+            == ("4", "Deadline Exceeded"), answer
+        assert port.relayed == 0
+    finally:
+        client.close()
+    router.wait_idle()
