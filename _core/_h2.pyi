@@ -11,6 +11,18 @@ class CallHandler(Protocol):
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None: ...
     def closed(self, stream: Stream, error_code: int) -> None: ...
 
+class MessageHandler(Protocol):
+    """What a message-mode stream tells its policy, one call per whole gRPC message."""
+
+    def message(self, stream: Stream, compressed: int, message: bytes) -> None: ...
+    def oversize(self, stream: Stream, length: int) -> None: ...
+    def ended(self, stream: Stream) -> None:
+        """The peer ended the stream and every message was handed over (an upstream's:
+        ``stream.headers`` are its trailers)."""
+    def drained(self, stream: Stream) -> None: ...
+    def closed(self, stream: Stream, error_code: int) -> None:
+        """It closed otherwise (a reset, a lost connection)."""
+
 def flush_pending() -> None:
     """Write every connection's pending frames."""
 
@@ -37,12 +49,28 @@ class Stream:
         """A client's stream: request bytes came beyond its first message."""
     @property
     def paired(self) -> bool: ...
-    handler: CallHandler | None
+    handler: Any  # a CallHandler (paired) or a MessageHandler (message mode)
     tag: Any
     def await_message(self, limit: int) -> None:
         """Collect DATA until the first gRPC message is whole (up to ``limit`` bytes), then
         call the owner's ``message(stream, compressed, bytes)``; ``oversize(stream, length)``
         when it is larger, ``incomplete(stream)`` when the client ended without one."""
+    def read_messages(self, handler: MessageHandler, limit: int) -> None:
+        """Message mode: every whole gRPC message received goes to ``handler.message``, one
+        call each (``oversize`` past ``limit`` bytes; ``ended`` once the peer ended and every
+        message went). A message's window is given back as it is handed over."""
+    def pause_messages(self) -> None:
+        """Hand over no more messages (the peer's flow control holds it back)."""
+    def resume_messages(self) -> None: ...
+    def send_message(self, message: bytes) -> int:
+        """Queue ``message`` length-prefixed; returns the bytes queued and not yet sent."""
+    def end_messages(self) -> None:
+        """END_STREAM once the queued messages are sent (a request's end)."""
+    def notify_drained(self, below: int) -> None:
+        """Call the handler's ``drained(stream)`` once fewer than ``below`` bytes wait."""
+    @property
+    def unsent(self) -> int:
+        """Bytes queued on it that nghttp2 has not taken yet."""
     def respond(self, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None: ...
     def finish(self, status: int, message: bytes) -> None:
         """End the call with a gRPC status and a percent-encoded message."""
@@ -95,6 +123,11 @@ class H2Connection(asyncio.Protocol):
         """Send a request paired with ``client`` (its held bytes first, or ``first``: a
         request sent again). After the one that takes the last stream ID, the connection
         is ``goaway`` and sends GOAWAY."""
+    def open_message_stream(self, headers: list[tuple[bytes, bytes]], handler: MessageHandler,
+                            limit: int, client: Stream | None = None) -> Stream:
+        """Send a request in message mode: :meth:`Stream.send_message` queues its messages,
+        the answer's go to ``handler`` (up to ``limit`` bytes each). ``client``: the client
+        stream it serves (its window counts in that connection's buffer cap)."""
     def expire_peeks(self, before: float) -> list[Stream]:
         """End the first-message peeks waiting since before ``before`` (monotonic s), but
         not those whose length is known that wait for the peek budget."""

@@ -142,6 +142,7 @@ cdef class H2Connection:
     cdef int ping_strikes
     cdef bint close_after_flush  # GOAWAY is submitted: close once it is written
     cdef readonly double ping_sent  # our keepalive PING's time, until its ACK (else 0)
+    cdef list drained  # message-mode streams whose `out` fell below their low water
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
@@ -151,6 +152,7 @@ cdef class H2Connection:
         self.owner = owner
         self.server = server
         self.streams = {}
+        self.drained = []
         cdef int rv
         if server:
             rv = nghttp2_session_server_new2(&self.session, _callbacks, <void *>self,
@@ -269,11 +271,44 @@ cdef class H2Connection:
         if self.close_after_flush or not nghttp2_session_want_read(self.session) and \
                 not nghttp2_session_want_write(self.session):
             self.transport.close()
+        cdef Stream stream
+        while self.drained:
+            stream = <Stream>self.drained.pop()
+            if stream.handler is not None and not stream.closed:
+                stream.handler.drained(stream)
 
     def open_stream(self, list headers, Stream client, handler, bytes first=None) -> Stream:
         """Send a request on this (client-side) connection, paired with ``client``: its
         held bytes go first (or ``first``, a request sent again), then everything it
         receives."""
+        if client.closed:
+            raise H2Error("the client's stream is closed")
+        cdef Stream stream = self._submit(headers, handler)
+        client.handler = handler
+        if first is not None:  # its window was given back when it first came
+            buf_append(&stream.out, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
+            stream.preconsumed = PyBytes_GET_SIZE(first)
+        _pair(client, stream)
+        _grant_window(client.connection, stream)
+        self._opened()
+        return stream
+
+    def open_message_stream(self, list headers, handler, size_t limit,
+                            Stream client=None) -> Stream:
+        """Send a request in message mode (not paired): :meth:`Stream.send_message` queues
+        its messages, and its answer's messages go to ``handler`` as
+        :meth:`Stream.read_messages` says (up to ``limit`` bytes each). ``client``: the
+        client stream it serves, whose connection's buffer cap its window counts in."""
+        cdef Stream stream = self._submit(headers, handler)
+        stream.message_mode = True
+        stream.message_limit = limit
+        if client is not None:
+            _grant_window(client.connection, stream)
+        self._opened()
+        return stream
+
+    cdef Stream _submit(self, list headers, handler):
+        """A request's HEADERS, with DATA to come from the new stream's ``out``."""
         # Room for a full client block (MAX_HEADERS fields, its pseudo-headers among them)
         # plus what the router adds in their place.
         cdef nghttp2_nv nva[MAX_REQUEST_HEADERS]
@@ -281,8 +316,6 @@ cdef class H2Connection:
         cdef nghttp2_data_provider provider
         if self.lost or self.goaway:
             raise H2Error("the upstream connection is closing")
-        if client.closed:
-            raise H2Error("the client's stream is closed")
         stream = Stream(self)
         provider.source.ptr = <void *>stream
         provider.read_callback = _read_data
@@ -293,19 +326,16 @@ cdef class H2Connection:
         stream.id = stream_id
         self.streams[stream_id] = stream
         stream.handler = handler
-        client.handler = handler
-        if first is not None:  # its window was given back when it first came
-            buf_append(&stream.out, PyBytes_AS_STRING(first), PyBytes_GET_SIZE(first))
-            stream.preconsumed = PyBytes_GET_SIZE(first)
-        _pair(client, stream)
-        _grant_window(client.connection, stream)
+        return stream
+
+    cdef int _opened(self) except -1:
         if nghttp2_session_get_next_stream_id(self.session) > MAX_STREAM_ID:
             # Its stream IDs are spent: the pool opens another for the next request, and
             # this one closes when its last stream ends.
             self.goaway = True
             self.shutdown()
         _mark(self)
-        return stream
+        return 0
 
     def expire_peeks(self, double before) -> list:
         """End the first-message peeks that waited since before ``before`` (monotonic

@@ -117,6 +117,8 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
             if not conn.server:
                 if stream.peer is not None:
                     _forward_headers(stream, end)
+                elif end and stream.message_mode:  # its trailers
+                    _deliver(stream)
                 return 0
             # a client's trailers: only their END_STREAM matters
         if end:  # the last DATA (or a client's trailers)
@@ -133,6 +135,8 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
                 conn_resume(peer)
             elif stream.peek_limit >= 0:
                 stream._check_message()
+            elif stream.message_mode:
+                _deliver(stream)
     except Exception:
         log.exception("native data path: stream %d", frame.hd.stream_id)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, frame.hd.stream_id,
@@ -186,13 +190,14 @@ cdef inline bint _reset_is_free(Stream stream) noexcept:
     """Whether a client's reset of ``stream`` is left out of the rapid-reset bucket: rapid
     reset (CVE-2023-44487) is starting upstream work and freeing the stream slot at once,
     so a stream that started nothing upstream yet (its first message awaited, or waiting
-    for an instance) is free, and so is one the router has closed already (a client whose
-    deadline fired as the router's answer was on its way resets a stream that is over); so is one reset once it has lived 90% of its own
-    grpc-timeout (gRPC clients cancel a call whose deadline is up; it held its slot under
-    the stream limit for that long; 90%: the client's clock started before its HEADERS
-    reached the router)."""
-    if stream is None or stream.peer is None:  # closed already, or nothing sent yet
-        return True
+    for an instance; a message-mode stream until it handed a message over) is free, and
+    so is one the router has closed already (a client whose deadline fired as the
+    router's answer was on its way resets a stream that is over); so is one reset once it
+    has lived 90% of its own grpc-timeout (gRPC clients cancel a call whose deadline is
+    up; it held its slot under the stream limit for that long; 90%: the client's clock
+    started before its HEADERS reached the router)."""
+    if stream is None or stream.peer is None and not stream.delivered:
+        return True  # closed already, or nothing sent yet
     return stream.timeout > 0 and _monotonic() - stream.opened >= 0.9 * stream.timeout
 
 
@@ -300,6 +305,8 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
         if stream.peek_limit >= 0:
             _reserve(stream)
             stream._check_message()
+        elif stream.message_mode:
+            _deliver(stream)
     except Exception:
         log.exception("native data path: DATA on stream %d", stream_id)
         nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id, NGHTTP2_INTERNAL_ERROR)
@@ -335,8 +342,9 @@ cdef int _closed(Stream stream, uint32_t error_code) except -1:
     if not connection.streams:
         connection.idle_since = _monotonic()
     if stream.window:
-        counted.window_bytes -= stream.window
+        stream.window_of.window_bytes -= stream.window
         stream.window = 0
+    stream.window_of = None
     handler = stream.handler
     stream.handler = None
     try:

@@ -50,6 +50,15 @@ cdef class Stream:
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
     cdef double opened  # _monotonic() at a request's HEADERS (server side)
     cdef double timeout  # its grpc-timeout in seconds (0: none)
+    # Message mode (not paired): whole gRPC messages to the handler, one call each.
+    cdef bint message_mode
+    cdef bint messages_paused
+    cdef bint delivering
+    cdef bint end_reported
+    cdef bint delivered  # it handed a message over (upstream work may have started)
+    cdef size_t message_limit
+    cdef size_t low_water  # tell the handler `drained` once `out` is below this (0: off)
+    cdef H2Connection window_of  # the client connection whose window_bytes count `window`
 
     def __cinit__(self, H2Connection connection):
         self.connection = connection
@@ -96,6 +105,62 @@ cdef class Stream:
             _end_peek(self)
             owner.incomplete(self)
         return 0
+
+    def read_messages(self, handler, size_t limit) -> None:
+        """Message mode: from now on every whole gRPC message received is handed to
+        ``handler.message(stream, compressed, bytes)`` (``oversize(stream, length)`` for one
+        larger than ``limit``; ``ended(stream)`` once the peer ended and every message went).
+        A message's window is given back as it is handed over (and while it is the one
+        being collected, as its bytes come): a paused stream holds the peer back."""
+        self.handler = handler
+        self.message_mode = True
+        self.message_limit = limit
+        _deliver(self)
+
+    def pause_messages(self) -> None:
+        """Hand over no more messages until :meth:`resume_messages`."""
+        self.messages_paused = True
+
+    def resume_messages(self) -> None:
+        if self.messages_paused:
+            self.messages_paused = False
+            _deliver(self)
+
+    def send_message(self, bytes message) -> int:
+        """Queue ``message`` length-prefixed on this stream; returns the bytes queued and
+        not yet taken by nghttp2 (what the peer's flow control holds back)."""
+        cdef unsigned char prefix[MESSAGE_PREFIX]
+        cdef size_t n = PyBytes_GET_SIZE(message)
+        if self.closed or self.ended or self.out_eof:
+            return 0
+        prefix[0] = 0
+        prefix[1] = (n >> 24) & 0xFF
+        prefix[2] = (n >> 16) & 0xFF
+        prefix[3] = (n >> 8) & 0xFF
+        prefix[4] = n & 0xFF
+        buf_append(&self.out, <const char *>prefix, MESSAGE_PREFIX)
+        buf_append(&self.out, PyBytes_AS_STRING(message), n)
+        conn_resume(self)
+        return buf_len(&self.out)
+
+    def end_messages(self) -> None:
+        """END_STREAM after the messages queued (a request's end)."""
+        if not self.closed and not self.out_eof:
+            self.out_eof = True
+            conn_resume(self)
+
+    def notify_drained(self, size_t below) -> None:
+        """Call the handler's ``drained(stream)`` once fewer than ``below`` bytes wait to
+        be sent on it."""
+        self.low_water = below if below else 1
+        if buf_len(&self.out) < self.low_water:
+            self.low_water = 0
+            self.handler.drained(self)
+
+    @property
+    def unsent(self) -> int:
+        """Bytes queued on it that nghttp2 has not taken yet."""
+        return buf_len(&self.out)
 
     def respond(self, list headers, bint end_stream=False) -> None:
         """Submit the response HEADERS (``end_stream``: a trailers-only response)."""
@@ -208,7 +273,62 @@ cdef void _raise_window(Stream stream) noexcept:
                                              conn.stream_window) == 0:
         stream.window = conn.stream_window
         conn.window_bytes += conn.stream_window
+        stream.window_of = conn
         _mark(conn)
+
+
+cdef int _deliver(Stream stream) except -1:
+    """Hand over every whole message a message-mode stream holds, unless paused (an
+    upstream's, once it ended, goes whatever: its stream is closing), then ``ended``."""
+    cdef size_t have, length, need, consumed, owed
+    cdef const unsigned char *p
+    cdef H2Connection conn = stream.connection
+    if stream.delivering or stream.closed:
+        return 0
+    stream.delivering = True
+    try:
+        while not stream.closed and not stream.discard:
+            if stream.messages_paused and (conn.server or not stream.remote_ended):
+                return 0
+            have = buf_len(&stream.inbuf)
+            if have < MESSAGE_PREFIX:
+                break
+            p = <const unsigned char *>stream.inbuf.data + stream.inbuf.start
+            length = (<size_t>p[1] << 24) | (<size_t>p[2] << 16) | (<size_t>p[3] << 8) | p[4]
+            if length > stream.message_limit:
+                stream.discard = True
+                stream.handler.oversize(stream, length)
+                return 0
+            need = MESSAGE_PREFIX + length
+            consumed = have - stream.held  # the head's bytes whose window went back
+            if need > have:
+                # The message being collected takes its bytes as they come: it may be
+                # larger than a window, and it is bounded by message_limit.
+                if stream.held:
+                    nghttp2_session_consume_stream(conn.session, stream.id, stream.held)
+                    stream.held = 0
+                    _mark(conn)
+                break
+            if need > consumed:
+                owed = need - consumed
+                nghttp2_session_consume_stream(conn.session, stream.id, owed)
+                stream.held -= owed
+                _mark(conn)
+            message = PyBytes_FromStringAndSize(<const char *>p + MESSAGE_PREFIX, length)
+            stream.inbuf.start += need
+            if stream.inbuf.start == stream.inbuf.end:
+                stream.inbuf.start = stream.inbuf.end = 0
+            stream.delivered = True
+            stream.handler.message(stream, p[0], message)
+        if stream.remote_ended and not stream.end_reported and not stream.closed \
+                and (not stream.messages_paused or not conn.server):
+            stream.end_reported = True
+            if not conn.server:  # an upstream's answer is over: a close says nothing new
+                stream.ended = True
+            stream.handler.ended(stream)
+    finally:
+        stream.delivering = False
+    return 0
 
 
 cdef inline void _grant_window(H2Connection client, Stream upstream) noexcept:
@@ -223,6 +343,7 @@ cdef inline void _grant_window(H2Connection client, Stream upstream) noexcept:
     else:
         upstream.window = conn.initial_window
     client.window_bytes += upstream.window
+    upstream.window_of = client
 
 
 cdef void _pair(Stream client, Stream upstream) noexcept:
@@ -296,6 +417,12 @@ cdef ssize_t _read_data(nghttp2_session *session, int32_t stream_id, uint8_t *bu
                 stream.trailers = None
         elif n == 0:
             return NGHTTP2_ERR_DEFERRED
+    if stream.low_water and buf_len(&stream.out) < stream.low_water:
+        stream.low_water = 0
+        try:
+            stream.connection.drained.append(stream)
+        except Exception:
+            return NGHTTP2_ERR_CALLBACK_FAILURE
     return <ssize_t>n
 
 

@@ -1,8 +1,9 @@
 """The native data path's port: HTTP/2 on ``listen`` (h2c, or h2 over TLS), by ``_core._h2``.
 
-``ModelInfer`` calls go to :class:`tritonmesh.native_infer.NativeInfer`. Every other stream
-(the other RPCs, ``ModelStreamInfer`` in this slice, ``grpc.health.v1``, reflection, and
-anything that is not gRPC at all) is relayed frame by frame to the router's grpc.aio server,
+``ModelInfer`` calls go to :class:`tritonmesh.native_infer.NativeInfer`, ``ModelStreamInfer``
+to :class:`tritonmesh.native_stream.NativeStreams`. Every other stream (the other RPCs, a
+compressed ``ModelStreamInfer``, ``grpc.health.v1``, reflection, and anything that is not
+gRPC at all) is relayed frame by frame to the router's grpc.aio server,
 which listens on a private Unix socket: it answers exactly as it does on ``data_path: grpc``.
 With ``tls``, the port speaks TLS (ALPN h2; :mod:`tritonmesh.native_tls`); the relay does not.
 """
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final
 from tritonmesh._core._segment import running
 from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
 from tritonmesh.native_pool import UpstreamPool
+from tritonmesh.native_stream import MODEL_STREAM_INFER, NativeStreams
 from tritonmesh.native_tls import Handshake, PortCertificates
 
 if TYPE_CHECKING:
@@ -82,6 +84,10 @@ class NativePort:
         self.native = native
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
+        self.streams = None if self.infer is None else NativeStreams(
+            self.infer, limits.max_stream_requests_in_flight, limits.max_message_bytes,
+            native.stream_window_bytes)
+        self.relayed = 0  # streams handed to the grpc.aio server
         self._dir = _relay_directory()
         self.internal = f"unix:{self._dir / 'grpc.sock'}"  # the grpc.aio server's address
         self.connections: dict[H2Connection, float] = {}  # when each opened (monotonic)
@@ -131,11 +137,15 @@ class NativePort:
                     path = value
                 elif name == b"content-type":
                     content_type = value
-            if path == MODEL_INFER and content_type is not None \
-                    and content_type.startswith(b"application/grpc") \
+            if content_type is not None and content_type.startswith(b"application/grpc") \
                     and self.infer.wants(stream.headers):
-                stream.await_message(self.limits.max_message_bytes)
-                return
+                if path == MODEL_INFER:
+                    stream.await_message(self.limits.max_message_bytes)
+                    return
+                if path == MODEL_STREAM_INFER and self.streams is not None \
+                        and _identity_encoded(stream.headers):
+                    self.streams.start(stream)
+                    return
         self.relay(stream)
 
     def message(self, stream: Stream, compressed: int, message: bytes) -> None:
@@ -170,6 +180,7 @@ class NativePort:
 
     def relay(self, stream: Stream) -> None:
         """Hand the stream to the grpc.aio server, as it came."""
+        self.relayed += 1
         connection = self.pool.get(self.internal)
         if connection is not None:
             connection.open_stream(stream.headers, stream, None)
@@ -238,6 +249,15 @@ class NativePort:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _identity_encoded(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a call's messages come uncompressed (the native stream reads each one;
+    grpc.aio decompresses the others)."""
+    for name, value in headers:
+        if name == b"grpc-encoding":
+            return value == b"identity"
+    return True
 
 
 class _Refused(asyncio.Protocol):

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from tritonmesh.lease import Lease
     from tritonmesh.native_pool import UpstreamPool
 
-__all__ = ["MODEL_INFER", "NativeInfer", "grpc_message", "parse_timeout"]
+__all__ = ["MODEL_INFER", "NativeInfer", "call_metadata", "grpc_message", "parse_timeout"]
 
 log = logging.getLogger("tritonmesh.native")
 
@@ -80,6 +80,43 @@ def _encode_timeout(seconds: float) -> bytes:
     return b"%dS" % min(micros // 1_000_000, 99_999_999)
 
 
+def call_metadata(stream: Stream) -> tuple[list[tuple[bytes, bytes]], str | None, int,
+                                          float | None, str | None] | None:
+    """A call's metadata to forward, ``x-target-variant``, priority, deadline (monotonic)
+    and ``x-tritonmesh-retry-on``, from its HEADERS; None when the stream was answered
+    instead (metadata a gRPC server refuses, or a malformed priority)."""
+    forward: list[tuple[bytes, bytes]] = []
+    target = priority_value = retry_on = None
+    deadline = None
+    for name, value in stream.headers:
+        if name == _TIMEOUT:
+            timeout = parse_timeout(value)
+            if timeout is not None:
+                deadline = time.monotonic() + timeout
+        elif name == _TARGET:
+            target = value.decode(errors="replace")
+        elif name == _PRIORITY:
+            priority_value = value.decode(errors="replace")
+        elif name == _RETRY_ON:
+            retry_on = value.decode(errors="replace")
+        elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
+            # Checked as grpc.aio checks a client's metadata, so that Triton (and the
+            # instance's standing) never sees what a gRPC server would refuse.
+            if _LEGAL_KEY.fullmatch(name) is None:
+                refuse(stream, "INTERNAL", "Illegal header key: "
+                       + name.decode(errors="backslashreplace"))
+                return None
+            if not name.endswith(b"-bin") and _LEGAL_VALUE.fullmatch(value) is None:
+                refuse(stream, "INTERNAL", "Illegal header value for key " + name.decode())
+                return None
+            forward.append((name, value))
+    priority = priority_of(priority_value)
+    if isinstance(priority, str):
+        refuse(stream, "INVALID_ARGUMENT", priority)
+        return None
+    return forward, target, priority, deadline, retry_on
+
+
 class NativeInfer:
     """The ModelInfer policy of the native path over a :class:`Balancer`."""
 
@@ -97,6 +134,22 @@ class NativeInfer:
                 return False
         return True
 
+    def request_headers(self, instance: Instance, path: bytes, remaining: float | None,
+                        forward: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The HEADERS of a call to ``instance`` at ``path`` (``grpc-timeout``: ``remaining``
+        seconds), with the client's metadata ``forward``."""
+        address = instance.address
+        origin = self._origin.get(address)
+        if origin is None:
+            scheme = b"http" if instance.variant.config.upstream_tls is None else b"https"
+            origin = self._origin[address] = ((b":scheme", scheme),
+                                              (b":authority", address.encode()))
+        headers = [(b":method", b"POST"), origin[0], (b":path", path), origin[1],
+                   (b"te", b"trailers"), (b"content-type", b"application/grpc")]
+        if remaining is not None:
+            headers.append((_TIMEOUT, _encode_timeout(remaining)))
+        return headers + forward
+
     def start(self, stream: Stream, message: bytes) -> None:
         """The first message of a ModelInfer is here: choose an instance and send it."""
         try:
@@ -104,36 +157,10 @@ class NativeInfer:
         except WireError as exc:
             refuse(stream, "INVALID_ARGUMENT", f"malformed ModelInferRequest: {exc}")
             return
-        forward: list[tuple[bytes, bytes]] = []
-        target = priority_value = retry_on = None
-        deadline = None
-        for name, value in stream.headers:
-            if name == _TIMEOUT:
-                timeout = parse_timeout(value)
-                if timeout is not None:
-                    deadline = time.monotonic() + timeout
-            elif name == _TARGET:
-                target = value.decode(errors="replace")
-            elif name == _PRIORITY:
-                priority_value = value.decode(errors="replace")
-            elif name == _RETRY_ON:
-                retry_on = value.decode(errors="replace")
-            elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
-                # Checked as grpc.aio checks a client's metadata, so that Triton (and the
-                # instance's standing) never sees what a gRPC server would refuse.
-                if _LEGAL_KEY.fullmatch(name) is None:
-                    refuse(stream, "INTERNAL", "Illegal header key: "
-                            + name.decode(errors="backslashreplace"))
-                    return
-                if not name.endswith(b"-bin") and _LEGAL_VALUE.fullmatch(value) is None:
-                    refuse(stream, "INTERNAL", "Illegal header value for key "
-                            + name.decode())
-                    return
-                forward.append((name, value))
-        priority = priority_of(priority_value)
-        if isinstance(priority, str):
-            refuse(stream, "INVALID_ARGUMENT", priority)
+        metadata = call_metadata(stream)
+        if metadata is None:
             return
+        forward, target, priority, deadline, retry_on = metadata
         if retry_on is not None:
             refused = _retry_on_error(retry_on)
             if refused is not None:
@@ -247,19 +274,10 @@ class NativeInfer:
         timeout, per_try_bound = attempt_timeout(remaining,
                                                  instance.variant.config.per_try_timeout_s)
         address = instance.address
-        origin = self._origin.get(address)
-        if origin is None:
-            scheme = b"http" if instance.variant.config.upstream_tls is None else b"https"
-            origin = self._origin[address] = ((b":scheme", scheme),
-                                              (b":authority", address.encode()))
-        headers = [(b":method", b"POST"), origin[0], (b":path", MODEL_INFER), origin[1],
-                   (b"te", b"trailers"), (b"content-type", b"application/grpc")]
         # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
         # timer resets the stream), so that Triton's own expiry of the same instant does
         # not answer in its place.
-        if remaining is not None:
-            headers.append((_TIMEOUT, _encode_timeout(remaining)))
-        headers += request.forward
+        headers = self.request_headers(instance, MODEL_INFER, remaining, request.forward)
         connection = self.pool.get(address)
         call = Call(lease, request, self)
         # A request sent again: its first message left the client's stream with the first try.

@@ -16,7 +16,7 @@ from tritonmesh.instance import Instance
 from tritonmesh.lease import Lease
 from tritonmesh.wire import RequestInfo
 
-__all__ = ["Pending", "UpstreamStream"]
+__all__ = ["Pending", "PendingRequests", "UpstreamStream"]
 
 
 class Pending:
@@ -40,19 +40,15 @@ class Pending:
             self.lease.stream_error(error)
 
 
-class UpstreamStream:
-    """One upstream ``ModelStreamInfer`` call of a client stream, to one instance."""
+class PendingRequests:
+    """The requests on one upstream ``ModelStreamInfer`` whose final response has not
+    arrived, in the order they were sent (either data path's)."""
 
-    __slots__ = ("call", "instance", "lock", "pending", "pump")
+    __slots__ = ("instance", "pending")
 
-    def __init__(self, instance: Instance, call: grpc.aio.StreamStreamCall):
+    def __init__(self, instance: Instance):
         self.instance = instance
-        self.call = call
         self.pending: collections.deque[Pending] = collections.deque()
-        self.pump: asyncio.Task[None] | None = None
-        # gRPC allows one write in progress per call; requests that waited in a task of
-        # their own write beside the reading loop.
-        self.lock = asyncio.Lock()
 
     def responded(self, request_id: str, error: str) -> None:
         """A non-final response came for ``request_id`` (``error``: its message, if any)."""
@@ -97,3 +93,17 @@ class UpstreamStream:
                 p.lease.code = code_name
             p.lease.release(False)
         return orphans
+
+
+class UpstreamStream(PendingRequests):
+    """One upstream ``ModelStreamInfer`` call of a client stream, to one instance."""
+
+    __slots__ = ("call", "lock", "pump")
+
+    def __init__(self, instance: Instance, call: grpc.aio.StreamStreamCall):
+        super().__init__(instance)
+        self.call = call
+        self.pump: asyncio.Task[None] | None = None
+        # gRPC allows one write in progress per call; requests that waited in a task of
+        # their own write beside the reading loop.
+        self.lock = asyncio.Lock()

@@ -146,8 +146,8 @@ def make_config(addresses: Sequence[str], *, strategy: str = "LEAST_OUTSTANDING_
 
 def serve_on(monkeypatch: pytest.MonkeyPatch, data_path: str) -> None:
     """Routers made from here on (in this process and those it starts) serve
-    ``data_path``; on ``native``, a ModelInfer that reaches this process's grpc.aio path
-    fails the test."""
+    ``data_path``; on ``native``, a ModelInfer or ModelStreamInfer that reaches this
+    process's grpc.aio path fails the test."""
     monkeypatch.setenv("TRITONMESH_DATA_PATH", data_path)
     if data_path != "native":
         return
@@ -155,7 +155,12 @@ def serve_on(monkeypatch: pytest.MonkeyPatch, data_path: str) -> None:
     async def refuse(self: Proxy, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         raise AssertionError("ModelInfer reached the grpc.aio path")
 
+    async def refuse_stream(self: Proxy, requests: AsyncIterator[bytes],
+                            context: grpc.aio.ServicerContext) -> None:
+        raise AssertionError("ModelStreamInfer reached the grpc.aio path")
+
     monkeypatch.setattr(Proxy, "model_infer", refuse)
+    monkeypatch.setattr(Proxy, "model_stream_infer", refuse_stream)
 
 
 def start_router(loop: LoopThread, config: EndpointConfig,

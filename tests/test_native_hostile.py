@@ -210,12 +210,14 @@ def test_a_first_message_that_never_ends_is_answered(loop_thread: LoopThread,
         router.stop()
 
 
+@pytest.mark.parametrize("path", [MODEL_INFER, "/inference.GRPCInferenceService/ModelStreamInfer"])
 def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
-                                            worker_addresses: list[str]) -> None:
+                                            worker_addresses: list[str], path: str) -> None:
     """Client-sent RST_STREAMs past ``native.stream_reset_burst`` (refilled at
     ``native.stream_reset_rate`` per s) get GOAWAY ENHANCE_YOUR_CALM, whatever limit the
     nghttp2 build has of its own (Debian's 1.52 backport and 1.57+ allow 1000); the router
-    keeps serving other connections."""
+    keeps serving other connections. A native stream that handed a request over counts as
+    a ModelInfer sent upstream does."""
     config, instances = make_config(worker_addresses[:1])
     config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
                                                              stream_reset_rate=1))
@@ -226,7 +228,7 @@ def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
         client = RawClient(router.address)
         for i in range(60):  # each sent upstream, then reset at once
             stream_id = 1 + 2 * i
-            client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+            client.conn.send_headers(stream_id, client.headers(path, "application/grpc"))
             client.conn.send_data(stream_id, _identity_message())
             client.conn.reset_stream(stream_id)
         client.send()
@@ -469,12 +471,12 @@ def test_slow_reader_holds_at_most_the_connection_buffer(loop_thread: LoopThread
 
 
 def test_relayed_calls_keep_grpc_aios_deadline(make_router: Any) -> None:
-    """A relayed call (here ModelStreamInfer) whose client sets a deadline and then sends
+    """A relayed call (here ModelConfig) whose client sets a deadline and then sends
     nothing more: grpc.aio behind the relay enforces it, and the answer comes through."""
     router = make_router()
     client = RawClient(router.address)
-    stream_infer = "/inference.GRPCInferenceService/ModelStreamInfer"
-    client.conn.send_headers(1, [*client.headers(stream_infer, "application/grpc"),
+    model_config = "/inference.GRPCInferenceService/ModelConfig"
+    client.conn.send_headers(1, [*client.headers(model_config, "application/grpc"),
                                  ("grpc-timeout", "300m")])
     client.send()
     answer = client.answer(1)

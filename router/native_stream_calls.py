@@ -1,0 +1,132 @@
+"""The upstream calls of a native ``ModelStreamInfer`` session (:mod:`tritonmesh.native_stream`):
+an instance's ``ModelStreamInfer`` and a ``ModelInfer`` sent for a non-decoupled model, each
+the message handler of its upstream stream, telling the session how it went."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
+
+from tritonmesh.native_call import _CODE_NAMES, _HTTP_CODES, _NOT_THE_INSTANCES
+from tritonmesh.stream_upstream import Pending, PendingRequests
+
+if TYPE_CHECKING:
+    from tritonmesh._core._h2 import Stream
+    from tritonmesh.instance import Instance
+    from tritonmesh.native_stream import Session
+
+__all__ = ["StreamCall", "UnaryCall"]
+
+_CANCEL: Final = 8  # HTTP/2
+
+
+def _status(headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
+    """An upstream's answer as a gRPC client reads it: the status's name and message."""
+    code = status = message = b""
+    for name, value in headers:
+        if name == b"grpc-status":
+            code = value
+        elif name == b"grpc-message":
+            message = value
+        elif name == b":status":
+            status = value
+    if code:
+        code_name = _CODE_NAMES.get(code, "UNKNOWN")
+    else:
+        code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
+        message = message or b"upstream ended the stream without trailers"
+    return code_name, unquote(message.decode(errors="replace")) or code_name
+
+
+
+class StreamCall(PendingRequests):
+    """One upstream ``ModelStreamInfer`` of a session (its stream's message handler)."""
+
+    __slots__ = ("session", "stream")
+
+    stream: Stream
+
+    def __init__(self, session: Session, instance: Instance):
+        super().__init__(instance)
+        self.session = session
+
+    def message(self, stream: Stream, compressed: int, response: bytes) -> None:
+        self.session.on_response(self, response)
+
+    def oversize(self, stream: Stream, length: int) -> None:
+        self.session.upstream_over(self, "RESOURCE_EXHAUSTED", f"failed: [RESOURCE_EXHAUSTED] "
+                                   f"response larger than max ({length} vs. "
+                                   f"{self.session.policy.max_message_bytes})")
+
+    def ended(self, stream: Stream) -> None:
+        """Triton's trailers: a stream it ended before every final response came."""
+        code_name, details = _status(stream.headers)
+        failure = "closed the stream before the final response"
+        if code_name != "OK":
+            self.session.balancer.outliers.failure(self.instance, code_name)
+            failure = f"failed: [{code_name}] {details}"
+        self.session.upstream_over(self, code_name if code_name != "OK" else "UNAVAILABLE",
+                                   failure)
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        """Reset by Triton, or its connection was lost (or retired by the router)."""
+        retired = stream.connection.retired
+        if retired is not None:
+            self.session.upstream_over(self, "CANCELLED", f"failed: [CANCELLED] {retired}")
+            return
+        lost = stream.connection.lost
+        if lost or error_code not in _NOT_THE_INSTANCES:
+            self.session.balancer.outliers.failure(self.instance, "UNAVAILABLE")
+        why = "the connection was lost" if lost \
+            else f"it reset the stream (HTTP/2 error code {error_code})"
+        self.session.upstream_over(self, "UNAVAILABLE", f"failed: [UNAVAILABLE] {why}")
+
+    def drained(self, stream: Stream) -> None:
+        return None
+
+
+class UnaryCall:
+    """A stream's request for a non-decoupled model, sent as a native ``ModelInfer`` (its
+    stream's message handler)."""
+
+    __slots__ = ("pending", "per_try_bound", "response", "session", "stream", "timer")
+
+    stream: Stream
+
+    def __init__(self, session: Session, pending: Pending, per_try_bound: bool):
+        self.session = session
+        self.pending = pending
+        self.per_try_bound = per_try_bound
+        self.response: bytes | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expired(self) -> None:
+        """Its attempt's time (the client's deadline, or ``per_try_timeout_s``) is up."""
+        self.timer = None
+        self.stream.reset(_CANCEL)
+        self.session.unary_over(self, "DEADLINE_EXCEEDED", "Deadline Exceeded")
+
+    def message(self, stream: Stream, compressed: int, response: bytes) -> None:
+        self.response = response
+
+    def oversize(self, stream: Stream, length: int) -> None:
+        stream.reset(_CANCEL)
+        self.session.unary_over(self, "RESOURCE_EXHAUSTED", f"response larger than max "
+                                f"({length} vs. {self.session.policy.max_message_bytes})")
+
+    def ended(self, stream: Stream) -> None:
+        self.session.unary_over(self, *_status(stream.headers))
+
+    def closed(self, stream: Stream, error_code: int) -> None:
+        retired = stream.connection.retired
+        address = self.pending.lease.instance.address
+        if retired is not None:
+            self.session.unary_over(self, "CANCELLED", retired)
+            return
+        why = "the connection was lost" if stream.connection.lost \
+            else f"it reset the stream (HTTP/2 error code {error_code})"
+        self.session.unary_over(self, "UNAVAILABLE", f"upstream instance {address}: {why}")
+
+    def drained(self, stream: Stream) -> None:
+        return None
