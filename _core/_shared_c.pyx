@@ -38,9 +38,13 @@ generation): add claims a FREE slot (FREE -> CLAIMED by this process index, gene
 + 1), fills it in, and
 publishes it ACTIVE; remove marks it REMOVED, and whoever then sees it REMOVED with a zero
 count frees it by CAS on the same (generation, REMOVED), so a slot reused meanwhile is
-never freed twice. A pick scans the counts, updates the chosen slot's count, then checks
-that the slot is still ACTIVE in the generation it scanned; if not, it undoes and scans
-again.
+never freed twice. A pick finds a slot (the pick index, or a scan of the counts),
+updates the chosen slot's count, then checks that the slot is still ACTIVE in the
+generation it read; if not, it undoes and looks again.
+
+The pick index (``_shared_index.pxi``) is a hint the writers keep beside the counts, per
+count level a bitmap of slots; its own argument (why it equals the counts at quiescence,
+and what a pick does when it does not) is at the top of that file.
 """
 
 cimport cython

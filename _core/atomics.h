@@ -37,15 +37,20 @@ static inline void tm_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, 
 /* The pick index's rows: set bits of row & ~skip over `words` words, and the position of
    the r-th of them (-1 when the row no longer has that many). The build targets baseline
    x86-64, where __builtin_popcountll is a library call; target_clones adds a POPCNT copy,
-   chosen once at load time (an ifunc). */
-__attribute__((target_clones("popcnt", "default")))
+   chosen once at load time (an ifunc). Elsewhere the compiler's own popcount stands. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TM_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#else
+#define TM_POPCNT_CLONES
+#endif
+TM_POPCNT_CLONES
 static uint64_t tm_row_count(uint64_t *row, const uint64_t *skip, ssize_t words) {
     uint64_t total = 0;
     for (ssize_t w = 0; w < words; w++)
         total += (uint64_t)__builtin_popcountll(__atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w]);
     return total;
 }
-__attribute__((target_clones("popcnt", "default")))
+TM_POPCNT_CLONES
 static ssize_t tm_row_select(uint64_t *row, const uint64_t *skip, ssize_t words, uint64_t r) {
     for (ssize_t w = 0; w < words; w++) {
         uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w];
