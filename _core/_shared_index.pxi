@@ -18,7 +18,6 @@
 # generation (add, remove, weight and availability changes bump it); a fleet with unequal
 # weights (slow start, weighted variants) picks by the scan.
 
-from libc.stdint cimport int32_t
 
 cdef extern from "atomics.h" nogil:
     void tm_or64(uint64_t* p, uint64_t v)

@@ -56,8 +56,16 @@ static ssize_t tm_row_select(uint64_t *row, const uint64_t *skip, ssize_t words,
         uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w];
         uint64_t c = (uint64_t)__builtin_popcountll(x);
         if (r < c) {
+            /* Halve down to the byte that holds it, then bit by bit (at most 7). */
+            ssize_t base = w << 6;
+            uint64_t h = (uint64_t)__builtin_popcountll(x & 0xFFFFFFFFULL);
+            if (r >= h) { r -= h; x >>= 32; base += 32; }
+            h = (uint64_t)__builtin_popcountll(x & 0xFFFFULL);
+            if (r >= h) { r -= h; x >>= 16; base += 16; }
+            h = (uint64_t)__builtin_popcountll(x & 0xFFULL);
+            if (r >= h) { r -= h; x >>= 8; base += 8; }
             while (r--) x &= x - 1;
-            return (w << 6) + __builtin_ctzll(x);
+            return base + __builtin_ctzll(x);
         }
         r -= c;
     }
