@@ -44,7 +44,8 @@ test-twin: install
 # The core with its invariant check compiled in after every mutation, then rebuilt for speed.
 test-debug: install
 	TRITONMESH_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
-	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py tests/test_shared_table.py
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py tests/test_shared_table.py \
+		tests/test_shared_index.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
 
 # The wire peek under Hypothesis and atheris, and atheris over the native HTTP/2 engine, against

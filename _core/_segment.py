@@ -25,6 +25,10 @@ Layout (little-endian, every word naturally aligned; ``P`` = max_processes,
 - ledgers, ``P`` rows of ``C`` x u64, each row starting on a 64-byte line: a process's
   cell for a slot is the count it holds (low 32 bits) and the number of its updates to
   that slot that are applied (high 32).
+- the pick index (compiled table only; the twin scans), ``INDEX_LEVELS`` rows of one bit
+  per slot (``ceil(C / 64)`` u64), each row starting on a 64-byte line: row ``l`` has the
+  bit of every ACTIVE slot under its limit whose count is ``l`` (the last row: at least
+  ``l``). ``_shared_index.pxi`` keeps it.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ MAGIC = 0x31_4C_42_54_48_53_4D_54  # b"TMSHTBL1" read as a little-endian u64
 PINS_MAGIC = 0x31_53_4E_49_50_53_4D_54  # b"TMSPINS1"
 EJECTIONS_MAGIC = 0x31_4A_43_45_4A_45_4D_54  # b"TMEJECJ1"
 RETRIES_MAGIC = 0x31_59_52_54_45_52_4D_54  # b"TMRETRY1"
-VERSION = 1
+VERSION = 2  # 2: the pick index after the ledgers
 PREFIX = "tritonmesh-"
 SHM_DIR = "/dev/shm"
 MAX_PROCESSES = 127  # a stamp names its process in 7 bits (index + 1)
@@ -59,6 +63,9 @@ SLOT_SIZE = 32
 # S_STATUS: one u64, state in the low 32 bits and the slot generation in the high 32, so
 # that freeing a slot is one compare-and-swap that fails if the slot was reused meanwhile.
 S_WORD, S_WEIGHT, S_STATUS, S_LIMIT = 0, 8, 16, 24
+# Counts 0 .. INDEX_LEVELS - 2 have a row of the pick index each; the last row holds every
+# higher count (a pick reads the counts of the slots there).
+INDEX_LEVELS = 16
 
 # Slot states. CLAIMED: an add() is filling the slot in; nobody may pick or acquire it. Its
 # status carries the claiming process index + 1 in bits 8-15, so reclaim can free it.
@@ -74,12 +81,23 @@ def offsets(capacity: int, max_processes: int) -> tuple[int, int, int, int]:
     slots = procs + PROC_SIZE * max_processes
     ledgers = slots + SLOT_SIZE * capacity
     ledgers = (ledgers + 63) & ~63
-    return procs, slots, ledgers, ledgers + ledger_row(capacity) * max_processes
+    index = ledgers + ledger_row(capacity) * max_processes
+    return procs, slots, ledgers, index + INDEX_LEVELS * index_row(capacity)
 
 
 def ledger_row(capacity: int) -> int:
     """Bytes per process's ledger row (a whole number of 64-byte lines)."""
     return (capacity * 8 + 63) & ~63
+
+
+def index_offset(capacity: int, max_processes: int) -> int:
+    """Byte offset of the pick index's first row (after the ledgers)."""
+    return offsets(capacity, max_processes)[3] - INDEX_LEVELS * index_row(capacity)
+
+
+def index_row(capacity: int) -> int:
+    """Bytes per row of the pick index: one bit per slot, in whole 64-byte lines."""
+    return ((capacity + 63) // 64 * 8 + 63) & ~63
 
 
 def check_sizes(capacity: int, max_processes: int) -> None:

@@ -19,9 +19,10 @@ class SharedTable:
     Lock-free: every shared word is updated with one atomic compare-and-swap; no process
     waits for another, and a process killed at any instruction leaves the others running
     and its share reclaimable exactly (``reclaim``). One table object per process and
-    thread: its process index owns one ledger row. Picks are O(slots ever used): a scan of
-    the counts (the private ``OutstandingTable`` keeps counts sorted, which several writers
-    cannot do without a lock).
+    thread: its process index owns one ledger row. With equal weights, a least-outstanding
+    pick reads a pick index the writers keep (per count level, a bitmap of the slots there;
+    ``_shared_index.pxi``), so its cost hardly grows with the slots; with unequal weights it
+    scans every slot ever used. ``pick_random`` samples; ``pick_two`` samples two.
     """
 
     name: str
@@ -167,7 +168,11 @@ class SharedTable:
 
         Counts the pick (release it when the request ends). The count update is a
         compare-and-swap that honours the limit; if another process changed the slot
-        meanwhile, the pick scans again (up to 64 times, then answers -1).
+        meanwhile, the pick looks again (up to 64 times, then answers -1). When every
+        ACTIVE slot has the same weight the pick reads the pick index (the lowest count
+        level with a slot this process may use, then one random draw among them, in slot
+        order: the same answer as the scan on the same table and seed); otherwise, or
+        when the index has nothing or something stale, it scans.
 
         Returns:
             The slot, or -1 when no slot is pickable (or all are at their limit).
@@ -175,7 +180,11 @@ class SharedTable:
 
     def pick_random(self) -> int:
         """RANDOM: a pickable slot below its limit, with probability proportional to its
-        weight. Counts the pick. Returns -1 when none."""
+        weight. Counts the pick. Returns -1 when none.
+
+        By rejection: a uniform slot id, kept if pickable and (unequal weights) with
+        probability weight / the largest weight; after 32 misses, a weighted scan. Each
+        try is a draw from the same distribution, so the answer is exact."""
 
     def pick_two(self) -> int:
         """POWER_OF_TWO_CHOICES: of two distinct uniformly sampled pickable slots, the lower
@@ -285,7 +294,9 @@ class SharedTable:
     def check(self) -> None:
         """The invariants at quiescence (no update in flight in any process): every global
         count equals the sum of the ledgers, free slots count zero, processes not attached
-        hold nothing, removed slots with no requests were freed.
+        hold nothing, removed slots with no requests were freed, and the pick index has
+        each ACTIVE slot under its limit at its count's level and nowhere else (the twin
+        keeps no index).
 
         Raises:
             AssertionError: naming the first broken invariant.

@@ -38,13 +38,18 @@ generation): add claims a FREE slot (FREE -> CLAIMED by this process index, gene
 + 1), fills it in, and
 publishes it ACTIVE; remove marks it REMOVED, and whoever then sees it REMOVED with a zero
 count frees it by CAS on the same (generation, REMOVED), so a slot reused meanwhile is
-never freed twice. A pick scans the counts, updates the chosen slot's count, then checks
-that the slot is still ACTIVE in the generation it scanned; if not, it undoes and scans
-again.
+never freed twice. A pick finds a slot (the pick index, or a scan of the counts),
+updates the chosen slot's count, then checks that the slot is still ACTIVE in the
+generation it read; if not, it undoes and looks again.
+
+The pick index (``_shared_index.pxi``) is a hint the writers keep beside the counts, per
+count level a bitmap of slots; its own argument (why it equals the counts at quiescence,
+and what a pick does when it does not) is at the top of that file.
 """
 
 cimport cython
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
 
 import mmap
 import os
@@ -63,6 +68,7 @@ cdef extern from "atomics.h" nogil:
     bint tm_cas32(uint32_t* p, uint32_t* expected, uint32_t desired)
     uint32_t tm_add32(uint32_t* p, int v)
     uint64_t tm_add64(uint64_t* p, uint64_t v)
+    uint64_t tm_below(uint64_t x, uint64_t k)
     double tm_load_f64(uint64_t* p)
     void tm_store_f64(uint64_t* p, double d)
     int tm_futex_wait(uint32_t* word, uint32_t seen, double timeout)
@@ -128,6 +134,24 @@ cdef class SharedTable:
     cdef uint32_t* _view_gen
     cdef uint64_t* _view_ejected
     cdef object _view_buffers
+    # The pick index (_shared_index.pxi): its rows in the segment; this process's skip set
+    # (slots its view rules out that the index holds) and its picture of the weights.
+    cdef char* _index
+    cdef Py_ssize_t _index_row
+    cdef uint64_t* _skip
+    cdef int32_t* _skipped
+    cdef Py_ssize_t _nskip
+    cdef uint64_t _weights_gen
+    cdef bint _even
+    cdef double _top_weight
+
+    def __cinit__(self, *args, **kwargs):
+        self._skip = NULL
+        self._skipped = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self._skip)
+        PyMem_Free(self._skipped)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
@@ -215,7 +239,7 @@ cdef class SharedTable:
         return <uint64_t*>(self._ledgers + pi * self._row) + s
 
     cdef inline uint64_t _below(self, uint64_t k) noexcept nogil:
-        return xorshift64star(&self._rng) % k
+        return tm_below(xorshift64star(&self._rng), k)
 
     # -- the update protocol (module docstring) ----------------------------------------
 
@@ -257,6 +281,7 @@ cdef class SharedTable:
                 raise ValueError(f"ejected has {words.shape[0]} slots, the table {self._capacity}")
             self._view_ejected = &words[0]
         self._view_gen = &gens[0]
+        _clear_skips(self)
         self._view_buffers = (gens, None if ejected is None else words)
 
     # -- membership ------------------------------------------------------------------
@@ -292,6 +317,7 @@ cdef class SharedTable:
         """``slot``'s concurrency limit (0: none), which picks and try_acquire honour."""
         self._live(slot)
         tm_store32(self._limitp(slot), self._check_limit(limit))
+        _sync_slot(self, slot)
 
     cpdef uint32_t limit(self, Py_ssize_t slot) except 0xFFFFFFFF:
         """``slot``'s concurrency limit (0: none)."""
@@ -316,10 +342,15 @@ cdef class SharedTable:
         cdef Py_ssize_t s, _attempt
         if self._base == NULL:
             raise ValueError("the table is closed")
+        _read_weights(self)
         for _attempt in range(PICK_ATTEMPTS):
-            s = _scan_least(self)
+            # The index orders slots by count, which is their order when weights are equal;
+            # when it has nothing (or something stale), the scan has the last word.
+            s = _index_least(self) if self._even else -1
             if s < 0:
-                return -1
+                s = _scan_least(self)
+                if s < 0:
+                    return -1
             if _take(self, s, self._scanned):
                 if TRITONMESH_DEBUG:
                     _debug_after(self, s)
@@ -332,7 +363,7 @@ cdef class SharedTable:
         if self._base == NULL:
             raise ValueError("the table is closed")
         for _attempt in range(PICK_ATTEMPTS):
-            s = _scan_random(self)
+            s = _sample_random(self)
             if s < 0:
                 return -1
             if _take(self, s, self._scanned):
@@ -452,6 +483,7 @@ include "_shared_segment.pxi"
 include "_shared_ledger.pxi"
 include "_shared_members.pxi"
 include "_shared_pick.pxi"
+include "_shared_index.pxi"
 include "_shared_wake.pxi"
 
 

@@ -40,6 +40,7 @@ cdef int _update(SharedTable table, Py_ssize_t s, bint up, uint32_t limit) noexc
     held = held + 1 if up else held - 1
     # Fails only when a helper applied it already.
     tm_cas64(cell, &cur, ((<uint64_t>seq) << 32) | held)
+    _sync_move(table, s, <uint32_t>g, count)
     return 1
 
 
@@ -122,6 +123,8 @@ cdef Py_ssize_t _reclaim(SharedTable table, Py_ssize_t process_index) except -1:
             g = tm_load64(table._statusp(s))
             if <uint32_t>g == REMOVED:
                 tm_cas64(table._statusp(s), &g, _status(FREE, <uint32_t>(g >> 32)))
+    # Its syncs of the pick index, too, may be half done.
+    _sync_all(table)
     if tm_load32(waiting):
         tm_store32(waiting, 0)
         tm_add32(table._waiters, -1)
@@ -177,7 +180,7 @@ cdef int _check_quiescent(SharedTable table) except -1:
             raise AssertionError(f"free slot {s} has count {count}")
         if state == REMOVED and count == 0:
             raise AssertionError(f"removed slot {s} with no requests should be free")
-    return 0
+    return _check_index(table)
 
 
 cdef list _snapshot(SharedTable table):

@@ -23,6 +23,7 @@ cdef Py_ssize_t _add(SharedTable table, weight, limit) except -1:
         if tm_cas32(table._high, &high, <uint32_t>(s + 1)):
             break
     tm_store64(table._statusp(s), _status(ACTIVE, gen))
+    _sync_slot(table, s)
     tm_add64(table._generation, 1)
     return s
 
@@ -38,6 +39,7 @@ cdef int _remove(SharedTable table, Py_ssize_t slot) except -1:
         if tm_cas64(table._statusp(slot), &st, _status(REMOVED, <uint32_t>(st >> 32))):
             break
     st = _status(REMOVED, <uint32_t>(st >> 32))
+    _sync_slot(table, slot)
     if <uint32_t>tm_load64(table._word(slot)) == 0:
         tm_cas64(table._statusp(slot), &st, _status(FREE, <uint32_t>(st >> 32)))
     tm_add64(table._generation, 1)
@@ -54,6 +56,7 @@ cdef int _set_available(SharedTable table, Py_ssize_t slot, bint available) exce
         if <uint32_t>st != ACTIVE and <uint32_t>st != UNAVAILABLE:
             raise IndexError(f"slot {slot} is not in the table")
         if tm_cas64(table._statusp(slot), &st, _status(want, <uint32_t>(st >> 32))):
+            _sync_slot(table, slot)
             tm_add64(table._generation, 1)
             break
     return 0

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE
 from tritonmesh._core._shared_words_py import (
     _F64,
     _LOW,
     _PICK_ATTEMPTS,
+    _RANDOM_TRIES,
     SharedWords,
 )
 
@@ -92,10 +94,43 @@ class _Picks(SharedWords):
                 chosen, self._scanned = s, found[0]
         return chosen
 
+    def _read_weights(self) -> None:
+        """Whether every ACTIVE slot has the same weight, and the largest, once per
+        membership generation (as the compiled table: it decides pick_random's draws)."""
+        gen = self._load(_segment.H_GENERATION)
+        if gen == self._weights_gen:
+            return
+        buf = self._buf()
+        weights = [float(_F64.unpack_from(buf, self._weightp(s))[0]) for s in range(self._high())
+                   if self._load(self._statusp(s)) & _LOW == ACTIVE]
+        self._even = len(set(weights)) <= 1
+        self._top_weight = max(weights, default=0.0)
+        self._weights_gen = gen
+
+    def _sample_random(self) -> int:
+        """RANDOM by rejection, with the compiled table's draws: a uniform slot id, kept if
+        pickable and then with probability weight / the largest; the scan after
+        _RANDOM_TRIES misses."""
+        high = self._high()
+        if high == 0:
+            return -1
+        self._read_weights()
+        for _ in range(_RANDOM_TRIES):
+            s = self._below(high)
+            found = self._pickable(s)
+            if found is None:
+                continue
+            if not self._even and (self._next() >> 11) * (1.0 / 9007199254740992.0) * \
+                    self._top_weight >= float(_F64.unpack_from(self._buf(), self._weightp(s))[0]):
+                continue
+            self._scanned = found[0]
+            return s
+        return self._scan_random()
+
     def pick_random(self) -> int:
         """RANDOM: a pickable slot with probability proportional to its weight."""
         for _ in range(_PICK_ATTEMPTS):
-            s = self._scan_random()
+            s = self._sample_random()
             if s < 0:
                 return -1
             if self._take(s, self._scanned):

@@ -12,6 +12,13 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     if not 0 <= process_index < max_processes:
         mm.close()
         raise ValueError(f"process_index must be in [0, {max_processes}), got {process_index}")
+    # This process's skip set (_shared_index.pxi): a bit and a list entry per slot.
+    cdef Py_ssize_t words = (capacity + 63) // 64
+    table._skip = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
+    table._skipped = <int32_t*>PyMem_Malloc(capacity * sizeof(int32_t))
+    if table._skip == NULL or table._skipped == NULL:
+        mm.close()
+        raise MemoryError()
     table._mm = mm
     table._view = mm
     table._base = <char*>&table._view[0]
@@ -20,6 +27,10 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._slots = table._base + <Py_ssize_t>slots
     table._ledgers = table._base + <Py_ssize_t>ledgers
     table._row = _segment.ledger_row(capacity)
+    table._index = table._base + <Py_ssize_t>_segment.index_offset(capacity, max_processes)
+    table._index_row = _segment.index_row(capacity)
+    table._nskip = 0
+    table._weights_gen = 0xFFFFFFFFFFFFFFFF
     table._capacity = capacity
     table._max_processes = max_processes
     table._pi = process_index

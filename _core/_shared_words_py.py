@@ -21,6 +21,7 @@ _HIGH: Final = _MASK ^ _LOW
 _SEQ_MASK: Final = 0xFFFFFF
 _STAMP_NEG: Final = 1 << 24
 _PICK_ATTEMPTS: Final = 64
+_RANDOM_TRIES: Final = 32  # a pick_random's draws before it falls back to the weighted scan
 _STATE_MASK: Final = 0xFF  # the state; CLAIMED's next byte is the claiming process index + 1
 _P_WAITING: Final = 8
 _U64 = struct.Struct("<Q")
@@ -79,6 +80,10 @@ class SharedWords:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
         self._scanned = 0
+        # pick_random's picture of the weights (_shared_pick_py._read_weights).
+        self._weights_gen = -1
+        self._even = True
+        self._top_weight = 0.0
         ok, holder = self._cas(self._procs + process_index * 64, 0, os.getpid())
         if not ok:
             self._unmap()
@@ -167,7 +172,7 @@ class SharedWords:
         return (x * 0x2545F4914F6CDD1D) & _MASK
 
     def _below(self, k: int) -> int:
-        return self._next() % k
+        return (self._next() * k) >> 64  # the compiled table's tm_below
 
     # -- the update protocol (_shared_c's module docstring) -----------------------------
 

@@ -10,6 +10,7 @@
 #include <time.h>
 #include <limits.h>
 #include <unistd.h>
+#include <sys/types.h>
 #include <sys/syscall.h>
 #include <linux/futex.h>
 
@@ -29,6 +30,54 @@ static inline uint32_t tm_add32(uint32_t *p, int32_t v) {
 }
 static inline uint64_t tm_add64(uint64_t *p, uint64_t v) {
     return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+}
+static inline void tm_or64(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
+static inline void tm_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
+
+/* The pick index's rows: set bits of row & ~skip over `words` words, and the position of
+   the r-th of them (-1 when the row no longer has that many). The build targets baseline
+   x86-64, where __builtin_popcountll is a library call; target_clones adds a POPCNT copy,
+   chosen once at load time (an ifunc). Elsewhere the compiler's own popcount stands. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TM_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
+#else
+#define TM_POPCNT_CLONES
+#endif
+TM_POPCNT_CLONES
+static uint64_t tm_row_count(uint64_t *row, const uint64_t *skip, ssize_t words) {
+    uint64_t total = 0;
+    for (ssize_t w = 0; w < words; w++)
+        total += (uint64_t)__builtin_popcountll(__atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w]);
+    return total;
+}
+TM_POPCNT_CLONES
+static ssize_t tm_row_select(uint64_t *row, const uint64_t *skip, ssize_t words, uint64_t r) {
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w];
+        uint64_t c = (uint64_t)__builtin_popcountll(x);
+        if (r < c) {
+            /* Halve down to the byte that holds it, then bit by bit (at most 7). */
+            ssize_t base = w << 6;
+            uint64_t h = (uint64_t)__builtin_popcountll(x & 0xFFFFFFFFULL);
+            if (r >= h) { r -= h; x >>= 32; base += 32; }
+            h = (uint64_t)__builtin_popcountll(x & 0xFFFFULL);
+            if (r >= h) { r -= h; x >>= 16; base += 16; }
+            h = (uint64_t)__builtin_popcountll(x & 0xFFULL);
+            if (r >= h) { r -= h; x >>= 8; base += 8; }
+            while (r--) x &= x - 1;
+            return base + __builtin_ctzll(x);
+        }
+        r -= c;
+    }
+    return -1;
+}
+/* The lowest set bit of v (not 0). */
+static inline int tm_lowest64(uint64_t v) { return __builtin_ctzll(v); }
+
+/* A draw in [0, k) from 64 random bits: the high word of x * k (one multiplication where
+   x % k is a 64-bit division); the twin computes the same. */
+static inline uint64_t tm_below(uint64_t x, uint64_t k) {
+    return (uint64_t)(((unsigned __int128)x * k) >> 64);
 }
 static inline double tm_load_f64(uint64_t *p) {
     uint64_t bits = __atomic_load_n(p, __ATOMIC_SEQ_CST);

@@ -3,7 +3,9 @@
     python bench/shared_bench.py [--rounds N]
 
 Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
-request, so every least-outstanding pick breaks a tie among the other half), side by side
+request, so every least-outstanding pick breaks a tie among the other half; every weight 1,
+and once more for ``pick`` with weights 1 and 2 alternating, which the shared table's pick
+index does not order: that pick scans), side by side
 in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
 "from_python" (the pair called from a Python loop) and "in_c" (the pair in a C loop: the
 structure alone), "adapter" (the pair through ``SharedCounts`` as a router process calls
@@ -32,11 +34,13 @@ from tritonmesh.sharedcounts import SharedCounts
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
+# (strategy, weights 1 and 2 alternating rather than all 1)
+CASES = (("pick", False), ("pick_random", False), ("pick_two", False), ("pick", True))
 
 
-def _load(t: Any, n: int) -> Any:
-    for _ in range(n):
-        t.add()
+def _load(t: Any, n: int, weighted: bool = False) -> Any:
+    for i in range(n):
+        t.add(2.0 if weighted and i % 2 else 1.0)
     for _ in range(n // 2):
         t.pick()
     return t
@@ -92,12 +96,12 @@ def _contender(name: str, index: int, n: int, strategy: str, rounds: int,
     t.close()
 
 
-def contended(n: int, strategy: str, rounds: int) -> dict[str, float]:
+def contended(n: int, strategy: str, rounds: int, weighted: bool) -> dict[str, float]:
     """Two processes, each in its C loop on the same table, started together."""
     assert CSharedTable is not None
     t = CSharedTable.create(n, 4, tag=f"bench-{uuid.uuid4().hex[:8]}", seed=0)
     try:
-        _load(t, n)
+        _load(t, n, weighted)
         alone = in_c(t, strategy, rounds)
         ctx = multiprocessing.get_context("fork")  # nothing here has started a thread
         barrier, out = ctx.Barrier(2), ctx.Queue()
@@ -121,16 +125,17 @@ def main() -> None:
     if COutstandingTable is None or CSharedTable is None:
         raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
     results = []
-    for strategy in STRATEGIES:
+    for strategy, weighted in CASES:
         for n in SIZES:
             rounds = max(args.rounds // max(n // 64, 1), 2000)
-            private = _load(COutstandingTable(seed=1), n)
+            private = _load(COutstandingTable(seed=1), n, weighted)
             shared = _load(CSharedTable.create(n, 3, tag=f"bench-{uuid.uuid4().hex[:8]}",
-                                               seed=1), n)
+                                               seed=1), n, weighted)
             twin = PySharedTable.attach(shared.name, 1, seed=2)
             try:
                 row = {
-                    "strategy": strategy, "instances": n,
+                    "strategy": strategy, "weights": "1 and 2" if weighted else "1",
+                    "instances": n,
                     "private_ns_from_python": round(from_python(private, strategy, rounds), 1),
                     "shared_ns_from_python": round(from_python(shared, strategy, rounds), 1),
                     "adapter_ns_from_python": round(through_adapter(shared, strategy, rounds), 1),
@@ -150,7 +155,7 @@ def main() -> None:
                 twin.close()
                 shared.close()
                 shared.unlink()
-            row["contended"] = contended(n, strategy, rounds)
+            row["contended"] = contended(n, strategy, rounds, weighted)
             results.append(row)
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "cpus": len(os.sched_getaffinity(0)),

@@ -10,6 +10,8 @@ Modes:
 
 - ``hammer``: random picks (all three strategies), try_acquire, acquire, releases, and
   adds/removes of its own slots, holding up to 8 requests at a time.
+- ``hammer-even``: the same with every weight 1, so that least-outstanding picks read the
+  pick index (weights 1 and 2 make them scan).
 - ``limited``: try_acquire(slot 0, LIMIT) in a loop; after each success it reads the
   fleet-wide count a few times and records the highest it saw; it counts refusals too.
 - ``forever``: picks and releases, holding up to 8; prints ``running`` after the first
@@ -35,7 +37,8 @@ def _table_cls(impl: str) -> Any:
     return cls
 
 
-def hammer(t: Any, rng: random.Random, iterations: int) -> dict[str, Any]:
+def hammer(t: Any, rng: random.Random, iterations: int,
+           weights: tuple[float, ...] = (1.0, 2.0)) -> dict[str, Any]:
     held: list[int] = []
     mine: list[int] = []
     ops = 0
@@ -63,7 +66,7 @@ def hammer(t: Any, rng: random.Random, iterations: int) -> dict[str, Any]:
                 pass
         elif r < 0.94 or not mine:
             try:
-                mine.append(t.add(rng.choice((1.0, 2.0)), rng.choice((0, 2))))
+                mine.append(t.add(rng.choice(weights), rng.choice((0, 2))))
             except ValueError:  # the table is full
                 pass
         else:
@@ -132,6 +135,8 @@ def main() -> None:
     n = int(iterations)
     if mode == "hammer":
         out = hammer(t, rng, n)
+    elif mode == "hammer-even":
+        out = hammer(t, rng, n, weights=(1.0,))
     elif mode == "limited":
         out = limited(t, n, limit)
     elif mode == "forever":

@@ -1,0 +1,285 @@
+# The pick index: per count level, a bitmap of the slots at that level (_segment's layout),
+# so that a least-outstanding pick reads the lowest non-empty level instead of every slot.
+#
+# A slot belongs at level min(count, LEVELS - 1) while it is ACTIVE and under its limit,
+# nowhere otherwise (``_desired``). The counts stay the truth and the index follows them:
+# whoever changes one of a slot's inputs (the count word, its status, its limit) then syncs
+# the levels that change touched, old and new. A sync makes one level's bit agree with the
+# slot's inputs as read *after* the bit operation, and goes round again if they moved
+# meanwhile. So the last bit operation on any (slot, level) was made by a process that
+# then read the final inputs and found its operation right, and at quiescence the index
+# equals the counts exactly (``check``). In between it is a hint: a pick validates what it
+# reads there against the counts and falls back to the scan when the hint is stale; a
+# process killed between a count update and its sync leaves a stale bit until the
+# supervisor's ``reclaim`` syncs every level of every slot.
+#
+# Weights: the level is the count, so the index orders slots only when every ACTIVE slot
+# has the same weight (the common case). Each process checks that once per membership
+# generation (add, remove, weight and availability changes bump it); a fleet with unequal
+# weights (slow start, weighted variants) picks by the scan.
+
+
+cdef extern from "atomics.h" nogil:
+    void tm_or64(uint64_t* p, uint64_t v)
+    void tm_and64(uint64_t* p, uint64_t v)
+    uint64_t tm_row_count(uint64_t* row, const uint64_t* skip, Py_ssize_t words)
+    Py_ssize_t tm_row_select(uint64_t* row, const uint64_t* skip, Py_ssize_t words,
+                             uint64_t r)
+    int tm_lowest64(uint64_t v)
+
+cdef enum:
+    LEVELS = 16
+    NO_LEVEL = 0xFF
+    # A pick_random draws this many slots before it falls back to the weighted scan.
+    RANDOM_TRIES = 32
+
+
+cdef inline uint32_t _level_of(uint32_t count) noexcept nogil:
+    return count if count < LEVELS - 1 else LEVELS - 1
+
+
+cdef inline uint64_t* _bits(SharedTable table, uint32_t level) noexcept nogil:
+    return <uint64_t*>(table._index + level * table._index_row)
+
+
+cdef inline uint32_t _desired(SharedTable table, Py_ssize_t s) noexcept nogil:
+    """The level ``s`` belongs at (NO_LEVEL: none), from its inputs as they are now."""
+    cdef uint32_t count, lim
+    if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
+        return NO_LEVEL
+    count = <uint32_t>tm_load64(table._word(s))
+    lim = tm_load32(table._limitp(s))
+    if lim != 0 and count >= lim:
+        return NO_LEVEL
+    return _level_of(count)
+
+
+cdef void _sync_level(SharedTable table, Py_ssize_t s, uint32_t level) noexcept nogil:
+    """Make ``s``'s bit at ``level`` agree with its inputs, read after the bit operation."""
+    cdef uint64_t* word = _bits(table, level) + (s >> 6)
+    cdef uint64_t bit = (<uint64_t>1) << (s & 63)
+    cdef bint want = _desired(table, s) == level
+    cdef bint now
+    while True:
+        _flip(word, bit, want)
+        now = _desired(table, s) == level
+        if now == want:
+            return
+        want = now
+
+
+cdef inline void _flip(uint64_t* word, uint64_t bit, bint want) noexcept nogil:
+    if ((tm_load64(word) & bit) != 0) != want:
+        if want:
+            tm_or64(word, bit)
+        else:
+            tm_and64(word, ~bit)
+
+
+cdef inline void _sync_move(SharedTable table, Py_ssize_t s, uint32_t before,
+                            uint32_t after) noexcept nogil:
+    """After ``s``'s count went from ``before`` to ``after``: both levels' bits, the new one
+    first (a pick never finds the slot in neither), by one read of the inputs before and
+    one after (_sync_level's argument, for two levels at once); if they moved, level by
+    level."""
+    cdef uint32_t a = _level_of(before), b = _level_of(after), d
+    cdef Py_ssize_t w = s >> 6
+    cdef uint64_t bit = (<uint64_t>1) << (s & 63)
+    if a == b:
+        _sync_level(table, s, b)
+        return
+    d = _desired(table, s)
+    _flip(_bits(table, b) + w, bit, d == b)
+    _flip(_bits(table, a) + w, bit, d == a)
+    if _desired(table, s) != d:
+        _sync_level(table, s, b)
+        _sync_level(table, s, a)
+
+
+cdef inline void _sync_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
+    """After a change of ``s``'s status or limit: the level of its count."""
+    _sync_level(table, s, _level_of(<uint32_t>tm_load64(table._word(s))))
+
+
+cdef void _sync_all(SharedTable table) noexcept nogil:
+    """Every level of every slot (reclaim: a dead process may have left any of them)."""
+    cdef Py_ssize_t s
+    cdef uint32_t level
+    for s in range(tm_load32(table._high)):
+        for level in range(LEVELS):
+            _sync_level(table, s, level)
+
+
+# -- this process's picture of the weights -----------------------------------------------
+
+cdef void _read_weights(SharedTable table) noexcept nogil:
+    """Whether every ACTIVE slot has the same weight, and the largest, once per membership
+    generation (read before the weights: a change after it bumps it again)."""
+    cdef uint64_t gen = tm_load64(table._generation)
+    cdef Py_ssize_t s
+    cdef double w, first = 0.0, top = 0.0
+    cdef bint even = True
+    if gen == table._weights_gen:
+        return
+    for s in range(tm_load32(table._high)):
+        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
+            continue
+        w = tm_load_f64(table._weightp(s))
+        if first == 0.0:
+            first = w
+        even = even and w == first
+        if w > top:
+            top = w
+    table._even = even
+    table._top_weight = top
+    table._weights_gen = gen
+
+
+# -- slots this process's view rules out ----------------------------------------------------
+
+cdef inline bint _in_view(SharedTable table, Py_ssize_t s, uint64_t status) noexcept nogil:
+    return table._view_gen == NULL or (table._view_gen[s] == <uint32_t>(status >> 32) and (
+        table._view_ejected == NULL or tm_load64(table._view_ejected + s) == 0))
+
+
+cdef void _unskip_visible(SharedTable table) noexcept nogil:
+    """Take out of this process's skip set every slot its view allows again, or that left
+    the index (it is skipped again if a pick meets it there and the view still rules it
+    out): the skip set is exact at every pick."""
+    cdef Py_ssize_t i = 0, s
+    cdef uint64_t status
+    while i < table._nskip:
+        s = table._skipped[i]
+        status = tm_load64(table._statusp(s))
+        if <uint32_t>status != ACTIVE or _in_view(table, s, status):
+            table._nskip -= 1
+            table._skipped[i] = table._skipped[table._nskip]
+            table._skip[s >> 6] &= ~((<uint64_t>1) << (s & 63))
+        else:
+            i += 1
+
+
+cdef inline void _skip_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
+    table._skip[s >> 6] |= (<uint64_t>1) << (s & 63)
+    table._skipped[table._nskip] = <int32_t>s
+    table._nskip += 1
+
+
+cdef void _clear_skips(SharedTable table) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(table._nskip):
+        table._skip[table._skipped[i] >> 6] = 0
+    table._nskip = 0
+
+
+# -- the picks on the index -------------------------------------------------------------------
+
+cdef Py_ssize_t _least_in_overflow(SharedTable table, Py_ssize_t words) noexcept nogil:
+    """The last level holds every count from LEVELS - 1 up: the scan's two passes, over its
+    bits only."""
+    cdef uint64_t* row = _bits(table, LEVELS - 1)
+    cdef Py_ssize_t w, s, best = -1
+    cdef uint64_t x, status, ties = 0, best_status = 0
+    cdef uint32_t count, best_count = 0
+    cdef int64_t r
+    for w in range(words):
+        x = tm_load64(row + w) & ~table._skip[w]
+        while x:
+            s = (w << 6) + tm_lowest64(x)
+            x &= x - 1
+            if not _pickable(table, s, &status, &count):
+                continue
+            if best < 0 or count < best_count:
+                best, best_count, best_status, ties = s, count, status, 1
+            else:
+                ties += count == best_count
+    table._scanned = best_status
+    if ties <= 1:
+        return best
+    r = <int64_t>table._below(ties)
+    for w in range(best >> 6, words):
+        x = tm_load64(row + w) & ~table._skip[w]
+        if w == best >> 6:
+            x &= ~(((<uint64_t>1) << (best & 63)) - 1)
+        while x:
+            s = (w << 6) + tm_lowest64(x)
+            x &= x - 1
+            if _pickable(table, s, &status, &count) and count == best_count:
+                r -= 1
+                if r < 0:
+                    table._scanned = status
+                    return s
+    return best
+
+
+cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
+    """The least-outstanding pickable slot, uniform among ties, from the index: the lowest
+    level with a slot this process may use, then its r-th such slot in slot order for one
+    random r (the scan's tie-break, so both give the same answer on the same table and
+    seed). -1: the index had nothing, or what it had was stale; the caller scans."""
+    cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
+    cdef Py_ssize_t s
+    cdef uint32_t level, count
+    cdef uint64_t* row
+    cdef uint64_t status, ties
+    if table._nskip:
+        _unskip_visible(table)
+    for level in range(LEVELS - 1):
+        row = _bits(table, level)
+        while True:
+            ties = tm_row_count(row, table._skip, words)
+            if ties == 0:
+                break
+            s = tm_row_select(row, table._skip, words, table._below(ties) if ties > 1 else 0)
+            if s < 0:
+                return -1  # the row changed between the two passes
+            status = tm_load64(table._statusp(s))
+            if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
+                _skip_slot(table, s)  # then draw again among the rest of this level
+                continue
+            if not _pickable(table, s, &status, &count) or count > level:
+                return -1
+            table._scanned = status
+            return s
+    return _least_in_overflow(table, words)
+
+
+cdef Py_ssize_t _sample_random(SharedTable table) noexcept nogil:
+    """RANDOM by rejection: a uniform slot id below the high-water mark, kept if pickable
+    and then with probability weight / the largest weight. Each try is a draw from the
+    weighted distribution or nothing, so the answer is exact; after RANDOM_TRIES misses
+    (few pickable slots) the weighted scan decides."""
+    cdef Py_ssize_t high = tm_load32(table._high), s, _i
+    cdef uint64_t status
+    cdef uint32_t count
+    if high == 0:
+        return -1
+    _read_weights(table)
+    for _i in range(RANDOM_TRIES):
+        s = <Py_ssize_t>table._below(<uint64_t>high)
+        if not _pickable(table, s, &status, &count):
+            continue
+        if not table._even and (<double>(xorshift64star(&table._rng) >> 11) *
+                                (1.0 / 9007199254740992.0) * table._top_weight >=
+                                tm_load_f64(table._weightp(s))):
+            continue
+        table._scanned = status
+        return s
+    return _scan_random(table)
+
+
+cdef int _check_index(SharedTable table) except -1:
+    """At quiescence: each slot's bit is set at its level and nowhere else."""
+    cdef Py_ssize_t s
+    cdef uint32_t level, want
+    cdef bint on
+    for s in range(table._capacity):
+        want = _desired(table, s)
+        for level in range(LEVELS):
+            on = (tm_load64(_bits(table, level) + (s >> 6)) >> (s & 63)) & 1
+            if on != (want == level):
+                raise AssertionError(
+                    f"slot {s}: the pick index has it {'at' if on else 'not at'} level "
+                    f"{level}, its count {<uint32_t>tm_load64(table._word(s))} and state say "
+                    f"{'none' if want == NO_LEVEL else want}")
+    return 0

@@ -1,0 +1,293 @@
+"""The shared table's pick index (``_core/_shared_index.pxi``): least-outstanding picks read
+the lowest non-empty count level instead of scanning every slot. The index is the compiled
+table's; the twin scans, so the differential tests here pit the index against the scan.
+
+``check()`` verifies the index against the counts at quiescence (each ACTIVE slot under its
+limit has its bit at its count's level and nowhere else), and every test here ends with it.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import test_shared_table as shared
+import tritonmesh._core as core
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonmesh._core import _segment
+
+# The same fixtures as tests/test_shared_table.py: both builds, tables unlinked afterwards.
+impl = shared.impl
+make_table = shared.make_table
+NOT_USABLE = 0xFFFFFFFF
+
+
+def _index_word(t: Any, level: int, slot: int) -> int:
+    """Byte offset of the index word holding ``slot``'s bit at ``level``."""
+    return int(_segment.index_offset(t.capacity, t.max_processes)
+            + level * _segment.index_row(t.capacity) + slot // 64 * 8)
+
+
+def _least(t: Any, view: Any = None, ejected: Any = None) -> set[int]:
+    """The slots a least-outstanding pick may return now (equal weights): the pickable ones
+    with the lowest count."""
+    counts = {}
+    for slot, count, _, state, limit in t.snapshot():
+        if state != "ACTIVE" or (limit and count >= limit):
+            continue
+        if view is not None and (view[slot] != t.generation(slot) or ejected[slot]):
+            continue
+        counts[slot] = count
+    low = min(counts.values(), default=None)
+    return {s for s, c in counts.items() if c == low}
+
+
+def _chi_square(counts: Counter[int], slots: list[int]) -> float:
+    n = sum(counts.values())
+    expected = n / len(slots)
+    return sum((counts[s] - expected) ** 2 / expected for s in slots)
+
+
+# -- the index against the scan ------------------------------------------------------------
+
+Op = tuple[str, int, int]
+OPS = st.lists(st.tuples(
+    st.sampled_from(["pick", "pick", "pick", "pick_random", "release", "release", "acquire",
+                     "add", "remove", "set_available", "set_limit", "eject", "exclude"]),
+    st.integers(0, 129),
+    st.integers(0, 20),
+), min_size=1, max_size=120)
+
+
+def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool) -> list[Any]:
+    """Run ``ops`` on a fresh table of 130 slots (three index words), every weight 1: each
+    pick checked against the least counts, the index checked after every operation; returns
+    every result in order."""
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    shared.TAGS.append(tag)
+    t = cls.create(130, 2, tag=tag, seed=seed, unlink_stale=False)
+    view = array("I", [NOT_USABLE]) * 130
+    ejected = array("Q", [0]) * 130
+    if with_view:
+        t.set_view(view, ejected)
+    out: list[Any] = []
+    held: list[int] = []
+    try:
+        for _ in range(70):  # 70 slots, some at every level below 16 and some above
+            slot = t.add()
+            view[slot] = t.generation(slot)
+        for slot in range(70):
+            for _ in range(slot % 19):
+                t.acquire(slot)
+                held.append(slot)
+        for name, slot, n in ops:
+            least = _least(t, view if with_view else None, ejected)
+            try:
+                if name == "add":
+                    result = t.add(1.0, n % 4)
+                    view[result] = t.generation(result)
+                elif name in ("pick", "pick_random"):
+                    result = getattr(t, name)()
+                    if result >= 0:
+                        held.append(result)
+                    if name == "pick":
+                        assert (result in least) if least else result == -1, (result, least)
+                elif name == "release":
+                    result = held.pop(slot % len(held)) if held else -1
+                    if result >= 0:
+                        t.release(result)
+                elif name == "acquire":
+                    for _ in range(n):
+                        t.acquire(slot)
+                        held.append(slot)
+                    result = n
+                elif name == "set_available":
+                    result = t.set_available(slot, n % 2 == 0)
+                elif name == "set_limit":
+                    result = t.set_limit(slot, n % 5)
+                elif name == "eject":
+                    ejected[slot] = 0 if ejected[slot] else 1
+                    result = ejected[slot]
+                elif name == "exclude":
+                    view[slot] = t.generation(slot) if view[slot] == NOT_USABLE else NOT_USABLE
+                    result = view[slot]
+                else:
+                    result = getattr(t, name)(slot)
+            except (ValueError, IndexError) as exc:
+                result = type(exc).__name__
+            t.check()
+            out += [result, t.snapshot()]
+        for slot in held:
+            t.release(slot)
+        t.check()
+        return out
+    finally:
+        t.close()
+        t.unlink()
+
+
+@shared.needs_c
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
+def test_index_pick_is_the_scans_pick(seed: int, ops: list[Op]) -> None:
+    """Equal weights, no view: the compiled table's pick reads the index, the twin's scans;
+    with one seed they make the same picks (both draw one number for the tie-break and take
+    the tied slots in slot order), after any sequence of updates and membership changes."""
+    assert _differential(core.CSharedTable, seed, ops, False) == \
+        _differential(core.PySharedTable, seed, ops, False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
+def test_pick_is_least_through_a_view(seed: int, ops: list[Op]) -> None:
+    """With a view (slots unknown, excluded, ejected, and back again): every pick is one of
+    the least-loaded slots the view allows, and the index agrees with the counts."""
+    _differential(core.SharedTable, seed, ops, True)
+
+
+# -- what the view rules out, and back ------------------------------------------------------
+
+def test_an_ejected_slot_at_the_lowest_level_is_passed_over_then_back(make_table: Any) -> None:
+    """The ejected slot has no requests, so it sits alone at the lowest level: picks go to
+    the next level, uniformly, until the ejection ends; the very next pick takes it."""
+    t = make_table(capacity=200)
+    slots = [t.add() for _ in range(130)]
+    view = array("I", [t.generation(s) for s in slots]) + array("I", [NOT_USABLE]) * 70
+    ejected = array("Q", [0]) * 200
+    t.set_view(view, ejected)
+    for s in slots:
+        t.acquire(s)
+    quiet = slots[70]
+    t.release(quiet)
+    ejected[quiet] = 1
+    picks: Counter[int] = Counter()
+    for _ in range(129 * 40):
+        s = t.pick()
+        picks[s] += 1
+        t.release(s)
+    assert quiet not in picks and len(picks) == 129
+    assert _chi_square(picks, [s for s in slots if s != quiet]) < 128 + 6 * 16  # df 128
+    ejected[quiet] = 0
+    assert t.pick() == quiet
+    t.release(quiet)
+    for s in slots:
+        if s != quiet:
+            t.release(s)
+    shared._quiet(t)
+
+
+# -- uniform at 1,024 instances ---------------------------------------------------------------
+
+def _uniform_at_1024(t: Any, strategy: str, rounds_per_slot: int) -> None:
+    """Half of 1,024 slots hold a request. A least-outstanding pick is uniform over the
+    other 512 (spread over all sixteen index words), pick_random over all 1,024: a chi-square
+    test against uniform, six standard deviations above its mean."""
+    slots = [t.add() for _ in range(1024)]
+    busy = slots[::2]
+    for s in busy:
+        t.acquire(s)
+    allowed = slots[1::2] if strategy == "pick" else slots
+    rounds = rounds_per_slot * len(allowed)
+    pick = getattr(t, strategy)
+    picks: Counter[int] = Counter()
+    for _ in range(rounds):
+        s = pick()
+        picks[s] += 1
+        t.release(s)
+    df = len(allowed) - 1
+    assert set(picks) <= set(allowed)
+    assert _chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
+    for s in busy:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
+def test_least_outstanding_is_uniform_at_1024_instances() -> None:
+    """The index's tie-break (the twin's scan has test_shared_table's test_ties_are_uniform:
+    at 1,024 slots it reads them all in Python, minutes per run)."""
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    shared.TAGS.append(tag)
+    assert core.CSharedTable is not None
+    t = core.CSharedTable.create(1024, 2, tag=tag, seed=7, unlink_stale=False)
+    try:
+        _uniform_at_1024(t, "pick", 60)
+    finally:
+        t.close()
+        t.unlink()
+
+
+def test_pick_random_is_uniform_at_1024_instances(make_table: Any, impl: str) -> None:
+    _uniform_at_1024(make_table(capacity=1024, seed=7), "pick_random",
+                     60 if impl == "c" else 10)
+
+
+# -- a process that died mid-update -------------------------------------------------------------
+
+def test_reclaim_repairs_the_index_a_dead_process_left(make_table: Any, impl: str) -> None:
+    """A process killed between publishing a slot's availability and syncing the index
+    (replayed: the status word written, the index not), and one killed between a count
+    update and its sync (a bit left at another level): after reclaim, the survivors' picks
+    find the slot at its level, and check() agrees."""
+    t = make_table(capacity=8)
+    a, b, c = t.add(), t.add(), t.add()
+    other = shared._cls(impl).attach(t.name, 1)
+    t.set_available(a, False)
+    for s in (b, c):
+        t.acquire(s)
+    other.acquire(c)
+    slots = _segment.offsets(t.capacity, t.max_processes)[1]
+    status = slots + a * _segment.SLOT_SIZE + _segment.S_STATUS
+    shared._poke(t.name, status, t.generation(a) << 32 | _segment.ACTIVE)
+    # c's bit back at level 1, as before the other process's acquire took it to 2.
+    word = _index_word(t, 2, c)
+    bits = shared._peek(t.name, word)
+    shared._poke(t.name, word, bits & ~(1 << (c % 64)))
+    low = _index_word(t, 1, c)
+    shared._poke(t.name, low, shared._peek(t.name, low) | 1 << (c % 64))
+    if impl == "c":
+        with pytest.raises(AssertionError, match="pick index"):
+            t.check()
+    shared._poke(t.name, _segment.HEADER + 64, shared._dead_pid())
+    if impl == "py":
+        other._unmap()  # the twin's fd
+    assert t.reclaim(1) == 1
+    t.check()
+    assert t.pick() == a  # alone at level 0
+    for s in (a, b, c):
+        t.release(s)
+    shared._quiet(t)
+
+
+def test_stress_several_processes_on_the_index(make_table: Any, impl: str) -> None:
+    """tests/test_shared_table.py's stress test with every weight 1, so that the three
+    processes' least-outstanding picks read the index while they move it; at the end the
+    index agrees with the counts (check)."""
+    t = make_table(capacity=16, max_processes=4)
+    for _ in range(4):
+        t.add()
+    iterations = 50_000 if impl == "c" else 3_000
+    procs = [shared._worker(impl, "hammer-even", t.name, i, iterations, seed=i)
+             for i in (1, 2, 3)]
+    verified = 0
+    with shared._reaped(*procs):
+        shared._go(procs)
+        while any(p.poll() is None for p in procs):
+            verified += t.check_live()
+        assert [r["ops"] for r in shared._results(procs)] == [iterations] * 3
+    assert verified > 0
+    shared._quiet(t)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _nothing_left() -> Iterator[None]:
+    yield
+    left = [n for n in os.listdir(_segment.SHM_DIR)
+            if any(n.endswith(f"-{tag}") for tag in shared.TAGS)]
+    assert left == []
