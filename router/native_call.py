@@ -18,14 +18,16 @@ if TYPE_CHECKING:
     from tritonmesh.native_infer import NativeInfer
     from tritonmesh.wire import RequestInfo
 
-__all__ = ["Call", "Request", "Waiting", "abandon_if_cancelled", "grpc_message", "refuse"]
+__all__ = ["Call", "Request", "Waiting", "abandon_if_cancelled", "charged", "code_name",
+           "grpc_message", "refuse", "why_closed"]
 
 _CANCEL: Final = 8  # HTTP/2 CANCEL
 _REFUSED_STREAM: Final = 7
 # Upstream resets that say the request was refused or malformed, not that the instance
 # failed (HTTP/2 PROTOCOL_ERROR, REFUSED_STREAM, ENHANCE_YOUR_CALM): not charged to it.
 _NOT_THE_INSTANCES: Final = frozenset((1, 7, 11))
-_CODE_NAMES: Final = {str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
+_CODE_NAMES: Final[dict[bytes, str]] = {
+    str(code.value[0]).encode(): code.name for code in grpc.StatusCode}
 _CODES: Final = {code.name: code.value[0] for code in grpc.StatusCode}
 # gRPC's HTTP-to-status mapping (doc/http-grpc-status-mapping.md) for answers without
 # grpc-status (others UNKNOWN); a 200 without one broke the protocol (INTERNAL).
@@ -46,6 +48,25 @@ def grpc_message(text: str) -> bytes:
 def refuse(stream: Stream, code_name: str, text: str) -> None:
     """End ``stream``'s call with the status ``code_name`` and ``text``."""
     stream.finish(_CODES[code_name], grpc_message(text))
+
+
+def code_name(grpc_status: bytes, http_status: bytes) -> str:
+    """What a gRPC client makes of an upstream's answer: its ``grpc-status``; without one,
+    its HTTP status (an HTTP proxy's 503 in front of Triton is UNAVAILABLE)."""
+    if grpc_status:
+        return _CODE_NAMES.get(grpc_status, "UNKNOWN")
+    return _HTTP_CODES.get(http_status, "INTERNAL" if http_status == b"200" else "UNKNOWN")
+
+
+def charged(stream: Stream, error_code: int) -> bool:
+    """Whether an upstream stream's close before its answer is its instance's failure."""
+    return stream.connection.lost or error_code not in _NOT_THE_INSTANCES
+
+
+def why_closed(stream: Stream, error_code: int) -> str:
+    """Why an upstream stream closed before its answer, in an answer's words."""
+    return "the connection was lost" if stream.connection.lost \
+        else f"it reset the stream (HTTP/2 error code {error_code})"
 
 
 class Request:
@@ -101,14 +122,8 @@ class Call:
             lease.succeeded()
             lease.release(True)
             return
-        # No grpc-status: what a gRPC client makes of the HTTP status (an HTTP proxy's 503
-        # in front of Triton is UNAVAILABLE, and the instance's failure).
-        if code:
-            code_name = _CODE_NAMES.get(code, "UNKNOWN")
-        else:
-            code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
-        lease.code = code_name
-        lease.outliers.failure(lease.instance, code_name)
+        lease.code = failed = code_name(code, status)
+        lease.outliers.failure(lease.instance, failed)
         lease.release(False)
 
     def closed(self, stream: Stream, error_code: int) -> None:
@@ -131,12 +146,10 @@ class Call:
             return
         lease.code = "UNAVAILABLE"
         lost = stream.connection.lost
-        if lost or error_code not in _NOT_THE_INSTANCES:
+        if charged(stream, error_code):
             lease.outliers.failure(instance, "UNAVAILABLE")
         lease.release(False)
-        why = "the connection was lost" if lost \
-            else f"it reset the stream (HTTP/2 error code {error_code})"
-        details = f"upstream instance {instance.address}: {why}"
+        details = f"upstream instance {instance.address}: {why_closed(stream, error_code)}"
         # Provably never reached Triton: refused (REFUSED_STREAM, also what nghttp2 reports
         # for streams past an upstream's GOAWAY), or lost before its HEADERS left. It goes
         # elsewhere if the client sent nothing beyond the first message (held, it can be

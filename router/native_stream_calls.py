@@ -8,7 +8,7 @@ import asyncio
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from tritonmesh.native_call import _CODE_NAMES, _HTTP_CODES, _NOT_THE_INSTANCES
+from tritonmesh.native_call import charged, code_name, why_closed
 from tritonmesh.stream_upstream import Pending, PendingRequests
 
 if TYPE_CHECKING:
@@ -31,13 +31,10 @@ def _status(headers: list[tuple[bytes, bytes]]) -> tuple[str, str]:
             message = value
         elif name == b":status":
             status = value
-    if code:
-        code_name = _CODE_NAMES.get(code, "UNKNOWN")
-    else:
-        code_name = _HTTP_CODES.get(status, "INTERNAL" if status == b"200" else "UNKNOWN")
+    if not code:
         message = message or b"upstream ended the stream without trailers"
-    return code_name, unquote(message.decode(errors="replace")) or code_name
-
+    status_name = code_name(code, status)
+    return status_name, unquote(message.decode(errors="replace")) or status_name
 
 
 class StreamCall(PendingRequests):
@@ -75,12 +72,10 @@ class StreamCall(PendingRequests):
         if retired is not None:
             self.session.upstream_over(self, "CANCELLED", f"failed: [CANCELLED] {retired}")
             return
-        lost = stream.connection.lost
-        if lost or error_code not in _NOT_THE_INSTANCES:
+        if charged(stream, error_code):
             self.session.balancer.outliers.failure(self.instance, "UNAVAILABLE")
-        why = "the connection was lost" if lost \
-            else f"it reset the stream (HTTP/2 error code {error_code})"
-        self.session.upstream_over(self, "UNAVAILABLE", f"failed: [UNAVAILABLE] {why}")
+        self.session.upstream_over(self, "UNAVAILABLE",
+                                   f"failed: [UNAVAILABLE] {why_closed(stream, error_code)}")
 
     def drained(self, stream: Stream) -> None:
         return None
@@ -124,9 +119,8 @@ class UnaryCall:
         if retired is not None:
             self.session.unary_over(self, "CANCELLED", retired)
             return
-        why = "the connection was lost" if stream.connection.lost \
-            else f"it reset the stream (HTTP/2 error code {error_code})"
-        self.session.unary_over(self, "UNAVAILABLE", f"upstream instance {address}: {why}")
+        self.session.unary_over(self, "UNAVAILABLE",
+                                f"upstream instance {address}: {why_closed(stream, error_code)}")
 
     def drained(self, stream: Stream) -> None:
         return None
