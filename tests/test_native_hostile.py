@@ -20,7 +20,14 @@ import h2.exceptions
 import h2.settings
 import pytest
 import tritonclient.grpc as grpcclient
-from harness import LoopThread, identity_inputs, make_config, start_router, wait_for
+from harness import (
+    LoopThread,
+    RouterHandle,
+    identity_inputs,
+    make_config,
+    start_router,
+    wait_for,
+)
 from test_native_path import (  # noqa: F401 (native: a fixture)
     MODEL_INFER,
     RawClient,
@@ -210,6 +217,25 @@ def test_a_first_message_that_never_ends_is_answered(loop_thread: LoopThread,
         router.stop()
 
 
+def _small_reset_bucket(loop_thread: LoopThread, worker_addresses: list[str], *,
+                        warm: bool) -> RouterHandle:
+    """A router on one worker whose rapid-reset bucket takes 20 resets, refilled at 1 per s;
+    ``warm``: its upstream connection made by one call first."""
+    config, instances = make_config(worker_addresses[:1])
+    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
+                                                             stream_reset_rate=1))
+    router = start_router(loop_thread, config, instances)
+    if warm:
+        try:
+            with grpcclient.InferenceServerClient(router.address) as client:
+                assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") \
+                    is not None
+        except BaseException:
+            router.stop()
+            raise
+    return router
+
+
 @pytest.mark.parametrize("path", [MODEL_INFER, "/inference.GRPCInferenceService/ModelStreamInfer"])
 def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
                                             worker_addresses: list[str], path: str) -> None:
@@ -218,13 +244,8 @@ def test_rapid_reset_past_the_routers_limit(loop_thread: LoopThread,
     nghttp2 build has of its own (Debian's 1.52 backport and 1.57+ allow 1000); the router
     keeps serving other connections. A native stream that handed a request over counts as
     a ModelInfer sent upstream does."""
-    config, instances = make_config(worker_addresses[:1])
-    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
-                                                             stream_reset_rate=1))
-    router = start_router(loop_thread, config, instances)
+    router = _small_reset_bucket(loop_thread, worker_addresses, warm=True)
     try:
-        with grpcclient.InferenceServerClient(router.address) as warm:  # its upstream connection
-            assert warm.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
         client = RawClient(router.address)
         for i in range(60):  # each sent upstream, then reset at once
             stream_id = 1 + 2 * i
@@ -267,13 +288,8 @@ def test_resets_the_clients_deadline_explains_are_not_rapid_reset(
     connection. A reset once the stream has lived 90% of its grpc-timeout is not charged to
     the bucket, even for a call already sent upstream, nor one of a call not sent anywhere
     yet; the connection still serves."""
-    config, instances = make_config(worker_addresses[:1])
-    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
-                                                             stream_reset_rate=1))
-    router = start_router(loop_thread, config, instances)
+    router = _small_reset_bucket(loop_thread, worker_addresses, warm=True)
     try:
-        with grpcclient.InferenceServerClient(router.address) as warm:  # its upstream connection
-            assert warm.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
         client = RawClient(router.address)
         streams = [1 + 2 * i for i in range(60)]
         headers = [*client.headers(MODEL_INFER, "application/grpc"), ("grpc-timeout", "200m")]
@@ -302,10 +318,7 @@ def test_resets_of_calls_already_answered_are_free(loop_thread: LoopThread,
                                                    worker_addresses: list[str]) -> None:
     """A client whose deadline fires while the router's answer is on its way resets a
     stream that is already over: that starts and frees nothing, so it is not charged."""
-    config, instances = make_config(worker_addresses[:1])
-    config = dataclasses.replace(config, native=NativeConfig(stream_reset_burst=20,
-                                                             stream_reset_rate=1))
-    router = start_router(loop_thread, config, instances)
+    router = _small_reset_bucket(loop_thread, worker_addresses, warm=False)
     try:
         client = RawClient(router.address)
         # 1 ms left is below limits.min_upstream_deadline_ms: the router answers at once.
