@@ -20,6 +20,7 @@ import functools
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -33,6 +34,7 @@ from tritonmesh.workers.upstream import Upstream, await_call
 __all__ = ["HealthChecker", "NotReady", "probe_ready", "readiness"]
 
 log = logging.getLogger("tritonmesh.health")
+T = TypeVar("T")
 
 _SERVER_READY = pb.ServerReadyRequest().SerializeToString()
 _READY_INDEX = pb.RepositoryIndexRequest(ready=True).SerializeToString()
@@ -93,6 +95,24 @@ async def probe_ready(upstream: Upstream, models: Iterable[str] | None, timeout:
     return await readiness(upstream, models, timeout) is None
 
 
+def _still_members(instances: list[Instance], answers: list[T | BaseException]
+                      ) -> tuple[list[Instance], list[T]]:
+    """The answers of instances still in the fleet. An instance removed while it was being
+    asked has had its channel closed under the call, which then raises (grpc's UsageError,
+    CancelledError): that is no news about it, and no reason to lose the round's other
+    answers. Any other exception is a bug, and raised."""
+    kept: list[Instance] = []
+    values: list[T] = []
+    for instance, answer in zip(instances, answers, strict=True):
+        if instance.removed:
+            continue
+        if isinstance(answer, BaseException):
+            raise answer
+        kept.append(instance)
+        values.append(answer)
+    return kept, values
+
+
 class HealthChecker(Chore):
     """Probe every instance; mark it healthy or not in its variant's table."""
 
@@ -109,8 +129,9 @@ class HealthChecker(Chore):
                                  self.config.timeout_s)
 
     async def check_once(self) -> None:
-        instances = list(self.balancer.instances())
-        results = await asyncio.gather(*(self.probe(i) for i in instances))
+        listed = list(self.balancer.instances())
+        answers = await asyncio.gather(*(self.probe(i) for i in listed), return_exceptions=True)
+        instances, results = _still_members(listed, answers)
         for instance, ok in zip(instances, results, strict=True):
             self.record(instance, ok)
         await self._learn_models(instances, results)
@@ -128,11 +149,12 @@ class HealthChecker(Chore):
                 asks.setdefault(instance.variant.name, instance)
         if not asks:
             return
+        askers = list(asks.values())
         answers = await asyncio.gather(*(served_models(i.upstream, self.config.timeout_s)
-                                         for i in asks.values()))
+                                         for i in askers), return_exceptions=True)
         metrics = self.balancer.metrics
-        for name, models in zip(asks, answers, strict=True):
-            metrics.serve(name, models, self.balancer.decoupled.max_entries)
+        for instance, models in zip(*_still_members(askers, answers), strict=True):
+            metrics.serve(instance.variant.name, models, self.balancer.decoupled.max_entries)
 
     def record(self, instance: Instance, ok: bool) -> None:
         streak = self._streak.get(instance, 0)

@@ -31,6 +31,8 @@ from harness import (
 )
 from tritonclient.utils import InferenceServerException
 from tritonmesh._pb import tritonmesh_admin_pb2 as apb
+from tritonmesh.balancer import Instance
+from tritonmesh.health import HealthChecker
 from tritonmesh.workers.launcher import free_ports
 
 pytestmark = pytest.mark.triton
@@ -212,6 +214,37 @@ def test_health_checks_fail_open(make_router: Any, worker_addresses: list[str]) 
     assert _serving(router.address) is True
     with grpcclient.InferenceServerClient(router.address) as client:
         assert client.infer("identity", inputs).as_numpy("OUTPUT0").tolist() == [1.0, 1.0]
+
+
+def test_an_instance_removed_mid_probe_costs_the_round_nothing(
+        make_router: Any, worker_addresses: list[str]) -> None:
+    """An instance removed, and its channel closed, while a health round is probing it: its
+    probe fails on the closed channel, and the round still records every other instance
+    (the round used to fail whole, and its logged traceback kept the removed Upstream)."""
+    router = make_router(workers=2)
+    variant = router.balancer.by_name["AllTraffic"]
+    checker = router.router.health
+    assert checker is not None
+
+    async def add() -> Any:
+        return variant.add(variant.connect(worker_addresses[2]))
+
+    doomed = router.loop.run(add())
+
+    class RemovedMidProbe(HealthChecker):
+        async def probe(self, instance: Instance) -> bool:
+            if instance is doomed:
+                variant.remove(instance)
+                await instance.upstream.close(grace=0)
+            return await super().probe(instance)
+
+    racing = RemovedMidProbe(router.balancer, checker.config)
+    router.loop.run(racing.check_once())
+    assert doomed.removed
+    assert sorted(i.address for i in racing._streak) == sorted(worker_addresses[:2])
+    assert set(racing._streak.values()) == {1}  # both live instances passed, once
+    router.loop.run(racing.check_once())
+    assert set(racing._streak.values()) == {2}
 
 
 def _serving(address: str) -> bool:
