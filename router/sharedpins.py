@@ -41,6 +41,7 @@ import time
 import zlib
 from typing import Final
 
+import numpy as np
 from tritonmesh._core import _segment
 
 __all__ = ["Pin", "PinsFullError", "SharedPins"]
@@ -53,6 +54,9 @@ HEADER: Final = 64
 H_CAPACITY, H_LIVE, H_SECRET = 12, 16, 48
 CELL: Final = struct.Struct("<16sIIIIQ")  # digest, variant, slot, generation, check, last use
 _VALUE = struct.Struct("<16sIII")  # the part the check word covers
+_CELLS = np.dtype([("digest", "V16"), ("variant", "<u4"), ("slot", "<u4"),
+                   ("generation", "<u4"), ("check", "<u4"), ("last", "<u8")])
+assert _CELLS.itemsize == CELL.size
 # The sweep holds the lock for this many cells at a time, so that requests of open
 # sequences wait for at most one chunk.
 SWEEP_CHUNK: Final = 4096
@@ -172,17 +176,32 @@ class SharedPins:
             return 0
         forgotten = 0
         for start in range(0, self.capacity, SWEEP_CHUNK):
+            stop = min(start + SWEEP_CHUNK, self.capacity)
             with self._locked():
                 cutoff = time.monotonic_ns() - self.idle_ns
-                index = start
-                while index < min(start + SWEEP_CHUNK, self.capacity):
-                    _, _, _, _, check, last = CELL.unpack_from(self._map, self._offset(index))
-                    if check and (last < cutoff or self._pin_at(index) is None):
-                        self._delete(index)  # the next cell may have moved here: look again
-                        forgotten += 1
-                    else:
-                        index += 1
+                index = self._next_expired(start, stop, cutoff)
+                while index >= 0:
+                    self._delete(index)  # the next cell may have moved here: look again
+                    forgotten += 1
+                    index = self._next_expired(index, stop, cutoff)
         return forgotten
+
+    def _next_expired(self, start: int, stop: int, cutoff: int) -> int:
+        """The first cell in [start, stop) that is idle since before ``cutoff`` or torn; -1.
+        The table is sized for the fleet's limit and mostly empty: numpy finds the occupied
+        cells, and only those are looked at one by one (a Python loop over every cell cost
+        the supervisor about 8% of a core at the default 100,000 sequences)."""
+        cells = np.frombuffer(self._map, _CELLS, stop - start, self._offset(start))
+        try:
+            occupied = np.flatnonzero(cells["check"])
+            idle = cells["last"][occupied] < cutoff
+            for i, old in zip(occupied.tolist(), idle.tolist(), strict=True):
+                index = start + int(i)
+                if old or self._pin_at(index) is None:
+                    return index
+            return -1
+        finally:
+            del cells  # a view of the map: the map cannot close while one lives
 
     # -- under the lock ------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tritonmesh import sharedpins
 from tritonmesh._core import _segment
 from tritonmesh.sharedpins import CELL, HEADER, PinsFullError, SharedPins
 
@@ -84,6 +85,40 @@ def test_idle_pins_are_forgotten(pins: SharedPins) -> None:
     pins.put(key, (0, 1, 1))
     pins.idle_ns = -1  # a lookup after the idle time: no pin, and it is gone
     assert pins.find(key) is None and len(pins) == 0
+
+
+def test_a_sweep_forgets_exactly_the_idle_and_torn_pins() -> None:
+    """A full table with long probe runs (one sweep chunk smaller than the table, so runs
+    cross chunks and wrap): the sweep forgets the pins idle since before its cutoff and the
+    torn cell, keeps every other pin findable, and counts what it forgot."""
+    table = SharedPins.create(64, tag=f"pins-sweep-{os.getpid()}")
+    try:
+        keys = [table.key(None, "m", sequence) for sequence in range(64)]
+        for sequence, key in enumerate(keys):
+            table.put(key, (0, sequence, 1))
+        cell = {table._map[HEADER + CELL.size * i:HEADER + CELL.size * i + 16]: i
+                for i in range(table.capacity) if table._pin_at(i) is not None}
+        idle, torn = keys[::3], keys[1]
+        with open(_segment.path(table.name), "r+b") as f:
+            for key in idle:  # last used at time 0: long before any cutoff
+                f.seek(HEADER + CELL.size * cell[key] + 32)
+                f.write((0).to_bytes(8, "little"))
+            f.seek(HEADER + CELL.size * cell[torn] + 20)  # a kill mid-copy
+            f.write((999).to_bytes(4, "little"))
+        chunk, sharedpins.SWEEP_CHUNK = sharedpins.SWEEP_CHUNK, 48
+        try:
+            assert table.expire(3600) == len(idle) + 1
+        finally:
+            sharedpins.SWEEP_CHUNK = chunk
+        kept = [k for k in keys if k not in idle and k != torn]
+        assert len(table) == _cells(table) == len(kept)
+        for key in kept:
+            assert table.find(key) == (0, keys.index(key), 1)
+        for key in [*idle, torn]:
+            assert table.find(key) is None
+    finally:
+        table.unlink()
+        table.close()
 
 
 def test_the_limit_counts_open_sequences(pins: SharedPins) -> None:
