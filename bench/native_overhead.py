@@ -51,15 +51,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def router(d: Path, data_path: str, worker: str, *, tls: bool = False
-                 ) -> AsyncIterator[tuple[str, int]]:
-    """``tritonmesh serve`` in a process of its own; yields its address and pid. With
-    ``tls``, its port serves TLS with ``d``'s server.pem and server.key (bench/tls_overhead.py
-    makes them)."""
-    (port,) = free_ports(1)
-    config = d / f"{data_path}{'-tls' if tls else ''}.yaml"
+async def router(d: Path, data_path: str, worker: str, *, tls: bool = False,
+                 processes: int = 1, metrics: bool = False) -> AsyncIterator[tuple[str, int]]:
+    """``tritonmesh serve`` in a process of its own; yields its address and pid (with
+    ``processes`` > 1, the supervisor's). With ``tls``, its port serves TLS with ``d``'s
+    server.pem and server.key (bench/tls_overhead.py makes them); with ``metrics``, it
+    serves /metrics on a port of its own."""
+    port, metrics_port = free_ports(2)
+    config = d / f"{data_path}{'-tls' if tls else ''}-k{processes}.yaml"
     config.write_text(
-        f"listen: 127.0.0.1:{port}\nmetrics_listen: null\nadmin_listen: null\n"
+        f"listen: 127.0.0.1:{port}\nadmin_listen: null\nprocesses: {processes}\n"
+        f"metrics_listen: {f'127.0.0.1:{metrics_port}' if metrics else 'null'}\n"
         f"data_path: {data_path}\nvariants:\n  - name: AllTraffic\n"
         f"    routing_strategy: LEAST_OUTSTANDING_REQUESTS\n    instances: ['{worker}']\n"
         + ("tls: {cert_file: server.pem, key_file: server.key}\n" if tls else ""))
@@ -69,7 +71,7 @@ async def router(d: Path, data_path: str, worker: str, *, tls: bool = False
         stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * processes
         while not await asyncio.to_thread(answers, address, d / "ca.pem" if tls else None):
             if time.monotonic() > deadline or process.returncode is not None:
                 raise RuntimeError(f"the {data_path} router did not come up")

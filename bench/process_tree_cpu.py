@@ -15,14 +15,12 @@ import argparse
 import asyncio
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from native_overhead import answers, body, cpu_seconds, load
-from tritonmesh.workers.launcher import WorkerPool, free_ports
+from native_overhead import body, cpu_seconds, load, router
+from tritonmesh.workers.launcher import WorkerPool
 
 
 def tree(pid: int) -> list[int]:
@@ -49,25 +47,9 @@ def role(pid: int, top: int) -> str:
 
 
 async def measure(worker: str, k: int, args: argparse.Namespace, d: Path) -> None:
-    (port, metrics) = free_ports(2)
-    config = d / f"k{k}.yaml"
-    config.write_text(
-        f"listen: 127.0.0.1:{port}\nmetrics_listen: 127.0.0.1:{metrics}\nadmin_listen: null\n"
-        f"processes: {k}\nvariants:\n  - name: AllTraffic\n    routing_strategy: RANDOM\n"
-        f"    instances: ['{worker}']\n")
-    tritonmesh = str(Path(sys.executable).parent / "tritonmesh")
-    process = await asyncio.create_subprocess_exec(
-        tritonmesh, "--log-level", "WARNING", "serve", "--config", str(config),
-        stdout=subprocess.DEVNULL)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while not await asyncio.to_thread(answers, address):
-            if time.monotonic() > deadline or process.returncode is not None:
-                raise RuntimeError(f"the K={k} router did not come up")
-            await asyncio.sleep(0.2)
+    async with router(d, "native", worker, processes=k, metrics=True) as (address, top):
         await asyncio.sleep(3)  # every router process up and settled
-        pids = tree(process.pid)
+        pids = tree(top)
         before = {p: cpu_seconds(p) for p in pids}
         await asyncio.sleep(args.idle)
         idle = {p: (cpu_seconds(p) - before[p]) / args.idle for p in pids}
@@ -78,17 +60,10 @@ async def measure(worker: str, k: int, args: argparse.Namespace, d: Path) -> Non
         done = rate * args.seconds
         print(f"K={k}: {rate:.0f} req/s at {args.users} users, P50 {p50:.2f} ms")
         for p in pids:
-            print(f"  {role(p, process.pid):<15} pid {p:<7} idle {idle[p]:6.2%} of a core"
+            print(f"  {role(p, top):<15} pid {p:<7} idle {idle[p]:6.2%} of a core"
                   f"   under load {spent[p] / done * 1e6:6.1f} µs/req")
         print(f"  {'all':<27} idle {sum(idle.values()):6.2%} of a core   under load "
               f"{sum(spent.values()) / done * 1e6:6.1f} µs/req")
-    finally:
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), 30)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
 
 
 async def main(args: argparse.Namespace) -> None:
