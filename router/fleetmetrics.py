@@ -34,6 +34,8 @@ from prometheus_client.registry import Collector
 __all__ = ["FLEET_GAUGES", "SYNC_S", "FleetCollector", "MetricsWriter", "instance_counts",
            "process_exited"]
 
+Series = tuple[str, str, tuple[tuple[str, str], ...]]  # family, sample name, labels
+
 # How often a router process writes its counts for the supervisor's /metrics.
 SYNC_S: Final = 1.0
 # Gauges each router process keeps of its own requests: the fleet's value is their sum.
@@ -55,6 +57,20 @@ class MetricsWriter:
             os.path.join(directory, f"histogram_{pid}.db"))
         self._gauges = MmapedDict(  # type: ignore[no-untyped-call]
             os.path.join(directory, f"gauge_livesum_{pid}.db"))
+        # A series' file key is a JSON text; the series are the same from one write to the
+        # next, and encoding every key every second was most of an idle process's writes.
+        # Each write keeps the keys it used, so series that went (instances removed) go too.
+        self._keys: dict[Series, str] = {}
+        self._used: dict[Series, str] = {}
+
+    def _key(self, family: Metric, name: str, labels: dict[str, str]) -> str:
+        series = (family.name, name, tuple(labels.items()))
+        key = self._keys.get(series)
+        if key is None:
+            key = mmap_key(family.name, name, list(labels), list(labels.values()),
+                           family.documentation)
+        self._used[series] = key
+        return key
 
     def write(self) -> None:
         for collector in self.collectors:
@@ -65,18 +81,17 @@ class MetricsWriter:
                     self._histogram(family)
                 elif family.name in FLEET_GAUGES:
                     self._gauge(family)
+        self._keys, self._used = self._used, {}
 
     def _gauge(self, family: Metric) -> None:
         for s in family.samples:
-            key = mmap_key(family.name, s.name, list(s.labels), list(s.labels.values()),
-                           family.documentation)
+            key = self._key(family, s.name, s.labels)
             self._gauges.write_value(key, s.value, 0.0)  # type: ignore[no-untyped-call]
 
     def _counter(self, family: Metric) -> None:
         for s in family.samples:
             if s.name.endswith("_total"):
-                key = mmap_key(family.name, s.name, list(s.labels), list(s.labels.values()),
-                               family.documentation)
+                key = self._key(family, s.name, s.labels)
                 self._counters.write_value(key, s.value, 0.0)  # type: ignore[no-untyped-call]
 
     def _histogram(self, family: Metric) -> None:
@@ -90,8 +105,7 @@ class MetricsWriter:
                 value = s.value
             else:
                 continue  # _count: the collector derives it from the buckets
-            key = mmap_key(family.name, s.name, list(s.labels), list(s.labels.values()),
-                           family.documentation)
+            key = self._key(family, s.name, s.labels)
             self._histograms.write_value(key, value, 0.0)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:

@@ -159,11 +159,12 @@ class Follower:
         if force:
             self._seen = None
         try:
+            stat = os.stat(self.path)  # one syscall per poll while nothing changes
+            if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._seen:
+                return
             with open(self.path, encoding="utf-8") as f:
                 stat = os.fstat(f.fileno())
                 seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-                if seen == self._seen:
-                    return
                 data = json.load(f)
         except FileNotFoundError:
             return
