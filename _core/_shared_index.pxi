@@ -22,9 +22,10 @@
 cdef extern from "atomics.h" nogil:
     void tm_or64(uint64_t* p, uint64_t v)
     void tm_and64(uint64_t* p, uint64_t v)
-    uint64_t tm_row_count(uint64_t* row, const uint64_t* skip, Py_ssize_t words)
-    Py_ssize_t tm_row_select(uint64_t* row, const uint64_t* skip, Py_ssize_t words,
-                             uint64_t r)
+    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* skip, Py_ssize_t words,
+                             uint64_t* snap, uint32_t* cum)
+    Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
+                              uint64_t r)
     int tm_lowest64(uint64_t v)
 
 cdef enum:
@@ -227,12 +228,13 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     for level in range(LEVELS - 1):
         row = _bits(table, level)
         while True:
-            ties = tm_row_count(row, table._skip, words)
+            # One pass keeps a snapshot of the row; the draw selects from it. A slot that
+            # left the level since is caught by the check against its count below.
+            ties = tm_row_snapshot(row, table._skip, words, table._snap, table._cum)
             if ties == 0:
                 break
-            s = tm_row_select(row, table._skip, words, table._below(ties) if ties > 1 else 0)
-            if s < 0:
-                return -1  # the row changed between the two passes
+            s = tm_snap_select(table._snap, table._cum, words,
+                               table._below(ties) if ties > 1 else 0)
             status = tm_load64(table._statusp(s))
             if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
                 _skip_slot(table, s)  # then draw again among the rest of this level

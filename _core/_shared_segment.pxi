@@ -16,7 +16,10 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     cdef Py_ssize_t words = (capacity + 63) // 64
     table._skip = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
     table._skipped = <int32_t*>PyMem_Malloc(capacity * sizeof(int32_t))
-    if table._skip == NULL or table._skipped == NULL:
+    table._snap = <uint64_t*>PyMem_Malloc(words * sizeof(uint64_t))
+    table._cum = <uint32_t*>PyMem_Malloc(words * sizeof(uint32_t))
+    if table._skip == NULL or table._skipped == NULL or table._snap == NULL or \
+            table._cum == NULL:
         mm.close()
         raise MemoryError()
     table._mm = mm
