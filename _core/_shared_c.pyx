@@ -131,6 +131,7 @@ cdef class SharedTable:
     cdef uint64_t _rng
     cdef uint64_t _scanned
     cdef readonly str name
+    cdef readonly uint64_t scans
     cdef bint _waiting
     # This process's view (set_view): the generation it may send each slot by, and the
     # fleet's ejection words; NULL: every pickable slot.
@@ -149,18 +150,29 @@ cdef class SharedTable:
     cdef uint64_t _weights_gen
     cdef bint _even
     cdef double _top_weight
+    # The picture of the weights (_shared_weights.pxi): the common weight, the odd slots (a
+    # list and a bitmap), and whether the index serves least-outstanding picks.
+    cdef double _common_weight
+    cdef int32_t* _odd
+    cdef Py_ssize_t _nodd
+    cdef uint64_t* _odd_bits
+    cdef bint _indexed
 
     def __cinit__(self, *args, **kwargs):
         self._skip = NULL
         self._skipped = NULL
         self._snap = NULL
         self._cum = NULL
+        self._odd = NULL
+        self._odd_bits = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._skip)
         PyMem_Free(self._skipped)
         PyMem_Free(self._snap)
         PyMem_Free(self._cum)
+        PyMem_Free(self._odd)
+        PyMem_Free(self._odd_bits)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
@@ -353,10 +365,11 @@ cdef class SharedTable:
             raise ValueError("the table is closed")
         _read_weights(self)
         for _attempt in range(PICK_ATTEMPTS):
-            # The index orders slots by count, which is their order when weights are equal;
-            # when it has nothing (or something stale), the scan has the last word.
-            s = _index_least(self) if self._even else -1
+            # The index orders slots of one weight by count (the few of other weights are
+            # read beside it); when it has nothing (or something stale), the scan decides.
+            s = _index_least(self) if self._indexed else -1
             if s < 0:
+                self.scans += 1
                 s = _scan_least(self)
                 if s < 0:
                     return -1
@@ -493,6 +506,7 @@ include "_shared_ledger.pxi"
 include "_shared_members.pxi"
 include "_shared_pick.pxi"
 include "_shared_index.pxi"
+include "_shared_weights.pxi"
 include "_shared_wake.pxi"
 
 

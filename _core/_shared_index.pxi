@@ -13,17 +13,17 @@
 # process killed between a count update and its sync leaves a stale bit until the
 # supervisor's ``reclaim`` syncs every level of every slot.
 #
-# Weights: the level is the count, so the index orders slots only when every ACTIVE slot
-# has the same weight (the common case). Each process checks that once per membership
-# generation (add, remove, weight and availability changes bump it); a fleet with unequal
-# weights (slow start, weighted variants) picks by the scan.
+# Weights: the level is the count, so the index orders only slots of one weight. Each
+# process keeps, once per membership generation, its picture of the weights: the common
+# weight and the few slots of another one, which its picks leave out of the index and read
+# one by one (_shared_weights.pxi).
 
 
 cdef extern from "atomics.h" nogil:
     void tm_or64(uint64_t* p, uint64_t v)
     void tm_and64(uint64_t* p, uint64_t v)
-    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* skip, Py_ssize_t words,
-                             uint64_t* snap, uint32_t* cum)
+    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* skip, const uint64_t* odd,
+                             Py_ssize_t words, uint64_t* snap, uint32_t* cum)
     Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
                               uint64_t r)
     int tm_lowest64(uint64_t v)
@@ -109,31 +109,6 @@ cdef void _sync_all(SharedTable table) noexcept nogil:
     for s in range(tm_load32(table._high)):
         for level in range(LEVELS):
             _sync_level(table, s, level)
-
-
-# -- this process's picture of the weights -----------------------------------------------
-
-cdef void _read_weights(SharedTable table) noexcept nogil:
-    """Whether every ACTIVE slot has the same weight, and the largest, once per membership
-    generation (read before the weights: a change after it bumps it again)."""
-    cdef uint64_t gen = tm_load64(table._generation)
-    cdef Py_ssize_t s
-    cdef double w, first = 0.0, top = 0.0
-    cdef bint even = True
-    if gen == table._weights_gen:
-        return
-    for s in range(tm_load32(table._high)):
-        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
-            continue
-        w = tm_load_f64(table._weightp(s))
-        if first == 0.0:
-            first = w
-        even = even and w == first
-        if w > top:
-            top = w
-    table._even = even
-    table._top_weight = top
-    table._weights_gen = gen
 
 
 # -- slots this process's view rules out ----------------------------------------------------
@@ -230,9 +205,12 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
         while True:
             # One pass keeps a snapshot of the row; the draw selects from it. A slot that
             # left the level since is caught by the check against its count below.
-            ties = tm_row_snapshot(row, table._skip, words, table._snap, table._cum)
+            ties = tm_row_snapshot(row, table._skip, table._odd_bits, words, table._snap,
+                                   table._cum)
             if ties == 0:
                 break
+            if table._nodd:
+                return _least_with_odd(table, level, ties, words)
             s = tm_snap_select(table._snap, table._cum, words,
                                table._below(ties) if ties > 1 else 0)
             status = tm_load64(table._statusp(s))
@@ -243,6 +221,8 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
                 return -1
             table._scanned = status
             return s
+    if table._nodd:
+        return -1  # the common weight's slots all count LEVELS - 1 or more: the scan decides
     return _least_in_overflow(table, words)
 
 

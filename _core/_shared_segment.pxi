@@ -18,8 +18,10 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._skipped = <int32_t*>PyMem_Malloc(capacity * sizeof(int32_t))
     table._snap = <uint64_t*>PyMem_Malloc(words * sizeof(uint64_t))
     table._cum = <uint32_t*>PyMem_Malloc(words * sizeof(uint32_t))
+    table._odd = <int32_t*>PyMem_Malloc(ODD_MAX * sizeof(int32_t))
+    table._odd_bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
     if table._skip == NULL or table._skipped == NULL or table._snap == NULL or \
-            table._cum == NULL:
+            table._cum == NULL or table._odd == NULL or table._odd_bits == NULL:
         mm.close()
         raise MemoryError()
     table._mm = mm
@@ -33,6 +35,7 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._index = table._base + <Py_ssize_t>_segment.index_offset(capacity, max_processes)
     table._index_row = _segment.index_row(capacity)
     table._nskip = 0
+    table._nodd = 0
     table._weights_gen = 0xFFFFFFFFFFFFFFFF
     table._capacity = capacity
     table._max_processes = max_processes
