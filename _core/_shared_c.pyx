@@ -144,6 +144,7 @@ cdef class SharedTable:
     cdef Py_ssize_t _index_row
     cdef uint64_t* _skip
     cdef int32_t* _skipped
+    cdef uint64_t* _mask    # _skip | _odd_bits: what a pick leaves out of the index's rows
     cdef uint64_t* _snap    # one index row as the last pick read it, and its running counts
     cdef uint32_t* _cum
     cdef Py_ssize_t _nskip
@@ -165,6 +166,7 @@ cdef class SharedTable:
         self._cum = NULL
         self._odd = NULL
         self._odd_bits = NULL
+        self._mask = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._skip)
@@ -173,6 +175,7 @@ cdef class SharedTable:
         PyMem_Free(self._cum)
         PyMem_Free(self._odd)
         PyMem_Free(self._odd_bits)
+        PyMem_Free(self._mask)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""

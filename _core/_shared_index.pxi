@@ -22,8 +22,8 @@
 cdef extern from "atomics.h" nogil:
     void tm_or64(uint64_t* p, uint64_t v)
     void tm_and64(uint64_t* p, uint64_t v)
-    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* skip, const uint64_t* odd,
-                             Py_ssize_t words, uint64_t* snap, uint32_t* cum)
+    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* mask, Py_ssize_t words,
+                             uint64_t* snap, uint32_t* cum)
     Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
                               uint64_t r)
     int tm_lowest64(uint64_t v)
@@ -131,20 +131,28 @@ cdef void _unskip_visible(SharedTable table) noexcept nogil:
             table._nskip -= 1
             table._skipped[i] = table._skipped[table._nskip]
             table._skip[s >> 6] &= ~((<uint64_t>1) << (s & 63))
+            _remask(table, s >> 6)
         else:
             i += 1
 
 
 cdef inline void _skip_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
     table._skip[s >> 6] |= (<uint64_t>1) << (s & 63)
+    _remask(table, s >> 6)
     table._skipped[table._nskip] = <int32_t>s
     table._nskip += 1
+
+
+cdef inline void _remask(SharedTable table, Py_ssize_t w) noexcept nogil:
+    """After a change of word ``w`` of the skip set or of the odd slots' bitmap."""
+    table._mask[w] = table._skip[w] | table._odd_bits[w]
 
 
 cdef void _clear_skips(SharedTable table) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(table._nskip):
         table._skip[table._skipped[i] >> 6] = 0
+        _remask(table, table._skipped[i] >> 6)
     table._nskip = 0
 
 
@@ -205,8 +213,7 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
         while True:
             # One pass keeps a snapshot of the row; the draw selects from it. A slot that
             # left the level since is caught by the check against its count below.
-            ties = tm_row_snapshot(row, table._skip, table._odd_bits, words, table._snap,
-                                   table._cum)
+            ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
             if ties == 0:
                 break
             if table._nodd:

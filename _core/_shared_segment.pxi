@@ -20,8 +20,10 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._cum = <uint32_t*>PyMem_Malloc(words * sizeof(uint32_t))
     table._odd = <int32_t*>PyMem_Malloc(ODD_MAX * sizeof(int32_t))
     table._odd_bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
+    table._mask = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
     if table._skip == NULL or table._skipped == NULL or table._snap == NULL or \
-            table._cum == NULL or table._odd == NULL or table._odd_bits == NULL:
+            table._cum == NULL or table._odd == NULL or table._odd_bits == NULL or \
+            table._mask == NULL:
         mm.close()
         raise MemoryError()
     table._mm = mm

@@ -24,6 +24,7 @@ cdef inline void _odd_bit(SharedTable table, Py_ssize_t s, bint on) noexcept nog
         table._odd_bits[s >> 6] |= (<uint64_t>1) << (s & 63)
     else:
         table._odd_bits[s >> 6] &= ~((<uint64_t>1) << (s & 63))
+    _remask(table, s >> 6)
 
 
 cdef void _read_weights(SharedTable table) noexcept nogil:

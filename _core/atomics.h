@@ -39,7 +39,7 @@ static inline void tm_or64(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __
 static inline void tm_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
 
 /* The pick index's rows. One pass over a row keeps a snapshot of it, snap[w] = row[w] &
-   ~(skip[w] | odd[w]), and cum[w] = the set bits of snap[0..w]; returns the total. The build targets
+   ~mask[w], and cum[w] = the set bits of snap[0..w]; returns the total. The build targets
    baseline x86-64, where __builtin_popcountll is a library call; target_clones adds a
    POPCNT copy, chosen once at load time (an ifunc). Elsewhere the compiler's own popcount
    stands. */
@@ -49,11 +49,11 @@ static inline void tm_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, 
 #define TM_POPCNT_CLONES
 #endif
 TM_POPCNT_CLONES
-static uint64_t tm_row_snapshot(uint64_t *row, const uint64_t *skip, const uint64_t *odd,
-                                ssize_t words, uint64_t *snap, uint32_t *cum) {
+static uint64_t tm_row_snapshot(uint64_t *row, const uint64_t *mask, ssize_t words,
+                                uint64_t *snap, uint32_t *cum) {
     uint64_t total = 0;
     for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~(skip[w] | odd[w]);
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
         snap[w] = x;
         total += (uint64_t)__builtin_popcountll(x);
         cum[w] = (uint32_t)total;
@@ -69,7 +69,8 @@ static ssize_t tm_snap_select(const uint64_t *snap, const uint32_t *cum, ssize_t
                               uint64_t r) {
     ssize_t w = 0, base;
     uint64_t x, h, m;
-    for (ssize_t i = 0; i < words; i++) w += cum[i] <= r;
+    uint32_t r32 = (uint32_t)r;  /* r < 2**20 slots: 32-bit lanes, four to a vector */
+    for (ssize_t i = 0; i < words; i++) w += cum[i] <= r32;
     if (w) r -= cum[w - 1];
     x = snap[w];
     base = w << 6;

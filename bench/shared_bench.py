@@ -4,8 +4,9 @@
 
 Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
 request, so every least-outstanding pick breaks a tie among the other half; every weight 1,
-and once more for ``pick`` with weights 1 and 2 alternating, which the shared table's pick
-index does not order: that pick scans), side by side
+and twice more for ``pick``: one instance in slow start (weight 0.3 of 1, a slot the pick
+reads beside the index), and weights 1 and 2 alternating (half the slots off the common
+weight, more than a pick reads one by one: that pick scans)), side by side
 in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
 "from_python" (the pair called from a Python loop) and "in_c" (the pair in a C loop: the
 structure alone), "adapter" (the pair through ``SharedCounts`` as a router process calls
@@ -34,13 +35,18 @@ from tritonmesh.sharedcounts import SharedCounts
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
-# (strategy, weights 1 and 2 alternating rather than all 1)
-CASES = (("pick", False), ("pick_random", False), ("pick_two", False), ("pick", True))
+# (strategy, weights): every weight 1; 1 but the last instance, in slow start (0.3 of the
+# way); 1 and 2 alternating
+EVEN, SLOW_START, ALTERNATING = "1", "1, one in slow start", "1 and 2"
+CASES = (("pick", EVEN), ("pick_random", EVEN), ("pick_two", EVEN), ("pick", SLOW_START),
+         ("pick", ALTERNATING))
 
 
-def _load(t: Any, n: int, weighted: bool = False) -> Any:
+def _load(t: Any, n: int, weights: str = EVEN) -> Any:
     for i in range(n):
-        t.add(2.0 if weighted and i % 2 else 1.0)
+        t.add(2.0 if weights == ALTERNATING and i % 2 else 1.0)
+    if weights == SLOW_START:
+        t.set_weight(n - 1, 0.3)
     for _ in range(n // 2):
         t.pick()
     return t
@@ -96,12 +102,12 @@ def _contender(name: str, index: int, n: int, strategy: str, rounds: int,
     t.close()
 
 
-def contended(n: int, strategy: str, rounds: int, weighted: bool) -> dict[str, float]:
+def contended(n: int, strategy: str, rounds: int, weights: str) -> dict[str, float]:
     """Two processes, each in its C loop on the same table, started together."""
     assert CSharedTable is not None
     t = CSharedTable.create(n, 4, tag=f"bench-{uuid.uuid4().hex[:8]}", seed=0)
     try:
-        _load(t, n, weighted)
+        _load(t, n, weights)
         alone = in_c(t, strategy, rounds)
         ctx = multiprocessing.get_context("fork")  # nothing here has started a thread
         barrier, out = ctx.Barrier(2), ctx.Queue()
@@ -125,16 +131,16 @@ def main() -> None:
     if COutstandingTable is None or CSharedTable is None:
         raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
     results = []
-    for strategy, weighted in CASES:
+    for strategy, weights in CASES:
         for n in SIZES:
             rounds = max(args.rounds // max(n // 64, 1), 2000)
-            private = _load(COutstandingTable(seed=1), n, weighted)
+            private = _load(COutstandingTable(seed=1), n, weights)
             shared = _load(CSharedTable.create(n, 3, tag=f"bench-{uuid.uuid4().hex[:8]}",
-                                               seed=1), n, weighted)
+                                               seed=1), n, weights)
             twin = PySharedTable.attach(shared.name, 1, seed=2)
             try:
                 row = {
-                    "strategy": strategy, "weights": "1 and 2" if weighted else "1",
+                    "strategy": strategy, "weights": weights,
                     "instances": n,
                     "private_ns_from_python": round(from_python(private, strategy, rounds), 1),
                     "shared_ns_from_python": round(from_python(shared, strategy, rounds), 1),
@@ -155,7 +161,7 @@ def main() -> None:
                 twin.close()
                 shared.close()
                 shared.unlink()
-            row["contended"] = contended(n, strategy, rounds, weighted)
+            row["contended"] = contended(n, strategy, rounds, weights)
             results.append(row)
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "cpus": len(os.sched_getaffinity(0)),
