@@ -45,7 +45,7 @@ test-twin: install
 test-debug: install
 	TRITONMESH_DEBUG=1 $(BIN)/python setup.py -q build_ext --inplace --force
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests/test_core.py tests/test_shared_table.py \
-		tests/test_shared_index.py
+		tests/test_shared_index.py tests/test_shared_weights.py
 	$(BIN)/python setup.py -q build_ext --inplace --force
 
 # The wire peek under Hypothesis and atheris, and atheris over the native HTTP/2 engine, against

@@ -19,13 +19,19 @@ class SharedTable:
     Lock-free: every shared word is updated with one atomic compare-and-swap; no process
     waits for another, and a process killed at any instruction leaves the others running
     and its share reclaimable exactly (``reclaim``). One table object per process and
-    thread: its process index owns one ledger row. With equal weights, a least-outstanding
-    pick reads a pick index the writers keep (per count level, a bitmap of the slots there;
-    ``_shared_index.pxi``), so its cost hardly grows with the slots; with unequal weights it
-    scans every slot ever used. ``pick_random`` samples; ``pick_two`` samples two.
+    thread: its process index owns one ledger row. A least-outstanding pick reads a pick
+    index the writers keep (per count level, a bitmap of the slots there;
+    ``_shared_index.pxi``), so its cost hardly grows with the slots; slots whose weight is
+    not the fleet's common one (slow start, a few weighted) are read one by one beside it,
+    and with more than 32 of them it scans every slot ever used. ``pick_random`` samples;
+    ``pick_two`` samples two.
     """
 
     name: str
+    scans: int
+    """Least-outstanding picks (attempts) of this object that read every slot: the index
+    had nothing or something stale, or the weights are spread over more than 32 odd slots.
+    The twin keeps no index: it counts every one."""
 
     def __init__(self, name: str, process_index: int, seed: int | None = None) -> None:
         """Attach to the segment ``name`` as ``process_index``; prefer ``attach``."""
@@ -168,11 +174,12 @@ class SharedTable:
 
         Counts the pick (release it when the request ends). The count update is a
         compare-and-swap that honours the limit; if another process changed the slot
-        meanwhile, the pick looks again (up to 64 times, then answers -1). When every
-        ACTIVE slot has the same weight the pick reads the pick index (the lowest count
-        level with a slot this process may use, then one random draw among them, in slot
-        order: the same answer as the scan on the same table and seed); otherwise, or
-        when the index has nothing or something stale, it scans.
+        meanwhile, the pick looks again (up to 64 times, then answers -1). The
+        pick reads the pick index (the lowest count level with a slot of the common weight
+        this process may use, beside the few slots of other weights read one by one; then
+        one random draw among the ties of both, in slot order: the same answer as the scan
+        on the same table and seed); when the index has nothing or something stale, or more
+        than 32 slots have another weight, it scans.
 
         Returns:
             The slot, or -1 when no slot is pickable (or all are at their limit).

@@ -18,13 +18,15 @@ high half is a stamp ``(P, sign, seq + 1)``. Then:
 2. the CAS is the update (the linearisation point); from then on the stamp on the count
    word says "P's update seq+1 happened", until the next update of that slot overwrites
    it;
-3. P then applies the update to its ledger cell with a CAS from ``(held, seq)`` to
-   ``(held +/- 1, seq + 1)``.
+3. P then writes ``(held +/- 1, seq + 1)`` to its ledger cell, which read ``(held, seq)``.
 
 Anyone who is about to overwrite a stamp first *helps*: if the stamped process's cell for
-that slot still reads ``seq``, it applies the update there, with the same CAS (which only
-one of the owner and the helpers can win: the cell moves off ``seq`` only by applying
-update seq+1). So a stamp is never lost unapplied, and every ledger cell plus at most the
+that slot still reads ``seq``, it applies the update there, with a CAS from ``(held, seq)``
+(which at most one helper wins: the cell moves off ``seq`` only by applying update seq+1).
+The owner needs no CAS: every writer of its cell while it lives writes that same value
+(a helper applies only the stamp still pending, and reclaim waits for the owner's death),
+and a helper that comes after the owner's store fails its CAS. So a stamp is never lost
+unapplied, and every ledger cell plus at most the
 one pending stamp on its count word explains that count exactly. ``reclaim(P)`` helps the
 stamps of P still on count words, then subtracts each cell's count from its slot's global
 count and zeroes the cell (keeping ``seq``, so an old stamp can never look pending to a
@@ -63,6 +65,7 @@ cdef extern from "atomics.h" nogil:
     uint64_t tm_load64(uint64_t* p)
     uint32_t tm_load32(uint32_t* p)
     void tm_store64(uint64_t* p, uint64_t v)
+    void tm_store64_release(uint64_t* p, uint64_t v)
     void tm_store32(uint32_t* p, uint32_t v)
     bint tm_cas64(uint64_t* p, uint64_t* expected, uint64_t desired)
     bint tm_cas32(uint32_t* p, uint32_t* expected, uint32_t desired)
@@ -128,6 +131,7 @@ cdef class SharedTable:
     cdef uint64_t _rng
     cdef uint64_t _scanned
     cdef readonly str name
+    cdef readonly uint64_t scans
     cdef bint _waiting
     # This process's view (set_view): the generation it may send each slot by, and the
     # fleet's ejection words; NULL: every pickable slot.
@@ -140,18 +144,38 @@ cdef class SharedTable:
     cdef Py_ssize_t _index_row
     cdef uint64_t* _skip
     cdef int32_t* _skipped
+    cdef uint64_t* _mask    # _skip | _odd_bits: what a pick leaves out of the index's rows
+    cdef uint64_t* _snap    # one index row as the last pick read it, and its running counts
+    cdef uint32_t* _cum
     cdef Py_ssize_t _nskip
     cdef uint64_t _weights_gen
     cdef bint _even
     cdef double _top_weight
+    # The picture of the weights (_shared_weights.pxi): the common weight, the odd slots (a
+    # list and a bitmap), and whether the index serves least-outstanding picks.
+    cdef double _common_weight
+    cdef int32_t* _odd
+    cdef Py_ssize_t _nodd
+    cdef uint64_t* _odd_bits
+    cdef bint _indexed
 
     def __cinit__(self, *args, **kwargs):
         self._skip = NULL
         self._skipped = NULL
+        self._snap = NULL
+        self._cum = NULL
+        self._odd = NULL
+        self._odd_bits = NULL
+        self._mask = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._skip)
         PyMem_Free(self._skipped)
+        PyMem_Free(self._snap)
+        PyMem_Free(self._cum)
+        PyMem_Free(self._odd)
+        PyMem_Free(self._odd_bits)
+        PyMem_Free(self._mask)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
@@ -344,10 +368,11 @@ cdef class SharedTable:
             raise ValueError("the table is closed")
         _read_weights(self)
         for _attempt in range(PICK_ATTEMPTS):
-            # The index orders slots by count, which is their order when weights are equal;
-            # when it has nothing (or something stale), the scan has the last word.
-            s = _index_least(self) if self._even else -1
+            # The index orders slots of one weight by count (the few of other weights are
+            # read beside it); when it has nothing (or something stale), the scan decides.
+            s = _index_least(self) if self._indexed else -1
             if s < 0:
+                self.scans += 1
                 s = _scan_least(self)
                 if s < 0:
                     return -1
@@ -484,6 +509,7 @@ include "_shared_ledger.pxi"
 include "_shared_members.pxi"
 include "_shared_pick.pxi"
 include "_shared_index.pxi"
+include "_shared_weights.pxi"
 include "_shared_wake.pxi"
 
 

@@ -13,18 +13,19 @@
 # process killed between a count update and its sync leaves a stale bit until the
 # supervisor's ``reclaim`` syncs every level of every slot.
 #
-# Weights: the level is the count, so the index orders slots only when every ACTIVE slot
-# has the same weight (the common case). Each process checks that once per membership
-# generation (add, remove, weight and availability changes bump it); a fleet with unequal
-# weights (slow start, weighted variants) picks by the scan.
+# Weights: the level is the count, so the index orders only slots of one weight. Each
+# process keeps, once per membership generation, its picture of the weights: the common
+# weight and the few slots of another one, which its picks leave out of the index and read
+# one by one (_shared_weights.pxi).
 
 
 cdef extern from "atomics.h" nogil:
     void tm_or64(uint64_t* p, uint64_t v)
     void tm_and64(uint64_t* p, uint64_t v)
-    uint64_t tm_row_count(uint64_t* row, const uint64_t* skip, Py_ssize_t words)
-    Py_ssize_t tm_row_select(uint64_t* row, const uint64_t* skip, Py_ssize_t words,
-                             uint64_t r)
+    uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* mask, Py_ssize_t words,
+                             uint64_t* snap, uint32_t* cum)
+    Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
+                              uint64_t r)
     int tm_lowest64(uint64_t v)
 
 cdef enum:
@@ -110,31 +111,6 @@ cdef void _sync_all(SharedTable table) noexcept nogil:
             _sync_level(table, s, level)
 
 
-# -- this process's picture of the weights -----------------------------------------------
-
-cdef void _read_weights(SharedTable table) noexcept nogil:
-    """Whether every ACTIVE slot has the same weight, and the largest, once per membership
-    generation (read before the weights: a change after it bumps it again)."""
-    cdef uint64_t gen = tm_load64(table._generation)
-    cdef Py_ssize_t s
-    cdef double w, first = 0.0, top = 0.0
-    cdef bint even = True
-    if gen == table._weights_gen:
-        return
-    for s in range(tm_load32(table._high)):
-        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
-            continue
-        w = tm_load_f64(table._weightp(s))
-        if first == 0.0:
-            first = w
-        even = even and w == first
-        if w > top:
-            top = w
-    table._even = even
-    table._top_weight = top
-    table._weights_gen = gen
-
-
 # -- slots this process's view rules out ----------------------------------------------------
 
 cdef inline bint _in_view(SharedTable table, Py_ssize_t s, uint64_t status) noexcept nogil:
@@ -155,20 +131,28 @@ cdef void _unskip_visible(SharedTable table) noexcept nogil:
             table._nskip -= 1
             table._skipped[i] = table._skipped[table._nskip]
             table._skip[s >> 6] &= ~((<uint64_t>1) << (s & 63))
+            _remask(table, s >> 6)
         else:
             i += 1
 
 
 cdef inline void _skip_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
     table._skip[s >> 6] |= (<uint64_t>1) << (s & 63)
+    _remask(table, s >> 6)
     table._skipped[table._nskip] = <int32_t>s
     table._nskip += 1
+
+
+cdef inline void _remask(SharedTable table, Py_ssize_t w) noexcept nogil:
+    """After a change of word ``w`` of the skip set or of the odd slots' bitmap."""
+    table._mask[w] = table._skip[w] | table._odd_bits[w]
 
 
 cdef void _clear_skips(SharedTable table) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(table._nskip):
         table._skip[table._skipped[i] >> 6] = 0
+        _remask(table, table._skipped[i] >> 6)
     table._nskip = 0
 
 
@@ -227,12 +211,15 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     for level in range(LEVELS - 1):
         row = _bits(table, level)
         while True:
-            ties = tm_row_count(row, table._skip, words)
+            # One pass keeps a snapshot of the row; the draw selects from it. A slot that
+            # left the level since is caught by the check against its count below.
+            ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
             if ties == 0:
                 break
-            s = tm_row_select(row, table._skip, words, table._below(ties) if ties > 1 else 0)
-            if s < 0:
-                return -1  # the row changed between the two passes
+            if table._nodd:
+                return _least_with_odd(table, level, ties, words)
+            s = tm_snap_select(table._snap, table._cum, words,
+                               table._below(ties) if ties > 1 else 0)
             status = tm_load64(table._statusp(s))
             if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
                 _skip_slot(table, s)  # then draw again among the rest of this level
@@ -241,6 +228,8 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
                 return -1
             table._scanned = status
             return s
+    if table._nodd:
+        return -1  # the common weight's slots all count LEVELS - 1 or more: the scan decides
     return _least_in_overflow(table, words)
 
 

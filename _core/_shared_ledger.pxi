@@ -38,8 +38,11 @@ cdef int _update(SharedTable table, Py_ssize_t s, bint up, uint32_t limit) noexc
         if tm_cas64(word, &g, (stamp << 32) | count):
             break
     held = held + 1 if up else held - 1
-    # Fails only when a helper applied it already.
-    tm_cas64(cell, &cur, ((<uint64_t>seq) << 32) | held)
+    # A store, not a compare-and-swap: besides this process, only a helper applying this
+    # very stamp (the same value, from the same cell) and reclaim (after this process is
+    # dead) write this cell, and a helper that comes after the store fails its CAS from
+    # ``cur``. Release orders it after the count step for the reclaim that follows a death.
+    tm_store64_release(cell, ((<uint64_t>seq) << 32) | held)
     _sync_move(table, s, <uint32_t>g, count)
     return 1
 

@@ -74,6 +74,7 @@ class _Picks(SharedWords):
     def pick(self) -> int:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
         for _ in range(_PICK_ATTEMPTS):
+            self.scans += 1
             s = self._scan_least()
             if s < 0:
                 return -1

@@ -16,7 +16,14 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     cdef Py_ssize_t words = (capacity + 63) // 64
     table._skip = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
     table._skipped = <int32_t*>PyMem_Malloc(capacity * sizeof(int32_t))
-    if table._skip == NULL or table._skipped == NULL:
+    table._snap = <uint64_t*>PyMem_Malloc(words * sizeof(uint64_t))
+    table._cum = <uint32_t*>PyMem_Malloc(words * sizeof(uint32_t))
+    table._odd = <int32_t*>PyMem_Malloc(ODD_MAX * sizeof(int32_t))
+    table._odd_bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
+    table._mask = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
+    if table._skip == NULL or table._skipped == NULL or table._snap == NULL or \
+            table._cum == NULL or table._odd == NULL or table._odd_bits == NULL or \
+            table._mask == NULL:
         mm.close()
         raise MemoryError()
     table._mm = mm
@@ -30,6 +37,7 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._index = table._base + <Py_ssize_t>_segment.index_offset(capacity, max_processes)
     table._index_row = _segment.index_row(capacity)
     table._nskip = 0
+    table._nodd = 0
     table._weights_gen = 0xFFFFFFFFFFFFFFFF
     table._capacity = capacity
     table._max_processes = max_processes

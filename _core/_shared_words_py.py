@@ -80,6 +80,7 @@ class SharedWords:
             seed = int.from_bytes(os.urandom(8), "little")
         self._rng = splitmix64(seed & _MASK) or 1
         self._scanned = 0
+        self.scans = 0  # every least-outstanding pick: the twin keeps no pick index
         # pick_random's picture of the weights (_shared_pick_py._read_weights).
         self._weights_gen = -1
         self._even = True

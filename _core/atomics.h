@@ -1,7 +1,8 @@
 /* GCC/Clang __atomic builtins on words of the shared table's segment, as Cython can call
-   them. Sequentially consistent throughout: the table's correctness arguments (the
-   remove/release handshake, the wait/release handshake) are store-then-load pairs between
-   processes, which need a total order; on x86-64 a seq_cst load is a plain load anyway. */
+   them. Sequentially consistent but for one release store (a ledger cell's owner step):
+   the table's correctness arguments (the remove/release handshake, the wait/release
+   handshake) are store-then-load pairs between processes, which need a total order; on
+   x86-64 a seq_cst load is a plain load anyway. */
 #ifndef TRITONMESH_ATOMICS_H
 #define TRITONMESH_ATOMICS_H
 #include <stdint.h>
@@ -17,6 +18,9 @@
 static inline uint64_t tm_load64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 static inline uint32_t tm_load32(uint32_t *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 static inline void tm_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+/* A ledger cell's owner step (_shared_ledger.pxi: no read-modify-write needed there); on
+   x86-64 a plain store where a seq_cst one is an xchg. */
+static inline void tm_store64_release(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline void tm_store32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
 /* On failure *expected is updated to the current value, as __atomic_compare_exchange_n does. */
 static inline int tm_cas64(uint64_t *p, uint64_t *expected, uint64_t desired) {
@@ -34,42 +38,57 @@ static inline uint64_t tm_add64(uint64_t *p, uint64_t v) {
 static inline void tm_or64(uint64_t *p, uint64_t v) { __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 static inline void tm_and64(uint64_t *p, uint64_t v) { __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }
 
-/* The pick index's rows: set bits of row & ~skip over `words` words, and the position of
-   the r-th of them (-1 when the row no longer has that many). The build targets baseline
-   x86-64, where __builtin_popcountll is a library call; target_clones adds a POPCNT copy,
-   chosen once at load time (an ifunc). Elsewhere the compiler's own popcount stands. */
+/* The pick index's rows. One pass over a row keeps a snapshot of it, snap[w] = row[w] &
+   ~mask[w], and cum[w] = the set bits of snap[0..w]; returns the total. The build targets
+   baseline x86-64, where __builtin_popcountll is a library call; target_clones adds a
+   POPCNT copy, chosen once at load time (an ifunc). Elsewhere the compiler's own popcount
+   stands. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #define TM_POPCNT_CLONES __attribute__((target_clones("popcnt", "default")))
 #else
 #define TM_POPCNT_CLONES
 #endif
 TM_POPCNT_CLONES
-static uint64_t tm_row_count(uint64_t *row, const uint64_t *skip, ssize_t words) {
+static uint64_t tm_row_snapshot(uint64_t *row, const uint64_t *mask, ssize_t words,
+                                uint64_t *snap, uint32_t *cum) {
     uint64_t total = 0;
-    for (ssize_t w = 0; w < words; w++)
-        total += (uint64_t)__builtin_popcountll(__atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w]);
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        snap[w] = x;
+        total += (uint64_t)__builtin_popcountll(x);
+        cum[w] = (uint32_t)total;
+    }
     return total;
 }
+/* The position of the r-th (from 0) set bit of a snapshot of `words` words, r below its
+   total. No branch on r: where it falls is random, and each mispredicted branch costs more
+   than the arithmetic. The word: cum is nondecreasing, so the words whose cum is <= r are
+   the ones before it (a count the compiler vectorises); then halvings inside the word. */
 TM_POPCNT_CLONES
-static ssize_t tm_row_select(uint64_t *row, const uint64_t *skip, ssize_t words, uint64_t r) {
-    for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~skip[w];
-        uint64_t c = (uint64_t)__builtin_popcountll(x);
-        if (r < c) {
-            /* Halve down to the byte that holds it, then bit by bit (at most 7). */
-            ssize_t base = w << 6;
-            uint64_t h = (uint64_t)__builtin_popcountll(x & 0xFFFFFFFFULL);
-            if (r >= h) { r -= h; x >>= 32; base += 32; }
-            h = (uint64_t)__builtin_popcountll(x & 0xFFFFULL);
-            if (r >= h) { r -= h; x >>= 16; base += 16; }
-            h = (uint64_t)__builtin_popcountll(x & 0xFFULL);
-            if (r >= h) { r -= h; x >>= 8; base += 8; }
-            while (r--) x &= x - 1;
-            return base + __builtin_ctzll(x);
-        }
-        r -= c;
+static ssize_t tm_snap_select(const uint64_t *snap, const uint32_t *cum, ssize_t words,
+                              uint64_t r) {
+    ssize_t w = 0, base;
+    uint64_t x, h, m;
+    uint32_t r32 = (uint32_t)r;  /* r < 2**20 slots: 32-bit lanes, four to a vector */
+    for (ssize_t i = 0; i < words; i++) w += cum[i] <= r32;
+    if (w) r -= cum[w - 1];
+    x = snap[w];
+    base = w << 6;
+    for (int half = 32; half; half >>= 1) {
+        h = (uint64_t)__builtin_popcountll(x & ((1ULL << half) - 1));
+        m = -(uint64_t)(r >= h);
+        r -= h & m;
+        x >>= half & m;
+        base += (ssize_t)(half & m);
     }
-    return -1;
+    return base;
+}
+/* How many set bits of a snapshot come before position s. */
+TM_POPCNT_CLONES
+static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t s) {
+    ssize_t w = s >> 6;
+    return (w ? cum[w - 1] : 0) +
+        (uint64_t)__builtin_popcountll(snap[w] & ((1ULL << (s & 63)) - 1));
 }
 /* The lowest set bit of v (not 0). */
 static inline int tm_lowest64(uint64_t v) { return __builtin_ctzll(v); }

@@ -4,8 +4,9 @@
 
 Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
 request, so every least-outstanding pick breaks a tie among the other half; every weight 1,
-and once more for ``pick`` with weights 1 and 2 alternating, which the shared table's pick
-index does not order: that pick scans), side by side
+and twice more for ``pick``: one instance in slow start (weight 0.3 of 1, a slot the pick
+reads beside the index), and weights 1 and 2 alternating (half the slots off the common
+weight, more than a pick reads one by one: that pick scans)), side by side
 in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
 "from_python" (the pair called from a Python loop) and "in_c" (the pair in a C loop: the
 structure alone), "adapter" (the pair through ``SharedCounts`` as a router process calls
@@ -14,12 +15,16 @@ shared twin from Python for scale. Then
 "contended": two processes running the C loop on one shared table at once (started
 together), each one's ns per pair against the same loop alone. Every figure is the best of
 5 runs, in CPU time of the process (``time.process_time_ns``): on a shared machine, time spent
-preempted is not the table's. The goal (issue 15): shared <= 2x private.
+preempted is not the table's. The C loops of the private and the shared table run in turn, one
+run each, five times, so that both see the same load; ``--baseline SO`` adds a third in the
+turn, another build's ``_shared_c`` extension (say main's), for a before/after on one machine
+at one time. The goal (issue 15): shared <= 2x private.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -34,13 +39,18 @@ from tritonmesh.sharedcounts import SharedCounts
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
-# (strategy, weights 1 and 2 alternating rather than all 1)
-CASES = (("pick", False), ("pick_random", False), ("pick_two", False), ("pick", True))
+# (strategy, weights): every weight 1; 1 but the last instance, in slow start (0.3 of the
+# way); 1 and 2 alternating
+EVEN, SLOW_START, ALTERNATING = "1", "1, one in slow start", "1 and 2"
+CASES = (("pick", EVEN), ("pick_random", EVEN), ("pick_two", EVEN), ("pick", SLOW_START),
+         ("pick", ALTERNATING))
 
 
-def _load(t: Any, n: int, weighted: bool = False) -> Any:
+def _load(t: Any, n: int, weights: str = EVEN) -> Any:
     for i in range(n):
-        t.add(2.0 if weighted and i % 2 else 1.0)
+        t.add(2.0 if weights == ALTERNATING and i % 2 else 1.0)
+    if weights == SLOW_START:
+        t.set_weight(n - 1, 0.3)
     for _ in range(n // 2):
         t.pick()
     return t
@@ -79,6 +89,29 @@ def through_adapter(owner: Any, strategy: str, rounds: int) -> float:
         table.close()
 
 
+def in_c_in_turn(runs: dict[str, tuple[Any, Any, int]], strategy: str) -> dict[str, float]:
+    """``runs``: name -> (the C loop, its table, rounds); each run once in turn, five times;
+    the best ns per pair of each."""
+    best = dict.fromkeys(runs, float("inf"))
+    code = STRATEGIES.index(strategy)
+    for _ in range(5):
+        for name, (loop, t, rounds) in runs.items():
+            start = time.process_time_ns()
+            loop(t, rounds, code)
+            best[name] = min(best[name], (time.process_time_ns() - start) / rounds)
+    return best
+
+
+def load_baseline(path: str) -> Any:
+    """Another build's ``_shared_c`` extension, under its own module name."""
+    spec = importlib.util.spec_from_file_location("_shared_c", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {path}: not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def in_c(t: Any, strategy: str, rounds: int) -> float:
     from tritonmesh._core import _outstanding_c, _shared_c
 
@@ -96,12 +129,12 @@ def _contender(name: str, index: int, n: int, strategy: str, rounds: int,
     t.close()
 
 
-def contended(n: int, strategy: str, rounds: int, weighted: bool) -> dict[str, float]:
+def contended(n: int, strategy: str, rounds: int, weights: str) -> dict[str, float]:
     """Two processes, each in its C loop on the same table, started together."""
     assert CSharedTable is not None
     t = CSharedTable.create(n, 4, tag=f"bench-{uuid.uuid4().hex[:8]}", seed=0)
     try:
-        _load(t, n, weighted)
+        _load(t, n, weights)
         alone = in_c(t, strategy, rounds)
         ctx = multiprocessing.get_context("fork")  # nothing here has started a thread
         barrier, out = ctx.Barrier(2), ctx.Queue()
@@ -118,30 +151,51 @@ def contended(n: int, strategy: str, rounds: int, weighted: bool) -> dict[str, f
         t.unlink()
 
 
+def c_rows(private: Any, shared: Any, baseline: Any, n: int, weights: str, strategy: str,
+           rounds: int) -> dict[str, float]:
+    from tritonmesh._core import _outstanding_c, _shared_c
+
+    runs = {"private_ns_in_c": (_outstanding_c._bench_pick_release, private, rounds * 5),
+            "shared_ns_in_c": (_shared_c._bench_pick_release, shared, rounds)}
+    before = None
+    if baseline is not None:
+        before = _load(baseline.SharedTable.create(
+            n, 3, tag=f"bench-{uuid.uuid4().hex[:8]}", seed=1), n, weights)
+        runs["baseline_shared_ns_in_c"] = (baseline._bench_pick_release, before, rounds)
+    try:
+        return {name: round(ns, 1) for name, ns in in_c_in_turn(runs, strategy).items()}
+    finally:
+        if before is not None:
+            before.close()
+            before.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=100_000)
+    parser.add_argument("--baseline", metavar="SO",
+                        help="another build's _shared_c extension, timed in turn with this one")
     args = parser.parse_args()
+    baseline = load_baseline(args.baseline) if args.baseline else None
     if COutstandingTable is None or CSharedTable is None:
         raise SystemExit("the compiled core is not built (TRITONMESH_NO_EXTENSIONS set?)")
     results = []
-    for strategy, weighted in CASES:
+    for strategy, weights in CASES:
         for n in SIZES:
             rounds = max(args.rounds // max(n // 64, 1), 2000)
-            private = _load(COutstandingTable(seed=1), n, weighted)
+            private = _load(COutstandingTable(seed=1), n, weights)
             shared = _load(CSharedTable.create(n, 3, tag=f"bench-{uuid.uuid4().hex[:8]}",
-                                               seed=1), n, weighted)
+                                               seed=1), n, weights)
             twin = PySharedTable.attach(shared.name, 1, seed=2)
             try:
                 row = {
-                    "strategy": strategy, "weights": "1 and 2" if weighted else "1",
+                    "strategy": strategy, "weights": weights,
                     "instances": n,
                     "private_ns_from_python": round(from_python(private, strategy, rounds), 1),
                     "shared_ns_from_python": round(from_python(shared, strategy, rounds), 1),
                     "adapter_ns_from_python": round(through_adapter(shared, strategy, rounds), 1),
-                    "private_ns_in_c": round(in_c(private, strategy, rounds * 5), 1),
-                    "shared_ns_in_c": round(in_c(shared, strategy, rounds), 1),
                 }
+                row.update(c_rows(private, shared, baseline, n, weights, strategy, rounds))
                 # The twin takes no part in the C table's compare-and-swap: measured alone.
                 row["twin_ns_from_python"] = round(
                     from_python(twin, strategy, max(rounds // 50, 200)), 1)
@@ -155,7 +209,7 @@ def main() -> None:
                 twin.close()
                 shared.close()
                 shared.unlink()
-            row["contended"] = contended(n, strategy, rounds, weighted)
+            row["contended"] = contended(n, strategy, rounds, weights)
             results.append(row)
     print(json.dumps({"machine": platform.processor() or platform.machine(),
                       "cpus": len(os.sched_getaffinity(0)),

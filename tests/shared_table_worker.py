@@ -11,7 +11,8 @@ Modes:
 - ``hammer``: random picks (all three strategies), try_acquire, acquire, releases, and
   adds/removes of its own slots, holding up to 8 requests at a time.
 - ``hammer-even``: the same with every weight 1, so that least-outstanding picks read the
-  pick index (weights 1 and 2 make them scan).
+  pick index alone (with weights 1 and 2 they read the slots off the common weight beside it,
+  one by one).
 - ``limited``: try_acquire(slot 0, LIMIT) in a loop; after each success it reads the
   fleet-wide count a few times and records the highest it saw; it counts refusals too.
 - ``forever``: picks and releases, holding up to 8; prints ``running`` after the first

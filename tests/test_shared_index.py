@@ -13,6 +13,7 @@ import uuid
 from array import array
 from collections import Counter
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -35,17 +36,17 @@ def _index_word(t: Any, level: int, slot: int) -> int:
 
 
 def _least(t: Any, view: Any = None, ejected: Any = None) -> set[int]:
-    """The slots a least-outstanding pick may return now (equal weights): the pickable ones
-    with the lowest count."""
-    counts = {}
-    for slot, count, _, state, limit in t.snapshot():
+    """The slots a least-outstanding pick may return now: the pickable ones with the lowest
+    (count + 1) / weight."""
+    keys = {}
+    for slot, count, weight, state, limit in t.snapshot():
         if state != "ACTIVE" or (limit and count >= limit):
             continue
         if view is not None and (view[slot] != t.generation(slot) or ejected[slot]):
             continue
-        counts[slot] = count
-    low = min(counts.values(), default=None)
-    return {s for s, c in counts.items() if c == low}
+        keys[slot] = Fraction(count + 1) / Fraction(weight)
+    low = min(keys.values(), default=None)
+    return {s for s, k in keys.items() if k == low}
 
 
 def _chi_square(counts: Counter[int], slots: list[int]) -> float:
@@ -65,10 +66,16 @@ OPS = st.lists(st.tuples(
 ), min_size=1, max_size=120)
 
 
-def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool) -> list[Any]:
-    """Run ``ops`` on a fresh table of 130 slots (three index words), every weight 1: each
-    pick checked against the least counts, the index checked after every operation; returns
-    every result in order."""
+# Weights whose products with small counts are exact in binary floating point, so that the
+# tests' exact least (Fractions) and the tables' cross-multiplied doubles agree on ties.
+ODD_WEIGHTS = (1.0, 0.5, 1.5, 2.0, 3.0, 1.0)
+
+
+def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool,
+                  odd: dict[int, float] | None = None) -> list[Any]:
+    """Run ``ops`` on a fresh table of 130 slots (three index words), every weight 1 but
+    those in ``odd`` (slot: weight; "set_weight" ops change them): each pick checked to be
+    least, the index checked after every operation; returns every result in order."""
     tag = f"test-{uuid.uuid4().hex[:12]}"
     shared.TAGS.append(tag)
     t = cls.create(130, 2, tag=tag, seed=seed, unlink_stale=False)
@@ -79,8 +86,8 @@ def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool) -> list[A
     out: list[Any] = []
     held: list[int] = []
     try:
-        for _ in range(70):  # 70 slots, some at every level below 16 and some above
-            slot = t.add()
+        for i in range(70):  # 70 slots, some at every level below 16 and some above
+            slot = t.add((odd or {}).get(i, 1.0))
             view[slot] = t.generation(slot)
         for slot in range(70):
             for _ in range(slot % 19):
@@ -111,6 +118,8 @@ def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool) -> list[A
                     result = t.set_available(slot, n % 2 == 0)
                 elif name == "set_limit":
                     result = t.set_limit(slot, n % 5)
+                elif name == "set_weight":
+                    result = t.set_weight(slot, ODD_WEIGHTS[n % len(ODD_WEIGHTS)])
                 elif name == "eject":
                     ejected[slot] = 0 if ejected[slot] else 1
                     result = ejected[slot]

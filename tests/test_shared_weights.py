@@ -1,0 +1,138 @@
+"""The shared table's pick index with unequal weights (``_core/_shared_weights.pxi``): the
+slots of the fleet's common weight are read from the index, the few others (an instance in
+slow start, a weighted few) one by one beside it, and the pick is the scan's.
+
+``scans`` counts the least-outstanding picks that read every slot; the twin keeps no index,
+so its picks are the scan and the differential tests pit the index against it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import test_shared_index as index
+import test_shared_table as shared
+import tritonmesh._core as core
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+OPS = st.lists(st.tuples(
+    st.sampled_from(["pick", "pick", "pick", "pick", "release", "release", "acquire", "add",
+                     "remove", "set_available", "set_limit", "set_weight", "set_weight",
+                     "eject", "exclude"]),
+    st.integers(0, 129),
+    st.integers(0, 20),
+), min_size=1, max_size=120)
+# Up to 40 odd slots among 70: on both sides of the 32 that a pick reads one by one.
+ODD = st.dictionaries(st.integers(0, 69), st.sampled_from(index.ODD_WEIGHTS[1:5]), max_size=40)
+
+
+@shared.needs_c
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+def test_pick_with_unequal_weights_is_the_scans_pick(seed: int, ops: list[index.Op],
+                                                     odd: dict[int, float]) -> None:
+    """A fleet of weight 1 with some slots of other weights, whose weights then change: with
+    one seed the compiled table's picks (the index and the odd slots) are the twin's (the
+    scan), and each is least by (count + 1) / weight."""
+    assert index._differential(core.CSharedTable, seed, ops, False, odd) == \
+        index._differential(core.PySharedTable, seed, ops, False, odd)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+def test_pick_with_unequal_weights_through_a_view(seed: int, ops: list[index.Op],
+                                                  odd: dict[int, float]) -> None:
+    """The same with a view (slots excluded, ejected, and back): every pick is least among
+    the slots the view allows."""
+    index._differential(core.SharedTable, seed, ops, True, odd)
+
+
+@pytest.fixture
+def table_1024() -> Iterator[Any]:
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    shared.TAGS.append(tag)
+    assert core.CSharedTable is not None
+    t = core.CSharedTable.create(1024, 2, tag=tag, seed=11, unlink_stale=False)
+    try:
+        yield t
+    finally:
+        t.close()
+        t.unlink()
+
+
+@shared.needs_c
+def test_one_instance_in_slow_start_picks_from_the_index(table_1024: Any) -> None:
+    """1,024 slots of weight 1, half of them holding a request; one joins in slow start and
+    ramps its weight up in steps. Every pick reads the index (no scan) and is one of the
+    least by (count + 1) / weight: the ramping slot while its weight makes it so, the idle
+    ones of weight 1 otherwise."""
+    t = table_1024
+    slots = [t.add() for _ in range(1023)]
+    for s in slots[::2]:
+        t.acquire(s)
+    ramping = t.add(0.125)
+    for step in range(1, 9):  # eighths, exact in binary: the test's Fractions see the ties
+        t.set_weight(ramping, step / 8)
+        held = []
+        for _ in range(200):
+            least = index._least(t)
+            s = t.pick()
+            assert s in least, (step, s, sorted(least)[:5])
+            held.append(s)
+            if len(held) == 8:  # the counts move, so the ramping slot wins some picks
+                for h in held:
+                    t.release(h)
+                held = []
+        for h in held:
+            t.release(h)
+    assert t.scans == 0
+    for s in slots[::2]:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
+def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) -> None:
+    """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2, so
+    (1 + 1) / 2 ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512 idle
+    slots in the index and the 24 odd ones (chi-square, six standard deviations above its
+    mean), and reads no slot by the scan."""
+    t = table_1024
+    slots = [t.add() for _ in range(1024)]
+    busy = slots[::2]
+    for s in busy:
+        t.acquire(s)
+    heavy = busy[::21][:24]
+    for s in heavy:
+        t.set_weight(s, 2.0)
+    allowed = slots[1::2] + heavy
+    picks: Counter[int] = Counter()
+    for _ in range(60 * len(allowed)):
+        s = t.pick()
+        picks[s] += 1
+        t.release(s)
+    df = len(allowed) - 1
+    assert set(picks) == set(allowed)
+    assert index._chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
+    assert t.scans == 0
+    for s in busy:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
+def test_more_odd_slots_than_a_pick_reads_one_by_one_scan(table_1024: Any) -> None:
+    """Weights 1 and 2 alternating: 512 odd slots, more than the 32 a pick reads beside the
+    index, so the pick scans (and is still least)."""
+    t = table_1024
+    slots = [t.add(2.0 if i % 2 else 1.0) for i in range(1024)]
+    s = t.pick()
+    assert s in slots[1::2]
+    assert t.scans == 1
+    t.release(s)
+    shared._quiet(t)
