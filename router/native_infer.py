@@ -85,19 +85,19 @@ def call_metadata(stream: Stream) -> tuple[list[tuple[bytes, bytes]] | None, str
                if stream.illegal_value
                else "Illegal header key: " + illegal.decode(errors="backslashreplace"))
         return None
-    target = priority_value = retry_on = None
+    target = retry_on = None
+    priority: int | str = 0
     values = stream.policy_values
     if values is not None:
         if (value := values.get(_TARGET)) is not None:
             target = value.decode(errors="replace")
         if (value := values.get(_PRIORITY)) is not None:
-            priority_value = value.decode(errors="replace")
+            priority = priority_of(value.decode(errors="replace"))
+            if isinstance(priority, str):
+                refuse(stream, "INVALID_ARGUMENT", priority)
+                return None
         if (value := values.get(_RETRY_ON)) is not None:
             retry_on = value.decode(errors="replace")
-    priority = priority_of(priority_value)
-    if isinstance(priority, str):
-        refuse(stream, "INVALID_ARGUMENT", priority)
-        return None
     timeout = stream.timeout
     return (stream.metadata, target, priority,
             None if timeout < 0 else time.monotonic() + timeout, retry_on)
@@ -261,8 +261,10 @@ class NativeInfer:
                 lease.abandon()
                 refuse(stream, "DEADLINE_EXCEEDED", late)
                 return
-        timeout, per_try_bound = attempt_timeout(remaining,
-                                                 instance.variant.config.per_try_timeout_s)
+        timeout, per_try_bound = remaining, False
+        per_try_s = instance.variant.config.per_try_timeout_s
+        if per_try_s is not None:
+            timeout, per_try_bound = attempt_timeout(remaining, per_try_s)
         address = instance.address
         # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
         # timer resets the stream), so that Triton's own expiry of the same instant does
