@@ -353,6 +353,7 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
         if stream is None or stream.discard:
             nghttp2_session_consume_stream(session, stream_id, length)
             return 0
+        stream.last_frame = (flags & NGHTTP2_FLAG_END_STREAM) != 0
         peer = stream.peer
         if peer is not None and not peer.closed and not peer.ended:
             stream.sent_more = True

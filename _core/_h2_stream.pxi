@@ -16,6 +16,9 @@ cdef class Stream:
     cdef readonly list headers  # the last HEADERS block: [(name, value), ...]
     cdef readonly bint closed
     cdef readonly bint remote_ended  # the peer sent END_STREAM
+    # The DATA frame being received carries END_STREAM (remote_ended is set once it is
+    # whole): nothing beyond it will come.
+    cdef bint last_frame
     cdef readonly bint responded  # response HEADERS submitted (server side)
     cdef readonly bint headers_sent  # its HEADERS went to the transport (client side)
     # A client's stream: request bytes came beyond its first message (sent on, or dropped
@@ -389,7 +392,10 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
         _unreserve(client.connection, upstream)
     if client.remote_ended:
         upstream.out_eof = True
-    elif client.connection.server:  # more may come (a relayed stream): a stream window
+    elif client.connection.server and not client.last_frame:
+        # More may come (a relayed stream): a stream window. Not for a request whose last
+        # frame is being read (a unary call's usual one): its WINDOW_UPDATE would cost a
+        # write to the client per call and let nothing more through.
         _raise_window(client)
 
 
