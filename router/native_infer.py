@@ -86,16 +86,17 @@ def call_metadata(stream: Stream) -> tuple[list[tuple[bytes, bytes]] | None, str
                else "Illegal header key: " + illegal.decode(errors="backslashreplace"))
         return None
     target = retry_on = None
-    priority: int | str = 0
+    priority = 0
     values = stream.policy_values
     if values is not None:
         if (value := values.get(_TARGET)) is not None:
             target = value.decode(errors="replace")
         if (value := values.get(_PRIORITY)) is not None:
-            priority = priority_of(value.decode(errors="replace"))
-            if isinstance(priority, str):
-                refuse(stream, "INVALID_ARGUMENT", priority)
+            parsed = priority_of(value.decode(errors="replace"))
+            if isinstance(parsed, str):
+                refuse(stream, "INVALID_ARGUMENT", parsed)
                 return None
+            priority = parsed
         if (value := values.get(_RETRY_ON)) is not None:
             retry_on = value.decode(errors="replace")
     timeout = stream.timeout
