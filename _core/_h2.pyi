@@ -49,6 +49,36 @@ class Stream:
         """A client's stream: request bytes came beyond its first message."""
     @property
     def paired(self) -> bool: ...
+    # What a client's request HEADERS say to the policy, read in C as they come.
+    @property
+    def path(self) -> bytes | None:
+        """Its ``:path`` (the last one)."""
+    @property
+    def grpc(self) -> bool:
+        """Its (last) ``content-type`` starts with ``application/grpc``."""
+    @property
+    def timeout(self) -> float:
+        """Its (last) ``grpc-timeout`` in seconds; -1 without one."""
+    @property
+    def timeout_malformed(self) -> bool:
+        """One of its ``grpc-timeout`` values is not one."""
+    @property
+    def encoded(self) -> bool:
+        """Its first ``grpc-encoding`` names a compression (not ``identity``)."""
+    @property
+    def policy_values(self) -> dict[bytes, bytes] | None:
+        """The values of its connection's ``policy_keys`` it carries (the last of each)."""
+    @property
+    def metadata(self) -> list[tuple[bytes, bytes]] | None:
+        """Its metadata to forward, in order: not pseudo-headers, ``policy_keys`` or
+        ``hop_by_hop``; None when there is none."""
+    @property
+    def illegal(self) -> bytes | None:
+        """The first key of :attr:`metadata` that grpc-core refuses (its name outside
+        ``[0-9a-z_.-]+``, or with :attr:`illegal_value`, its value outside printable ASCII
+        in a key not ending ``-bin``)."""
+    @property
+    def illegal_value(self) -> bool: ...
     handler: Any  # a CallHandler (paired) or a MessageHandler (message mode)
     tag: Any
     def await_message(self, limit: int) -> None:
@@ -87,14 +117,17 @@ class H2Connection(asyncio.Protocol):
                  stream_window: int = 1 << 20, connection_window: int = 1 << 24,
                  max_header_list_bytes: int = 1 << 16, peek_budget: int = 0,
                  stream_reset_burst: int = 1000, stream_reset_rate: int = 33,
-                 buffer_cap: int = 2**64 - 1) -> None:
+                 buffer_cap: int = 2**64 - 1, policy_keys: frozenset[bytes] = frozenset(),
+                 hop_by_hop: frozenset[bytes] = frozenset()) -> None:
         """``peek_budget``: bytes the first-message peeks of all its streams may hold
         outside flow control (server side). ``stream_reset_burst`` / ``stream_reset_rate``:
         the client's RST_STREAMs it takes (a token bucket, per s); past them, GOAWAY
         ENHANCE_YOUR_CALM (server side). ``buffer_cap``: what the windows of the upstream
         streams paired with its streams, and its own streams' raised windows, may add up
         to; past it, a new one keeps the base window (64 KiB) instead of ``stream_window``
-        (server side)."""
+        (server side). ``policy_keys`` / ``hop_by_hop``: request header names whose
+        values the policy reads (:attr:`Stream.policy_values`) / that are not forwarded;
+        neither is in :attr:`Stream.metadata` (server side)."""
     @property
     def owner(self) -> Any: ...
     @property

@@ -143,13 +143,20 @@ cdef class H2Connection:
     cdef bint close_after_flush  # GOAWAY is submitted: close once it is written
     cdef readonly double ping_sent  # our keepalive PING's time, until its ACK (else 0)
     cdef list drained  # message-mode streams whose `out` fell below their low water
+    # A client's request headers (server side): those whose values the policy reads
+    # (Stream.policy_values) and those not forwarded (Stream.metadata leaves both out).
+    cdef frozenset policy_keys
+    cdef frozenset hop_by_hop
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
                   uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0,
                   uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33,
-                  size_t buffer_cap=<size_t>-1):
+                  size_t buffer_cap=<size_t>-1, frozenset policy_keys=frozenset(),
+                  frozenset hop_by_hop=frozenset()):
         self.owner = owner
+        self.policy_keys = policy_keys
+        self.hop_by_hop = hop_by_hop
         self.server = server
         self.streams = {}
         self.drained = []

@@ -60,18 +60,83 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
         if not conn.server:  # an upstream's answer: its stream is reset
             return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
         return 0  # nothing more is kept; the request is answered when its block ends
-    cdef list block = stream.headers if stream.received_trailers is None \
-        else stream.received_trailers
-    if conn.server and namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
-        stream.timeout = _grpc_timeout(value, valuelen)
+    cdef bint request = stream.received_trailers is None
+    cdef list block = stream.headers if request else stream.received_trailers
     if len(block) >= MAX_HEADERS:  # the stream is reset, the connection lives
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
     try:
-        block.append((PyBytes_FromStringAndSize(<const char *>name, namelen),
-                      PyBytes_FromStringAndSize(<const char *>value, valuelen)))
+        header = (PyBytes_FromStringAndSize(<const char *>name, namelen),
+                  PyBytes_FromStringAndSize(<const char *>value, valuelen))
+        block.append(header)
+        if conn.server and request:
+            _read_request_header(conn, stream, header, name, namelen, value, valuelen)
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
+
+
+cdef int _read_request_header(H2Connection conn, Stream stream, tuple header,
+                              const uint8_t *name, size_t namelen, const uint8_t *value,
+                              size_t valuelen) except -1:
+    """What the policy reads of a request's headers, taken as each comes, so that it never
+    scans them itself (docs/native.md): the last :path, content-type and grpc-timeout, the
+    first grpc-encoding, the policy keys' values, and the metadata to forward, checked as
+    grpc-core checks a client's metadata."""
+    if namelen and name[0] == 0x3A:  # ':', a pseudo-header
+        if namelen == 5 and memcmp(name, b":path", 5) == 0:
+            stream.path = header[1]
+        return 0
+    if namelen == 12:
+        if memcmp(name, b"content-type", 12) == 0:
+            stream.grpc = valuelen >= 16 and memcmp(value, b"application/grpc", 16) == 0
+        elif memcmp(name, b"grpc-timeout", 12) == 0:
+            stream.timeout = _grpc_timeout(value, valuelen)
+            if stream.timeout < 0:
+                stream.timeout_malformed = True
+    elif namelen == 13 and not stream.encoding_seen and memcmp(name, b"grpc-encoding", 13) == 0:
+        stream.encoding_seen = True
+        stream.encoded = valuelen != 8 or memcmp(value, b"identity", 8) != 0
+    key = header[0]
+    if key in conn.policy_keys:
+        if stream.policy_values is None:
+            stream.policy_values = {}
+        stream.policy_values[key] = header[1]
+        return 0
+    if key in conn.hop_by_hop:
+        return 0
+    if stream.illegal is None:
+        if not _legal_key(name, namelen):
+            stream.illegal = key
+        elif not (namelen >= 4 and memcmp(name + namelen - 4, b"-bin", 4) == 0) \
+                and not _legal_value(value, valuelen):
+            stream.illegal = key
+            stream.illegal_value = True
+    if stream.metadata is None:
+        stream.metadata = []
+    stream.metadata.append(header)
+    return 0
+
+
+cdef inline bint _legal_key(const uint8_t *name, size_t n) noexcept:
+    """grpc-core's legal header key: [0-9a-z_.-]+."""
+    cdef size_t i
+    cdef uint8_t c
+    if n == 0:
+        return False
+    for i in range(n):
+        c = name[i]
+        if not (0x30 <= c <= 0x39 or 0x61 <= c <= 0x7A or c == 0x5F or c == 0x2E or c == 0x2D):
+            return False
+    return True
+
+
+cdef inline bint _legal_value(const uint8_t *value, size_t n) noexcept:
+    """grpc-core's legal non-binary header value: printable ASCII."""
+    cdef size_t i
+    for i in range(n):
+        if value[i] < 0x20 or value[i] > 0x7E:
+            return False
+    return True
 
 
 cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
@@ -161,14 +226,14 @@ cdef void _police_ping(H2Connection conn) noexcept:
 
 
 cdef inline double _grpc_timeout(const uint8_t *value, size_t n) noexcept:
-    """A grpc-timeout value in seconds (1-8 digits and a unit); 0 when malformed."""
+    """A grpc-timeout value in seconds (1-8 digits and a unit); -1 when malformed."""
     cdef double amount = 0
     cdef size_t i
     if n < 2 or n > 9:
-        return 0
+        return -1
     for i in range(n - 1):
         if value[i] < 48 or value[i] > 57:
-            return 0
+            return -1
         amount = amount * 10 + (value[i] - 48)
     cdef uint8_t unit = value[n - 1]
     if unit == 72:  # H
@@ -183,7 +248,7 @@ cdef inline double _grpc_timeout(const uint8_t *value, size_t n) noexcept:
         return amount * 1e-6
     if unit == 110:  # n
         return amount * 1e-9
-    return 0
+    return -1
 
 
 cdef inline bint _reset_is_free(Stream stream) noexcept:
@@ -288,6 +353,7 @@ cdef int _on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t st
         if stream is None or stream.discard:
             nghttp2_session_consume_stream(session, stream_id, length)
             return 0
+        stream.last_frame = (flags & NGHTTP2_FLAG_END_STREAM) != 0
         peer = stream.peer
         if peer is not None and not peer.closed and not peer.ended:
             stream.sent_more = True

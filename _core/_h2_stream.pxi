@@ -16,6 +16,9 @@ cdef class Stream:
     cdef readonly list headers  # the last HEADERS block: [(name, value), ...]
     cdef readonly bint closed
     cdef readonly bint remote_ended  # the peer sent END_STREAM
+    # The DATA frame being received carries END_STREAM (remote_ended is set once it is
+    # whole): nothing beyond it will come.
+    cdef bint last_frame
     cdef readonly bint responded  # response HEADERS submitted (server side)
     cdef readonly bint headers_sent  # its HEADERS went to the transport (client side)
     # A client's stream: request bytes came beyond its first message (sent on, or dropped
@@ -49,7 +52,22 @@ cdef class Stream:
     cdef list trailers
     cdef list received_trailers  # a client's trailers (dropped: gRPC requests carry none)
     cdef double opened  # _monotonic() at a request's HEADERS (server side)
-    cdef double timeout  # its grpc-timeout in seconds (0: none)
+    # What a request's HEADERS say to the policy, read once as they come (server side):
+    # its :path, whether its content-type is gRPC's, its grpc-timeout in seconds (-1: none;
+    # the last one, as the policy reads it), whether any grpc-timeout was malformed,
+    # whether its first grpc-encoding compresses, the values of the connection's
+    # policy_keys, its metadata to forward (None: none), and the first of those a gRPC
+    # server refuses (its name; `illegal_value`: for its value, else for the name).
+    cdef readonly object path
+    cdef readonly bint grpc
+    cdef readonly double timeout
+    cdef readonly bint timeout_malformed
+    cdef readonly bint encoded
+    cdef bint encoding_seen
+    cdef readonly dict policy_values
+    cdef readonly list metadata
+    cdef readonly object illegal
+    cdef readonly bint illegal_value
     # Message mode (not paired): whole gRPC messages to the handler, one call each.
     cdef bint message_mode
     cdef bint messages_paused
@@ -63,6 +81,7 @@ cdef class Stream:
     def __cinit__(self, H2Connection connection):
         self.connection = connection
         self.peek_limit = -1
+        self.timeout = -1
 
     def __dealloc__(self):
         buf_free(&self.inbuf)
@@ -373,7 +392,10 @@ cdef void _pair(Stream client, Stream upstream) noexcept:
         _unreserve(client.connection, upstream)
     if client.remote_ended:
         upstream.out_eof = True
-    elif client.connection.server:  # more may come (a relayed stream): a stream window
+    elif client.connection.server and not client.last_frame:
+        # More may come (a relayed stream): a stream window. Not for a request whose last
+        # frame is being read (a unary call's usual one): its WINDOW_UPDATE would cost a
+        # write to the client per call and let nothing more through.
         _raise_window(client)
 
 

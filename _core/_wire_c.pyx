@@ -220,8 +220,10 @@ def peek_request(bytes buf):
                     and 0 < p.raw < (<uint64_t>1 << 63) else 0
     if c.err:
         _fail(c.err)
-    return RequestInfo(_string(buf, ms, me), _string(buf, vs, ve), _string(buf, rs, re),
-                       sequence_id, start_flag, end_flag, empty_final, priority)
+    # tuple.__new__, not the NamedTuple's own __new__ (a Python function): once per request.
+    return tuple.__new__(RequestInfo, (_string(buf, ms, me), _string(buf, vs, ve),
+                                       _string(buf, rs, re), sequence_id, start_flag, end_flag,
+                                       empty_final, priority))
 
 
 def peek_stream_response(bytes buf):

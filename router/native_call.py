@@ -77,8 +77,8 @@ class Request:
                  "retry_on_timeout", "sent", "stream", "target")
 
     def __init__(self, stream: Stream, info: RequestInfo, message: bytes, target: str | None,
-                 priority: int, forward: list[tuple[bytes, bytes]], deadline: float | None,
-                 retry_on_timeout: bool):
+                 priority: int, forward: list[tuple[bytes, bytes]] | None,
+                 deadline: float | None, retry_on_timeout: bool):
         self.stream = stream
         self.info = info
         self.message = message
@@ -119,7 +119,7 @@ class Call:
         lease = self.lease
         self._done()
         if code == b"0":
-            lease.succeeded()
+            lease.outliers.success(lease.instance)
             lease.release(True)
             return
         lease.code = failed = code_name(code, status)

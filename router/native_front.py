@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from tritonmesh._core._segment import running
-from tritonmesh.native_infer import MODEL_INFER, NativeInfer, grpc_message
+from tritonmesh.native_infer import (
+    HOP_BY_HOP,
+    MODEL_INFER,
+    POLICY_KEYS,
+    NativeInfer,
+    grpc_message,
+)
 from tritonmesh.native_pool import UpstreamPool
 from tritonmesh.native_stream import MODEL_STREAM_INFER, NativeStreams
 from tritonmesh.native_tls import Handshake, PortCertificates
@@ -75,12 +81,12 @@ class NativePort:
         self.pool = UpstreamPool(**self.h2_settings)
         # Peeked first messages may be larger than a stream window, so their bytes leave
         # flow control; what all of one connection's streams hold so is one message's worth.
-        self.client_settings = {"peek_budget": limits.max_message_bytes,
-                                "stream_reset_burst": native.stream_reset_burst,
-                                "stream_reset_rate": native.stream_reset_rate,
-                                "buffer_cap": native.connection_buffer_bytes,
-                                "max_concurrent_streams": limits.max_concurrent_streams,
-                                **self.h2_settings}
+        self.client_settings: dict[str, Any] = {
+            "peek_budget": limits.max_message_bytes,
+            "stream_reset_burst": native.stream_reset_burst,
+            "stream_reset_rate": native.stream_reset_rate,
+            "buffer_cap": native.connection_buffer_bytes,
+            "max_concurrent_streams": limits.max_concurrent_streams, **self.h2_settings}
         self.native = native
         self.infer = NativeInfer(balancer, self.pool, limits.min_upstream_deadline_ms / 1000.0) \
             if native_infer else None
@@ -122,30 +128,26 @@ class NativePort:
 
         if len(self.connections) >= self.limits.max_connections:
             return _Refused()
-        connection = H2Connection(self, True, **self.client_settings)
+        connection = H2Connection(self, True, policy_keys=POLICY_KEYS, hop_by_hop=HOP_BY_HOP,
+                                  **self.client_settings)
         self.connections[connection] = time.monotonic()
         return connection
 
     # -- what a client connection reports (H2Connection's owner) --
 
     def request(self, stream: Stream, end_stream: bool) -> None:
-        """A request's HEADERS are here."""
-        if self.infer is not None and not end_stream:
-            path = content_type = None
-            for name, value in stream.headers:
-                if name == b":path":
-                    path = value
-                elif name == b"content-type":
-                    content_type = value
-            if content_type is not None and content_type.startswith(b"application/grpc") \
-                    and self.infer.wants(stream.headers):
-                if path == MODEL_INFER:
-                    stream.await_message(self.limits.max_message_bytes)
-                    return
-                if path == MODEL_STREAM_INFER and self.streams is not None \
-                        and _identity_encoded(stream.headers):
-                    self.streams.start(stream)
-                    return
+        """A request's HEADERS are here (what the policy reads of them, the engine read
+        as they came: ``stream.path``, ``grpc``, ``timeout_malformed``, ``encoded``)."""
+        if self.infer is not None and not end_stream and stream.grpc \
+                and not stream.timeout_malformed:
+            path = stream.path
+            if path == MODEL_INFER:
+                stream.await_message(self.limits.max_message_bytes)
+                return
+            # A compressed stream's messages are grpc.aio's to decompress.
+            if path == MODEL_STREAM_INFER and self.streams is not None and not stream.encoded:
+                self.streams.start(stream)
+                return
         self.relay(stream)
 
     def message(self, stream: Stream, compressed: int, message: bytes) -> None:
@@ -249,15 +251,6 @@ class NativePort:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _identity_encoded(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a call's messages come uncompressed (the native stream reads each one;
-    grpc.aio decompresses the others)."""
-    for name, value in headers:
-        if name == b"grpc-encoding":
-            return value == b"identity"
-    return True
 
 
 class _Refused(asyncio.Protocol):

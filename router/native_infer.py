@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -41,33 +40,25 @@ from tritonmesh.proxy import _NOT_RETRIED, _retry_on_error
 from tritonmesh.wire import WireError, peek_request
 
 if TYPE_CHECKING:
-    from tritonmesh._core._h2 import Stream
+    from tritonmesh._core._h2 import H2Connection, Stream
     from tritonmesh.instance import Instance
     from tritonmesh.lease import Lease
     from tritonmesh.native_pool import UpstreamPool
 
-__all__ = ["MODEL_INFER", "NativeInfer", "call_metadata", "grpc_message", "parse_timeout"]
+__all__ = ["HOP_BY_HOP", "MODEL_INFER", "POLICY_KEYS", "NativeInfer", "call_metadata",
+           "grpc_message"]
 
 log = logging.getLogger("tritonmesh.native")
 
 MODEL_INFER: Final = b"/inference.GRPCInferenceService/ModelInfer"
-_UNITS: Final = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3,
-                 ord("u"): 1e-6, ord("n"): 1e-9}
-_DROPPED: Final = frozenset(k.encode() for k in _HOP_BY_HOP)
 _TARGET: Final = TARGET_VARIANT_KEY.encode()
 _PRIORITY: Final = PRIORITY_KEY.encode()
 _RETRY_ON: Final = RETRY_ON_KEY.encode()
 _TIMEOUT: Final = b"grpc-timeout"
-# What grpc-core takes as metadata (its legal header key / non-binary value).
-_LEGAL_KEY: Final = re.compile(rb"[0-9a-z_.\-]+")
-_LEGAL_VALUE: Final = re.compile(rb"[\x20-\x7e]*")
-
-
-def parse_timeout(value: bytes) -> float | None:
-    """A ``grpc-timeout`` value in seconds; None when malformed."""
-    if not 2 <= len(value) <= 9 or not value[:-1].isdigit() or value[-1] not in _UNITS:
-        return None
-    return int(value[:-1]) * _UNITS[value[-1]]
+# The client's request headers as the engine reads them (H2Connection's policy_keys and
+# hop_by_hop): the metadata the router acts on, and what stays at this hop.
+POLICY_KEYS: Final = frozenset((_TARGET, _PRIORITY, _RETRY_ON))
+HOP_BY_HOP: Final = frozenset(k.encode() for k in _HOP_BY_HOP)
 
 
 def _encode_timeout(seconds: float) -> bytes:
@@ -80,41 +71,37 @@ def _encode_timeout(seconds: float) -> bytes:
     return b"%dS" % min(micros // 1_000_000, 99_999_999)
 
 
-def call_metadata(stream: Stream) -> tuple[list[tuple[bytes, bytes]], str | None, int,
+def call_metadata(stream: Stream) -> tuple[list[tuple[bytes, bytes]] | None, str | None, int,
                                           float | None, str | None] | None:
-    """A call's metadata to forward, ``x-target-variant``, priority, deadline (monotonic)
-    and ``x-tritonmesh-retry-on``, from its HEADERS; None when the stream was answered
-    instead (metadata a gRPC server refuses, or a malformed priority)."""
-    forward: list[tuple[bytes, bytes]] = []
-    target = priority_value = retry_on = None
-    deadline = None
-    for name, value in stream.headers:
-        if name == _TIMEOUT:
-            timeout = parse_timeout(value)
-            if timeout is not None:
-                deadline = time.monotonic() + timeout
-        elif name == _TARGET:
-            target = value.decode(errors="replace")
-        elif name == _PRIORITY:
-            priority_value = value.decode(errors="replace")
-        elif name == _RETRY_ON:
-            retry_on = value.decode(errors="replace")
-        elif name[0] != 0x3A and name not in _DROPPED:  # 0x3A: ':' pseudo-headers
-            # Checked as grpc.aio checks a client's metadata, so that Triton (and the
-            # instance's standing) never sees what a gRPC server would refuse.
-            if _LEGAL_KEY.fullmatch(name) is None:
-                refuse(stream, "INTERNAL", "Illegal header key: "
-                       + name.decode(errors="backslashreplace"))
-                return None
-            if not name.endswith(b"-bin") and _LEGAL_VALUE.fullmatch(value) is None:
-                refuse(stream, "INTERNAL", "Illegal header value for key " + name.decode())
-                return None
-            forward.append((name, value))
-    priority = priority_of(priority_value)
-    if isinstance(priority, str):
-        refuse(stream, "INVALID_ARGUMENT", priority)
+    """A call's metadata to forward (None: none), ``x-target-variant``, priority, deadline
+    (monotonic) and ``x-tritonmesh-retry-on``, as the engine read them from its HEADERS;
+    None when the stream was answered instead (metadata a gRPC server refuses, or a
+    malformed priority)."""
+    illegal = stream.illegal
+    if illegal is not None:
+        # Refused as grpc.aio refuses a client's metadata, so that Triton (and the
+        # instance's standing) never sees what a gRPC server would not take.
+        refuse(stream, "INTERNAL", "Illegal header value for key " + illegal.decode()
+               if stream.illegal_value
+               else "Illegal header key: " + illegal.decode(errors="backslashreplace"))
         return None
-    return forward, target, priority, deadline, retry_on
+    target = retry_on = None
+    priority = 0
+    values = stream.policy_values
+    if values is not None:
+        if (value := values.get(_TARGET)) is not None:
+            target = value.decode(errors="replace")
+        if (value := values.get(_PRIORITY)) is not None:
+            parsed = priority_of(value.decode(errors="replace"))
+            if isinstance(parsed, str):
+                refuse(stream, "INVALID_ARGUMENT", parsed)
+                return None
+            priority = parsed
+        if (value := values.get(_RETRY_ON)) is not None:
+            retry_on = value.decode(errors="replace")
+    timeout = stream.timeout
+    return (stream.metadata, target, priority,
+            None if timeout < 0 else time.monotonic() + timeout, retry_on)
 
 
 class NativeInfer:
@@ -124,31 +111,31 @@ class NativeInfer:
         self.balancer = balancer
         self.pool = pool
         self.floor_s = floor_s
-        # Per address: its :scheme and :authority fields (https for upstream_tls).
-        self._origin: dict[str, tuple[tuple[bytes, bytes], tuple[bytes, bytes]]] = {}
-
-    def wants(self, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Whether this path serves a call with these headers (else it is relayed)."""
-        for name, value in headers:
-            if name == _TIMEOUT and parse_timeout(value) is None:
-                return False
-        return True
+        # Per address, per path: the HEADERS of a call there, but for the client's
+        # deadline and metadata (built once; nghttp2 copies what it is given).
+        self._headers: dict[str, dict[bytes, list[tuple[bytes, bytes]]]] = {}
 
     def request_headers(self, instance: Instance, path: bytes, remaining: float | None,
-                        forward: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+                        metadata: list[tuple[bytes, bytes]] | None) -> list[tuple[bytes, bytes]]:
         """The HEADERS of a call to ``instance`` at ``path`` (``grpc-timeout``: ``remaining``
-        seconds), with the client's metadata ``forward``."""
+        seconds), with the client's metadata to forward."""
         address = instance.address
-        origin = self._origin.get(address)
-        if origin is None:
+        paths = self._headers.get(address)
+        if paths is None:
+            paths = self._headers[address] = {}
+        headers = paths.get(path)
+        if headers is None:
             scheme = b"http" if instance.variant.config.upstream_tls is None else b"https"
-            origin = self._origin[address] = ((b":scheme", scheme),
-                                              (b":authority", address.encode()))
-        headers = [(b":method", b"POST"), origin[0], (b":path", path), origin[1],
-                   (b"te", b"trailers"), (b"content-type", b"application/grpc")]
+            headers = paths[path] = [(b":method", b"POST"), (b":scheme", scheme),
+                                     (b":path", path), (b":authority", address.encode()),
+                                     (b"te", b"trailers"),
+                                     (b"content-type", b"application/grpc")]
         if remaining is not None:
-            headers.append((_TIMEOUT, _encode_timeout(remaining)))
-        return headers + forward
+            headers = [*headers, (_TIMEOUT, _encode_timeout(remaining))]
+            if metadata is not None:
+                headers += metadata
+            return headers
+        return headers if metadata is None else headers + metadata
 
     def start(self, stream: Stream, message: bytes) -> None:
         """The first message of a ModelInfer is here: choose an instance and send it."""
@@ -166,11 +153,11 @@ class NativeInfer:
             if refused is not None:
                 refuse(stream, "INVALID_ARGUMENT", refused)
                 return
-        remaining = None if deadline is None else deadline - time.monotonic()
-        late = too_late(remaining, self.floor_s)
-        if late is not None:
-            refuse(stream, "DEADLINE_EXCEEDED", late)
-            return
+        if deadline is not None:
+            late = too_late(deadline - time.monotonic(), self.floor_s)
+            if late is not None:
+                refuse(stream, "DEADLINE_EXCEEDED", late)
+                return
         self.balancer.retry_budget.deposit()
         request = Request(stream, info, message, target, priority, forward, deadline,
                            retry_on is not None)
@@ -179,10 +166,12 @@ class NativeInfer:
         except NoInstanceError as exc:
             refuse(stream, exc.code_name, str(exc))
             return
-        if lease is None or self.pool.get(lease.instance.address) is None:
-            self._wait_then_send(request, lease, None)
-            return
-        self._send(request, lease)
+        if lease is not None:
+            connection = self.pool.get(lease.instance.address)
+            if connection is not None:
+                self._send(request, lease, connection)
+                return
+        self._wait_then_send(request, lease, None)
 
     def retry(self, request: Request, failed: Instance, details: str, code_name: str) -> None:
         """Send ``request``, whose try on ``failed`` ended as ``details`` say (it provably
@@ -258,9 +247,11 @@ class NativeInfer:
             lease.abandon("CANCELLED")
             return
         stream.handler = None
-        self._send(request, lease)
+        self._send(request, lease, self.pool.get(lease.instance.address))
 
-    def _send(self, request: Request, lease: Lease) -> None:
+    def _send(self, request: Request, lease: Lease, connection: H2Connection | None) -> None:
+        """Send ``request`` on ``connection`` (None: it closed meanwhile) to the instance
+        ``lease`` holds."""
         stream = request.stream
         instance = lease.instance
         remaining = None
@@ -271,14 +262,15 @@ class NativeInfer:
                 lease.abandon()
                 refuse(stream, "DEADLINE_EXCEEDED", late)
                 return
-        timeout, per_try_bound = attempt_timeout(remaining,
-                                                 instance.variant.config.per_try_timeout_s)
+        timeout, per_try_bound = remaining, False
+        per_try_s = instance.variant.config.per_try_timeout_s
+        if per_try_s is not None:
+            timeout, per_try_bound = attempt_timeout(remaining, per_try_s)
         address = instance.address
         # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
         # timer resets the stream), so that Triton's own expiry of the same instant does
         # not answer in its place.
         headers = self.request_headers(instance, MODEL_INFER, remaining, request.forward)
-        connection = self.pool.get(address)
         call = Call(lease, request, self)
         # A request sent again: its first message left the client's stream with the first try.
         first = None if not request.sent else \

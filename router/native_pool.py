@@ -29,8 +29,9 @@ class UpstreamPool:
 
     def __init__(self, *, stream_window: int, connection_window: int,
                  max_header_list_bytes: int):
-        self._settings = {"stream_window": stream_window, "connection_window": connection_window,
-                          "max_header_list_bytes": max_header_list_bytes}
+        self._settings: dict[str, Any] = {
+            "stream_window": stream_window, "connection_window": connection_window,
+            "max_header_list_bytes": max_header_list_bytes}
         self._connections: dict[str, H2Connection] = {}
         self._connecting: dict[str, asyncio.Future[H2Connection]] = {}
         self._contexts: dict[UpstreamTLS, ssl.SSLContext] = {}  # one per variant's settings

@@ -97,8 +97,8 @@ class Session:
                  "upstreams", "waiting")
 
     def __init__(self, policy: NativeStreams, client: Stream,
-                 forward: list[tuple[bytes, bytes]], target: str | None, priority: int,
-                 deadline: float | None):
+                 forward: list[tuple[bytes, bytes]] | None, target: str | None,
+                 priority: int, deadline: float | None):
         self.policy = policy
         self.balancer = policy.balancer
         self.client = client

@@ -501,6 +501,37 @@ def test_non_grpc_content_type_answers_as_grpc_does(make_router: Any,
     assert answers[1].get(":status") != "200" or answers[1].get("grpc-status") not in (None, "0")
 
 
+def test_a_unary_call_costs_its_client_no_window_update(native: None,
+                                                        make_router: Any) -> None:
+    """A ModelInfer whose message comes with END_STREAM (a unary gRPC call's usual last frame)
+    is answered with no WINDOW_UPDATE for its stream: raising the window of a request that
+    has sent everything lets nothing more through and costs a write to the client per call.
+    Two calls to one instance: the first waits for the upstream connection to be made, the
+    second finds it (and is sent while its client stream is still being read)."""
+    router = make_router(workers=1)
+    client = RawClient(router.address)
+    updates: list[tuple[int, int]] = []
+    for stream_id in (1, 3):
+        client.conn.send_headers(stream_id, client.headers(MODEL_INFER, "application/grpc"))
+        client.conn.send_data(stream_id, _identity_message(), end_stream=True)
+        client.send()
+        trailers: dict[bytes, bytes] = {}
+        ended = False
+        while not ended:
+            for event in client.events():
+                assert event is not None, "the connection closed"
+                if isinstance(event, h2.events.WindowUpdated) and event.stream_id:
+                    updates.append((event.stream_id, event.delta))
+                if isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+                ended = ended or isinstance(event, (h2.events.StreamEnded,
+                                                    h2.events.StreamReset))
+        assert trailers.get(b"grpc-status") == b"0"
+    client.close()
+    assert updates == []
+    router.wait_idle()
+
+
 def test_malformed_frame_closes_only_that_connection(native: None, make_router: Any) -> None:
     router = make_router()
     client = RawClient(router.address)
