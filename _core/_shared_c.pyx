@@ -149,7 +149,6 @@ cdef class SharedTable:
     cdef uint32_t* _cum
     cdef Py_ssize_t _nskip
     cdef uint64_t _weights_gen
-    cdef bint _even
     cdef double _top_weight
     # The picture of the weights (_shared_weights.pxi): the common weight, the odd slots (a
     # list and a bitmap), and whether the index serves least-outstanding picks.

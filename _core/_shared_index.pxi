@@ -196,6 +196,21 @@ cdef Py_ssize_t _least_in_overflow(SharedTable table, Py_ssize_t words) noexcept
     return best
 
 
+cdef int _check_drawn(SharedTable table, Py_ssize_t s, uint32_t level) noexcept nogil:
+    """Slot ``s``, drawn from a snapshot of ``level``'s row: 1 it is the pick (``_scanned``
+    set), 0 this process's view rules it out (it is now in the skip set), -1 the index was
+    stale (the slot left the level or stopped being pickable since)."""
+    cdef uint64_t status = tm_load64(table._statusp(s))
+    cdef uint32_t count
+    if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
+        _skip_slot(table, s)
+        return 0
+    if not _pickable(table, s, &status, &count) or count > level:
+        return -1
+    table._scanned = status
+    return 1
+
+
 cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     """The least-outstanding pickable slot, uniform among ties, from the index: the lowest
     level with a slot this process may use, then its r-th such slot in slot order for one
@@ -203,9 +218,10 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     seed). -1: the index had nothing, or what it had was stale; the caller scans."""
     cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
     cdef Py_ssize_t s
-    cdef uint32_t level, count
+    cdef uint32_t level
     cdef uint64_t* row
-    cdef uint64_t status, ties
+    cdef uint64_t ties
+    cdef int drawn
     if table._nskip:
         _unskip_visible(table)
     for level in range(LEVELS - 1):
@@ -220,14 +236,10 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
                 return _least_with_odd(table, level, ties, words)
             s = tm_snap_select(table._snap, table._cum, words,
                                table._below(ties) if ties > 1 else 0)
-            status = tm_load64(table._statusp(s))
-            if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
-                _skip_slot(table, s)  # then draw again among the rest of this level
-                continue
-            if not _pickable(table, s, &status, &count) or count > level:
-                return -1
-            table._scanned = status
-            return s
+            drawn = _check_drawn(table, s, level)
+            if drawn == 0:
+                continue  # draw again among the rest of this level
+            return s if drawn > 0 else -1
     if table._nodd:
         return -1  # the common weight's slots all count LEVELS - 1 or more: the scan decides
     return _least_in_overflow(table, words)
@@ -248,7 +260,7 @@ cdef Py_ssize_t _sample_random(SharedTable table) noexcept nogil:
         s = <Py_ssize_t>table._below(<uint64_t>high)
         if not _pickable(table, s, &status, &count):
             continue
-        if not table._even and (<double>(xorshift64star(&table._rng) >> 11) *
+        if table._nodd and (<double>(xorshift64star(&table._rng) >> 11) *
                                 (1.0 / 9007199254740992.0) * table._top_weight >=
                                 tm_load_f64(table._weightp(s))):
             continue

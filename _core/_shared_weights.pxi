@@ -63,7 +63,6 @@ cdef void _read_weights(SharedTable table) noexcept nogil:
         table._nodd += 1
         _odd_bit(table, s, True)
     table._common_weight = common
-    table._even = table._nodd == 0
     table._indexed = table._nodd <= ODD_MAX
     table._top_weight = top
     table._weights_gen = gen
@@ -121,11 +120,4 @@ cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, uint64_t ties
     if r - k >= ties:
         return -1  # the counts moved
     s = tm_snap_select(table._snap, table._cum, words, r - k)
-    status = tm_load64(table._statusp(s))
-    if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
-        _skip_slot(table, s)
-        return -1
-    if not _pickable(table, s, &status, &count) or count > level:
-        return -1
-    table._scanned = status
-    return s
+    return s if _check_drawn(table, s, level) > 0 else -1

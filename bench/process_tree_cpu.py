@@ -40,9 +40,9 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def role(pid: int, top: int) -> str:
+def role(pid: int, top: int, processes: int) -> str:
     if pid == top:
-        return "supervisor" if len(tree(top)) > 1 else "router"
+        return "supervisor" if processes > 1 else "router"
     return "router process"
 
 
@@ -60,7 +60,7 @@ async def measure(worker: str, k: int, args: argparse.Namespace, d: Path) -> Non
         done = rate * args.seconds
         print(f"K={k}: {rate:.0f} req/s at {args.users} users, P50 {p50:.2f} ms")
         for p in pids:
-            print(f"  {role(p, top):<15} pid {p:<7} idle {idle[p]:6.2%} of a core"
+            print(f"  {role(p, top, len(pids)):<15} pid {p:<7} idle {idle[p]:6.2%} of a core"
                   f"   under load {spent[p] / done * 1e6:6.1f} µs/req")
         print(f"  {'all':<27} idle {sum(idle.values()):6.2%} of a core   under load "
               f"{sum(spent.values()) / done * 1e6:6.1f} µs/req")

@@ -139,7 +139,7 @@ class Balancer:
                     "INVALID_ARGUMENT",
                 )
             return variant
-        candidates = self._serving.get(model_name, self._unlisted)  # _variants_for's
+        candidates = self._variants_for(model_name)
         if len(candidates) == 1:
             return candidates[0]
         ready = [v for v in candidates if v.table.pickable()] or candidates

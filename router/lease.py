@@ -35,8 +35,7 @@ class Lease:
                  stats: ModelStats, queued_s: float = 0.0):
         self.instance = instance
         self.cost = cost  # what it was counted with, and is given back with
-        # LEAST_OUTSTANDING_WORK: the work it found there
-        self.ahead = 0.0 if instance.variant.work is None else instance.work_ahead()
+        self.ahead = instance.work_ahead()  # LEAST_OUTSTANDING_WORK: the work it found there
         self.outliers = outliers
         self.started = time.perf_counter()
         self._held = True

@@ -119,7 +119,7 @@ class Call:
         lease = self.lease
         self._done()
         if code == b"0":
-            lease.outliers.success(lease.instance)
+            lease.succeeded()
             lease.release(True)
             return
         lease.code = failed = code_name(code, status)

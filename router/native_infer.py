@@ -132,9 +132,6 @@ class NativeInfer:
                                      (b"content-type", b"application/grpc")]
         if remaining is not None:
             headers = [*headers, (_TIMEOUT, _encode_timeout(remaining))]
-            if metadata is not None:
-                headers += metadata
-            return headers
         return headers if metadata is None else headers + metadata
 
     def start(self, stream: Stream, message: bytes) -> None:
@@ -262,10 +259,8 @@ class NativeInfer:
                 lease.abandon()
                 refuse(stream, "DEADLINE_EXCEEDED", late)
                 return
-        timeout, per_try_bound = remaining, False
-        per_try_s = instance.variant.config.per_try_timeout_s
-        if per_try_s is not None:
-            timeout, per_try_bound = attempt_timeout(remaining, per_try_s)
+        timeout, per_try_bound = attempt_timeout(remaining,
+                                                 instance.variant.config.per_try_timeout_s)
         address = instance.address
         # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
         # timer resets the stream), so that Triton's own expiry of the same instant does
