@@ -105,6 +105,9 @@ class Stream:
     def finish(self, status: int, message: bytes) -> None:
         """End the call with a gRPC status and a percent-encoded message."""
     def reset(self, error_code: int = 8) -> None: ...
+    @property
+    def request_sent(self) -> bool:
+        """Everything it is to send went to nghttp2, END_STREAM with the last of it."""
     def unpair(self) -> None:
         """End its pairing: neither stream's end reaches the other any more."""
 

@@ -215,6 +215,12 @@ cdef class Stream:
         if not self.closed:
             self.connection.reset(self.id, error_code)
 
+    @property
+    def request_sent(self) -> bool:
+        """Everything this (client-side) stream is to send went to nghttp2, and its
+        END_STREAM goes with the last of it: the peer can have the whole request."""
+        return self.out_eof and buf_len(&self.out) == 0
+
     def unpair(self) -> None:
         """End its pairing (a client's stream whose upstream stream was given up on: the
         call goes to another); what either holds stays, and neither's end reaches the other."""

@@ -79,6 +79,9 @@ __all__ = [
     "parse_config",
 ]
 
+# A variant's upstream_cancellation values (VariantConfig).
+CANCELLATIONS: Final = ("absorb", "forward")
+
 
 @dataclass(frozen=True)
 class LocalWorkers:
@@ -124,6 +127,16 @@ class VariantConfig:
     discovery: DnsDiscovery | None = None
     # Data path under faults: a ModelInfer attempt gets at most this long upstream; None: off.
     per_try_timeout_s: float | None = None
+    # What a ModelInfer whose client left (cancelled, or its deadline passed) does upstream:
+    # "absorb" lets Triton finish it (at most absorb_timeout_s more) and drops the answer,
+    # and sends Triton no deadline; "forward" resets it. Triton's gRPC frontend can crash
+    # on a cancellation racing a completion (server#7368, #8034), so absorb is the default.
+    upstream_cancellation: str = "absorb"
+    absorb_timeout_s: float = 60.0
+
+    @property
+    def absorbs(self) -> bool:
+        return self.upstream_cancellation == "absorb"
     # Late binding's queue by Triton's request priority (1 first): the class of requests
     # without one, and how long a request waits before it goes ahead of new requests of the
     # class above (so none starves).
@@ -185,8 +198,9 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                        "local_workers", "max_concurrency_per_instance", "max_queue",
                        "queue_order", "default_deadline_s", "slow_start_s",
                        "dispatch_ahead_s", "upstream_tls", "discovery",
-                       "per_try_timeout_s", "default_priority", "priority_aging_s",
-                       "shadow", "load_report"}, where)
+                       "per_try_timeout_s", "upstream_cancellation", "absorb_timeout_s",
+                       "default_priority", "priority_aging_s", "shadow", "load_report"},
+               where)
     if "name" not in data:
         raise ConfigError(f"{where}name: required")
     name = _expect(data["name"], str, f"{where}name")
@@ -243,6 +257,11 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
                           "running one ends needs to know when that is, so it needs "
                           "routing_strategy LEAST_OUTSTANDING_WORK and "
                           "max_concurrency_per_instance: 1")
+    cancellation = _expect(data.get("upstream_cancellation", "absorb"), str,
+                           f"{where}upstream_cancellation").lower()
+    if cancellation not in CANCELLATIONS:
+        raise ConfigError(f"{where}upstream_cancellation: expected one of "
+                          f"{', '.join(CANCELLATIONS)}, got {data['upstream_cancellation']!r}")
     upstream_tls = None
     if data.get("upstream_tls") is not None and data["upstream_tls"] is not False:
         if local is not None:
@@ -269,6 +288,8 @@ def _variant(data: Any, where: str, base: Path) -> VariantConfig:
         discovery=discovery,
         per_try_timeout_s=None if data.get("per_try_timeout_s") is None
         else _weight(data["per_try_timeout_s"], f"{where}per_try_timeout_s"),
+        upstream_cancellation=cancellation,
+        absorb_timeout_s=_weight(data.get("absorb_timeout_s", 60.0), f"{where}absorb_timeout_s"),
         default_priority=_positive_int(data.get("default_priority", 1),
                                        f"{where}default_priority"),
         priority_aging_s=_weight(data.get("priority_aging_s", 1.0), f"{where}priority_aging_s"),

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, NamedTuple
+import asyncio
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import grpc
 import grpc.aio
+from tritonmesh.workers.upstream import cancel_in_core
 
 if TYPE_CHECKING:
     from tritonmesh.instance import Instance
+    from tritonmesh.lease import Lease
     from tritonmesh.outlier import OutlierDetector
 
 __all__ = [
     "PRIORITY_KEY",
     "RETRY_ON_KEY",
     "TARGET_VARIANT_KEY",
+    "Absorbed",
     "CallMetadata",
     "Metadata",
     "attempt_timeout",
@@ -22,6 +26,7 @@ __all__ = [
     "forwardable_metadata",
     "judge",
     "never_reached",
+    "per_try_expired",
     "priority_of",
     "split_metadata",
     "status",
@@ -74,6 +79,33 @@ def split_metadata(context: grpc.aio.ServicerContext) -> CallMetadata:
     return CallMetadata(tuple(forward), target, retry_on, priority)
 
 
+class Absorbed:
+    """An upstream ModelInfer whose client left (it cancelled, or its deadline passed), left
+    to finish when its variant absorbs cancellations (``upstream_cancellation``): Triton's
+    gRPC frontend can crash on a cancellation that races the request's completion. The
+    lease stays held (Triton is still working) until Triton answers, or at most
+    ``absorb_timeout_s``, when the call is cancelled after all."""
+
+    __slots__ = ("active", "lease")
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+        self.active = False  # it took the call: the call releases the lease, not its caller
+
+    def take(self, call: grpc.aio.Call, running: asyncio.Future[Any]) -> None:
+        lease = self.lease
+        self.active = True
+        lease.instance.absorbed += 1
+        timer = asyncio.get_running_loop().call_later(
+            lease.instance.variant.config.absorb_timeout_s, cancel_in_core, call)
+
+        def finished(_: asyncio.Future[Any]) -> None:
+            timer.cancel()
+            lease.release(False)
+
+        running.add_done_callback(finished)
+
+
 def priority_of(value: str | None) -> int | str:
     """The priority class an ``x-tritonmesh-priority`` value names (0: none), or why it is
     refused."""
@@ -116,12 +148,17 @@ def judge(outliers: OutlierDetector, instance: Instance, exc: grpc.aio.AioRpcErr
         outliers.connect_failure(instance)
         return exc.details() or code.name, "unreached"
     if per_try_bound and code == grpc.StatusCode.DEADLINE_EXCEEDED and not client_gone(context):
-        outliers.failure(instance, "PER_TRY_TIMEOUT")
-        per_try = instance.variant.config.per_try_timeout_s
-        return (f"upstream instance {instance.address} did not answer within "
-                f"per_try_timeout_s ({per_try:g} s)"), "timeout"
+        return per_try_expired(outliers, instance), "timeout"
     outliers.failure(instance, code.name)
     return exc.details() or code.name, None
+
+
+def per_try_expired(outliers: OutlierDetector, instance: Instance) -> str:
+    """An attempt outlived its variant's ``per_try_timeout_s``: charged to the instance;
+    the details to answer with."""
+    outliers.failure(instance, "PER_TRY_TIMEOUT")
+    return (f"upstream instance {instance.address} did not answer within "
+            f"per_try_timeout_s ({instance.variant.config.per_try_timeout_s:g} s)")
 
 
 def never_reached(exc: grpc.aio.AioRpcError) -> bool:

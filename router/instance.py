@@ -43,9 +43,9 @@ class Instance:
     """One Triton server inside a variant, with what the router has seen of it."""
 
     __slots__ = (
-        "address", "drained", "ejected", "ejected_until", "ejections", "errors", "failures",
-        "healthy", "latency_buckets", "latency_sum", "requests", "sent_ahead", "slot", "state",
-        "upstream", "variant", "weight",
+        "absorbed", "address", "drained", "ejected", "ejected_until", "ejections", "errors",
+        "failures", "healthy", "latency_buckets", "latency_sum", "requests", "sent_ahead", "slot",
+        "state", "upstream", "variant", "weight",
     )
 
     def __init__(self, variant: Variant, slot: int, upstream: Upstream, weight: float = 1.0):
@@ -67,6 +67,7 @@ class Instance:
         self.requests = 0
         self.errors = 0
         self.sent_ahead = 0  # requests handed over while the one before still ran
+        self.absorbed = 0  # calls whose client left, left to finish (upstream_cancellation)
         self.latency_sum = 0.0
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
 

@@ -60,6 +60,10 @@ class BalancerCollector(Collector):
             "tritonmesh_instance_dispatched_ahead",
             "Requests sent to the instance before the one it was running ended "
             "(dispatch_ahead_s).", labels=labels)
+        absorbed = CounterMetricFamily(
+            "tritonmesh_instance_absorbed",
+            "ModelInfer calls whose client left (cancelled, or its deadline passed) that the "
+            "instance was left to finish (upstream_cancellation: absorb).", labels=labels)
         queued = GaugeMetricFamily(
             "tritonmesh_variant_queued_requests",
             "Requests waiting in the router for an instance below its concurrency limit.",
@@ -90,6 +94,7 @@ class BalancerCollector(Collector):
                 healthy.add_metric(lv, 1.0 if inst.healthy else 0.0)
                 requests.add_metric(lv, inst.requests)
                 errors.add_metric(lv, inst.errors)
+                absorbed.add_metric(lv, inst.absorbed)
                 if variant.ahead is not None:
                     ahead.add_metric(lv, inst.sent_ahead)
                 cumulative = 0
@@ -110,8 +115,8 @@ class BalancerCollector(Collector):
             "budget).", labels=["reason"])
         for reason, n in list(budget.refused.items()):
             refused.add_metric([reason], n)
-        yield from (outstanding, healthy, requests, errors, ahead, latency, variant_outstanding,
-                    queued, retries, refused, hint_quality, hint_residual)
+        yield from (outstanding, healthy, requests, errors, absorbed, ahead, latency,
+                    variant_outstanding, queued, retries, refused, hint_quality, hint_residual)
         yield from self.balancer.metrics.families(self.endpoint)
 
 

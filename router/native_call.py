@@ -95,9 +95,16 @@ class Request:
 
 
 class Call:
-    """One ModelInfer sent upstream: what ends it releases its lease, once."""
+    """One ModelInfer sent upstream: what ends it releases its lease, once.
 
-    __slots__ = ("client", "infer", "lease", "request", "timer", "upstream")
+    A call whose client left (it cancelled, or its deadline passed) is *absorbed* when its
+    variant says so (``upstream_cancellation: absorb``): the client is answered at once, and
+    the upstream stream is left to finish, its answer dropped, its lease held until then
+    (Triton is still working on it), at most ``absorb_timeout_s``. Triton's gRPC frontend
+    can crash on a cancellation that races the request's completion.
+    """
+
+    __slots__ = ("absorbed", "client", "infer", "lease", "request", "timer", "upstream")
 
     def __init__(self, lease: Lease, request: Request, infer: NativeInfer):
         self.lease = lease
@@ -106,9 +113,13 @@ class Call:
         self.client = request.stream
         self.upstream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.absorbed = False
 
     def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Triton answered (its trailers are on their way to the client)."""
+        if self.absorbed:
+            self._finish_absorbed()
+            return
         code = status = b""
         for name, value in headers:
             if name == b"grpc-status":
@@ -131,13 +142,19 @@ class Call:
         lease = self.lease
         if not lease.held:
             return
-        self._done()
+        if self.absorbed:  # Triton ended the call its client had left
+            self._finish_absorbed()
+            return
         if stream is self.client:  # the client cancelled, or its connection was lost
+            lease.code = "CANCELLED"
+            if self._absorb():
+                return
+            self._done()
             if self.upstream is not None:
                 self.upstream.reset(_CANCEL)
-            lease.code = "CANCELLED"
             lease.release(False)
             return
+        self._done()
         instance = lease.instance
         retired = stream.connection.retired
         if retired is not None:  # the router closed it: the instance left the fleet
@@ -197,16 +214,53 @@ class Call:
         refuse(self.client, "DEADLINE_EXCEEDED", text)
 
     def _give_up(self, charge: str) -> None:
-        """Its timer fired: the upstream stream is reset (Triton sees the cancellation),
-        the instance charged ``charge``, the lease released."""
+        """Its timer fired: the instance is charged ``charge``, and the upstream stream
+        absorbed, or else reset (Triton sees the cancellation) and the lease released."""
         lease = self.lease
         self.timer = None
+        lease.code = "DEADLINE_EXCEEDED"
+        lease.outliers.failure(lease.instance, charge)
+        if self._absorb():
+            return
         self._done()
         if self.upstream is not None:
             self.upstream.reset(_CANCEL)
-        lease.code = "DEADLINE_EXCEEDED"
-        lease.outliers.failure(lease.instance, charge)
         lease.release(False)
+
+    def _absorb(self) -> bool:
+        """Leave Triton the call its client has left, if its variant absorbs cancellations
+        and the whole request went upstream (Triton cannot be completing one it has not
+        all of, so a reset races nothing, and the bytes the router holds go); False: it is
+        to be reset."""
+        upstream = self.upstream
+        config = self.lease.instance.variant.config
+        if upstream is None or upstream.closed or not config.absorbs \
+                or not upstream.request_sent:
+            return False
+        client = self.client
+        client.handler = None
+        client.unpair()  # Triton's answer goes nowhere; the client's end does not reset it
+        self.lease.instance.absorbed += 1
+        if self.timer is not None:
+            self.timer.cancel()
+        self.absorbed = True
+        self.timer = asyncio.get_running_loop().call_later(config.absorb_timeout_s,
+                                                           self._absorb_expired)
+        return True
+
+    def _finish_absorbed(self) -> None:
+        self._done()
+        self.lease.release(False)
+
+    def _absorb_expired(self) -> None:
+        """Triton kept an absorbed call ``absorb_timeout_s``: reset it after all."""
+        self.timer = None
+        if not self.lease.held:
+            return
+        self._done()
+        if self.upstream is not None:
+            self.upstream.reset(_CANCEL)
+        self.lease.release(False)
 
     def _done(self) -> None:
         self.client.handler = None

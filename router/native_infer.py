@@ -259,13 +259,15 @@ class NativeInfer:
                 lease.abandon()
                 refuse(stream, "DEADLINE_EXCEEDED", late)
                 return
-        timeout, per_try_bound = attempt_timeout(remaining,
-                                                 instance.variant.config.per_try_timeout_s)
+        config = instance.variant.config
+        timeout, per_try_bound = attempt_timeout(remaining, config.per_try_timeout_s)
         address = instance.address
-        # Triton gets the client's budget; a per-try timeout is the router's to enforce (its
-        # timer resets the stream), so that Triton's own expiry of the same instant does
-        # not answer in its place.
-        headers = self.request_headers(instance, MODEL_INFER, remaining, request.forward)
+        # Triton gets the client's budget (none when the variant absorbs cancellations: its
+        # expiry inside Triton is a cancellation too); a per-try timeout is the router's to
+        # enforce, so that Triton's own expiry of the same instant does not answer in its
+        # place.
+        headers = self.request_headers(instance, MODEL_INFER,
+                                       None if config.absorbs else remaining, request.forward)
         call = Call(lease, request, self)
         # A request sent again: its first message left the client's stream with the first try.
         first = None if not request.sent else \

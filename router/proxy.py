@@ -26,11 +26,13 @@ from tritonmesh.forwarding import (
     RETRY_ON_KEY,
     RETRY_ON_VALUES,
     TARGET_VARIANT_KEY,
+    Absorbed,
     Metadata,
     attempt_timeout,
     client_gone,
     forwardable_metadata,
     judge,
+    per_try_expired,
     priority_of,
     split_metadata,
     status,
@@ -132,41 +134,50 @@ class Proxy:
                 if answer is not None:
                     copied.append(answer)
             ok = False
-            failed: tuple[grpc.StatusCode, str, Metadata] | None = None
-            timeout, per_try_bound = attempt_timeout(
-                remaining, instance.variant.config.per_try_timeout_s)
+            config = instance.variant.config
+            timeout, per_try_bound = attempt_timeout(remaining, config.per_try_timeout_s)
+            # Absorbing, Triton gets no deadline (its expiry there is a cancellation too):
+            # the client's is grpc.aio's to enforce, a per-try timeout the router's.
+            absorb = Absorbed(lease) if config.absorbs else None
             lease.sending()
             try:
-                response: bytes = await await_call(instance.upstream.model_infer(
-                    request, timeout=timeout, metadata=metadata
-                ))
+                call = await_call(instance.upstream.model_infer(
+                    request, timeout=timeout if absorb is None else None, metadata=metadata
+                ), None if absorb is None else absorb.take)
+                response: bytes = await (call if absorb is None or not per_try_bound
+                                         else asyncio.wait_for(call, timeout))
                 ok = True
                 lease.succeeded()
                 return response
             except grpc.aio.AioRpcError as exc:
                 lease.code = exc.code().name
+                code, trailing = exc.code(), tuple(exc.trailing_metadata() or ())
                 details, retryable = judge(lease.outliers, instance, exc, per_try_bound, context)
-                # Only a request that provably never reached Triton, or one whose client
-                # said it may run twice, goes elsewhere; a sequence is pinned, never moved.
-                retry = retryable == "unreached" or (retryable == "timeout" and retry_on_timeout)
-                if retry and info.sequence_id is None:
-                    attempt += 1
-                    refused = budget.withdraw(attempt, context.time_remaining())
-                    if refused is None:
-                        avoid = instance
-                        continue
-                    details = f"{details} (not retried: {_NOT_RETRIED[refused]})"
-                if client_gone(context):
-                    # gRPC has already answered the client (cancelled, deadline passed); a
-                    # status sent now fails in the core and is logged as an error.
-                    raise asyncio.CancelledError from None
-                failed = (exc.code(), details, tuple(exc.trailing_metadata() or ()))
+            except TimeoutError:  # the router's per-try timer; the call was absorbed
+                lease.code = "DEADLINE_EXCEEDED"
+                code, trailing = grpc.StatusCode.DEADLINE_EXCEEDED, ()
+                details, retryable = per_try_expired(lease.outliers, instance), "timeout"
             finally:
-                lease.release(ok)
-            # Only now: abort() sends the status before it raises, and a client that has
-            # its answer must find the request released (its count back, its outcome seen).
-            assert failed is not None
-            await context.abort(*failed)
+                if absorb is None or not absorb.active:  # an absorbed call releases its own
+                    lease.release(ok)
+            # Only a request that provably never reached Triton, or one whose client said
+            # it may run twice, goes elsewhere; a sequence is pinned, never moved.
+            retry = retryable == "unreached" or (retryable == "timeout" and retry_on_timeout)
+            if retry and info.sequence_id is None:
+                attempt += 1
+                refused = budget.withdraw(attempt, context.time_remaining())
+                if refused is None:
+                    avoid = instance
+                    continue
+                details = f"{details} (not retried: {_NOT_RETRIED[refused]})"
+            if client_gone(context):
+                # gRPC has already answered the client (cancelled, deadline passed); a
+                # status sent now fails in the core and is logged as an error.
+                raise asyncio.CancelledError from None
+            # Only now, released: abort() sends the status before it raises, and a client
+            # that has its answer must find the request released (its count back, its
+            # outcome seen).
+            await context.abort(code, details, trailing)
 
     async def model_stream_infer(
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext

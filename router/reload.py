@@ -39,7 +39,8 @@ _VARIANT_AT_START = ("local_workers", "queue_order", "dispatch_ahead_s", "discov
                      "load_report")
 _VARIANT_LIVE = ("name", "weight", "routing_strategy", "models", "instances",
                  "max_concurrency", "max_queue", "default_deadline_s", "slow_start_s",
-                 "upstream_tls", "per_try_timeout_s", "default_priority", "priority_aging_s")
+                 "upstream_tls", "per_try_timeout_s", "upstream_cancellation",
+                 "absorb_timeout_s", "default_priority", "priority_aging_s")
 
 
 def _work_table(strategy: RoutingStrategy) -> bool:

@@ -23,13 +23,17 @@ def test_defaults() -> None:
     assert config.limits.min_upstream_deadline_ms == 5.0
     assert config.limits.max_pending_calls == 10_000
     assert config.variants[0].per_try_timeout_s is None
+    assert config.variants[0].absorbs and config.variants[0].absorb_timeout_s == 60.0
 
 
 def test_values_are_read() -> None:
-    config = parse_config({"variants": [{**_VARIANT, "per_try_timeout_s": 0.5}],
+    config = parse_config({"variants": [{**_VARIANT, "per_try_timeout_s": 0.5,
+                                         "upstream_cancellation": "Forward",
+                                         "absorb_timeout_s": 5}],
                            "limits": {"max_stream_requests_in_flight": 8,
                                       "min_upstream_deadline_ms": 0, "max_pending_calls": 50}})
     assert config.variants[0].per_try_timeout_s == 0.5
+    assert not config.variants[0].absorbs and config.variants[0].absorb_timeout_s == 5.0
     limits = config.limits
     assert (limits.max_stream_requests_in_flight, limits.min_upstream_deadline_ms,
             limits.max_pending_calls) == (8, 0.0, 50)
@@ -47,6 +51,12 @@ def test_values_are_read() -> None:
      "variants[0].per_try_timeout_s: must be a positive number"),
     ({"variants": [{**_VARIANT, "per_try_timeout_s": "1s"}]},
      "variants[0].per_try_timeout_s: expected an integer or a number"),
+    ({"variants": [{**_VARIANT, "upstream_cancellation": "drop"}]},
+     "variants[0].upstream_cancellation: expected one of absorb, forward, got 'drop'"),
+    ({"variants": [{**_VARIANT, "upstream_cancellation": True}]},
+     "variants[0].upstream_cancellation: expected"),
+    ({"variants": [{**_VARIANT, "absorb_timeout_s": 0}]},
+     "variants[0].absorb_timeout_s: must be a positive number"),
 ])
 def test_bad_values_name_the_key(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

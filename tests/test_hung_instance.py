@@ -21,16 +21,19 @@ pytestmark = pytest.mark.triton
 
 
 @contextlib.contextmanager
-def _one_to_stop(loop_thread: LoopThread, strategy: str) -> Iterator[tuple[Any, RouterHandle]]:
+def _one_to_stop(loop_thread: LoopThread, strategy: str, cancellation: str = "absorb"
+                 ) -> Iterator[tuple[Any, RouterHandle]]:
     """Two real workers behind a router whose variant has a 1 s per-try timeout and whose
     health checks stay out of the way (only requests find a hung instance); the first worker
-    is the test's to SIGSTOP, and it is SIGCONTed, by PID, whatever happens."""
+    is the test's to SIGSTOP, and it is SIGCONTed, by PID, whatever happens (before the
+    counts are checked: absorbed calls end when it answers them)."""
     pool = start_pool(loop_thread, 2)
     stopped = pool.workers[0]
     assert stopped.pid is not None
     try:
         config, instances = make_config(pool.addresses, strategy=strategy)
-        variant: VariantConfig = dataclasses.replace(config.variants[0], per_try_timeout_s=1.0)
+        variant: VariantConfig = dataclasses.replace(
+            config.variants[0], per_try_timeout_s=1.0, upstream_cancellation=cancellation)
         # The retry budget's floor covers the few retries.
         config = dataclasses.replace(config, variants=(variant,),
                                      health_check=HealthCheckConfig(interval_s=600.0),
@@ -38,6 +41,7 @@ def _one_to_stop(loop_thread: LoopThread, strategy: str) -> Iterator[tuple[Any, 
         router = start_router(loop_thread, config, instances)
         try:
             yield stopped, router
+            os.kill(stopped.pid, signal.SIGCONT)
             router.wait_idle()
         finally:
             os.kill(stopped.pid, signal.SIGCONT)
@@ -46,10 +50,13 @@ def _one_to_stop(loop_thread: LoopThread, strategy: str) -> Iterator[tuple[Any, 
         loop_thread.run(pool.stop(grace=5.0), timeout=60)
 
 
+@pytest.mark.parametrize("cancellation", ["absorb", "forward"])
 @pytest.mark.parametrize("retry", [True, False])
 def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
-                                                       retry: bool) -> None:
-    with _one_to_stop(loop_thread, "RANDOM") as (stopped, router):
+                                                       retry: bool, cancellation: str) -> None:
+    """Its clients are answered after the per-try timeout either way; an absorbed attempt
+    stays counted on the instance (Triton holds it) until Triton answers it."""
+    with _one_to_stop(loop_thread, "RANDOM", cancellation) as (stopped, router):
         (hung,) = [i for i in router.instances() if i.address == stopped.address]
         headers = {"x-tritonmesh-retry-on": "timeout"} if retry else None
         failures = []
@@ -64,6 +71,12 @@ def test_a_stopped_instance_costs_only_per_try_timeouts(loop_thread: LoopThread,
                     failures.append(exc)
         # Five per-try timeouts in a row eject it; after that RANDOM never picks it.
         assert hung.ejections == 1 and hung.ejected and not hung.pickable
+        if cancellation == "absorb":
+            assert (hung.outstanding, hung.errors) == (5, 0)
+            os.kill(stopped.pid, signal.SIGCONT)
+            router.wait_idle()
+        else:
+            assert hung.outstanding == 0
         assert hung.errors == 5
         if retry:
             assert failures == []

@@ -95,12 +95,15 @@ def _send_infer(client: RawClient, stream_id: int, *extra: tuple[str, str]) -> N
     client.send()
 
 
-def test_deadline_is_the_routers_to_enforce(loop_thread: LoopThread) -> None:
+@pytest.mark.parametrize("cancellation", ["absorb", "forward"])
+def test_deadline_is_the_routers_to_enforce(loop_thread: LoopThread, cancellation: str) -> None:
     """A client that sets a deadline and then neither resets nor closes, in front of an
     upstream that never answers: the router answers DEADLINE_EXCEEDED when the deadline
-    passes, cancels the upstream stream, and releases the lease."""
+    passes, cancels the upstream stream (absorbing, once ``absorb_timeout_s`` has passed
+    too), and releases the lease."""
     upstream = H2Upstream()
-    config, instances = make_config([upstream.address])
+    config, instances = make_config([upstream.address], variant_options={
+        "upstream_cancellation": cancellation, "absorb_timeout_s": 0.5})
     router = start_router(loop_thread, config, instances)
     try:
         client = RawClient(router.address)
@@ -443,7 +446,9 @@ def test_slow_reader_holds_at_most_the_connection_buffer(loop_thread: LoopThread
     stream past it), not a stream window per stream; flow control holds the rest upstream."""
     flood = Flood()
     upstream = H2Upstream(flood.answer, flood.more)
-    config, instances = make_config([upstream.address])
+    # Cancelled at once when the client goes: an absorbed call would read the flood.
+    config, instances = make_config([upstream.address],
+                                    variant_options={"upstream_cancellation": "forward"})
     cap, streams = 2 << 20, 16
     config = dataclasses.replace(
         config, native=NativeConfig(connection_buffer_bytes=cap),  # stream windows: 1 MiB

@@ -65,6 +65,11 @@ def holding_triton(loop_thread: LoopThread) -> Iterator[Holding]:
     fake.stop()
 
 
+# The tests of what a reset does upstream: Triton sees the cancellation at once
+# (tests/test_absorb.py has the default, absorbing).
+_FORWARD = {"upstream_cancellation": "forward"}
+
+
 class Holding(RecordingTriton):
     """A Triton that never answers ModelInfer, and records the calls its client cancelled."""
 
@@ -193,7 +198,7 @@ def test_deadline_expiring_upstream(native: None, make_router: Any) -> None:
 
 def test_client_cancel_resets_upstream(native: None, loop_thread: LoopThread,
                                        holding_triton: Holding) -> None:
-    config, instances = make_config([holding_triton.address])
+    config, instances = make_config([holding_triton.address], variant_options=_FORWARD)
     router = start_router(loop_thread, config, instances)
     try:
         async def cancel_one() -> None:
@@ -218,7 +223,7 @@ def test_metadata_forwarded_hop_by_hop_not(native: None, loop_thread: LoopThread
     """The client's keys reach the instance unchanged, hop-by-hop and routing keys do not
     (gRPC servers take connection-specific headers; so does this port), and the deadline
     goes upstream as the remaining budget."""
-    config, instances = make_config([recording_triton.address])
+    config, instances = make_config([recording_triton.address], variant_options=_FORWARD)
     router = start_router(loop_thread, config, instances)
     user = {"authorization": "Bearer t", "x-trace": "7", "x-tenant": "a b,c"}
     hop_by_hop = {"connection": "v", "upgrade": "v", "transfer-encoding": "v",
@@ -266,7 +271,7 @@ def test_unreachable_instance_is_retried_elsewhere(native: None, loop_thread: Lo
 def test_per_try_timeout_resets_upstream(native: None, loop_thread: LoopThread,
                                          holding_triton: Holding) -> None:
     config, instances = make_config([holding_triton.address],
-                                    variant_options={"per_try_timeout_s": 0.3})
+                                    variant_options={"per_try_timeout_s": 0.3, **_FORWARD})
     router = start_router(loop_thread, config, instances)
     try:
         with grpcclient.InferenceServerClient(router.address) as client, \
@@ -640,7 +645,7 @@ def test_per_try_expiry_keeps_its_answer_behind_other_writes(native: None,
     client (here a PING): the client's connection is written after the upstream's RST, and
     the client must still get DEADLINE_EXCEEDED, not the upstream stream's reset."""
     config, instances = make_config([holding_triton.address],
-                                    variant_options={"per_try_timeout_s": 60.0})
+                                    variant_options={"per_try_timeout_s": 60.0, **_FORWARD})
     router = start_router(loop_thread, config, instances)
     client = RawClient(router.address)
     try:

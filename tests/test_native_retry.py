@@ -38,10 +38,12 @@ def _native_router(monkeypatch: pytest.MonkeyPatch, loop_thread: LoopThread,
                    addresses: list[str]) -> Iterator[RouterHandle]:
     """A router serving ``data_path: native`` (a ModelInfer on grpc.aio's path fails the
     test) over ``addresses`` in round robin, with a 0.5 s per-try timeout and one retry per
-    request; health checks stay out of the way."""
+    request, forwarding cancellations; health checks stay out of the way."""
     serve_on(monkeypatch, "native")
+    # Holding never answers: a timed-out try is cancelled at once, not absorbed.
     config, instances = make_config(addresses, strategy="ROUND_ROBIN",
-                                    variant_options={"per_try_timeout_s": 0.5})
+                                    variant_options={"per_try_timeout_s": 0.5,
+                                                     "upstream_cancellation": "forward"})
     config = dataclasses.replace(config, health_check=HealthCheckConfig(interval_s=600.0),
                                  retries=RetryConfig(max_per_request=1))
     router = start_router(loop_thread, config, instances)

@@ -208,7 +208,8 @@ def test_metadata_passes_through_and_hop_by_hop_does_not(
     under test is the router's forwarding, which is the same whatever answers upstream."""
     from harness import make_config, start_router
 
-    config, instances = make_config([recording_triton.address], strategy="RANDOM")
+    config, instances = make_config([recording_triton.address], strategy="RANDOM",
+                                    variant_options={"upstream_cancellation": "forward"})
     router = start_router(loop_thread, config, instances)
     user = {"authorization": "Bearer t", "x-trace": "7", "x-tenant": "a b,c"}
     hop_by_hop = {key: "AllTraffic" if key == "x-target-variant" else "v"

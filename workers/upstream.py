@@ -7,6 +7,7 @@ serializer: requests and responses stay ``bytes`` end to end.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Final
 
 import grpc
@@ -100,10 +101,13 @@ def cancel_in_core(call: grpc.aio.Call) -> None:
         call.cancel()
 
 
-async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
+async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any],
+                     absorb: Callable[[grpc.aio.Call, asyncio.Future[Any]], None] | None = None
+                     ) -> bytes:
     """``await call``, except that if the awaiting task is cancelled (the router's client
     went away), the call is cancelled in the core only (see :func:`cancel_in_core`)
-    instead of through its asyncio task."""
+    instead of through its asyncio task, or, with ``absorb``, handed to it (with the task
+    that runs it) to be left to finish."""
     # The call runs in a task of its own that a cancellation here does not reach, so it
     # always consumes its batch, and every await stays an ordinary asyncio await: a waiter
     # woken by the call's done callback instead can stall until its deadline (gRPC may
@@ -114,7 +118,10 @@ async def await_call(call: grpc.aio.UnaryUnaryCall[Any, Any]) -> bytes:
         response: bytes = await asyncio.shield(inner)  # this router's multicallables move bytes
     except asyncio.CancelledError:
         if not inner.done():
-            cancel_in_core(call)
+            if absorb is None:
+                cancel_in_core(call)
+            else:
+                absorb(call, inner)
             raise
         if inner.cancelled() and not being_cancelled():
             # Cancelled under us, not by our caller: its channel was closed (the instance

@@ -1,0 +1,187 @@
+"""``upstream_cancellation``: a ModelInfer whose client left is absorbed (Triton finishes it,
+its answer dropped, its count held until then, at most ``absorb_timeout_s``) or forwarded
+(the upstream call is cancelled). Triton's gRPC frontend can crash on a cancellation that
+races a completion, so absorbing is the default. Both data paths."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as aioclient
+from harness import (
+    LoopThread,
+    RecordingTriton,
+    generate_inputs,
+    identity_inputs,
+    make_config,
+    start_router,
+    wait_for,
+)
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.utils import InferenceServerException
+
+
+class Answering(RecordingTriton):
+    """A Triton that answers ModelInfer only once the test sets ``release``, and records
+    when its client (the router) cancelled a call, and which calls it answered."""
+
+    def __init__(self, loop: LoopThread):
+        self.cancelled: dict[str, float] = {}
+        self.answered: list[str] = []
+        self.arrived = threading.Event()
+        super().__init__(loop)
+        self.hold = loop.run(_event())
+
+    def release(self) -> None:
+        self.loop.run(self._release())
+
+    async def _release(self) -> None:
+        assert self.hold is not None
+        self.hold.set()
+
+    async def model_infer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request_id = pb.ModelInferRequest.FromString(request).id
+        self.arrived.set()
+        try:
+            response = await super().model_infer(request, context)
+        except asyncio.CancelledError:
+            self.cancelled[request_id] = time.monotonic()
+            raise
+        self.answered.append(request_id)
+        return response
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+@pytest.fixture
+def answering(loop_thread: LoopThread) -> Iterator[Answering]:
+    fake = Answering(loop_thread)
+    yield fake
+    fake.stop()
+
+
+def _router(loop_thread: LoopThread, address: str, **options: Any) -> Any:
+    config, instances = make_config([address], variant_options=options)
+    return start_router(loop_thread, config, instances)
+
+
+def _cancel_after_arrival(address: str, fake: Answering, request_id: str) -> None:
+    async def cancel() -> None:
+        async with aioclient.InferenceServerClient(address) as client:
+            call = asyncio.ensure_future(client.infer("identity", identity_inputs(),
+                                                      request_id=request_id))
+            assert await asyncio.to_thread(fake.arrived.wait, 30)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+
+    asyncio.run(cancel())
+
+
+def test_a_client_that_cancels_leaves_triton_its_call(data_path: str, loop_thread: LoopThread,
+                                                      answering: Answering) -> None:
+    """Absorbed: Triton sees no cancellation and answers; the call stays counted on the
+    instance until then, and its answer goes nowhere."""
+    router = _router(loop_thread, answering.address)
+    try:
+        _cancel_after_arrival(router.address, answering, "c1")
+        (instance,) = router.instances()
+        wait_for(lambda: instance.absorbed == 1, "the router to absorb the call")
+        assert router.total_outstanding() == 1
+        answering.release()
+        wait_for(lambda: answering.answered == ["c1"], "Triton's answer")
+        router.wait_idle()
+        assert answering.cancelled == {}
+        # The router keeps serving, on the same connection to Triton.
+        with grpcclient.InferenceServerClient(router.address) as client:
+            assert client.infer("identity", identity_inputs(),
+                                request_id="c2").get_response().id == "c2"
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+def test_an_absorbed_call_is_cancelled_after_absorb_timeout(
+        data_path: str, loop_thread: LoopThread, answering: Answering) -> None:
+    """A Triton that does not answer an absorbed call within ``absorb_timeout_s`` gets its
+    cancellation then, not before, and the count comes back."""
+    router = _router(loop_thread, answering.address, absorb_timeout_s=1.0)
+    try:
+        left = time.monotonic()
+        _cancel_after_arrival(router.address, answering, "c1")
+        wait_for(lambda: "c1" in answering.cancelled, "the cancellation after absorb_timeout_s")
+        # The router's timer started after the client left: never earlier than that.
+        assert answering.cancelled["c1"] - left >= 0.99, answering.cancelled["c1"] - left
+        router.wait_idle()
+    finally:
+        answering.release()
+        router.stop()
+
+
+def test_forward_cancels_triton_at_once(data_path: str, loop_thread: LoopThread,
+                                        answering: Answering) -> None:
+    router = _router(loop_thread, answering.address, upstream_cancellation="forward")
+    try:
+        _cancel_after_arrival(router.address, answering, "c1")
+        wait_for(lambda: "c1" in answering.cancelled, "the upstream call's cancellation")
+        router.wait_idle()
+        (instance,) = router.instances()
+        assert instance.absorbed == 0
+    finally:
+        answering.release()
+        router.stop()
+
+
+@pytest.mark.parametrize("cancellation", ["absorb", "forward"])
+def test_triton_gets_the_clients_deadline_only_when_forwarding(
+        data_path: str, loop_thread: LoopThread, recording_triton: RecordingTriton,
+        cancellation: str) -> None:
+    """Triton's own expiry of a deadline is a cancellation too: absorbing, the router
+    keeps the deadline (it answers the client) and sends Triton none."""
+    router = _router(loop_thread, recording_triton.address, upstream_cancellation=cancellation)
+    try:
+        with grpcclient.InferenceServerClient(router.address) as client:
+            client.infer("identity", identity_inputs(), client_timeout=5.0)
+        ((_, _, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
+        if cancellation == "absorb":
+            assert remaining is None
+        else:
+            assert remaining is not None and 0 < remaining <= 5.5
+        router.wait_idle()
+    finally:
+        router.stop()
+
+
+@pytest.mark.triton
+def test_a_deadline_that_passes_leaves_triton_its_request(data_path: str,
+                                                          make_router: Any) -> None:
+    """On a real Triton: the client gets DEADLINE_EXCEEDED from its deadline, Triton
+    finishes the request (its statistics count it a success), and the count comes back
+    when it has."""
+    router = make_router(workers=1)
+    (instance,) = router.instances()
+
+    def successes() -> int:
+        with grpcclient.InferenceServerClient(instance.address) as direct:
+            stats = direct.get_inference_statistics("generate_unary", as_json=True)
+        return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+    before = successes()
+    with grpcclient.InferenceServerClient(router.address) as client, \
+            pytest.raises(InferenceServerException) as caught:
+        client.infer("generate_unary", generate_inputs(400), client_timeout=0.3)  # ~2 s of work
+    assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_for(lambda: instance.absorbed == 1, "the router to absorb the call")
+    router.wait_idle(timeout=60)
+    assert successes() == before + 1
+    with grpcclient.InferenceServerClient(router.address) as client:
+        assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
