@@ -90,6 +90,39 @@ static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t 
     return (w ? cum[w - 1] : 0) +
         (uint64_t)__builtin_popcountll(snap[w] & ((1ULL << (s & 63)) - 1));
 }
+/* Weight classes (_shared_weights.pxi): class c's slots are the bitmap cls + c * words, at
+   most TM_CLASSES classes. One pass over a row keeps its snapshot, as tm_row_snapshot,
+   and returns which classes have a slot in it (bit c: class c). */
+#define TM_CLASSES 4
+static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *mask, const uint64_t *cls,
+                                      int nclass, ssize_t words, uint64_t *snap) {
+    uint64_t any[TM_CLASSES] = {0, 0, 0, 0};
+    uint32_t found = 0;
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        snap[w] = x;
+        for (int c = 0; c < nclass; c++) any[c] |= x & cls[c * words + w];
+    }
+    for (int c = 0; c < nclass; c++) found |= (uint32_t)(any[c] != 0) << c;
+    return found;
+}
+/* The snapshot of the tied classes' slots (bit c of `tied`: class c, whose row snapshot is
+   rows + at[c] * words), with its running counts as tm_row_snapshot's; returns the total. */
+TM_POPCNT_CLONES
+static uint64_t tm_classes_snapshot(const uint64_t *rows, const uint64_t *cls,
+                                    const uint32_t *at, uint32_t tied, int nclass,
+                                    ssize_t words, uint64_t *snap, uint32_t *cum) {
+    uint64_t total = 0;
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = 0;
+        for (int c = 0; c < nclass; c++)
+            if (tied >> c & 1) x |= rows[at[c] * words + w] & cls[c * words + w];
+        snap[w] = x;
+        total += (uint64_t)__builtin_popcountll(x);
+        cum[w] = (uint32_t)total;
+    }
+    return total;
+}
 /* The lowest set bit of v (not 0). */
 static inline int tm_lowest64(uint64_t v) { return __builtin_ctzll(v); }
 
