@@ -24,6 +24,10 @@ cdef enum:
     # slow start at once); past it, every slot (the scan), which costs what a pick cost
     # before the picture.
     ODD_MAX = 32
+    # A weight of this many slots or more is a class of its own (while there are classes to
+    # spare); fewer stay odd: a slot or two in slow start cost a read each, less than one
+    # more bitmap to AND into every index row a pick reads.
+    CLASS_MIN = 4
 
 
 cdef inline void _odd_bit(SharedTable table, Py_ssize_t s, bint on) noexcept nogil:
@@ -83,26 +87,29 @@ cdef Py_ssize_t _weight_candidates(SharedTable table, Py_ssize_t high, double* w
     return n
 
 
-cdef void _read_weights(SharedTable table) noexcept nogil:
+cdef inline void _read_weights(SharedTable table) noexcept nogil:
     """This process's picture of the weights, and the largest (pick_random), once per
-    membership generation (read before the weights: a change after it bumps it again)."""
+    membership generation (read before the weights: a change after it bumps it again).
+    Inline: every pick asks, and the answer is nearly always "as before"."""
     cdef uint64_t gen = tm_load64(table._generation)
+    if gen != table._weights_gen:
+        _picture_weights(table, gen)
+
+
+cdef void _picture_weights(SharedTable table, uint64_t gen) noexcept nogil:
     cdef Py_ssize_t s, i, c, high, n, nclass, odd = 0
     cdef Py_ssize_t slots[CLASSES]
     cdef double weight[CLASSES]
     cdef double w, top = 0.0
-    if gen == table._weights_gen:
-        return
     high = tm_load32(table._high)
     n = _weight_candidates(table, high, weight, slots)
     for c in range(n):
         odd += slots[c]
-    # The classes: the common weight, and the next most common while the rest are more
-    # than a pick reads one by one (a slot or two in slow start stay odd: one read each
-    # costs less than one more class's bitmap per index row).
+    # The classes: the common weight, and the next most common ones of CLASS_MIN slots or
+    # more, or while the rest are more than a pick reads one by one.
     nclass = 1
     odd -= slots[0] if n else 0
-    while odd > ODD_MAX and nclass < n:
+    while nclass < n and (slots[nclass] >= CLASS_MIN or odd > ODD_MAX):
         odd -= slots[nclass]
         nclass += 1
     if table._nodd <= ODD_MAX:  # past it (the scan) the bits are already clear

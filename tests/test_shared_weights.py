@@ -126,18 +126,22 @@ def test_one_instance_in_slow_start_picks_from_the_index(table_1024: Any) -> Non
 
 @shared.needs_c
 def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) -> None:
-    """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2, so
-    (1 + 1) / 2 ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512 idle
-    slots in the index and the 24 odd ones (chi-square, six standard deviations above its
-    mean), and reads no slot by the scan."""
+    """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2 to 9,
+    three of each (too few for a class of their own: odd), and hold w - 1 requests, so
+    (w - 1 + 1) / w ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512
+    idle slots in the index and the 24 odd ones (chi-square, six standard deviations above
+    its mean), and reads no slot by the scan."""
     t = table_1024
     slots = [t.add() for _ in range(1024)]
     busy = slots[::2]
     for s in busy:
         t.acquire(s)
     heavy = busy[::21][:24]
-    for s in heavy:
-        t.set_weight(s, 2.0)
+    for i, s in enumerate(heavy):
+        t.set_weight(s, float(i % 8 + 2))
+        for _ in range(i % 8):
+            t.acquire(s)
+            busy.append(s)
     allowed = slots[1::2] + heavy
     picks: Counter[int] = Counter()
     for _ in range(60 * len(allowed)):
