@@ -97,42 +97,21 @@ static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t 
 static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict mask,
                                       const uint64_t *restrict cls, int nclass, ssize_t words,
                                       uint64_t *restrict snap) {
+    /* All TM_CLASSES bitmaps, unrolled, whatever nclass: the unused ones are allocated and
+       clear, and a loop over the classes inside the loop over the words would keep the
+       compiler from hoisting their rows. */
     uint64_t any0 = 0, any1 = 0, any2 = 0, any3 = 0;
     const uint64_t *k1 = cls + words, *k2 = cls + 2 * words, *k3 = cls + 3 * words;
-    uint32_t found;
-    /* One loop per class count, each with its ANDs unrolled: the loop over classes inside
-       the loop over words keeps the compiler from hoisting the class rows. */
-    switch (nclass) {
-    case 2:
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
-            snap[w] = x;
-            any0 |= x & cls[w];
-            any1 |= x & k1[w];
-        }
-        break;
-    case 3:
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
-            snap[w] = x;
-            any0 |= x & cls[w];
-            any1 |= x & k1[w];
-            any2 |= x & k2[w];
-        }
-        break;
-    default:
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
-            snap[w] = x;
-            any0 |= x & cls[w];
-            any1 |= x & k1[w];
-            any2 |= x & k2[w];
-            any3 |= x & k3[w];
-        }
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        snap[w] = x;
+        any0 |= x & cls[w];
+        any1 |= x & k1[w];
+        any2 |= x & k2[w];
+        any3 |= x & k3[w];
     }
-    found = (uint32_t)(any0 != 0) | (uint32_t)(any1 != 0) << 1 |
-        (uint32_t)(any2 != 0) << 2 | (uint32_t)(any3 != 0) << 3;
-    return found & ((1u << nclass) - 1);
+    return ((uint32_t)(any0 != 0) | (uint32_t)(any1 != 0) << 1 |
+            (uint32_t)(any2 != 0) << 2 | (uint32_t)(any3 != 0) << 3) & ((1u << nclass) - 1);
 }
 /* The snapshot of the tied classes' slots (bit c of `tied`: class c, whose row snapshot is
    rows + at[c] * words), with its running counts as tm_row_snapshot's; returns the total. */
@@ -141,8 +120,8 @@ static uint64_t tm_classes_snapshot(const uint64_t *restrict rows, const uint64_
                                     const uint32_t *at, uint32_t tied, int nclass,
                                     ssize_t words, uint64_t *restrict snap,
                                     uint32_t *restrict cum) {
-    /* Each tied class's row and bitmap first, then one loop over the words (unrolled for
-       one and two classes). */
+    /* Each tied class's row and bitmap first (one class tied alone is named twice: ORed
+       with itself it is the same), then one loop over the words, unrolled for two. */
     const uint64_t *r[TM_CLASSES], *k[TM_CLASSES];
     int m = 0;
     uint64_t total = 0;
@@ -154,27 +133,15 @@ static uint64_t tm_classes_snapshot(const uint64_t *restrict rows, const uint64_
         }
     }
     if (m == 1) {
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = r[0][w] & k[0][w];
-            snap[w] = x;
-            total += (uint64_t)__builtin_popcountll(x);
-            cum[w] = (uint32_t)total;
-        }
-    } else if (m == 2) {
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = (r[0][w] & k[0][w]) | (r[1][w] & k[1][w]);
-            snap[w] = x;
-            total += (uint64_t)__builtin_popcountll(x);
-            cum[w] = (uint32_t)total;
-        }
-    } else {
-        for (ssize_t w = 0; w < words; w++) {
-            uint64_t x = 0;
-            for (int j = 0; j < m; j++) x |= r[j][w] & k[j][w];
-            snap[w] = x;
-            total += (uint64_t)__builtin_popcountll(x);
-            cum[w] = (uint32_t)total;
-        }
+        r[1] = r[0];
+        k[1] = k[0];
+    }
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = (r[0][w] & k[0][w]) | (r[1][w] & k[1][w]);
+        for (int j = 2; j < m; j++) x |= r[j][w] & k[j][w];
+        snap[w] = x;
+        total += (uint64_t)__builtin_popcountll(x);
+        cum[w] = (uint32_t)total;
     }
     return total;
 }

@@ -41,43 +41,25 @@ SPREAD = st.lists(st.sampled_from(index.ODD_WEIGHTS[:5]), min_size=70, max_size=
 
 
 @shared.needs_c
-@settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
 def test_pick_with_unequal_weights_is_the_scans_pick(seed: int, ops: list[index.Op],
-                                                     odd: dict[int, float]) -> None:
-    """A fleet of weight 1 with some slots of other weights, whose weights then change: with
-    one seed the compiled table's picks (the index and the odd slots) are the twin's (the
-    scan), and each is least by (count + 1) / weight."""
-    assert index._differential(core.CSharedTable, seed, ops, False, odd) == \
-        index._differential(core.PySharedTable, seed, ops, False, odd)
+                                                     weights: dict[int, float]) -> None:
+    """A fleet of weight 1 with some slots of other weights, or of weights spread over it
+    (several classes, odd slots beside them), whose weights then change: with one seed the
+    compiled table's picks (the index by class and the odd slots) are the twin's (the scan),
+    and each is least by (count + 1) / weight."""
+    assert index._differential(core.CSharedTable, seed, ops, False, weights) == \
+        index._differential(core.PySharedTable, seed, ops, False, weights)
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
 def test_pick_with_unequal_weights_through_a_view(seed: int, ops: list[index.Op],
-                                                  odd: dict[int, float]) -> None:
+                                                  weights: dict[int, float]) -> None:
     """The same with a view (slots excluded, ejected, and back): every pick is least among
     the slots the view allows."""
-    index._differential(core.SharedTable, seed, ops, True, odd)
-
-
-@shared.needs_c
-@settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, spread=SPREAD)
-def test_pick_with_weight_classes_is_the_scans_pick(seed: int, ops: list[index.Op],
-                                                    spread: dict[int, float]) -> None:
-    """Weights spread over the fleet (several classes, odd slots beside them, weights that
-    change): with one seed the compiled table's picks are the twin's (the scan), and each is
-    least by (count + 1) / weight."""
-    assert index._differential(core.CSharedTable, seed, ops, False, spread) == \
-        index._differential(core.PySharedTable, seed, ops, False, spread)
-
-
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, spread=SPREAD)
-def test_pick_with_weight_classes_through_a_view(seed: int, ops: list[index.Op],
-                                                 spread: dict[int, float]) -> None:
-    index._differential(core.SharedTable, seed, ops, True, spread)
+    index._differential(core.SharedTable, seed, ops, True, weights)
 
 
 @pytest.fixture
@@ -124,6 +106,20 @@ def test_one_instance_in_slow_start_picks_from_the_index(table_1024: Any) -> Non
     shared._quiet(t)
 
 
+def _uniform_from_the_index(t: Any, allowed: list[int], rounds_per_slot: int) -> None:
+    """Least-outstanding picks (each released at once) are uniform over ``allowed``
+    (chi-square, six standard deviations above its mean) and none reads every slot."""
+    picks: Counter[int] = Counter()
+    for _ in range(rounds_per_slot * len(allowed)):
+        s = t.pick()
+        picks[s] += 1
+        t.release(s)
+    df = len(allowed) - 1
+    assert set(picks) == set(allowed)
+    assert index._chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
+    assert t.scans == 0
+
+
 @shared.needs_c
 def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) -> None:
     """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2 to 9,
@@ -142,16 +138,7 @@ def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) ->
         for _ in range(i % 8):
             t.acquire(s)
             busy.append(s)
-    allowed = slots[1::2] + heavy
-    picks: Counter[int] = Counter()
-    for _ in range(60 * len(allowed)):
-        s = t.pick()
-        picks[s] += 1
-        t.release(s)
-    df = len(allowed) - 1
-    assert set(picks) == set(allowed)
-    assert index._chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
-    assert t.scans == 0
+    _uniform_from_the_index(t, slots[1::2] + heavy, 60)
     for s in busy:
         t.release(s)
     shared._quiet(t)
@@ -169,15 +156,7 @@ def test_two_weight_classes_tie_uniformly_from_the_index(table_1024: Any) -> Non
     heavy = slots[1::2]
     for s in heavy:
         t.acquire(s)
-    picks: Counter[int] = Counter()
-    for _ in range(40 * len(slots)):
-        s = t.pick()
-        picks[s] += 1
-        t.release(s)
-    df = len(slots) - 1
-    assert set(picks) == set(slots)
-    assert index._chi_square(picks, slots) < df + 6 * (2 * df) ** 0.5
-    assert t.scans == 0
+    _uniform_from_the_index(t, slots, 40)
     for s in heavy:
         t.release(s)
     shared._quiet(t)
@@ -223,13 +202,4 @@ def test_stress_several_processes_on_weight_classes(make_table: Any, impl: str) 
     t = make_table(capacity=128, max_processes=4)
     for i in range(96):
         t.add(2.0 if i % 2 else 1.0)
-    iterations = 30_000 if impl == "c" else 2_000
-    procs = [shared._worker(impl, "hammer", t.name, i, iterations, seed=i) for i in (1, 2, 3)]
-    verified = 0
-    with shared._reaped(*procs):
-        shared._go(procs)
-        while any(p.poll() is None for p in procs):
-            verified += t.check_live()
-        assert [r["ops"] for r in shared._results(procs)] == [iterations] * 3
-    assert verified > 0
-    shared._quiet(t)
+    index._stress(t, impl, "hammer", 30_000 if impl == "c" else 2_000)
