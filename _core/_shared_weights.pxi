@@ -178,7 +178,7 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
     while True:
         best, have, kept = -1, 0, 0
         pending = ((<uint32_t>1) << nclass) - 1
-        for level in range(LEVELS):
+        for level in range(<uint32_t>LEVELS):
             for c in range(nclass):
                 if best >= 0 and (pending >> c) & 1 and \
                         (<double>level + 1.0) * cw[best] > (<double>lv[best] + 1.0) * cw[c]:
