@@ -97,6 +97,9 @@ cdef enum:
     # A pick whose chosen slot changed under it scans again; this many failed attempts in a
     # row (each one another process's membership change or limit win) and it answers -1.
     PICK_ATTEMPTS = 64
+    # The most weight classes the index serves at once (_shared_weights.pxi; atomics.h's
+    # TM_CLASSES).
+    CLASSES = 4
 
 LAYOUT = (SLOT_SIZE, S_WEIGHT, S_STATUS, S_LIMIT, H_HIGH, H_GENERATION, H_WAKE_SEQ, H_WAITERS)
 
@@ -150,9 +153,18 @@ cdef class SharedTable:
     cdef Py_ssize_t _nskip
     cdef uint64_t _weights_gen
     cdef double _top_weight
-    # The picture of the weights (_shared_weights.pxi): the common weight, the odd slots (a
-    # list and a bitmap), and whether the index serves least-outstanding picks.
-    cdef double _common_weight
+    # The picture of the weights (_shared_weights.pxi): the weight classes (their weights,
+    # each one's slots as a bitmap, each slot's class), the odd slots (a list and a
+    # bitmap), and whether the index serves least-outstanding picks; a pick's scratch: the
+    # row snapshots it keeps and, per class, which one and the lowest level with a slot.
+    cdef Py_ssize_t _nclass
+    cdef double _class_weight[CLASSES]
+    cdef uint64_t* _class_bits
+    cdef Py_ssize_t _class_words
+    cdef unsigned char* _class_of
+    cdef uint64_t* _rows
+    cdef uint32_t _class_row[CLASSES]
+    cdef uint32_t _class_level[CLASSES]
     cdef int32_t* _odd
     cdef Py_ssize_t _nodd
     cdef uint64_t* _odd_bits
@@ -166,6 +178,9 @@ cdef class SharedTable:
         self._odd = NULL
         self._odd_bits = NULL
         self._mask = NULL
+        self._class_bits = NULL
+        self._class_of = NULL
+        self._rows = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._skip)
@@ -175,6 +190,9 @@ cdef class SharedTable:
         PyMem_Free(self._odd)
         PyMem_Free(self._odd_bits)
         PyMem_Free(self._mask)
+        PyMem_Free(self._class_bits)
+        PyMem_Free(self._class_of)
+        PyMem_Free(self._rows)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""
@@ -367,9 +385,15 @@ cdef class SharedTable:
             raise ValueError("the table is closed")
         _read_weights(self)
         for _attempt in range(PICK_ATTEMPTS):
-            # The index orders slots of one weight by count (the few of other weights are
-            # read beside it); when it has nothing (or something stale), the scan decides.
-            s = _index_least(self) if self._indexed else -1
+            # The index orders slots of one weight by count (a few weight classes, each
+            # read apart, and the few slots of other weights read beside it); when it has
+            # nothing (or something stale), the scan decides.
+            if not self._indexed:
+                s = -1
+            elif self._nclass > 1:
+                s = _least_by_class(self)
+            else:
+                s = _index_least(self)
             if s < 0:
                 self.scans += 1
                 s = _scan_least(self)

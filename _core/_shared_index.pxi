@@ -233,7 +233,7 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
             if ties == 0:
                 break
             if table._nodd:
-                return _least_with_odd(table, level, ties, words)
+                return _least_with_odd(table, level, table._class_weight[0], ties, words)
             s = tm_snap_select(table._snap, table._cum, words,
                                table._below(ties) if ties > 1 else 0)
             drawn = _check_drawn(table, s, level)
@@ -260,9 +260,9 @@ cdef Py_ssize_t _sample_random(SharedTable table) noexcept nogil:
         s = <Py_ssize_t>table._below(<uint64_t>high)
         if not _pickable(table, s, &status, &count):
             continue
-        if table._nodd and (<double>(xorshift64star(&table._rng) >> 11) *
-                                (1.0 / 9007199254740992.0) * table._top_weight >=
-                                tm_load_f64(table._weightp(s))):
+        if (table._nodd or table._nclass > 1) and (
+                <double>(xorshift64star(&table._rng) >> 11) * (1.0 / 9007199254740992.0) *
+                table._top_weight >= tm_load_f64(table._weightp(s))):
             continue
         table._scanned = status
         return s

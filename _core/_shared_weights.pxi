@@ -1,22 +1,33 @@
 # Weights and the pick index. A level is a count, so it orders slots of one weight only.
 # Each process keeps a picture of the weights, once per membership generation (every add,
-# remove, weight and availability change bumps it): the *common* weight (a majority vote
-# over the ACTIVE slots) and the *odd* slots, the ACTIVE ones of any other weight (an
-# instance in slow start, a weighted variant's few), in slot order, with a bitmap. Its
-# least-outstanding picks read the index without the odd slots, read those one by one, and
-# take the least (count + 1) / weight of both, uniform among ties across both; with more
-# than ODD_MAX odd slots (weights spread evenly) the picture says "scan". The answer is the
-# scan's: both take the r-th tied slot in slot order for one draw in [0, ties).
+# remove, weight and availability change bumps it): up to CLASSES weight *classes*, the
+# weights most ACTIVE slots have (the fleet's common weight; weighted variants and mixed
+# instance sizes: a few weights, many instances each), each with a bitmap of its slots, and
+# the *odd* slots, the ACTIVE ones of any other weight (an instance in slow start), in slot
+# order, with a bitmap. Its least-outstanding picks read the index per class (each class's
+# lowest level with a slot: its least (count + 1) / weight), read the odd slots one by one,
+# and take the least of all, uniform among ties across all; with more than ODD_MAX odd slots
+# (more distinct weights than classes, spread evenly) the picture says "scan". The answer
+# is the scan's: both take the r-th tied slot in slot order for one draw in [0, ties).
 
 
 cdef extern from "atomics.h" nogil:
     uint64_t tm_snap_rank(const uint64_t* snap, const uint32_t* cum, Py_ssize_t s)
+    uint32_t tm_row_classes(uint64_t* row, const uint64_t* mask, const uint64_t* cls,
+                            int nclass, Py_ssize_t words, uint64_t* snap)
+    uint64_t tm_classes_snapshot(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
+                                 uint32_t tied, int nclass, Py_ssize_t words, uint64_t* snap,
+                                 uint32_t* cum)
 
 cdef enum:
     # The most odd slots a pick reads one by one, beside the index (a handful of instances in
     # slow start at once); past it, every slot (the scan), which costs what a pick cost
     # before the picture.
     ODD_MAX = 32
+    # A weight of this many slots or more is a class of its own (while there are classes to
+    # spare); fewer stay odd: a slot or two in slow start cost a read each, less than one
+    # more bitmap to AND into every index row a pick reads.
+    CLASS_MIN = 4
 
 
 cdef inline void _odd_bit(SharedTable table, Py_ssize_t s, bint on) noexcept nogil:
@@ -27,54 +38,193 @@ cdef inline void _odd_bit(SharedTable table, Py_ssize_t s, bint on) noexcept nog
     _remask(table, s >> 6)
 
 
-cdef void _read_weights(SharedTable table) noexcept nogil:
-    """This process's picture of the weights, and the largest (pick_random), once per
-    membership generation (read before the weights: a change after it bumps it again)."""
-    cdef uint64_t gen = tm_load64(table._generation)
-    cdef Py_ssize_t s, i, high, votes = 0
-    cdef double w, common = 0.0, top = 0.0
-    if gen == table._weights_gen:
-        return
-    high = tm_load32(table._high)
-    # Boyer-Moore's vote finds the weight most slots have when one has a majority; any
-    # choice is exact (the odd list is what differs from it), the majority is fastest.
+cdef Py_ssize_t _weight_candidates(SharedTable table, Py_ssize_t high, double* weight,
+                                   Py_ssize_t* slots) noexcept nogil:
+    """The weights of up to CLASSES classes, most slots first, with their ACTIVE slots'
+    numbers; returns how many. Misra and Gries' heavy hitters find every weight more than
+    1 / (CLASSES + 1) of the slots have (and the majority's, where one has it), then a
+    second pass counts them exactly. Any choice is exact (the odd slots are what differs);
+    the most common are the fastest."""
+    cdef Py_ssize_t s, c, n = 0
+    cdef double w
     for s in range(high):
         if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
             continue
         w = tm_load_f64(table._weightp(s))
-        if votes == 0:
-            common = w
-        votes += 1 if w == common else -1
+        for c in range(n):
+            if weight[c] == w:
+                slots[c] += 1
+                break
+        else:
+            if n < CLASSES:
+                weight[n], slots[n] = w, 1
+                n += 1
+            else:
+                c = 0
+                while c < n:
+                    slots[c] -= 1
+                    if slots[c] == 0:
+                        n -= 1
+                        weight[c], slots[c] = weight[n], slots[n]
+                    else:
+                        c += 1
+    for c in range(n):
+        slots[c] = 0
+    for s in range(high):
+        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
+            continue
+        w = tm_load_f64(table._weightp(s))
+        for c in range(n):
+            if weight[c] == w:
+                slots[c] += 1
+                break
+    for s in range(1, n):  # most slots first (insertion sort of at most CLASSES)
+        c = s
+        while c > 0 and slots[c] > slots[c - 1]:
+            weight[c], weight[c - 1] = weight[c - 1], weight[c]
+            slots[c], slots[c - 1] = slots[c - 1], slots[c]
+            c -= 1
+    return n
+
+
+cdef inline void _read_weights(SharedTable table) noexcept nogil:
+    """This process's picture of the weights, and the largest (pick_random), once per
+    membership generation (read before the weights: a change after it bumps it again).
+    Inline: every pick asks, and the answer is nearly always "as before"."""
+    cdef uint64_t gen = tm_load64(table._generation)
+    if gen != table._weights_gen:
+        _picture_weights(table, gen)
+
+
+cdef void _picture_weights(SharedTable table, uint64_t gen) noexcept nogil:
+    cdef Py_ssize_t s, i, c, high, n, nclass, odd = 0
+    cdef Py_ssize_t slots[CLASSES]
+    cdef double weight[CLASSES]
+    cdef double w, top = 0.0
+    high = tm_load32(table._high)
+    n = _weight_candidates(table, high, weight, slots)
+    for c in range(n):
+        odd += slots[c]
+    # The classes: the common weight, and the next most common ones of CLASS_MIN slots or
+    # more, or while the rest are more than a pick reads one by one.
+    nclass = 1
+    odd -= slots[0] if n else 0
+    while nclass < n and (slots[nclass] >= CLASS_MIN or odd > ODD_MAX):
+        odd -= slots[nclass]
+        nclass += 1
+    if table._nodd <= ODD_MAX:  # past it (the scan) the bits are already clear
+        for i in range(table._nodd):
+            _odd_bit(table, table._odd[i], False)
+    table._nodd = 0
+    for i in range(table._nclass * table._class_words):
+        table._class_bits[i] = 0
+    table._class_words = (high + 63) >> 6
+    table._class_weight[0] = weight[0] if n else 0.0
+    for c in range(1, nclass):
+        table._class_weight[c] = weight[c]
+    for s in range(high):
+        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE:
+            continue
+        w = tm_load_f64(table._weightp(s))
         if w > top:
             top = w
-    for i in range(table._nodd):
-        _odd_bit(table, table._odd[i], False)
-    table._nodd = 0
-    for s in range(high):
-        if <uint32_t>tm_load64(table._statusp(s)) != ACTIVE or \
-                tm_load_f64(table._weightp(s)) == common:
+        if table._nodd > ODD_MAX:
             continue
-        if table._nodd == ODD_MAX:
-            for i in range(table._nodd):
-                _odd_bit(table, table._odd[i], False)
-            table._nodd = ODD_MAX + 1
-            break
-        table._odd[table._nodd] = <int32_t>s
-        table._nodd += 1
-        _odd_bit(table, s, True)
-    table._common_weight = common
+        for c in range(nclass):
+            if w == table._class_weight[c]:
+                table._class_bits[c * table._class_words + (s >> 6)] |= \
+                    (<uint64_t>1) << (s & 63)
+                table._class_of[s] = <unsigned char>c
+                break
+        else:
+            if table._nodd == ODD_MAX:
+                for i in range(table._nodd):
+                    _odd_bit(table, table._odd[i], False)
+                table._nodd = ODD_MAX + 1
+                continue
+            table._odd[table._nodd] = <int32_t>s
+            table._nodd += 1
+            _odd_bit(table, s, True)
+    table._nclass = nclass
     table._indexed = table._nodd <= ODD_MAX
     table._top_weight = top
     table._weights_gen = gen
 
 
-cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, uint64_t ties,
-                                Py_ssize_t words) noexcept nogil:
-    """The least-outstanding pick when the index's lowest level with a slot of the common
-    weight is ``level``, with ``ties`` of them in the snapshot (_index_least), and the odd
-    slots are read one by one. -1: what the index had was stale, or is ruled out by this
-    process's view (put in the skip set); the caller scans."""
-    cdef double common = table._common_weight, w, best_w = 0.0, lhs, rhs
+cdef inline uint32_t _drawn_level(SharedTable table, Py_ssize_t s, uint32_t level) noexcept nogil:
+    """The level a slot drawn from the pick's snapshot was read at: its class's."""
+    return level if table._nclass == 1 else table._class_level[table._class_of[s]]
+
+
+cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
+    """The least-outstanding pick with several weight classes: each class's lowest level
+    with a slot this process may use, read level by level until no class left can tie the
+    best so far ((level + 1) / its weight above the best's); the tied classes' slots at
+    their levels, and the odd ones, are the ties; the r-th of them in slot order for one
+    random r (the scan's tie-break, as _index_least). -1: nothing there, a class whose best
+    is in the last level (its counts differ: the scan decides), or something stale."""
+    cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
+    cdef int nclass = <int>table._nclass, c, best
+    cdef uint32_t level, kept, found, have, pending, tied
+    cdef double* cw = table._class_weight
+    cdef uint32_t* lv = table._class_level
+    cdef uint64_t ties
+    cdef Py_ssize_t s
+    cdef int drawn
+    if words > table._class_words:
+        words = table._class_words  # slots added since the picture: the next one has them
+    if table._nskip:
+        _unskip_visible(table)
+    while True:
+        best, have, kept = -1, 0, 0
+        pending = ((<uint32_t>1) << nclass) - 1
+        for level in range(<uint32_t>LEVELS):
+            for c in range(nclass):
+                if best >= 0 and (pending >> c) & 1 and \
+                        (<double>level + 1.0) * cw[best] > (<double>lv[best] + 1.0) * cw[c]:
+                    pending &= ~((<uint32_t>1) << c)
+            if not pending:
+                break
+            found = tm_row_classes(_bits(table, level), table._mask, table._class_bits, nclass,
+                                   words, table._rows + kept * words) & pending
+            if not found:
+                continue
+            if level == LEVELS - 1:
+                return -1
+            for c in range(nclass):
+                if (found >> c) & 1:
+                    lv[c], table._class_row[c] = level, kept
+                    if best < 0 or (<double>level + 1.0) * cw[best] < \
+                            (<double>lv[best] + 1.0) * cw[c]:
+                        best = c
+            have |= found
+            pending &= ~found
+            kept += 1
+        if best < 0:
+            return -1
+        tied = 0
+        for c in range(nclass):
+            if (have >> c) & 1 and \
+                    (<double>lv[c] + 1.0) * cw[best] == (<double>lv[best] + 1.0) * cw[c]:
+                tied |= (<uint32_t>1) << c
+        ties = tm_classes_snapshot(table._rows, table._class_bits, table._class_row, tied,
+                                   nclass, words, table._snap, table._cum)
+        if table._nodd:
+            return _least_with_odd(table, lv[best], cw[best], ties, words)
+        s = tm_snap_select(table._snap, table._cum, words, table._below(ties) if ties > 1 else 0)
+        drawn = _check_drawn(table, s, lv[table._class_of[s]])
+        if drawn != 0:
+            return s if drawn > 0 else -1
+        # this process's view rules the slot out (now skipped): read the index again
+
+
+cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, double common,
+                                uint64_t ties, Py_ssize_t words) noexcept nogil:
+    """The least-outstanding pick when the index's least is ``level`` in a class of weight
+    ``common``, with ``ties`` tied slots in the snapshot (_index_least, _least_by_class),
+    and the odd slots are read one by one. -1: what the index had was stale, or is ruled
+    out by this process's view (put in the skip set); the caller scans."""
+    cdef double w, best_w = 0.0, lhs, rhs
     cdef Py_ssize_t i, s, best = -1, first = 0, k = 0
     cdef uint64_t status, best_status = 0, odd_ties = 0, r, place
     cdef uint32_t count, best_count = 0
@@ -120,4 +270,4 @@ cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, uint64_t ties
     if r - k >= ties:
         return -1  # the counts moved
     s = tm_snap_select(table._snap, table._cum, words, r - k)
-    return s if _check_drawn(table, s, level) > 0 else -1
+    return s if _check_drawn(table, s, _drawn_level(table, s, level)) > 0 else -1

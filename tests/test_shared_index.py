@@ -281,9 +281,13 @@ def test_stress_several_processes_on_the_index(make_table: Any, impl: str) -> No
     t = make_table(capacity=16, max_processes=4)
     for _ in range(4):
         t.add()
-    iterations = 50_000 if impl == "c" else 3_000
-    procs = [shared._worker(impl, "hammer-even", t.name, i, iterations, seed=i)
-             for i in (1, 2, 3)]
+    _stress(t, impl, "hammer-even", 50_000 if impl == "c" else 3_000)
+
+
+def _stress(t: Any, impl: str, mode: str, iterations: int) -> None:
+    """Three worker processes in ``mode`` on ``t`` while this one checks, over and over,
+    that every count is the sum of the ledgers; then every count is 0 and the index agrees."""
+    procs = [shared._worker(impl, mode, t.name, i, iterations, seed=i) for i in (1, 2, 3)]
     verified = 0
     with shared._reaped(*procs):
         shared._go(procs)

@@ -1,6 +1,7 @@
 """The shared table's pick index with unequal weights (``_core/_shared_weights.pxi``): the
-slots of the fleet's common weight are read from the index, the few others (an instance in
-slow start, a weighted few) one by one beside it, and the pick is the scan's.
+slots of the fleet's few common weights (its weight classes) are read from the index, class
+by class, the few others (an instance in slow start, a weighted few) one by one beside it,
+and the pick is the scan's.
 
 ``scans`` counts the least-outstanding picks that read every slot; the twin keeps no index,
 so its picks are the scan and the differential tests pit the index against it.
@@ -20,6 +21,10 @@ import tritonmesh._core as core
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+# Both builds, tables unlinked afterwards (tests/test_shared_table.py's fixtures).
+impl = shared.impl
+make_table = shared.make_table
+
 OPS = st.lists(st.tuples(
     st.sampled_from(["pick", "pick", "pick", "pick", "release", "release", "acquire", "add",
                      "remove", "set_available", "set_limit", "set_weight", "set_weight",
@@ -29,27 +34,32 @@ OPS = st.lists(st.tuples(
 ), min_size=1, max_size=120)
 # Up to 40 odd slots among 70: on both sides of the 32 that a pick reads one by one.
 ODD = st.dictionaries(st.integers(0, 69), st.sampled_from(index.ODD_WEIGHTS[1:5]), max_size=40)
+# Every one of the 70 slots weighted, from one to five distinct weights: up to four classes
+# beside the odd slots, and past them (more than 32 odd slots) the scan.
+SPREAD = st.lists(st.sampled_from(index.ODD_WEIGHTS[:5]), min_size=70, max_size=70).map(
+    lambda weights: dict(enumerate(weights)))
 
 
 @shared.needs_c
-@settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
 def test_pick_with_unequal_weights_is_the_scans_pick(seed: int, ops: list[index.Op],
-                                                     odd: dict[int, float]) -> None:
-    """A fleet of weight 1 with some slots of other weights, whose weights then change: with
-    one seed the compiled table's picks (the index and the odd slots) are the twin's (the
-    scan), and each is least by (count + 1) / weight."""
-    assert index._differential(core.CSharedTable, seed, ops, False, odd) == \
-        index._differential(core.PySharedTable, seed, ops, False, odd)
+                                                     weights: dict[int, float]) -> None:
+    """A fleet of weight 1 with some slots of other weights, or of weights spread over it
+    (several classes, odd slots beside them), whose weights then change: with one seed the
+    compiled table's picks (the index by class and the odd slots) are the twin's (the scan),
+    and each is least by (count + 1) / weight."""
+    assert index._differential(core.CSharedTable, seed, ops, False, weights) == \
+        index._differential(core.PySharedTable, seed, ops, False, weights)
 
 
-@settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, odd=ODD)
+@settings(max_examples=120, deadline=None)
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
 def test_pick_with_unequal_weights_through_a_view(seed: int, ops: list[index.Op],
-                                                  odd: dict[int, float]) -> None:
+                                                  weights: dict[int, float]) -> None:
     """The same with a view (slots excluded, ejected, and back): every pick is least among
     the slots the view allows."""
-    index._differential(core.SharedTable, seed, ops, True, odd)
+    index._differential(core.SharedTable, seed, ops, True, weights)
 
 
 @pytest.fixture
@@ -96,23 +106,11 @@ def test_one_instance_in_slow_start_picks_from_the_index(table_1024: Any) -> Non
     shared._quiet(t)
 
 
-@shared.needs_c
-def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) -> None:
-    """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2, so
-    (1 + 1) / 2 ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512 idle
-    slots in the index and the 24 odd ones (chi-square, six standard deviations above its
-    mean), and reads no slot by the scan."""
-    t = table_1024
-    slots = [t.add() for _ in range(1024)]
-    busy = slots[::2]
-    for s in busy:
-        t.acquire(s)
-    heavy = busy[::21][:24]
-    for s in heavy:
-        t.set_weight(s, 2.0)
-    allowed = slots[1::2] + heavy
+def _uniform_from_the_index(t: Any, allowed: list[int], rounds_per_slot: int) -> None:
+    """Least-outstanding picks (each released at once) are uniform over ``allowed``
+    (chi-square, six standard deviations above its mean) and none reads every slot."""
     picks: Counter[int] = Counter()
-    for _ in range(60 * len(allowed)):
+    for _ in range(rounds_per_slot * len(allowed)):
         s = t.pick()
         picks[s] += 1
         t.release(s)
@@ -120,19 +118,88 @@ def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) ->
     assert set(picks) == set(allowed)
     assert index._chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
     assert t.scans == 0
+
+
+@shared.needs_c
+def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) -> None:
+    """Half of 1,024 slots of weight 1 hold a request; 24 of the busy ones weigh 2 to 9,
+    three of each (too few for a class of their own: odd), and hold w - 1 requests, so
+    (w - 1 + 1) / w ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512
+    idle slots in the index and the 24 odd ones (chi-square, six standard deviations above
+    its mean), and reads no slot by the scan."""
+    t = table_1024
+    slots = [t.add() for _ in range(1024)]
+    busy = slots[::2]
+    for s in busy:
+        t.acquire(s)
+    heavy = busy[::21][:24]
+    for i, s in enumerate(heavy):
+        t.set_weight(s, float(i % 8 + 2))
+        for _ in range(i % 8):
+            t.acquire(s)
+            busy.append(s)
+    _uniform_from_the_index(t, slots[1::2] + heavy, 60)
     for s in busy:
         t.release(s)
     shared._quiet(t)
 
 
 @shared.needs_c
-def test_more_odd_slots_than_a_pick_reads_one_by_one_scan(table_1024: Any) -> None:
-    """Weights 1 and 2 alternating: 512 odd slots, more than the 32 a pick reads beside the
-    index, so the pick scans (and is still least)."""
+def test_two_weight_classes_tie_uniformly_from_the_index(table_1024: Any) -> None:
+    """Weights 1 and 2 alternating over 1,024 slots (two classes, no odd slot), each slot of
+    weight 2 holding a request: (1 + 1) / 2 ties it with the idle ones of weight 1, so a
+    pick is uniform over all 1,024 slots, found at level 0 of one class and level 1 of the
+    other (chi-square, six standard deviations above its mean), and reads no slot by the
+    scan."""
     t = table_1024
     slots = [t.add(2.0 if i % 2 else 1.0) for i in range(1024)]
+    heavy = slots[1::2]
+    for s in heavy:
+        t.acquire(s)
+    _uniform_from_the_index(t, slots, 40)
+    for s in heavy:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
+def test_weights_1_to_4_spread_pick_least_from_the_index(table_1024: Any) -> None:
+    """Weights 1, 2, 3 and 4 in turn over 1,024 slots with requests piling up: every pick is
+    one of the least by (count + 1) / weight, and none reads every slot."""
+    t = table_1024
+    for i in range(1024):
+        t.add(float(i % 4 + 1))
+    held = []
+    for _ in range(3000):
+        least = index._least(t) if len(held) % 50 == 0 else None
+        s = t.pick()
+        assert least is None or s in least, (s, sorted(least or ())[:5])
+        held.append(s)
+    assert t.scans == 0
+    for s in held:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
+def test_more_weights_than_classes_spread_evenly_scan(table_1024: Any) -> None:
+    """Weights 1 to 5 in turn: four classes leave about 200 slots odd, more than the 32 a
+    pick reads beside the index, so the pick scans (and is still least)."""
+    t = table_1024
+    slots = [t.add(float(i % 5 + 1)) for i in range(1024)]
     s = t.pick()
-    assert s in slots[1::2]
+    assert s in slots[4::5]
     assert t.scans == 1
     t.release(s)
     shared._quiet(t)
+
+
+def test_stress_several_processes_on_weight_classes(make_table: Any, impl: str) -> None:
+    """tests/test_shared_table.py's stress test on 96 slots of weights 1 and 2 alternating
+    (two classes: the processes' least-outstanding picks read the index class by class while
+    they move it, and add and remove slots of both weights); at the end the index agrees
+    with the counts (check)."""
+    t = make_table(capacity=128, max_processes=4)
+    for i in range(96):
+        t.add(2.0 if i % 2 else 1.0)
+    index._stress(t, impl, "hammer", 30_000 if impl == "c" else 2_000)
