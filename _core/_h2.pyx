@@ -87,16 +87,21 @@ cdef void _call_flush(loop) noexcept:
 def flush_pending() -> None:
     """Write every connection's pending frames (after changes made outside its events)."""
     global _scheduled
-    _scheduled = False
     cdef H2Connection conn
-    while _dirty:
-        conn = _dirty.pop()
-        conn.dirty = False
-        try:
-            conn.flush()
-        except Exception:  # one broken connection must not leave the others unwritten
-            log.exception("native data path: writing to a connection")
-            conn.close()
+    # What writing marks (a window given back to the connection an answer came from)
+    # joins this pass: another loop iteration per call would find nothing more to write.
+    _scheduled = True
+    try:
+        while _dirty:
+            conn = _dirty.pop()
+            conn.dirty = False
+            try:
+                conn.flush()
+            except Exception:  # one broken connection must not leave the others unwritten
+                log.exception("native data path: writing to a connection")
+                conn.close()
+    finally:
+        _scheduled = False
 
 
 include "_h2_stream.pxi"
@@ -107,7 +112,8 @@ include "_h2_callbacks.pxi"
 cdef class H2Connection:
     """One HTTP/2 connection, server side (a client of the router) or client side (to an
     upstream). ``owner`` hears of new requests (server side: ``request``, ``message``,
-    ``oversize``, ``incomplete``) and of the connection's end (``connection_lost``)."""
+    ``oversize``, ``incomplete``; not of those at ``peek_path``, whose first message is
+    awaited on its own) and of the connection's end (``connection_lost``)."""
 
     cdef nghttp2_session *session
     cdef readonly object owner
@@ -147,14 +153,24 @@ cdef class H2Connection:
     # (Stream.policy_values) and those not forwarded (Stream.metadata leaves both out).
     cdef frozenset policy_keys
     cdef frozenset hop_by_hop
+    # A client's requests at peek_path (gRPC, with a message to come) have their first
+    # message awaited without asking the owner (up to peek_limit bytes); an uncompressed
+    # one goes to on_message(stream, bytes), others to the owner's `message`.
+    cdef bytes peek_path
+    cdef Py_ssize_t peek_limit
+    cdef object on_message
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
                   uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0,
                   uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33,
                   size_t buffer_cap=<size_t>-1, frozenset policy_keys=frozenset(),
-                  frozenset hop_by_hop=frozenset()):
+                  frozenset hop_by_hop=frozenset(), bytes peek_path=None,
+                  Py_ssize_t peek_limit=0, on_message=None):
         self.owner = owner
+        self.peek_path = peek_path
+        self.peek_limit = peek_limit
+        self.on_message = on_message
         self.policy_keys = policy_keys
         self.hop_by_hop = hop_by_hop
         self.server = server
