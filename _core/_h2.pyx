@@ -87,21 +87,44 @@ cdef void _call_flush(loop) noexcept:
 def flush_pending() -> None:
     """Write every connection's pending frames (after changes made outside its events)."""
     global _scheduled
-    cdef H2Connection conn
-    # What writing marks (a window given back to the connection an answer came from)
-    # joins this pass: another loop iteration per call would find nothing more to write.
+    # What writing marks joins this pass: another loop iteration would find it too.
     _scheduled = True
     try:
         while _dirty:
-            conn = _dirty.pop()
-            conn.dirty = False
-            try:
-                conn.flush()
-            except Exception:  # one broken connection must not leave the others unwritten
-                log.exception("native data path: writing to a connection")
-                conn.close()
+            _flush_now(<H2Connection>_dirty.pop())
     finally:
         _scheduled = False
+
+
+cdef void _flush_clients() noexcept:
+    """Write the clients' connections now (an upstream's answers came): unlike requests to
+    one instance, answers to different clients never share a write, and those on one
+    client connection came in this one read, so waiting for the loop's next turn would
+    save nothing and cost a callback per call."""
+    cdef Py_ssize_t i = len(_dirty) - 1
+    cdef H2Connection conn
+    while i >= 0:
+        conn = <H2Connection>_dirty[i]
+        if conn.server:
+            del _dirty[i]
+            _flush_now(conn)  # what it marks is appended: past i
+        i -= 1
+
+
+cdef void _flush_now(H2Connection conn) noexcept:
+    conn.dirty = False
+    try:
+        conn.flush()
+    except Exception:  # one broken connection must not leave the others unwritten
+        log.exception("native data path: writing to a connection")
+        conn.close()
+
+
+cdef inline bint _has_writes(H2Connection conn) noexcept:
+    """Whether flush() has something to do: frames to write, or the connection to close
+    (GOAWAY written, or nothing more either way), or drained streams to tell."""
+    return nghttp2_session_want_write(conn.session) or conn.close_after_flush \
+        or not nghttp2_session_want_read(conn.session) or len(conn.drained) > 0
 
 
 include "_h2_stream.pxi"
@@ -240,7 +263,10 @@ cdef class H2Connection:
             self.flush()
             self.transport.close()
             return
-        _mark(self)
+        if not self.server:
+            _flush_clients()
+        if _has_writes(self):  # what reading made nghttp2 queue (ACKs, window updates)
+            _mark(self)
         _schedule_flush()
 
     def eof_received(self) -> None:

@@ -467,7 +467,9 @@ cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n
     """``n`` bytes received on that stream were sent on (or dropped): open its windows."""
     if connection is not None and not connection.lost:
         nghttp2_session_consume_stream(connection.session, stream_id, n)
-        _mark(connection)
+        # A WINDOW_UPDATE, unless the stream has closed (an answer's, once written)
+        if nghttp2_session_want_write(connection.session):
+            _mark(connection)
 
 
 cdef size_t _fill_nv(nghttp2_nv *nva, list headers, size_t capacity=MAX_HEADERS) except? 0:

@@ -1,8 +1,8 @@
 """A call through the native engine (``_core._h2``) alone: a client's connection and an
 upstream's, paired by a policy of a few lines, on the stdlib event loop with in-memory
 transports, and real HTTP/2 peers (the ``h2`` package) on either side. What the engine tells
-the policy of an answer (``trailers``), against the scan in Python it replaced, and how
-often a call makes the event loop run the engine's deferred write."""
+the policy of an answer (``trailers``), against the scan in Python it replaced, and when
+an answer is written."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def scan(block: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
 
 async def one_call(answer: list[list[tuple[bytes, bytes]]]) -> tuple[Call, list[int], Owner]:
     """A ModelInfer through the engine, answered by ``answer``'s HEADERS blocks (the last
-    ends the stream); returns its handler, the deferred writes the answer scheduled, and the
-    client connection's owner."""
+    ends the stream); returns its handler, the deferred writes (``flush_pending``) the
+    answer scheduled, and the client connection's owner."""
     from tritonmesh._core._h2 import H2Connection, flush_pending
 
     loop = asyncio.get_running_loop()
@@ -124,6 +124,8 @@ async def one_call(answer: list[list[tuple[bytes, bytes]]]) -> tuple[Call, list[
     triton.initiate_connection()
     events = triton.receive_data(to_triton.take())
     assert any(isinstance(e, h2.events.RequestReceived) for e in events)
+    upstream.data_received(triton.data_to_send())  # its SETTINGS (to be acknowledged)
+    await asyncio.sleep(0)
     for i, block in enumerate(answer):
         triton.send_headers(1, block, end_stream=i == len(answer) - 1)
         if i == 0 and len(answer) > 1:
@@ -167,14 +169,14 @@ def test_an_answer_reads_as_the_scan_it_replaced(
     assert call.answer == scan(answer[-1])
 
 
-def test_an_answer_costs_one_deferred_write() -> None:
-    """Triton's answer marks the client's connection to be written, once the event is
-    handled; writing it gives the response's window back to the upstream connection, which
-    is written in the same pass, not in another turn of the event loop. The request's
-    HEADERS reach no policy (``peek_path``): only its first message does."""
+def test_an_answer_is_written_in_the_event_that_brought_it() -> None:
+    """Triton's answer is written to the client at the end of the read that brought it, not
+    in another turn of the event loop (a callback per call), and giving the response's
+    window back to the closed upstream stream marks nothing to write. The request's HEADERS
+    reach no policy (``peek_path``): only its first message does."""
     call, scheduled, owner = asyncio.run(one_call([
         [(b":status", b"200"), (b"content-type", b"application/grpc")],
         [(b"grpc-status", b"0")]]))
     assert call.answer == (b"0", b"")
-    assert len(scheduled) == 1
+    assert scheduled == []
     assert owner.requests == 0
