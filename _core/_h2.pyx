@@ -96,16 +96,17 @@ def flush_pending() -> None:
         _scheduled = False
 
 
-cdef void _flush_clients() noexcept:
-    """Write the clients' connections now (an upstream's answers came): unlike requests to
-    one instance, answers to different clients never share a write, and those on one
-    client connection came in this one read, so waiting for the loop's next turn would
-    save nothing and cost a callback per call."""
+cdef void _flush_unshared() noexcept:
+    """At the end of a read, write now the connections no other read of this loop turn
+    would share a write with: a client's (its answers; a client's reads are one per turn)
+    and an upstream's with one stream open (a lone call). Requests from many clients to a
+    busy instance wait for the deferred pass (flush_pending) and share one write; waiting
+    costs a callback and a loop turn, which a lone call would pay for nothing."""
     cdef Py_ssize_t i = len(_dirty) - 1
     cdef H2Connection conn
     while i >= 0:
         conn = <H2Connection>_dirty[i]
-        if conn.server:
+        if conn.server or len(conn.streams) <= 1:
             del _dirty[i]
             _flush_now(conn)  # what it marks is appended: past i
         i -= 1
@@ -263,10 +264,9 @@ cdef class H2Connection:
             self.flush()
             self.transport.close()
             return
-        if not self.server:
-            _flush_clients()
         if _has_writes(self):  # what reading made nghttp2 queue (ACKs, window updates)
             _mark(self)
+        _flush_unshared()
         _schedule_flush()
 
     def eof_received(self) -> None:

@@ -28,9 +28,11 @@ class Transport(asyncio.Transport):
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
+        self.writes = 0
 
     def write(self, data: Any) -> None:
         self.written += data
+        self.writes += 1
 
     def take(self) -> bytes:
         data = bytes(self.written)
@@ -81,6 +83,15 @@ def scan(block: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes]:
     return code, status
 
 
+def request(client: h2.connection.H2Connection) -> bytes:
+    """A client connection's preface and a ModelInfer with its message."""
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
+                            (":path", PATH.decode()), ("content-type", "application/grpc")])
+    client.send_data(1, MESSAGE, end_stream=True)
+    return client.data_to_send()
+
+
 async def one_call(answer: list[list[tuple[bytes, bytes]]]) -> tuple[Call, list[int], Owner]:
     """A ModelInfer through the engine, answered by ``answer``'s HEADERS blocks (the last
     ends the stream); returns its handler, the deferred writes (``flush_pending``) the
@@ -112,12 +123,8 @@ async def one_call(answer: list[list[tuple[bytes, bytes]]]) -> tuple[Call, list[
     to_client = Transport()
     front.connection_made(to_client)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"),
-                            (":path", PATH.decode()), ("content-type", "application/grpc")])
-    client.send_data(1, MESSAGE, end_stream=True)
-    front.data_received(client.data_to_send())
-    await asyncio.sleep(0)  # the deferred write: the request goes upstream
+    front.data_received(request(client))
+    assert to_triton.writes == 1  # a lone call: written at the end of the read
 
     triton = h2.connection.H2Connection(h2.config.H2Configuration(
         client_side=False, validate_outbound_headers=False, normalize_outbound_headers=False))
@@ -180,3 +187,42 @@ def test_an_answer_is_written_in_the_event_that_brought_it() -> None:
     assert call.answer == (b"0", b"")
     assert scheduled == []
     assert owner.requests == 0
+
+
+def test_requests_to_a_busy_upstream_share_one_write() -> None:
+    """A lone call goes upstream at the end of the read that brought it; once the upstream
+    connection has a call open, requests read in one loop turn from several clients wait
+    for the deferred pass and go in one write."""
+    from tritonmesh._core._h2 import H2Connection
+
+    async def run() -> None:
+        upstream = H2Connection(Owner(), False)
+        to_triton = Transport()
+        upstream.connection_made(to_triton)
+
+        def start(stream: Any, message: bytes) -> None:
+            upstream.open_stream([(b":method", b"POST"), (b":scheme", b"http"),
+                                  (b":path", PATH), (b":authority", b"t")], stream, Call())
+
+        fronts = [H2Connection(Owner(), True, peek_path=PATH, peek_limit=1 << 20,
+                               on_message=start) for _ in range(3)]
+        for front in fronts:
+            front.connection_made(Transport())
+        fronts[0].data_received(request(h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True))))
+        assert to_triton.writes == 1
+        for front in fronts[1:]:
+            front.data_received(request(h2.connection.H2Connection(
+                h2.config.H2Configuration(client_side=True))))
+        assert to_triton.writes == 1
+        await asyncio.sleep(0)
+        assert to_triton.writes == 2
+        triton = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        triton.initiate_connection()
+        events = triton.receive_data(to_triton.take())
+        assert len([e for e in events if isinstance(e, h2.events.RequestReceived)]) == 3
+        for front in fronts:
+            front.connection_lost(None)
+        upstream.connection_lost(None)
+
+    asyncio.run(run())
