@@ -1,6 +1,7 @@
 """Stub for the native data path's HTTP/2 engine (``_core/_h2.pyx``, over libnghttp2)."""
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 
 class H2Error(Exception): ...
@@ -8,7 +9,9 @@ class H2Error(Exception): ...
 class CallHandler(Protocol):
     """What a paired call tells its policy: Triton's trailers, or an early close."""
 
-    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None: ...
+    def trailers(self, grpc_status: bytes, http_status: bytes) -> None:
+        """Triton answered: the first ``grpc-status`` of its last HEADERS block, and the
+        ``:status`` before it (b"": none; the block is the stream's ``headers``)."""
     def closed(self, stream: Stream, error_code: int) -> None: ...
 
 class MessageHandler(Protocol):
@@ -83,8 +86,10 @@ class Stream:
     tag: Any
     def await_message(self, limit: int) -> None:
         """Collect DATA until the first gRPC message is whole (up to ``limit`` bytes), then
-        call the owner's ``message(stream, compressed, bytes)``; ``oversize(stream, length)``
-        when it is larger, ``incomplete(stream)`` when the client ended without one."""
+        call the owner's ``message(stream, compressed, bytes)`` (the connection's
+        ``on_message(stream, bytes)`` for an uncompressed one, where it has one);
+        ``oversize(stream, length)`` when it is larger, ``incomplete(stream)`` when the
+        client ended without one."""
     def read_messages(self, handler: MessageHandler, limit: int) -> None:
         """Message mode: every whole gRPC message received goes to ``handler.message``, one
         call each (``oversize`` past ``limit`` bytes; ``ended`` once the peer ended and every
@@ -121,7 +126,9 @@ class H2Connection(asyncio.Protocol):
                  max_header_list_bytes: int = 1 << 16, peek_budget: int = 0,
                  stream_reset_burst: int = 1000, stream_reset_rate: int = 33,
                  buffer_cap: int = 2**64 - 1, policy_keys: frozenset[bytes] = frozenset(),
-                 hop_by_hop: frozenset[bytes] = frozenset()) -> None:
+                 hop_by_hop: frozenset[bytes] = frozenset(), peek_path: bytes | None = None,
+                 peek_limit: int = 0,
+                 on_message: Callable[[Stream, bytes], None] | None = None) -> None:
         """``peek_budget``: bytes the first-message peeks of all its streams may hold
         outside flow control (server side). ``stream_reset_burst`` / ``stream_reset_rate``:
         the client's RST_STREAMs it takes (a token bucket, per s); past them, GOAWAY
@@ -130,7 +137,10 @@ class H2Connection(asyncio.Protocol):
         to; past it, a new one keeps the base window (64 KiB) instead of ``stream_window``
         (server side). ``policy_keys`` / ``hop_by_hop``: request header names whose
         values the policy reads (:attr:`Stream.policy_values`) / that are not forwarded;
-        neither is in :attr:`Stream.metadata` (server side)."""
+        neither is in :attr:`Stream.metadata` (server side). ``peek_path``: a gRPC request
+        there with a message to come is not reported to the owner's ``request``: its first
+        message is awaited (up to ``peek_limit`` bytes, as :meth:`Stream.await_message`)
+        and, uncompressed, handed to ``on_message(stream, message)`` (server side)."""
     @property
     def owner(self) -> Any: ...
     @property

@@ -87,16 +87,45 @@ cdef void _call_flush(loop) noexcept:
 def flush_pending() -> None:
     """Write every connection's pending frames (after changes made outside its events)."""
     global _scheduled
-    _scheduled = False
+    # What writing marks joins this pass: another loop iteration would find it too.
+    _scheduled = True
+    try:
+        while _dirty:
+            _flush_now(<H2Connection>_dirty.pop())
+    finally:
+        _scheduled = False
+
+
+cdef void _flush_unshared() noexcept:
+    """At the end of a read, write now the connections no other read of this loop turn
+    would share a write with: a client's (its answers; a client's reads are one per turn)
+    and an upstream's with one stream open (a lone call). Requests from many clients to a
+    busy instance wait for the deferred pass (flush_pending) and share one write; waiting
+    costs a callback and a loop turn, which a lone call would pay for nothing."""
+    cdef Py_ssize_t i = len(_dirty) - 1
     cdef H2Connection conn
-    while _dirty:
-        conn = _dirty.pop()
-        conn.dirty = False
-        try:
-            conn.flush()
-        except Exception:  # one broken connection must not leave the others unwritten
-            log.exception("native data path: writing to a connection")
-            conn.close()
+    while i >= 0:
+        conn = <H2Connection>_dirty[i]
+        if conn.server or len(conn.streams) <= 1:
+            del _dirty[i]
+            _flush_now(conn)  # what it marks is appended: past i
+        i -= 1
+
+
+cdef void _flush_now(H2Connection conn) noexcept:
+    conn.dirty = False
+    try:
+        conn.flush()
+    except Exception:  # one broken connection must not leave the others unwritten
+        log.exception("native data path: writing to a connection")
+        conn.close()
+
+
+cdef inline bint _has_writes(H2Connection conn) noexcept:
+    """Whether flush() has something to do: frames to write, or the connection to close
+    (GOAWAY written, or nothing more either way), or drained streams to tell."""
+    return nghttp2_session_want_write(conn.session) or conn.close_after_flush \
+        or not nghttp2_session_want_read(conn.session) or len(conn.drained) > 0
 
 
 include "_h2_stream.pxi"
@@ -107,7 +136,8 @@ include "_h2_callbacks.pxi"
 cdef class H2Connection:
     """One HTTP/2 connection, server side (a client of the router) or client side (to an
     upstream). ``owner`` hears of new requests (server side: ``request``, ``message``,
-    ``oversize``, ``incomplete``) and of the connection's end (``connection_lost``)."""
+    ``oversize``, ``incomplete``; not of those at ``peek_path``, whose first message is
+    awaited on its own) and of the connection's end (``connection_lost``)."""
 
     cdef nghttp2_session *session
     cdef readonly object owner
@@ -147,14 +177,24 @@ cdef class H2Connection:
     # (Stream.policy_values) and those not forwarded (Stream.metadata leaves both out).
     cdef frozenset policy_keys
     cdef frozenset hop_by_hop
+    # A client's requests at peek_path (gRPC, with a message to come) have their first
+    # message awaited without asking the owner (up to peek_limit bytes); an uncompressed
+    # one goes to on_message(stream, bytes), others to the owner's `message`.
+    cdef bytes peek_path
+    cdef Py_ssize_t peek_limit
+    cdef object on_message
 
     def __cinit__(self, owner, bint server, *, uint32_t max_concurrent_streams=100,
                   uint32_t stream_window=1 << 20, int32_t connection_window=1 << 24,
                   uint32_t max_header_list_bytes=1 << 16, size_t peek_budget=0,
                   uint32_t stream_reset_burst=1000, uint32_t stream_reset_rate=33,
                   size_t buffer_cap=<size_t>-1, frozenset policy_keys=frozenset(),
-                  frozenset hop_by_hop=frozenset()):
+                  frozenset hop_by_hop=frozenset(), bytes peek_path=None,
+                  Py_ssize_t peek_limit=0, on_message=None):
         self.owner = owner
+        self.peek_path = peek_path
+        self.peek_limit = peek_limit
+        self.on_message = on_message
         self.policy_keys = policy_keys
         self.hop_by_hop = hop_by_hop
         self.server = server
@@ -224,7 +264,9 @@ cdef class H2Connection:
             self.flush()
             self.transport.close()
             return
-        _mark(self)
+        if _has_writes(self):  # what reading made nghttp2 queue (ACKs, window updates)
+            _mark(self)
+        _flush_unshared()
         _schedule_flush()
 
     def eof_received(self) -> None:

@@ -41,6 +41,8 @@ cdef int _on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
                 stream.received_trailers = []
             else:
                 stream.headers = []
+                stream.grpc_status = None
+                stream.http_status = b""
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
     return 0
@@ -68,10 +70,26 @@ cdef int _on_header(nghttp2_session *session, const nghttp2_frame *frame, const 
         header = (PyBytes_FromStringAndSize(<const char *>name, namelen),
                   PyBytes_FromStringAndSize(<const char *>value, valuelen))
         block.append(header)
-        if conn.server and request:
+        if not conn.server:
+            _read_answer_header(stream, header, name, namelen)
+        elif request:
             _read_request_header(conn, stream, header, name, namelen, value, valuelen)
     except Exception:
         return NGHTTP2_ERR_CALLBACK_FAILURE
+    return 0
+
+
+cdef inline int _read_answer_header(Stream stream, tuple header, const uint8_t *name,
+                                    size_t namelen) except -1:
+    """What a paired call's handler is told of an upstream's answer (``trailers``): the
+    first grpc-status of its last block, and the :status before it (gRPC's reading of an
+    answer without grpc-status: an HTTP proxy's 503 is UNAVAILABLE)."""
+    if stream.grpc_status is not None:
+        return 0
+    if namelen == 11 and memcmp(name, b"grpc-status", 11) == 0:
+        stream.grpc_status = header[1]
+    elif namelen == 7 and memcmp(name, b":status", 7) == 0:
+        stream.http_status = header[1]
     return 0
 
 
@@ -177,6 +195,12 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
                     stream.finish(RESOURCE_EXHAUSTED, b"request header list larger than "
                                   b"native.max_header_list_bytes (%d bytes)" % conn.max_header_list)
                     return 0
+                if conn.peek_path is not None and not end and stream.grpc \
+                        and not stream.timeout_malformed and stream.path == conn.peek_path:
+                    # The call whose first message the policy reads (ModelInfer) needs no
+                    # policy call before it is whole.
+                    _await_message(stream, conn.peek_limit)
+                    return 0
                 conn.owner.request(stream, end)
                 return 0
             if not conn.server:
@@ -193,6 +217,7 @@ cdef int _on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
                 # the client is told (a gRPC call always ends with a grpc-status).
                 stream.headers = [(b"grpc-status", b"13"),
                                   (b"grpc-message", b"upstream ended the stream without trailers")]
+                stream.grpc_status = b"13"
                 _forward_headers(stream, True)
                 return 0
             if peer is not None:
@@ -306,7 +331,8 @@ cdef int _forward_headers(Stream upstream, bint end) except -1:
         client.ended = True
         if handler is not None:
             upstream.handler = None
-            handler.trailers(upstream.headers)
+            handler.trailers(b"" if upstream.grpc_status is None else upstream.grpc_status,
+                             upstream.http_status)
     return 0
 
 

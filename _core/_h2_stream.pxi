@@ -77,11 +77,16 @@ cdef class Stream:
     cdef size_t message_limit
     cdef size_t low_water  # tell the handler `drained` once `out` is below this (0: off)
     cdef H2Connection window_of  # the client connection whose window_bytes count `window`
+    # An upstream's answer, read as its last HEADERS block comes (client side): its first
+    # grpc-status (None: none), and its :status before that (b"": none), for `trailers`.
+    cdef bytes grpc_status
+    cdef bytes http_status
 
     def __cinit__(self, H2Connection connection):
         self.connection = connection
         self.peek_limit = -1
         self.timeout = -1
+        self.http_status = b""
 
     def __dealloc__(self):
         buf_free(&self.inbuf)
@@ -93,11 +98,11 @@ cdef class Stream:
 
     def await_message(self, Py_ssize_t limit) -> None:
         """Collect DATA until the first gRPC message is whole (up to ``limit`` bytes), then
-        call the owner's ``message(stream, bytes)``; ``oversize`` / ``incomplete`` when it
-        is too large or the client ended without one."""
-        self.peek_limit = limit
-        self.peek_since = _monotonic()
-        self._check_message()
+        call the owner's ``message(stream, compressed, bytes)`` (its connection's
+        ``on_message(stream, bytes)`` for an uncompressed one, where it has one);
+        ``oversize`` / ``incomplete`` when it is too large or the client ended without
+        one."""
+        _await_message(self, limit)
 
     cdef int _check_message(self) except -1:
         cdef size_t have = buf_len(&self.inbuf)
@@ -117,8 +122,11 @@ cdef class Stream:
                 # _read_data) or the stream closes: a message waiting for an instance, or
                 # for a slow Triton to take it, still counts against the peek budget.
                 self.peek_limit = -1
-                owner.message(self, p[0], PyBytes_FromStringAndSize(
-                    <const char *>p + MESSAGE_PREFIX, length))
+                message = PyBytes_FromStringAndSize(<const char *>p + MESSAGE_PREFIX, length)
+                if p[0] == 0 and self.connection.on_message is not None:
+                    self.connection.on_message(self, message)
+                else:
+                    owner.message(self, p[0], message)
                 return 0
         if self.remote_ended:
             _end_peek(self)
@@ -228,6 +236,13 @@ cdef class Stream:
         if peer is not None:
             peer.peer = None
             self.peer = None
+
+
+cdef inline int _await_message(Stream stream, Py_ssize_t limit) except -1:
+    stream.peek_limit = limit
+    stream.peek_since = _monotonic()
+    stream._check_message()
+    return 0
 
 
 cdef void _reserve(Stream stream) noexcept:
@@ -458,7 +473,9 @@ cdef inline void _give_back(H2Connection connection, int32_t stream_id, size_t n
     """``n`` bytes received on that stream were sent on (or dropped): open its windows."""
     if connection is not None and not connection.lost:
         nghttp2_session_consume_stream(connection.session, stream_id, n)
-        _mark(connection)
+        # A WINDOW_UPDATE, unless the stream has closed (an answer's, once written)
+        if nghttp2_session_want_write(connection.session):
+            _mark(connection)
 
 
 cdef size_t _fill_nv(nghttp2_nv *nva, list headers, size_t capacity=MAX_HEADERS) except? 0:

@@ -115,25 +115,19 @@ class Call:
         self.timer: asyncio.TimerHandle | None = None
         self.absorbed = False
 
-    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
-        """Triton answered (its trailers are on their way to the client)."""
+    def trailers(self, code: bytes, http_status: bytes) -> None:
+        """Triton answered (its trailers are on their way to the client): ``grpc-status``
+        and the ``:status`` before it, as the engine read them."""
         if self.absorbed:
             self._finish_absorbed()
             return
-        code = status = b""
-        for name, value in headers:
-            if name == b"grpc-status":
-                code = value
-                break
-            if name == b":status":
-                status = value
         lease = self.lease
         self._done()
         if code == b"0":
             lease.succeeded()
             lease.release(True)
             return
-        lease.code = failed = code_name(code, status)
+        lease.code = failed = code_name(code, http_status)
         lease.outliers.failure(lease.instance, failed)
         lease.release(False)
 
@@ -287,5 +281,5 @@ class Waiting:
     def closed(self, stream: Stream, error_code: int) -> None:
         self.task.cancel()
 
-    def trailers(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def trailers(self, code: bytes, http_status: bytes) -> None:
         pass

@@ -93,6 +93,12 @@ class NativePort:
         self.streams = None if self.infer is None else NativeStreams(
             self.infer, limits.max_stream_requests_in_flight, limits.max_message_bytes,
             native.stream_window_bytes)
+        if self.infer is not None:
+            # A ModelInfer's HEADERS need no policy call: the engine awaits its first
+            # message and hands it, uncompressed, to the policy (else to `message`).
+            self.client_settings.update(peek_path=MODEL_INFER,
+                                        peek_limit=limits.max_message_bytes,
+                                        on_message=self.infer.start)
         self.relayed = 0  # streams handed to the grpc.aio server
         self._dir = _relay_directory()
         self.internal = f"unix:{self._dir / 'grpc.sock'}"  # the grpc.aio server's address
@@ -136,26 +142,21 @@ class NativePort:
     # -- what a client connection reports (H2Connection's owner) --
 
     def request(self, stream: Stream, end_stream: bool) -> None:
-        """A request's HEADERS are here (what the policy reads of them, the engine read
-        as they came: ``stream.path``, ``grpc``, ``timeout_malformed``, ``encoded``)."""
-        if self.infer is not None and not end_stream and stream.grpc \
-                and not stream.timeout_malformed:
-            path = stream.path
-            if path == MODEL_INFER:
-                stream.await_message(self.limits.max_message_bytes)
-                return
-            # A compressed stream's messages are grpc.aio's to decompress.
-            if path == MODEL_STREAM_INFER and self.streams is not None and not stream.encoded:
-                self.streams.start(stream)
-                return
+        """A request's HEADERS are here, but for a ModelInfer served natively (the engine
+        awaits its first message: ``peek_path``). What the policy reads of them, the engine
+        read as they came: ``stream.path``, ``grpc``, ``timeout_malformed``, ``encoded``."""
+        # A compressed stream's messages are grpc.aio's to decompress.
+        if self.streams is not None and not end_stream and stream.grpc \
+                and not stream.timeout_malformed and stream.path == MODEL_STREAM_INFER \
+                and not stream.encoded:
+            self.streams.start(stream)
+            return
         self.relay(stream)
 
     def message(self, stream: Stream, compressed: int, message: bytes) -> None:
-        assert self.infer is not None
-        if compressed:  # the peek reads plain protobuf; grpc.aio decompresses
-            self.relay(stream)
-            return
-        self.infer.start(stream, message)
+        """A compressed first message of a ModelInfer (an uncompressed one goes to
+        ``NativeInfer.start``): the peek reads plain protobuf; grpc.aio decompresses."""
+        self.relay(stream)
 
     def oversize(self, stream: Stream, length: int) -> None:
         stream.finish(_RESOURCE_EXHAUSTED, grpc_message(
