@@ -19,6 +19,7 @@ import tritonclient.grpc.service_pb2 as pb
 from harness import LoopThread, RecordingTriton, admin_stub, wait_for
 from test_processes import (  # noqa: F401
     Endpoint,
+    _gained,
     _in_background,
     _inferences,
     _logged_by_every_router,
@@ -68,7 +69,7 @@ def test_a_sequence_reaches_one_instance_from_every_router_process(
         before = [_inferences(w) for w in workers]
         for step in range(steps):
             _on_a_new_connection(address, sequence_id, step == 0, step == steps - 1)
-        gained = [_inferences(w) - b for w, b in zip(workers, before, strict=True)]
+        gained = _gained(workers, before, steps)
         assert sorted(gained) == [0, steps], (sequence_id, gained)
     endpoint.quiescent()
     # 48 connections: the kernel spread them over every router process, so the pins
@@ -195,12 +196,12 @@ def test_slow_start_reaches_every_router_process(
                                                                  address=new))
     _logged_by_every_router(running, f"{new} joined", 2)
     (slot,) = [s for s, *_ in endpoint.table.snapshot() if s != 0]
-    before = _inferences(old), _inferences(new)
+    before = [_inferences(old), _inferences(new)]
     served = [endpoint.updates(i) for i in (1, 2)]
     for _ in range(16):
         _on_a_new_connection(running.address, 0, False, False, sequence=False)
     assert endpoint.table.weight(slot) < 0.5  # still ramping (120 s, from 0.1)
-    assert (_inferences(old) - before[0], _inferences(new) - before[1]) == (16, 0)
+    assert _gained([old, new], before, 16) == [16, 0]
     assert all(endpoint.updates(i) > s for i, s in zip((1, 2), served, strict=True))
     endpoint.quiescent()
 
@@ -226,7 +227,7 @@ def test_a_pin_outlives_the_router_process_that_made_it(
     served = [endpoint.updates(i) for i in (1, 2)]
     for step in range(8):
         _on_a_new_connection(address, 77, False, step == 7)
-    gained = [_inferences(w) - b for w, b in zip(workers, before, strict=True)]
+    gained = _gained(workers, before, 9)
     assert sorted(gained) == [0, 9], gained
     assert all(endpoint.updates(i) > served[i - 1] for i in (1, 2))  # both processes served
     endpoint.quiescent()
