@@ -185,3 +185,170 @@ def test_a_deadline_that_passes_leaves_triton_its_request(data_path: str,
     assert successes() == before + 1
     with grpcclient.InferenceServerClient(router.address) as client:
         assert client.infer("identity", identity_inputs()).as_numpy("OUTPUT0") is not None
+
+
+# -- stream requests for a non-decoupled model: sent as ModelInfer, absorbed alike --
+
+
+def _stream_request(request_id: str) -> bytes:
+    request = pb.ModelInferRequest(model_name="identity", id=request_id)
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "INPUT0", "FP32"
+    tensor.shape.extend([1])
+    request.raw_input_contents.append(b"\0\0\0\0")
+    return bytes(request.SerializeToString())
+
+
+async def _stream(address: str, fake: Answering, request_id: str, end: asyncio.Event,
+                  timeout: float | None = None) -> Any:
+    """A client stream (its call) whose one request reached ``fake``; it half-closes once
+    ``end`` is set."""
+    channel = grpc.aio.insecure_channel(address)
+
+    async def requests() -> Any:
+        yield _stream_request(request_id)
+        await end.wait()
+
+    call = channel.stream_stream(
+        "/inference.GRPCInferenceService/ModelStreamInfer",
+        response_deserializer=pb.ModelStreamInferResponse.FromString)(requests(),
+                                                                      timeout=timeout)
+    call.add_done_callback(lambda _: asyncio.ensure_future(channel.close()))
+    assert await asyncio.to_thread(fake.arrived.wait, 30)
+    return call
+
+
+def _reset_stream_after_arrival(address: str, fake: Answering, request_id: str) -> None:
+    async def reset() -> None:
+        call = await _stream(address, fake, request_id, asyncio.Event())
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call.read()
+
+    asyncio.run(reset())
+
+
+def test_a_stream_reset_leaves_triton_its_unary_call(data_path: str, loop_thread: LoopThread,
+                                                     answering: Answering) -> None:
+    """A client resets its stream while its request (sent upstream as ModelInfer) runs:
+    Triton sees no cancellation and answers; the call stays counted until then."""
+    router = _router(loop_thread, answering.address)
+    try:
+        _reset_stream_after_arrival(router.address, answering, "s1")
+        (instance,) = router.instances()
+        wait_for(lambda: instance.absorbed == 1, "the router to absorb the call")
+        assert router.total_outstanding() == 1
+        answering.release()
+        wait_for(lambda: answering.answered == ["s1"], "Triton's answer")
+        router.wait_idle()
+        assert answering.cancelled == {}
+    finally:
+        router.stop()
+
+
+def test_a_stream_deadline_leaves_triton_its_unary_call(data_path: str, loop_thread: LoopThread,
+                                                        answering: Answering) -> None:
+    """The stream's deadline passes with a request in flight: the client is answered
+    DEADLINE_EXCEEDED as before, and Triton, sent no deadline, is left to finish."""
+    router = _router(loop_thread, answering.address)
+
+    async def expire() -> list[Any]:
+        call = await _stream(router.address, answering, "s1", asyncio.Event(), timeout=3.0)
+        read = []
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for response in call:
+                read.append(response)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        return read
+
+    try:
+        read = asyncio.run(expire())
+        # Any answer that came first is the request's in-stream error.
+        assert all("Deadline Exceeded" in r.error_message for r in read), read
+        (instance,) = router.instances()
+        wait_for(lambda: instance.absorbed == 1, "the router to absorb the call")
+        assert router.total_outstanding() == 1
+        assert answering.cancelled == {}
+        answering.release()
+        wait_for(lambda: answering.answered == ["s1"], "Triton's answer")
+        router.wait_idle()
+        assert answering.cancelled == {}
+    finally:
+        router.stop()
+
+
+def test_a_stream_requests_per_try_timeout_answers_in_stream_and_absorbs(
+        data_path: str, loop_thread: LoopThread, answering: Answering) -> None:
+    """``per_try_timeout_s`` expires for a stream's request: its in-stream error names the
+    instance, the stream goes on (it ends OK), and Triton is left the call."""
+    router = _router(loop_thread, answering.address, per_try_timeout_s=1.0)
+
+    async def run() -> list[Any]:
+        end = asyncio.Event()
+        call = await _stream(router.address, answering, "s1", end)
+        read = [await call.read()]
+        end.set()
+        while (response := await call.read()) is not grpc.aio.EOF:
+            read.append(response)
+        assert await call.code() == grpc.StatusCode.OK
+        return read
+
+    try:
+        (answer,) = asyncio.run(run())
+        assert "per_try_timeout_s" in answer.error_message, answer
+        (instance,) = router.instances()
+        assert instance.absorbed == 1
+        assert router.total_outstanding() == 1
+        answering.release()
+        wait_for(lambda: answering.answered == ["s1"], "Triton's answer")
+        router.wait_idle()
+        assert answering.cancelled == {}
+    finally:
+        router.stop()
+
+
+def test_an_absorbed_stream_request_is_cancelled_after_absorb_timeout(
+        data_path: str, loop_thread: LoopThread, answering: Answering) -> None:
+    router = _router(loop_thread, answering.address, absorb_timeout_s=1.0)
+    try:
+        left = time.monotonic()
+        _reset_stream_after_arrival(router.address, answering, "s1")
+        wait_for(lambda: "s1" in answering.cancelled, "the cancellation after absorb_timeout_s")
+        assert answering.cancelled["s1"] - left >= 0.99, answering.cancelled["s1"] - left
+        router.wait_idle()
+    finally:
+        answering.release()
+        router.stop()
+
+
+def test_forward_cancels_a_stream_request_at_once(data_path: str, loop_thread: LoopThread,
+                                                  answering: Answering) -> None:
+    router = _router(loop_thread, answering.address, upstream_cancellation="forward")
+    try:
+        _reset_stream_after_arrival(router.address, answering, "s1")
+        wait_for(lambda: "s1" in answering.cancelled, "the upstream call's cancellation")
+        router.wait_idle()
+        (instance,) = router.instances()
+        assert instance.absorbed == 0
+    finally:
+        answering.release()
+        router.stop()
+
+
+@pytest.mark.parametrize("cancellation", ["absorb", "forward"])
+def test_a_stream_request_carries_the_deadline_only_when_forwarding(
+        data_path: str, loop_thread: LoopThread, recording_triton: RecordingTriton,
+        cancellation: str) -> None:
+    router = _router(loop_thread, recording_triton.address, upstream_cancellation=cancellation)
+    try:
+        with grpc.insecure_channel(router.address) as channel:
+            stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+            assert len(list(stream(iter([_stream_request("s1")]), timeout=5.0))) == 1
+        ((_, _, remaining),) = [c for c in recording_triton.calls if c[0] == "ModelInfer"]
+        if cancellation == "absorb":
+            assert remaining is None
+        else:
+            assert remaining is not None and 0 < remaining <= 5.5
+        router.wait_idle()
+    finally:
+        router.stop()
