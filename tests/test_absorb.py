@@ -6,6 +6,7 @@ races a completion, so absorbing is the default. Both data paths."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -352,3 +353,31 @@ def test_a_stream_request_carries_the_deadline_only_when_forwarding(
         router.wait_idle()
     finally:
         router.stop()
+
+
+@pytest.mark.triton
+def test_a_stream_deadline_leaves_triton_its_request(data_path: str, make_router: Any) -> None:
+    """On a real Triton: a stream's request for a model that is not decoupled outlives the
+    stream's deadline; the client's stream ends DEADLINE_EXCEEDED, Triton finishes the
+    request (its statistics count it a success), and the count comes back when it has."""
+    router = make_router(workers=1)
+    (instance,) = router.instances()
+
+    def successes() -> int:
+        with grpcclient.InferenceServerClient(instance.address) as direct:
+            stats = direct.get_inference_statistics("generate_unary", as_json=True)
+        return int(stats["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+    before = successes()
+    results: queue.Queue[Any] = queue.Queue()
+    with grpcclient.InferenceServerClient(router.address) as client:
+        client.start_stream(callback=lambda result, error: results.put(error or result),
+                            stream_timeout=1.0)
+        client.async_stream_infer("generate_unary", generate_inputs(400))  # ~2 s of work
+        error = results.get(timeout=30)
+        client.stop_stream()
+    assert isinstance(error, InferenceServerException), error
+    assert "Deadline Exceeded" in str(error) or error.status() == "StatusCode.DEADLINE_EXCEEDED"
+    wait_for(lambda: instance.absorbed == 1, "the router to absorb the call")
+    router.wait_idle(timeout=60)
+    assert successes() == before + 1
