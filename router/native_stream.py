@@ -281,11 +281,15 @@ class Session:
     def _send_unary(self, request: bytes, pending: Pending, connection: H2Connection) -> None:
         """A request for a non-decoupled model, sent as a native ``ModelInfer``."""
         instance = pending.lease.instance
-        timeout, per_try_bound = attempt_timeout(self._remaining(),
-                                                 instance.variant.config.per_try_timeout_s)
+        config = instance.variant.config
+        timeout, per_try_bound = attempt_timeout(self._remaining(), config.per_try_timeout_s)
         call = UnaryCall(self, pending, per_try_bound)
+        # Absorbing, Triton is sent no deadline (its expiry there is a cancellation too):
+        # the router's timer below answers the client.
         call.stream = connection.open_message_stream(
-            self.policy.infer.request_headers(instance, MODEL_INFER, timeout, self.forward),
+            self.policy.infer.request_headers(instance, MODEL_INFER,
+                                              None if config.absorbs else timeout,
+                                              self.forward),
             call, self.policy.max_message_bytes, self.client)
         self.unary.add(call)
         call.stream.send_message(request)
@@ -333,8 +337,10 @@ class Session:
                     f"upstream instance {up.instance.address} {failure}", p.id, p.model_name))
         self._maybe_finish()
 
-    def unary_over(self, call: UnaryCall, code_name: str, details: str) -> None:
-        """A request sent as ``ModelInfer`` was answered (``code_name``), or broke."""
+    def unary_over(self, call: UnaryCall, code_name: str, details: str,
+                   release: bool = True) -> None:
+        """A request sent as ``ModelInfer`` was answered (``code_name``), or broke (not
+        ``release``: its time was up, and the call releases its lease as it leaves)."""
         self.unary.discard(call)
         call.stream.handler = None
         if call.timer is not None:
@@ -361,7 +367,8 @@ class Session:
             if code_name == "UNIMPLEMENTED" and "decoupled" in details:
                 # Reloaded behind the router's back as decoupled: ask again next time.
                 self.balancer.decoupled.forget()
-            lease.release(False)
+            if release:
+                lease.release(False)
             # Triton's in-stream error for a non-decoupled request: message and id.
             out = error_stream_response(details, call.pending.id)
         self._write(out)
@@ -432,8 +439,6 @@ class Session:
         for call in calls:
             if call.timer is not None:
                 call.timer.cancel()
-            call.stream.handler = None
-            call.stream.reset(_CANCEL)
             call.pending.lease.code = code_name
-            call.pending.lease.release(False)
+            call.leave()  # absorbed, or reset
             self._answered()

@@ -25,7 +25,15 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 from tritonmesh.balancer import Balancer, Instance, NoInstanceError
-from tritonmesh.forwarding import attempt_timeout, judge, priority_of, split_metadata, too_late
+from tritonmesh.forwarding import (
+    Absorbed,
+    attempt_timeout,
+    judge,
+    per_try_expired,
+    priority_of,
+    split_metadata,
+    too_late,
+)
 from tritonmesh.stream_upstream import Pending, UpstreamStream
 from tritonmesh.wire import (
     RequestInfo,
@@ -66,8 +74,9 @@ class StreamSession:
         self.metadata, self.target, _, priority = split_metadata(context)
         self.priority = priority_of(priority)
         self.upstreams: dict[Instance, UpstreamStream] = {}
-        # Requests sent as ModelInfer, until their answer is written, and what each holds.
-        self.unary: dict[asyncio.Task[None], Pending] = {}
+        # Requests sent as ModelInfer, until their answer is written, what each holds, and
+        # what absorbs its call if the client leaves (upstream_cancellation: absorb).
+        self.unary: dict[asyncio.Task[None], tuple[Pending, Absorbed | None]] = {}
         # Every pump, until it has written its last error: it may still be writing after
         # its upstream left ``upstreams``, and the handler must not return before (gRPC
         # cannot send the status while a write is in progress, and the client would wait
@@ -233,9 +242,12 @@ class StreamSession:
             await self._send_on_stream(request, info, pending)
 
     def _send_unary(self, request: bytes, pending: Pending) -> None:
-        pending.lease.sending()
-        task = asyncio.get_running_loop().create_task(self._unary_call(request, pending))
-        self.unary[task] = pending
+        lease = pending.lease
+        lease.sending()
+        absorb = Absorbed(lease) if lease.instance.variant.config.absorbs else None
+        task = asyncio.get_running_loop().create_task(
+            self._unary_call(request, pending, absorb))
+        self.unary[task] = (pending, absorb)
 
     async def _send_on_stream(self, request: bytes, info: RequestInfo,
                               pending: Pending) -> None:
@@ -266,8 +278,10 @@ class StreamSession:
                 pending.lease.release(False)
                 self._answered()
 
-    async def _unary_call(self, request: bytes, pending: Pending) -> None:
-        """Send one stream request as ``ModelInfer`` and answer it on the client's stream."""
+    async def _unary_call(self, request: bytes, pending: Pending,
+                          absorb: Absorbed | None) -> None:
+        """Send one stream request as ``ModelInfer`` and answer it on the client's stream;
+        with ``absorb``, a call whose client left or whose time is up is left to finish."""
         task = asyncio.current_task()
         assert task is not None
         lease = pending.lease
@@ -277,8 +291,13 @@ class StreamSession:
                                                  instance.variant.config.per_try_timeout_s)
         try:
             try:
-                response = await await_call(instance.upstream.model_infer(
-                    request, timeout=timeout, metadata=self.metadata))
+                # Absorbing, Triton is sent no deadline (its expiry there is a cancellation
+                # too): the router's own wait answers the client.
+                call = await_call(instance.upstream.model_infer(
+                    request, timeout=timeout if absorb is None else None,
+                    metadata=self.metadata), None if absorb is None else absorb.take)
+                response = await (call if absorb is None or timeout is None
+                                  else asyncio.wait_for(call, timeout))
                 ok = True
                 lease.responded()
                 lease.succeeded()
@@ -291,8 +310,17 @@ class StreamSession:
                     self.balancer.decoupled.forget()
                 # Triton's in-stream error for a non-decoupled request: message and id.
                 out = error_stream_response(details, pending.id)
+            except TimeoutError:  # the router's own wait; the call was absorbed
+                lease.code = "DEADLINE_EXCEEDED"
+                if per_try_bound:
+                    details = per_try_expired(lease.outliers, instance)
+                else:
+                    lease.outliers.failure(instance, "DEADLINE_EXCEEDED")
+                    details = "Deadline Exceeded"
+                out = error_stream_response(details, pending.id)
             finally:
-                lease.release(ok)  # once, whether here or in _close()
+                if absorb is None or not absorb.active:  # an absorbed call releases its own
+                    lease.release(ok)  # once, whether here or in _close()
             try:
                 await self._write(out)
             except Exception as exc:  # the client went; nothing to answer
@@ -412,9 +440,10 @@ class StreamSession:
         self.upstreams.clear()
         calls = list(self.unary.items())
         self.unary.clear()
-        for task, pending in calls:
+        for task, (pending, absorb) in calls:
             task.cancel()  # a task cancelled before it ran has no finally: release here
-            pending.lease.release(False)
+            if absorb is None:
+                pending.lease.release(False)
         for up in ups:
             cancel_in_core(up.call)  # again: one a waiting request opened meanwhile
             self._settle_all(up)
@@ -428,8 +457,10 @@ class StreamSession:
                     await pump
                 except (asyncio.CancelledError, Exception) as exc:  # the client may be gone
                     log.debug("upstream stream ended with %r", exc)
-        for task, _ in calls:
+        for task, (pending, absorb) in calls:
             try:
                 await task
             except asyncio.CancelledError:
                 pass
+            if absorb is not None and not absorb.active:  # an absorbed call releases its own
+                pending.lease.release(False)
