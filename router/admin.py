@@ -131,6 +131,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
         self.drains = Drains() if drains is None else drains
         self.load_reporters: Sequence[LoadReporter] = ()  # the router's, set once it starts
         self.data_path = ("", "")  # what serves the inference port, and why (the router's)
+        self.processes = 1  # the router processes serving it
 
     async def ListInstances(self, request: apb.ListInstancesRequest,
                             context: grpc.aio.ServicerContext) -> apb.ListInstancesResponse:
@@ -144,6 +145,7 @@ class AdminService(apb_grpc.AdminServicer):  # type: ignore[misc]  # generated, 
             instances=[instance_message(i, loads.get(i)) for v in variants
                        for i in v.live_instances()],
             data_path=self.data_path[0], data_path_reason=self.data_path[1],
+            processes=self.processes,
         )
 
     async def AddInstance(self, request: apb.AddInstanceRequest,

@@ -204,6 +204,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import grpc
     from tritonmesh._pb import tritonmesh_admin_pb2 as apb
     from tritonmesh._pb import tritonmesh_admin_pb2_grpc as apb_grpc
+    from tritonmesh.fleetmetrics import SYNC_S
 
     metadata = _admin_token(args)
     with _admin_channel(args) as channel:
@@ -216,6 +217,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             return 1
     if response.data_path:  # absent from a router older than the field
         print(f"data path: {response.data_path} ({response.data_path_reason})")
+    if response.processes >= 2:
+        print(f"router processes: {response.processes} (requests and errors: the fleet's, "
+              f"up to {2 * SYNC_S:g} s old)")
     for v in response.variants:
         models = ", ".join(v.models) or "all models"
         print(f"variant {v.name}: {v.routing_strategy}, weight {v.weight:g}, {models}")

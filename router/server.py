@@ -265,6 +265,7 @@ class Router:
                                           self.config.health_check.timeout_s, self.drains)
         self.admin_service.load_reporters = self.load_reporters
         self.admin_service.data_path = self.data_path
+        self.admin_service.processes = self.config.processes
         strict = StrictRegistrar(server)  # malformed bytes: INVALID_ARGUMENT, not a traceback
         tritonmesh_admin_pb2_grpc.add_AdminServicer_to_server(self.admin_service, strict)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(

@@ -129,6 +129,7 @@ def test_up_starts_workers_and_router_and_stops_cleanly() -> None:
             "native" if native_available() else "grpc")
         assert f"(data path: {path}, " in "".join(running.lines)
         assert f"data path: {path} (" in status.stdout
+        assert "router processes:" not in status.stdout  # one process: its counts are live
         status = subprocess.run([TRITONMESH, "status", "--address", running.address],
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 1 and "Method not found" in status.stderr, status.stderr

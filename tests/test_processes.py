@@ -348,6 +348,13 @@ def test_k_processes_share_exact_counts_under_load(tmp_path: Path, worker_addres
     admin = admin_stub(endpoint.running.admin)
     wait_for(lambda: sum(i.requests for i in admin.ListInstances(
         apb.ListInstancesRequest()).instances) == 246, "the fleet's request count on status")
+    assert admin.ListInstances(apb.ListInstancesRequest()).processes == processes
+    status = subprocess.run([TRITONMESH, "status", "--address", endpoint.running.admin],
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    # That its counts lag is said where they are read.
+    assert f"router processes: {processes} (requests and errors: the fleet's, up to 2 s old)" \
+        in status.stdout, status.stdout
 
 
 def _metric(endpoint: Endpoint, name: str) -> float:

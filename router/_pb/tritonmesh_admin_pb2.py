@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tritonmesh_admin.proto\x12\x13tritonmesh.admin.v1\"\'\n\x14ListInstancesRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\"\xd7\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x18\n\x10routing_strategy\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12$\n\x1cmax_concurrency_per_instance\x18\x05 \x01(\x05\x12\x19\n\x0chint_quality\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10hint_residual_sd\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_hint_qualityB\x13\n\x11_hint_residual_sd\"\xd1\x01\n\x08Instance\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x13\n\x0boutstanding\x18\x06 \x01(\x03\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x13\n\x0bload_report\x18\n \x01(\t\x12\x19\n\x11\x65xternal_requests\x18\x0b \x01(\x01\"\xa6\x01\n\x15ListInstancesResponse\x12.\n\x08variants\x18\x01 \x03(\x0b\x32\x1c.tritonmesh.admin.v1.Variant\x12\x30\n\tinstances\x18\x02 \x03(\x0b\x32\x1d.tritonmesh.admin.v1.Instance\x12\x11\n\tdata_path\x18\x03 \x01(\t\x12\x18\n\x10\x64\x61ta_path_reason\x18\x04 \x01(\t\"F\n\x12\x41\x64\x64InstanceRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"R\n\x15RemoveInstanceRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"Z\n\x16RemoveInstanceResponse\x12/\n\x08instance\x18\x01 \x01(\x0b\x32\x1d.tritonmesh.admin.v1.Instance\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\"|\n\rVariantWeight\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12)\n\x1cmax_concurrency_per_instance\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x1f\n\x1d_max_concurrency_per_instance\"S\n\x1bUpdateVariantWeightsRequest\x12\x34\n\x08variants\x18\x01 \x03(\x0b\x32\".tritonmesh.admin.v1.VariantWeight\"N\n\x1cUpdateVariantWeightsResponse\x12.\n\x08variants\x18\x01 \x03(\x0b\x32\x1c.tritonmesh.admin.v1.Variant2\xae\x03\n\x05\x41\x64min\x12\x66\n\rListInstances\x12).tritonmesh.admin.v1.ListInstancesRequest\x1a*.tritonmesh.admin.v1.ListInstancesResponse\x12U\n\x0b\x41\x64\x64Instance\x12\'.tritonmesh.admin.v1.AddInstanceRequest\x1a\x1d.tritonmesh.admin.v1.Instance\x12i\n\x0eRemoveInstance\x12*.tritonmesh.admin.v1.RemoveInstanceRequest\x1a+.tritonmesh.admin.v1.RemoveInstanceResponse\x12{\n\x14UpdateVariantWeights\x12\x30.tritonmesh.admin.v1.UpdateVariantWeightsRequest\x1a\x31.tritonmesh.admin.v1.UpdateVariantWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tritonmesh_admin.proto\x12\x13tritonmesh.admin.v1\"\'\n\x14ListInstancesRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\"\xd7\x01\n\x07Variant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x18\n\x10routing_strategy\x18\x03 \x01(\t\x12\x0e\n\x06models\x18\x04 \x03(\t\x12$\n\x1cmax_concurrency_per_instance\x18\x05 \x01(\x05\x12\x19\n\x0chint_quality\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1d\n\x10hint_residual_sd\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x0f\n\r_hint_qualityB\x13\n\x11_hint_residual_sd\"\xd1\x01\n\x08Instance\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0f\n\x07healthy\x18\x05 \x01(\x08\x12\x13\n\x0boutstanding\x18\x06 \x01(\x03\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x08 \x01(\x04\x12\x0e\n\x06weight\x18\t \x01(\x01\x12\x13\n\x0bload_report\x18\n \x01(\t\x12\x19\n\x11\x65xternal_requests\x18\x0b \x01(\x01\"\xb9\x01\n\x15ListInstancesResponse\x12.\n\x08variants\x18\x01 \x03(\x0b\x32\x1c.tritonmesh.admin.v1.Variant\x12\x30\n\tinstances\x18\x02 \x03(\x0b\x32\x1d.tritonmesh.admin.v1.Instance\x12\x11\n\tdata_path\x18\x03 \x01(\t\x12\x18\n\x10\x64\x61ta_path_reason\x18\x04 \x01(\t\x12\x11\n\tprocesses\x18\x05 \x01(\r\"F\n\x12\x41\x64\x64InstanceRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\"R\n\x15RemoveInstanceRequest\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0f\x64rain_timeout_s\x18\x03 \x01(\x01\"Z\n\x16RemoveInstanceResponse\x12/\n\x08instance\x18\x01 \x01(\x0b\x32\x1d.tritonmesh.admin.v1.Instance\x12\x0f\n\x07\x64rained\x18\x02 \x01(\x08\"|\n\rVariantWeight\x12\x0f\n\x07variant\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12)\n\x1cmax_concurrency_per_instance\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x1f\n\x1d_max_concurrency_per_instance\"S\n\x1bUpdateVariantWeightsRequest\x12\x34\n\x08variants\x18\x01 \x03(\x0b\x32\".tritonmesh.admin.v1.VariantWeight\"N\n\x1cUpdateVariantWeightsResponse\x12.\n\x08variants\x18\x01 \x03(\x0b\x32\x1c.tritonmesh.admin.v1.Variant2\xae\x03\n\x05\x41\x64min\x12\x66\n\rListInstances\x12).tritonmesh.admin.v1.ListInstancesRequest\x1a*.tritonmesh.admin.v1.ListInstancesResponse\x12U\n\x0b\x41\x64\x64Instance\x12\'.tritonmesh.admin.v1.AddInstanceRequest\x1a\x1d.tritonmesh.admin.v1.Instance\x12i\n\x0eRemoveInstance\x12*.tritonmesh.admin.v1.RemoveInstanceRequest\x1a+.tritonmesh.admin.v1.RemoveInstanceResponse\x12{\n\x14UpdateVariantWeights\x12\x30.tritonmesh.admin.v1.UpdateVariantWeightsRequest\x1a\x31.tritonmesh.admin.v1.UpdateVariantWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,19 +38,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INSTANCE']._serialized_start=307
   _globals['_INSTANCE']._serialized_end=516
   _globals['_LISTINSTANCESRESPONSE']._serialized_start=519
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=685
-  _globals['_ADDINSTANCEREQUEST']._serialized_start=687
-  _globals['_ADDINSTANCEREQUEST']._serialized_end=757
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=759
-  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=841
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=843
-  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=933
-  _globals['_VARIANTWEIGHT']._serialized_start=935
-  _globals['_VARIANTWEIGHT']._serialized_end=1059
-  _globals['_UPDATEVARIANTWEIGHTSREQUEST']._serialized_start=1061
-  _globals['_UPDATEVARIANTWEIGHTSREQUEST']._serialized_end=1144
-  _globals['_UPDATEVARIANTWEIGHTSRESPONSE']._serialized_start=1146
-  _globals['_UPDATEVARIANTWEIGHTSRESPONSE']._serialized_end=1224
-  _globals['_ADMIN']._serialized_start=1227
-  _globals['_ADMIN']._serialized_end=1657
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=704
+  _globals['_ADDINSTANCEREQUEST']._serialized_start=706
+  _globals['_ADDINSTANCEREQUEST']._serialized_end=776
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_start=778
+  _globals['_REMOVEINSTANCEREQUEST']._serialized_end=860
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_start=862
+  _globals['_REMOVEINSTANCERESPONSE']._serialized_end=952
+  _globals['_VARIANTWEIGHT']._serialized_start=954
+  _globals['_VARIANTWEIGHT']._serialized_end=1078
+  _globals['_UPDATEVARIANTWEIGHTSREQUEST']._serialized_start=1080
+  _globals['_UPDATEVARIANTWEIGHTSREQUEST']._serialized_end=1163
+  _globals['_UPDATEVARIANTWEIGHTSRESPONSE']._serialized_start=1165
+  _globals['_UPDATEVARIANTWEIGHTSRESPONSE']._serialized_end=1243
+  _globals['_ADMIN']._serialized_start=1246
+  _globals['_ADMIN']._serialized_end=1676
 # @@protoc_insertion_point(module_scope)

@@ -57,16 +57,18 @@ class Instance(_message.Message):
     def __init__(self, variant: _Optional[str] = ..., slot: _Optional[int] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., healthy: _Optional[bool] = ..., outstanding: _Optional[int] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., weight: _Optional[float] = ..., load_report: _Optional[str] = ..., external_requests: _Optional[float] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
-    __slots__ = ("variants", "instances", "data_path", "data_path_reason")
+    __slots__ = ("variants", "instances", "data_path", "data_path_reason", "processes")
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     DATA_PATH_FIELD_NUMBER: _ClassVar[int]
     DATA_PATH_REASON_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     variants: _containers.RepeatedCompositeFieldContainer[Variant]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     data_path: str
     data_path_reason: str
-    def __init__(self, variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., data_path: _Optional[str] = ..., data_path_reason: _Optional[str] = ...) -> None: ...
+    processes: int
+    def __init__(self, variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., data_path: _Optional[str] = ..., data_path_reason: _Optional[str] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class AddInstanceRequest(_message.Message):
     __slots__ = ("variant", "address", "weight")
