@@ -133,10 +133,6 @@ class VariantConfig:
     # on a cancellation racing a completion (server#7368, #8034), so absorb is the default.
     upstream_cancellation: str = "absorb"
     absorb_timeout_s: float = 60.0
-
-    @property
-    def absorbs(self) -> bool:
-        return self.upstream_cancellation == "absorb"
     # Late binding's queue by Triton's request priority (1 first): the class of requests
     # without one, and how long a request waits before it goes ahead of new requests of the
     # class above (so none starves).
@@ -145,6 +141,10 @@ class VariantConfig:
     shadow: ShadowConfig | None = None
     # Triton's own load blended into picks (tritonmesh.loadreport); None: local counts only.
     load_report: LoadReportConfig | None = None
+
+    @property
+    def absorbs(self) -> bool:
+        return self.upstream_cancellation == "absorb"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """One native ``ModelInfer`` sent upstream, and how each of its endings releases its lease
 once (docs/native.md, "What serves what"): Triton's trailers, an early close of either
-stream of the pair, the per-try or deadline timer, and a wait the client gives up.
+stream of the pair, the per-try or deadline timer, and a wait the client gives up; and
+an upstream call whose client left, absorbed (left to Triton to finish).
 :class:`tritonmesh.native_infer.NativeInfer` makes them; a retry goes back to it.
 """
 
@@ -18,7 +19,8 @@ if TYPE_CHECKING:
     from tritonmesh.native_infer import NativeInfer
     from tritonmesh.wire import RequestInfo
 
-__all__ = ["Call", "Request", "Waiting", "abandon_if_cancelled", "charged", "code_name",
+__all__ = ["AbsorbedCall", "Call", "Request", "Waiting", "abandon_if_cancelled", "absorb",
+           "charged", "code_name",
            "grpc_message", "refuse", "why_closed"]
 
 _CANCEL: Final = 8  # HTTP/2 CANCEL
@@ -97,14 +99,11 @@ class Request:
 class Call:
     """One ModelInfer sent upstream: what ends it releases its lease, once.
 
-    A call whose client left (it cancelled, or its deadline passed) is *absorbed* when its
-    variant says so (``upstream_cancellation: absorb``): the client is answered at once, and
-    the upstream stream is left to finish, its answer dropped, its lease held until then
-    (Triton is still working on it), at most ``absorb_timeout_s``. Triton's gRPC frontend
-    can crash on a cancellation that races the request's completion.
+    A call whose client left (it cancelled, or its deadline passed) is answered at once,
+    and its upstream stream absorbed (:func:`absorb`) where its variant says so.
     """
 
-    __slots__ = ("absorbed", "client", "infer", "lease", "request", "timer", "upstream")
+    __slots__ = ("client", "infer", "lease", "request", "timer", "upstream")
 
     def __init__(self, lease: Lease, request: Request, infer: NativeInfer):
         self.lease = lease
@@ -113,14 +112,10 @@ class Call:
         self.client = request.stream
         self.upstream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.absorbed = False
 
     def trailers(self, code: bytes, http_status: bytes) -> None:
         """Triton answered (its trailers are on their way to the client): ``grpc-status``
         and the ``:status`` before it, as the engine read them."""
-        if self.absorbed:
-            self._finish_absorbed()
-            return
         lease = self.lease
         self._done()
         if code == b"0":
@@ -135,9 +130,6 @@ class Call:
         """One side of the pair closed before Triton's trailers came."""
         lease = self.lease
         if not lease.held:
-            return
-        if self.absorbed:  # Triton ended the call its client had left
-            self._finish_absorbed()
             return
         if stream is self.client:  # the client cancelled, or its connection was lost
             lease.code = "CANCELLED"
@@ -222,39 +214,17 @@ class Call:
         lease.release(False)
 
     def _absorb(self) -> bool:
-        """Leave Triton the call its client has left, if its variant absorbs cancellations
-        and the whole request went upstream (Triton cannot be completing one it has not
-        all of, so a reset races nothing, and the bytes the router holds go); False: it is
-        to be reset."""
-        upstream = self.upstream
-        config = self.lease.instance.variant.config
-        if upstream is None or upstream.closed or not config.absorbs \
-                or not upstream.request_sent:
+        """Hand the upstream stream, its client gone, to :func:`absorb`; False: it is to be
+        reset."""
+        if self.upstream is None or not absorb(self.upstream, self.lease):
             return False
         client = self.client
         client.handler = None
         client.unpair()  # Triton's answer goes nowhere; the client's end does not reset it
-        self.lease.instance.absorbed += 1
         if self.timer is not None:
             self.timer.cancel()
-        self.absorbed = True
-        self.timer = asyncio.get_running_loop().call_later(config.absorb_timeout_s,
-                                                           self._absorb_expired)
+            self.timer = None
         return True
-
-    def _finish_absorbed(self) -> None:
-        self._done()
-        self.lease.release(False)
-
-    def _absorb_expired(self) -> None:
-        """Triton kept an absorbed call ``absorb_timeout_s``: reset it after all."""
-        self.timer = None
-        if not self.lease.held:
-            return
-        self._done()
-        if self.upstream is not None:
-            self.upstream.reset(_CANCEL)
-        self.lease.release(False)
 
     def _done(self) -> None:
         self.client.handler = None
@@ -262,6 +232,64 @@ class Call:
             self.upstream.handler = None
         if self.timer is not None:
             self.timer.cancel()
+
+
+def absorb(stream: Stream, lease: Lease) -> bool:
+    """Leave Triton the call on ``stream`` (an upstream ``ModelInfer``) whose client left,
+    if its variant absorbs cancellations (``upstream_cancellation: absorb``: Triton's gRPC
+    frontend can crash on a cancellation that races the request's completion) and the
+    whole request went upstream (Triton cannot be completing one it has not all of, so a
+    reset races nothing, and the bytes the router holds go); False: it is to be reset."""
+    if stream.closed or not lease.instance.variant.config.absorbs or not stream.request_sent:
+        return False
+    AbsorbedCall(stream, lease)
+    return True
+
+
+class AbsorbedCall:
+    """An upstream ``ModelInfer`` left to Triton (:func:`absorb`), its stream's handler:
+    its answer is dropped, its lease held until Triton ends the call (Triton is still
+    working on it), at most ``absorb_timeout_s``, when it is reset after all."""
+
+    __slots__ = ("lease", "stream", "timer")
+
+    def __init__(self, stream: Stream, lease: Lease):
+        self.stream = stream
+        self.lease = lease
+        stream.handler = self
+        lease.instance.absorbed += 1
+        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            lease.instance.variant.config.absorb_timeout_s, self.expired)
+
+    def expired(self) -> None:
+        """Triton kept it ``absorb_timeout_s``: reset it after all."""
+        self.timer = None
+        self.stream.reset(_CANCEL)
+        self._over()
+
+    # A paired stream (a client's ModelInfer) was unpaired first: only its close comes.
+    def closed(self, stream: Stream, error_code: int) -> None:
+        self._over()
+
+    # A message-mode stream (a stream's request sent as ModelInfer):
+    def message(self, stream: Stream, compressed: int, response: bytes) -> None:
+        return None  # its client left: nobody reads it
+
+    def oversize(self, stream: Stream, length: int) -> None:
+        self.expired()
+
+    def ended(self, stream: Stream) -> None:
+        self._over()
+
+    def drained(self, stream: Stream) -> None:
+        return None
+
+    def _over(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.stream.handler = None
+        self.lease.release(False)
 
 
 def abandon_if_cancelled(lease: Lease, task: asyncio.Task[None]) -> None:

@@ -1,7 +1,6 @@
 """The upstream calls of a native ``ModelStreamInfer`` session (:mod:`tritonmesh.native_stream`):
 an instance's ``ModelStreamInfer`` and a ``ModelInfer`` sent for a non-decoupled model, each
-the message handler of its upstream stream, telling the session how it went, and such a
-``ModelInfer`` once absorbed (its client left, Triton left to finish it)."""
+the message handler of its upstream stream, telling the session how it went."""
 
 from __future__ import annotations
 
@@ -9,16 +8,15 @@ import asyncio
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
-from tritonmesh.native_call import charged, code_name, why_closed
+from tritonmesh.native_call import absorb, charged, code_name, why_closed
 from tritonmesh.stream_upstream import Pending, PendingRequests
 
 if TYPE_CHECKING:
     from tritonmesh._core._h2 import Stream
     from tritonmesh.instance import Instance
-    from tritonmesh.lease import Lease
     from tritonmesh.native_stream import Session
 
-__all__ = ["AbsorbedCall", "StreamCall", "UnaryCall"]
+__all__ = ["StreamCall", "UnaryCall"]
 
 _CANCEL: Final = 8  # HTTP/2
 
@@ -107,12 +105,10 @@ class UnaryCall:
 
     def leave(self) -> None:
         """Its client left (its lease's code says how): the upstream call is absorbed
-        (:class:`AbsorbedCall`), or else reset and its lease released."""
+        (:func:`tritonmesh.native_call.absorb`), or else reset and its lease released."""
         stream = self.stream
         lease = self.pending.lease
-        if lease.instance.variant.config.absorbs and stream.request_sent \
-                and not stream.closed:
-            AbsorbedCall(stream, lease)
+        if absorb(stream, lease):
             return
         stream.handler = None
         stream.reset(_CANCEL)
@@ -140,50 +136,3 @@ class UnaryCall:
 
     def drained(self, stream: Stream) -> None:
         return None
-
-
-class AbsorbedCall:
-    """A stream's ``ModelInfer`` whose client left (or whose time was up), left to Triton
-    to finish (``upstream_cancellation: absorb``; Triton's gRPC frontend can crash on a
-    cancellation racing a completion): its answer is dropped, its lease held until Triton
-    ends the call (Triton is still working on it), at most ``absorb_timeout_s``, when it is
-    reset after all. Only a call whose whole request went upstream: one cut short cannot be
-    completing, so its reset races nothing."""
-
-    __slots__ = ("lease", "stream", "timer")
-
-    def __init__(self, stream: Stream, lease: Lease):
-        self.stream = stream
-        self.lease = lease
-        stream.handler = self
-        lease.instance.absorbed += 1
-        self.timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            lease.instance.variant.config.absorb_timeout_s, self.expired)
-
-    def expired(self) -> None:
-        """Triton kept it ``absorb_timeout_s``: reset it after all."""
-        self.timer = None
-        self.stream.reset(_CANCEL)
-        self._over()
-
-    def message(self, stream: Stream, compressed: int, response: bytes) -> None:
-        return None  # its client left: nobody reads it
-
-    def oversize(self, stream: Stream, length: int) -> None:
-        self.expired()
-
-    def ended(self, stream: Stream) -> None:
-        self._over()
-
-    def closed(self, stream: Stream, error_code: int) -> None:
-        self._over()
-
-    def drained(self, stream: Stream) -> None:
-        return None
-
-    def _over(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.stream.handler = None
-        self.lease.release(False)
