@@ -25,9 +25,9 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from tritonmesh.balancer import NoInstanceError
-from tritonmesh.forwarding import attempt_timeout, too_late
+from tritonmesh.forwarding import too_late
 from tritonmesh.native_call import refuse
-from tritonmesh.native_infer import MODEL_INFER, call_metadata
+from tritonmesh.native_infer import call_metadata
 from tritonmesh.native_stream_calls import StreamCall, UnaryCall
 from tritonmesh.stream_upstream import Pending
 from tritonmesh.wire import (
@@ -37,11 +37,10 @@ from tritonmesh.wire import (
     inject_empty_final,
     peek_request,
     peek_stream_response,
-    stream_response_from_unary,
 )
 
 if TYPE_CHECKING:
-    from tritonmesh._core._h2 import H2Connection, Stream
+    from tritonmesh._core._h2 import Stream
     from tritonmesh.instance import Instance
     from tritonmesh.lease import Lease
     from tritonmesh.native_infer import NativeInfer
@@ -119,7 +118,7 @@ class Session:
                 deadline - time.monotonic(), self._deadline_expired)
         client.read_messages(self, policy.max_message_bytes)
 
-    def _remaining(self) -> float | None:
+    def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
     # -- the client's stream --
@@ -135,7 +134,7 @@ class Session:
             # Triton answers a bad request inside a stream in-stream and keeps it open.
             self._write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
             return
-        late = too_late(self._remaining(), self.policy.floor_s)
+        late = too_late(self.remaining(), self.policy.floor_s)
         if late is not None:
             self._write(error_stream_response(late, info.id, info.model_name))
             return
@@ -204,7 +203,7 @@ class Session:
         if waiter.lease is None:
             try:
                 waiter.lease = await self.balancer.acquire(
-                    info, waiter.request, self.target, self._remaining(),
+                    info, waiter.request, self.target, self.remaining(),
                     priority=self.priority)
             except NoInstanceError as exc:
                 self._write(error_stream_response(str(exc), info.id, info.model_name))
@@ -228,7 +227,7 @@ class Session:
                 f"upstream instance {instance.address}: cannot connect: {exc.strerror or exc}",
                 info.id, info.model_name))
             return
-        late = too_late(self._remaining(), self.policy.floor_s)
+        late = too_late(self.remaining(), self.policy.floor_s)
         if late is not None:  # its deadline went by while it waited
             self._write(error_stream_response(late, info.id, info.model_name))
             return
@@ -256,14 +255,14 @@ class Session:
             if connection is None:
                 raise OSError("the upstream connection closed")
             if not on_stream:
-                self._send_unary(request, pending, connection)
+                UnaryCall(self, pending).send(connection, request)
                 return
             up = self.upstreams.get(instance)
             if up is None:
                 up = StreamCall(self, instance)
                 up.stream = connection.open_message_stream(
                     self.policy.infer.request_headers(instance, MODEL_STREAM_INFER,
-                                                      self._remaining(), self.forward),
+                                                      self.remaining(), self.forward),
                     up, self.policy.max_message_bytes, self.client)
                 self.upstreams[instance] = up
                 if self.blocked:
@@ -277,25 +276,6 @@ class Session:
             return
         up.pending.append(pending)
         up.stream.send_message(request if info.empty_final else inject_empty_final(request))
-
-    def _send_unary(self, request: bytes, pending: Pending, connection: H2Connection) -> None:
-        """A request for a non-decoupled model, sent as a native ``ModelInfer``."""
-        instance = pending.lease.instance
-        config = instance.variant.config
-        timeout, per_try_bound = attempt_timeout(self._remaining(), config.per_try_timeout_s)
-        call = UnaryCall(self, pending, per_try_bound)
-        # Absorbing, Triton is sent no deadline (its expiry there is a cancellation too):
-        # the router's timer below answers the client.
-        call.stream = connection.open_message_stream(
-            self.policy.infer.request_headers(instance, MODEL_INFER,
-                                              None if config.absorbs else timeout,
-                                              self.forward),
-            call, self.policy.max_message_bytes, self.client)
-        self.unary.add(call)
-        call.stream.send_message(request)
-        call.stream.end_messages()
-        if timeout is not None:  # the router's own: a hung Triton answers nothing
-            call.timer = asyncio.get_running_loop().call_later(timeout, call.expired)
 
     # -- answers --
 
@@ -337,44 +317,6 @@ class Session:
                     f"upstream instance {up.instance.address} {failure}", p.id, p.model_name))
         self._maybe_finish()
 
-    def unary_over(self, call: UnaryCall, code_name: str, details: str,
-                   release: bool = True) -> None:
-        """A request sent as ``ModelInfer`` was answered (``code_name``), or broke (not
-        ``release``: its time was up, and the call releases its lease as it leaves)."""
-        self.unary.discard(call)
-        call.stream.handler = None
-        if call.timer is not None:
-            call.timer.cancel()
-        lease = call.pending.lease
-        instance = lease.instance
-        response = call.response
-        if code_name == "OK" and response is None:
-            code_name, details = "INTERNAL", "upstream answered with no response message"
-        if code_name == "OK" and response is not None:
-            lease.responded()
-            lease.succeeded()
-            lease.release(True)
-            out = stream_response_from_unary(response)
-        else:
-            lease.code = code_name
-            if call.per_try_bound and code_name == "DEADLINE_EXCEEDED":
-                lease.outliers.failure(instance, "PER_TRY_TIMEOUT")
-                details = (f"upstream instance {instance.address} did not answer within "
-                           f"per_try_timeout_s ({instance.variant.config.per_try_timeout_s:g}"
-                           " s)")
-            elif code_name != "CANCELLED":  # CANCELLED: the router retired the instance
-                lease.outliers.failure(instance, code_name)
-            if code_name == "UNIMPLEMENTED" and "decoupled" in details:
-                # Reloaded behind the router's back as decoupled: ask again next time.
-                self.balancer.decoupled.forget()
-            if release:
-                lease.release(False)
-            # Triton's in-stream error for a non-decoupled request: message and id.
-            out = error_stream_response(details, call.pending.id)
-        self._write(out)
-        self._answered()
-        self._maybe_finish()
-
     def _write(self, response: bytes) -> None:
         """A response to the client; past a window it has not read, upstreams wait."""
         if self.over:
@@ -389,6 +331,12 @@ class Session:
             for up in self.upstreams.values():
                 up.stream.pause_messages()
             client.notify_drained(self.policy.window)
+
+    def answered(self, response: bytes) -> None:
+        """A request sent as ``ModelInfer`` is answered with ``response``."""
+        self._write(response)
+        self._answered()
+        self._maybe_finish()
 
     def _answered(self) -> None:
         """One request of this stream is no longer in flight."""

@@ -8,11 +8,14 @@ import asyncio
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
+from tritonmesh.forwarding import attempt_timeout, per_try_expired
 from tritonmesh.native_call import absorb, charged, code_name, why_closed
+from tritonmesh.native_infer import MODEL_INFER
 from tritonmesh.stream_upstream import Pending, PendingRequests
+from tritonmesh.wire import error_stream_response, stream_response_from_unary
 
 if TYPE_CHECKING:
-    from tritonmesh._core._h2 import Stream
+    from tritonmesh._core._h2 import H2Connection, Stream
     from tritonmesh.instance import Instance
     from tritonmesh.native_stream import Session
 
@@ -89,18 +92,72 @@ class UnaryCall:
 
     stream: Stream
 
-    def __init__(self, session: Session, pending: Pending, per_try_bound: bool):
+    def __init__(self, session: Session, pending: Pending):
         self.session = session
         self.pending = pending
-        self.per_try_bound = per_try_bound
+        self.per_try_bound = False
         self.response: bytes | None = None
         self.timer: asyncio.TimerHandle | None = None
+
+    def send(self, connection: H2Connection, request: bytes) -> None:
+        """Open the call on ``connection`` (it is then one of the session's) and send
+        ``request``, with the router's own timer when the call has a deadline."""
+        session = self.session
+        instance = self.pending.lease.instance
+        config = instance.variant.config
+        timeout, self.per_try_bound = attempt_timeout(session.remaining(),
+                                                      config.per_try_timeout_s)
+        policy = session.policy
+        # Absorbing, Triton is sent no deadline (its expiry there is a cancellation too):
+        # the router's timer below answers the client.
+        self.stream = connection.open_message_stream(
+            policy.infer.request_headers(instance, MODEL_INFER,
+                                         None if config.absorbs else timeout, session.forward),
+            self, policy.max_message_bytes, session.client)
+        session.unary.add(self)
+        self.stream.send_message(request)
+        self.stream.end_messages()
+        if timeout is not None:  # a hung Triton answers nothing
+            self.timer = asyncio.get_running_loop().call_later(timeout, self.expired)
+
+    def over(self, code_name: str, details: str, release: bool = True) -> None:
+        """Answered (``code_name``), or broken (not ``release``: its time was up, and the
+        call releases its lease as it leaves): the client gets the answer in-stream."""
+        session = self.session
+        session.unary.discard(self)
+        self.stream.handler = None
+        if self.timer is not None:
+            self.timer.cancel()
+        lease = self.pending.lease
+        instance = lease.instance
+        response = self.response
+        if code_name == "OK" and response is None:
+            code_name, details = "INTERNAL", "upstream answered with no response message"
+        if code_name == "OK" and response is not None:
+            lease.responded()
+            lease.succeeded()
+            lease.release(True)
+            out = stream_response_from_unary(response)
+        else:
+            lease.code = code_name
+            if self.per_try_bound and code_name == "DEADLINE_EXCEEDED":
+                details = per_try_expired(lease.outliers, instance)
+            elif code_name != "CANCELLED":  # CANCELLED: the router retired the instance
+                lease.outliers.failure(instance, code_name)
+            if code_name == "UNIMPLEMENTED" and "decoupled" in details:
+                # Reloaded behind the router's back as decoupled: ask again next time.
+                session.balancer.decoupled.forget()
+            if release:
+                lease.release(False)
+            # Triton's in-stream error for a non-decoupled request: message and id.
+            out = error_stream_response(details, self.pending.id)
+        session.answered(out)
 
     def expired(self) -> None:
         """Its attempt's time (the client's deadline, or ``per_try_timeout_s``) is up: the
         client is answered, the upstream call absorbed or reset."""
         self.timer = None
-        self.session.unary_over(self, "DEADLINE_EXCEEDED", "Deadline Exceeded", release=False)
+        self.over("DEADLINE_EXCEEDED", "Deadline Exceeded", release=False)
         self.leave()
 
     def leave(self) -> None:
@@ -119,19 +176,19 @@ class UnaryCall:
 
     def oversize(self, stream: Stream, length: int) -> None:
         stream.reset(_CANCEL)
-        self.session.unary_over(self, "RESOURCE_EXHAUSTED", f"response larger than max "
+        self.over("RESOURCE_EXHAUSTED", f"response larger than max "
                                 f"({length} vs. {self.session.policy.max_message_bytes})")
 
     def ended(self, stream: Stream) -> None:
-        self.session.unary_over(self, *_status(stream.headers))
+        self.over(*_status(stream.headers))
 
     def closed(self, stream: Stream, error_code: int) -> None:
         retired = stream.connection.retired
         address = self.pending.lease.instance.address
         if retired is not None:
-            self.session.unary_over(self, "CANCELLED", retired)
+            self.over("CANCELLED", retired)
             return
-        self.session.unary_over(self, "UNAVAILABLE",
+        self.over("UNAVAILABLE",
                                 f"upstream instance {address}: {why_closed(stream, error_code)}")
 
     def drained(self, stream: Stream) -> None:

@@ -26,14 +26,12 @@ import grpc
 import grpc.aio
 from tritonmesh.balancer import Balancer, Instance, NoInstanceError
 from tritonmesh.forwarding import (
-    Absorbed,
-    attempt_timeout,
     judge,
-    per_try_expired,
     priority_of,
     split_metadata,
     too_late,
 )
+from tritonmesh.stream_unary import UnaryCalls
 from tritonmesh.stream_upstream import Pending, UpstreamStream
 from tritonmesh.wire import (
     RequestInfo,
@@ -42,10 +40,8 @@ from tritonmesh.wire import (
     inject_empty_final,
     peek_request,
     peek_stream_response,
-    stream_response_from_unary,
 )
 from tritonmesh.workers.upstream import (
-    await_call,
     being_cancelled,
     cancel_in_core,
     upstream_cancelled,
@@ -74,9 +70,7 @@ class StreamSession:
         self.metadata, self.target, _, priority = split_metadata(context)
         self.priority = priority_of(priority)
         self.upstreams: dict[Instance, UpstreamStream] = {}
-        # Requests sent as ModelInfer, until their answer is written, what each holds, and
-        # what absorbs its call if the client leaves (upstream_cancellation: absorb).
-        self.unary: dict[asyncio.Task[None], tuple[Pending, Absorbed | None]] = {}
+        self.unary = UnaryCalls(self)  # requests sent as ModelInfer
         # Every pump, until it has written its last error: it may still be writing after
         # its upstream left ``upstreams``, and the handler must not return before (gRPC
         # cannot send the status while a write is in progress, and the client would wait
@@ -113,8 +107,8 @@ class StreamSession:
             # wait(), not gather(): if the client goes now, this handler is cancelled and
             # gather() would cancel the pumps mid-read (a native leak, see cancel_in_core);
             # _close() ends them through their calls instead.
-            while self.pumps or self.unary:
-                await asyncio.wait([*self.pumps, *self.unary])
+            while self.pumps or self.unary.tasks:
+                await asyncio.wait([*self.pumps, *self.unary.tasks])
         except asyncio.CancelledError:
             self.client_gone = True
             raise
@@ -130,7 +124,7 @@ class StreamSession:
             finally:
                 self.room = None
 
-    def _answered(self) -> None:
+    def answered(self) -> None:
         """One request of this stream is no longer in flight."""
         self.in_flight -= 1
         room = self.room
@@ -156,16 +150,16 @@ class StreamSession:
             info = peek_request(request)
         except WireError as exc:
             # Triton answers a bad request inside a stream in-stream and keeps the stream open.
-            await self._write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
+            await self.write(error_stream_response(f"malformed ModelInferRequest: {exc}"))
             return
         late = too_late(self.context.time_remaining(), self.floor_s)
         if late is not None:
-            await self._write(error_stream_response(late, info.id, info.model_name))
+            await self.write(error_stream_response(late, info.id, info.model_name))
             return
         try:
             lease = self.balancer.try_acquire(info, request, self.target)
         except NoInstanceError as exc:
-            await self._write(error_stream_response(str(exc), info.id, info.model_name))
+            await self.write(error_stream_response(str(exc), info.id, info.model_name))
             return
         if lease is None:  # every instance is at its limit: wait, in a task of its own
             self._later(self._wait_then_send(request, info))
@@ -182,18 +176,18 @@ class StreamSession:
                                                     self.context.time_remaining(),
                                                     priority=self.priority)
             except NoInstanceError as exc:
-                await self._write(error_stream_response(str(exc), info.id, info.model_name))
+                await self.write(error_stream_response(str(exc), info.id, info.model_name))
                 return
             late = too_late(self.context.time_remaining(), self.floor_s)
             if late is not None:  # its deadline went by in the queue
                 lease.abandon()
-                await self._write(error_stream_response(late, info.id, info.model_name))
+                await self.write(error_stream_response(late, info.id, info.model_name))
                 return
             sent = True
             await self._send(request, info, Pending(info, lease), waited=True)
         finally:
             if not sent:
-                self._answered()
+                self.answered()
 
     async def _send(self, request: bytes, info: RequestInfo, pending: Pending,
                     waited: bool = False) -> None:
@@ -215,7 +209,7 @@ class StreamSession:
         if not waited:
             self.in_flight += 1
         if as_unary:
-            self._send_unary(request, pending)
+            self.unary.send(request, pending)
         else:
             await self._send_on_stream(request, info, pending)
 
@@ -229,25 +223,17 @@ class StreamSession:
             # The client went (or the question failed) before the request was anywhere
             # _close() can see it: release here, or the count stays up for good.
             pending.lease.release(False)
-            self._answered()
+            self.answered()
             raise
         late = too_late(self.context.time_remaining(), self.floor_s)
         if late is not None:  # its deadline went by while Triton was asked
             pending.lease.abandon()
-            self._answered()
-            await self._write(error_stream_response(late, info.id, info.model_name))
+            self.answered()
+            await self.write(error_stream_response(late, info.id, info.model_name))
         elif decoupled is False:  # unknown (no such model, say): Triton answers in-stream
-            self._send_unary(request, pending)
+            self.unary.send(request, pending)
         else:
             await self._send_on_stream(request, info, pending)
-
-    def _send_unary(self, request: bytes, pending: Pending) -> None:
-        lease = pending.lease
-        lease.sending()
-        absorb = Absorbed(lease) if lease.instance.variant.config.absorbs else None
-        task = asyncio.get_running_loop().create_task(
-            self._unary_call(request, pending, absorb))
-        self.unary[task] = (pending, absorb)
 
     async def _send_on_stream(self, request: bytes, info: RequestInfo,
                               pending: Pending) -> None:
@@ -276,58 +262,7 @@ class StreamSession:
         finally:
             if not queued:  # cancelled while waiting to write
                 pending.lease.release(False)
-                self._answered()
-
-    async def _unary_call(self, request: bytes, pending: Pending,
-                          absorb: Absorbed | None) -> None:
-        """Send one stream request as ``ModelInfer`` and answer it on the client's stream;
-        with ``absorb``, a call whose client left or whose time is up is left to finish."""
-        task = asyncio.current_task()
-        assert task is not None
-        lease = pending.lease
-        instance = lease.instance
-        ok = False
-        timeout, per_try_bound = attempt_timeout(self.context.time_remaining(),
-                                                 instance.variant.config.per_try_timeout_s)
-        try:
-            try:
-                # Absorbing, Triton is sent no deadline (its expiry there is a cancellation
-                # too): the router's own wait answers the client.
-                call = await_call(instance.upstream.model_infer(
-                    request, timeout=timeout if absorb is None else None,
-                    metadata=self.metadata), None if absorb is None else absorb.take)
-                response = await (call if absorb is None or timeout is None
-                                  else asyncio.wait_for(call, timeout))
-                ok = True
-                lease.responded()
-                lease.succeeded()
-                out = stream_response_from_unary(response)
-            except grpc.aio.AioRpcError as exc:
-                lease.code = exc.code().name
-                details, _ = judge(lease.outliers, instance, exc, per_try_bound, self.context)
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and "decoupled" in details:
-                    # Reloaded behind the router's back as decoupled: ask again next time.
-                    self.balancer.decoupled.forget()
-                # Triton's in-stream error for a non-decoupled request: message and id.
-                out = error_stream_response(details, pending.id)
-            except TimeoutError:  # the router's own wait; the call was absorbed
-                lease.code = "DEADLINE_EXCEEDED"
-                if per_try_bound:
-                    details = per_try_expired(lease.outliers, instance)
-                else:
-                    lease.outliers.failure(instance, "DEADLINE_EXCEEDED")
-                    details = "Deadline Exceeded"
-                out = error_stream_response(details, pending.id)
-            finally:
-                if absorb is None or not absorb.active:  # an absorbed call releases its own
-                    lease.release(ok)  # once, whether here or in _close()
-            try:
-                await self._write(out)
-            except Exception as exc:  # the client went; nothing to answer
-                log.debug("answer for %s not written: %r", pending.id, exc)
-        finally:
-            self.unary.pop(task, None)
-            self._answered()
+                self.answered()
 
     def _open(self, instance: Instance) -> UpstreamStream:
         call = instance.upstream.stream_infer(
@@ -374,20 +309,20 @@ class StreamSession:
             orphans = self._settle_all(up, code_name)
         if failure is not None:
             for p in orphans:
-                await self._write(error_stream_response(
+                await self.write(error_stream_response(
                     f"upstream instance {instance.address} {failure}", p.id, p.model_name))
 
     async def _on_response(self, up: UpstreamStream, response: bytes) -> None:
         try:
             info = peek_stream_response(response)
         except WireError:
-            await self._write(response)
+            await self.write(response)
             return
         if not info.terminal:
             # A decoupled model's error need not be its final response: the request is
             # judged now, once, and never as a success at its (empty) final.
             up.responded(info.id, info.error_message)
-            await self._write(response)
+            await self.write(response)
             return
         pending = self._settle(up, info.id, info.error_message,
                                info.has_outputs or bool(info.error_message))
@@ -396,22 +331,22 @@ class StreamSession:
             and pending is not None and not pending.client_wants_empty_final
         ):
             return  # an empty final the router asked for; the client did not
-        await self._write(response)
+        await self.write(response)
 
     def _settle(self, up: UpstreamStream, request_id: str, error: str,
                 response: bool) -> Pending | None:
         found = up.settle(request_id, error, response)
         if found is not None:
-            self._answered()
+            self.answered()
         return found
 
     def _settle_all(self, up: UpstreamStream, code_name: str = "CANCELLED") -> list[Pending]:
         orphans = up.settle_all(code_name)
         for _ in orphans:
-            self._answered()
+            self.answered()
         return orphans
 
-    async def _write(self, response: bytes) -> None:
+    async def write(self, response: bytes) -> None:
         async with self.write_lock:
             try:
                 await self.context.write(response)
@@ -438,12 +373,7 @@ class StreamSession:
             await asyncio.wait(waiting)
         ups += [up for up in self.upstreams.values() if up not in ups]
         self.upstreams.clear()
-        calls = list(self.unary.items())
-        self.unary.clear()
-        for task, (pending, absorb) in calls:
-            task.cancel()  # a task cancelled before it ran has no finally: release here
-            if absorb is None:
-                pending.lease.release(False)
+        calls = self.unary.cancel()
         for up in ups:
             cancel_in_core(up.call)  # again: one a waiting request opened meanwhile
             self._settle_all(up)
@@ -457,10 +387,4 @@ class StreamSession:
                     await pump
                 except (asyncio.CancelledError, Exception) as exc:  # the client may be gone
                     log.debug("upstream stream ended with %r", exc)
-        for task, (pending, absorb) in calls:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            if absorb is not None and not absorb.active:  # an absorbed call releases its own
-                pending.lease.release(False)
+        await self.unary.closed(calls)
