@@ -161,7 +161,19 @@ class Balancer:
         this request's last attempt failed (see :meth:`_pick_avoiding`).
         Raises :class:`NoInstanceError` with the status to answer when none can serve it.
         """
-        return self._try(info, request, target_variant, avoid)[0]
+        if info.sequence_id is not None or target_variant is not None or avoid is not None \
+                or self.work_aware:
+            return self._try(info, request, target_variant, avoid)[0]
+        # Most requests, in fewer steps (this runs once per request): cost 1, no pin, the
+        # variant that serves the model.
+        candidates = self._serving.get(info.model_name, self._unlisted)
+        variant = candidates[0] if len(candidates) == 1 \
+            else self.choose_variant(info.model_name)
+        instance = variant.pick()
+        if instance is None:
+            return self._none_free(variant, info)
+        return Lease(instance, 1.0, self.outliers,
+                     self.metrics.started(variant, info.model_name))
 
     def _try(self, info: RequestInfo, request: bytes, target_variant: str | None,
              avoid: Instance | None) -> tuple[Lease | None, Variant | None, float]:
@@ -176,8 +188,14 @@ class Balancer:
             else self._pick_avoiding(variant, avoid, cost)
         if instance is not None:
             return self._lease(instance, cost, info), variant, cost
+        return self._none_free(variant, info), variant, cost
+
+    @staticmethod
+    def _none_free(variant: Variant, info: RequestInfo) -> None:
+        """None when ``variant`` picked nothing because its instances are at their limit
+        (the request may wait for one); else :class:`NoInstanceError`: none can serve."""
         if variant.full():
-            return None, variant, cost
+            return None
         raise NoInstanceError(
             f"no healthy instance in variant '{variant.name}' can serve model "
             f"'{info.model_name}' right now")

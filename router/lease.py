@@ -35,7 +35,8 @@ class Lease:
                  stats: ModelStats, queued_s: float = 0.0):
         self.instance = instance
         self.cost = cost  # what it was counted with, and is given back with
-        self.ahead = instance.work_ahead()  # LEAST_OUTSTANDING_WORK: the work it found there
+        # LEAST_OUTSTANDING_WORK: the work it found there (0.0 for other strategies)
+        self.ahead = 0.0 if instance.variant.work is None else instance.work_ahead()
         self.outliers = outliers
         self.started = time.perf_counter()
         self._held = True

@@ -117,9 +117,12 @@ class Call:
         """Triton answered (its trailers are on their way to the client): ``grpc-status``
         and the ``:status`` before it, as the engine read them."""
         lease = self.lease
-        self._done()
+        # _done, less the upstream stream's handler: the engine let go of it first.
+        self.client.handler = None
+        if self.timer is not None:
+            self.timer.cancel()
         if code == b"0":
-            lease.succeeded()
+            lease.outliers.success(lease.instance)
             lease.release(True)
             return
         lease.code = failed = code_name(code, http_status)

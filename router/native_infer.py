@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from tritonmesh.instance import Instance
     from tritonmesh.lease import Lease
     from tritonmesh.native_pool import UpstreamPool
+    from tritonmesh.wire import RequestInfo
 
 __all__ = ["HOP_BY_HOP", "MODEL_INFER", "POLICY_KEYS", "NativeInfer", "call_metadata",
            "grpc_message"]
@@ -141,25 +142,17 @@ class NativeInfer:
         except WireError as exc:
             refuse(stream, "INVALID_ARGUMENT", f"malformed ModelInferRequest: {exc}")
             return
-        metadata = call_metadata(stream)
-        if metadata is None:
-            return
-        forward, target, priority, deadline, retry_on = metadata
-        if retry_on is not None:
-            refused = _retry_on_error(retry_on)
-            if refused is not None:
-                refuse(stream, "INVALID_ARGUMENT", refused)
+        if stream.illegal is not None or stream.policy_values is not None \
+                or stream.timeout >= 0:
+            found = self._request(stream, info, message)
+            if found is None:
                 return
-        if deadline is not None:
-            late = too_late(deadline - time.monotonic(), self.floor_s)
-            if late is not None:
-                refuse(stream, "DEADLINE_EXCEEDED", late)
-                return
+            request = found
+        else:  # most calls: no metadata the router acts on, no deadline
+            request = Request(stream, info, message, None, 0, stream.metadata, None, False)
         self.balancer.retry_budget.deposit()
-        request = Request(stream, info, message, target, priority, forward, deadline,
-                           retry_on is not None)
         try:
-            lease = self.balancer.try_acquire(info, message, target)
+            lease = self.balancer.try_acquire(info, message, request.target)
         except NoInstanceError as exc:
             refuse(stream, exc.code_name, str(exc))
             return
@@ -169,6 +162,26 @@ class NativeInfer:
                 self._send(request, lease, connection)
                 return
         self._wait_then_send(request, lease, None)
+
+    def _request(self, stream: Stream, info: RequestInfo, message: bytes) -> Request | None:
+        """The call as :func:`call_metadata` reads it; None when it was answered instead
+        (its metadata refused, or its deadline too close)."""
+        metadata = call_metadata(stream)
+        if metadata is None:
+            return None
+        forward, target, priority, deadline, retry_on = metadata
+        if retry_on is not None:
+            refused = _retry_on_error(retry_on)
+            if refused is not None:
+                refuse(stream, "INVALID_ARGUMENT", refused)
+                return None
+        if deadline is not None:
+            late = too_late(deadline - time.monotonic(), self.floor_s)
+            if late is not None:
+                refuse(stream, "DEADLINE_EXCEEDED", late)
+                return None
+        return Request(stream, info, message, target, priority, forward, deadline,
+                       retry_on is not None)
 
     def retry(self, request: Request, failed: Instance, details: str, code_name: str) -> None:
         """Send ``request``, whose try on ``failed`` ended as ``details`` say (it provably
@@ -260,14 +273,17 @@ class NativeInfer:
                 refuse(stream, "DEADLINE_EXCEEDED", late)
                 return
         config = instance.variant.config
-        timeout, per_try_bound = attempt_timeout(remaining, config.per_try_timeout_s)
+        per_try_s = config.per_try_timeout_s
+        timeout, per_try_bound = (None, False) if remaining is None and per_try_s is None \
+            else attempt_timeout(remaining, per_try_s)
         address = instance.address
         # Triton gets the client's budget (none when the variant absorbs cancellations: its
         # expiry inside Triton is a cancellation too); a per-try timeout is the router's to
         # enforce, so that Triton's own expiry of the same instant does not answer in its
         # place.
-        headers = self.request_headers(instance, MODEL_INFER,
-                                       None if config.absorbs else remaining, request.forward)
+        headers = self.request_headers(
+            instance, MODEL_INFER, None if remaining is None or config.absorbs else remaining,
+            request.forward)
         call = Call(lease, request, self)
         # A request sent again: its first message left the client's stream with the first try.
         first = None if not request.sent else \

@@ -47,17 +47,25 @@ class RetryBudget:
     def _advance(self) -> int:
         now = int(self._clock() / self._width)
         if now != self._now:
-            for step in range(1, min(now - self._now, _BUCKETS) + 1):
-                i = (self._now + step) % _BUCKETS
-                self._request_sum -= self._requests[i]
-                self._retry_sum -= self._retries[i]
-                self._requests[i] = self._retries[i] = 0
-            self._now = now
+            self._slide(now)
         return now % _BUCKETS
+
+    def _slide(self, now: int) -> None:
+        """Empty the buckets the window left behind on its way to ``now``."""
+        for step in range(1, min(now - self._now, _BUCKETS) + 1):
+            i = (self._now + step) % _BUCKETS
+            self._request_sum -= self._requests[i]
+            self._retry_sum -= self._retries[i]
+            self._requests[i] = self._retries[i] = 0
+        self._now = now
 
     def deposit(self) -> None:
         """Count one request (its first attempt)."""
-        self._requests[self._advance()] += 1
+        # _advance, inlined: this runs once per request.
+        now = int(self._clock() / self._width)
+        if now != self._now:
+            self._slide(now)
+        self._requests[now % _BUCKETS] += 1
         self._request_sum += 1
 
     def withdraw(self, attempt: int, time_left: float | None) -> str | None:

@@ -254,7 +254,7 @@ class Variant:
             self.table.release(instance.slot)
         if self.ahead is not None:
             self.ahead.released(instance)
-        if self.waiters:
+        if self.waiters.heap:
             self.dispatch()
         if instance.drained is not None and not instance.outstanding:
             instance.drained.set()

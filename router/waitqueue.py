@@ -38,35 +38,36 @@ class WaitQueue:
     """Waiting requests, served lowest key first (arrival order among equal keys)."""
 
     def __init__(self) -> None:
-        self._heap: list[Waiter] = []
+        # Non-empty while a request waits: a release reads it directly (no call).
+        self.heap: list[Waiter] = []
         self._sequence = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self.heap)
 
     def push(self, future: asyncio.Future[Instance], cost: float, key: float = 0.0,
              priority: int = 1) -> Waiter:
         """Add a waiting request; returns its entry, for :meth:`discard`."""
         entry = (key, next(self._sequence), future, cost, priority)
-        heapq.heappush(self._heap, entry)
+        heapq.heappush(self.heap, entry)
         return entry
 
     def head(self) -> Waiter:
         """The entry served next (the queue must not be empty)."""
-        return self._heap[0]
+        return self.heap[0]
 
     def pop(self) -> Waiter:
-        return heapq.heappop(self._heap)
+        return heapq.heappop(self.heap)
 
     def lowest(self) -> Waiter:
         """The entry to shed first: of the lowest class (highest priority number), the
         newest. O(n); only a full queue asks."""
-        return max(self._heap, key=lambda entry: (entry[4], entry[1]))
+        return max(self.heap, key=lambda entry: (entry[4], entry[1]))
 
     def discard(self, entry: Waiter) -> None:
         """Remove a request that stopped waiting (deadline, cancel, shed); O(n), rare."""
         try:
-            self._heap.remove(entry)
+            self.heap.remove(entry)
         except ValueError:
             return
-        heapq.heapify(self._heap)
+        heapq.heapify(self.heap)

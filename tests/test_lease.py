@@ -224,3 +224,35 @@ def test_detectors_keep_their_own_flags() -> None:
             assert not b.pickable and not b.ejected
 
     asyncio.run(scenario())
+
+
+def test_a_plain_request_leases_as_a_targeted_one() -> None:
+    """``try_acquire`` takes a plain request (no target, pin or instance to avoid) in fewer
+    steps than one naming its variant; both must lease, wait and refuse alike."""
+    async def scenario() -> None:
+        async with local_balancer(max_concurrency=1) as (balancer, (instance,)):
+            stats = balancer.metrics.started(instance.variant, "identity")
+            stats.concurrent -= 1  # only looked up
+            for target in (None, "AllTraffic"):
+                lease = balancer.try_acquire(request_info(), b"", target)
+                assert lease is not None and lease.instance is instance
+                assert (lease.cost, lease.ahead, lease.stats) == (1.0, 0.0, stats)
+                assert instance.outstanding == 1 and stats.concurrent == 1
+                # Full: None, the request may wait; nothing more counted.
+                assert balancer.try_acquire(request_info(), b"", target) is None
+                assert instance.outstanding == 1 and stats.concurrent == 1
+                lease.release(True)
+                assert instance.outstanding == 0 and stats.concurrent == 0
+            instance.healthy = False
+            instance.variant.sync(instance)
+            refusals = []
+            for target in (None, "AllTraffic"):
+                with pytest.raises(NoInstanceError) as info:
+                    balancer.try_acquire(request_info(), b"", target)
+                refusals.append((info.value.code_name, str(info.value)))
+            assert refusals[0] == refusals[1] == (
+                "UNAVAILABLE", "no healthy instance in variant 'AllTraffic' can serve model "
+                "'identity' right now")
+            assert stats.invocations == 2 and instance.outstanding == 0
+
+    asyncio.run(scenario())
