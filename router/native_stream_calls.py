@@ -177,7 +177,7 @@ class UnaryCall:
     def oversize(self, stream: Stream, length: int) -> None:
         stream.reset(_CANCEL)
         self.over("RESOURCE_EXHAUSTED", f"response larger than max "
-                                f"({length} vs. {self.session.policy.max_message_bytes})")
+                  f"({length} vs. {self.session.policy.max_message_bytes})")
 
     def ended(self, stream: Stream) -> None:
         self.over(*_status(stream.headers))
@@ -188,8 +188,7 @@ class UnaryCall:
         if retired is not None:
             self.over("CANCELLED", retired)
             return
-        self.over("UNAVAILABLE",
-                                f"upstream instance {address}: {why_closed(stream, error_code)}")
+        self.over("UNAVAILABLE", f"upstream instance {address}: {why_closed(stream, error_code)}")
 
     def drained(self, stream: Stream) -> None:
         return None

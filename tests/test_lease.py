@@ -6,11 +6,19 @@ instances point at an address nothing listens on, and only the accounting is exe
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
+import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 from harness import local_balancer, request_info
-from tritonmesh.balancer import QUEUE_TIMEOUT, NoInstanceError
+from tritonclient.grpc import service_pb2 as pb
+from tritonmesh.balancer import QUEUE_TIMEOUT, Balancer, NoInstanceError
+from tritonmesh.config import ShadowConfig, VariantConfig, WorkHint
+from tritonmesh.routing import RoutingStrategy
+from tritonmesh.variant import Variant
+from tritonmesh.workers.upstream import Upstream
 
 
 def test_release_gives_back_once_and_observes_once() -> None:
@@ -254,5 +262,71 @@ def test_a_plain_request_leases_as_a_targeted_one() -> None:
                 "UNAVAILABLE", "no healthy instance in variant 'AllTraffic' can serve model "
                 "'identity' right now")
             assert stats.invocations == 2 and instance.outstanding == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_plain_request_goes_where_the_variants_serve_its_model() -> None:
+    """The short path chooses a variant as the general one does: a model goes to the
+    variants that list it (never a shadow), and among several, only to one with an
+    instance to take it."""
+    async def scenario() -> None:
+        variants = [
+            Variant(VariantConfig("Listed", instances=("127.0.0.1:1",),
+                                  models=frozenset({"only_here"})), seed=1),
+            Variant(VariantConfig("Down", instances=("127.0.0.1:3",),
+                                  models=frozenset({"identity"})), seed=1),
+            Variant(VariantConfig("Open", instances=("127.0.0.1:2",),
+                                  models=frozenset({"identity"})), seed=1),
+            Variant(VariantConfig("Shadow", instances=("127.0.0.1:4",),
+                                  shadow=ShadowConfig("Open", 1.0)), seed=1),
+        ]
+        upstreams = [Upstream(v.config.instances[0]) for v in variants]
+        try:
+            listed, down, open_, shadow = (
+                v.add(u) for v, u in zip(variants, upstreams, strict=True))
+            down.healthy = False
+            down.variant.sync(down)
+            balancer = Balancer(variants, rng=random.Random(7))
+            for _ in range(50):
+                for model, expected in (("only_here", listed), ("identity", open_)):
+                    lease = balancer.try_acquire(request_info(model), b"", None)
+                    assert lease is not None and lease.instance is expected, model
+                    lease.release(True)
+            assert shadow.requests == down.requests == 0
+        finally:
+            for v in variants:
+                await v.close()
+            for u in upstreams:
+                await u.close()
+
+    asyncio.run(scenario())
+
+
+def test_sequences_and_work_costs_stay_off_the_short_path() -> None:
+    """A sequence's request stays on its pinned instance and a LEAST_OUTSTANDING_WORK
+    request is counted at its hint's cost, through the same ``try_acquire`` call."""
+    async def scenario() -> None:
+        async with local_balancer(instances=4) as (balancer, _):
+            first = balancer.try_acquire(request_info(sequence_id=9, start=True), b"", None)
+            assert first is not None
+            pinned = first.instance
+            first.release(True)
+            for _ in range(20):
+                lease = balancer.try_acquire(request_info(sequence_id=9), b"", None)
+                assert lease is not None and lease.instance is pinned
+                lease.release(True)
+        async with local_balancer(routing_strategy=RoutingStrategy.LEAST_OUTSTANDING_WORK
+                                  ) as (balancer, (instance,)):
+            balancer.set_work_hints({"g": WorkHint(input="MAX_TOKENS", base=2.0)})
+            request = pb.ModelInferRequest(model_name="g")
+            tensor = grpcclient.InferInput("MAX_TOKENS", [1], "INT32")
+            tensor.set_data_from_numpy(np.array([40], np.int32))
+            request.inputs.append(tensor._get_tensor())
+            request.raw_input_contents.append(tensor._get_content())
+            lease = balancer.try_acquire(request_info("g"), request.SerializeToString(), None)
+            assert lease is not None and lease.cost == 42.0
+            lease.release(True)
+            assert instance.outstanding == 0
 
     asyncio.run(scenario())
