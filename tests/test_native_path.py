@@ -109,6 +109,18 @@ def test_sync_and_aio_infer(native: None, make_router: Any) -> None:
     router.wait_idle()
 
 
+def test_an_answer_ends_a_run_of_failures(native: None, make_router: Any) -> None:
+    """Triton's OK tells the outlier detector: an instance's run of consecutive failures
+    ends at an answer (else failures far apart would add up to an ejection)."""
+    router = make_router(workers=1)
+    (instance,) = router.balancer.instances()
+    instance.failures = 2  # the router is idle: its loop does not touch the count now
+    with grpcclient.InferenceServerClient(router.address) as client:
+        client.infer("identity", identity_inputs())
+    assert instance.failures == 0
+    router.wait_idle()
+
+
 def test_other_rpcs_are_relayed_beside_streams(native: None, make_router: Any) -> None:
     router = make_router()
     with grpcclient.InferenceServerClient(router.address) as client:
