@@ -6,6 +6,8 @@ from __future__ import annotations
 from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE
 from tritonmesh._core._shared_words_py import (
+    _DRAW_MIN_WORDS,
+    _DRAW_TRIES,
     _F64,
     _LOW,
     _PICK_ATTEMPTS,
@@ -39,7 +41,10 @@ class _Picks(SharedWords):
 
     def _scan_least(self) -> int:
         """The pickable slot with the lowest (count + 1) / weight, uniform among ties: the
-        same two passes, and random draws, as the compiled table."""
+        same draws as the compiled table. Where its index draws by rejection (equal weights,
+        the least count below the index's last level, rows of DRAW_MIN_WORDS words or more),
+        that is DRAW_TRIES uniform slot ids first, the first tied one kept; then, as its
+        snapshot and its scan, the two passes."""
         best, best_count, best_w, best_status, ties = -1, 0, 0.0, 0, 0
         buf = self._buf()
         high = self._high()
@@ -55,6 +60,14 @@ class _Picks(SharedWords):
                 best, best_count, best_w, best_status, ties = s, count, w, status, 1
             else:
                 ties += lhs == rhs
+        if ties and self._even and best_count < _segment.INDEX_LEVELS - 1 and \
+                (high + 63) >> 6 >= _DRAW_MIN_WORDS:
+            for _ in range(_DRAW_TRIES):
+                s = self._below(high)
+                found = self._pickable(s)
+                if found is not None and found[1] == best_count:
+                    self._scanned = found[0]
+                    return s
         self._scanned = best_status
         if ties <= 1:
             return best
@@ -73,6 +86,7 @@ class _Picks(SharedWords):
 
     def pick(self) -> int:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
+        self._read_weights()
         for _ in range(_PICK_ATTEMPTS):
             self.scans += 1
             s = self._scan_least()
@@ -97,7 +111,8 @@ class _Picks(SharedWords):
 
     def _read_weights(self) -> None:
         """Whether every ACTIVE slot has the same weight, and the largest, once per
-        membership generation (as the compiled table: it decides pick_random's draws)."""
+        membership generation (as the compiled table: it decides pick_random's draws, and
+        whether a least-outstanding pick's index draws by rejection)."""
         gen = self._load(_segment.H_GENERATION)
         if gen == self._weights_gen:
             return
