@@ -24,6 +24,7 @@ cdef extern from "atomics.h" nogil:
     void tm_and64(uint64_t* p, uint64_t v)
     uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* mask, Py_ssize_t words,
                              uint64_t* snap, uint32_t* cum)
+    uint64_t tm_row_first(uint64_t* row, const uint64_t* mask, Py_ssize_t words)
     Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
                               uint64_t r)
     int tm_lowest64(uint64_t v)
@@ -33,12 +34,14 @@ cdef enum:
     NO_LEVEL = 0xFF
     # A pick_random draws this many slots before it falls back to the weighted scan.
     RANDOM_TRIES = 32
-    # A least-outstanding pick on a row of DRAW_MIN_WORDS words or more draws this many slot
-    # ids, kept if they are in the lowest level's row, before it snapshots the row: with
-    # half the fleet idle, all miss 1 time in 256. A shorter row's snapshot costs less than
-    # the draws' mispredicted branches.
+    # A least-outstanding pick draws this many slot ids, kept if they are in the lowest
+    # level's row, before it snapshots the row (with half the fleet idle all miss 1 time in
+    # 256), where the row has DRAW_MIN_WORDS words or more and its first non-empty word
+    # DRAW_MIN_BITS slots or more. A shorter row's snapshot costs less than the draws'
+    # mispredicted branches; a sparse one's, less than eight draws that nearly all miss.
     DRAW_TRIES = 8
     DRAW_MIN_WORDS = 4
+    DRAW_MIN_BITS = 8
 
 
 cdef inline uint32_t _level_of(uint32_t count) noexcept nogil:
@@ -217,15 +220,6 @@ cdef int _check_drawn(SharedTable table, Py_ssize_t s, uint32_t level) noexcept 
     return 1
 
 
-cdef inline bint _row_any(uint64_t* row, const uint64_t* mask, Py_ssize_t words) noexcept nogil:
-    """Whether the row has a slot the mask leaves in: up to its first such word."""
-    cdef Py_ssize_t w
-    for w in range(words):
-        if tm_load64(row + w) & ~mask[w]:
-            return True
-    return False
-
-
 cdef inline Py_ssize_t _draw_in_row(SharedTable table, uint64_t* row,
                                     Py_ssize_t high) noexcept nogil:
     """A uniform slot id below ``high``, kept if its bit is in the row (masked), up to
@@ -241,18 +235,18 @@ cdef inline Py_ssize_t _draw_in_row(SharedTable table, uint64_t* row,
 cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     """The least-outstanding pickable slot, uniform among ties, from the index: the lowest
     level with a slot this process may use, then a slot of it drawn by rejection (a uniform
-    slot id, kept if it is in the row) up to DRAW_TRIES times on a long row, else (or on a
-    short row) its r-th such slot in
-    slot order for one random r (the scan's tie-break). Each try is a uniform draw from
-    the level's slots or nothing, and the fallback is uniform among them too, so the pick
-    is uniform among the ties whichever way it ends; the twin makes the same draws. -1:
-    the index had nothing, or what it had was stale; the caller scans."""
+    slot id, kept if it is in the row) up to DRAW_TRIES times where the row is long and not
+    sparse, else its r-th such slot in slot order for one random r (the scan's tie-break).
+    Each try is a uniform draw from the level's slots or nothing, and the fallback is
+    uniform among them too, so the pick is uniform among the ties whichever way it ends;
+    the twin makes the same draws. -1: the index had nothing, or what it had was stale;
+    the caller scans."""
     cdef Py_ssize_t high = tm_load32(table._high)
     cdef Py_ssize_t words = (high + 63) >> 6
     cdef Py_ssize_t s
     cdef uint32_t level
     cdef uint64_t* row
-    cdef uint64_t ties
+    cdef uint64_t ties, first
     cdef int drawn
     if table._nskip:
         _unskip_visible(table)
@@ -264,9 +258,13 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
                 if ties == 0:
                     break
                 return _least_with_odd(table, level, table._class_weight[0], ties, words)
-            if not _row_any(row, table._mask, words):
-                break
-            s = _draw_in_row(table, row, high) if words >= DRAW_MIN_WORDS else -1
+            s = -1
+            if words >= DRAW_MIN_WORDS:
+                first = tm_row_first(row, table._mask, words)
+                if first == 0:
+                    break
+                if first >= DRAW_MIN_BITS:
+                    s = _draw_in_row(table, row, high)
             if s < 0:
                 # One pass keeps a snapshot of the row; the draw selects from it. A slot
                 # that left the level since is caught by the check against its count below.

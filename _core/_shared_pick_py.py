@@ -6,6 +6,7 @@ from __future__ import annotations
 from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE
 from tritonmesh._core._shared_words_py import (
+    _DRAW_MIN_BITS,
     _DRAW_MIN_WORDS,
     _DRAW_TRIES,
     _F64,
@@ -42,9 +43,10 @@ class _Picks(SharedWords):
     def _scan_least(self) -> int:
         """The pickable slot with the lowest (count + 1) / weight, uniform among ties: the
         same draws as the compiled table. Where its index draws by rejection (equal weights,
-        the least count below the index's last level, rows of DRAW_MIN_WORDS words or more),
-        that is DRAW_TRIES uniform slot ids first, the first tied one kept; then, as its
-        snapshot and its scan, the two passes."""
+        the least count below the index's last level, rows of DRAW_MIN_WORDS words or more
+        whose first non-empty word has DRAW_MIN_BITS slots or more), that is DRAW_TRIES
+        uniform slot ids first, the first tied one kept; then, as its snapshot and its
+        scan, the two passes."""
         best, best_count, best_w, best_status, ties = -1, 0, 0.0, 0, 0
         buf = self._buf()
         high = self._high()
@@ -61,7 +63,8 @@ class _Picks(SharedWords):
             else:
                 ties += lhs == rhs
         if ties and self._even and best_count < _segment.INDEX_LEVELS - 1 and \
-                (high + 63) >> 6 >= _DRAW_MIN_WORDS:
+                (high + 63) >> 6 >= _DRAW_MIN_WORDS and \
+                self._tied_in_word(best, high, best_count) >= _DRAW_MIN_BITS:
             for _ in range(_DRAW_TRIES):
                 s = self._below(high)
                 found = self._pickable(s)
@@ -83,6 +86,15 @@ class _Picks(SharedWords):
                 self._scanned = status
                 return s
         return best
+
+    def _tied_in_word(self, best: int, high: int, count: int) -> int:
+        """The pickable slots at ``count`` in the index word of ``best`` (the first of
+        them): the set bits of the first non-empty word of that level's row."""
+        tied = 0
+        for s in range(best, min((best | 63) + 1, high)):
+            found = self._pickable(s)
+            tied += found is not None and found[1] == count
+        return tied
 
     def pick(self) -> int:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""

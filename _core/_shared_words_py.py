@@ -22,9 +22,11 @@ _SEQ_MASK: Final = 0xFFFFFF
 _STAMP_NEG: Final = 1 << 24
 _PICK_ATTEMPTS: Final = 64
 _RANDOM_TRIES: Final = 32  # a pick_random's draws before it falls back to the weighted scan
-# The compiled index's draws by rejection before its snapshot, on rows of that many words.
+# The compiled index's draws by rejection before its snapshot, on rows of that many words
+# whose first non-empty word has that many slots (_shared_index.pxi).
 _DRAW_TRIES: Final = 8
 _DRAW_MIN_WORDS: Final = 4
+_DRAW_MIN_BITS: Final = 8
 _STATE_MASK: Final = 0xFF  # the state; CLAIMED's next byte is the claiming process index + 1
 _P_WAITING: Final = 8
 _U64 = struct.Struct("<Q")

@@ -83,6 +83,15 @@ static ssize_t tm_snap_select(const uint64_t *snap, const uint32_t *cum, ssize_t
     }
     return base;
 }
+/* The set bits of a row's first word that has any (masked); 0: the row has none. */
+TM_POPCNT_CLONES
+static uint64_t tm_row_first(uint64_t *row, const uint64_t *mask, ssize_t words) {
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        if (x) return (uint64_t)__builtin_popcountll(x);
+    }
+    return 0;
+}
 /* How many set bits of a snapshot come before position s. */
 TM_POPCNT_CLONES
 static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t s) {
