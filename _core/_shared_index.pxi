@@ -24,6 +24,7 @@ cdef extern from "atomics.h" nogil:
     void tm_and64(uint64_t* p, uint64_t v)
     uint64_t tm_row_snapshot(uint64_t* row, const uint64_t* mask, Py_ssize_t words,
                              uint64_t* snap, uint32_t* cum)
+    uint64_t tm_row_first(uint64_t* row, const uint64_t* mask, Py_ssize_t words)
     Py_ssize_t tm_snap_select(const uint64_t* snap, const uint32_t* cum, Py_ssize_t words,
                               uint64_t r)
     int tm_lowest64(uint64_t v)
@@ -33,6 +34,14 @@ cdef enum:
     NO_LEVEL = 0xFF
     # A pick_random draws this many slots before it falls back to the weighted scan.
     RANDOM_TRIES = 32
+    # A least-outstanding pick draws this many slot ids, kept if they are in the lowest
+    # level's row, before it snapshots the row (with half the fleet idle all miss 1 time in
+    # 256), where the row has DRAW_MIN_WORDS words or more and its first non-empty word
+    # DRAW_MIN_BITS slots or more. A shorter row's snapshot costs less than the draws'
+    # mispredicted branches; a sparse one's, less than eight draws that nearly all miss.
+    DRAW_TRIES = 8
+    DRAW_MIN_WORDS = 4
+    DRAW_MIN_BITS = 8
 
 
 cdef inline uint32_t _level_of(uint32_t count) noexcept nogil:
@@ -197,9 +206,9 @@ cdef Py_ssize_t _least_in_overflow(SharedTable table, Py_ssize_t words) noexcept
 
 
 cdef int _check_drawn(SharedTable table, Py_ssize_t s, uint32_t level) noexcept nogil:
-    """Slot ``s``, drawn from a snapshot of ``level``'s row: 1 it is the pick (``_scanned``
-    set), 0 this process's view rules it out (it is now in the skip set), -1 the index was
-    stale (the slot left the level or stopped being pickable since)."""
+    """Slot ``s``, drawn from ``level``'s row (or a snapshot of it): 1 it is the pick
+    (``_scanned`` set), 0 this process's view rules it out (it is now in the skip set), -1
+    the index was stale (the slot left the level or stopped being pickable since)."""
     cdef uint64_t status = tm_load64(table._statusp(s))
     cdef uint32_t count
     if <uint32_t>status == ACTIVE and not _in_view(table, s, status):
@@ -211,31 +220,59 @@ cdef int _check_drawn(SharedTable table, Py_ssize_t s, uint32_t level) noexcept 
     return 1
 
 
+cdef inline Py_ssize_t _draw_in_row(SharedTable table, uint64_t* row,
+                                    Py_ssize_t high) noexcept nogil:
+    """A uniform slot id below ``high``, kept if its bit is in the row (masked), up to
+    DRAW_TRIES times; -1 when every try missed."""
+    cdef Py_ssize_t s, _i
+    for _i in range(DRAW_TRIES):
+        s = <Py_ssize_t>table._below(<uint64_t>high)
+        if (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1:
+            return s
+    return -1
+
+
 cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     """The least-outstanding pickable slot, uniform among ties, from the index: the lowest
-    level with a slot this process may use, then its r-th such slot in slot order for one
-    random r (the scan's tie-break, so both give the same answer on the same table and
-    seed). -1: the index had nothing, or what it had was stale; the caller scans."""
-    cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
+    level with a slot this process may use, then a slot of it drawn by rejection (a uniform
+    slot id, kept if it is in the row) up to DRAW_TRIES times where the row is long and not
+    sparse, else its r-th such slot in slot order for one random r (the scan's tie-break).
+    Each try is a uniform draw from the level's slots or nothing, and the fallback is
+    uniform among them too, so the pick is uniform among the ties whichever way it ends;
+    the twin makes the same draws. -1: the index had nothing, or what it had was stale;
+    the caller scans."""
+    cdef Py_ssize_t high = tm_load32(table._high)
+    cdef Py_ssize_t words = (high + 63) >> 6
     cdef Py_ssize_t s
     cdef uint32_t level
     cdef uint64_t* row
-    cdef uint64_t ties
+    cdef uint64_t ties, first
     cdef int drawn
     if table._nskip:
         _unskip_visible(table)
     for level in range(LEVELS - 1):
         row = _bits(table, level)
         while True:
-            # One pass keeps a snapshot of the row; the draw selects from it. A slot that
-            # left the level since is caught by the check against its count below.
-            ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
-            if ties == 0:
-                break
             if table._nodd:
+                ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
+                if ties == 0:
+                    break
                 return _least_with_odd(table, level, table._class_weight[0], ties, words)
-            s = tm_snap_select(table._snap, table._cum, words,
-                               table._below(ties) if ties > 1 else 0)
+            s = -1
+            if words >= DRAW_MIN_WORDS:
+                first = tm_row_first(row, table._mask, words)
+                if first == 0:
+                    break
+                if first >= DRAW_MIN_BITS:
+                    s = _draw_in_row(table, row, high)
+            if s < 0:
+                # One pass keeps a snapshot of the row; the draw selects from it. A slot
+                # that left the level since is caught by the check against its count below.
+                ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
+                if ties == 0:
+                    break
+                s = tm_snap_select(table._snap, table._cum, words,
+                                   table._below(ties) if ties > 1 else 0)
             drawn = _check_drawn(table, s, level)
             if drawn == 0:
                 continue  # draw again among the rest of this level

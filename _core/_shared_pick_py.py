@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE
 from tritonmesh._core._shared_words_py import (
+    _CLASS_MIN,
+    _CLASSES,
+    _DRAW_MIN_BITS,
+    _DRAW_MIN_WORDS,
+    _DRAW_TRIES,
     _F64,
     _LOW,
     _PICK_ATTEMPTS,
@@ -39,22 +46,35 @@ class _Picks(SharedWords):
 
     def _scan_least(self) -> int:
         """The pickable slot with the lowest (count + 1) / weight, uniform among ties: the
-        same two passes, and random draws, as the compiled table."""
+        same draws as the compiled table. Where its index draws by rejection (``_draws``),
+        that is DRAW_TRIES uniform slot ids first, the first tied one kept; then, as its
+        snapshot and its scan, the two passes."""
         best, best_count, best_w, best_status, ties = -1, 0, 0.0, 0, 0
         buf = self._buf()
         high = self._high()
+        lowest: dict[float, int] = {}  # per weight class, its least count (self._classes)
         for s in range(high):
             found = self._pickable(s)
             if found is None:
                 continue
             status, count = found
             w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            if self._classes and count < lowest.get(w, count + 1):
+                lowest[w] = count
             lhs = (count + 1) * best_w
             rhs = (best_count + 1) * w
             if lhs < rhs or best < 0:
                 best, best_count, best_w, best_status, ties = s, count, w, status, 1
             else:
                 ties += lhs == rhs
+        if ties and self._draws(high, best, best_count, best_w, lowest):
+            for _ in range(_DRAW_TRIES):
+                s = self._below(high)
+                found = self._pickable(s)
+                if found is not None and (found[1] + 1) * best_w == (best_count + 1) * float(
+                        _F64.unpack_from(buf, self._weightp(s))[0]):
+                    self._scanned = found[0]
+                    return s
         self._scanned = best_status
         if ties <= 1:
             return best
@@ -71,8 +91,57 @@ class _Picks(SharedWords):
                 return s
         return best
 
+    def _draws(self, high: int, best: int, count: int, weight: float,
+               lowest: dict[float, int]) -> bool:
+        """Whether the compiled table's pick draws by rejection first, ``best`` being the
+        first tied slot (``count`` requests, ``weight``): its index decides (equal weights,
+        the least count below the last level; or weight classes and no odd slot, and the
+        class pick finds its ties, ``_class_pick_finds``), the row has DRAW_MIN_WORDS
+        words or more, and the ties' first non-empty word DRAW_MIN_BITS slots or more."""
+        if (high + 63) >> 6 < _DRAW_MIN_WORDS:
+            return False
+        if self._even:
+            if count >= _segment.INDEX_LEVELS - 1:
+                return False
+        elif not self._classes or not self._class_pick_finds(lowest):
+            return False
+        tied = 0
+        buf = self._buf()
+        for s in range(best, min((best | 63) + 1, high)):
+            found = self._pickable(s)
+            tied += found is not None and (found[1] + 1) * weight == (count + 1) * float(
+                _F64.unpack_from(buf, self._weightp(s))[0])
+        return tied >= _DRAW_MIN_BITS
+
+    def _class_pick_finds(self, lowest: dict[float, int]) -> bool:
+        """Whether the compiled class pick (``_least_by_class``) finds its ties in the
+        index: it reads the levels upward, each class's lowest (``lowest``: its least count)
+        found in turn, until no class left can tie the best so far; it answers -1 (the scan
+        decides) when it found nothing, or a class it still needed in the last level."""
+        last = _segment.INDEX_LEVELS - 1
+        level_of = {w: min(c, last) for w, c in lowest.items()}
+        pending = set(self._classes)
+        best = 0.0  # the best class's weight; 0.0: none yet
+        for level in range(last + 1):
+            if best:
+                pending = {w for w in pending
+                           if not (level + 1) * best > (level_of[best] + 1) * w}
+            if not pending:
+                break
+            found = [w for w in pending if level_of.get(w) == level]
+            if not found:
+                continue
+            if level == last:
+                return False
+            for w in found:
+                if not best or (level + 1) * best < (level_of[best] + 1) * w:
+                    best = w
+            pending.difference_update(found)
+        return best != 0.0
+
     def pick(self) -> int:
         """LEAST_OUTSTANDING_REQUESTS on the fleet-wide counts; -1 when nothing is pickable."""
+        self._read_weights()
         for _ in range(_PICK_ATTEMPTS):
             self.scans += 1
             s = self._scan_least()
@@ -96,16 +165,23 @@ class _Picks(SharedWords):
         return chosen
 
     def _read_weights(self) -> None:
-        """Whether every ACTIVE slot has the same weight, and the largest, once per
-        membership generation (as the compiled table: it decides pick_random's draws)."""
+        """Whether every ACTIVE slot has the same weight, the largest, and the weight
+        classes where the compiled table's picture has no odd slot, once per membership
+        generation (as the compiled table: they decide pick_random's draws, and whether a
+        least-outstanding pick's index draws by rejection)."""
         gen = self._load(_segment.H_GENERATION)
         if gen == self._weights_gen:
             return
         buf = self._buf()
-        weights = [float(_F64.unpack_from(buf, self._weightp(s))[0]) for s in range(self._high())
-                   if self._load(self._statusp(s)) & _LOW == ACTIVE]
-        self._even = len(set(weights)) <= 1
+        weights = Counter(float(_F64.unpack_from(buf, self._weightp(s))[0])
+                          for s in range(self._high())
+                          if self._load(self._statusp(s)) & _LOW == ACTIVE)
+        self._even = len(weights) <= 1
         self._top_weight = max(weights, default=0.0)
+        # Its picture (_shared_weights.pxi) keeps up to _CLASSES weights, a class each if it
+        # has _CLASS_MIN slots or more; any other slot is odd.
+        self._classes = tuple(weights) if 1 < len(weights) <= _CLASSES and \
+            min(weights.values()) >= _CLASS_MIN else ()
         self._weights_gen = gen
 
     def _sample_random(self) -> int:

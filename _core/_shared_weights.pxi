@@ -18,6 +18,10 @@ cdef extern from "atomics.h" nogil:
     uint64_t tm_classes_snapshot(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
                                  uint32_t tied, int nclass, Py_ssize_t words, uint64_t* snap,
                                  uint32_t* cum)
+    uint64_t tm_classes_word(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
+                             uint32_t tied, int nclass, Py_ssize_t words, Py_ssize_t w)
+    uint64_t tm_classes_first(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
+                              uint32_t tied, int nclass, Py_ssize_t words)
 
 cdef enum:
     # The most odd slots a pick reads one by one, beside the index (a handful of instances in
@@ -160,9 +164,11 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
     """The least-outstanding pick with several weight classes: each class's lowest level
     with a slot this process may use, read level by level until no class left can tie the
     best so far ((level + 1) / its weight above the best's); the tied classes' slots at
-    their levels, and the odd ones, are the ties; the r-th of them in slot order for one
-    random r (the scan's tie-break, as _index_least). -1: nothing there, a class whose best
-    is in the last level (its counts differ: the scan decides), or something stale."""
+    their levels, and the odd ones, are the ties. Without odd ones, one of them drawn by
+    rejection where _index_least would draw (the rows long, the ties' first word dense);
+    else the r-th of them in slot order for one random r (the scan's tie-break, as
+    _index_least). -1: nothing there, a class whose best is in the last level (its counts
+    differ: the scan decides), or something stale."""
     cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
     cdef int nclass = <int>table._nclass, c, best
     cdef uint32_t level, kept, found, have, pending, tied
@@ -207,15 +213,36 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
             if (have >> c) & 1 and \
                     (<double>lv[c] + 1.0) * cw[best] == (<double>lv[best] + 1.0) * cw[c]:
                 tied |= (<uint32_t>1) << c
-        ties = tm_classes_snapshot(table._rows, table._class_bits, table._class_row, tied,
-                                   nclass, words, table._snap, table._cum)
-        if table._nodd:
-            return _least_with_odd(table, lv[best], cw[best], ties, words)
-        s = tm_snap_select(table._snap, table._cum, words, table._below(ties) if ties > 1 else 0)
+        s = -1
+        if not table._nodd and words >= DRAW_MIN_WORDS and tm_classes_first(
+                table._rows, table._class_bits, table._class_row, tied, nclass,
+                words) >= DRAW_MIN_BITS:
+            s = _draw_in_classes(table, tied, words)
+        if s < 0:
+            ties = tm_classes_snapshot(table._rows, table._class_bits, table._class_row, tied,
+                                       nclass, words, table._snap, table._cum)
+            if table._nodd:
+                return _least_with_odd(table, lv[best], cw[best], ties, words)
+            s = tm_snap_select(table._snap, table._cum, words,
+                               table._below(ties) if ties > 1 else 0)
         drawn = _check_drawn(table, s, lv[table._class_of[s]])
         if drawn != 0:
             return s if drawn > 0 else -1
         # this process's view rules the slot out (now skipped): read the index again
+
+
+cdef Py_ssize_t _draw_in_classes(SharedTable table, uint32_t tied,
+                                 Py_ssize_t words) noexcept nogil:
+    """_draw_in_row over the tied classes' slots at their levels (the rows' snapshots the
+    class pick kept): up to DRAW_TRIES uniform slot ids, the first among them kept."""
+    cdef Py_ssize_t high = tm_load32(table._high), s, _i
+    for _i in range(DRAW_TRIES):
+        s = <Py_ssize_t>table._below(<uint64_t>high)
+        if (s >> 6) < words and (tm_classes_word(
+                table._rows, table._class_bits, table._class_row, tied, <int>table._nclass,
+                words, s >> 6) >> (s & 63)) & 1:
+            return s
+    return -1
 
 
 cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, double common,

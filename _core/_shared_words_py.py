@@ -22,6 +22,14 @@ _SEQ_MASK: Final = 0xFFFFFF
 _STAMP_NEG: Final = 1 << 24
 _PICK_ATTEMPTS: Final = 64
 _RANDOM_TRIES: Final = 32  # a pick_random's draws before it falls back to the weighted scan
+# The compiled index's draws by rejection before its snapshot, on rows of that many words
+# whose first non-empty word has that many slots (_shared_index.pxi).
+_DRAW_TRIES: Final = 8
+_DRAW_MIN_WORDS: Final = 4
+_DRAW_MIN_BITS: Final = 8
+# The compiled table's weight classes (_shared_weights.pxi: CLASSES, CLASS_MIN).
+_CLASSES: Final = 4
+_CLASS_MIN: Final = 4
 _STATE_MASK: Final = 0xFF  # the state; CLAIMED's next byte is the claiming process index + 1
 _P_WAITING: Final = 8
 _U64 = struct.Struct("<Q")
@@ -85,6 +93,7 @@ class SharedWords:
         self._weights_gen = -1
         self._even = True
         self._top_weight = 0.0
+        self._classes: tuple[float, ...] = ()
         ok, holder = self._cas(self._procs + process_index * 64, 0, os.getpid())
         if not ok:
             self._unmap()

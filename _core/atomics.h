@@ -83,6 +83,15 @@ static ssize_t tm_snap_select(const uint64_t *snap, const uint32_t *cum, ssize_t
     }
     return base;
 }
+/* The set bits of a row's first word that has any (masked); 0: the row has none. */
+TM_POPCNT_CLONES
+static uint64_t tm_row_first(uint64_t *row, const uint64_t *mask, ssize_t words) {
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        if (x) return (uint64_t)__builtin_popcountll(x);
+    }
+    return 0;
+}
 /* How many set bits of a snapshot come before position s. */
 TM_POPCNT_CLONES
 static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t s) {
@@ -144,6 +153,25 @@ static uint64_t tm_classes_snapshot(const uint64_t *restrict rows, const uint64_
         cum[w] = (uint32_t)total;
     }
     return total;
+}
+/* The tied classes' slots (as tm_classes_snapshot) in word w of their rows' snapshots. */
+static inline uint64_t tm_classes_word(const uint64_t *rows, const uint64_t *cls,
+                                       const uint32_t *at, uint32_t tied, int nclass,
+                                       ssize_t words, ssize_t w) {
+    uint64_t x = 0;
+    for (int c = 0; c < nclass; c++)
+        if (tied >> c & 1) x |= rows[(ssize_t)at[c] * words + w] & cls[(ssize_t)c * words + w];
+    return x;
+}
+/* The set bits of the first word of the tied classes' slots that has any; 0: none. */
+TM_POPCNT_CLONES
+static uint64_t tm_classes_first(const uint64_t *rows, const uint64_t *cls, const uint32_t *at,
+                                 uint32_t tied, int nclass, ssize_t words) {
+    for (ssize_t w = 0; w < words; w++) {
+        uint64_t x = tm_classes_word(rows, cls, at, tied, nclass, words, w);
+        if (x) return (uint64_t)__builtin_popcountll(x);
+    }
+    return 0;
 }
 /* The lowest set bit of v (not 0). */
 static inline int tm_lowest64(uint64_t v) { return __builtin_ctzll(v); }

@@ -4,9 +4,11 @@
 
 Prints JSON. For each strategy and size (4/64/1024 instances, half of them holding one
 request, so every least-outstanding pick breaks a tie among the other half; every weight 1,
-and twice more for ``pick``: one instance in slow start (weight 0.3 of 1, a slot the pick
-reads beside the index), weights 1 and 2 alternating (two weight classes), and weights 1 to
-4 in turn (four classes)), side by side
+and more for ``pick``: every weight 1 with one instance in 128 idle (at least one; at 1,024
+instances the pick's draws by rejection nearly always miss and the row's snapshot decides),
+one instance in slow start (weight 0.3 of 1, a slot the pick reads beside the index),
+weights 1 and 2 alternating (two weight classes), and weights 1 to 4 in turn (four
+classes)), side by side
 in one process: the private compiled ``OutstandingTable`` and the compiled ``SharedTable``,
 "from_python" (the pair called from a Python loop) and "in_c" (the pair in a C loop: the
 structure alone), "adapter" (the pair through ``SharedCounts`` as a router process calls
@@ -39,11 +41,12 @@ from tritonmesh.sharedcounts import SharedCounts
 
 SIZES = (4, 64, 1024)
 STRATEGIES = ("pick", "pick_random", "pick_two")
-# (strategy, weights): every weight 1; 1 but the last instance, in slow start (0.3 of the
-# way); 1 and 2 alternating; 1, 2, 3, 4 in turn
-EVEN, SLOW_START, ALTERNATING, SPREAD = "1", "1, one in slow start", "1 and 2", "1 to 4 spread"
-CASES = (("pick", EVEN), ("pick_random", EVEN), ("pick_two", EVEN), ("pick", SLOW_START),
-         ("pick", ALTERNATING), ("pick", SPREAD))
+# (strategy, weights): every weight 1; every weight 1, one instance in 128 idle; 1 but the
+# last instance, in slow start (0.3 of the way); 1 and 2 alternating; 1, 2, 3, 4 in turn
+EVEN, FEW_IDLE, SLOW_START = "1", "1, one in 128 idle", "1, one in slow start"
+ALTERNATING, SPREAD = "1 and 2", "1 to 4 spread"
+CASES = (("pick", EVEN), ("pick_random", EVEN), ("pick_two", EVEN), ("pick", FEW_IDLE),
+         ("pick", SLOW_START), ("pick", ALTERNATING), ("pick", SPREAD))
 
 
 def _weight(i: int, weights: str) -> float:
@@ -57,7 +60,7 @@ def _load(t: Any, n: int, weights: str = EVEN) -> Any:
         t.add(_weight(i, weights))
     if weights == SLOW_START:
         t.set_weight(n - 1, 0.3)
-    for _ in range(n // 2):
+    for _ in range(n - max(n // 128, 1) if weights == FEW_IDLE else n // 2):
         t.pick()
     return t
 

@@ -72,25 +72,32 @@ ODD_WEIGHTS = (1.0, 0.5, 1.5, 2.0, 3.0, 1.0)
 
 
 def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool,
-                  odd: dict[int, float] | None = None) -> list[Any]:
-    """Run ``ops`` on a fresh table of 130 slots (three index words), every weight 1 but
-    those in ``odd`` (slot: weight; "set_weight" ops change them): each pick checked to be
-    least, the index checked after every operation; returns every result in order."""
+                  odd: dict[int, float] | None = None,
+                  layout: tuple[int, int] = (70, -1)) -> list[Any]:
+    """Run ``ops`` on a fresh table of ``added`` + 60 slots, ``layout`` = (added, dense),
+    every weight 1 but those in ``odd`` (slot: weight; "set_weight" ops change them): each
+    pick checked to be least, the index checked after every operation; returns every result
+    in order. Each added slot holds some requests, every other one none from ``dense`` on
+    for 66 slots: (70, -1) three index words, whose rows the pick snapshots; (200, 64) five,
+    the lowest level's first word sparse (four idle slots: the pick snapshots the row);
+    (200, 0) five, that word dense (the pick draws by rejection first)."""
+    added, dense = layout
     tag = f"test-{uuid.uuid4().hex[:12]}"
     shared.TAGS.append(tag)
-    t = cls.create(130, 2, tag=tag, seed=seed, unlink_stale=False)
-    view = array("I", [NOT_USABLE]) * 130
-    ejected = array("Q", [0]) * 130
+    capacity = added + 60
+    t = cls.create(capacity, 2, tag=tag, seed=seed, unlink_stale=False)
+    view = array("I", [NOT_USABLE]) * capacity
+    ejected = array("Q", [0]) * capacity
     if with_view:
         t.set_view(view, ejected)
     out: list[Any] = []
     held: list[int] = []
     try:
-        for i in range(70):  # 70 slots, some at every level below 16 and some above
+        for i in range(added):  # some slots at every level below 16 and some above
             slot = t.add((odd or {}).get(i, 1.0))
             view[slot] = t.generation(slot)
-        for slot in range(70):
-            for _ in range(slot % 19):
+        for slot in range(added):
+            for _ in range(slot % 2 if dense <= slot < dense + 66 else slot % 19):
                 t.acquire(slot)
                 held.append(slot)
         for name, slot, n in ops:
@@ -141,23 +148,28 @@ def _differential(cls: Any, seed: int, ops: list[Op], with_view: bool,
         t.unlink()
 
 
+LAYOUTS = st.sampled_from([(70, -1), (200, 64), (200, 0)])
+
+
 @shared.needs_c
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
-def test_index_pick_is_the_scans_pick(seed: int, ops: list[Op]) -> None:
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, layout=LAYOUTS)
+def test_index_pick_is_the_scans_pick(seed: int, ops: list[Op], layout: tuple[int, int]) -> None:
     """Equal weights, no view: the compiled table's pick reads the index, the twin's scans;
-    with one seed they make the same picks (both draw one number for the tie-break and take
-    the tied slots in slot order), after any sequence of updates and membership changes."""
-    assert _differential(core.CSharedTable, seed, ops, False) == \
-        _differential(core.PySharedTable, seed, ops, False)
+    with one seed they make the same picks (on a row of four words or more whose first
+    non-empty word has eight slots or more, both first draw slot ids by rejection, keeping
+    the first tied one; then both draw one number for the tie-break and take the tied slots
+    in slot order), after any sequence of updates and membership changes."""
+    assert _differential(core.CSharedTable, seed, ops, False, layout=layout) == \
+        _differential(core.PySharedTable, seed, ops, False, layout=layout)
 
 
 @settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS)
-def test_pick_is_least_through_a_view(seed: int, ops: list[Op]) -> None:
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, layout=LAYOUTS)
+def test_pick_is_least_through_a_view(seed: int, ops: list[Op], layout: tuple[int, int]) -> None:
     """With a view (slots unknown, excluded, ejected, and back again): every pick is one of
     the least-loaded slots the view allows, and the index agrees with the counts."""
-    _differential(core.SharedTable, seed, ops, True)
+    _differential(core.SharedTable, seed, ops, True, layout=layout)
 
 
 # -- what the view rules out, and back ------------------------------------------------------
@@ -193,15 +205,18 @@ def test_an_ejected_slot_at_the_lowest_level_is_passed_over_then_back(make_table
 
 # -- uniform at 1,024 instances ---------------------------------------------------------------
 
-def _uniform_at_1024(t: Any, strategy: str, rounds_per_slot: int) -> None:
-    """Half of 1,024 slots hold a request. A least-outstanding pick is uniform over the
-    other 512 (spread over all sixteen index words), pick_random over all 1,024: a chi-square
-    test against uniform, six standard deviations above its mean."""
+def _uniform_at_1024(t: Any, strategy: str, rounds_per_slot: int,
+                     idle: range | list[int] = range(0, 1024, 2)) -> None:
+    """Of 1,024 slots, all but those ``idle`` (by default every other one, over all
+    sixteen index words) hold a request. A least-outstanding pick is uniform over
+    the idle ones, pick_random over all 1,024: a chi-square test against uniform, six
+    standard deviations above its mean."""
     slots = [t.add() for _ in range(1024)]
-    busy = slots[::2]
-    for s in busy:
-        t.acquire(s)
-    allowed = slots[1::2] if strategy == "pick" else slots
+    quiet = {slots[i] for i in idle}
+    for s in slots:
+        if s not in quiet:
+            t.acquire(s)
+    allowed = sorted(quiet) if strategy == "pick" else slots
     rounds = rounds_per_slot * len(allowed)
     pick = getattr(t, strategy)
     picks: Counter[int] = Counter()
@@ -212,21 +227,29 @@ def _uniform_at_1024(t: Any, strategy: str, rounds_per_slot: int) -> None:
     df = len(allowed) - 1
     assert set(picks) <= set(allowed)
     assert _chi_square(picks, allowed) < df + 6 * (2 * df) ** 0.5
-    for s in busy:
-        t.release(s)
+    for s in slots:
+        if s not in quiet:
+            t.release(s)
     shared._quiet(t)
 
 
 @shared.needs_c
-def test_least_outstanding_is_uniform_at_1024_instances() -> None:
-    """The index's tie-break (the twin's scan has test_shared_table's test_ties_are_uniform:
-    at 1,024 slots it reads them all in Python, minutes per run)."""
+@pytest.mark.parametrize("idle", [
+    range(0, 1024, 2), range(0, 1024, 128), [*range(0, 64, 8), *range(64, 1024, 13)],
+], ids=["half", "sparse", "mixed"])
+def test_least_outstanding_is_uniform_at_1024_instances(idle: range | list[int]) -> None:
+    """The index's tie-break, by each of its ways: "half" (every other slot idle) nearly
+    always draws an idle slot by rejection within eight tries; "sparse" (8 idle, one in the
+    first word) snapshots the row at once; "mixed" (82 idle, eight in the first word) draws
+    first, and about half of its picks miss eight times and snapshot. The pick is uniform
+    every way. The twin's scan has test_shared_table's test_ties_are_uniform (at
+    1,024 slots it reads them all in Python, minutes per run) and makes the same draws."""
     tag = f"test-{uuid.uuid4().hex[:12]}"
     shared.TAGS.append(tag)
     assert core.CSharedTable is not None
     t = core.CSharedTable.create(1024, 2, tag=tag, seed=7, unlink_stale=False)
     try:
-        _uniform_at_1024(t, "pick", 60)
+        _uniform_at_1024(t, "pick", 60 if len(idle) > 8 else 500, idle)
     finally:
         t.close()
         t.unlink()

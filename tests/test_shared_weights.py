@@ -38,28 +38,39 @@ ODD = st.dictionaries(st.integers(0, 69), st.sampled_from(index.ODD_WEIGHTS[1:5]
 # beside the odd slots, and past them (more than 32 odd slots) the scan.
 SPREAD = st.lists(st.sampled_from(index.ODD_WEIGHTS[:5]), min_size=70, max_size=70).map(
     lambda weights: dict(enumerate(weights)))
+# Every one of 200 slots weighted, two to four distinct weights: classes and no odd slot
+# (but where one weight has fewer than four slots), where the pick may draw by rejection.
+CLASSES = st.lists(st.sampled_from(index.ODD_WEIGHTS[:5]), min_size=2, max_size=4,
+                   unique=True).flatmap(
+    lambda weights: st.lists(st.sampled_from(weights), min_size=200, max_size=200)).map(
+    lambda weights: dict(enumerate(weights)))
 
 
 @shared.needs_c
 @settings(max_examples=300, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD, CLASSES),
+       layout=index.LAYOUTS)
 def test_pick_with_unequal_weights_is_the_scans_pick(seed: int, ops: list[index.Op],
-                                                     weights: dict[int, float]) -> None:
+                                                     weights: dict[int, float],
+                                                     layout: tuple[int, int]) -> None:
     """A fleet of weight 1 with some slots of other weights, or of weights spread over it
     (several classes, odd slots beside them), whose weights then change: with one seed the
-    compiled table's picks (the index by class and the odd slots) are the twin's (the scan),
-    and each is least by (count + 1) / weight."""
-    assert index._differential(core.CSharedTable, seed, ops, False, weights) == \
-        index._differential(core.PySharedTable, seed, ops, False, weights)
+    compiled table's picks (the index by class, drawing by rejection where it does, and the
+    odd slots) are the twin's (the scan, with the same draws), and each is least by
+    (count + 1) / weight."""
+    assert index._differential(core.CSharedTable, seed, ops, False, weights, layout) == \
+        index._differential(core.PySharedTable, seed, ops, False, weights, layout)
 
 
 @settings(max_examples=120, deadline=None)
-@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD))
+@given(seed=st.integers(0, 2**64 - 1), ops=OPS, weights=st.one_of(ODD, SPREAD, CLASSES),
+       layout=index.LAYOUTS)
 def test_pick_with_unequal_weights_through_a_view(seed: int, ops: list[index.Op],
-                                                  weights: dict[int, float]) -> None:
+                                                  weights: dict[int, float],
+                                                  layout: tuple[int, int]) -> None:
     """The same with a view (slots excluded, ejected, and back): every pick is least among
     the slots the view allows."""
-    index._differential(core.SharedTable, seed, ops, True, weights)
+    index._differential(core.SharedTable, seed, ops, True, weights, layout)
 
 
 @pytest.fixture
@@ -163,6 +174,31 @@ def test_two_weight_classes_tie_uniformly_from_the_index(table_1024: Any) -> Non
 
 
 @shared.needs_c
+@pytest.mark.parametrize("light_idle", [range(0, 16, 2), range(0, 1024, 128)],
+                         ids=["mixed", "sparse"])
+def test_two_weight_classes_tie_uniformly_drawn_or_not(table_1024: Any,
+                                                       light_idle: range) -> None:
+    """Weights 1 and 2 alternating over 1,024 slots: those of weight 1 hold a request but
+    ``light_idle``, those of weight 2 two but one in 14 from slot 65, which hold one: the
+    ties, (0 + 1) / 1 = (1 + 1) / 2, are in both classes at two levels. "mixed": eight in
+    the first word, so the pick draws by rejection first (76 ties: about half its picks
+    miss eight times and snapshot); "sparse": one there, so it snapshots at once. Uniform
+    either way."""
+    t = table_1024
+    slots = [t.add(2.0 if i % 2 else 1.0) for i in range(1024)]
+    light = set(light_idle)
+    heavy_tied = set(range(65, 1024, 14))
+    held = [s for s in slots if s % 2 == 0 and s not in light]
+    held += [s for s in slots if s % 2 for _ in range(1 if s in heavy_tied else 2)]
+    for s in held:
+        t.acquire(s)
+    _uniform_from_the_index(t, sorted(light | heavy_tied), 60)
+    for s in held:
+        t.release(s)
+    shared._quiet(t)
+
+
+@shared.needs_c
 def test_weights_1_to_4_spread_pick_least_from_the_index(table_1024: Any) -> None:
     """Weights 1, 2, 3 and 4 in turn over 1,024 slots with requests piling up: every pick is
     one of the least by (count + 1) / weight, and none reads every slot."""
@@ -192,6 +228,43 @@ def test_more_weights_than_classes_spread_evenly_scan(table_1024: Any) -> None:
     assert t.scans == 1
     t.release(s)
     shared._quiet(t)
+
+
+def _best_class_in_the_last_level(cls: Any) -> tuple[list[int], int]:
+    """256 slots, weights 1 and 3 alternating (two classes): those of weight 1 hold 5
+    requests, those of weight 3 16, so the best, (16 + 1) / 3, is in the index's last level.
+    40 picks, each released; returns them and the table's ``scans``."""
+    tag = f"test-{uuid.uuid4().hex[:12]}"
+    shared.TAGS.append(tag)
+    t = cls.create(256, 2, tag=tag, seed=5, unlink_stale=False)
+    try:
+        slots = [t.add(3.0 if i % 2 else 1.0) for i in range(256)]
+        for s in slots:
+            for _ in range(16 if s % 2 else 5):
+                t.acquire(s)
+        picks = []
+        for _ in range(40):
+            picks.append(t.pick())
+            t.release(picks[-1])
+        for s in slots:
+            for _ in range(16 if s % 2 else 5):
+                t.release(s)
+        t.check()
+        return picks, t.scans
+    finally:
+        t.close()
+        t.unlink()
+
+
+@shared.needs_c
+def test_a_class_best_in_the_last_level_makes_the_scans_draws() -> None:
+    """The class pick cannot order the last level's counts, so it leaves the pick to the
+    scan, which draws no slot ids by rejection: the twin, with the same seed, makes the same
+    picks (it follows the class pick's walk up the levels), all of weight 3."""
+    picks, scans = _best_class_in_the_last_level(core.CSharedTable)
+    assert scans == 40
+    assert all(s % 2 for s in picks)
+    assert (picks, 40) == _best_class_in_the_last_level(core.PySharedTable)
 
 
 def test_stress_several_processes_on_weight_classes(make_table: Any, impl: str) -> None:
