@@ -245,6 +245,40 @@ cdef Py_ssize_t _draw_in_classes(SharedTable table, uint32_t tied,
     return -1
 
 
+cdef Py_ssize_t _draw_with_odd(SharedTable table, uint64_t* row, Py_ssize_t high,
+                               uint32_t level) noexcept nogil:
+    """_draw_in_row with odd slots, ``level`` the common weight's lowest (an instance in
+    slow start: the common case of an odd slot). The odd slots are read one by one first:
+    one below (level + 1) / the common weight, -1 (_least_with_odd decides). Else up to
+    DRAW_TRIES uniform slot ids, the first kept that is in the row or an odd slot tied with
+    it (its ``_scanned`` set): each try is uniform over the ties or nothing, as
+    _draw_in_row's. -1: every try missed."""
+    cdef double common = table._class_weight[0], lhs, rhs
+    cdef uint64_t status[ODD_MAX]
+    cdef uint64_t tied = 0
+    cdef uint32_t count
+    cdef Py_ssize_t i, s, _t
+    for i in range(table._nodd):
+        if not _pickable(table, table._odd[i], &status[i], &count):
+            continue
+        lhs = (<double>count + 1.0) * common
+        rhs = (<double>level + 1.0) * tm_load_f64(table._weightp(table._odd[i]))
+        if lhs < rhs:
+            return -1
+        if lhs == rhs:
+            tied |= (<uint64_t>1) << i
+    for _t in range(DRAW_TRIES):
+        s = <Py_ssize_t>table._below(<uint64_t>high)
+        if (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1:
+            return s
+        if tied and (table._odd_bits[s >> 6] >> (s & 63)) & 1:
+            for i in range(table._nodd):
+                if table._odd[i] == s and (tied >> i) & 1:
+                    table._scanned = status[i]
+                    return s
+    return -1
+
+
 cdef Py_ssize_t _least_with_odd(SharedTable table, uint32_t level, double common,
                                 uint64_t ties, Py_ssize_t words) noexcept nogil:
     """The least-outstanding pick when the index's least is ``level`` in a class of weight
