@@ -137,7 +137,9 @@ def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) ->
     three of each (too few for a class of their own: odd), and hold w - 1 requests, so
     (w - 1 + 1) / w ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512
     idle slots in the index and the 24 odd ones (chi-square, six standard deviations above
-    its mean), and reads no slot by the scan."""
+    its mean), and reads no slot by the scan. The idle slots' first word is dense, so the
+    pick draws slot ids first, keeping an odd one that ties (``_draw_with_odd``): a draw
+    that left the odd ties to the snapshot fails it."""
     t = table_1024
     slots = [t.add() for _ in range(1024)]
     busy = slots[::2]
@@ -276,3 +278,16 @@ def test_stress_several_processes_on_weight_classes(make_table: Any, impl: str) 
     for i in range(96):
         t.add(2.0 if i % 2 else 1.0)
     index._stress(t, impl, "hammer", 30_000 if impl == "c" else 2_000)
+
+
+def test_stress_several_processes_beside_odd_slots(make_table: Any, impl: str) -> None:
+    """The stress test on 260 slots of weight 1 and two of weight 2 (odd: too few for a class
+    of their own), rows of five words: the processes' least-outstanding picks draw slot ids
+    beside the odd slots (tied with the idle ones while they hold one request each, below
+    them while idle) as they move the index; at the end the index agrees with the counts."""
+    t = make_table(capacity=320, max_processes=4)
+    for _ in range(260):
+        t.add()
+    for _ in range(2):
+        t.add(2.0)
+    index._stress(t, impl, "hammer-even", 30_000 if impl == "c" else 2_000)
