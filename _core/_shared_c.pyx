@@ -160,6 +160,7 @@ cdef class SharedTable:
     cdef Py_ssize_t _nclass
     cdef double _class_weight[CLASSES]
     cdef uint64_t* _class_bits
+    cdef uint64_t* _class_usable  # _class_bits less the skip set: what a class pick ANDs
     cdef Py_ssize_t _class_words
     cdef unsigned char* _class_of
     cdef uint64_t* _rows
@@ -179,6 +180,7 @@ cdef class SharedTable:
         self._odd_bits = NULL
         self._mask = NULL
         self._class_bits = NULL
+        self._class_usable = NULL
         self._class_of = NULL
         self._rows = NULL
 
@@ -191,6 +193,7 @@ cdef class SharedTable:
         PyMem_Free(self._odd_bits)
         PyMem_Free(self._mask)
         PyMem_Free(self._class_bits)
+        PyMem_Free(self._class_usable)
         PyMem_Free(self._class_of)
         PyMem_Free(self._rows)
 

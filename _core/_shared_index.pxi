@@ -154,7 +154,12 @@ cdef inline void _skip_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
 
 cdef inline void _remask(SharedTable table, Py_ssize_t w) noexcept nogil:
     """After a change of word ``w`` of the skip set or of the odd slots' bitmap."""
+    cdef Py_ssize_t c
     table._mask[w] = table._skip[w] | table._odd_bits[w]
+    if w < table._class_words:
+        for c in range(table._nclass):
+            table._class_usable[c * table._class_words + w] = \
+                table._class_bits[c * table._class_words + w] & ~table._skip[w]
 
 
 cdef void _clear_skips(SharedTable table) noexcept nogil:

@@ -13,8 +13,8 @@
 
 cdef extern from "atomics.h" nogil:
     uint64_t tm_snap_rank(const uint64_t* snap, const uint32_t* cum, Py_ssize_t s)
-    uint32_t tm_row_classes(uint64_t* row, const uint64_t* mask, const uint64_t* cls,
-                            int nclass, Py_ssize_t words, uint64_t* snap)
+    uint32_t tm_row_classes(uint64_t* row, const uint64_t* cls, int nclass, Py_ssize_t words,
+                            uint64_t* snap)
     uint64_t tm_classes_snapshot(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
                                  uint32_t tied, int nclass, Py_ssize_t words, uint64_t* snap,
                                  uint32_t* cum)
@@ -150,6 +150,8 @@ cdef void _picture_weights(SharedTable table, uint64_t gen) noexcept nogil:
             table._nodd += 1
             _odd_bit(table, s, True)
     table._nclass = nclass
+    for i in range(CLASSES * table._class_words):
+        table._class_usable[i] = table._class_bits[i] & ~table._skip[i % table._class_words]
     table._indexed = table._nodd <= ODD_MAX
     table._top_weight = top
     table._weights_gen = gen
@@ -191,8 +193,8 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
                     pending &= ~((<uint32_t>1) << c)
             if not pending:
                 break
-            found = tm_row_classes(_bits(table, level), table._mask, table._class_bits, nclass,
-                                   words, table._rows + kept * words) & pending
+            found = tm_row_classes(_bits(table, level), table._class_usable, nclass, words,
+                                   table._rows + kept * words) & pending
             if not found:
                 continue
             if level == LEVELS - 1:
@@ -215,11 +217,11 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
                 tied |= (<uint32_t>1) << c
         s = -1
         if not table._nodd and words >= DRAW_MIN_WORDS and tm_classes_first(
-                table._rows, table._class_bits, table._class_row, tied, nclass,
+                table._rows, table._class_usable, table._class_row, tied, nclass,
                 words) >= DRAW_MIN_BITS:
             s = _draw_in_classes(table, tied, words)
         if s < 0:
-            ties = tm_classes_snapshot(table._rows, table._class_bits, table._class_row, tied,
+            ties = tm_classes_snapshot(table._rows, table._class_usable, table._class_row, tied,
                                        nclass, words, table._snap, table._cum)
             if table._nodd:
                 return _least_with_odd(table, lv[best], cw[best], ties, words)
@@ -239,7 +241,7 @@ cdef Py_ssize_t _draw_in_classes(SharedTable table, uint32_t tied,
     for _i in range(DRAW_TRIES):
         s = <Py_ssize_t>table._below(<uint64_t>high)
         if (s >> 6) < words and (tm_classes_word(
-                table._rows, table._class_bits, table._class_row, tied, <int>table._nclass,
+                table._rows, table._class_usable, table._class_row, tied, <int>table._nclass,
                 words, s >> 6) >> (s & 63)) & 1:
             return s
     return -1

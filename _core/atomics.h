@@ -99,20 +99,29 @@ static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t 
     return (w ? cum[w - 1] : 0) +
         (uint64_t)__builtin_popcountll(snap[w] & ((1ULL << (s & 63)) - 1));
 }
-/* Weight classes (_shared_weights.pxi): class c's slots are the bitmap cls + c * words, at
-   most TM_CLASSES classes. One pass over a row keeps its snapshot, as tm_row_snapshot,
-   and returns which classes have a slot in it (bit c: class c). */
+/* Weight classes (_shared_weights.pxi): class c's slots less the skip set are the bitmap
+   cls + c * words, at most TM_CLASSES classes (no odd slot is in one, so the row needs no
+   other mask). One pass over a row keeps its snapshot (unmasked: it is only read ANDed with
+   the classes) and returns which classes have a slot in it (bit c: class c). */
 #define TM_CLASSES 4
-static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict mask,
-                                      const uint64_t *restrict cls, int nclass, ssize_t words,
-                                      uint64_t *restrict snap) {
-    /* All TM_CLASSES bitmaps, unrolled, whatever nclass: the unused ones are allocated and
-       clear, and a loop over the classes inside the loop over the words would keep the
-       compiler from hoisting their rows. */
+static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict cls, int nclass,
+                                      ssize_t words, uint64_t *restrict snap) {
+    /* Two classes (weighted variants: the common case) read two bitmaps; more read all
+       TM_CLASSES, unrolled (the unused ones are allocated and clear): a loop over the
+       classes inside the loop over the words would keep the compiler from hoisting them. */
     uint64_t any0 = 0, any1 = 0, any2 = 0, any3 = 0;
     const uint64_t *k1 = cls + words, *k2 = cls + 2 * words, *k3 = cls + 3 * words;
+    if (nclass == 2) {
+        for (ssize_t w = 0; w < words; w++) {
+            uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST);
+            snap[w] = x;
+            any0 |= x & cls[w];
+            any1 |= x & k1[w];
+        }
+        return (uint32_t)(any0 != 0) | (uint32_t)(any1 != 0) << 1;
+    }
     for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST);
         snap[w] = x;
         any0 |= x & cls[w];
         any1 |= x & k1[w];
