@@ -10,7 +10,6 @@ so its picks are the scan and the differential tests pit the index against it.
 from __future__ import annotations
 
 import uuid
-from array import array
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -242,30 +241,7 @@ def test_an_ejected_slot_alone_at_its_class_lowest_level_is_passed_over_then_bac
     again on every read); once the ejection ends the very next pick takes it."""
     t = make_table(capacity=200)
     slots = [t.add(2.0 if i % 2 else 1.0) for i in range(130)]
-    view = array("I", [t.generation(s) for s in slots]) + array("I", [0xFFFFFFFF]) * 70
-    ejected = array("Q", [0]) * 200
-    t.set_view(view, ejected)
-    for s in slots:
-        t.acquire(s)
-    quiet = slots[71]
-    t.release(quiet)
-    ejected[quiet] = 1
-    heavy = [s for s in slots[1::2] if s != quiet]
-    picks: Counter[int] = Counter()
-    for _ in range(len(heavy) * 40):
-        s = t.pick()
-        picks[s] += 1
-        t.release(s)
-    assert set(picks) == set(heavy)
-    df = len(heavy) - 1
-    assert index._chi_square(picks, heavy) < df + 6 * (2 * df) ** 0.5
-    ejected[quiet] = 0
-    assert t.pick() == quiet
-    t.release(quiet)
-    for s in slots:
-        if s != quiet:
-            t.release(s)
-    shared._quiet(t)
+    index._passed_over_then_back(t, slots, slots[71], [s for s in slots[1::2] if s != slots[71]])
 
 
 def _best_class_in_the_last_level(cls: Any) -> tuple[list[int], int]:
