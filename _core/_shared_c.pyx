@@ -155,15 +155,14 @@ cdef class SharedTable:
     cdef double _top_weight
     # The picture of the weights (_shared_weights.pxi): the weight classes (their weights,
     # each one's slots as a bitmap, each slot's class), the odd slots (a list and a
-    # bitmap), and whether the index serves least-outstanding picks; a pick's scratch: the
-    # row snapshots it keeps and, per class, which one and the lowest level with a slot.
+    # bitmap), and whether the index serves least-outstanding picks; a pick's scratch: per
+    # class, the lowest level with a slot.
     cdef Py_ssize_t _nclass
     cdef double _class_weight[CLASSES]
     cdef uint64_t* _class_bits
+    cdef uint64_t* _class_usable  # _class_bits less the skip set: what a class pick ANDs
     cdef Py_ssize_t _class_words
     cdef unsigned char* _class_of
-    cdef uint64_t* _rows
-    cdef uint32_t _class_row[CLASSES]
     cdef uint32_t _class_level[CLASSES]
     cdef int32_t* _odd
     cdef Py_ssize_t _nodd
@@ -179,8 +178,8 @@ cdef class SharedTable:
         self._odd_bits = NULL
         self._mask = NULL
         self._class_bits = NULL
+        self._class_usable = NULL
         self._class_of = NULL
-        self._rows = NULL
 
     def __dealloc__(self):
         PyMem_Free(self._skip)
@@ -191,8 +190,8 @@ cdef class SharedTable:
         PyMem_Free(self._odd_bits)
         PyMem_Free(self._mask)
         PyMem_Free(self._class_bits)
+        PyMem_Free(self._class_usable)
         PyMem_Free(self._class_of)
-        PyMem_Free(self._rows)
 
     def __init__(self, str name, Py_ssize_t process_index, seed=None):
         """Attach to the segment ``name`` as ``process_index``; use ``attach``/``create``."""

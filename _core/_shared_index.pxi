@@ -154,7 +154,12 @@ cdef inline void _skip_slot(SharedTable table, Py_ssize_t s) noexcept nogil:
 
 cdef inline void _remask(SharedTable table, Py_ssize_t w) noexcept nogil:
     """After a change of word ``w`` of the skip set or of the odd slots' bitmap."""
+    cdef Py_ssize_t c
     table._mask[w] = table._skip[w] | table._odd_bits[w]
+    if w < table._class_words:
+        for c in range(table._nclass):
+            table._class_usable[c * table._class_words + w] = \
+                table._class_bits[c * table._class_words + w] & ~table._skip[w]
 
 
 cdef void _clear_skips(SharedTable table) noexcept nogil:
@@ -239,7 +244,8 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     sparse, else its r-th such slot in slot order for one random r (the scan's tie-break).
     Each try is a uniform draw from the level's slots or nothing, and the fallback is
     uniform among them too, so the pick is uniform among the ties whichever way it ends;
-    the twin makes the same draws. -1: the index had nothing, or what it had was stale;
+    the twin makes the same draws. With odd slots the draws also keep one tied with the
+    level (_draw_with_odd); one below it, or no draw, and _least_with_odd decides. -1: the index had nothing, or what it had was stale;
     the caller scans."""
     cdef Py_ssize_t high = tm_load32(table._high)
     cdef Py_ssize_t words = (high + 63) >> 6
@@ -253,18 +259,22 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     for level in range(LEVELS - 1):
         row = _bits(table, level)
         while True:
-            if table._nodd:
-                ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
-                if ties == 0:
-                    break
-                return _least_with_odd(table, level, table._class_weight[0], ties, words)
             s = -1
             if words >= DRAW_MIN_WORDS:
                 first = tm_row_first(row, table._mask, words)
                 if first == 0:
                     break
-                if first >= DRAW_MIN_BITS:
+                if first >= DRAW_MIN_BITS and not table._nodd:
                     s = _draw_in_row(table, row, high)
+                elif first >= DRAW_MIN_BITS:
+                    s = _draw_with_odd(table, row, high, level)
+                    if s >= 0 and (table._odd_bits[s >> 6] >> (s & 63)) & 1:
+                        return s  # an odd slot, checked as it was read
+            if s < 0 and table._nodd:
+                ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
+                if ties == 0:
+                    break
+                return _least_with_odd(table, level, table._class_weight[0], ties, words)
             if s < 0:
                 # One pass keeps a snapshot of the row; the draw selects from it. A slot
                 # that left the level since is caught by the check against its count below.

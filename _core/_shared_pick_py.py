@@ -15,10 +15,47 @@ from tritonmesh._core._shared_words_py import (
     _DRAW_TRIES,
     _F64,
     _LOW,
+    _ODD_MAX,
     _PICK_ATTEMPTS,
     _RANDOM_TRIES,
     SharedWords,
 )
+
+
+def _picture(weights: list[float]) -> tuple[list[float], int]:
+    """The compiled table's picture of the weights (``_weight_candidates`` and
+    ``_picture_weights``), from the ACTIVE slots' weights in slot order: its classes'
+    weights, the common one first, and how many slots are odd. Misra and Gries' candidates
+    as it finds them, so that the classes are the same where more weights than classes
+    make the choice depend on the order."""
+    cand: list[list[float]] = []  # [weight, slots]
+    for w in weights:
+        for k in cand:
+            if k[0] == w:
+                k[1] += 1
+                break
+        else:
+            if len(cand) < _CLASSES:
+                cand.append([w, 1])
+                continue
+            c = 0
+            while c < len(cand):
+                cand[c][1] -= 1
+                if cand[c][1] == 0:
+                    cand[c] = cand[-1]
+                    cand.pop()
+                else:
+                    c += 1
+    counts = Counter(weights)
+    tops = sorted((k[0] for k in cand), key=lambda w: -counts[w])  # stable, as its sort
+    ranked = [counts[w] for w in tops]
+    odd = sum(ranked) - ranked[0] if ranked else 0
+    nclass = 1
+    while nclass < len(ranked) and (ranked[nclass] >= _CLASS_MIN or odd > _ODD_MAX):
+        odd -= ranked[nclass]
+        nclass += 1
+    classes = tops[:nclass]
+    return classes, len(weights) - sum(counts[w] for w in classes)
 
 
 class _Picks(SharedWords):
@@ -59,7 +96,7 @@ class _Picks(SharedWords):
                 continue
             status, count = found
             w = float(_F64.unpack_from(buf, self._weightp(s))[0])
-            if self._classes and count < lowest.get(w, count + 1):
+            if (self._classes or self._common) and count < lowest.get(w, count + 1):
                 lowest[w] = count
             lhs = (count + 1) * best_w
             rhs = (best_count + 1) * w
@@ -96,13 +133,16 @@ class _Picks(SharedWords):
         """Whether the compiled table's pick draws by rejection first, ``best`` being the
         first tied slot (``count`` requests, ``weight``): its index decides (equal weights,
         the least count below the last level; or weight classes and no odd slot, and the
-        class pick finds its ties, ``_class_pick_finds``), the row has DRAW_MIN_WORDS
-        words or more, and the ties' first non-empty word DRAW_MIN_BITS slots or more."""
+        class pick finds its ties, ``_class_pick_finds``; or one class and odd slots,
+        ``_odd_draws``), the row has DRAW_MIN_WORDS words or more, and the ties' first
+        non-empty word DRAW_MIN_BITS slots or more."""
         if (high + 63) >> 6 < _DRAW_MIN_WORDS:
             return False
         if self._even:
             if count >= _segment.INDEX_LEVELS - 1:
                 return False
+        elif self._common:
+            return self._odd_draws(high, lowest)
         elif not self._classes or not self._class_pick_finds(lowest):
             return False
         tied = 0
@@ -112,6 +152,29 @@ class _Picks(SharedWords):
             tied += found is not None and (found[1] + 1) * weight == (count + 1) * float(
                 _F64.unpack_from(buf, self._weightp(s))[0])
         return tied >= _DRAW_MIN_BITS
+
+    def _odd_draws(self, high: int, lowest: dict[float, int]) -> bool:
+        """Whether the compiled table's pick draws beside its odd slots (``_draw_with_odd``):
+        the common weight's least count below the last level, its first word with a slot at
+        that count holding DRAW_MIN_BITS of them or more, and no odd slot below it."""
+        common = self._common
+        level = lowest.get(common or 0.0, _segment.INDEX_LEVELS)
+        if common is None or level >= _segment.INDEX_LEVELS - 1:
+            return False
+        buf = self._buf()
+        first, at_level = -1, 0
+        for s in range(high):
+            found = self._pickable(s)
+            if found is None:
+                continue
+            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            if w != common:
+                if (found[1] + 1) * common < (level + 1) * w:
+                    return False
+            elif found[1] == level and first in (-1, s >> 6):
+                first = s >> 6
+                at_level += 1
+        return at_level >= _DRAW_MIN_BITS
 
     def _class_pick_finds(self, lowest: dict[float, int]) -> bool:
         """Whether the compiled class pick (``_least_by_class``) finds its ties in the
@@ -165,23 +228,24 @@ class _Picks(SharedWords):
         return chosen
 
     def _read_weights(self) -> None:
-        """Whether every ACTIVE slot has the same weight, the largest, and the weight
-        classes where the compiled table's picture has no odd slot, once per membership
+        """Whether every ACTIVE slot has the same weight, the largest, the weight classes
+        where the compiled table's picture has no odd slot, and its common weight where it
+        has one class and odd slots (fewer than it reads one by one), once per membership
         generation (as the compiled table: they decide pick_random's draws, and whether a
         least-outstanding pick's index draws by rejection)."""
         gen = self._load(_segment.H_GENERATION)
         if gen == self._weights_gen:
             return
         buf = self._buf()
-        weights = Counter(float(_F64.unpack_from(buf, self._weightp(s))[0])
-                          for s in range(self._high())
-                          if self._load(self._statusp(s)) & _LOW == ACTIVE)
+        active = [float(_F64.unpack_from(buf, self._weightp(s))[0])
+                  for s in range(self._high())
+                  if self._load(self._statusp(s)) & _LOW == ACTIVE]
+        weights = Counter(active)
         self._even = len(weights) <= 1
         self._top_weight = max(weights, default=0.0)
-        # Its picture (_shared_weights.pxi) keeps up to _CLASSES weights, a class each if it
-        # has _CLASS_MIN slots or more; any other slot is odd.
-        self._classes = tuple(weights) if 1 < len(weights) <= _CLASSES and \
-            min(weights.values()) >= _CLASS_MIN else ()
+        classes, odd = _picture(active)
+        self._classes = tuple(classes) if len(classes) > 1 and not odd else ()
+        self._common = classes[0] if len(classes) == 1 and 0 < odd <= _ODD_MAX else None
         self._weights_gen = gen
 
     def _sample_random(self) -> int:

@@ -21,15 +21,14 @@ cdef int _map(SharedTable table, str name, Py_ssize_t process_index, seed) excep
     table._odd = <int32_t*>PyMem_Malloc(ODD_MAX * sizeof(int32_t))
     table._odd_bits = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
     table._mask = <uint64_t*>PyMem_Calloc(words, sizeof(uint64_t))
-    # The weight classes' bitmaps, each slot's class, and a class pick's row snapshots (one
-    # per class, and the row being read).
+    # The weight classes' bitmaps (as pictured, and less the skip set), each slot's class.
     table._class_bits = <uint64_t*>PyMem_Calloc(CLASSES * words, sizeof(uint64_t))
+    table._class_usable = <uint64_t*>PyMem_Calloc(CLASSES * words, sizeof(uint64_t))
     table._class_of = <unsigned char*>PyMem_Malloc(capacity)
-    table._rows = <uint64_t*>PyMem_Malloc((CLASSES + 1) * words * sizeof(uint64_t))
     if table._skip == NULL or table._skipped == NULL or table._snap == NULL or \
             table._cum == NULL or table._odd == NULL or table._odd_bits == NULL or \
             table._mask == NULL or table._class_bits == NULL or table._class_of == NULL or \
-            table._rows == NULL:
+            table._class_usable == NULL:
         mm.close()
         raise MemoryError()
     table._mm = mm

@@ -13,15 +13,15 @@
 
 cdef extern from "atomics.h" nogil:
     uint64_t tm_snap_rank(const uint64_t* snap, const uint32_t* cum, Py_ssize_t s)
-    uint32_t tm_row_classes(uint64_t* row, const uint64_t* mask, const uint64_t* cls,
-                            int nclass, Py_ssize_t words, uint64_t* snap)
-    uint64_t tm_classes_snapshot(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
-                                 uint32_t tied, int nclass, Py_ssize_t words, uint64_t* snap,
-                                 uint32_t* cum)
-    uint64_t tm_classes_word(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
-                             uint32_t tied, int nclass, Py_ssize_t words, Py_ssize_t w)
-    uint64_t tm_classes_first(const uint64_t* rows, const uint64_t* cls, const uint32_t* at,
-                              uint32_t tied, int nclass, Py_ssize_t words)
+    uint32_t tm_row_classes(uint64_t* row, const uint64_t* cls, int nclass, Py_ssize_t words)
+    uint64_t tm_classes_snapshot(uint64_t* index, Py_ssize_t stride, const uint64_t* cls,
+                                 const uint32_t* at, uint32_t tied, int nclass,
+                                 Py_ssize_t words, uint64_t* snap, uint32_t* cum)
+    uint64_t tm_classes_word(uint64_t* index, Py_ssize_t stride, const uint64_t* cls,
+                             const uint32_t* at, uint32_t tied, int nclass, Py_ssize_t words,
+                             Py_ssize_t w)
+    uint64_t tm_classes_first(uint64_t* index, Py_ssize_t stride, const uint64_t* cls,
+                              const uint32_t* at, uint32_t tied, int nclass, Py_ssize_t words)
 
 cdef enum:
     # The most odd slots a pick reads one by one, beside the index (a handful of instances in
@@ -150,6 +150,8 @@ cdef void _picture_weights(SharedTable table, uint64_t gen) noexcept nogil:
             table._nodd += 1
             _odd_bit(table, s, True)
     table._nclass = nclass
+    for i in range(CLASSES * table._class_words):
+        table._class_usable[i] = table._class_bits[i] & ~table._skip[i % table._class_words]
     table._indexed = table._nodd <= ODD_MAX
     table._top_weight = top
     table._weights_gen = gen
@@ -171,7 +173,9 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
     differ: the scan decides), or something stale."""
     cdef Py_ssize_t words = (tm_load32(table._high) + 63) >> 6
     cdef int nclass = <int>table._nclass, c, best
-    cdef uint32_t level, kept, found, have, pending, tied
+    cdef uint32_t level, found, have, pending, tied
+    cdef uint64_t* index = <uint64_t*>table._index
+    cdef Py_ssize_t stride = table._index_row >> 3
     cdef double* cw = table._class_weight
     cdef uint32_t* lv = table._class_level
     cdef uint64_t ties
@@ -182,7 +186,7 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
     if table._nskip:
         _unskip_visible(table)
     while True:
-        best, have, kept = -1, 0, 0
+        best, have = -1, 0
         pending = ((<uint32_t>1) << nclass) - 1
         for level in range(<uint32_t>LEVELS):
             for c in range(nclass):
@@ -191,21 +195,20 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
                     pending &= ~((<uint32_t>1) << c)
             if not pending:
                 break
-            found = tm_row_classes(_bits(table, level), table._mask, table._class_bits, nclass,
-                                   words, table._rows + kept * words) & pending
+            found = tm_row_classes(_bits(table, level), table._class_usable, nclass,
+                                   words) & pending
             if not found:
                 continue
             if level == LEVELS - 1:
                 return -1
             for c in range(nclass):
                 if (found >> c) & 1:
-                    lv[c], table._class_row[c] = level, kept
+                    lv[c] = level
                     if best < 0 or (<double>level + 1.0) * cw[best] < \
                             (<double>lv[best] + 1.0) * cw[c]:
                         best = c
             have |= found
             pending &= ~found
-            kept += 1
         if best < 0:
             return -1
         tied = 0
@@ -215,11 +218,11 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
                 tied |= (<uint32_t>1) << c
         s = -1
         if not table._nodd and words >= DRAW_MIN_WORDS and tm_classes_first(
-                table._rows, table._class_bits, table._class_row, tied, nclass,
+                index, stride, table._class_usable, lv, tied, nclass,
                 words) >= DRAW_MIN_BITS:
             s = _draw_in_classes(table, tied, words)
         if s < 0:
-            ties = tm_classes_snapshot(table._rows, table._class_bits, table._class_row, tied,
+            ties = tm_classes_snapshot(index, stride, table._class_usable, lv, tied,
                                        nclass, words, table._snap, table._cum)
             if table._nodd:
                 return _least_with_odd(table, lv[best], cw[best], ties, words)
@@ -233,15 +236,50 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
 
 cdef Py_ssize_t _draw_in_classes(SharedTable table, uint32_t tied,
                                  Py_ssize_t words) noexcept nogil:
-    """_draw_in_row over the tied classes' slots at their levels (the rows' snapshots the
-    class pick kept): up to DRAW_TRIES uniform slot ids, the first among them kept."""
+    """_draw_in_row over the tied classes' slots at their levels' rows: up to DRAW_TRIES
+    uniform slot ids, the first among them kept."""
     cdef Py_ssize_t high = tm_load32(table._high), s, _i
     for _i in range(DRAW_TRIES):
         s = <Py_ssize_t>table._below(<uint64_t>high)
         if (s >> 6) < words and (tm_classes_word(
-                table._rows, table._class_bits, table._class_row, tied, <int>table._nclass,
+                <uint64_t*>table._index, table._index_row >> 3, table._class_usable,
+                table._class_level, tied, <int>table._nclass,
                 words, s >> 6) >> (s & 63)) & 1:
             return s
+    return -1
+
+
+cdef Py_ssize_t _draw_with_odd(SharedTable table, uint64_t* row, Py_ssize_t high,
+                               uint32_t level) noexcept nogil:
+    """_draw_in_row with odd slots, ``level`` the common weight's lowest (an instance in
+    slow start: the common case of an odd slot). The odd slots are read one by one first:
+    one below (level + 1) / the common weight, -1 (_least_with_odd decides). Else up to
+    DRAW_TRIES uniform slot ids, the first kept that is in the row or an odd slot tied with
+    it (its ``_scanned`` set): each try is uniform over the ties or nothing, as
+    _draw_in_row's. -1: every try missed."""
+    cdef double common = table._class_weight[0], lhs, rhs
+    cdef uint64_t status[ODD_MAX]
+    cdef uint64_t tied = 0
+    cdef uint32_t count
+    cdef Py_ssize_t i, s, _t
+    for i in range(table._nodd):
+        if not _pickable(table, table._odd[i], &status[i], &count):
+            continue
+        lhs = (<double>count + 1.0) * common
+        rhs = (<double>level + 1.0) * tm_load_f64(table._weightp(table._odd[i]))
+        if lhs < rhs:
+            return -1
+        if lhs == rhs:
+            tied |= (<uint64_t>1) << i
+    for _t in range(DRAW_TRIES):
+        s = <Py_ssize_t>table._below(<uint64_t>high)
+        if (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1:
+            return s
+        if tied and (table._odd_bits[s >> 6] >> (s & 63)) & 1:
+            for i in range(table._nodd):
+                if table._odd[i] == s and (tied >> i) & 1:
+                    table._scanned = status[i]
+                    return s
     return -1
 
 

@@ -30,6 +30,7 @@ _DRAW_MIN_BITS: Final = 8
 # The compiled table's weight classes (_shared_weights.pxi: CLASSES, CLASS_MIN).
 _CLASSES: Final = 4
 _CLASS_MIN: Final = 4
+_ODD_MAX: Final = 32
 _STATE_MASK: Final = 0xFF  # the state; CLAIMED's next byte is the claiming process index + 1
 _P_WAITING: Final = 8
 _U64 = struct.Struct("<Q")
@@ -94,6 +95,7 @@ class SharedWords:
         self._even = True
         self._top_weight = 0.0
         self._classes: tuple[float, ...] = ()
+        self._common: float | None = None
         ok, holder = self._cas(self._procs + process_index * 64, 0, os.getpid())
         if not ok:
             self._unmap()

@@ -99,21 +99,28 @@ static uint64_t tm_snap_rank(const uint64_t *snap, const uint32_t *cum, ssize_t 
     return (w ? cum[w - 1] : 0) +
         (uint64_t)__builtin_popcountll(snap[w] & ((1ULL << (s & 63)) - 1));
 }
-/* Weight classes (_shared_weights.pxi): class c's slots are the bitmap cls + c * words, at
-   most TM_CLASSES classes. One pass over a row keeps its snapshot, as tm_row_snapshot,
-   and returns which classes have a slot in it (bit c: class c). */
+/* Weight classes (_shared_weights.pxi): class c's slots less the skip set are the bitmap
+   cls + c * words, at most TM_CLASSES classes (no odd slot is in one, so the row needs no
+   other mask). One pass over a row returns which classes have a slot in it (bit c: class
+   c). */
 #define TM_CLASSES 4
-static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict mask,
-                                      const uint64_t *restrict cls, int nclass, ssize_t words,
-                                      uint64_t *restrict snap) {
-    /* All TM_CLASSES bitmaps, unrolled, whatever nclass: the unused ones are allocated and
-       clear, and a loop over the classes inside the loop over the words would keep the
-       compiler from hoisting their rows. */
+static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict cls, int nclass,
+                                      ssize_t words) {
+    /* Two classes (weighted variants: the common case) read two bitmaps; more read all
+       TM_CLASSES, unrolled (the unused ones are allocated and clear): a loop over the
+       classes inside the loop over the words would keep the compiler from hoisting them. */
     uint64_t any0 = 0, any1 = 0, any2 = 0, any3 = 0;
     const uint64_t *k1 = cls + words, *k2 = cls + 2 * words, *k3 = cls + 3 * words;
+    if (nclass == 2) {
+        for (ssize_t w = 0; w < words; w++) {
+            uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST);
+            any0 |= x & cls[w];
+            any1 |= x & k1[w];
+        }
+        return (uint32_t)(any0 != 0) | (uint32_t)(any1 != 0) << 1;
+    }
     for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST) & ~mask[w];
-        snap[w] = x;
+        uint64_t x = __atomic_load_n(row + w, __ATOMIC_SEQ_CST);
         any0 |= x & cls[w];
         any1 |= x & k1[w];
         any2 |= x & k2[w];
@@ -122,21 +129,22 @@ static inline uint32_t tm_row_classes(uint64_t *row, const uint64_t *restrict ma
     return ((uint32_t)(any0 != 0) | (uint32_t)(any1 != 0) << 1 |
             (uint32_t)(any2 != 0) << 2 | (uint32_t)(any3 != 0) << 3) & ((1u << nclass) - 1);
 }
-/* The snapshot of the tied classes' slots (bit c of `tied`: class c, whose row snapshot is
-   rows + at[c] * words), with its running counts as tm_row_snapshot's; returns the total. */
+/* The snapshot of the tied classes' slots (bit c of `tied`: class c, whose level's row is
+   index + at[c] * stride), with its running counts as tm_row_snapshot's; returns the total. */
 TM_POPCNT_CLONES
-static uint64_t tm_classes_snapshot(const uint64_t *restrict rows, const uint64_t *restrict cls,
-                                    const uint32_t *at, uint32_t tied, int nclass,
-                                    ssize_t words, uint64_t *restrict snap,
-                                    uint32_t *restrict cum) {
+static uint64_t tm_classes_snapshot(uint64_t *index, ssize_t stride,
+                                    const uint64_t *restrict cls, const uint32_t *at,
+                                    uint32_t tied, int nclass, ssize_t words,
+                                    uint64_t *restrict snap, uint32_t *restrict cum) {
     /* Each tied class's row and bitmap first (one class tied alone is named twice: ORed
        with itself it is the same), then one loop over the words, unrolled for two. */
-    const uint64_t *r[TM_CLASSES], *k[TM_CLASSES];
+    uint64_t *r[TM_CLASSES];
+    const uint64_t *k[TM_CLASSES];
     int m = 0;
     uint64_t total = 0;
     for (int c = 0; c < nclass; c++) {
         if (tied >> c & 1) {
-            r[m] = rows + (ssize_t)at[c] * words;
+            r[m] = index + (ssize_t)at[c] * stride;
             k[m] = cls + (ssize_t)c * words;
             m++;
         }
@@ -146,29 +154,32 @@ static uint64_t tm_classes_snapshot(const uint64_t *restrict rows, const uint64_
         k[1] = k[0];
     }
     for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = (r[0][w] & k[0][w]) | (r[1][w] & k[1][w]);
-        for (int j = 2; j < m; j++) x |= r[j][w] & k[j][w];
+        uint64_t x = (__atomic_load_n(r[0] + w, __ATOMIC_SEQ_CST) & k[0][w]) |
+            (__atomic_load_n(r[1] + w, __ATOMIC_SEQ_CST) & k[1][w]);
+        for (int j = 2; j < m; j++) x |= __atomic_load_n(r[j] + w, __ATOMIC_SEQ_CST) & k[j][w];
         snap[w] = x;
         total += (uint64_t)__builtin_popcountll(x);
         cum[w] = (uint32_t)total;
     }
     return total;
 }
-/* The tied classes' slots (as tm_classes_snapshot) in word w of their rows' snapshots. */
-static inline uint64_t tm_classes_word(const uint64_t *rows, const uint64_t *cls,
+/* The tied classes' slots (as tm_classes_snapshot) in word w of their rows. */
+static inline uint64_t tm_classes_word(uint64_t *index, ssize_t stride, const uint64_t *cls,
                                        const uint32_t *at, uint32_t tied, int nclass,
                                        ssize_t words, ssize_t w) {
     uint64_t x = 0;
     for (int c = 0; c < nclass; c++)
-        if (tied >> c & 1) x |= rows[(ssize_t)at[c] * words + w] & cls[(ssize_t)c * words + w];
+        if (tied >> c & 1)
+            x |= __atomic_load_n(index + (ssize_t)at[c] * stride + w, __ATOMIC_SEQ_CST) &
+                cls[(ssize_t)c * words + w];
     return x;
 }
 /* The set bits of the first word of the tied classes' slots that has any; 0: none. */
 TM_POPCNT_CLONES
-static uint64_t tm_classes_first(const uint64_t *rows, const uint64_t *cls, const uint32_t *at,
-                                 uint32_t tied, int nclass, ssize_t words) {
+static uint64_t tm_classes_first(uint64_t *index, ssize_t stride, const uint64_t *cls,
+                                 const uint32_t *at, uint32_t tied, int nclass, ssize_t words) {
     for (ssize_t w = 0; w < words; w++) {
-        uint64_t x = tm_classes_word(rows, cls, at, tied, nclass, words, w);
+        uint64_t x = tm_classes_word(index, stride, cls, at, tied, nclass, words, w);
         if (x) return (uint64_t)__builtin_popcountll(x);
     }
     return 0;

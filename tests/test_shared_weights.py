@@ -137,7 +137,9 @@ def test_ties_across_the_index_and_the_odd_slots_are_uniform(table_1024: Any) ->
     three of each (too few for a class of their own: odd), and hold w - 1 requests, so
     (w - 1 + 1) / w ties them with the idle ones, (0 + 1) / 1: a pick is uniform over the 512
     idle slots in the index and the 24 odd ones (chi-square, six standard deviations above
-    its mean), and reads no slot by the scan."""
+    its mean), and reads no slot by the scan. The idle slots' first word is dense, so the
+    pick draws slot ids first, keeping an odd one that ties (``_draw_with_odd``): a draw
+    that left the odd ties to the snapshot fails it."""
     t = table_1024
     slots = [t.add() for _ in range(1024)]
     busy = slots[::2]
@@ -230,6 +232,18 @@ def test_more_weights_than_classes_spread_evenly_scan(table_1024: Any) -> None:
     shared._quiet(t)
 
 
+def test_an_ejected_slot_alone_at_its_class_lowest_level_is_passed_over_then_back(
+        make_table: Any) -> None:
+    """Weights 1 and 2 alternating over 130 slots (two classes), each holding a request but
+    one of weight 2, which alone is at its class's level 0, the best, and is ejected: picks
+    go to the other slots of weight 2 at level 1, uniformly (the class pick leaves the slot
+    out of its class's bitmap once it meets it; a bitmap that kept it would find it there
+    again on every read); once the ejection ends the very next pick takes it."""
+    t = make_table(capacity=200)
+    slots = [t.add(2.0 if i % 2 else 1.0) for i in range(130)]
+    index._passed_over_then_back(t, slots, slots[71], [s for s in slots[1::2] if s != slots[71]])
+
+
 def _best_class_in_the_last_level(cls: Any) -> tuple[list[int], int]:
     """256 slots, weights 1 and 3 alternating (two classes): those of weight 1 hold 5
     requests, those of weight 3 16, so the best, (16 + 1) / 3, is in the index's last level.
@@ -276,3 +290,16 @@ def test_stress_several_processes_on_weight_classes(make_table: Any, impl: str) 
     for i in range(96):
         t.add(2.0 if i % 2 else 1.0)
     index._stress(t, impl, "hammer", 30_000 if impl == "c" else 2_000)
+
+
+def test_stress_several_processes_beside_odd_slots(make_table: Any, impl: str) -> None:
+    """The stress test on 260 slots of weight 1 and two of weight 2 (odd: too few for a class
+    of their own), rows of five words: the processes' least-outstanding picks draw slot ids
+    beside the odd slots (tied with the idle ones while they hold one request each, below
+    them while idle) as they move the index; at the end the index agrees with the counts."""
+    t = make_table(capacity=320, max_processes=4)
+    for _ in range(260):
+        t.add()
+    for _ in range(2):
+        t.add(2.0)
+    index._stress(t, impl, "hammer-even", 30_000 if impl == "c" else 2_000)
