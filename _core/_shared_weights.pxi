@@ -226,6 +226,12 @@ cdef Py_ssize_t _least_by_class(SharedTable table) noexcept nogil:
                                        nclass, words, table._snap, table._cum)
             if table._nodd:
                 return _least_with_odd(table, lv[best], cw[best], ties, words)
+            if ties == 0:
+                # The walk and the snapshot read the live rows at two moments: other
+                # processes moved every tied slot off its level in between. Selecting
+                # from an empty snapshot would read past it and draw a slot id past the
+                # rows; the scan decides instead.
+                return -1
             s = tm_snap_select(table._snap, table._cum, words,
                                table._below(ties) if ties > 1 else 0)
         drawn = _check_drawn(table, s, lv[table._class_of[s]])

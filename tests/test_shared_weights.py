@@ -303,3 +303,14 @@ def test_stress_several_processes_beside_odd_slots(make_table: Any, impl: str) -
     for _ in range(2):
         t.add(2.0)
     index._stress(t, impl, "hammer-even", 30_000 if impl == "c" else 2_000)
+
+
+def test_stress_several_processes_on_weight_classes_at_full_rows(make_table: Any,
+                                                                  impl: str) -> None:
+    """The stress test on a full table of 256 slots of weights 1 and 2 alternating (rows of
+    four words, every one in use: the class pick draws, and its snapshot reads the rows
+    live while the other processes move the slots the walk found tied)."""
+    t = make_table(capacity=256, max_processes=4)
+    for i in range(256):
+        t.add(2.0 if i % 2 else 1.0)
+    index._stress(t, impl, "hammer", 30_000 if impl == "c" else 2_000)
