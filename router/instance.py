@@ -95,8 +95,8 @@ class Instance:
         return 0.0 if work is None else work.work(self.slot) + work.external_work(self.slot)
 
     def learn(self, seconds: float, ok: bool, ahead: float, cost: float) -> None:
-        """LEAST_OUTSTANDING_WORK: what one finished request (after its release) teaches
-        (:meth:`tritonmesh.lease.Lease.release` counts it here for every strategy).
+        """LEAST_OUTSTANDING_WORK: what one finished request teaches (its release calls
+        this; :meth:`tritonmesh.lease.Lease.release` counts every request here itself).
 
         ``ahead``: the work it found here when picked (:meth:`work_ahead`); a success
         teaches this instance's seconds per unit of work. ``cost``: what it was picked
