@@ -13,7 +13,6 @@ import asyncio
 import enum
 import math
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Final
 
 from tritonmesh.workers.upstream import Upstream
@@ -95,12 +94,13 @@ class Instance:
         work = self.variant.work
         return 0.0 if work is None else work.work(self.slot) + work.external_work(self.slot)
 
-    def observe(self, seconds: float, ok: bool, ahead: float = 0.0, cost: float = 1.0) -> None:
-        """Record one finished request (after its release).
+    def learn(self, seconds: float, ok: bool, ahead: float, cost: float) -> None:
+        """LEAST_OUTSTANDING_WORK: what one finished request teaches (its release calls
+        this; :meth:`tritonmesh.lease.Lease.release` counts every request here itself).
 
         ``ahead``: the work it found here when picked (:meth:`work_ahead`); a success
-        teaches LEAST_OUTSTANDING_WORK this instance's seconds per unit of work.
-        ``cost``: what it was picked with (dispatch ahead learns service time from it).
+        teaches this instance's seconds per unit of work. ``cost``: what it was picked
+        with (dispatch ahead learns service time from it).
         """
         variant = self.variant
         work = variant.work
@@ -117,11 +117,6 @@ class Instance:
                 rate = seconds / ahead if ahead > 0.0 else math.inf
             if rate < math.inf:
                 work.observe(self.slot, rate, time.monotonic())
-        self.requests += 1
-        if not ok:
-            self.errors += 1
-        self.latency_sum += seconds
-        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
 
     def __repr__(self) -> str:
         return f"<Instance {self.variant.name}/{self.slot} {self.address} {self.state.name}>"

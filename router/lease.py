@@ -16,9 +16,10 @@ What the request told about the instance goes to the lease's outlier detector
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from tritonmesh.instance import Instance
+from tritonmesh.instance import LATENCY_BUCKETS, Instance
 
 if TYPE_CHECKING:
     from tritonmesh.outlier import OutlierDetector
@@ -60,9 +61,19 @@ class Lease:
             return
         self._held = False
         instance = self.instance
-        instance.variant.give_back(instance, self.cost)
+        variant = instance.variant
+        variant.give_back(instance, self.cost)
         now = time.perf_counter()
-        instance.observe(now - self.started, ok, self.ahead, self.cost)
+        seconds = now - self.started
+        if variant.work is not None:
+            instance.learn(seconds, ok, self.ahead, self.cost)
+        # What the router has seen of the instance (tritonmesh.metrics reads it), here
+        # rather than in a method of Instance: one frame fewer on every request.
+        instance.requests += 1
+        if not ok:
+            instance.errors += 1
+        instance.latency_sum += seconds
+        instance.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         sent = self.sent
         self.stats.finished("OK" if ok else self.code, now - sent,
                             sent - self.started + self.queued, self.queued)

@@ -1,7 +1,7 @@
 """Prometheus metrics, collected at scrape time from the balancer's own state.
 
 The request path only bumps plain integers on its instance (see
-``Instance.observe``); this collector turns them into metric families when
+``Lease.release``); this collector turns them into metric families when
 Prometheus asks, so scraping costs the data path nothing.
 """
 

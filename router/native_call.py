@@ -92,6 +92,11 @@ class Request:
         self.attempt = 0  # retries so far
         self.sent = False  # its first message left the client's stream (to an upstream's)
 
+    @classmethod
+    def plain(cls, stream: Stream, info: RequestInfo, message: bytes) -> Request:
+        """A call with no metadata the router acts on and no deadline."""
+        return cls(stream, info, message, None, 0, stream.metadata, None, False)
+
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
@@ -100,18 +105,31 @@ class Call:
     """One ModelInfer sent upstream: what ends it releases its lease, once.
 
     A call whose client left (it cancelled, or its deadline passed) is answered at once,
-    and its upstream stream absorbed (:func:`absorb`) where its variant says so.
+    and its upstream stream absorbed (:func:`absorb`) where its variant says so. A plain
+    call's first try (``request`` None: no metadata the router acts on, no deadline) makes
+    its :class:`Request` only if a retry needs one, one object per call fewer.
     """
 
-    __slots__ = ("client", "infer", "lease", "request", "timer", "upstream")
+    __slots__ = ("client", "infer", "info", "lease", "message", "request", "timer", "upstream")
 
-    def __init__(self, lease: Lease, request: Request, infer: NativeInfer):
+    def __init__(self, lease: Lease, infer: NativeInfer, client: Stream, info: RequestInfo,
+                 message: bytes, request: Request | None):
         self.lease = lease
-        self.request = request
         self.infer = infer
-        self.client = request.stream
+        self.client = client
+        self.info = info
+        self.message = message
+        self.request = request
         self.upstream: Stream | None = None
         self.timer: asyncio.TimerHandle | None = None
+
+    def attempt(self) -> Request:
+        """What this call's next try sends (its first message left with this one)."""
+        request = self.request
+        if request is None:
+            request = self.request = Request.plain(self.client, self.info, self.message)
+            request.sent = True
+        return request
 
     def trailers(self, code: bytes, http_status: bytes) -> None:
         """Triton answered (its trailers are on their way to the client): ``grpc-status``
@@ -122,7 +140,10 @@ class Call:
         if self.timer is not None:
             self.timer.cancel()
         if code == b"0":
-            lease.outliers.success(lease.instance)
+            instance = lease.instance
+            # A success only clears these two: most calls need not ask the detector.
+            if instance.failures or instance.ejections:
+                lease.outliers.success(instance)
             lease.release(True)
             return
         lease.code = failed = code_name(code, http_status)
@@ -162,7 +183,7 @@ class Call:
         # sent again whole), as on the grpc.aio path.
         if (error_code == _REFUSED_STREAM or (lost and not stream.headers_sent)) \
                 and not self.client.sent_more:
-            self.infer.retry(self.request, instance, details, "UNAVAILABLE")
+            self.infer.retry(self.attempt(), instance, details, "UNAVAILABLE")
             return
         refuse(self.client, "UNAVAILABLE", details)
 
@@ -173,10 +194,11 @@ class Call:
         if not lease.held:
             return
         instance = lease.instance
-        request = self.request
+        request = self.request  # a plain call (None) is not marked safe to send again
         details = (f"upstream instance {instance.address} did not answer within "
                    f"per_try_timeout_s ({instance.variant.config.per_try_timeout_s:g} s)")
-        if not request.retry_on_timeout or request.info.sequence_id is not None:
+        if request is None or not request.retry_on_timeout \
+                or request.info.sequence_id is not None:
             self._expired("PER_TRY_TIMEOUT", details)
             return
         self._give_up("PER_TRY_TIMEOUT")

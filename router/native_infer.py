@@ -115,6 +115,8 @@ class NativeInfer:
         # Per address, per path: the HEADERS of a call there, but for the client's
         # deadline and metadata (built once; nghttp2 copies what it is given).
         self._headers: dict[str, dict[bytes, list[tuple[bytes, bytes]]]] = {}
+        # Per address, a ModelInfer's of those: what most calls send, one lookup away.
+        self._model_infer: dict[str, list[tuple[bytes, bytes]]] = {}
 
     def request_headers(self, instance: Instance, path: bytes, remaining: float | None,
                         metadata: list[tuple[bytes, bytes]] | None) -> list[tuple[bytes, bytes]]:
@@ -131,6 +133,8 @@ class NativeInfer:
                                      (b":path", path), (b":authority", address.encode()),
                                      (b"te", b"trailers"),
                                      (b"content-type", b"application/grpc")]
+            if path == MODEL_INFER:
+                self._model_infer[address] = headers
         if remaining is not None:
             headers = [*headers, (_TIMEOUT, _encode_timeout(remaining))]
         return headers if metadata is None else headers + metadata
@@ -142,26 +146,25 @@ class NativeInfer:
         except WireError as exc:
             refuse(stream, "INVALID_ARGUMENT", f"malformed ModelInferRequest: {exc}")
             return
+        request = None  # most calls: no metadata the router acts on, no deadline
         if stream.illegal is not None or stream.policy_values is not None \
                 or stream.timeout >= 0:
-            found = self._request(stream, info, message)
-            if found is None:
+            request = self._request(stream, info, message)
+            if request is None:
                 return
-            request = found
-        else:  # most calls: no metadata the router acts on, no deadline
-            request = Request(stream, info, message, None, 0, stream.metadata, None, False)
         self.balancer.retry_budget.deposit()
         try:
-            lease = self.balancer.try_acquire(info, message, request.target)
+            lease = self.balancer.try_acquire(
+                info, message, None if request is None else request.target)
         except NoInstanceError as exc:
             refuse(stream, exc.code_name, str(exc))
             return
         if lease is not None:
             connection = self.pool.get(lease.instance.address)
             if connection is not None:
-                self._send(request, lease, connection)
+                self._send(Call(lease, self, stream, info, message, request), connection)
                 return
-        self._wait_then_send(request, lease, None)
+        self._wait_then_send(request or Request.plain(stream, info, message), lease, None)
 
     def _request(self, stream: Stream, info: RequestInfo, message: bytes) -> Request | None:
         """The call as :func:`call_metadata` reads it; None when it was answered instead
@@ -257,15 +260,18 @@ class NativeInfer:
             lease.abandon("CANCELLED")
             return
         stream.handler = None
-        self._send(request, lease, self.pool.get(lease.instance.address))
+        self._send(Call(lease, self, stream, request.info, request.message, request),
+                   self.pool.get(lease.instance.address))
 
-    def _send(self, request: Request, lease: Lease, connection: H2Connection | None) -> None:
-        """Send ``request`` on ``connection`` (None: it closed meanwhile) to the instance
-        ``lease`` holds."""
-        stream = request.stream
+    def _send(self, call: Call, connection: H2Connection | None) -> None:
+        """Send ``call`` on ``connection`` (None: it closed meanwhile) to the instance its
+        lease holds."""
+        stream = call.client
+        lease = call.lease
+        request = call.request
         instance = lease.instance
         remaining = None
-        if request.deadline is not None:
+        if request is not None and request.deadline is not None:
             remaining = request.deadline - time.monotonic()
             late = too_late(remaining, self.floor_s)
             if late is not None:  # its deadline went by in the queue
@@ -281,19 +287,22 @@ class NativeInfer:
         # expiry inside Triton is a cancellation too); a per-try timeout is the router's to
         # enforce, so that Triton's own expiry of the same instant does not answer in its
         # place.
-        headers = self.request_headers(
-            instance, MODEL_INFER, None if remaining is None or config.absorbs else remaining,
-            request.forward)
-        call = Call(lease, request, self)
+        budget = None if remaining is None or config.absorbs else remaining
+        forward = stream.metadata if request is None else request.forward
+        headers = self._model_infer.get(address) \
+            if budget is None and forward is None else None
+        if headers is None:
+            headers = self.request_headers(instance, MODEL_INFER, budget, forward)
         # A request sent again: its first message left the client's stream with the first try.
-        first = None if not request.sent else \
+        first = None if request is None or not request.sent else \
             b"\0" + len(request.message).to_bytes(4, "big") + request.message
-        lease.sending()
+        lease.sent = time.perf_counter()  # Lease.sending, inlined: this runs once per call
         try:
             if connection is None:
                 raise OSError("the upstream connection closed")
             call.upstream = connection.open_stream(headers, stream, call, first)
-            request.sent = True
+            if request is not None:
+                request.sent = True
         except Exception as exc:
             lease.code = "UNAVAILABLE"
             lease.release(False)

@@ -161,12 +161,12 @@ def test_requests_teach_the_line_from_when_they_were_sent() -> None:
             variant.count(instance, 1.0)
             variant.count(instance, 1.0)  # sent while the first runs
             variant.give_back(instance, 1.0)
-            instance.observe(0.05, True, cost=1.0)
+            instance.learn(0.05, True, 0.0, 1.0)
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.05)
             variant.give_back(instance, 1.0)
-            instance.observe(0.09, True, cost=1.0)  # 0.04 of it behind the first
+            instance.learn(0.09, True, 0.0, 1.0)  # 0.04 of it behind the first
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
-            instance.observe(7.0, False, cost=1.0)
+            instance.learn(7.0, False, 0.0, 1.0)
             assert variant.work.service_time(instance.slot, 1.0) == pytest.approx(0.09)
 
     asyncio.run(scenario())
