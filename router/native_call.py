@@ -140,10 +140,7 @@ class Call:
         if self.timer is not None:
             self.timer.cancel()
         if code == b"0":
-            instance = lease.instance
-            # A success only clears these two: most calls need not ask the detector.
-            if instance.failures or instance.ejections:
-                lease.outliers.success(instance)
+            lease.outliers.success(lease.instance)
             lease.release(True)
             return
         lease.code = failed = code_name(code, http_status)
