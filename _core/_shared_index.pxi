@@ -245,8 +245,8 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
     Each try is a uniform draw from the level's slots or nothing, and the fallback is
     uniform among them too, so the pick is uniform among the ties whichever way it ends;
     the twin makes the same draws. With odd slots the draws also keep one tied with the
-    level (_draw_with_odd); one below it, or no draw, and _least_with_odd decides. -1: the index had nothing, or what it had was stale;
-    the caller scans."""
+    level (_draw_with_odd); one below it, or no draw, and _least_with_odd decides. -1: the
+    index had nothing, or what it had was stale; the caller scans."""
     cdef Py_ssize_t high = tm_load32(table._high)
     cdef Py_ssize_t words = (high + 63) >> 6
     cdef Py_ssize_t s
@@ -270,17 +270,14 @@ cdef Py_ssize_t _index_least(SharedTable table) noexcept nogil:
                     s = _draw_with_odd(table, row, high, level)
                     if s >= 0 and (table._odd_bits[s >> 6] >> (s & 63)) & 1:
                         return s  # an odd slot, checked as it was read
-            if s < 0 and table._nodd:
-                ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
-                if ties == 0:
-                    break
-                return _least_with_odd(table, level, table._class_weight[0], ties, words)
             if s < 0:
                 # One pass keeps a snapshot of the row; the draw selects from it. A slot
                 # that left the level since is caught by the check against its count below.
                 ties = tm_row_snapshot(row, table._mask, words, table._snap, table._cum)
                 if ties == 0:
                     break
+                if table._nodd:
+                    return _least_with_odd(table, level, table._class_weight[0], ties, words)
                 s = tm_snap_select(table._snap, table._cum, words,
                                    table._below(ties) if ties > 1 else 0)
             drawn = _check_drawn(table, s, level)

@@ -9,7 +9,6 @@ import fcntl
 from tritonmesh._core import _segment
 from tritonmesh._core._segment import ACTIVE, CLAIMED, FREE, REMOVED, UNAVAILABLE
 from tritonmesh._core._shared_words_py import (
-    _F64,
     _HIGH,
     _LOW,
     _P_WAITING,
@@ -117,7 +116,7 @@ class _Ledger(SharedWords):
             st = self._load(self._statusp(s)) & _LOW
             if st != FREE:
                 out.append((s, self._load(self._word(s)) & _LOW,
-                            float(_F64.unpack_from(buf, self._weightp(s))[0]),
+                            self._weight(buf, s),
                             _segment.STATE_NAMES[st & _STATE_MASK],
                             self._load32(self._limitp(s))))
         return out

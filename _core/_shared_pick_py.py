@@ -13,7 +13,6 @@ from tritonmesh._core._shared_words_py import (
     _DRAW_MIN_BITS,
     _DRAW_MIN_WORDS,
     _DRAW_TRIES,
-    _F64,
     _LOW,
     _ODD_MAX,
     _PICK_ATTEMPTS,
@@ -22,10 +21,11 @@ from tritonmesh._core._shared_words_py import (
 )
 
 
-def _picture(weights: list[float]) -> tuple[list[float], int]:
+def _picture(weights: list[float], counts: Counter[float]) -> tuple[list[float], int]:
     """The compiled table's picture of the weights (``_weight_candidates`` and
-    ``_picture_weights``), from the ACTIVE slots' weights in slot order: its classes'
-    weights, the common one first, and how many slots are odd. Misra and Gries' candidates
+    ``_picture_weights``), from the ACTIVE slots' weights in slot order (``counts``: how
+    many slots each has): its classes' weights, the common one first, and how many slots
+    are odd. Misra and Gries' candidates
     as it finds them, so that the classes are the same where more weights than classes
     make the choice depend on the order."""
     cand: list[list[float]] = []  # [weight, slots]
@@ -46,7 +46,6 @@ def _picture(weights: list[float]) -> tuple[list[float], int]:
                     cand.pop()
                 else:
                     c += 1
-    counts = Counter(weights)
     tops = sorted((k[0] for k in cand), key=lambda w: -counts[w])  # stable, as its sort
     ranked = [counts[w] for w in tops]
     odd = sum(ranked) - ranked[0] if ranked else 0
@@ -95,7 +94,7 @@ class _Picks(SharedWords):
             if found is None:
                 continue
             status, count = found
-            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            w = self._weight(buf, s)
             if (self._classes or self._common) and count < lowest.get(w, count + 1):
                 lowest[w] = count
             lhs = (count + 1) * best_w
@@ -108,8 +107,8 @@ class _Picks(SharedWords):
             for _ in range(_DRAW_TRIES):
                 s = self._below(high)
                 found = self._pickable(s)
-                if found is not None and (found[1] + 1) * best_w == (best_count + 1) * float(
-                        _F64.unpack_from(buf, self._weightp(s))[0]):
+                if found is not None and \
+                        (found[1] + 1) * best_w == (best_count + 1) * self._weight(buf, s):
                     self._scanned = found[0]
                     return s
         self._scanned = best_status
@@ -121,7 +120,7 @@ class _Picks(SharedWords):
             if found is None:
                 continue
             status, count = found
-            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            w = self._weight(buf, s)
             r -= (count + 1) * best_w == (best_count + 1) * w
             if r < 0:
                 self._scanned = status
@@ -149,8 +148,8 @@ class _Picks(SharedWords):
         buf = self._buf()
         for s in range(best, min((best | 63) + 1, high)):
             found = self._pickable(s)
-            tied += found is not None and (found[1] + 1) * weight == (count + 1) * float(
-                _F64.unpack_from(buf, self._weightp(s))[0])
+            tied += found is not None and \
+                (found[1] + 1) * weight == (count + 1) * self._weight(buf, s)
         return tied >= _DRAW_MIN_BITS
 
     def _odd_draws(self, high: int, lowest: dict[float, int]) -> bool:
@@ -167,7 +166,7 @@ class _Picks(SharedWords):
             found = self._pickable(s)
             if found is None:
                 continue
-            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            w = self._weight(buf, s)
             if w != common:
                 if (found[1] + 1) * common < (level + 1) * w:
                     return False
@@ -221,7 +220,7 @@ class _Picks(SharedWords):
             found = self._pickable(s)
             if found is None:
                 continue
-            w = float(_F64.unpack_from(buf, self._weightp(s))[0])
+            w = self._weight(buf, s)
             total += w
             if (self._next() >> 11) * (1.0 / 9007199254740992.0) * total < w:
                 chosen, self._scanned = s, found[0]
@@ -237,13 +236,13 @@ class _Picks(SharedWords):
         if gen == self._weights_gen:
             return
         buf = self._buf()
-        active = [float(_F64.unpack_from(buf, self._weightp(s))[0])
+        active = [self._weight(buf, s)
                   for s in range(self._high())
                   if self._load(self._statusp(s)) & _LOW == ACTIVE]
         weights = Counter(active)
         self._even = len(weights) <= 1
         self._top_weight = max(weights, default=0.0)
-        classes, odd = _picture(active)
+        classes, odd = _picture(active, weights)
         self._classes = tuple(classes) if len(classes) > 1 and not odd else ()
         self._common = classes[0] if len(classes) == 1 and 0 < odd <= _ODD_MAX else None
         self._weights_gen = gen
@@ -262,7 +261,7 @@ class _Picks(SharedWords):
             if found is None:
                 continue
             if not self._even and (self._next() >> 11) * (1.0 / 9007199254740992.0) * \
-                    self._top_weight >= float(_F64.unpack_from(self._buf(), self._weightp(s))[0]):
+                    self._top_weight >= self._weight(self._buf(), s):
                 continue
             self._scanned = found[0]
             return s
@@ -303,8 +302,8 @@ class _Picks(SharedWords):
             b, sb, cb = self._sample(high, a)
             s, self._scanned = a, sa
             if b >= 0:
-                lhs = (ca + 1) * float(_F64.unpack_from(buf, self._weightp(b))[0])
-                rhs = (cb + 1) * float(_F64.unpack_from(buf, self._weightp(a))[0])
+                lhs = (ca + 1) * self._weight(buf, b)
+                rhs = (cb + 1) * self._weight(buf, a)
                 if rhs < lhs or (rhs == lhs and self._next() & 1):
                     s, self._scanned = b, sb
             if self._take(s, self._scanned):

@@ -166,6 +166,10 @@ class SharedWords:
     def _weightp(self, s: int) -> int:
         return self._slots + s * _segment.SLOT_SIZE + _segment.S_WEIGHT
 
+    def _weight(self, buf: mmap.mmap, s: int) -> float:
+        """Slot ``s``'s weight, read from ``buf`` (``_buf()``: one call per pass)."""
+        return float(_F64.unpack_from(buf, self._weightp(s))[0])
+
     def _cell(self, pi: int, s: int) -> int:
         return self._ledgers + pi * self._row + s * 8
 
