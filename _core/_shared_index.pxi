@@ -225,6 +225,11 @@ cdef int _check_drawn(SharedTable table, Py_ssize_t s, uint32_t level) noexcept 
     return 1
 
 
+cdef inline bint _in_row(SharedTable table, uint64_t* row, Py_ssize_t s) noexcept nogil:
+    """Whether slot ``s``'s bit is in ``row``, less this process's mask."""
+    return (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1
+
+
 cdef inline Py_ssize_t _draw_in_row(SharedTable table, uint64_t* row,
                                     Py_ssize_t high) noexcept nogil:
     """A uniform slot id below ``high``, kept if its bit is in the row (masked), up to
@@ -232,7 +237,7 @@ cdef inline Py_ssize_t _draw_in_row(SharedTable table, uint64_t* row,
     cdef Py_ssize_t s, _i
     for _i in range(DRAW_TRIES):
         s = <Py_ssize_t>table._below(<uint64_t>high)
-        if (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1:
+        if _in_row(table, row, s):
             return s
     return -1
 

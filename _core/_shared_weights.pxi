@@ -279,7 +279,7 @@ cdef Py_ssize_t _draw_with_odd(SharedTable table, uint64_t* row, Py_ssize_t high
             tied |= (<uint64_t>1) << i
     for _t in range(DRAW_TRIES):
         s = <Py_ssize_t>table._below(<uint64_t>high)
-        if (tm_load64(row + (s >> 6)) & ~table._mask[s >> 6]) >> (s & 63) & 1:
+        if _in_row(table, row, s):
             return s
         if tied and (table._odd_bits[s >> 6] >> (s & 63)) & 1:
             for i in range(table._nodd):
